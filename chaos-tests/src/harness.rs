@@ -1,0 +1,286 @@
+//! Node processes for tests: config in a temp dir, free loopback ports,
+//! start / SIGTERM / SIGKILL / restart, and the CLI against them.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// How long a node may take to become healthy after start.
+pub const NODE_READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The `lifeboat` binary: `LIFEBOAT_BIN`, else beside the test executable's
+/// directory (`target/PROFILE/deps/test-…` → `target/PROFILE/lifeboat`).
+pub fn lifeboat_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("LIFEBOAT_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test executable lives in target/PROFILE/deps");
+    profile_dir.join("lifeboat")
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
+}
+
+/// Whether a Debian tool is installed (tests that need it say so and fail
+/// loudly when it is missing: `make test` installs them).
+pub fn must_have_tool(name: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|p| p.join(name).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{name} is not installed: run `make test`, which installs it"
+    );
+}
+
+pub struct TestNode {
+    pub dir: PathBuf,
+    pub config_path: PathBuf,
+    pub admin: SocketAddr,
+    pub nbd: SocketAddr,
+    pub http: SocketAddr,
+    pub token: Option<String>,
+    child: Option<Child>,
+}
+
+impl TestNode {
+    /// Writes a config under `dir` with free ports; `extra` is appended as
+    /// TOML (it may set `[store]` or `[raft]` keys).
+    pub fn new(dir: &Path, data_dir: &Path, extra: &str) -> Result<TestNode> {
+        std::fs::create_dir_all(dir)?;
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let nbd = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let config = format!(
+            "node_id = 1\nsite = \"primary\"\ndata_dir = {:?}\nmaster_key_file = {:?}\n\
+             [admin]\nlisten = \"{admin}\"\n[nbd]\nlisten = \"{nbd}\"\n[http]\nlisten = \"{http}\"\n{extra}\n",
+            data_dir.display().to_string(),
+            dir.join("keys/master.key").display().to_string(),
+        );
+        let config_path = dir.join("node.toml");
+        std::fs::write(&config_path, merge_sections(&config))?;
+        Ok(TestNode {
+            dir: dir.to_owned(),
+            config_path,
+            admin,
+            nbd,
+            http,
+            token: None,
+            child: None,
+        })
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.admin)
+    }
+
+    /// Starts the node process and waits until `/health` says ok.
+    pub fn start(&mut self) -> Result<()> {
+        assert!(self.child.is_none(), "node already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("node.log"))?;
+        let child = Command::new(lifeboat_bin())
+            .args(["node", "start", "--config"])
+            .arg(&self.config_path)
+            .env("LIFEBOAT_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("start {}", lifeboat_bin().display()))?;
+        self.child = Some(child);
+        self.wait_healthy()
+    }
+
+    fn wait_healthy(&mut self) -> Result<()> {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.as_mut().expect("running").try_wait()? {
+                bail!(
+                    "node exited during start: {status}; log:\n{}",
+                    self.log_tail()
+                );
+            }
+            if http_get(self.http, "/health").is_ok_and(|(code, _)| code == 200) {
+                return Ok(());
+            }
+            if started.elapsed() > NODE_READY_TIMEOUT {
+                bail!(
+                    "node not healthy after {NODE_READY_TIMEOUT:?}; log:\n{}",
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.dir.join("node.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("node.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit; returns whether it exited 0.
+    pub fn stop(&mut self) -> Result<bool> {
+        let Some(mut c) = self.child.take() else {
+            return Ok(true);
+        };
+        let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+        let started = Instant::now();
+        loop {
+            if let Some(status) = c.try_wait()? {
+                return Ok(status.success());
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                let _ = c.kill();
+                let _ = c.wait();
+                bail!("node did not stop within 30 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs `lifeboat ARGS` against this node with its token.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(lifeboat_bin());
+        cmd.arg("--endpoint").arg(self.endpoint()).args(args);
+        if let Some(t) = &self.token {
+            cmd.env("LIFEBOAT_TOKEN", t);
+        } else {
+            cmd.env_remove("LIFEBOAT_TOKEN");
+        }
+        cmd.output().expect("run lifeboat")
+    }
+
+    /// Runs the CLI and panics with its output unless it succeeds.
+    pub fn must_cli(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "lifeboat {args:?} failed ({}):\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `cluster init`, keeping the operator token for later CLI calls.
+    pub fn must_init(&mut self) {
+        let token_path = self.dir.join("operator.token");
+        self.must_cli(&[
+            "cluster",
+            "init",
+            "--token-out",
+            token_path.to_str().expect("utf-8 path"),
+        ]);
+        self.token = Some(
+            std::fs::read_to_string(&token_path)
+                .expect("token file")
+                .trim()
+                .to_owned(),
+        );
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Appends `extra` TOML sections without repeating a section header that the
+/// base config already has (TOML forbids defining a table twice).
+fn merge_sections(config: &str) -> String {
+    let mut sections: Vec<(String, Vec<String>)> = vec![(String::new(), Vec::new())];
+    for line in config.lines() {
+        let t = line.trim();
+        if t.starts_with('[') && t.ends_with(']') {
+            if let Some(i) = sections.iter().position(|(h, _)| h == t) {
+                let s = sections.remove(i);
+                sections.push(s);
+            } else {
+                sections.push((t.to_owned(), Vec::new()));
+            }
+        } else if !t.is_empty() {
+            sections
+                .last_mut()
+                .expect("at least the root")
+                .1
+                .push(line.to_owned());
+        }
+    }
+    let mut out = String::new();
+    for (header, lines) in sections {
+        if !header.is_empty() {
+            out.push_str(&header);
+            out.push('\n');
+        }
+        for l in lines {
+            out.push_str(&l);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// A plain HTTP/1.0 GET; returns the status code and body.
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("malformed HTTP response")?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((code, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merging_sections_keeps_one_header_each() {
+        let merged = merge_sections("a = 1\n[store]\nx = 1\n[raft]\ny = 2\n[store]\nz = 3\n");
+        assert_eq!(merged.matches("[store]").count(), 1);
+        let parsed: toml::Table = merged.parse().unwrap();
+        assert_eq!(parsed["store"]["z"].as_integer(), Some(3));
+        assert_eq!(parsed["store"]["x"].as_integer(), Some(1));
+    }
+}

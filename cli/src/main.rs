@@ -1,0 +1,478 @@
+//! `lifeboat`: the operator's and tenant's command line, the node daemon
+//! (`node start`) and the local cluster launcher (`up`).
+//!
+//! Exit codes (stable, for scripts):
+//! 0 success · 1 failure · 2 usage · 3 not found · 4 already exists ·
+//! 5 unauthenticated or permission denied · 6 unavailable or not initialised ·
+//! 7 invalid argument · 8 out of space.
+
+mod output;
+mod size;
+mod up;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use lifeboat_proto::admin as api;
+use lifeboat_proto::admin::admin_client::AdminClient;
+use tonic::transport::Channel;
+
+use crate::output::{Output, Table};
+
+#[derive(Parser)]
+#[command(
+    name = "lifeboat",
+    version,
+    about = "Lifeboat: replicated, encrypted disaster-recovery storage"
+)]
+struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct GlobalArgs {
+    /// Admin API of any node.
+    #[arg(
+        long,
+        global = true,
+        env = "LIFEBOAT_ENDPOINT",
+        default_value = "http://127.0.0.1:7700"
+    )]
+    endpoint: String,
+    /// File holding the bearer token (else LIFEBOAT_TOKEN).
+    #[arg(long, global = true)]
+    token_file: Option<PathBuf>,
+    /// Tables for people, JSON for scripts.
+    #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Table)]
+    output: OutputFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum OutputFormat {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start a local cluster (one node for now), print its endpoints, write up.env.
+    Up(up::UpArgs),
+    /// Run or manage nodes.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Create or inspect the cluster.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+    /// Manage tenants (hosted departments).
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+    /// Manage block volumes.
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+    /// This node, its protection groups and their progress.
+    Status,
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Run a node in the foreground until SIGINT or SIGTERM.
+    Start {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Initialise a new cluster on an uninitialised node: makes the master
+    /// key file and prints the operator token (once: keep it).
+    Init {
+        /// The site of the first node (default: its configured site).
+        #[arg(long, default_value = "")]
+        site: String,
+        /// Also write the token to this file (mode 0600).
+        #[arg(long)]
+        token_out: Option<PathBuf>,
+    },
+    /// The cluster as seen by the node.
+    Status,
+}
+
+#[derive(Subcommand)]
+enum TenantCommand {
+    Create {
+        name: String,
+    },
+    List,
+    /// Start a new data-encryption key for new writes; old data stays readable.
+    RotateDek {
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum VolumeCommand {
+    /// Create TENANT/VOLUME of SIZE (like 10GiB).
+    Create {
+        name: String,
+        #[arg(long, value_parser = size::parse_size)]
+        size: u64,
+        /// Protection group within the tenant.
+        #[arg(long, default_value = "main")]
+        pg: String,
+    },
+    List {
+        #[arg(long, default_value = "")]
+        tenant: String,
+    },
+    /// Grow a volume (shrinking is refused: it would drop data).
+    Resize {
+        name: String,
+        #[arg(long, value_parser = size::parse_size)]
+        size: u64,
+    },
+    Delete {
+        name: String,
+    },
+}
+
+/// An error that carries its exit code.
+#[derive(Debug)]
+struct Exit(u8);
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit {}", self.0)
+    }
+}
+impl std::error::Error for Exit {}
+
+fn exit_code_of(e: &anyhow::Error) -> u8 {
+    if let Some(Exit(code)) = e.downcast_ref::<Exit>() {
+        return *code;
+    }
+    if let Some(status) = e.downcast_ref::<tonic::Status>() {
+        use tonic::Code;
+        return match status.code() {
+            Code::NotFound => 3,
+            Code::AlreadyExists => 4,
+            Code::Unauthenticated | Code::PermissionDenied => 5,
+            Code::Unavailable | Code::FailedPrecondition => 6,
+            Code::InvalidArgument => 7,
+            Code::ResourceExhausted => 8,
+            _ => 1,
+        };
+    }
+    1
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LIFEBOAT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("build tokio runtime");
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let code = exit_code_of(&e);
+            if let Some(status) = e.downcast_ref::<tonic::Status>() {
+                eprintln!("error: {}", status.message());
+            } else if e.downcast_ref::<Exit>().is_none() {
+                eprintln!("error: {e:#}");
+            }
+            ExitCode::from(code)
+        }
+    }
+}
+
+pub(crate) fn read_token(global: &GlobalArgs) -> Result<Option<String>> {
+    if let Some(path) = &global.token_file {
+        let t = std::fs::read_to_string(path)
+            .with_context(|| format!("read token file {}", path.display()))?;
+        return Ok(Some(t.trim().to_owned()));
+    }
+    Ok(std::env::var("LIFEBOAT_TOKEN")
+        .ok()
+        .map(|t| t.trim().to_owned()))
+}
+
+pub(crate) struct Client {
+    inner: AdminClient<Channel>,
+    token: Option<String>,
+}
+
+impl Client {
+    pub(crate) async fn connect(endpoint: &str, token: Option<String>) -> Result<Client> {
+        let channel = Channel::from_shared(endpoint.to_owned())
+            .with_context(|| {
+                format!("endpoint {endpoint:?} is not a URL like http://127.0.0.1:7700")
+            })?
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .connect()
+            .await
+            .map_err(|e| {
+                anyhow::Error::new(Exit(6))
+                    .context(format!("connect to {endpoint}: {e}; is the node running?"))
+            })?;
+        Ok(Client {
+            inner: AdminClient::new(channel),
+            token,
+        })
+    }
+
+    pub(crate) fn request<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        if let Some(t) = &self.token
+            && let Ok(v) = format!("Bearer {t}").parse()
+        {
+            req.metadata_mut().insert("authorization", v);
+        }
+        req
+    }
+
+    pub(crate) fn api(&mut self) -> &mut AdminClient<Channel> {
+        &mut self.inner
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let out = Output::new(cli.global.output == OutputFormat::Json);
+    match cli.command {
+        Command::Up(args) => up::run(args).await,
+        Command::Node(NodeCommand::Start { config }) => node_start(config).await,
+        command => {
+            let token = read_token(&cli.global)?;
+            let mut client = Client::connect(&cli.global.endpoint, token).await?;
+            admin_command(&mut client, command, &out).await
+        }
+    }
+}
+
+async fn node_start(config_path: PathBuf) -> Result<()> {
+    let config = lifeboat_node::NodeConfig::load(&config_path)?;
+    let shutdown = tokio_util_shutdown();
+    lifeboat_node::server::run(config, shutdown).await?;
+    Ok(())
+}
+
+/// A token cancelled on SIGINT or SIGTERM.
+fn tokio_util_shutdown() -> lifeboat_node::server::Shutdown {
+    let token = lifeboat_node::server::Shutdown::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+        }
+        t.cancel();
+    });
+    token
+}
+
+async fn admin_command(client: &mut Client, command: Command, out: &Output) -> Result<()> {
+    match command {
+        Command::Cluster(ClusterCommand::Init { site, token_out }) => {
+            let req = client.request(api::ClusterInitRequest { site });
+            let r = client.api().cluster_init(req).await?.into_inner();
+            if let Some(path) = token_out {
+                up::write_secret(&path, &r.operator_token)?;
+            }
+            if out.json {
+                out.json_value(&serde_json::json!({
+                    "cluster_id": r.cluster_id,
+                    "operator_token": r.operator_token,
+                    "master_key_file": r.master_key_file,
+                }));
+            } else {
+                println!("cluster {} initialised", r.cluster_id);
+                println!(
+                    "master key file: {} (back it up; it never lives in a data directory)",
+                    r.master_key_file
+                );
+                println!("operator token (shown once, keep it): {}", r.operator_token);
+            }
+        }
+        Command::Cluster(ClusterCommand::Status) | Command::Status => {
+            let req = client.request(api::StatusRequest {});
+            let s = client.api().status(req).await?.into_inner();
+            if out.json {
+                out.json_value(&serde_json::json!({
+                    "initialized": s.initialized,
+                    "cluster_id": s.cluster_id,
+                    "node_id": s.node_id,
+                    "site": s.site,
+                    "version": s.version,
+                    "data_dir_free_bytes": s.data_dir_free_bytes,
+                    "reserve_bytes": s.reserve_bytes,
+                    "writes_refused": s.writes_refused,
+                    "pgs": s.pgs.iter().map(|p| serde_json::json!({
+                        "name": p.name, "id": p.id, "applied_index": p.applied_index,
+                        "last_log_index": p.last_log_index, "leader": p.leader, "volumes": p.volumes,
+                    })).collect::<Vec<_>>(),
+                }));
+            } else {
+                println!(
+                    "node {} at site {} · cluster {} · lifeboat {}",
+                    s.node_id,
+                    s.site,
+                    if s.initialized {
+                        s.cluster_id.as_str()
+                    } else {
+                        "(not initialised)"
+                    },
+                    s.version
+                );
+                println!(
+                    "free space {} (reserve {}){}",
+                    size::format_size(s.data_dir_free_bytes),
+                    size::format_size(s.reserve_bytes),
+                    if s.writes_refused {
+                        " · WRITES REFUSED: free space at reserve"
+                    } else {
+                        ""
+                    }
+                );
+                let mut t = Table::new(&["PG", "ID", "LEADER", "APPLIED", "LAST LOG", "VOLUMES"]);
+                for p in s.pgs {
+                    t.row(vec![
+                        p.name,
+                        p.id.to_string(),
+                        if p.leader.is_empty() {
+                            "-".into()
+                        } else {
+                            format!("node {}", p.leader)
+                        },
+                        p.applied_index.to_string(),
+                        p.last_log_index.to_string(),
+                        p.volumes.to_string(),
+                    ]);
+                }
+                t.print();
+            }
+        }
+        Command::Tenant(TenantCommand::Create { name }) => {
+            let req = client.request(api::CreateTenantRequest { name });
+            let t = client.api().create_tenant(req).await?.into_inner();
+            print_tenants(out, vec![t]);
+        }
+        Command::Tenant(TenantCommand::List) => {
+            let req = client.request(api::ListTenantsRequest {});
+            let r = client.api().list_tenants(req).await?.into_inner();
+            print_tenants(out, r.tenants);
+        }
+        Command::Tenant(TenantCommand::RotateDek { name }) => {
+            let req = client.request(api::RotateDekRequest { tenant: name });
+            let t = client.api().rotate_dek(req).await?.into_inner();
+            print_tenants(out, vec![t]);
+        }
+        Command::Volume(VolumeCommand::Create { name, size, pg }) => {
+            let req = client.request(api::CreateVolumeRequest {
+                name,
+                size_bytes: size,
+                pg,
+            });
+            let v = client.api().create_volume(req).await?.into_inner();
+            print_volumes(out, vec![v]);
+        }
+        Command::Volume(VolumeCommand::List { tenant }) => {
+            let req = client.request(api::ListVolumesRequest { tenant });
+            let r = client.api().list_volumes(req).await?.into_inner();
+            print_volumes(out, r.volumes);
+        }
+        Command::Volume(VolumeCommand::Resize { name, size }) => {
+            let req = client.request(api::ResizeVolumeRequest {
+                name,
+                size_bytes: size,
+            });
+            let v = client.api().resize_volume(req).await?.into_inner();
+            print_volumes(out, vec![v]);
+        }
+        Command::Volume(VolumeCommand::Delete { name }) => {
+            let req = client.request(api::DeleteVolumeRequest { name: name.clone() });
+            client.api().delete_volume(req).await?;
+            if out.json {
+                out.json_value(&serde_json::json!({ "deleted": name }));
+            } else {
+                println!("volume {name} deleted");
+            }
+        }
+        Command::Up(_) | Command::Node(_) => unreachable!("handled before connecting"),
+    }
+    Ok(())
+}
+
+fn print_tenants(out: &Output, tenants: Vec<api::Tenant>) {
+    if out.json {
+        out.json_value(&serde_json::Value::Array(
+            tenants
+                .iter()
+                .map(|t| {
+                    serde_json::json!({
+                        "name": t.name, "id": t.id, "current_key_id": t.current_key_id,
+                        "key_count": t.key_count, "pgs": t.pgs,
+                    })
+                })
+                .collect(),
+        ));
+        return;
+    }
+    let mut table = Table::new(&["TENANT", "ID", "KEY ID", "KEYS", "PROTECTION GROUPS"]);
+    for t in tenants {
+        table.row(vec![
+            t.name,
+            t.id.to_string(),
+            t.current_key_id.to_string(),
+            t.key_count.to_string(),
+            t.pgs.join(","),
+        ]);
+    }
+    table.print();
+}
+
+fn print_volumes(out: &Output, volumes: Vec<api::Volume>) {
+    if out.json {
+        out.json_value(&serde_json::Value::Array(
+            volumes
+                .iter()
+                .map(|v| {
+                    serde_json::json!({
+                        "name": v.name, "pg": v.pg, "id": v.id, "size_bytes": v.size_bytes,
+                        "created_index": v.created_index,
+                    })
+                })
+                .collect(),
+        ));
+        return;
+    }
+    let mut table = Table::new(&[
+        "VOLUME",
+        "SIZE",
+        "PROTECTION GROUP",
+        "ID",
+        "CREATED AT INDEX",
+    ]);
+    for v in volumes {
+        table.row(vec![
+            v.name,
+            size::format_size(v.size_bytes),
+            v.pg,
+            v.id.to_string(),
+            v.created_index.to_string(),
+        ]);
+    }
+    table.print();
+}

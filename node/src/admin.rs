@@ -1,0 +1,339 @@
+//! The admin gRPC service: a thin shell over [`NodeCore`] that checks the
+//! caller's token and maps errors to gRPC status codes (`status`, the one
+//! place for that mapping).
+
+use std::sync::Arc;
+
+use lifeboat_proto::admin as api;
+use lifeboat_proto::admin::admin_server::Admin;
+use tonic::{Request, Response, Status};
+
+use crate::core::{NodeCore, Role, VolumeInfo};
+use crate::error::NodeError;
+
+/// Maps a node error to a gRPC status whose message starts with the stable
+/// error code, so the CLI can show both.
+pub fn status(e: &NodeError) -> Status {
+    use lifeboat_replication::Error as R;
+    use tonic::Code;
+    let code = match e {
+        NodeError::NotInitialized => Code::FailedPrecondition,
+        NodeError::AlreadyInitialized { .. } => Code::AlreadyExists,
+        NodeError::InvalidName { .. } | NodeError::InvalidSize { .. } => Code::InvalidArgument,
+        NodeError::TenantNotFound(_) | NodeError::VolumeNotFound(_) | NodeError::PgNotFound(_) => {
+            Code::NotFound
+        }
+        NodeError::Unauthenticated => Code::Unauthenticated,
+        NodeError::PermissionDenied { .. } => Code::PermissionDenied,
+        NodeError::MasterKeyInsideDataDir { .. } => Code::FailedPrecondition,
+        NodeError::Store(lifeboat_store::Error::NoSpace { .. }) => Code::ResourceExhausted,
+        NodeError::Replication(R::Rejected { rejection, .. }) => {
+            use lifeboat_replication::Rejection as J;
+            match rejection {
+                J::TenantExists { .. }
+                | J::VolumeNameTaken { .. }
+                | J::VolumeExists { .. }
+                | J::AlreadyInitialized => Code::AlreadyExists,
+                J::TenantNotFound { .. }
+                | J::VolumeNotFound { .. }
+                | J::PgNotFound { .. }
+                | J::VolumeNameNotFound { .. } => Code::NotFound,
+                J::VolumeShrink { .. } | J::BlockOutOfRange { .. } | J::Malformed { .. } => {
+                    Code::InvalidArgument
+                }
+                J::KeyIdOutOfOrder { .. } | J::WrongGroup { .. } => Code::Aborted,
+            }
+        }
+        NodeError::Replication(R::NotLeader { .. }) => Code::Unavailable,
+        _ => Code::Internal,
+    };
+    Status::new(code, format!("{}: {e}", e.code()))
+}
+
+pub struct AdminService {
+    core: Arc<NodeCore>,
+}
+
+impl AdminService {
+    pub fn new(core: Arc<NodeCore>) -> AdminService {
+        AdminService { core }
+    }
+
+    fn role<T>(&self, req: &Request<T>) -> Result<Role, Status> {
+        if !self.core.is_initialized() {
+            return Err(status(&NodeError::NotInitialized));
+        }
+        let token = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| status(&NodeError::Unauthenticated))?;
+        self.core.authenticate(token.trim()).map_err(|e| status(&e))
+    }
+
+    fn require_operator<T>(&self, req: &Request<T>, action: &str) -> Result<(), Status> {
+        match self.role(req)? {
+            Role::Operator => Ok(()),
+            Role::Tenant(_) => Err(status(&NodeError::PermissionDenied {
+                action: action.into(),
+            })),
+        }
+    }
+
+    fn require_tenant<T>(
+        &self,
+        req: &Request<T>,
+        tenant: &str,
+        action: &str,
+    ) -> Result<Role, Status> {
+        let role = self.role(req)?;
+        if role.may_use_tenant(tenant) {
+            Ok(role)
+        } else {
+            Err(status(&NodeError::PermissionDenied {
+                action: action.into(),
+            }))
+        }
+    }
+
+    fn tenant_message(
+        &self,
+        t: &lifeboat_proto::raft::TenantRecord,
+    ) -> Result<api::Tenant, Status> {
+        Ok(api::Tenant {
+            name: t.name.clone(),
+            id: t.id,
+            current_key_id: t.current_key_id,
+            key_count: t.wrapped_deks.len() as u32,
+            pgs: self
+                .core
+                .tenant_pg_names(t.id)
+                .map_err(|e| status(&e))?
+                .into_iter()
+                .map(|p| format!("{}/{p}", t.name))
+                .collect(),
+        })
+    }
+}
+
+fn volume_message(v: VolumeInfo) -> api::Volume {
+    api::Volume {
+        name: format!("{}/{}", v.tenant, v.name),
+        pg: format!("{}/{}", v.tenant, v.pg_name),
+        id: v.volume.0,
+        size_bytes: v.size_bytes,
+        created_index: v.created_index.0,
+    }
+}
+
+fn tenant_of(full_name: &str) -> Result<&str, Status> {
+    crate::names::split_volume_name(full_name)
+        .map(|(t, _)| t)
+        .map_err(|e| status(&e))
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn cluster_init(
+        &self,
+        req: Request<api::ClusterInitRequest>,
+    ) -> Result<Response<api::ClusterInitResponse>, Status> {
+        let site = req.into_inner().site;
+        let site = if site.is_empty() {
+            self.core.config.site.clone()
+        } else {
+            site
+        };
+        crate::names::validate_name("site", &site).map_err(|e| status(&e))?;
+        let (cluster_id, token) = self
+            .core
+            .cluster_init(&site)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(api::ClusterInitResponse {
+            cluster_id,
+            operator_token: token,
+            master_key_file: self.core.config.master_key_file.display().to_string(),
+        }))
+    }
+
+    async fn status(
+        &self,
+        req: Request<api::StatusRequest>,
+    ) -> Result<Response<api::StatusResponse>, Status> {
+        let initialized = self.core.is_initialized();
+        if initialized {
+            self.role(&req)?;
+        }
+        let free = lifeboat_store::db::free_bytes(self.core.db.path()).unwrap_or(0);
+        let reserve = self.core.config.store.reserve_bytes;
+        let mut pgs = Vec::new();
+        for g in self.core.groups() {
+            let m = g.metrics();
+            let name = if g.pg().0 == 0 {
+                "catalog".to_string()
+            } else {
+                self.core
+                    .catalog
+                    .pg_by_id(g.pg().0)
+                    .ok()
+                    .flatten()
+                    .and_then(|p| {
+                        let tenant = self
+                            .core
+                            .tenants()
+                            .ok()?
+                            .into_iter()
+                            .find(|t| t.id == p.tenant_id)?;
+                        Some(format!("{}/{}", tenant.name, p.name))
+                    })
+                    .unwrap_or_else(|| g.pg().0.to_string())
+            };
+            let volumes = self
+                .core
+                .volumes
+                .volumes(g.pg())
+                .map(|v| v.len() as u64)
+                .unwrap_or(0);
+            pgs.push(api::PgStatus {
+                name,
+                id: g.pg().0,
+                applied_index: m.applied_index.0,
+                last_log_index: m.last_log_index.0,
+                leader: m.leader.map(|l| l.to_string()).unwrap_or_default(),
+                volumes,
+            });
+        }
+        Ok(Response::new(api::StatusResponse {
+            initialized,
+            cluster_id: self.core.cluster_id().unwrap_or_default(),
+            node_id: self.core.config.node_id,
+            site: self.core.config.site.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            pgs,
+            data_dir_free_bytes: free,
+            reserve_bytes: reserve,
+            writes_refused: free <= reserve,
+        }))
+    }
+
+    async fn create_tenant(
+        &self,
+        req: Request<api::CreateTenantRequest>,
+    ) -> Result<Response<api::Tenant>, Status> {
+        self.require_operator(&req, "create tenants")?;
+        let t = self
+            .core
+            .create_tenant(&req.get_ref().name)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(self.tenant_message(&t)?))
+    }
+
+    async fn list_tenants(
+        &self,
+        req: Request<api::ListTenantsRequest>,
+    ) -> Result<Response<api::ListTenantsResponse>, Status> {
+        let role = self.role(&req)?;
+        let tenants = self
+            .core
+            .tenants()
+            .map_err(|e| status(&e))?
+            .into_iter()
+            .filter(|t| role.may_use_tenant(&t.name))
+            .map(|t| self.tenant_message(&t))
+            .collect::<Result<_, _>>()?;
+        Ok(Response::new(api::ListTenantsResponse { tenants }))
+    }
+
+    async fn rotate_dek(
+        &self,
+        req: Request<api::RotateDekRequest>,
+    ) -> Result<Response<api::Tenant>, Status> {
+        self.require_operator(&req, "rotate keys")?;
+        let t = self
+            .core
+            .rotate_dek(&req.get_ref().tenant)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(self.tenant_message(&t)?))
+    }
+
+    async fn create_volume(
+        &self,
+        req: Request<api::CreateVolumeRequest>,
+    ) -> Result<Response<api::Volume>, Status> {
+        let r = req.get_ref();
+        self.require_tenant(&req, tenant_of(&r.name)?, "create volumes of this tenant")?;
+        let v = self
+            .core
+            .create_volume(&r.name, r.size_bytes, &r.pg)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(volume_message(v)))
+    }
+
+    async fn list_volumes(
+        &self,
+        req: Request<api::ListVolumesRequest>,
+    ) -> Result<Response<api::ListVolumesResponse>, Status> {
+        let role = self.role(&req)?;
+        let wanted = req.get_ref().tenant.clone();
+        let tenants: Vec<String> = if wanted.is_empty() {
+            self.core
+                .tenants()
+                .map_err(|e| status(&e))?
+                .into_iter()
+                .map(|t| t.name)
+                .filter(|t| role.may_use_tenant(t))
+                .collect()
+        } else {
+            if !role.may_use_tenant(&wanted) {
+                return Err(status(&NodeError::PermissionDenied {
+                    action: "list volumes of this tenant".into(),
+                }));
+            }
+            self.core.tenant(&wanted).map_err(|e| status(&e))?;
+            vec![wanted]
+        };
+        let mut volumes = Vec::new();
+        for t in tenants {
+            volumes.extend(
+                self.core
+                    .list_volumes(&t)
+                    .map_err(|e| status(&e))?
+                    .into_iter()
+                    .map(volume_message),
+            );
+        }
+        Ok(Response::new(api::ListVolumesResponse { volumes }))
+    }
+
+    async fn resize_volume(
+        &self,
+        req: Request<api::ResizeVolumeRequest>,
+    ) -> Result<Response<api::Volume>, Status> {
+        let r = req.get_ref();
+        self.require_tenant(&req, tenant_of(&r.name)?, "resize volumes of this tenant")?;
+        let v = self
+            .core
+            .resize_volume(&r.name, r.size_bytes)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(volume_message(v)))
+    }
+
+    async fn delete_volume(
+        &self,
+        req: Request<api::DeleteVolumeRequest>,
+    ) -> Result<Response<api::DeleteVolumeResponse>, Status> {
+        let r = req.get_ref();
+        self.require_tenant(&req, tenant_of(&r.name)?, "delete volumes of this tenant")?;
+        self.core
+            .delete_volume(&r.name)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(api::DeleteVolumeResponse {}))
+    }
+}

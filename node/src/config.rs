@@ -1,0 +1,227 @@
+//! The node's TOML configuration. Every key has a default and a comment in
+//! `etc/lifeboat.example.toml`; a test proves the example equals the
+//! defaults, so the two cannot drift.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    pub node_id: u64,
+    pub site: String,
+    pub data_dir: PathBuf,
+    pub master_key_file: PathBuf,
+    pub admin: AdminConfig,
+    pub nbd: NbdConfig,
+    pub http: HttpConfig,
+    pub store: StoreConfig,
+    pub raft: RaftConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NbdConfig {
+    pub listen: SocketAddr,
+    pub requests_in_flight_max: usize,
+    pub request_bytes_max: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    pub zstd_level: i32,
+    pub reserve_bytes: u64,
+    pub block_cache_bytes: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RaftConfig {
+    pub heartbeat_interval_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            node_id: 1,
+            site: "primary".into(),
+            data_dir: PathBuf::from("data"),
+            master_key_file: PathBuf::from("keys/master.key"),
+            admin: AdminConfig::default(),
+            nbd: NbdConfig::default(),
+            http: HttpConfig::default(),
+            store: StoreConfig::default(),
+            raft: RaftConfig::default(),
+        }
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: loopback(7700),
+        }
+    }
+}
+
+impl Default for NbdConfig {
+    fn default() -> Self {
+        NbdConfig {
+            listen: loopback(10809),
+            requests_in_flight_max: 64,
+            request_bytes_max: 32 << 20,
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: loopback(9100),
+        }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            zstd_level: 1,
+            reserve_bytes: 256 << 20,
+            block_cache_bytes: 256 << 20,
+        }
+    }
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        RaftConfig {
+            heartbeat_interval_ms: 500,
+            election_timeout_min_ms: 2000,
+            election_timeout_max_ms: 4000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("parse config {path}: {reason}")]
+    Parse { path: PathBuf, reason: String },
+    #[error("config {path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+}
+
+impl NodeConfig {
+    /// Reads, validates and resolves relative paths against the file's
+    /// directory.
+    pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config: NodeConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let base = if base.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            base
+        };
+        config.data_dir = base.join(&config.data_dir);
+        config.master_key_file = base.join(&config.master_key_file);
+        config.validate().map_err(|reason| ConfigError::Invalid {
+            path: path.to_owned(),
+            reason,
+        })?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.node_id == 0 {
+            return Err("node_id must be at least 1".into());
+        }
+        if !(0..=22).contains(&self.store.zstd_level) {
+            return Err(format!(
+                "store.zstd_level {} is outside 0..=22",
+                self.store.zstd_level
+            ));
+        }
+        if self.nbd.request_bytes_max < 4096 {
+            return Err("nbd.request_bytes_max must be at least 4096".into());
+        }
+        if self.nbd.requests_in_flight_max == 0 {
+            return Err("nbd.requests_in_flight_max must be at least 1".into());
+        }
+        let r = &self.raft;
+        if r.heartbeat_interval_ms == 0 || r.election_timeout_min_ms <= r.heartbeat_interval_ms {
+            return Err(
+                "raft timers need 0 < heartbeat_interval_ms < election_timeout_min_ms".into(),
+            );
+        }
+        if r.election_timeout_max_ms <= r.election_timeout_min_ms {
+            return Err("raft.election_timeout_max_ms must exceed election_timeout_min_ms".into());
+        }
+        Ok(())
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("config serialises")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses_and_equals_the_defaults() {
+        let text = include_str!("../../etc/lifeboat.example.toml");
+        let parsed: NodeConfig = toml::from_str(text).unwrap();
+        assert_eq!(parsed, NodeConfig::default());
+        parsed.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        assert!(toml::from_str::<NodeConfig>("nod_id = 3").is_err());
+        let c: NodeConfig = toml::from_str("[raft]\nelection_timeout_min_ms = 10").unwrap();
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, "data_dir = \"d\"\n").unwrap();
+        let c = NodeConfig::load(&path).unwrap();
+        assert_eq!(c.data_dir, dir.path().join("d"));
+        assert_eq!(c.master_key_file, dir.path().join("keys/master.key"));
+    }
+}

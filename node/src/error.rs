@@ -1,0 +1,70 @@
+//! The daemon's error type: what an admin call, an NBD request or startup
+//! can fail with. Protocol mappings live in `admin::status` (gRPC) and
+//! `nbd::errno` (NBD).
+
+use std::path::PathBuf;
+
+#[derive(thiserror::Error, Debug)]
+pub enum NodeError {
+    #[error("this node is not initialised: run `lifeboat cluster init` first")]
+    NotInitialized,
+    #[error("this node is already initialised as cluster {cluster_id}")]
+    AlreadyInitialized { cluster_id: String },
+    #[error("invalid {what} {name:?}: {reason}")]
+    InvalidName {
+        what: &'static str,
+        name: String,
+        reason: String,
+    },
+    #[error("invalid size: {reason}")]
+    InvalidSize { reason: String },
+    #[error("tenant {0} does not exist")]
+    TenantNotFound(String),
+    #[error("volume {0} does not exist")]
+    VolumeNotFound(String),
+    #[error("protection group {0} does not exist")]
+    PgNotFound(String),
+    #[error("missing or unknown token")]
+    Unauthenticated,
+    #[error("this token may not {action}")]
+    PermissionDenied { action: String },
+    #[error("the master key file {path} must not be inside the data directory {data_dir}")]
+    MasterKeyInsideDataDir { path: PathBuf, data_dir: PathBuf },
+    #[error(transparent)]
+    Store(#[from] lifeboat_store::Error),
+    #[error(transparent)]
+    Replication(#[from] lifeboat_replication::Error),
+    #[error(transparent)]
+    Keyring(#[from] lifeboat_store::keyring::KeyringError),
+    #[error("{op}: {source}")]
+    Io { op: String, source: std::io::Error },
+}
+
+impl NodeError {
+    pub fn io(op: impl Into<String>) -> impl FnOnce(std::io::Error) -> NodeError {
+        let op = op.into();
+        move |source| NodeError::Io { op, source }
+    }
+
+    /// Stable code for logs, CLI output and metric labels.
+    pub fn code(&self) -> &'static str {
+        match self {
+            NodeError::NotInitialized => "node.not_initialized",
+            NodeError::AlreadyInitialized { .. } => "node.already_initialized",
+            NodeError::InvalidName { .. } => "node.invalid_name",
+            NodeError::InvalidSize { .. } => "node.invalid_size",
+            NodeError::TenantNotFound(_) => "node.tenant_not_found",
+            NodeError::VolumeNotFound(_) => "node.volume_not_found",
+            NodeError::PgNotFound(_) => "node.pg_not_found",
+            NodeError::Unauthenticated => "node.unauthenticated",
+            NodeError::PermissionDenied { .. } => "node.permission_denied",
+            NodeError::MasterKeyInsideDataDir { .. } => "node.master_key_inside_data_dir",
+            NodeError::Store(e) => e.code(),
+            NodeError::Replication(e) => e.code(),
+            NodeError::Keyring(_) => "store.keyring",
+            NodeError::Io { .. } => "node.io",
+        }
+    }
+}
+
+pub type NodeResult<T> = Result<T, NodeError>;

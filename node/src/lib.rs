@@ -1,0 +1,21 @@
+//! The Lifeboat daemon: configuration, the node's state and operations
+//! ([`core`]), the NBD server and its volume backend, the admin gRPC
+//! service, metrics.
+//!
+//! Must not know RocksDB or openraft directly: it works through `store` and
+//! `replication`. Protocol error mappings live in one place each:
+//! [`admin::status`] for gRPC and [`nbd::errno`] for NBD.
+
+pub mod admin;
+pub mod config;
+pub mod core;
+pub mod error;
+pub mod locks;
+pub mod metrics;
+pub mod names;
+pub mod nbd;
+pub mod server;
+pub mod volume_io;
+
+pub use config::NodeConfig;
+pub use error::{NodeError, NodeResult};

@@ -1,0 +1,239 @@
+//! Prometheus metrics and the HTTP endpoints `/metrics` and `/health`.
+//!
+//! Counters the write and read paths bump directly live here; values owned
+//! elsewhere (NBD statistics, Raft progress, free space) are copied into
+//! gauges at scrape time, so nothing is sampled when nobody is looking.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::core::NodeCore;
+use crate::nbd::{Errno, NbdStats};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PgLabels {
+    pub pg: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabels {
+    pub op: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrnoLabels {
+    pub errno: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    /// Frames that failed CRC, AEAD or decoding on read.
+    pub corrupt_frames: Counter,
+    /// Writes refused because free space reached the reserve.
+    pub writes_refused_no_space: Counter,
+    nbd_requests: Family<OpLabels, Gauge>,
+    nbd_errors: Family<ErrnoLabels, Gauge>,
+    nbd_bytes_read: Gauge,
+    nbd_bytes_written: Gauge,
+    nbd_connections_active: Gauge,
+    pg_applied_index: Family<PgLabels, Gauge>,
+    pg_last_log_index: Family<PgLabels, Gauge>,
+    pg_is_leader: Family<PgLabels, Gauge>,
+    data_dir_free_bytes: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("lifeboat");
+        let m = Metrics {
+            corrupt_frames: Counter::default(),
+            writes_refused_no_space: Counter::default(),
+            nbd_requests: Family::default(),
+            nbd_errors: Family::default(),
+            nbd_bytes_read: Gauge::default(),
+            nbd_bytes_written: Gauge::default(),
+            nbd_connections_active: Gauge::default(),
+            pg_applied_index: Family::default(),
+            pg_last_log_index: Family::default(),
+            pg_is_leader: Family::default(),
+            data_dir_free_bytes: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "store_corrupt_frames",
+            "Stored frames that failed their CRC, AEAD tag or decoding (store.corrupt_frame)",
+            m.corrupt_frames.clone(),
+        );
+        registry.register(
+            "writes_refused_no_space",
+            "Writes refused because free space reached the configured reserve",
+            m.writes_refused_no_space.clone(),
+        );
+        registry.register(
+            "nbd_requests",
+            "NBD requests received, by command",
+            m.nbd_requests.clone(),
+        );
+        registry.register(
+            "nbd_errors",
+            "NBD error replies sent, by errno",
+            m.nbd_errors.clone(),
+        );
+        registry.register(
+            "nbd_read_bytes",
+            "Bytes returned by NBD reads",
+            m.nbd_bytes_read.clone(),
+        );
+        registry.register(
+            "nbd_written_bytes",
+            "Bytes accepted by NBD writes",
+            m.nbd_bytes_written.clone(),
+        );
+        registry.register(
+            "nbd_connections_active",
+            "Open NBD connections",
+            m.nbd_connections_active.clone(),
+        );
+        registry.register(
+            "pg_applied_index",
+            "Last log index applied by this node's member of each protection group",
+            m.pg_applied_index.clone(),
+        );
+        registry.register(
+            "pg_last_log_index",
+            "Last log index in this node's log of each protection group",
+            m.pg_last_log_index.clone(),
+        );
+        registry.register(
+            "pg_is_leader",
+            "1 if this node leads the protection group",
+            m.pg_is_leader.clone(),
+        );
+        registry.register(
+            "data_dir_free_bytes",
+            "Free bytes on the data directory's filesystem",
+            m.data_dir_free_bytes.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    fn refresh(&self, core: &NodeCore, nbd: &NbdStats) {
+        let s = nbd.snapshot();
+        for (op, v) in [
+            ("read", s.requests_read),
+            ("write", s.requests_write),
+            ("flush", s.requests_flush),
+            ("trim", s.requests_trim),
+            ("write_zeroes", s.requests_write_zeroes),
+            ("disc", s.requests_disc),
+            ("other", s.requests_other),
+        ] {
+            self.nbd_requests
+                .get_or_create(&OpLabels { op: op.into() })
+                .set(v as i64);
+        }
+        for (i, errno) in Errno::ALL.iter().enumerate() {
+            self.nbd_errors
+                .get_or_create(&ErrnoLabels {
+                    errno: format!("{errno:?}").to_uppercase(),
+                })
+                .set(s.errors[i] as i64);
+        }
+        self.nbd_bytes_read
+            .set(nbd.bytes_read.load(Ordering::Relaxed) as i64);
+        self.nbd_bytes_written
+            .set(nbd.bytes_written.load(Ordering::Relaxed) as i64);
+        self.nbd_connections_active.set(s.connections_active as i64);
+        for g in core.groups() {
+            let m = g.metrics();
+            let labels = PgLabels {
+                pg: g.pg().0.to_string(),
+            };
+            self.pg_applied_index
+                .get_or_create(&labels)
+                .set(m.applied_index.0 as i64);
+            self.pg_last_log_index
+                .get_or_create(&labels)
+                .set(m.last_log_index.0 as i64);
+            self.pg_is_leader
+                .get_or_create(&labels)
+                .set(i64::from(m.is_leader));
+        }
+        if let Ok(free) = lifeboat_store::db::free_bytes(core.db.path()) {
+            self.data_dir_free_bytes.set(free as i64);
+        }
+    }
+
+    pub fn render(&self, core: &NodeCore, nbd: &NbdStats) -> String {
+        self.refresh(core, nbd);
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+#[derive(Clone)]
+struct HttpState {
+    core: Arc<NodeCore>,
+    nbd: Arc<NbdStats>,
+}
+
+async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.core.metrics.render(&s.core, &s.nbd),
+    )
+}
+
+async fn health(State(s): State<HttpState>) -> impl IntoResponse {
+    let initialized = s.core.is_initialized();
+    let groups = s.core.groups();
+    let leaderless: Vec<u64> = groups
+        .iter()
+        .filter(|g| !g.metrics().is_leader)
+        .map(|g| g.pg().0)
+        .collect();
+    let healthy = leaderless.is_empty();
+    let body = format!(
+        "{{\"status\":\"{}\",\"initialized\":{},\"node_id\":{},\"groups\":{},\"groups_without_leader\":{:?}}}\n",
+        if healthy { "ok" } else { "degraded" },
+        initialized,
+        s.core.config.node_id,
+        groups.len(),
+        leaderless,
+    );
+    let status = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, [(header::CONTENT_TYPE, "application/json")], body)
+}
+
+pub fn router(core: Arc<NodeCore>, nbd: Arc<NbdStats>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/health", get(health))
+        .with_state(HttpState { core, nbd })
+}

@@ -1,0 +1,152 @@
+//! Runs a node: opens its data directory, binds the admin, NBD and HTTP
+//! listeners (failing fast with the address when one is taken), serves
+//! until shutdown, then stops the listeners and the Raft groups.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use lifeboat_proto::admin::admin_server::AdminServer;
+use tokio::net::TcpListener;
+
+use crate::admin::AdminService;
+use crate::config::NodeConfig;
+use crate::core::NodeCore;
+use crate::error::{NodeError, NodeResult};
+use crate::nbd::{self, NbdServerConfig, NbdStats};
+use crate::volume_io::VolumeExports;
+
+/// Cancelled to stop a running node.
+pub use tokio_util::sync::CancellationToken as Shutdown;
+
+/// Largest admin request or response (volume lists can be long).
+const ADMIN_MESSAGE_BYTES_MAX: usize = 16 << 20;
+
+async fn bind(what: &str, addr: std::net::SocketAddr) -> NodeResult<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(NodeError::io(format!("bind {what} listener on {addr}")))
+}
+
+/// A running node: its state, the addresses it actually bound (a config
+/// port of 0 picks a free one) and the handle that stops it.
+pub struct RunningNode {
+    pub core: Arc<NodeCore>,
+    pub admin_addr: SocketAddr,
+    pub nbd_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub nbd_stats: Arc<NbdStats>,
+    shutdown: Shutdown,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl RunningNode {
+    /// Stops accepting, lets in-flight requests finish, stops the groups.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.core.shutdown().await;
+    }
+
+    pub fn shutdown_token(&self) -> Shutdown {
+        self.shutdown.clone()
+    }
+}
+
+/// Opens the node and starts serving; returns once every listener is bound.
+pub async fn start(config: NodeConfig) -> NodeResult<RunningNode> {
+    let admin_listener = bind("admin", config.admin.listen).await?;
+    let nbd_listener = bind("NBD", config.nbd.listen).await?;
+    let http_listener = bind("HTTP", config.http.listen).await?;
+    let local = |l: &TcpListener| l.local_addr().map_err(NodeError::io("read bound address"));
+    let (admin_addr, nbd_addr, http_addr) = (
+        local(&admin_listener)?,
+        local(&nbd_listener)?,
+        local(&http_listener)?,
+    );
+
+    let core = NodeCore::open(config.clone()).await?;
+    let nbd_stats = Arc::new(NbdStats::default());
+    let shutdown = Shutdown::new();
+
+    let admin = AdminServer::new(AdminService::new(core.clone()))
+        .max_decoding_message_size(ADMIN_MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(ADMIN_MESSAGE_BYTES_MAX);
+    let admin_task = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            let served = tonic::transport::Server::builder()
+                .add_service(admin)
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(admin_listener),
+                    shutdown.cancelled_owned(),
+                )
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "admin server stopped");
+            }
+        }
+    });
+
+    let nbd_config = NbdServerConfig {
+        requests_in_flight_max: config.nbd.requests_in_flight_max,
+        request_bytes_max: config.nbd.request_bytes_max,
+        ..NbdServerConfig::default()
+    };
+    let nbd_task = tokio::spawn({
+        let served = nbd::serve(
+            nbd_listener,
+            Arc::new(VolumeExports::new(core.clone())),
+            nbd_config,
+            nbd_stats.clone(),
+            shutdown.clone(),
+        );
+        async move {
+            if let Err(e) = served.await {
+                tracing::error!(error = %e, "NBD server stopped");
+            }
+        }
+    });
+
+    let http_task = tokio::spawn({
+        let shutdown = shutdown.clone();
+        let router = crate::metrics::router(core.clone(), nbd_stats.clone());
+        async move {
+            let served = axum::serve(http_listener, router)
+                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "HTTP server stopped");
+            }
+        }
+    });
+
+    tracing::info!(
+        node_id = config.node_id,
+        site = config.site,
+        admin = %admin_addr,
+        nbd = %nbd_addr,
+        http = %http_addr,
+        initialized = core.is_initialized(),
+        "lifeboat node serving"
+    );
+    Ok(RunningNode {
+        core,
+        admin_addr,
+        nbd_addr,
+        http_addr,
+        nbd_stats,
+        shutdown,
+        tasks: vec![admin_task, nbd_task, http_task],
+    })
+}
+
+/// Serves until `shutdown` is cancelled.
+pub async fn run(config: NodeConfig, shutdown: Shutdown) -> NodeResult<()> {
+    let node = start(config).await?;
+    shutdown.cancelled().await;
+    tracing::info!("shutting down");
+    node.stop().await;
+    Ok(())
+}

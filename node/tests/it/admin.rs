@@ -1,0 +1,213 @@
+//! The admin API: tokens are required, bad names and sizes get clear
+//! messages, volumes can be created, listed, resized and deleted.
+
+use lifeboat_proto::admin as api;
+use lifeboat_proto::admin::admin_client::AdminClient;
+use tonic::Code;
+
+use crate::must_start;
+
+fn with_token<T>(msg: T, token: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_names_sizes_and_the_volume_lifecycle() {
+    let node = must_start().await;
+    let endpoint = format!("http://{}", node.running().admin_addr);
+    let mut c = AdminClient::connect(endpoint).await.unwrap();
+    let t = node.token.clone();
+
+    // No token, a wrong token.
+    let e = c
+        .list_tenants(api::ListTenantsRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let e = c
+        .list_tenants(with_token(api::ListTenantsRequest {}, "lbo_wrong"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+
+    // A second init is refused.
+    let e = c
+        .cluster_init(api::ClusterInitRequest {
+            site: "primary".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists);
+
+    // Bad names and sizes.
+    for (name, size) in [
+        ("demo/Disk", 1u64 << 20),
+        ("demo", 1 << 20),
+        ("demo/a b", 1 << 20),
+        ("nobody/x", 1 << 20),
+    ] {
+        let e = c
+            .create_volume(with_token(
+                api::CreateVolumeRequest {
+                    name: name.into(),
+                    size_bytes: size,
+                    pg: String::new(),
+                },
+                &t,
+            ))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e.code(), Code::InvalidArgument | Code::NotFound),
+            "{name}: {e:?}"
+        );
+        assert!(!e.message().is_empty());
+    }
+    for size in [0u64, 1000, 1 << 60] {
+        let e = c
+            .create_volume(with_token(
+                api::CreateVolumeRequest {
+                    name: "demo/x".into(),
+                    size_bytes: size,
+                    pg: String::new(),
+                },
+                &t,
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{size}");
+        assert!(e.message().contains("node.invalid_size"), "{}", e.message());
+    }
+    let e = c
+        .create_tenant(with_token(
+            api::CreateTenantRequest {
+                name: "Bad_Name".into(),
+            },
+            &t,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("lowercase"), "{}", e.message());
+
+    // Lifecycle: create, duplicate, list, resize (grow only), delete.
+    let v = c
+        .create_volume(with_token(
+            api::CreateVolumeRequest {
+                name: "demo/vol1".into(),
+                size_bytes: 1 << 30,
+                pg: String::new(),
+            },
+            &t,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (v.name.as_str(), v.size_bytes, v.pg.as_str()),
+        ("demo/vol1", 1 << 30, "demo/main")
+    );
+    let e = c
+        .create_volume(with_token(
+            api::CreateVolumeRequest {
+                name: "demo/vol1".into(),
+                size_bytes: 1 << 30,
+                pg: String::new(),
+            },
+            &t,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists);
+    let list = c
+        .list_volumes(with_token(
+            api::ListVolumesRequest {
+                tenant: "demo".into(),
+            },
+            &t,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<_> = list.volumes.iter().map(|v| v.name.as_str()).collect();
+    assert_eq!(names, ["demo/disk0", "demo/vol1"]);
+    let grown = c
+        .resize_volume(with_token(
+            api::ResizeVolumeRequest {
+                name: "demo/vol1".into(),
+                size_bytes: 2 << 30,
+            },
+            &t,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(grown.size_bytes, 2 << 30);
+    let e = c
+        .resize_volume(with_token(
+            api::ResizeVolumeRequest {
+                name: "demo/vol1".into(),
+                size_bytes: 1 << 30,
+            },
+            &t,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    c.delete_volume(with_token(
+        api::DeleteVolumeRequest {
+            name: "demo/vol1".into(),
+        },
+        &t,
+    ))
+    .await
+    .unwrap();
+    let e = c
+        .delete_volume(with_token(
+            api::DeleteVolumeRequest {
+                name: "demo/vol1".into(),
+            },
+            &t,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    // The name is free again.
+    c.create_volume(with_token(
+        api::CreateVolumeRequest {
+            name: "demo/vol1".into(),
+            size_bytes: 1 << 20,
+            pg: String::new(),
+        },
+        &t,
+    ))
+    .await
+    .unwrap();
+
+    // Key rotation: new key id, old data still readable.
+    let client = node.client().await;
+    client.write(0, &[9u8; 4096], true).await.unwrap().unwrap();
+    let rotated = c
+        .rotate_dek(with_token(
+            api::RotateDekRequest {
+                tenant: "demo".into(),
+            },
+            &t,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((rotated.current_key_id, rotated.key_count), (2, 2));
+    client
+        .write(4096, &[8u8; 4096], true)
+        .await
+        .unwrap()
+        .unwrap();
+    let back = client.read(0, 8192).await.unwrap().unwrap();
+    assert_eq!(&back[..4096], &[9u8; 4096]);
+    assert_eq!(&back[4096..], &[8u8; 4096]);
+    node.stop().await;
+}

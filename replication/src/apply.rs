@@ -1,0 +1,345 @@
+//! Applying committed commands: deterministic, so every replica of a PG
+//! stages the same writes and refuses the same commands.
+//!
+//! Commands are staged into one batch per `apply` call; reads during apply
+//! go through an overlay of what this batch already staged, so a command
+//! sees every earlier command of the same call.
+
+use std::collections::HashMap;
+use std::io;
+
+use lifeboat_proto::raft as pb;
+use lifeboat_store::db::{Batch, Cf, Db};
+use lifeboat_store::volumes::{self, BlockContent, VolumeRecord, VolumeState, Volumes};
+use lifeboat_store::{BLOCK_BYTES, BlockNo, LogIndex, PgId, VolumeId};
+use prost::Message;
+
+use crate::catalog::{self, Counter};
+use crate::types::{Applied, Rejection};
+
+pub(crate) struct ApplyContext<'a> {
+    db: &'a Db,
+    pub(crate) batch: Batch,
+    pg: PgId,
+    /// Catalog keys staged in this batch: `None` for a staged delete.
+    catalog_overlay: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    volume_overlay: HashMap<VolumeId, VolumeRecord>,
+}
+
+type Outcome = Result<Applied, Rejection>;
+
+impl<'a> ApplyContext<'a> {
+    pub(crate) fn new(db: &'a Db, pg: PgId) -> ApplyContext<'a> {
+        ApplyContext {
+            db,
+            batch: db.new_batch(),
+            pg,
+            catalog_overlay: HashMap::new(),
+            volume_overlay: HashMap::new(),
+        }
+    }
+
+    fn catalog_get<T: Message + Default>(&self, key: &[u8]) -> io::Result<Option<T>> {
+        self.catalog_raw(key)?
+            .map(|b| {
+                T::decode(b.as_slice()).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+            })
+            .transpose()
+    }
+
+    fn catalog_raw(&self, key: &[u8]) -> io::Result<Option<Vec<u8>>> {
+        match self.catalog_overlay.get(key) {
+            Some(staged) => Ok(staged.clone()),
+            None => self.db.get(Cf::Catalog, key).map_err(io::Error::other),
+        }
+    }
+
+    fn catalog_put<T: Message>(&mut self, key: Vec<u8>, record: &T) {
+        let bytes = record.encode_to_vec();
+        self.batch.put(Cf::Catalog, &key, &bytes);
+        self.catalog_overlay.insert(key, Some(bytes));
+    }
+
+    fn catalog_delete(&mut self, key: Vec<u8>) {
+        self.batch.delete(Cf::Catalog, &key);
+        self.catalog_overlay.insert(key, None);
+    }
+
+    fn next_id(&mut self, counter: Counter) -> io::Result<u64> {
+        let key = counter.key();
+        let id = match self.catalog_raw(key)? {
+            Some(v) => u64::from_be_bytes(v.as_slice().try_into().map_err(|_| {
+                io::Error::new(io::ErrorKind::InvalidData, "counter is not 8 bytes")
+            })?),
+            None => 1,
+        };
+        let next = (id + 1).to_be_bytes().to_vec();
+        self.batch.put(Cf::Catalog, key, &next);
+        self.catalog_overlay.insert(key.to_vec(), Some(next));
+        Ok(id)
+    }
+
+    fn volume(&self, volume: VolumeId) -> io::Result<Option<VolumeRecord>> {
+        if let Some(r) = self.volume_overlay.get(&volume) {
+            return Ok(Some(r.clone()));
+        }
+        Ok(Volumes::new(self.db.clone())
+            .volume(self.pg, volume)
+            .map_err(io::Error::other)?
+            .map(|(_, r)| r))
+    }
+
+    fn put_volume(&mut self, volume: VolumeId, index: LogIndex, record: VolumeRecord) {
+        volumes::stage_volume(&mut self.batch, self.pg, volume, index, &record);
+        self.volume_overlay.insert(volume, record);
+    }
+
+    fn active_volume(&self, volume: u64) -> io::Result<Result<VolumeRecord, Rejection>> {
+        Ok(match self.volume(VolumeId(volume))? {
+            Some(r) if r.state == VolumeState::Active => Ok(r),
+            _ => Err(Rejection::VolumeNotFound { volume }),
+        })
+    }
+
+    /// Stages one command at `index`. `Err` is a storage failure (the state
+    /// machine stops); a refused command is `Ok(Err(rejection))`.
+    pub(crate) fn apply_command(
+        &mut self,
+        index: LogIndex,
+        cmd: &pb::Command,
+    ) -> io::Result<Outcome> {
+        use pb::command::Kind;
+        let Some(kind) = &cmd.kind else {
+            return Ok(Err(Rejection::Malformed {
+                reason: "command without a kind".into(),
+            }));
+        };
+        let is_catalog_command = matches!(
+            kind,
+            Kind::InitCatalog(_)
+                | Kind::CreateTenant(_)
+                | Kind::RotateDek(_)
+                | Kind::CreateToken(_)
+                | Kind::BindVolumeName(_)
+                | Kind::UnbindVolumeName(_)
+        );
+        if is_catalog_command != (self.pg == PgId::CATALOG) {
+            return Ok(Err(Rejection::WrongGroup { pg: self.pg.0 }));
+        }
+        match kind {
+            Kind::WriteBlocks(w) => self.apply_write_blocks(index, w),
+            Kind::CreateVolume(c) => self.apply_create_volume(index, c),
+            Kind::ResizeVolume(r) => self.apply_resize_volume(index, r),
+            Kind::DeleteVolume(d) => self.apply_delete_volume(index, d),
+            Kind::InitCatalog(i) => self.apply_init_catalog(i, cmd.stamp_ms),
+            Kind::CreateTenant(t) => self.apply_create_tenant(t, cmd.stamp_ms),
+            Kind::RotateDek(r) => self.apply_rotate_dek(r),
+            Kind::CreateToken(t) => self.apply_create_token(t, cmd.stamp_ms),
+            Kind::BindVolumeName(b) => self.apply_bind_volume_name(b),
+            Kind::UnbindVolumeName(u) => self.apply_unbind_volume_name(u),
+        }
+    }
+
+    fn apply_write_blocks(&mut self, index: LogIndex, w: &pb::WriteBlocks) -> io::Result<Outcome> {
+        let record = match self.active_volume(w.volume)? {
+            Ok(r) => r,
+            Err(rejection) => return Ok(Err(rejection)),
+        };
+        let blocks = record.size_bytes.div_ceil(BLOCK_BYTES as u64);
+        if let Some(bad) = w.blocks.iter().find(|b| b.block >= blocks) {
+            return Ok(Err(Rejection::BlockOutOfRange {
+                volume: w.volume,
+                block: bad.block,
+                blocks,
+            }));
+        }
+        for b in &w.blocks {
+            volumes::stage_block(
+                &mut self.batch,
+                self.pg,
+                VolumeId(w.volume),
+                BlockNo(b.block),
+                index,
+                BlockContent::from_stored(&b.frame),
+            );
+        }
+        Ok(Ok(Applied::Done))
+    }
+
+    fn apply_create_volume(
+        &mut self,
+        index: LogIndex,
+        c: &pb::CreateVolume,
+    ) -> io::Result<Outcome> {
+        if self.volume(VolumeId(c.volume))?.is_some() {
+            return Ok(Err(Rejection::VolumeExists { volume: c.volume }));
+        }
+        let record = VolumeRecord {
+            name: c.name.clone(),
+            size_bytes: c.size_bytes,
+            state: VolumeState::Active,
+        };
+        self.put_volume(VolumeId(c.volume), index, record);
+        Ok(Ok(Applied::Done))
+    }
+
+    fn apply_resize_volume(
+        &mut self,
+        index: LogIndex,
+        r: &pb::ResizeVolume,
+    ) -> io::Result<Outcome> {
+        let mut record = match self.active_volume(r.volume)? {
+            Ok(rec) => rec,
+            Err(rejection) => return Ok(Err(rejection)),
+        };
+        if r.size_bytes < record.size_bytes {
+            return Ok(Err(Rejection::VolumeShrink {
+                volume: r.volume,
+                from_bytes: record.size_bytes,
+                to_bytes: r.size_bytes,
+            }));
+        }
+        record.size_bytes = r.size_bytes;
+        self.put_volume(VolumeId(r.volume), index, record);
+        Ok(Ok(Applied::Done))
+    }
+
+    fn apply_delete_volume(
+        &mut self,
+        index: LogIndex,
+        d: &pb::DeleteVolume,
+    ) -> io::Result<Outcome> {
+        let mut record = match self.active_volume(d.volume)? {
+            Ok(rec) => rec,
+            Err(rejection) => return Ok(Err(rejection)),
+        };
+        record.state = VolumeState::Deleted;
+        self.put_volume(VolumeId(d.volume), index, record);
+        Ok(Ok(Applied::Done))
+    }
+
+    fn apply_init_catalog(&mut self, i: &pb::InitCatalog, stamp_ms: u64) -> io::Result<Outcome> {
+        if self
+            .catalog_get::<pb::ClusterRecord>(catalog::CLUSTER_KEY)?
+            .is_some()
+        {
+            return Ok(Err(Rejection::AlreadyInitialized));
+        }
+        let record = pb::ClusterRecord {
+            cluster_id: i.cluster_id.clone(),
+            site: i.site.clone(),
+            node_id: i.node_id,
+            created_ms: stamp_ms,
+        };
+        self.catalog_put(catalog::CLUSTER_KEY.to_vec(), &record);
+        self.catalog_put(
+            catalog::token_key(&i.operator_token_sha256),
+            &pb::TokenRecord {
+                role: "operator".into(),
+                created_ms: stamp_ms,
+            },
+        );
+        Ok(Ok(Applied::Done))
+    }
+
+    fn apply_create_tenant(&mut self, t: &pb::CreateTenant, stamp_ms: u64) -> io::Result<Outcome> {
+        let key = catalog::tenant_key(&t.name);
+        if self.catalog_get::<pb::TenantRecord>(&key)?.is_some() {
+            return Ok(Err(Rejection::TenantExists {
+                tenant: t.name.clone(),
+            }));
+        }
+        let tenant_id = self.next_id(Counter::Tenant)?;
+        let pg_id = self.next_id(Counter::Pg)?;
+        let record = pb::TenantRecord {
+            id: tenant_id,
+            name: t.name.clone(),
+            current_key_id: 1,
+            wrapped_deks: [(1, t.wrapped_dek.clone())].into_iter().collect(),
+            created_ms: stamp_ms,
+        };
+        self.catalog_put(key, &record);
+        let pg = pb::PgRecord {
+            id: pg_id,
+            tenant_id,
+            name: catalog::MAIN_PG.into(),
+        };
+        self.catalog_put(catalog::pg_key(&t.name, catalog::MAIN_PG), &pg);
+        self.catalog_put(catalog::pg_id_key(pg_id), &pg);
+        Ok(Ok(Applied::TenantCreated {
+            tenant_id,
+            main_pg: pg_id,
+        }))
+    }
+
+    fn apply_rotate_dek(&mut self, r: &pb::RotateDek) -> io::Result<Outcome> {
+        let key = catalog::tenant_key(&r.tenant);
+        let Some(mut record) = self.catalog_get::<pb::TenantRecord>(&key)? else {
+            return Ok(Err(Rejection::TenantNotFound {
+                tenant: r.tenant.clone(),
+            }));
+        };
+        let proposed = wrapped_key_id(&r.wrapped_dek);
+        let next = record.current_key_id + 1;
+        if proposed != Some(next) {
+            return Ok(Err(Rejection::KeyIdOutOfOrder {
+                tenant: r.tenant.clone(),
+                current: record.current_key_id,
+                proposed: proposed.unwrap_or(0),
+            }));
+        }
+        record.current_key_id = next;
+        record.wrapped_deks.insert(next, r.wrapped_dek.clone());
+        self.catalog_put(key, &record);
+        Ok(Ok(Applied::KeyRotated { key_id: next }))
+    }
+
+    fn apply_create_token(&mut self, t: &pb::CreateToken, stamp_ms: u64) -> io::Result<Outcome> {
+        self.catalog_put(
+            catalog::token_key(&t.token_sha256),
+            &pb::TokenRecord {
+                role: t.role.clone(),
+                created_ms: stamp_ms,
+            },
+        );
+        Ok(Ok(Applied::Done))
+    }
+
+    fn apply_bind_volume_name(&mut self, b: &pb::BindVolumeName) -> io::Result<Outcome> {
+        let key = catalog::volume_name_key(&b.tenant, &b.volume_name);
+        if self.catalog_get::<pb::VolumeNameRecord>(&key)?.is_some() {
+            return Ok(Err(Rejection::VolumeNameTaken {
+                tenant: b.tenant.clone(),
+                volume: b.volume_name.clone(),
+            }));
+        }
+        let Some(pg) = self.catalog_get::<pb::PgRecord>(&catalog::pg_key(&b.tenant, &b.pg_name))?
+        else {
+            return Ok(Err(Rejection::PgNotFound {
+                tenant: b.tenant.clone(),
+                pg: b.pg_name.clone(),
+            }));
+        };
+        let volume = self.next_id(Counter::Volume)?;
+        self.catalog_put(key, &pb::VolumeNameRecord { pg: pg.id, volume });
+        Ok(Ok(Applied::VolumeNameBound { pg: pg.id, volume }))
+    }
+
+    fn apply_unbind_volume_name(&mut self, u: &pb::UnbindVolumeName) -> io::Result<Outcome> {
+        let key = catalog::volume_name_key(&u.tenant, &u.volume_name);
+        if self.catalog_get::<pb::VolumeNameRecord>(&key)?.is_none() {
+            return Ok(Err(Rejection::VolumeNameNotFound {
+                tenant: u.tenant.clone(),
+                volume: u.volume_name.clone(),
+            }));
+        }
+        self.catalog_delete(key);
+        Ok(Ok(Applied::Done))
+    }
+}
+
+/// The key id a wrapped DEK names: byte 0 is the wrap format version, bytes
+/// 1..5 the key id (store::keyring's layout).
+fn wrapped_key_id(wrapped: &[u8]) -> Option<u32> {
+    Some(u32::from_be_bytes(wrapped.get(1..5)?.try_into().ok()?))
+}

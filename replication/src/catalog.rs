@@ -1,0 +1,155 @@
+//! The catalog (PG 0): cluster identity, tenants and their wrapped keys,
+//! protection groups, the volume name index and token hashes, as prost
+//! records in the `catalog` column family. Nothing bulky and no volume state:
+//! that lives in the volume's PG.
+//!
+//! Keys (ASCII prefixes; tenant, PG and volume names are validated to
+//! `[a-z0-9][a-z0-9-]*`, so `/` never appears inside a name):
+//! ```text
+//! cluster                         ClusterRecord
+//! tenant/NAME                     TenantRecord
+//! pg/TENANT/NAME                  PgRecord
+//! pgid/ID (u64 BE)                PgRecord
+//! volname/TENANT/VOLUME           VolumeNameRecord
+//! token/SHA256-HEX                TokenRecord
+//! counter/{tenant,pg,volume}      next id, u64 BE
+//! ```
+
+use std::io;
+
+use lifeboat_proto::raft as pb;
+use lifeboat_store::db::{Cf, Db};
+use prost::Message;
+
+pub const CLUSTER_KEY: &[u8] = b"cluster";
+
+pub fn tenant_key(name: &str) -> Vec<u8> {
+    format!("tenant/{name}").into_bytes()
+}
+
+pub fn pg_key(tenant: &str, pg: &str) -> Vec<u8> {
+    format!("pg/{tenant}/{pg}").into_bytes()
+}
+
+pub fn pg_id_key(id: u64) -> Vec<u8> {
+    [b"pgid/".as_slice(), &id.to_be_bytes()].concat()
+}
+
+pub fn volume_name_key(tenant: &str, volume: &str) -> Vec<u8> {
+    format!("volname/{tenant}/{volume}").into_bytes()
+}
+
+pub fn token_key(sha256: &[u8]) -> Vec<u8> {
+    format!("token/{}", hex_lower(sha256)).into_bytes()
+}
+
+fn hex_lower(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum Counter {
+    Tenant,
+    Pg,
+    Volume,
+}
+
+impl Counter {
+    pub fn key(self) -> &'static [u8] {
+        match self {
+            Counter::Tenant => b"counter/tenant",
+            Counter::Pg => b"counter/pg",
+            Counter::Volume => b"counter/volume",
+        }
+    }
+}
+
+/// The main PG every tenant gets.
+pub const MAIN_PG: &str = "main";
+
+fn decode<T: Message + Default>(key: &[u8], bytes: &[u8]) -> io::Result<T> {
+    T::decode(bytes).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("catalog record {}: {e}", String::from_utf8_lossy(key)),
+        )
+    })
+}
+
+/// Reads of the local catalog replica.
+#[derive(Clone, Debug)]
+pub struct Catalog {
+    db: Db,
+}
+
+impl Catalog {
+    pub fn new(db: Db) -> Catalog {
+        Catalog { db }
+    }
+
+    fn get<T: Message + Default>(&self, key: &[u8]) -> io::Result<Option<T>> {
+        match self.db.get(Cf::Catalog, key).map_err(io::Error::other)? {
+            None => Ok(None),
+            Some(bytes) => decode(key, &bytes).map(Some),
+        }
+    }
+
+    fn list<T: Message + Default>(&self, prefix: &[u8]) -> io::Result<Vec<T>> {
+        self.db
+            .scan(Cf::Catalog, prefix, prefix, usize::MAX)
+            .map_err(io::Error::other)?
+            .into_iter()
+            .map(|(k, v)| decode(&k, &v))
+            .collect()
+    }
+
+    pub fn cluster(&self) -> io::Result<Option<pb::ClusterRecord>> {
+        self.get(CLUSTER_KEY)
+    }
+
+    pub fn tenant(&self, name: &str) -> io::Result<Option<pb::TenantRecord>> {
+        self.get(&tenant_key(name))
+    }
+
+    pub fn tenants(&self) -> io::Result<Vec<pb::TenantRecord>> {
+        self.list(b"tenant/")
+    }
+
+    pub fn pg(&self, tenant: &str, name: &str) -> io::Result<Option<pb::PgRecord>> {
+        self.get(&pg_key(tenant, name))
+    }
+
+    pub fn pg_by_id(&self, id: u64) -> io::Result<Option<pb::PgRecord>> {
+        self.get(&pg_id_key(id))
+    }
+
+    pub fn pgs(&self) -> io::Result<Vec<pb::PgRecord>> {
+        self.list(b"pgid/")
+    }
+
+    pub fn volume_name(
+        &self,
+        tenant: &str,
+        volume: &str,
+    ) -> io::Result<Option<pb::VolumeNameRecord>> {
+        self.get(&volume_name_key(tenant, volume))
+    }
+
+    /// (volume name, record) for every bound volume name of a tenant.
+    pub fn volume_names(&self, tenant: &str) -> io::Result<Vec<(String, pb::VolumeNameRecord)>> {
+        let prefix = format!("volname/{tenant}/").into_bytes();
+        self.db
+            .scan(Cf::Catalog, &prefix, &prefix, usize::MAX)
+            .map_err(io::Error::other)?
+            .into_iter()
+            .map(|(k, v)| {
+                let name = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+                decode(&k, &v).map(|r| (name, r))
+            })
+            .collect()
+    }
+
+    pub fn token(&self, sha256: &[u8]) -> io::Result<Option<pb::TokenRecord>> {
+        self.get(&token_key(sha256))
+    }
+}

@@ -1,0 +1,38 @@
+//! The replication layer's one error type.
+
+use std::io;
+
+use crate::types::Rejection;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(thiserror::Error, Debug)]
+pub enum Error {
+    #[error("protection group {pg}: storage: {source}")]
+    Storage { pg: u64, source: io::Error },
+
+    #[error("protection group {pg}: this node is not the leader (leader: {leader:?})")]
+    NotLeader { pg: u64, leader: Option<u64> },
+
+    #[error("protection group {pg}: {rejection}")]
+    Rejected { pg: u64, rejection: Rejection },
+
+    #[error("protection group {pg} is not served by this node")]
+    UnknownGroup { pg: u64 },
+
+    #[error("protection group {pg}: raft: {reason}")]
+    Raft { pg: u64, reason: String },
+}
+
+impl Error {
+    /// Stable code for logs, CLI output and metric labels.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::Storage { .. } => "replication.storage",
+            Error::NotLeader { .. } => "replication.not_leader",
+            Error::Rejected { .. } => "replication.rejected",
+            Error::UnknownGroup { .. } => "replication.unknown_group",
+            Error::Raft { .. } => "replication.raft",
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! openraft integration: the type configuration, the RocksDB log store and
+//! state machine over `store`, and protection groups (one Raft group each,
+//! many per node, the catalog being PG 0).
+//!
+//! Must not know: NBD, S3, `snapshot` or `node`; RocksDB only through
+//! `store`. Only this crate imports openraft.
+
+pub(crate) mod apply;
+pub mod catalog;
+pub mod error;
+pub mod group;
+pub mod log_store;
+pub mod network;
+pub mod state_machine;
+pub mod types;
+pub mod wire;
+
+pub use error::{Error, Result};
+pub use group::{Clock, GroupMetrics, ProtectionGroup, RaftTimers, SystemClock};
+pub use types::{Applied, Command, CommandResponse, MemberNode, Rejection, TypeConfig};

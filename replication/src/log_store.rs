@@ -1,0 +1,298 @@
+//! The Raft log of one protection group in the node's shared RocksDB
+//! (`raft_log` and `raft_state` column families, keys prefixed by the PG).
+//!
+//! Durability (shared/research/openraft.md §5.1):
+//! - `save_vote` returns only after the vote is fsynced;
+//! - `append` makes entries readable before it returns and reports them
+//!   flushed only after a WAL fsync, done by the [`WalSyncer`] thread, which
+//!   covers every PG's appends with one fsync (group commit);
+//! - vote and log writes of one PG are issued in order by openraft and land
+//!   in the one WAL in that order.
+
+use std::fmt::Debug;
+use std::io;
+use std::ops::{Bound, RangeBounds};
+use std::sync::mpsc;
+
+use lifeboat_store::db::{Cf, Db, Durability};
+use lifeboat_store::keys::{self, RaftStateKind};
+use lifeboat_store::{LogIndex, PgId};
+use openraft::storage::{IOFlushed, RaftLogStorage};
+use openraft::{LogState, OptionalSend, RaftLogReader};
+
+use crate::types::TypeConfig;
+use crate::wire::{self, Entry, LogId};
+
+type Vote = openraft::alias::VoteOf<TypeConfig>;
+
+/// Replication reads of the log stop adding entries once a batch holds this
+/// many bytes (always at least one entry): openraft batches by count only.
+pub const LOG_READ_BATCH_BYTES_MAX: usize = 8 << 20;
+
+fn io_other(e: lifeboat_store::Error) -> io::Error {
+    io::Error::other(e)
+}
+
+/// Makes appended log entries durable with as few fsyncs as possible: each
+/// fsync completes every append that was written before it, across all PGs.
+#[derive(Clone)]
+pub struct WalSyncer {
+    tx: mpsc::Sender<IOFlushed<TypeConfig>>,
+}
+
+impl WalSyncer {
+    /// Starts the syncer thread; it ends when every sender is dropped.
+    pub fn start(db: Db) -> WalSyncer {
+        let (tx, rx) = mpsc::channel::<IOFlushed<TypeConfig>>();
+        std::thread::Builder::new()
+            .name("wal-syncer".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    // Everything queued now was written before this fsync.
+                    let mut waiting = vec![first];
+                    waiting.extend(rx.try_iter());
+                    let result = db.sync_wal();
+                    for cb in waiting {
+                        cb.io_completed(
+                            result
+                                .as_ref()
+                                .map(|_| ())
+                                .map_err(|e| io::Error::other(e.to_string())),
+                        );
+                    }
+                }
+            })
+            .expect("spawn wal syncer thread");
+        WalSyncer { tx }
+    }
+
+    fn submit(&self, cb: IOFlushed<TypeConfig>) -> io::Result<()> {
+        self.tx
+            .send(cb)
+            .map_err(|_| io::Error::other("wal syncer thread has stopped"))
+    }
+}
+
+/// One PG's log store. Cheap to clone; every clone reads the same log.
+#[derive(Clone)]
+pub struct LogStore {
+    db: Db,
+    pg: PgId,
+    syncer: WalSyncer,
+}
+
+impl LogStore {
+    pub fn new(db: Db, pg: PgId, syncer: WalSyncer) -> LogStore {
+        LogStore { db, pg, syncer }
+    }
+
+    fn state_key(&self, kind: RaftStateKind) -> [u8; keys::RAFT_STATE_KEY_BYTES] {
+        keys::raft_state_key(self.pg, kind)
+    }
+
+    fn get_state<T: serde::de::DeserializeOwned>(
+        &self,
+        kind: RaftStateKind,
+    ) -> io::Result<Option<T>> {
+        match self
+            .db
+            .get(Cf::RaftState, &self.state_key(kind))
+            .map_err(io_other)?
+        {
+            None => Ok(None),
+            Some(bytes) => wire::decode_json(&bytes).map(Some),
+        }
+    }
+
+    /// Entries with indexes in `[start, end)`, stopping early after
+    /// `bytes_max` bytes (never before the first entry).
+    fn read_range(&self, start: u64, end: u64, bytes_max: usize) -> io::Result<Vec<Entry>> {
+        let mut out = Vec::new();
+        if start >= end {
+            return Ok(out);
+        }
+        let prefix = keys::pg_prefix(self.pg);
+        let mut from = keys::raft_log_key(self.pg, LogIndex(start));
+        let mut bytes = 0usize;
+        // Scan in pages so that a huge range never sits in memory at once.
+        const PAGE: usize = 64;
+        loop {
+            let page = self
+                .db
+                .scan(Cf::RaftLog, &prefix, &from, PAGE)
+                .map_err(io_other)?;
+            let page_len = page.len();
+            for (key, value) in page {
+                let index = keys::raft_log_index(&key).ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::InvalidData, "malformed raft_log key")
+                })?;
+                if index.0 >= end {
+                    return Ok(out);
+                }
+                let entry = wire::decode_entry(&value)?;
+                if entry.log_id.index != index.0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "raft_log key {} holds entry {}",
+                            index.0, entry.log_id.index
+                        ),
+                    ));
+                }
+                bytes += value.len();
+                out.push(entry);
+                if bytes >= bytes_max {
+                    return Ok(out);
+                }
+                from = keys::raft_log_key(self.pg, LogIndex(index.0 + 1));
+            }
+            if page_len < PAGE {
+                return Ok(out);
+            }
+        }
+    }
+}
+
+fn range_to_bounds(range: &impl RangeBounds<u64>) -> (u64, u64) {
+    let start = match range.start_bound() {
+        Bound::Included(x) => *x,
+        Bound::Excluded(x) => x.saturating_add(1),
+        Bound::Unbounded => 0,
+    };
+    let end = match range.end_bound() {
+        Bound::Included(x) => x.saturating_add(1),
+        Bound::Excluded(x) => *x,
+        Bound::Unbounded => u64::MAX,
+    };
+    (start, end)
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> io::Result<Vec<Entry>> {
+        let (start, end) = range_to_bounds(&range);
+        self.read_range(start, end, usize::MAX)
+    }
+
+    async fn read_vote(&mut self) -> io::Result<Option<Vote>> {
+        self.get_state(RaftStateKind::Vote)
+    }
+
+    async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> io::Result<Vec<Entry>> {
+        self.read_range(start, end, LOG_READ_BATCH_BYTES_MAX)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> io::Result<LogState<TypeConfig>> {
+        let last_purged: Option<LogId> = self.get_state(RaftStateKind::LastPurged)?;
+        let last = self
+            .db
+            .last_with_prefix(Cf::RaftLog, &keys::pg_prefix(self.pg))
+            .map_err(io_other)?;
+        let last_log_id = match last {
+            Some((_, value)) => Some(wire::decode_entry(&value)?.log_id),
+            None => last_purged,
+        };
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            last_log_id,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> io::Result<()> {
+        let mut b = self.db.new_batch();
+        b.put(
+            Cf::RaftState,
+            &self.state_key(RaftStateKind::Vote),
+            &wire::encode_json(vote)?,
+        );
+        let db = self.db.clone();
+        // Durable before returning: a vote forgotten after a crash can elect
+        // two leaders in one term.
+        tokio::task::spawn_blocking(move || db.write(b, Durability::Sync))
+            .await
+            .map_err(io::Error::other)?
+            .map_err(io_other)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> io::Result<()> {
+        let key = self.state_key(RaftStateKind::Committed);
+        let mut b = self.db.new_batch();
+        match committed {
+            Some(c) => b.put(Cf::RaftState, &key, &wire::encode_json(&c)?),
+            None => b.delete(Cf::RaftState, &key),
+        }
+        // Only a hint for faster restart: it may lag, never lead.
+        self.db.write(b, Durability::Buffered).map_err(io_other)
+    }
+
+    async fn read_committed(&mut self) -> io::Result<Option<LogId>> {
+        self.get_state(RaftStateKind::Committed)
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> io::Result<()>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+    {
+        let mut b = self.db.new_batch();
+        for entry in entries {
+            let key = keys::raft_log_key(self.pg, LogIndex(entry.log_id.index));
+            b.put(Cf::RaftLog, &key, &wire::encode_entry(&entry)?);
+        }
+        // Readable on return (openraft reads what it appended); durable when
+        // the syncer's next fsync completes the callback.
+        self.db.write(b, Durability::Buffered).map_err(io_other)?;
+        self.syncer.submit(callback)
+    }
+
+    async fn truncate_after(&mut self, last_kept: Option<LogId>) -> io::Result<()> {
+        let from = last_kept.map_or(0, |l| l.index + 1);
+        let mut b = self.db.new_batch();
+        b.delete_range(
+            Cf::RaftLog,
+            &keys::raft_log_key(self.pg, LogIndex(from)),
+            &keys::pg_prefix(PgId(self.pg.0 + 1)),
+        );
+        // Not fsynced here: entries past the last kept one are uncommitted, and
+        // the next append's fsync covers this delete (one sequential WAL).
+        self.db.write(b, Durability::Buffered).map_err(io_other)
+    }
+
+    async fn purge(&mut self, upto: LogId) -> io::Result<()> {
+        let mut b = self.db.new_batch();
+        // last_purged first, in the same batch: entries at or below it are
+        // ignored by openraft whether or not their deletion survived.
+        b.put(
+            Cf::RaftState,
+            &self.state_key(RaftStateKind::LastPurged),
+            &wire::encode_json(&upto)?,
+        );
+        b.delete_range(
+            Cf::RaftLog,
+            &keys::raft_log_key(self.pg, LogIndex(0)),
+            &keys::raft_log_key(self.pg, LogIndex(upto.index + 1)),
+        );
+        self.db.write(b, Durability::Buffered).map_err(io_other)
+    }
+}
+
+/// Whether this node has ever held Raft state for `pg` (a vote is saved
+/// before a member takes part in anything).
+pub fn group_has_state(db: &Db, pg: PgId) -> io::Result<bool> {
+    Ok(db
+        .get(
+            Cf::RaftState,
+            &keys::raft_state_key(pg, RaftStateKind::Vote),
+        )
+        .map_err(io_other)?
+        .is_some())
+}

@@ -1,0 +1,299 @@
+//! The state machine of one protection group over the node's store.
+//!
+//! Invariant: the data an entry writes, the PG's last applied log id and its
+//! last membership are committed in one RocksDB batch, so after a crash the
+//! state machine is exactly "everything up to last applied" and openraft
+//! re-applies the rest from the log. The batch is not fsynced: the log it
+//! replays from already is.
+//!
+//! Raft snapshots are files of the PG's key ranges (`store::raft_snapshot`)
+//! in `SNAPSHOT_DIR/pg-ID/`, named by index so that the greatest name is the
+//! newest.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use futures::{Stream, TryStreamExt};
+use lifeboat_store::db::{Batch, Cf, Db, Durability};
+use lifeboat_store::keys::{self, RaftStateKind};
+use lifeboat_store::{LogIndex, PgId, raft_snapshot};
+use openraft::storage::{EntryResponder, RaftStateMachine};
+use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
+
+use crate::apply::ApplyContext;
+use crate::types::{CommandResponse, RaftSnapshotFile, TypeConfig};
+use crate::wire::{self, LogId};
+
+type StoredMembership = openraft::alias::StoredMembershipOf<TypeConfig>;
+type SnapshotMeta = openraft::alias::SnapshotMetaOf<TypeConfig>;
+type Snapshot = openraft::alias::SnapshotOf<TypeConfig, RaftSnapshotFile>;
+
+fn io_other(e: lifeboat_store::Error) -> io::Error {
+    io::Error::other(e)
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(io::Error::other)?
+}
+
+#[derive(Clone)]
+pub struct StateMachine {
+    db: Db,
+    pg: PgId,
+    snapshot_dir: PathBuf,
+}
+
+impl StateMachine {
+    /// Opens the state machine of `pg`, finishing a Raft snapshot install
+    /// that a crash interrupted.
+    pub fn open(db: Db, pg: PgId, snapshot_root: &Path) -> io::Result<StateMachine> {
+        let snapshot_dir = snapshot_root.join(format!("pg-{}", pg.0));
+        std::fs::create_dir_all(&snapshot_dir)?;
+        let sm = StateMachine {
+            db,
+            pg,
+            snapshot_dir,
+        };
+        if let Some(path) = raft_snapshot::interrupted_install(&sm.db, pg).map_err(io_other)? {
+            tracing::warn!(pg = pg.0, path = %path.display(), "finishing an interrupted raft snapshot install");
+            sm.install_file(&path)?;
+        }
+        Ok(sm)
+    }
+
+    pub fn pg(&self) -> PgId {
+        self.pg
+    }
+
+    fn read_applied(&self) -> io::Result<(Option<LogId>, StoredMembership)> {
+        let get = |kind| {
+            self.db
+                .get(Cf::RaftState, &keys::raft_state_key(self.pg, kind))
+                .map_err(io_other)
+        };
+        let applied = get(RaftStateKind::LastApplied)?
+            .map(|b| wire::decode_json(&b))
+            .transpose()?;
+        let membership = get(RaftStateKind::Membership)?
+            .map(|b| wire::decode_json(&b))
+            .transpose()?
+            .unwrap_or_default();
+        Ok((applied, membership))
+    }
+
+    fn stage_applied(
+        &self,
+        batch: &mut Batch,
+        applied: Option<&LogId>,
+        membership: Option<&StoredMembership>,
+    ) -> io::Result<()> {
+        if let Some(a) = applied {
+            batch.put(
+                Cf::RaftState,
+                &keys::raft_state_key(self.pg, RaftStateKind::LastApplied),
+                &wire::encode_json(a)?,
+            );
+        }
+        if let Some(m) = membership {
+            batch.put(
+                Cf::RaftState,
+                &keys::raft_state_key(self.pg, RaftStateKind::Membership),
+                &wire::encode_json(m)?,
+            );
+        }
+        Ok(())
+    }
+
+    fn snapshot_path(&self, meta: &SnapshotMeta) -> PathBuf {
+        let (index, term) = meta
+            .last_log_id
+            .as_ref()
+            .map_or((0, 0), |l| (l.index, l.leader_id.term));
+        self.snapshot_dir
+            .join(format!("{index:020}-{term:020}.snap"))
+    }
+
+    /// Deletes every snapshot file but `keep`.
+    fn remove_other_snapshots(&self, keep: &Path) -> io::Result<()> {
+        for entry in std::fs::read_dir(&self.snapshot_dir)? {
+            let path = entry?.path();
+            if path != keep {
+                std::fs::remove_file(&path)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn install_file(&self, path: &Path) -> io::Result<SnapshotMeta> {
+        let this = self.clone();
+        let meta =
+            raft_snapshot::install_pg_snapshot(&self.db, self.pg, path, |batch, meta_bytes| {
+                let meta: SnapshotMeta = wire::decode_json(meta_bytes).map_err(|e| {
+                    lifeboat_store::Error::CorruptRecord {
+                        cf: "raft_snapshot",
+                        key: path.display().to_string(),
+                        reason: e.to_string(),
+                    }
+                })?;
+                this.stage_applied(
+                    batch,
+                    meta.last_log_id.as_ref(),
+                    Some(&meta.last_membership),
+                )
+                .map_err(|e| lifeboat_store::Error::Io {
+                    op: "stage snapshot state",
+                    path: path.to_owned(),
+                    source: e,
+                })
+            })
+            .map_err(io_other)?;
+        wire::decode_json(&meta)
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    type SnapshotData = RaftSnapshotFile;
+
+    async fn build_snapshot(&mut self) -> io::Result<Snapshot> {
+        let this = self.clone();
+        blocking(move || {
+            let tmp_meta_path = this.snapshot_dir.join("building.snap");
+            let (meta_bytes, size) = raft_snapshot::write_pg_snapshot(&this.db, this.pg, &tmp_meta_path, |view| {
+                let get = |kind| view.get(Cf::RaftState, &keys::raft_state_key(this.pg, kind));
+                let decode_err = |e: io::Error| lifeboat_store::Error::Io {
+                    op: "decode applied state",
+                    path: this.snapshot_dir.clone(),
+                    source: e,
+                };
+                let last_log_id: Option<LogId> = get(RaftStateKind::LastApplied)?
+                    .map(|b| wire::decode_json(&b))
+                    .transpose()
+                    .map_err(decode_err)?;
+                let last_membership: StoredMembership = get(RaftStateKind::Membership)?
+                    .map(|b| wire::decode_json(&b))
+                    .transpose()
+                    .map_err(decode_err)?
+                    .unwrap_or_default();
+                let meta = SnapshotMeta {
+                    last_log_id,
+                    last_membership,
+                };
+                wire::encode_json(&meta).map_err(decode_err)
+            })
+            .map_err(io_other)?;
+            let meta: SnapshotMeta = wire::decode_json(&meta_bytes)?;
+            let path = this.snapshot_path(&meta);
+            std::fs::rename(&tmp_meta_path, &path)?;
+            this.remove_other_snapshots(&path)?;
+            tracing::info!(pg = this.pg.0, size_bytes = size, path = %path.display(), "built raft snapshot");
+            Ok(Snapshot {
+                meta,
+                snapshot: RaftSnapshotFile { path },
+            })
+        })
+        .await
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotData = RaftSnapshotFile;
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> io::Result<(Option<LogId>, StoredMembership)> {
+        self.read_applied()
+    }
+
+    async fn apply<S>(&mut self, mut entries: S) -> io::Result<()>
+    where
+        S: Stream<Item = io::Result<EntryResponder<TypeConfig>>> + Unpin + OptionalSend,
+    {
+        let mut ctx = ApplyContext::new(&self.db, self.pg);
+        let mut last_applied = None;
+        let mut last_membership = None;
+        let mut responses = Vec::new();
+        while let Some((entry, responder)) = entries.try_next().await? {
+            let index = LogIndex(entry.log_id.index);
+            let outcome = match &entry.payload {
+                EntryPayload::Blank => None,
+                EntryPayload::Normal(cmd) => Some(ctx.apply_command(index, &cmd.0)?),
+                EntryPayload::Membership(m) => {
+                    last_membership = Some(StoredMembership::new(Some(entry.log_id), m.clone()));
+                    None
+                }
+            };
+            last_applied = Some(entry.log_id);
+            if let Some(r) = responder {
+                responses.push((r, CommandResponse { outcome }));
+            }
+        }
+        let mut batch = ctx.batch;
+        self.stage_applied(&mut batch, last_applied.as_ref(), last_membership.as_ref())?;
+        let db = self.db.clone();
+        // Buffered: the log these entries came from is already fsynced, and
+        // last_applied rides in the same batch, so a lost batch is re-applied.
+        blocking(move || db.write(batch, Durability::Buffered).map_err(io_other)).await?;
+        for (responder, response) in responses {
+            responder.send(response);
+        }
+        Ok(())
+    }
+
+    async fn try_create_snapshot_builder(&mut self, _force: bool) -> Option<Self::SnapshotBuilder> {
+        Some(self.clone())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: RaftSnapshotFile,
+    ) -> io::Result<()> {
+        let this = self.clone();
+        let target = self.snapshot_path(meta);
+        let expected = meta.clone();
+        blocking(move || {
+            // Keep our own copy: the incoming file may belong to the transport.
+            if snapshot.path != target {
+                let partial = target.with_extension("incoming");
+                std::fs::copy(&snapshot.path, &partial)?;
+                std::fs::File::open(&partial)?.sync_all()?;
+                std::fs::rename(&partial, &target)?;
+            }
+            let installed = this.install_file(&target)?;
+            if installed != expected {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "raft snapshot file does not match its metadata",
+                ));
+            }
+            this.remove_other_snapshots(&target)
+        })
+        .await
+    }
+
+    async fn get_current_snapshot(&mut self) -> io::Result<Option<Snapshot>> {
+        let mut newest: Option<PathBuf> = None;
+        for entry in std::fs::read_dir(&self.snapshot_dir)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "snap")
+                && path.file_name().is_some_and(|n| n != "building.snap")
+                && newest.as_ref().is_none_or(|n| path > *n)
+            {
+                newest = Some(path);
+            }
+        }
+        let Some(path) = newest else { return Ok(None) };
+        let meta_bytes = raft_snapshot::read_snapshot_meta(&path).map_err(io_other)?;
+        Ok(Some(Snapshot {
+            meta: wire::decode_json(&meta_bytes)?,
+            snapshot: RaftSnapshotFile { path },
+        }))
+    }
+}

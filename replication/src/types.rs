@@ -1,0 +1,182 @@
+//! The openraft type configuration shared by every protection group, and the
+//! command and response types it carries.
+
+use std::fmt;
+
+use lifeboat_proto::raft as pb;
+use prost::Message;
+use serde::{Deserialize, Serialize};
+
+/// A member node as Raft sees it: where to reach it and which site it is in.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberNode {
+    /// Raft transport address (`host:port`); empty on a single node.
+    pub raft_addr: String,
+    pub site: String,
+}
+
+impl fmt::Display for MemberNode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.raft_addr, self.site)
+    }
+}
+
+/// A state machine command: the prost message, carried by openraft as-is.
+///
+/// openraft's `serde` feature requires `Serialize`; the encoding is the
+/// prost bytes, so a command is encoded one way everywhere.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Command(pub pb::Command);
+
+impl fmt::Display for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use pb::command::Kind;
+        let name = match &self.0.kind {
+            Some(Kind::WriteBlocks(w)) => {
+                return write!(
+                    f,
+                    "write_blocks(volume={}, blocks={})",
+                    w.volume,
+                    w.blocks.len()
+                );
+            }
+            Some(Kind::CreateVolume(_)) => "create_volume",
+            Some(Kind::ResizeVolume(_)) => "resize_volume",
+            Some(Kind::DeleteVolume(_)) => "delete_volume",
+            Some(Kind::InitCatalog(_)) => "init_catalog",
+            Some(Kind::CreateTenant(_)) => "create_tenant",
+            Some(Kind::RotateDek(_)) => "rotate_dek",
+            Some(Kind::CreateToken(_)) => "create_token",
+            Some(Kind::BindVolumeName(_)) => "bind_volume_name",
+            Some(Kind::UnbindVolumeName(_)) => "unbind_volume_name",
+            None => "empty",
+        };
+        f.write_str(name)
+    }
+}
+
+impl Serialize for Command {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0.encode_to_vec())
+    }
+}
+
+impl<'de> Deserialize<'de> for Command {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let bytes: serde_bytes_compat::Bytes = Deserialize::deserialize(d)?;
+        pb::Command::decode(bytes.0.as_slice())
+            .map(Command)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Accepts bytes however a serde format chose to write them (a byte string,
+/// or a sequence of numbers as JSON does).
+mod serde_bytes_compat {
+    use serde::de::{SeqAccess, Visitor};
+    use serde::{Deserialize, Deserializer};
+
+    pub struct Bytes(pub Vec<u8>);
+
+    impl<'de> Deserialize<'de> for Bytes {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Bytes;
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("bytes")
+                }
+                fn visit_bytes<E>(self, v: &[u8]) -> Result<Bytes, E> {
+                    Ok(Bytes(v.to_vec()))
+                }
+                fn visit_byte_buf<E>(self, v: Vec<u8>) -> Result<Bytes, E> {
+                    Ok(Bytes(v))
+                }
+                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Bytes, A::Error> {
+                    let mut out = Vec::new();
+                    while let Some(b) = seq.next_element::<u8>()? {
+                        out.push(b);
+                    }
+                    Ok(Bytes(out))
+                }
+            }
+            d.deserialize_byte_buf(V)
+        }
+    }
+}
+
+/// Why apply refused a command. Apply is deterministic: every replica
+/// refuses the same commands for the same reasons.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Rejection {
+    #[error("volume {volume} does not exist")]
+    VolumeNotFound { volume: u64 },
+    #[error("volume {volume} already exists")]
+    VolumeExists { volume: u64 },
+    #[error("block {block} is past the end of volume {volume} ({blocks} blocks)")]
+    BlockOutOfRange {
+        volume: u64,
+        block: u64,
+        blocks: u64,
+    },
+    #[error("volume {volume} cannot shrink from {from_bytes} to {to_bytes} bytes")]
+    VolumeShrink {
+        volume: u64,
+        from_bytes: u64,
+        to_bytes: u64,
+    },
+    #[error("tenant {tenant} already exists")]
+    TenantExists { tenant: String },
+    #[error("tenant {tenant} does not exist")]
+    TenantNotFound { tenant: String },
+    #[error("protection group {tenant}/{pg} does not exist")]
+    PgNotFound { tenant: String, pg: String },
+    #[error("volume name {tenant}/{volume} is taken")]
+    VolumeNameTaken { tenant: String, volume: String },
+    #[error("volume name {tenant}/{volume} is not bound")]
+    VolumeNameNotFound { tenant: String, volume: String },
+    #[error("key id {proposed} is not the next key id of tenant {tenant} (current {current})")]
+    KeyIdOutOfOrder {
+        tenant: String,
+        current: u32,
+        proposed: u32,
+    },
+    #[error("the cluster is already initialised")]
+    AlreadyInitialized,
+    #[error("this command does not belong in protection group {pg}")]
+    WrongGroup { pg: u64 },
+    #[error("malformed command: {reason}")]
+    Malformed { reason: String },
+}
+
+/// What applying a command produced.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Applied {
+    Done,
+    TenantCreated { tenant_id: u64, main_pg: u64 },
+    VolumeNameBound { pg: u64, volume: u64 },
+    KeyRotated { key_id: u32 },
+}
+
+/// The state machine's answer to one entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct CommandResponse {
+    /// `None` for blank and membership entries.
+    pub outcome: Option<Result<Applied, Rejection>>,
+}
+
+openraft::declare_raft_types!(
+    /// The type configuration of every Lifeboat Raft group (catalog and PGs).
+    pub TypeConfig:
+        D = Command,
+        R = CommandResponse,
+        Node = MemberNode,
+);
+
+/// A Raft snapshot as the state machine hands it to the transport: a file
+/// holding the PG's key ranges (format in `raft_snapshot`), read and written
+/// in bounded memory whatever the PG's size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RaftSnapshotFile {
+    pub path: std::path::PathBuf,
+}

@@ -1,0 +1,248 @@
+//! A single-voter protection group over the real store.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lifeboat_proto::raft as pb;
+use lifeboat_replication::log_store::WalSyncer;
+use lifeboat_replication::{
+    Applied, Error, MemberNode, ProtectionGroup, RaftTimers, Rejection, SystemClock,
+};
+use lifeboat_store::db::{Db, DbOptions};
+use lifeboat_store::volumes::{VolumeState, Volumes};
+use lifeboat_store::{BlockNo, LogIndex, NodeId, PgId, VolumeId};
+
+fn timers() -> RaftTimers {
+    RaftTimers {
+        heartbeat_interval_ms: 50,
+        election_timeout_min_ms: 200,
+        election_timeout_max_ms: 400,
+    }
+}
+
+async fn must_start(dir: &std::path::Path, pg: PgId) -> (Db, ProtectionGroup) {
+    let db = Db::open(&dir.join("db"), &DbOptions::default()).unwrap();
+    let g = ProtectionGroup::start(
+        NodeId(1),
+        pg,
+        db.clone(),
+        WalSyncer::start(db.clone()),
+        &dir.join("snapshots"),
+        &timers(),
+        Arc::new(SystemClock),
+    )
+    .await
+    .unwrap();
+    g.bootstrap_single_voter(MemberNode::default())
+        .await
+        .unwrap();
+    g.campaign().await;
+    g.wait_for_leadership(Duration::from_secs(10))
+        .await
+        .unwrap();
+    (db, g)
+}
+
+fn write(volume: u64, block: u64, frame: &[u8]) -> pb::command::Kind {
+    pb::command::Kind::WriteBlocks(pb::WriteBlocks {
+        volume,
+        blocks: vec![pb::BlockWrite {
+            block,
+            frame: frame.to_vec().into(),
+        }],
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_apply_at_their_index_and_survive_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let pg = PgId(3);
+    let (db, g) = must_start(dir.path(), pg).await;
+    let (created, applied) = g
+        .propose(pb::command::Kind::CreateVolume(pb::CreateVolume {
+            volume: 9,
+            name: "disk0".into(),
+            size_bytes: 8 * 4096,
+        }))
+        .await
+        .unwrap();
+    assert_eq!(applied, Applied::Done);
+    let (i1, _) = g.propose(write(9, 2, b"first-frame")).await.unwrap();
+    let (i2, _) = g.propose(write(9, 2, b"second-frame")).await.unwrap();
+    assert!(created < i1 && i1 < i2);
+
+    // Refusals are deterministic and carry facts.
+    let e = g.propose(write(9, 8, b"past-the-end")).await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Rejected {
+                rejection: Rejection::BlockOutOfRange {
+                    block: 8,
+                    blocks: 8,
+                    ..
+                },
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    let e = g
+        .propose(write(10, 0, b"no-such-volume"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Rejected {
+                rejection: Rejection::VolumeNotFound { volume: 10 },
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    let e = g
+        .propose(pb::command::Kind::CreateTenant(pb::CreateTenant {
+            name: "t".into(),
+            wrapped_dek: vec![1, 0, 0, 0, 1].into(),
+        }))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Rejected {
+                rejection: Rejection::WrongGroup { .. },
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+
+    let v = Volumes::new(db.clone());
+    let at = |i: LogIndex| {
+        v.block_at(pg, VolumeId(9), BlockNo(2), i)
+            .unwrap()
+            .map(|b| b.value)
+    };
+    assert_eq!(at(i1).unwrap(), b"first-frame");
+    assert_eq!(at(i2).unwrap(), b"second-frame");
+    assert_eq!(at(LogIndex(i1.0 - 1)), None);
+    let read_index = g.read_barrier().await.unwrap();
+    assert!(read_index >= i2);
+
+    g.shutdown().await.unwrap();
+    drop(g);
+    drop(v);
+    drop(db);
+
+    // Restart: the log and the state machine come back; new writes go on.
+    let (db, g) = must_start(dir.path(), pg).await;
+    let m = g.metrics();
+    assert!(m.applied_index >= i2, "{m:?}");
+    let v = Volumes::new(db);
+    let latest = v.latest_blocks(pg, VolumeId(9), BlockNo(2), 1).unwrap();
+    assert_eq!(latest[0].as_ref().unwrap().value, b"second-frame");
+    let (i3, _) = g.propose(write(9, 2, b"third-frame")).await.unwrap();
+    assert!(i3 > i2);
+    let (_, rec) = v.volume(pg, VolumeId(9)).unwrap().unwrap();
+    assert_eq!(rec.state, VolumeState::Active);
+    g.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catalog_allocates_ids_and_refuses_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, g) = must_start(dir.path(), PgId::CATALOG).await;
+    let wrapped = |key_id: u32| {
+        let mut w = vec![1u8];
+        w.extend_from_slice(&key_id.to_be_bytes());
+        w.extend_from_slice(&[0u8; 40]);
+        w
+    };
+    let tenant = |name: &str| {
+        pb::command::Kind::CreateTenant(pb::CreateTenant {
+            name: name.into(),
+            wrapped_dek: wrapped(1).into(),
+        })
+    };
+    let (_, a) = g.propose(tenant("alpha")).await.unwrap();
+    let (_, b) = g.propose(tenant("beta")).await.unwrap();
+    assert_eq!(
+        a,
+        Applied::TenantCreated {
+            tenant_id: 1,
+            main_pg: 1
+        }
+    );
+    assert_eq!(
+        b,
+        Applied::TenantCreated {
+            tenant_id: 2,
+            main_pg: 2
+        }
+    );
+    let e = g.propose(tenant("alpha")).await.unwrap_err();
+    assert!(matches!(
+        e,
+        Error::Rejected {
+            rejection: Rejection::TenantExists { .. },
+            ..
+        }
+    ));
+
+    let bind = |name: &str| {
+        pb::command::Kind::BindVolumeName(pb::BindVolumeName {
+            tenant: "alpha".into(),
+            volume_name: name.into(),
+            pg_name: "main".into(),
+        })
+    };
+    let (_, v1) = g.propose(bind("disk0")).await.unwrap();
+    assert_eq!(v1, Applied::VolumeNameBound { pg: 1, volume: 1 });
+    let e = g.propose(bind("disk0")).await.unwrap_err();
+    assert!(matches!(
+        e,
+        Error::Rejected {
+            rejection: Rejection::VolumeNameTaken { .. },
+            ..
+        }
+    ));
+
+    // Rotation must name the next key id.
+    let rotate = |key_id| {
+        pb::command::Kind::RotateDek(pb::RotateDek {
+            tenant: "alpha".into(),
+            wrapped_dek: wrapped(key_id).into(),
+        })
+    };
+    let e = g.propose(rotate(3)).await.unwrap_err();
+    assert!(matches!(
+        e,
+        Error::Rejected {
+            rejection: Rejection::KeyIdOutOfOrder {
+                current: 1,
+                proposed: 3,
+                ..
+            },
+            ..
+        }
+    ));
+    let (_, r) = g.propose(rotate(2)).await.unwrap();
+    assert_eq!(r, Applied::KeyRotated { key_id: 2 });
+
+    let catalog = lifeboat_replication::catalog::Catalog::new(db);
+    let alpha = catalog.tenant("alpha").unwrap().unwrap();
+    assert_eq!(alpha.current_key_id, 2);
+    assert_eq!(alpha.wrapped_deks.len(), 2);
+    assert_eq!(
+        catalog
+            .volume_name("alpha", "disk0")
+            .unwrap()
+            .unwrap()
+            .volume,
+        1
+    );
+    assert_eq!(catalog.pgs().unwrap().len(), 2);
+    g.shutdown().await.unwrap();
+}

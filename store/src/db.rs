@@ -1,0 +1,449 @@
+//! The node's one RocksDB instance. Every `rocksdb::` import of the workspace
+//! is in this module; the rest of Lifeboat sees [`Db`], [`Batch`], [`Cf`] and
+//! [`ReadView`] only.
+//!
+//! Durability is explicit: [`Durability::Sync`] fsyncs the WAL before
+//! returning; [`Durability::Buffered`] leaves it in the WAL's buffer, to be
+//! made durable by the next sync (the WAL is one sequential file, so a later
+//! sync covers every earlier write; a crash loses a suffix of whole batches).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rocksdb::{
+    BlockBasedOptions, ColumnFamilyDescriptor, DB, DBCompressionType, Direction, IteratorMode,
+    Options, ReadOptions, WriteBatch, WriteOptions,
+};
+
+use crate::error::{Error, Result};
+
+/// Column families, as in DESIGN.md "Storage layout".
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Cf {
+    RaftLog,
+    RaftState,
+    Catalog,
+    PgMeta,
+    Latest,
+    Blocks,
+    Objects,
+    Chunks,
+    Timeline,
+}
+
+impl Cf {
+    pub const ALL: [Cf; 9] = [
+        Cf::RaftLog,
+        Cf::RaftState,
+        Cf::Catalog,
+        Cf::PgMeta,
+        Cf::Latest,
+        Cf::Blocks,
+        Cf::Objects,
+        Cf::Chunks,
+        Cf::Timeline,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Cf::RaftLog => "raft_log",
+            Cf::RaftState => "raft_state",
+            Cf::Catalog => "catalog",
+            Cf::PgMeta => "pg_meta",
+            Cf::Latest => "latest",
+            Cf::Blocks => "blocks",
+            Cf::Objects => "objects",
+            Cf::Chunks => "chunks",
+            Cf::Timeline => "timeline",
+        }
+    }
+
+    /// Large values (frames, log entries) go to blob files so that compaction
+    /// does not rewrite them again and again.
+    fn holds_large_values(self) -> bool {
+        matches!(self, Cf::RaftLog | Cf::Blocks | Cf::Chunks)
+    }
+}
+
+/// Whether a write returns before or after the WAL is fsynced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// fsync the WAL before returning.
+    Sync,
+    /// Written to the WAL buffer; durable at the next [`Db::sync_wal`] or
+    /// sync write. Only for writes that can be replayed from something
+    /// already durable (state machine apply replays from the Raft log).
+    Buffered,
+}
+
+/// Tuning that has to be chosen when the database is opened.
+#[derive(Clone, Debug)]
+pub struct DbOptions {
+    /// Block cache shared by all column families, in bytes.
+    pub block_cache_bytes: usize,
+    /// Values at least this large go to blob files.
+    pub blob_value_bytes_min: u64,
+    /// Background flush and compaction threads.
+    pub background_jobs: i32,
+}
+
+impl Default for DbOptions {
+    fn default() -> Self {
+        DbOptions {
+            block_cache_bytes: 256 << 20,
+            blob_value_bytes_min: 1024,
+            background_jobs: 2,
+        }
+    }
+}
+
+/// The node's RocksDB instance: cheap to clone, shared by all PGs.
+#[derive(Clone)]
+pub struct Db {
+    inner: Arc<DB>,
+    path: Arc<PathBuf>,
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Db").field("path", &self.path).finish()
+    }
+}
+
+fn rocks(op: &'static str) -> impl FnOnce(rocksdb::Error) -> Error {
+    move |e| Error::Rocks {
+        op,
+        reason: e.into_string(),
+    }
+}
+
+impl Db {
+    /// Opens (creating when missing) the database at `path` with every column
+    /// family of [`Cf::ALL`].
+    pub fn open(path: &Path, options: &DbOptions) -> Result<Db> {
+        std::fs::create_dir_all(path).map_err(|source| Error::Io {
+            op: "create data dir",
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        db_opts.set_max_background_jobs(options.background_jobs);
+        // Our own fsyncs decide durability; RocksDB must never skip one.
+        db_opts.set_use_fsync(false);
+        db_opts.set_manual_wal_flush(false);
+        db_opts.set_keep_log_file_num(4);
+
+        let cache = rocksdb::Cache::new_lru_cache(options.block_cache_bytes);
+        let cfs = Cf::ALL.iter().map(|cf| {
+            let mut cf_opts = Options::default();
+            let mut table = BlockBasedOptions::default();
+            table.set_block_cache(&cache);
+            table.set_bloom_filter(10.0, false);
+            cf_opts.set_block_based_table_factory(&table);
+            // Frames are already compressed and encrypted: compressing them
+            // again only burns CPU. Keys and small records compress well.
+            cf_opts.set_compression_type(if cf.holds_large_values() {
+                DBCompressionType::None
+            } else {
+                DBCompressionType::Lz4
+            });
+            if cf.holds_large_values() {
+                cf_opts.set_enable_blob_files(true);
+                cf_opts.set_min_blob_size(options.blob_value_bytes_min);
+                cf_opts.set_enable_blob_gc(true);
+            }
+            ColumnFamilyDescriptor::new(cf.name(), cf_opts)
+        });
+        let inner = DB::open_cf_descriptors(&db_opts, path, cfs).map_err(rocks("open"))?;
+        Ok(Db {
+            inner: Arc::new(inner),
+            path: Arc::new(path.to_owned()),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn cf(&self, cf: Cf) -> &rocksdb::ColumnFamily {
+        // Every Cf is created at open: a missing handle is a programmer error.
+        self.inner
+            .cf_handle(cf.name())
+            .expect("column family created at open")
+    }
+
+    pub fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.inner.get_cf(self.cf(cf), key).map_err(rocks("get"))
+    }
+
+    /// Point lookups of many keys in one call, results in key order given.
+    pub fn multi_get(&self, cf: Cf, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>> {
+        let handle = self.cf(cf);
+        self.inner
+            .multi_get_cf(keys.iter().map(|k| (handle, k.as_slice())))
+            .into_iter()
+            .map(|r| r.map_err(rocks("multi_get")))
+            .collect()
+    }
+
+    pub fn write(&self, batch: Batch, durability: Durability) -> Result<()> {
+        let mut opts = WriteOptions::default();
+        opts.set_sync(durability == Durability::Sync);
+        self.inner
+            .write_opt(batch.inner, &opts)
+            .map_err(rocks("write"))
+    }
+
+    /// fsyncs the WAL: every write before this call is durable after it.
+    pub fn sync_wal(&self) -> Result<()> {
+        self.inner.flush_wal(true).map_err(rocks("sync wal"))
+    }
+
+    /// The first entry at or after `start` whose key starts with `prefix`.
+    pub fn seek(&self, cf: Cf, prefix: &[u8], start: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+        Ok(self.scan(cf, prefix, start, 1)?.pop())
+    }
+
+    /// Up to `limit` entries at or after `start` whose keys start with
+    /// `prefix`, in key order.
+    pub fn scan(
+        &self,
+        cf: Cf,
+        prefix: &[u8],
+        start: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut out = Vec::new();
+        if limit == 0 {
+            return Ok(out);
+        }
+        let iter = self
+            .inner
+            .iterator_cf(self.cf(cf), IteratorMode::From(start, Direction::Forward));
+        for item in iter {
+            let (k, v) = item.map_err(rocks("iterate"))?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            out.push((k.into_vec(), v.into_vec()));
+            if out.len() == limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The last entry whose key starts with `prefix`.
+    pub fn last_with_prefix(&self, cf: Cf, prefix: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+        let mut ro = ReadOptions::default();
+        if let Some(upper) = prefix_successor(prefix) {
+            ro.set_iterate_upper_bound(upper);
+        }
+        let mut iter = self.inner.raw_iterator_cf_opt(self.cf(cf), ro);
+        iter.seek_to_last();
+        if iter.valid() {
+            let (k, v) = (
+                iter.key().unwrap_or_default(),
+                iter.value().unwrap_or_default(),
+            );
+            if k.starts_with(prefix) {
+                return Ok(Some((k.to_vec(), v.to_vec())));
+            }
+            return Ok(None);
+        }
+        iter.status().map_err(rocks("seek last"))?;
+        Ok(None)
+    }
+
+    /// A consistent read view of the whole database at this moment.
+    pub fn read_view(&self) -> ReadView<'_> {
+        ReadView {
+            db: self,
+            snapshot: self.inner.snapshot(),
+        }
+    }
+
+    /// Compacts a key range of one column family now (tests and tools).
+    pub fn compact_range(&self, cf: Cf, from: &[u8], to: &[u8]) {
+        self.inner
+            .compact_range_cf(self.cf(cf), Some(from), Some(to));
+    }
+
+    /// Writes memtables to SST files (tests use it to find data on disk).
+    pub fn flush(&self) -> Result<()> {
+        for cf in Cf::ALL {
+            self.inner.flush_cf(self.cf(cf)).map_err(rocks("flush"))?;
+        }
+        Ok(())
+    }
+
+    pub fn new_batch(&self) -> Batch {
+        Batch {
+            inner: WriteBatch::default(),
+            db: self.clone(),
+        }
+    }
+}
+
+/// A RocksDB snapshot: reads through it see the database as it was when it
+/// was taken, whatever is written since.
+pub struct ReadView<'a> {
+    db: &'a Db,
+    snapshot: rocksdb::Snapshot<'a>,
+}
+
+impl ReadView<'_> {
+    /// Calls `visit` for every entry whose key starts with `prefix`, in key
+    /// order, without holding more than one entry in memory.
+    pub fn for_each_with_prefix(
+        &self,
+        cf: Cf,
+        prefix: &[u8],
+        mut visit: impl FnMut(&[u8], &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let mut ro = ReadOptions::default();
+        if let Some(upper) = prefix_successor(prefix) {
+            ro.set_iterate_upper_bound(upper);
+        }
+        ro.set_snapshot(&self.snapshot);
+        let mut iter = self.db.inner.raw_iterator_cf_opt(self.db.cf(cf), ro);
+        iter.seek(prefix);
+        while iter.valid() {
+            if let (Some(k), Some(v)) = (iter.key(), iter.value()) {
+                visit(k, v)?;
+            }
+            iter.next();
+        }
+        iter.status().map_err(rocks("iterate read view"))
+    }
+
+    pub fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.snapshot
+            .get_cf(self.db.cf(cf), key)
+            .map_err(rocks("get in read view"))
+    }
+}
+
+/// Writes applied together or not at all.
+pub struct Batch {
+    inner: WriteBatch,
+    db: Db,
+}
+
+impl Batch {
+    pub fn put(&mut self, cf: Cf, key: &[u8], value: &[u8]) {
+        self.inner.put_cf(self.db.cf(cf), key, value);
+    }
+
+    pub fn delete(&mut self, cf: Cf, key: &[u8]) {
+        self.inner.delete_cf(self.db.cf(cf), key);
+    }
+
+    /// Deletes keys in `[from, to)`.
+    pub fn delete_range(&mut self, cf: Cf, from: &[u8], to: &[u8]) {
+        self.inner.delete_range_cf(self.db.cf(cf), from, to);
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.inner.is_empty()
+    }
+
+    pub fn size_bytes(&self) -> usize {
+        self.inner.size_in_bytes()
+    }
+}
+
+/// The smallest byte string greater than every string starting with
+/// `prefix`, or `None` when the prefix is all 0xff.
+pub fn prefix_successor(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut out = prefix.to_vec();
+    while let Some(last) = out.pop() {
+        if last < 0xff {
+            out.push(last + 1);
+            return Some(out);
+        }
+    }
+    None
+}
+
+/// Free bytes available to an unprivileged writer on the filesystem holding
+/// `path`.
+pub fn free_bytes(path: &Path) -> Result<u64> {
+    let stat = rustix::fs::statvfs(path).map_err(|e| Error::Io {
+        op: "statvfs",
+        path: path.to_owned(),
+        source: e.into(),
+    })?;
+    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
+impl Db {
+    /// Refuses with [`Error::NoSpace`] when the data directory's filesystem
+    /// has `reserve_bytes` or fewer free: writes stop well before RocksDB
+    /// would hit ENOSPC and turn read-only.
+    pub fn check_reserve(&self, reserve_bytes: u64) -> Result<()> {
+        let free = free_bytes(&self.path)?;
+        if free <= reserve_bytes {
+            return Err(Error::NoSpace {
+                free_bytes: free,
+                reserve_bytes,
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_successor_bounds_the_prefix() {
+        assert_eq!(prefix_successor(b"ab"), Some(b"ac".to_vec()));
+        assert_eq!(prefix_successor(&[1, 0xff]), Some(vec![2]));
+        assert_eq!(prefix_successor(&[0xff, 0xff]), None);
+    }
+
+    #[test]
+    fn batch_is_atomic_and_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), &DbOptions::default()).unwrap();
+        let mut b = db.new_batch();
+        b.put(Cf::Blocks, b"k1", b"v1");
+        b.put(Cf::Latest, b"k1", b"1");
+        db.write(b, Durability::Sync).unwrap();
+        assert_eq!(db.get(Cf::Blocks, b"k1").unwrap(), Some(b"v1".to_vec()));
+        assert_eq!(db.get(Cf::Latest, b"k1").unwrap(), Some(b"1".to_vec()));
+        assert_eq!(db.get(Cf::Chunks, b"k1").unwrap(), None);
+        let last = db.last_with_prefix(Cf::Blocks, b"k").unwrap();
+        assert_eq!(last, Some((b"k1".to_vec(), b"v1".to_vec())));
+        assert!(db.last_with_prefix(Cf::Blocks, b"z").unwrap().is_none());
+    }
+
+    #[test]
+    fn read_view_ignores_later_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), &DbOptions::default()).unwrap();
+        let mut b = db.new_batch();
+        b.put(Cf::Blocks, b"a1", b"old");
+        db.write(b, Durability::Buffered).unwrap();
+        let view = db.read_view();
+        let mut b = db.new_batch();
+        b.put(Cf::Blocks, b"a1", b"new");
+        b.put(Cf::Blocks, b"a2", b"new");
+        db.write(b, Durability::Buffered).unwrap();
+        let mut seen = Vec::new();
+        view.for_each_with_prefix(Cf::Blocks, b"a", |k, v| {
+            seen.push((k.to_vec(), v.to_vec()));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen, vec![(b"a1".to_vec(), b"old".to_vec())]);
+    }
+}

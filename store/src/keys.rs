@@ -1,0 +1,195 @@
+//! Order-preserving key encoding.
+//!
+//! Every integer is big-endian so that byte order equals numeric order, and
+//! log indexes in versioned keys are stored inverted (`!index`) so that the
+//! newest version of a thing sorts first: "the version visible at index I"
+//! is one seek to `(..., !I)`.
+//!
+//! ```text
+//! raft_log    pg u64 | index u64                                   16 bytes
+//! raft_state  pg u64 | kind u8                                      9 bytes
+//! latest      pg u64 | volume u64 | block u64                      24 bytes
+//! blocks      pg u64 | volume u64 | block u64 | !index u64         32 bytes
+//! pg_meta     pg u64 | kind u8 | id u64 | !index u64               25 bytes
+//! ```
+//!
+//! Changing any layout breaks every data directory: add a new kind or column
+//! family instead.
+
+use crate::{BlockNo, LogIndex, PgId, VolumeId};
+
+pub const RAFT_LOG_KEY_BYTES: usize = 16;
+pub const RAFT_STATE_KEY_BYTES: usize = 9;
+pub const LATEST_KEY_BYTES: usize = 24;
+pub const BLOCK_KEY_BYTES: usize = 32;
+pub const PG_META_KEY_BYTES: usize = 25;
+const _: () = assert!(BLOCK_KEY_BYTES == LATEST_KEY_BYTES + 8);
+const _: () = assert!(PG_META_KEY_BYTES == 8 + 1 + 8 + 8);
+
+/// What a `raft_state` row of a PG holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum RaftStateKind {
+    Vote = 1,
+    Committed = 2,
+    LastPurged = 3,
+    /// The state machine's last applied log id: written in the same batch as
+    /// the data it covers.
+    LastApplied = 4,
+    /// The state machine's last membership: same batch as the data.
+    Membership = 5,
+    /// The current Raft snapshot's metadata.
+    SnapshotMeta = 6,
+    /// Present while a Raft snapshot is being installed: names its file.
+    Installing = 7,
+}
+
+/// What a `pg_meta` row describes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum MetaKind {
+    Volume = 1,
+}
+
+pub fn raft_log_key(pg: PgId, index: LogIndex) -> [u8; RAFT_LOG_KEY_BYTES] {
+    let mut k = [0u8; RAFT_LOG_KEY_BYTES];
+    k[..8].copy_from_slice(&pg.0.to_be_bytes());
+    k[8..].copy_from_slice(&index.0.to_be_bytes());
+    k
+}
+
+/// The log index of a `raft_log` key, or `None` if it is not one.
+pub fn raft_log_index(key: &[u8]) -> Option<LogIndex> {
+    let bytes: [u8; 8] = key.get(8..16)?.try_into().ok()?;
+    (key.len() == RAFT_LOG_KEY_BYTES).then_some(LogIndex(u64::from_be_bytes(bytes)))
+}
+
+pub fn raft_state_key(pg: PgId, kind: RaftStateKind) -> [u8; RAFT_STATE_KEY_BYTES] {
+    let mut k = [0u8; RAFT_STATE_KEY_BYTES];
+    k[..8].copy_from_slice(&pg.0.to_be_bytes());
+    k[8] = kind as u8;
+    k
+}
+
+/// The 8-byte prefix every per-PG key starts with.
+pub fn pg_prefix(pg: PgId) -> [u8; 8] {
+    pg.0.to_be_bytes()
+}
+
+pub fn latest_key(pg: PgId, volume: VolumeId, block: BlockNo) -> [u8; LATEST_KEY_BYTES] {
+    let mut k = [0u8; LATEST_KEY_BYTES];
+    k[..8].copy_from_slice(&pg.0.to_be_bytes());
+    k[8..16].copy_from_slice(&volume.0.to_be_bytes());
+    k[16..24].copy_from_slice(&block.0.to_be_bytes());
+    k
+}
+
+pub fn volume_prefix(pg: PgId, volume: VolumeId) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&pg.0.to_be_bytes());
+    k[8..].copy_from_slice(&volume.0.to_be_bytes());
+    k
+}
+
+pub fn block_key(
+    pg: PgId,
+    volume: VolumeId,
+    block: BlockNo,
+    index: LogIndex,
+) -> [u8; BLOCK_KEY_BYTES] {
+    let mut k = [0u8; BLOCK_KEY_BYTES];
+    k[..LATEST_KEY_BYTES].copy_from_slice(&latest_key(pg, volume, block));
+    k[LATEST_KEY_BYTES..].copy_from_slice(&(!index.0).to_be_bytes());
+    k
+}
+
+/// The parts of a `blocks` key, or `None` if it is not one.
+pub fn decode_block_key(key: &[u8]) -> Option<(PgId, VolumeId, BlockNo, LogIndex)> {
+    if key.len() != BLOCK_KEY_BYTES {
+        return None;
+    }
+    let word = |i: usize| u64::from_be_bytes(key[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+    Some((
+        PgId(word(0)),
+        VolumeId(word(1)),
+        BlockNo(word(2)),
+        LogIndex(!word(3)),
+    ))
+}
+
+pub fn pg_meta_prefix(pg: PgId, kind: MetaKind, id: u64) -> [u8; 17] {
+    let mut k = [0u8; 17];
+    k[..8].copy_from_slice(&pg.0.to_be_bytes());
+    k[8] = kind as u8;
+    k[9..].copy_from_slice(&id.to_be_bytes());
+    k
+}
+
+pub fn pg_meta_key(pg: PgId, kind: MetaKind, id: u64, index: LogIndex) -> [u8; PG_META_KEY_BYTES] {
+    let mut k = [0u8; PG_META_KEY_BYTES];
+    k[..17].copy_from_slice(&pg_meta_prefix(pg, kind, id));
+    k[17..].copy_from_slice(&(!index.0).to_be_bytes());
+    k
+}
+
+/// The id and index of a `pg_meta` key, or `None` if it is not one.
+pub fn decode_pg_meta_key(key: &[u8]) -> Option<(u64, LogIndex)> {
+    if key.len() != PG_META_KEY_BYTES {
+        return None;
+    }
+    let id = u64::from_be_bytes(key[9..17].try_into().ok()?);
+    let index = !u64::from_be_bytes(key[17..25].try_into().ok()?);
+    Some((id, LogIndex(index)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn block_keys_order_as_tuples_with_newest_first(
+            a in (0u64..4, 0u64..4, any::<u64>(), any::<u64>()),
+            b in (0u64..4, 0u64..4, any::<u64>(), any::<u64>()),
+        ) {
+            let ka = block_key(PgId(a.0), VolumeId(a.1), BlockNo(a.2), LogIndex(a.3));
+            let kb = block_key(PgId(b.0), VolumeId(b.1), BlockNo(b.2), LogIndex(b.3));
+            // Newest first: a larger index sorts earlier.
+            let ta = (a.0, a.1, a.2, std::cmp::Reverse(a.3));
+            let tb = (b.0, b.1, b.2, std::cmp::Reverse(b.3));
+            prop_assert_eq!(ka.cmp(&kb), ta.cmp(&tb));
+            prop_assert_eq!(
+                decode_block_key(&ka),
+                Some((PgId(a.0), VolumeId(a.1), BlockNo(a.2), LogIndex(a.3)))
+            );
+        }
+
+        #[test]
+        fn raft_log_keys_order_by_pg_then_index(a in (any::<u64>(), any::<u64>()), b in (any::<u64>(), any::<u64>())) {
+            let ka = raft_log_key(PgId(a.0), LogIndex(a.1));
+            let kb = raft_log_key(PgId(b.0), LogIndex(b.1));
+            prop_assert_eq!(ka.cmp(&kb), a.cmp(&b));
+            prop_assert_eq!(raft_log_index(&ka), Some(LogIndex(a.1)));
+        }
+
+        #[test]
+        fn pg_meta_keys_order_newest_first(id in any::<u64>(), i in any::<u64>(), j in any::<u64>()) {
+            let ki = pg_meta_key(PgId(1), MetaKind::Volume, id, LogIndex(i));
+            let kj = pg_meta_key(PgId(1), MetaKind::Volume, id, LogIndex(j));
+            prop_assert_eq!(ki.cmp(&kj), j.cmp(&i));
+            prop_assert_eq!(decode_pg_meta_key(&ki), Some((id, LogIndex(i))));
+        }
+    }
+
+    #[test]
+    fn the_version_visible_at_an_index_is_the_first_key_at_or_after_it() {
+        let k = |i| block_key(PgId(1), VolumeId(2), BlockNo(3), LogIndex(i));
+        // versions at 5 and 9; reading at 7 seeks to !7 and lands on 5.
+        let mut keys = [k(5), k(9)];
+        keys.sort();
+        let seek = k(7);
+        let found = keys.iter().find(|key| **key >= seek).unwrap();
+        assert_eq!(decode_block_key(found).unwrap().3, LogIndex(5));
+    }
+}
