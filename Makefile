@@ -3,6 +3,12 @@
 # One cargo profile (`ci`: dependencies optimised, debug assertions on) for
 # tests, chaos tests, benches and `make run`, and one target directory kept
 # outside the clone, so RocksDB is compiled once per machine, not per clone.
+#
+# Every cargo command here selects the whole workspace with all targets:
+# building a subset (`-p store`, `--bin lifeboat`) unifies the features of
+# build-time crates differently, which changes bindgen's fingerprint and
+# recompiles RocksDB from scratch (20+ minutes on two cores).
+CARGO_ALL := --profile ci --workspace --all-targets
 
 SHELL := /bin/bash
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/lifeboat/target
@@ -29,35 +35,33 @@ deps:
 	fi
 
 build: deps
-	cargo build --profile $(PROFILE) --bin lifeboat
+	cargo build $(CARGO_ALL)
 
 # Start a local cluster in ./$(DATA_DIR) and print its endpoints (Ctrl-C stops it).
 run: build
 	$(BIN) up --data-dir $(DATA_DIR)
 
 # The whole test suite. Chaos tests and `lifeboat up` tests run the binary.
-test: deps
-	cargo build --profile $(PROFILE) --bin lifeboat
+test: build
 	LIFEBOAT_BIN=$(BIN) cargo test --profile $(PROFILE) --workspace --no-fail-fast
 
 verify: deps
 	cargo fmt --all -- --check
-	cargo clippy --profile $(PROFILE) --workspace --all-targets -- -D warnings
+	cargo clippy $(CARGO_ALL) -- -D warnings
 	RUSTDOCFLAGS="-D warnings" cargo doc --profile $(PROFILE) --workspace --no-deps
 	$(MAKE) test
 
 # The only target that rewrites files.
 fix:
 	cargo fmt --all
-	cargo clippy --profile $(PROFILE) --workspace --all-targets --fix --allow-dirty
+	cargo clippy $(CARGO_ALL) --fix --allow-dirty
 
 bench: bench-codec bench-nbd
 
-bench-codec: deps
-	cargo bench --profile $(PROFILE) -p lifeboat-benches --bench codec
+bench-codec: build
+	cargo bench --profile $(PROFILE) --workspace --bench codec
 
 bench-nbd: build
-	cargo build --profile $(PROFILE) -p lifeboat-benches --bin nbd-load
 	LIFEBOAT_BIN=$(BIN) $(CARGO_TARGET_DIR)/$(PROFILE)/nbd-load
 
 clean-data:

@@ -147,7 +147,8 @@ impl TestNode {
         }
     }
 
-    /// SIGTERM and wait for a clean exit; returns whether it exited 0.
+    /// SIGTERM and wait for the process to exit; returns whether it exited
+    /// 0, and says why not in the log.
     pub fn stop(&mut self) -> Result<bool> {
         let Some(mut c) = self.child.take() else {
             return Ok(true);
@@ -157,6 +158,12 @@ impl TestNode {
         let started = Instant::now();
         loop {
             if let Some(status) = c.try_wait()? {
+                if !status.success() {
+                    eprintln!(
+                        "node exited with {status} after SIGTERM; log:\n{}",
+                        self.log_tail()
+                    );
+                }
                 return Ok(status.success());
             }
             if started.elapsed() > Duration::from_secs(30) {

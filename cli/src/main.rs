@@ -183,7 +183,11 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("build tokio runtime");
-    match runtime.block_on(run(cli)) {
+    let result = runtime.block_on(run(cli));
+    // Drop every task (and its database handles) and wait for blocking
+    // work before the process exits, so RocksDB closes on this thread.
+    drop(runtime);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let code = exit_code_of(&e);

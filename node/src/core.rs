@@ -557,11 +557,28 @@ impl NodeCore {
         self.config.data_dir.clone()
     }
 
+    /// Stops every group, then the WAL syncer: after this returns no
+    /// thread of ours touches the database, so dropping the last handle
+    /// closes RocksDB cleanly.
     pub async fn shutdown(&self) {
-        for g in self.groups() {
+        let groups: Vec<ProtectionGroup> = self
+            .groups
+            .write()
+            .expect("groups lock")
+            .drain()
+            .map(|(_, g)| g)
+            .collect();
+        for g in groups {
             if let Err(e) = g.shutdown().await {
                 tracing::warn!(pg = g.pg().0, error = %e, "raft shutdown");
             }
+        }
+        let syncer = self.syncer.clone();
+        if tokio::task::spawn_blocking(move || syncer.stop())
+            .await
+            .is_err()
+        {
+            tracing::error!("stopping the wal syncer panicked");
         }
     }
 }

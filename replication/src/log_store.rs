@@ -12,7 +12,7 @@
 use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 
 use lifeboat_store::db::{Cf, Db, Durability};
 use lifeboat_store::keys::{self, RaftStateKind};
@@ -35,22 +35,43 @@ fn io_other(e: lifeboat_store::Error) -> io::Error {
 
 /// Makes appended log entries durable with as few fsyncs as possible: each
 /// fsync completes every append that was written before it, across all PGs.
+///
+/// Invariant: after [`WalSyncer::stop`] returns, the syncer thread has
+/// exited and holds no handle to the database, so the database closes on
+/// the thread that drops the last handle, never concurrently with process
+/// exit (RocksDB aborts when closed while static destructors run).
 #[derive(Clone)]
 pub struct WalSyncer {
-    tx: mpsc::Sender<IOFlushed<TypeConfig>>,
+    tx: mpsc::Sender<SyncRequest>,
+    thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
+}
+
+enum SyncRequest {
+    Flushed(IOFlushed<TypeConfig>),
+    Stop,
 }
 
 impl WalSyncer {
-    /// Starts the syncer thread; it ends when every sender is dropped.
+    /// Starts the syncer thread.
     pub fn start(db: Db) -> WalSyncer {
-        let (tx, rx) = mpsc::channel::<IOFlushed<TypeConfig>>();
-        std::thread::Builder::new()
+        let (tx, rx) = mpsc::channel::<SyncRequest>();
+        let thread = std::thread::Builder::new()
             .name("wal-syncer".into())
             .spawn(move || {
-                while let Ok(first) = rx.recv() {
+                let mut stopping = false;
+                while !stopping {
+                    let Ok(first) = rx.recv() else { break };
                     // Everything queued now was written before this fsync.
-                    let mut waiting = vec![first];
-                    waiting.extend(rx.try_iter());
+                    let mut waiting = Vec::new();
+                    for req in std::iter::once(first).chain(rx.try_iter()) {
+                        match req {
+                            SyncRequest::Flushed(cb) => waiting.push(cb),
+                            SyncRequest::Stop => stopping = true,
+                        }
+                    }
+                    if waiting.is_empty() {
+                        continue;
+                    }
                     let result = db.sync_wal();
                     for cb in waiting {
                         cb.io_completed(
@@ -63,13 +84,28 @@ impl WalSyncer {
                 }
             })
             .expect("spawn wal syncer thread");
-        WalSyncer { tx }
+        WalSyncer {
+            tx,
+            thread: Arc::new(Mutex::new(Some(thread))),
+        }
     }
 
     fn submit(&self, cb: IOFlushed<TypeConfig>) -> io::Result<()> {
         self.tx
-            .send(cb)
-            .map_err(|_| io::Error::other("wal syncer thread has stopped"))
+            .send(SyncRequest::Flushed(cb))
+            .map_err(|_| io::Error::other("wal syncer has stopped"))
+    }
+
+    /// Syncs what is queued, stops the thread and waits for it. Appends
+    /// after this fail with an error.
+    pub fn stop(&self) {
+        let _ = self.tx.send(SyncRequest::Stop);
+        let handle = self.thread.lock().expect("syncer thread lock").take();
+        if let Some(h) = handle
+            && h.join().is_err()
+        {
+            tracing::error!("wal syncer thread panicked");
+        }
     }
 }
 

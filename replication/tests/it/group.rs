@@ -20,8 +20,24 @@ fn timers() -> RaftTimers {
     }
 }
 
+/// Opens the db, waiting for a previous in-process instance to let go of
+/// RocksDB's lock (its background tasks drop their handles shortly after
+/// shutdown returns).
+async fn must_open(dir: &std::path::Path) -> Db {
+    let started = std::time::Instant::now();
+    loop {
+        match Db::open(&dir.join("db"), &DbOptions::default()) {
+            Ok(db) => return db,
+            Err(_) if started.elapsed() < Duration::from_secs(10) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("open db: {e}"),
+        }
+    }
+}
+
 async fn must_start(dir: &std::path::Path, pg: PgId) -> (Db, ProtectionGroup) {
-    let db = Db::open(&dir.join("db"), &DbOptions::default()).unwrap();
+    let db = must_open(dir).await;
     let g = ProtectionGroup::start(
         NodeId(1),
         pg,
