@@ -37,6 +37,12 @@ struct Args {
     /// Data for writes: random or compressible.
     #[arg(long, default_value = "random")]
     data: String,
+    /// Run only the workloads whose name contains this (e.g. "seq write").
+    #[arg(long, default_value = "")]
+    only: String,
+    /// Skip the nbdkit baseline (for profiling Lifeboat alone).
+    #[arg(long)]
+    no_baseline: bool,
 }
 
 fn default_work_dir() -> PathBuf {
@@ -259,8 +265,17 @@ async fn main() -> Result<()> {
     let limit = Duration::from_secs(args.seconds);
     println!("| workload | Lifeboat | nbdkit file | ratio |");
     println!("|---|---|---|---|");
-    for w in &workloads {
+    for w in workloads.iter().filter(|w| w.name.contains(&args.only)) {
         let lb = run_workload(node.nbd, "bench/v", w, size, limit, &payload).await?;
+        if args.no_baseline {
+            let (v, unit) = if w.block >= 1 << 20 {
+                (lb.mb_s(), "MB/s")
+            } else {
+                (lb.iops(), "IOPS")
+            };
+            println!("| {} | {v:.0} {unit} | - | - |", w.name);
+            continue;
+        }
         let kit = run_workload(kit_addr, "", w, size, limit, &payload).await?;
         let (a, b, unit) = if w.block >= 1 << 20 {
             (lb.mb_s(), kit.mb_s(), "MB/s")
