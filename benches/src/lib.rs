@@ -6,17 +6,7 @@
 /// Test data of a given kind, deterministic.
 pub fn data(kind: DataKind, len: usize) -> Vec<u8> {
     match kind {
-        DataKind::Random => {
-            let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-            (0..len)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    (x >> 32) as u8
-                })
-                .collect()
-        }
+        DataKind::Random => lifeboat_chaos_tests::data::pseudo_random(0x9E37_79B9_7F4A_7C15, len),
         // Log-like text: what backup targets often hold before the backup
         // tool compresses it; compresses about 4:1 with zstd level 1.
         DataKind::Compressible => {

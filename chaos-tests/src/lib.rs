@@ -5,5 +5,6 @@
 //! Must not know any crate's internals: only the binary, its CLI, its
 //! config file format and the wire protocols.
 
+pub mod data;
 pub mod harness;
 pub mod nbd_client;

@@ -8,6 +8,7 @@ mod up;
 
 use std::path::Path;
 
+pub use lifeboat_chaos_tests::data::block_content;
 use lifeboat_chaos_tests::harness::TestNode;
 
 /// Raft timers for tests: elections in a few hundred milliseconds.
@@ -21,19 +22,4 @@ pub fn must_node_with_volume(dir: &Path, data_dir: &Path, extra: &str, size: &st
     node.must_cli(&["tenant", "create", "t"]);
     node.must_cli(&["volume", "create", "t/v", "--size", size]);
     node
-}
-
-/// The content a test writes to `block` at sequence `seq`: every byte
-/// depends on both, so any mix-up shows.
-pub fn block_content(block: u64, seq: u64, len: usize) -> Vec<u8> {
-    let mut x =
-        (block.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seq.wrapping_mul(0xD1B5_4A32_D192_ED03)) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 32) as u8
-        })
-        .collect()
 }
