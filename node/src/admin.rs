@@ -214,7 +214,7 @@ impl Admin for AdminService {
             pgs,
             data_dir_free_bytes: free,
             reserve_bytes: reserve,
-            writes_refused: free <= reserve,
+            writes_refused: self.core.db.check_reserve(reserve).is_err(),
         }))
     }
 

@@ -3,8 +3,12 @@
 //! Invariant: the data an entry writes, the PG's last applied log id and its
 //! last membership are committed in one RocksDB batch, so after a crash the
 //! state machine is exactly "everything up to last applied" and openraft
-//! re-applies the rest from the log. The batch is not fsynced: the log it
-//! replays from already is.
+//! re-applies the rest from the log. The batch skips the WAL
+//! (`Durability::Replayable`): the log it replays from is already durable,
+//! and flushes are atomic across column families, so a crash keeps a prefix
+//! of whole batches. Anything that lets the log be purged (a Raft snapshot)
+//! flushes first, so the state it stands for is durable before the entries
+//! that could rebuild it go.
 //!
 //! Raft snapshots are files of the PG's key ranges (`store::raft_snapshot`)
 //! in `SNAPSHOT_DIR/pg-ID/`, named by index so that the greatest name is the
@@ -161,6 +165,9 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> io::Result<Snapshot> {
         let this = self.clone();
         blocking(move || {
+            // The log may be purged up to this snapshot once it exists: make
+            // the applied state it describes durable first.
+            this.db.flush().map_err(io_other)?;
             let tmp_meta_path = this.snapshot_dir.join("building.snap");
             let (meta_bytes, size) = raft_snapshot::write_pg_snapshot(&this.db, this.pg, &tmp_meta_path, |view| {
                 let get = |kind| view.get(Cf::RaftState, &keys::raft_state_key(this.pg, kind));
@@ -233,9 +240,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut batch = ctx.batch;
         self.stage_applied(&mut batch, last_applied.as_ref(), last_membership.as_ref())?;
         let db = self.db.clone();
-        // Buffered: the log these entries came from is already fsynced, and
+        // No WAL: the log these entries came from is already fsynced, and
         // last_applied rides in the same batch, so a lost batch is re-applied.
-        blocking(move || db.write(batch, Durability::Buffered).map_err(io_other)).await?;
+        blocking(move || db.write(batch, Durability::Replayable).map_err(io_other)).await?;
         for (responder, response) in responses {
             responder.send(response);
         }
