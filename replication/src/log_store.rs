@@ -36,10 +36,11 @@ fn io_other(e: lifeboat_store::Error) -> io::Error {
 /// Makes appended log entries durable with as few fsyncs as possible: each
 /// fsync completes every append that was written before it, across all PGs.
 ///
-/// Invariant: after [`WalSyncer::stop`] returns, the syncer thread has
-/// exited and holds no handle to the database, so the database closes on
-/// the thread that drops the last handle, never concurrently with process
-/// exit (RocksDB aborts when closed while static destructors run).
+/// Invariant: the syncer thread holds the database only while it syncs (a
+/// weak handle otherwise), and after [`WalSyncer::stop`] returns it has
+/// exited; so the database closes on the thread that drops the last real
+/// handle, never concurrently with process exit (RocksDB aborts when closed
+/// while static destructors run).
 #[derive(Clone)]
 pub struct WalSyncer {
     tx: mpsc::Sender<SyncRequest>,
@@ -54,6 +55,7 @@ enum SyncRequest {
 impl WalSyncer {
     /// Starts the syncer thread.
     pub fn start(db: Db) -> WalSyncer {
+        let db = db.downgrade();
         let (tx, rx) = mpsc::channel::<SyncRequest>();
         let thread = std::thread::Builder::new()
             .name("wal-syncer".into())
@@ -72,14 +74,12 @@ impl WalSyncer {
                     if waiting.is_empty() {
                         continue;
                     }
-                    let result = db.sync_wal();
+                    let result = match db.upgrade() {
+                        Some(db) => db.sync_wal().map_err(|e| e.to_string()),
+                        None => Err("the database is closed".to_string()),
+                    };
                     for cb in waiting {
-                        cb.io_completed(
-                            result
-                                .as_ref()
-                                .map(|_| ())
-                                .map_err(|e| io::Error::other(e.to_string())),
-                        );
+                        cb.io_completed(result.clone().map_err(io::Error::other));
                     }
                 }
             })

@@ -298,11 +298,38 @@ impl Db {
             .map_err(rocks("flush"))
     }
 
+    /// A handle that does not keep the database open.
+    pub fn downgrade(&self) -> WeakDb {
+        WeakDb {
+            inner: Arc::downgrade(&self.inner),
+            path: self.path.clone(),
+        }
+    }
+
     pub fn new_batch(&self) -> Batch {
         Batch {
             inner: WriteBatch::default(),
             db: self.clone(),
         }
+    }
+}
+
+/// A handle to the database that does not keep it open: for background
+/// threads, so that the database closes where the last real handle is
+/// dropped and never on a thread racing process exit.
+#[derive(Clone)]
+pub struct WeakDb {
+    inner: std::sync::Weak<DB>,
+    path: Arc<PathBuf>,
+}
+
+impl WeakDb {
+    /// The database, if it is still open.
+    pub fn upgrade(&self) -> Option<Db> {
+        Some(Db {
+            inner: self.inner.upgrade()?,
+            path: self.path.clone(),
+        })
     }
 }
 
