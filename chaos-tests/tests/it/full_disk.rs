@@ -38,6 +38,21 @@ impl Drop for Tmpfs {
     }
 }
 
+/// Every acknowledged chunk reads back as written.
+async fn must_read_back(client: &NbdClient, acked: &[u64], when: &str) {
+    for i in acked {
+        let got = client
+            .read(i * CHUNK as u64, CHUNK as u32)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            got == block_content(*i, 1, CHUNK),
+            "chunk {i} reads back {when}"
+        );
+    }
+}
+
 fn free_bytes(path: &Path) -> u64 {
     let out = Command::new("df")
         .args(["-B1", "--output=avail"])
@@ -89,17 +104,7 @@ async fn enospc_at_the_reserve_then_recovery() {
             .unwrap(),
         Err(NbdErrno::ENOSPC)
     );
-    for i in &acked {
-        let got = client
-            .read(i * CHUNK as u64, CHUNK as u32)
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(
-            got == block_content(*i, 1, CHUNK),
-            "chunk {i} reads back while the disk is full"
-        );
-    }
+    must_read_back(&client, &acked, "while the disk is full").await;
     let status = node.cli(&["status"]);
     assert!(String::from_utf8_lossy(&status.stdout).contains("WRITES REFUSED"));
 
@@ -118,16 +123,6 @@ async fn enospc_at_the_reserve_then_recovery() {
     node.kill9();
     node.start().unwrap();
     let client = NbdClient::connect(node.nbd, "t/v").await.unwrap();
-    for i in &acked {
-        let got = client
-            .read(i * CHUNK as u64, CHUNK as u32)
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(
-            got == block_content(*i, 1, CHUNK),
-            "chunk {i} after restart"
-        );
-    }
+    must_read_back(&client, &acked, "after restart").await;
     assert!(node.stop().unwrap());
 }

@@ -7,6 +7,15 @@ use tonic::Code;
 
 use crate::must_start;
 
+/// A create request for `name` in the tenant's main protection group.
+fn create(name: &str, size_bytes: u64) -> api::CreateVolumeRequest {
+    api::CreateVolumeRequest {
+        name: name.into(),
+        size_bytes,
+        pg: String::new(),
+    }
+}
+
 fn with_token<T>(msg: T, token: &str) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
     r.metadata_mut()
@@ -50,14 +59,7 @@ async fn tokens_names_sizes_and_the_volume_lifecycle() {
         ("nobody/x", 1 << 20),
     ] {
         let e = c
-            .create_volume(with_token(
-                api::CreateVolumeRequest {
-                    name: name.into(),
-                    size_bytes: size,
-                    pg: String::new(),
-                },
-                &t,
-            ))
+            .create_volume(with_token(create(name, size), &t))
             .await
             .unwrap_err();
         assert!(
@@ -68,14 +70,7 @@ async fn tokens_names_sizes_and_the_volume_lifecycle() {
     }
     for size in [0u64, 1000, 1 << 60] {
         let e = c
-            .create_volume(with_token(
-                api::CreateVolumeRequest {
-                    name: "demo/x".into(),
-                    size_bytes: size,
-                    pg: String::new(),
-                },
-                &t,
-            ))
+            .create_volume(with_token(create("demo/x", size), &t))
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{size}");
@@ -95,14 +90,7 @@ async fn tokens_names_sizes_and_the_volume_lifecycle() {
 
     // Lifecycle: create, duplicate, list, resize (grow only), delete.
     let v = c
-        .create_volume(with_token(
-            api::CreateVolumeRequest {
-                name: "demo/vol1".into(),
-                size_bytes: 1 << 30,
-                pg: String::new(),
-            },
-            &t,
-        ))
+        .create_volume(with_token(create("demo/vol1", 1 << 30), &t))
         .await
         .unwrap()
         .into_inner();
@@ -111,14 +99,7 @@ async fn tokens_names_sizes_and_the_volume_lifecycle() {
         ("demo/vol1", 1 << 30, "demo/main")
     );
     let e = c
-        .create_volume(with_token(
-            api::CreateVolumeRequest {
-                name: "demo/vol1".into(),
-                size_bytes: 1 << 30,
-                pg: String::new(),
-            },
-            &t,
-        ))
+        .create_volume(with_token(create("demo/vol1", 1 << 30), &t))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::AlreadyExists);
@@ -176,16 +157,9 @@ async fn tokens_names_sizes_and_the_volume_lifecycle() {
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
     // The name is free again.
-    c.create_volume(with_token(
-        api::CreateVolumeRequest {
-            name: "demo/vol1".into(),
-            size_bytes: 1 << 20,
-            pg: String::new(),
-        },
-        &t,
-    ))
-    .await
-    .unwrap();
+    c.create_volume(with_token(create("demo/vol1", 1 << 20), &t))
+        .await
+        .unwrap();
 
     // Key rotation: new key id, old data still readable.
     let client = node.client().await;
