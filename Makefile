@@ -42,8 +42,16 @@ run: build
 	$(BIN) up --data-dir $(DATA_DIR)
 
 # The whole test suite. Chaos tests and `lifeboat up` tests run the binary.
+# Ends with one summary line over every test binary ("tests: N passed, N
+# failed"): cargo's own last line belongs to the last binary only.
+TEST_LOG := $(CARGO_TARGET_DIR)/make-test.log
 test: build
-	LIFEBOAT_BIN=$(BIN) cargo test --profile $(PROFILE) --workspace --no-fail-fast
+	@set -o pipefail; \
+	LIFEBOAT_BIN=$(BIN) cargo test --profile $(PROFILE) --workspace --no-fail-fast 2>&1 | tee $(TEST_LOG); \
+	status=$$?; \
+	awk '/^test result:/ { passed += $$4; failed += $$6 } \
+	     END { printf "tests: %d passed, %d failed\n", passed, failed }' $(TEST_LOG); \
+	exit $$status
 
 verify: deps
 	cargo fmt --all -- --check
