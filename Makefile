@@ -8,11 +8,11 @@
 # building a subset (`-p store`, `--bin lifeboat`) unifies the features of
 # build-time crates differently, which changes bindgen's fingerprint and
 # recompiles RocksDB from scratch (20+ minutes on two cores).
-CARGO_ALL := --profile ci --workspace --all-targets
 
 SHELL := /bin/bash
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/lifeboat/target
 PROFILE := ci
+CARGO_ALL := --profile $(PROFILE) --workspace --all-targets
 BIN := $(CARGO_TARGET_DIR)/$(PROFILE)/lifeboat
 DATA_DIR ?= lifeboat-data
 
