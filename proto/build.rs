@@ -2,7 +2,11 @@
 //! no system `protoc` is needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/raft.proto", "proto/admin.proto"];
+    let files = [
+        "proto/raft.proto",
+        "proto/transport.proto",
+        "proto/admin.proto",
+    ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");
     }

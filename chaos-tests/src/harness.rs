@@ -49,6 +49,9 @@ pub fn must_have_tool(name: &str) {
 pub struct TestNode {
     pub dir: PathBuf,
     pub config_path: PathBuf,
+    pub node_id: u64,
+    pub site: String,
+    pub raft: SocketAddr,
     pub admin: SocketAddr,
     pub nbd: SocketAddr,
     pub http: SocketAddr,
@@ -60,21 +63,46 @@ impl TestNode {
     /// Writes a config under `dir` with free ports; `extra` is appended as
     /// TOML (it may set `[store]` or `[raft]` keys).
     pub fn new(dir: &Path, data_dir: &Path, extra: &str) -> Result<TestNode> {
+        TestNode::member(
+            dir,
+            data_dir,
+            1,
+            "primary",
+            &dir.join("keys/master.key"),
+            extra,
+        )
+    }
+
+    /// Like [`TestNode::new`] for node `node_id` of a cluster: nodes of one
+    /// cluster share `master_key_file`.
+    pub fn member(
+        dir: &Path,
+        data_dir: &Path,
+        node_id: u64,
+        site: &str,
+        master_key_file: &Path,
+        extra: &str,
+    ) -> Result<TestNode> {
         std::fs::create_dir_all(dir)?;
+        let raft = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let nbd = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let config = format!(
-            "node_id = 1\nsite = \"primary\"\ndata_dir = {:?}\nmaster_key_file = {:?}\n\
-             [admin]\nlisten = \"{admin}\"\n[nbd]\nlisten = \"{nbd}\"\n[http]\nlisten = \"{http}\"\n{extra}\n",
+            "node_id = {node_id}\nsite = {site:?}\ndata_dir = {:?}\nmaster_key_file = {:?}\n\
+             [raft]\nlisten = \"{raft}\"\n[admin]\nlisten = \"{admin}\"\n[nbd]\nlisten = \"{nbd}\"\n\
+             [http]\nlisten = \"{http}\"\n{extra}\n",
             data_dir.display().to_string(),
-            dir.join("keys/master.key").display().to_string(),
+            master_key_file.display().to_string(),
         );
         let config_path = dir.join("node.toml");
         std::fs::write(&config_path, merge_sections(&config))?;
         Ok(TestNode {
             dir: dir.to_owned(),
             config_path,
+            node_id,
+            site: site.to_owned(),
+            raft,
             admin,
             nbd,
             http,

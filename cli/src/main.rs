@@ -60,7 +60,8 @@ enum OutputFormat {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Start a local cluster (one node for now), print its endpoints, write up.env.
+    /// Start a local two-site cluster (3 primary + 2 DR nodes by default),
+    /// print its endpoints, write up.env.
     Up(up::UpArgs),
     /// Run or manage nodes.
     #[command(subcommand)]
@@ -85,6 +86,19 @@ enum NodeCommand {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Add a started node that is not in a cluster yet, by its Raft address.
+    Add {
+        /// The new node's `raft.listen` address (host:port).
+        raft_addr: String,
+        /// Its site; must match the node's own config (default: take it).
+        #[arg(long, default_value = "")]
+        site: String,
+    },
+    /// Every node of the cluster, with its catalog role and reachability.
+    List,
+    /// Retire a node for ever (dead or decommissioned): its members leave
+    /// every PG and are re-placed on other nodes. Its id is never reused.
+    Remove { node_id: u64 },
 }
 
 #[derive(Subcommand)]
@@ -325,7 +339,16 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                     "writes_refused": s.writes_refused,
                     "pgs": s.pgs.iter().map(|p| serde_json::json!({
                         "name": p.name, "id": p.id, "applied_index": p.applied_index,
-                        "last_log_index": p.last_log_index, "leader": p.leader, "volumes": p.volumes,
+                        "last_log_index": p.last_log_index, "leader_member": p.leader,
+                        "leader_node": p.leader_node, "role": p.role,
+                        "generation": p.generation, "active_site": p.active_site,
+                        "volumes": p.volumes,
+                        "lag": p.lag.iter().map(|l| serde_json::json!({
+                            "member": l.member_id, "node": l.node_id, "site": l.site,
+                            "voter": l.voter, "matched_index": l.matched_index,
+                            "entries": l.lag_entries, "bytes": l.lag_bytes,
+                            "seconds": l.lag_seconds,
+                        })).collect::<Vec<_>>(),
                     })).collect::<Vec<_>>(),
                 }));
             } else {
@@ -350,15 +373,47 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                         ""
                     }
                 );
-                let mut t = Table::new(&["PG", "ID", "LEADER", "APPLIED", "LAST LOG", "VOLUMES"]);
+                let mut t = Table::new(&[
+                    "PG", "ID", "GEN", "HERE", "LEADER", "APPLIED", "LAST LOG", "VOLUMES",
+                ]);
+                let mut lag = Table::new(&[
+                    "PG",
+                    "MEMBER",
+                    "NODE",
+                    "SITE",
+                    "ROLE",
+                    "MATCHED",
+                    "LAG ENTRIES",
+                    "LAG BYTES",
+                    "LAG SECONDS",
+                ]);
                 for p in s.pgs {
+                    for l in &p.lag {
+                        lag.row(vec![
+                            p.name.clone(),
+                            l.member_id.to_string(),
+                            l.node_id.to_string(),
+                            l.site.clone(),
+                            if l.voter { "voter" } else { "learner" }.into(),
+                            l.matched_index.to_string(),
+                            l.lag_entries.to_string(),
+                            size::format_size(l.lag_bytes),
+                            format!("{:.1}", l.lag_seconds),
+                        ]);
+                    }
                     t.row(vec![
                         p.name,
                         p.id.to_string(),
-                        if p.leader.is_empty() {
+                        p.generation.to_string(),
+                        if p.role.is_empty() {
                             "-".into()
                         } else {
-                            format!("node {}", p.leader)
+                            p.role
+                        },
+                        if p.leader_node == 0 {
+                            "-".into()
+                        } else {
+                            format!("node {}", p.leader_node)
                         },
                         p.applied_index.to_string(),
                         p.last_log_index.to_string(),
@@ -366,6 +421,11 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                     ]);
                 }
                 t.print();
+                if !lag.is_empty() {
+                    println!();
+                    println!("replication lag of the PGs this node leads (the live RPO):");
+                    lag.print();
+                }
             }
         }
         Command::Tenant(TenantCommand::Create { name }) => {
@@ -414,9 +474,79 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                 println!("volume {name} deleted");
             }
         }
-        Command::Up(_) | Command::Node(_) => unreachable!("handled before connecting"),
+        Command::Node(NodeCommand::Add { raft_addr, site }) => {
+            let req = client.request(api::AddNodeRequest { raft_addr, site });
+            let n = client.api().add_node(req).await?.into_inner();
+            print_nodes(out, vec![n]);
+        }
+        Command::Node(NodeCommand::List) => {
+            let req = client.request(api::ListNodesRequest {});
+            let r = client.api().list_nodes(req).await?.into_inner();
+            print_nodes(out, r.nodes);
+        }
+        Command::Node(NodeCommand::Remove { node_id }) => {
+            let req = client.request(api::RemoveNodeRequest { node_id });
+            let n = client.api().remove_node(req).await?.into_inner();
+            print_nodes(out, vec![n]);
+        }
+        Command::Up(_) | Command::Node(NodeCommand::Start { .. }) => {
+            unreachable!("handled before connecting")
+        }
     }
     Ok(())
+}
+
+fn print_nodes(out: &Output, nodes: Vec<api::Node>) {
+    if out.json {
+        out.json_value(&serde_json::Value::Array(
+            nodes
+                .iter()
+                .map(|n| {
+                    serde_json::json!({
+                        "id": n.id, "site": n.site, "raft_addr": n.raft_addr,
+                        "admin_addr": n.admin_addr, "nbd_addr": n.nbd_addr,
+                        "removed": n.removed, "catalog_role": n.catalog_role,
+                        "reachable": n.reachable, "pg_members": n.pg_members,
+                    })
+                })
+                .collect(),
+        ));
+        return;
+    }
+    let mut table = Table::new(&[
+        "NODE",
+        "SITE",
+        "RAFT",
+        "ADMIN",
+        "NBD",
+        "CATALOG",
+        "PG MEMBERS",
+        "STATE",
+    ]);
+    for n in nodes {
+        let state = if n.removed {
+            "removed"
+        } else if n.reachable {
+            "up"
+        } else {
+            "unreachable"
+        };
+        table.row(vec![
+            n.id.to_string(),
+            n.site,
+            n.raft_addr,
+            n.admin_addr,
+            n.nbd_addr,
+            if n.catalog_role.is_empty() {
+                "-".into()
+            } else {
+                n.catalog_role
+            },
+            n.pg_members.to_string(),
+            state.into(),
+        ]);
+    }
+    table.print();
 }
 
 fn print_tenants(out: &Output, tenants: Vec<api::Tenant>) {

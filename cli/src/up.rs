@@ -1,11 +1,13 @@
 //! `lifeboat up`: a local cluster on loopback for trying Lifeboat out and
-//! for tests. For now one node (the multi-site layout comes with
-//! replication). Layout under `--data-dir DIR`:
+//! for tests: `--primary N` nodes at site `primary` and `--dr M` at site
+//! `dr` (three and two by default), each its own process. Node 0 initialises
+//! the cluster and adds the others; the demo tenant's PG then has its voters
+//! at `primary` and learners at `dr`. Layout under `--data-dir DIR`:
 //!
 //! ```text
-//! DIR/nodes/0/node.toml   the node's config (made once, then reused)
-//! DIR/nodes/0/db …        its data directory
-//! DIR/nodes/0/node.log    its log
+//! DIR/nodes/i/node.toml   node i's config (made once, then reused)
+//! DIR/nodes/i/db …        its data directory
+//! DIR/nodes/i/node.log    its log
 //! DIR/keys/master.key     the cluster master key (outside every data dir)
 //! DIR/keys/operator.token the operator token
 //! DIR/up.env              endpoints and credentials, KEY=VALUE lines
@@ -36,12 +38,18 @@ pub struct UpArgs {
     /// Where the cluster's nodes, keys and up.env live.
     #[arg(long, default_value = "lifeboat-data")]
     data_dir: PathBuf,
-    /// Added to every default port (7700, 10809, 9100), to run several
-    /// clusters side by side.
+    /// Added to every default port (7700, 7800, 10809, 9100), to run
+    /// several clusters side by side. Node i adds i.
     #[arg(long, default_value_t = 0)]
     port_offset: u16,
-    /// Start, set up and print, then exit and leave the node running
-    /// (stop it with `kill $PID_0`).
+    /// Nodes at site `primary` (the first is node 0).
+    #[arg(long, default_value_t = 3)]
+    primary: u16,
+    /// Nodes at site `dr` (the disaster-recovery site).
+    #[arg(long, default_value_t = 2)]
+    dr: u16,
+    /// Start, set up and print, then exit and leave the nodes running
+    /// (stop them with `kill $PID_0 $PID_1 …`).
     #[arg(long)]
     detach: bool,
     /// Raft timers for the local cluster, in milliseconds.
@@ -66,6 +74,7 @@ pub fn write_secret(path: &Path, secret: &str) -> Result<()> {
 }
 
 struct NodeProcess {
+    index: u16,
     child: Child,
     config: NodeConfig,
     endpoint: String,
@@ -74,13 +83,19 @@ struct NodeProcess {
 fn node_config(index: u16, args: &UpArgs) -> NodeConfig {
     let port =
         |base: u16| std::net::SocketAddr::from(([127, 0, 0, 1], base + args.port_offset + index));
+    let site = if index < args.primary {
+        "primary"
+    } else {
+        "dr"
+    };
     let mut c = NodeConfig {
         node_id: u64::from(index) + 1,
-        site: "primary".into(),
+        site: site.into(),
         data_dir: PathBuf::from("."),
         master_key_file: PathBuf::from("../../keys/master.key"),
         ..NodeConfig::default()
     };
+    c.raft.listen = port(7800);
     c.admin.listen = port(7700);
     c.nbd.listen = port(10809);
     c.http.listen = port(9100);
@@ -119,6 +134,7 @@ fn start_node(dir: &Path, index: u16, args: &UpArgs) -> Result<NodeProcess> {
         .context("start lifeboat node")?;
     let endpoint = format!("http://{}", config.admin.listen);
     Ok(NodeProcess {
+        index,
         child,
         config,
         endpoint,
@@ -130,8 +146,9 @@ async fn wait_ready(node: &mut NodeProcess, dir: &Path) -> Result<Client> {
     loop {
         if let Some(status) = node.child.try_wait()? {
             bail!(
-                "node exited during start ({status}); see {}",
-                dir.join("nodes/0/node.log").display()
+                "node {} exited during start ({status}); see {}",
+                node.index,
+                dir.join(format!("nodes/{}/node.log", node.index)).display()
             );
         }
         if let Ok(mut c) = Client::connect(&node.endpoint, None).await {
@@ -177,7 +194,8 @@ fn stop_node(node: &mut NodeProcess) {
     let _ = node.child.wait();
 }
 
-async fn set_up(client: &mut Client, endpoint: &str, dir: &Path) -> Result<String> {
+async fn set_up(client: &mut Client, nodes: &[NodeProcess], dir: &Path) -> Result<String> {
+    let endpoint = &nodes[0].endpoint;
     let token_path = dir.join("keys").join("operator.token");
     let req = client.request(api::StatusRequest {});
     let initialized = match client.api().status(req).await {
@@ -187,7 +205,7 @@ async fn set_up(client: &mut Client, endpoint: &str, dir: &Path) -> Result<Strin
     };
     if !initialized {
         let req = client.request(api::ClusterInitRequest {
-            site: "primary".into(),
+            site: nodes[0].config.site.clone(),
         });
         let r = client.api().cluster_init(req).await?.into_inner();
         write_secret(&token_path, &r.operator_token)?;
@@ -198,6 +216,22 @@ async fn set_up(client: &mut Client, endpoint: &str, dir: &Path) -> Result<Strin
         .trim()
         .to_owned();
     let mut c = Client::connect(endpoint, Some(token.clone())).await?;
+    let req = c.request(api::ListNodesRequest {});
+    let known = c.api().list_nodes(req).await?.into_inner().nodes;
+    for n in &nodes[1..] {
+        if known.iter().any(|k| k.id == n.config.node_id) {
+            continue;
+        }
+        let req = c.request(api::AddNodeRequest {
+            raft_addr: n.config.raft.listen.to_string(),
+            site: n.config.site.clone(),
+        });
+        c.api()
+            .add_node(req)
+            .await
+            .with_context(|| format!("add node {} ({})", n.config.node_id, n.config.raft.listen))?;
+        println!("added node {} at site {}", n.config.node_id, n.config.site);
+    }
     let req = c.request(api::ListTenantsRequest {});
     let tenants = c.api().list_tenants(req).await?.into_inner().tenants;
     if !tenants.iter().any(|t| t.name == "demo") {
@@ -221,47 +255,96 @@ async fn set_up(client: &mut Client, endpoint: &str, dir: &Path) -> Result<Strin
     Ok(token)
 }
 
+fn stop_all(nodes: &mut [NodeProcess]) {
+    // SIGTERM everyone first, then wait: nodes stop in parallel.
+    for n in nodes.iter_mut() {
+        if n.child.try_wait().ok().flatten().is_none() {
+            let pid = nix::unistd::Pid::from_raw(n.child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        }
+    }
+    for n in nodes.iter_mut() {
+        stop_node(n);
+    }
+}
+
 pub async fn run(args: UpArgs) -> Result<()> {
+    if args.primary == 0 {
+        bail!("--primary must be at least 1: node 0 is at the primary site");
+    }
     let dir = &args.data_dir;
     std::fs::create_dir_all(dir.join("keys"))
         .with_context(|| format!("create {}", dir.display()))?;
     let dir = std::fs::canonicalize(dir)?;
-    let mut node = start_node(&dir, 0, &args)?;
+    let mut nodes = Vec::new();
+    for i in 0..args.primary + args.dr {
+        match start_node(&dir, i, &args) {
+            Ok(n) => nodes.push(n),
+            Err(e) => {
+                stop_all(&mut nodes);
+                return Err(e);
+            }
+        }
+    }
     let result = async {
-        let mut client = wait_ready(&mut node, &dir).await?;
-        set_up(&mut client, &node.endpoint, &dir).await
+        let mut first = None;
+        for n in nodes.iter_mut() {
+            let c = wait_ready(n, &dir).await?;
+            first.get_or_insert(c);
+        }
+        let mut client = first.expect("at least one node");
+        set_up(&mut client, &nodes, &dir).await
     }
     .await;
     let token = match result {
         Ok(t) => t,
         Err(e) => {
-            stop_node(&mut node);
+            stop_all(&mut nodes);
             return Err(e);
         }
     };
 
-    let c = &node.config;
-    let nbd_uri = format!("nbd://{}/demo/disk0", c.nbd.listen);
-    let env = [
-        ("LIFEBOAT_ENDPOINT", node.endpoint.clone()),
-        ("LIFEBOAT_TOKEN", token),
-        ("NBD_URI", nbd_uri.clone()),
-        ("SITE_0", c.site.clone()),
-        ("ROLE_0", "data".into()),
-        ("PID_0", node.child.id().to_string()),
-        ("LIFEBOAT_ENDPOINT_0", node.endpoint.clone()),
-        ("NBD_URI_0", nbd_uri.clone()),
-        ("METRICS_URL_0", format!("http://{}/metrics", c.http.listen)),
+    let n0 = &nodes[0];
+    let nbd_uri = |n: &NodeProcess| format!("nbd://{}/demo/disk0", n.config.nbd.listen);
+    let mut env = vec![
+        ("LIFEBOAT_ENDPOINT".to_string(), n0.endpoint.clone()),
+        ("LIFEBOAT_TOKEN".to_string(), token),
+        ("NBD_URI".to_string(), nbd_uri(n0)),
     ];
+    for n in &nodes {
+        let i = n.index;
+        env.push((format!("SITE_{i}"), n.config.site.clone()));
+        env.push((format!("ROLE_{i}"), "data".into()));
+        env.push((format!("PID_{i}"), n.child.id().to_string()));
+        env.push((format!("LIFEBOAT_ENDPOINT_{i}"), n.endpoint.clone()));
+        env.push((format!("NBD_URI_{i}"), nbd_uri(n)));
+        env.push((
+            format!("METRICS_URL_{i}"),
+            format!("http://{}/metrics", n.config.http.listen),
+        ));
+    }
     let env_text: String = env.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
     let env_path = dir.join("up.env");
     write_secret(&env_path, env_text.trim_end())?;
 
-    println!("Lifeboat is up: 1 node at site {}", c.site);
-    println!("  admin API   {}", node.endpoint);
-    println!("  NBD         {nbd_uri}   (volume demo/disk0, 1 GiB)");
-    println!("  metrics     http://{}/metrics", c.http.listen);
-    println!("  node log    {}", dir.join("nodes/0/node.log").display());
+    println!(
+        "Lifeboat is up: {} node(s) at site primary, {} at site dr",
+        args.primary, args.dr
+    );
+    for n in &nodes {
+        println!(
+            "  node {} ({:<7}) admin {}   NBD {}   metrics http://{}/metrics",
+            n.index,
+            n.config.site,
+            n.endpoint,
+            nbd_uri(n),
+            n.config.http.listen
+        );
+    }
+    println!(
+        "  volume      demo/disk0, 1 GiB, in PG demo/main (voters at primary, learners at dr)"
+    );
+    println!("  node logs   {}", dir.join("nodes/*/node.log").display());
     println!(
         "  credentials {}   (source it: set -a; . {}; set +a)",
         env_path.display(),
@@ -269,7 +352,8 @@ pub async fn run(args: UpArgs) -> Result<()> {
     );
 
     if args.detach {
-        println!("detached: stop with kill {}", node.child.id());
+        let pids: Vec<String> = nodes.iter().map(|n| n.child.id().to_string()).collect();
+        println!("detached: stop with kill {}", pids.join(" "));
         return Ok(());
     }
     println!("Press Ctrl-C to stop.");
@@ -280,20 +364,29 @@ pub async fn run(args: UpArgs) -> Result<()> {
             _ = tokio::signal::ctrl_c() => break None,
             _ = term.recv() => break None,
             _ = tokio::time::sleep(Duration::from_millis(500)) => {
-                if let Some(status) = node.child.try_wait()? {
-                    break Some(status);
+                let mut gone = None;
+                for n in nodes.iter_mut() {
+                    if let Some(status) = n.child.try_wait()? {
+                        gone = Some((n.index, status));
+                    }
+                }
+                if gone.is_some() {
+                    break gone;
                 }
             }
         }
     };
-    if let Some(status) = exited {
-        bail!(
-            "node 0 exited ({status}); see {}",
-            dir.join("nodes/0/node.log").display()
+    if let Some((index, status)) = exited {
+        eprintln!(
+            "node {index} exited ({status}); see {}",
+            dir.join(format!("nodes/{index}/node.log")).display()
         );
+        eprintln!("the other nodes keep running the cluster; stopping them too");
+        tokio::task::block_in_place(|| stop_all(&mut nodes));
+        bail!("node {index} exited");
     }
     println!("stopping…");
-    tokio::task::block_in_place(|| stop_node(&mut node));
+    tokio::task::block_in_place(|| stop_all(&mut nodes));
     println!(
         "stopped; `lifeboat up --data-dir {}` resumes with the data intact",
         dir.display()

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use lifeboat_proto::admin as api;
 use lifeboat_proto::admin::admin_server::Admin;
+use lifeboat_replication::ProtectionGroup;
 use tonic::{Request, Response, Status};
 
 use crate::core::{NodeCore, Role, VolumeInfo};
@@ -41,10 +42,16 @@ pub fn status(e: &NodeError) -> Status {
                 J::VolumeShrink { .. } | J::BlockOutOfRange { .. } | J::Malformed { .. } => {
                     Code::InvalidArgument
                 }
-                J::KeyIdOutOfOrder { .. } | J::WrongGroup { .. } => Code::Aborted,
+                J::KeyIdOutOfOrder { .. } | J::WrongGroup { .. } | J::BlockChanged { .. } => {
+                    Code::Aborted
+                }
+                J::NodeExists { .. } => Code::AlreadyExists,
+                J::NodeNotFound { .. } | J::PgIdNotFound { .. } => Code::NotFound,
             }
         }
-        NodeError::Replication(R::NotLeader { .. }) => Code::Unavailable,
+        NodeError::Replication(R::NotLeader { .. } | R::NoLeader { .. }) => Code::Unavailable,
+        NodeError::NodeNotFound(_) => Code::NotFound,
+        NodeError::Peer { .. } | NodeError::NotHostedHere { .. } => Code::FailedPrecondition,
         _ => Code::Internal,
     };
     Status::new(code, format!("{}: {e}", e.code()))
@@ -117,6 +124,80 @@ impl AdminService {
     }
 }
 
+/// A PG as this node sees it; the lag of every other member when it leads.
+pub fn pg_status(core: &NodeCore, g: &ProtectionGroup) -> api::PgStatus {
+    let m = g.metrics();
+    let record = core.catalog.pg_by_id(g.pg().0).ok().flatten();
+    let volumes = core
+        .volumes
+        .volumes(g.pg())
+        .map(|v| v.len() as u64)
+        .unwrap_or(0);
+    let role = if m.is_leader {
+        "leader"
+    } else if m.voters.contains(&m.member.0) {
+        "voter"
+    } else if m.nodes.contains_key(&m.member.0) {
+        "learner"
+    } else {
+        ""
+    };
+    let lag = g
+        .lag()
+        .into_iter()
+        .map(|l| api::MemberLag {
+            member_id: l.member.0,
+            node_id: l.node.node_id,
+            site: l.node.site,
+            voter: l.voter,
+            matched_index: l.matched_index.0,
+            lag_entries: l.lag.entries,
+            lag_bytes: l.lag.bytes,
+            lag_seconds: l.lag.seconds,
+        })
+        .collect();
+    api::PgStatus {
+        name: core.pg_display_name(g.pg()),
+        id: g.pg().0,
+        applied_index: m.applied_index.0,
+        last_log_index: m.last_log_index.0,
+        leader: m.leader.map(|l| l.to_string()).unwrap_or_default(),
+        volumes,
+        generation: m.generation.0,
+        active_site: record.map(|r| r.active_site).unwrap_or_default(),
+        role: role.into(),
+        lag,
+        leader_node: m.leader_node.unwrap_or(0),
+    }
+}
+
+fn node_message(core: &NodeCore, n: lifeboat_proto::raft::NodeRecord) -> api::Node {
+    let placement = core.catalog.catalog_placement().ok().flatten();
+    let catalog_role = placement
+        .as_ref()
+        .and_then(|p| p.members.iter().find(|m| m.node_id == n.id))
+        .map_or("", |m| if m.voter { "voter" } else { "learner" });
+    let pg_members = core
+        .catalog
+        .pgs()
+        .unwrap_or_default()
+        .iter()
+        .filter(|p| p.members.iter().any(|m| m.node_id == n.id))
+        .count() as u32;
+    let addrs = n.addrs.unwrap_or_default();
+    api::Node {
+        id: n.id,
+        site: n.site,
+        raft_addr: addrs.raft,
+        admin_addr: addrs.admin,
+        nbd_addr: addrs.nbd,
+        removed: n.removed,
+        catalog_role: catalog_role.into(),
+        reachable: false,
+        pg_members,
+    }
+}
+
 fn volume_message(v: VolumeInfo) -> api::Volume {
     api::Volume {
         name: format!("{}/{}", v.tenant, v.name),
@@ -168,43 +249,12 @@ impl Admin for AdminService {
         }
         let free = lifeboat_store::db::free_bytes(self.core.db.path()).unwrap_or(0);
         let reserve = self.core.config.store.reserve_bytes;
-        let mut pgs = Vec::new();
-        for g in self.core.groups() {
-            let m = g.metrics();
-            let name = if g.pg().0 == 0 {
-                "catalog".to_string()
-            } else {
-                self.core
-                    .catalog
-                    .pg_by_id(g.pg().0)
-                    .ok()
-                    .flatten()
-                    .and_then(|p| {
-                        let tenant = self
-                            .core
-                            .tenants()
-                            .ok()?
-                            .into_iter()
-                            .find(|t| t.id == p.tenant_id)?;
-                        Some(format!("{}/{}", tenant.name, p.name))
-                    })
-                    .unwrap_or_else(|| g.pg().0.to_string())
-            };
-            let volumes = self
-                .core
-                .volumes
-                .volumes(g.pg())
-                .map(|v| v.len() as u64)
-                .unwrap_or(0);
-            pgs.push(api::PgStatus {
-                name,
-                id: g.pg().0,
-                applied_index: m.applied_index.0,
-                last_log_index: m.last_log_index.0,
-                leader: m.leader.map(|l| l.to_string()).unwrap_or_default(),
-                volumes,
-            });
-        }
+        let pgs = self
+            .core
+            .groups()
+            .iter()
+            .map(|g| pg_status(&self.core, g))
+            .collect();
         Ok(Response::new(api::StatusResponse {
             initialized,
             cluster_id: self.core.cluster_id().unwrap_or_default(),
@@ -335,5 +385,52 @@ impl Admin for AdminService {
             .await
             .map_err(|e| status(&e))?;
         Ok(Response::new(api::DeleteVolumeResponse {}))
+    }
+
+    async fn add_node(
+        &self,
+        req: Request<api::AddNodeRequest>,
+    ) -> Result<Response<api::Node>, Status> {
+        self.require_operator(&req, "add nodes")?;
+        let r = req.get_ref();
+        let node = self
+            .core
+            .add_node(&r.raft_addr, &r.site)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(node_message(&self.core, node)))
+    }
+
+    async fn list_nodes(
+        &self,
+        req: Request<api::ListNodesRequest>,
+    ) -> Result<Response<api::ListNodesResponse>, Status> {
+        self.require_operator(&req, "list nodes")?;
+        let records = self
+            .core
+            .catalog
+            .nodes()
+            .map_err(|e| status(&NodeError::io("read catalog")(e)))?;
+        let mut nodes = Vec::new();
+        for n in records {
+            let raft = n.addrs.as_ref().map(|a| a.raft.clone()).unwrap_or_default();
+            let mut msg = node_message(&self.core, n);
+            msg.reachable = !msg.removed && self.core.peer_reachable(&raft).await;
+            nodes.push(msg);
+        }
+        Ok(Response::new(api::ListNodesResponse { nodes }))
+    }
+
+    async fn remove_node(
+        &self,
+        req: Request<api::RemoveNodeRequest>,
+    ) -> Result<Response<api::Node>, Status> {
+        self.require_operator(&req, "remove nodes")?;
+        let node = self
+            .core
+            .remove_node(req.get_ref().node_id)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(node_message(&self.core, node)))
     }
 }

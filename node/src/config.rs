@@ -52,9 +52,12 @@ pub struct StoreConfig {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RaftConfig {
+    pub listen: SocketAddr,
     pub heartbeat_interval_ms: u64,
     pub election_timeout_min_ms: u64,
     pub election_timeout_max_ms: u64,
+    pub pg_voters: usize,
+    pub pg_learners_per_site: usize,
 }
 
 fn loopback(port: u16) -> SocketAddr {
@@ -116,9 +119,12 @@ impl Default for StoreConfig {
 impl Default for RaftConfig {
     fn default() -> Self {
         RaftConfig {
+            listen: loopback(7800),
             heartbeat_interval_ms: 500,
             election_timeout_min_ms: 2000,
             election_timeout_max_ms: 4000,
+            pg_voters: 3,
+            pg_learners_per_site: 3,
         }
     }
 }
@@ -187,6 +193,15 @@ impl NodeConfig {
         }
         if r.election_timeout_max_ms <= r.election_timeout_min_ms {
             return Err("raft.election_timeout_max_ms must exceed election_timeout_min_ms".into());
+        }
+        if r.listen.ip().is_unspecified() {
+            return Err(format!(
+                "raft.listen {} is what other nodes dial: give this node's own address",
+                r.listen
+            ));
+        }
+        if r.pg_voters == 0 || r.pg_voters.is_multiple_of(2) {
+            return Err("raft.pg_voters must be odd (1, 3, 5)".into());
         }
         Ok(())
     }

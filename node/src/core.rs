@@ -8,16 +8,22 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use lifeboat_proto::raft as pb;
-use lifeboat_replication::catalog::{Catalog, MAIN_PG};
-use lifeboat_replication::log_store::{WalSyncer, group_has_state};
-use lifeboat_replication::{Applied, Clock, MemberNode, ProtectionGroup, RaftTimers, SystemClock};
+use lifeboat_replication::catalog::{self, Catalog, MAIN_PG};
+use lifeboat_replication::log_store::WalSyncer;
+use lifeboat_replication::members::{self, LocalMember};
+use lifeboat_replication::placement::{self, PlacementPolicy};
+use lifeboat_replication::transport::{Identity, Peers};
+use lifeboat_replication::{
+    Applied, Clock, DesiredMember, GroupStart, MemberNode, ProtectionGroup, RaftTimers, SystemClock,
+};
 use lifeboat_store::db::{Db, DbOptions};
 use lifeboat_store::frame::FrameCodec;
 use lifeboat_store::keyring::{Dek, Keyring, MasterKey, TenantKeys};
 use lifeboat_store::volumes::{VolumeRecord, VolumeState, Volumes};
-use lifeboat_store::{KeyId, LogIndex, NodeId, PgId, TenantId, VolumeId};
+use lifeboat_store::{Generation, KeyId, LogIndex, MemberId, NodeId, PgId, TenantId, VolumeId};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::NodeConfig;
 use crate::error::{NodeError, NodeResult};
@@ -83,11 +89,24 @@ pub struct NodeCore {
     pub keyring: Keyring,
     pub metrics: Metrics,
     pub block_locks: BlockLocks,
+    pub identity: Arc<Identity>,
+    pub peers: Arc<Peers>,
     syncer: WalSyncer,
     clock: Arc<dyn Clock>,
     master_key: RwLock<Option<Arc<MasterKey>>>,
     groups: RwLock<HashMap<PgId, ProtectionGroup>>,
+    /// The addresses this node actually listens on (a config port of 0
+    /// picks one), set by the server before it serves.
+    addrs: RwLock<pb::NodeAddrs>,
+    /// Serialises starting and stopping members.
+    membership_changes: tokio::sync::Mutex<()>,
+    stopping: CancellationToken,
+    reconciler: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
+
+/// How often a node compares the catalog's placement with the members it
+/// runs, and the PGs it leads with their Raft membership.
+const RECONCILE_INTERVAL: Duration = Duration::from_millis(300);
 
 fn sha256(bytes: &[u8]) -> Vec<u8> {
     Sha256::digest(bytes).to_vec()
@@ -100,13 +119,23 @@ fn random_hex(bytes: usize) -> String {
 }
 
 impl NodeCore {
-    /// Opens the data directory and starts every group this node holds.
+    /// Opens the data directory and starts every member this node hosts.
+    /// Call [`NodeCore::set_addrs`] and [`NodeCore::start_reconciler`] once
+    /// the listeners are bound.
     pub async fn open(config: NodeConfig) -> NodeResult<Arc<NodeCore>> {
         let db_options = DbOptions {
             block_cache_bytes: config.store.block_cache_bytes,
             ..DbOptions::default()
         };
         let db = Db::open(&config.data_dir.join("db"), &db_options)?;
+        let binding =
+            members::cluster_binding(&db).map_err(NodeError::io("read cluster binding"))?;
+        let default_addrs = pb::NodeAddrs {
+            raft: config.raft.listen.to_string(),
+            admin: config.admin.listen.to_string(),
+            nbd: config.nbd.listen.to_string(),
+            http: config.http.listen.to_string(),
+        };
         let core = Arc::new(NodeCore {
             volumes: Volumes::new(db.clone()),
             catalog: Catalog::new(db.clone()),
@@ -114,26 +143,54 @@ impl NodeCore {
             keyring: Keyring::new(),
             metrics: Metrics::new(),
             block_locks: BlockLocks::new(),
+            identity: Identity::new(NodeId(config.node_id), binding.clone()),
+            peers: Peers::new(),
             syncer: WalSyncer::start(db.clone()),
             clock: Arc::new(SystemClock),
             master_key: RwLock::new(None),
             groups: RwLock::new(HashMap::new()),
+            addrs: RwLock::new(default_addrs),
+            membership_changes: tokio::sync::Mutex::new(()),
+            stopping: CancellationToken::new(),
+            reconciler: std::sync::Mutex::new(None),
             config,
             db,
         });
-        if group_has_state(&core.db, PgId::CATALOG).map_err(NodeError::io("read catalog state"))? {
-            core.resume().await?;
+        if binding.is_some() {
+            core.load_master_key_if_present()?;
+        }
+        let local = members::all(&core.db).map_err(NodeError::io("read local members"))?;
+        for m in local {
+            core.start_member(m).await?;
         }
         Ok(core)
     }
 
-    fn node_id(&self) -> NodeId {
-        NodeId(self.config.node_id)
+    /// Loads the master key if its file exists; a data node without it
+    /// replicates but cannot serve volumes.
+    fn load_master_key_if_present(&self) -> NodeResult<()> {
+        let path = &self.config.master_key_file;
+        if !path.exists() {
+            tracing::warn!(path = %path.display(), "no master key file: this node replicates but cannot serve volumes until it has one");
+            return Ok(());
+        }
+        let master = MasterKey::load(path)?;
+        *self.master_key.write().expect("master key lock") = Some(Arc::new(master));
+        Ok(())
     }
 
-    fn member(&self) -> MemberNode {
+    pub fn set_addrs(&self, addrs: pb::NodeAddrs) {
+        *self.addrs.write().expect("addrs lock") = addrs;
+    }
+
+    pub fn addrs(&self) -> pb::NodeAddrs {
+        self.addrs.read().expect("addrs lock").clone()
+    }
+
+    fn member_node(&self) -> MemberNode {
         MemberNode {
-            raft_addr: String::new(),
+            node_id: self.config.node_id,
+            raft_addr: self.addrs().raft,
             site: self.config.site.clone(),
         }
     }
@@ -146,45 +203,219 @@ impl NodeCore {
         }
     }
 
-    /// Starts (or returns the running) member of `pg`, making this node its
-    /// single voter when the group is new.
-    async fn start_group(&self, pg: PgId) -> NodeResult<ProtectionGroup> {
-        if let Some(g) = self.groups.read().expect("groups lock").get(&pg) {
-            return Ok(g.clone());
+    /// Starts (or returns the running) member `m`, recording it locally so
+    /// that a restart starts it again under the same member id.
+    async fn start_member(&self, m: LocalMember) -> NodeResult<ProtectionGroup> {
+        if let Some(g) = self.group(m.pg) {
+            return Ok(g);
         }
-        let group = ProtectionGroup::start(
-            self.node_id(),
-            pg,
-            self.db.clone(),
-            self.syncer.clone(),
-            &self.config.data_dir.join("raft-snapshots"),
-            &self.timers(),
-            self.clock.clone(),
-        )
+        members::save(&self.db, &m).map_err(NodeError::io("record local member"))?;
+        let group = ProtectionGroup::start(GroupStart {
+            pg: m.pg,
+            member: m.member,
+            generation: m.generation,
+            db: self.db.clone(),
+            syncer: self.syncer.clone(),
+            snapshot_root: &self.config.data_dir.join("raft-snapshots"),
+            timers: &self.timers(),
+            clock: self.clock.clone(),
+            peers: self.peers.clone(),
+            identity: self.identity.clone(),
+        })
         .await?;
-        group.bootstrap_single_voter(self.member()).await?;
-        group.campaign().await;
-        group.wait_for_leadership(LEADERSHIP_WAIT).await?;
-        let mut groups = self.groups.write().expect("groups lock");
-        Ok(groups.entry(pg).or_insert(group).clone())
+        tracing::info!(
+            pg = m.pg.0,
+            member = m.member.0,
+            generation = m.generation.0,
+            "started protection group member"
+        );
+        let group = {
+            let mut groups = self.groups.write().expect("groups lock");
+            groups.entry(m.pg).or_insert(group).clone()
+        };
+        // A single-voter group restarted with leader restore off would sit
+        // leaderless for an election timeout: campaign at once.
+        let metrics = group.metrics();
+        if metrics.voters.len() == 1 && metrics.voters.contains(&m.member.0) {
+            group.campaign().await;
+        }
+        Ok(group)
     }
 
-    /// Restart path: catalog first, then the master key and every PG.
-    async fn resume(&self) -> NodeResult<()> {
-        self.start_group(PgId::CATALOG).await?;
-        let master = MasterKey::load(&self.config.master_key_file)?;
-        *self.master_key.write().expect("master key lock") = Some(Arc::new(master));
-        for pg in self.catalog.pgs().map_err(NodeError::io("read catalog"))? {
-            self.start_group(PgId(pg.id)).await?;
+    /// Starts the background task that keeps this node's members in line
+    /// with the catalog (see [`NodeCore::reconcile_once`]).
+    pub fn start_reconciler(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        let stopping = self.stopping.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stopping.cancelled() => return,
+                    _ = tokio::time::sleep(RECONCILE_INTERVAL) => {}
+                }
+                let Some(core) = weak.upgrade() else { return };
+                if let Err(e) = core.reconcile_once().await {
+                    tracing::warn!(code = e.code(), error = %e, "reconcile");
+                }
+            }
+        });
+        *self.reconciler.lock().expect("reconciler lock") = Some(task);
+    }
+
+    /// One pass of keeping this node in line with the catalog:
+    /// - start the members the catalog places here;
+    /// - initialise a new PG if this node holds its first voter;
+    /// - in every PG this node leads, move Raft's membership towards the
+    ///   catalog's placement;
+    /// - on the catalog's leader, place members a PG lacks (new nodes,
+    ///   removed nodes), balanced across nodes.
+    pub async fn reconcile_once(&self) -> NodeResult<()> {
+        if self.identity.cluster_id().is_none() {
+            return Ok(());
         }
-        for tenant in self
+        let _changes = self.membership_changes.lock().await;
+        let io = NodeError::io("read catalog");
+        let mut records = self.catalog.pgs().map_err(io)?;
+        if let Some(p0) = self
             .catalog
-            .tenants()
+            .catalog_placement()
             .map_err(NodeError::io("read catalog"))?
         {
-            self.load_tenant_keys(&tenant)?;
+            records.push(p0);
+        }
+        let nodes = self
+            .catalog
+            .nodes()
+            .map_err(NodeError::io("read catalog"))?;
+        let node_map: HashMap<u64, &pb::NodeRecord> = nodes.iter().map(|n| (n.id, n)).collect();
+        let me = self.config.node_id;
+        for rec in &records {
+            let pg = PgId(rec.id);
+            let mine = rec.members.iter().find(|m| m.node_id == me);
+            let group = match (mine, self.group(pg)) {
+                (Some(m), None) => Some(
+                    self.start_member(LocalMember {
+                        pg,
+                        member: MemberId(m.member_id),
+                        generation: Generation(rec.generation),
+                    })
+                    .await?,
+                ),
+                (Some(m), Some(g)) if g.member_id().0 != m.member_id => {
+                    tracing::warn!(
+                        pg = rec.id,
+                        here = g.member_id().0,
+                        catalog = m.member_id,
+                        "this node's member of a PG was replaced; keeping the running one"
+                    );
+                    Some(g)
+                }
+                (None, Some(g)) if pg != PgId::CATALOG => {
+                    if !g.metrics().nodes.contains_key(&g.member_id().0) {
+                        self.retire_member(&g).await;
+                    }
+                    None
+                }
+                (_, g) => g,
+            };
+            let Some(group) = group else { continue };
+            let desired: Vec<DesiredMember> = rec
+                .members
+                .iter()
+                .filter_map(|m| {
+                    let n = node_map.get(&m.node_id)?;
+                    Some(DesiredMember {
+                        member: MemberId(m.member_id),
+                        node: MemberNode {
+                            node_id: n.id,
+                            raft_addr: n.addrs.as_ref().map(|a| a.raft.clone()).unwrap_or_default(),
+                            site: n.site.clone(),
+                        },
+                        voter: m.voter,
+                    })
+                })
+                .collect();
+            let metrics = group.metrics();
+            let first_voter = rec
+                .members
+                .iter()
+                .filter(|m| m.voter)
+                .map(|m| m.member_id)
+                .min();
+            if metrics.nodes.is_empty() && first_voter == Some(group.member_id().0) {
+                let voters: std::collections::BTreeMap<u64, MemberNode> = desired
+                    .iter()
+                    .filter(|d| d.voter)
+                    .map(|d| (d.member.0, d.node.clone()))
+                    .collect();
+                tracing::info!(pg = rec.id, voters = ?voters.keys().collect::<Vec<_>>(), "initialising protection group");
+                group.initialize(voters).await?;
+            } else if metrics.is_leader
+                && let Err(e) = group.sync_membership(&desired).await
+            {
+                tracing::info!(pg = rec.id, error = %e, "membership change not made yet");
+            }
+        }
+        if self
+            .group(PgId::CATALOG)
+            .is_some_and(|g| g.metrics().is_leader)
+        {
+            self.place_missing_members(&records, &nodes).await?;
         }
         Ok(())
+    }
+
+    /// On the catalog leader: proposes members for PGs that lack them.
+    async fn place_missing_members(
+        &self,
+        records: &[pb::PgRecord],
+        nodes: &[pb::NodeRecord],
+    ) -> NodeResult<()> {
+        let mut load = placement::load(records);
+        for rec in records.iter().filter(|r| r.id != 0) {
+            let add = placement::missing_members(
+                self.placement_policy(),
+                &rec.active_site,
+                &rec.members,
+                nodes,
+                &mut load,
+            );
+            if add.is_empty() {
+                continue;
+            }
+            tracing::info!(pg = rec.id, add = ?add.iter().map(|m| (m.node_id, m.voter)).collect::<Vec<_>>(), "placing members");
+            self.catalog_group()?
+                .propose(pb::command::Kind::SetPgMembers(pb::SetPgMembers {
+                    pg: rec.id,
+                    add,
+                    remove_members: Vec::new(),
+                }))
+                .await?;
+        }
+        Ok(())
+    }
+
+    fn placement_policy(&self) -> PlacementPolicy {
+        PlacementPolicy {
+            voters: self.config.raft.pg_voters,
+            learners_per_site: self.config.raft.pg_learners_per_site,
+        }
+    }
+
+    /// Stops a member the group no longer has and forgets its log.
+    async fn retire_member(&self, g: &ProtectionGroup) {
+        tracing::info!(
+            pg = g.pg().0,
+            member = g.member_id().0,
+            "retiring a member the group removed"
+        );
+        if let Err(e) = g.shutdown().await {
+            tracing::warn!(pg = g.pg().0, error = %e, "raft shutdown");
+        }
+        self.groups.write().expect("groups lock").remove(&g.pg());
+        if let Err(e) = members::forget(&self.db, g.pg()) {
+            tracing::warn!(pg = g.pg().0, error = %e, "forget retired member");
+        }
     }
 
     pub fn is_initialized(&self) -> bool {
@@ -220,14 +451,21 @@ impl NodeCore {
     }
 
     pub fn cluster_id(&self) -> Option<String> {
-        self.catalog.cluster().ok().flatten().map(|c| c.cluster_id)
+        self.identity.cluster_id()
     }
 
     /// Makes this node a new cluster: the master key file, the catalog and
     /// an operator token, which is returned and never stored in clear.
     pub async fn cluster_init(&self, site: &str) -> NodeResult<(String, String)> {
-        if let Some(cluster_id) = self.cluster_id() {
+        if let Some(cluster_id) = self.identity.cluster_id() {
             return Err(NodeError::AlreadyInitialized { cluster_id });
+        }
+        if site != self.config.site {
+            return Err(NodeError::InvalidName {
+                what: "site",
+                name: site.to_owned(),
+                reason: format!("this node is configured for site {:?}", self.config.site),
+            });
         }
         let key_path = &self.config.master_key_file;
         let data_dir = std::fs::canonicalize(&self.config.data_dir)
@@ -253,8 +491,25 @@ impl NodeCore {
         };
         *self.master_key.write().expect("master key lock") = Some(Arc::new(master));
 
-        let catalog = self.start_group(PgId::CATALOG).await?;
         let cluster_id = random_hex(16);
+        members::bind_cluster(&self.db, &cluster_id).map_err(NodeError::io("bind cluster"))?;
+        self.identity.set_cluster_id(&cluster_id);
+        let catalog = self
+            .start_member(LocalMember {
+                pg: PgId::CATALOG,
+                member: MemberId(catalog::FIRST_CATALOG_MEMBER),
+                generation: Generation(0),
+            })
+            .await?;
+        catalog
+            .initialize(
+                [(catalog::FIRST_CATALOG_MEMBER, self.member_node())]
+                    .into_iter()
+                    .collect(),
+            )
+            .await?;
+        catalog.campaign().await;
+        catalog.wait_for_leadership(LEADERSHIP_WAIT).await?;
         let token = format!("lbo_{}", random_hex(32));
         catalog
             .propose(pb::command::Kind::InitCatalog(pb::InitCatalog {
@@ -262,6 +517,7 @@ impl NodeCore {
                 site: site.to_owned(),
                 node_id: self.config.node_id,
                 operator_token_sha256: sha256(token.as_bytes()).into(),
+                addrs: Some(self.addrs()),
             }))
             .await?;
         tracing::info!(cluster_id, site, "cluster initialised");
@@ -331,11 +587,13 @@ impl NodeCore {
         let master = self.master_key()?;
         let dek = Dek::generate(KeyId(1));
         let wrapped = master.wrap_dek(name, &dek);
+        let members = self.new_pg_placement()?;
         let (_, applied) = self
             .catalog_group()?
             .propose(pb::command::Kind::CreateTenant(pb::CreateTenant {
                 name: name.to_owned(),
                 wrapped_dek: wrapped.into(),
+                members,
             }))
             .await?;
         let Applied::TenantCreated { main_pg, .. } = applied else {
@@ -344,7 +602,7 @@ impl NodeCore {
                 source: std::io::Error::other(format!("unexpected apply result {applied:?}")),
             });
         };
-        self.start_group(PgId(main_pg)).await?;
+        self.wait_pg_ready(PgId(main_pg)).await?;
         let record = self.tenant(name)?;
         self.load_tenant_keys(&record)?;
         tracing::info!(tenant = name, pg = main_pg, "tenant created");
@@ -392,10 +650,72 @@ impl NodeCore {
             .collect())
     }
 
-    fn running_group(&self, pg: u64) -> NodeResult<ProtectionGroup> {
-        self.group(PgId(pg)).ok_or(NodeError::Replication(
-            lifeboat_replication::Error::UnknownGroup { pg },
+    /// Where a new PG's members go, from the catalog's live nodes.
+    fn new_pg_placement(&self) -> NodeResult<Vec<pb::PlacedMember>> {
+        let io = || NodeError::io("read catalog");
+        let cluster = self
+            .catalog
+            .cluster()
+            .map_err(io())?
+            .ok_or(NodeError::NotInitialized)?;
+        let nodes = self.catalog.nodes().map_err(io())?;
+        let mut records = self.catalog.pgs().map_err(io())?;
+        records.extend(self.catalog.catalog_placement().map_err(io())?);
+        let mut load = placement::load(&records);
+        Ok(placement::missing_members(
+            self.placement_policy(),
+            &cluster.site,
+            &[],
+            &nodes,
+            &mut load,
         ))
+    }
+
+    /// Waits until a new PG has a leader, as far as this node can tell: it
+    /// runs a member that knows the leader, or it hosts no member at all.
+    async fn wait_pg_ready(&self, pg: PgId) -> NodeResult<()> {
+        let deadline = std::time::Instant::now() + LEADERSHIP_WAIT;
+        loop {
+            let record = self
+                .catalog
+                .pg_by_id(pg.0)
+                .map_err(NodeError::io("read catalog"))?;
+            let hosted_here = record
+                .as_ref()
+                .is_some_and(|r| r.members.iter().any(|m| m.node_id == self.config.node_id));
+            if !hosted_here {
+                return Ok(());
+            }
+            if let Some(g) = self.group(pg)
+                && g.metrics().leader.is_some()
+            {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(lifeboat_replication::Error::NoLeader {
+                    pg: pg.0,
+                    waited_ms: LEADERSHIP_WAIT.as_millis() as u64,
+                    last: "the new protection group elected no leader".into(),
+                }
+                .into());
+            }
+            // The reconciler starts and initialises the member.
+            self.reconcile_once().await?;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn running_group(&self, pg: u64) -> NodeResult<ProtectionGroup> {
+        if let Some(g) = self.group(PgId(pg)) {
+            return Ok(g);
+        }
+        let nodes = self
+            .catalog
+            .pg_by_id(pg)
+            .map_err(NodeError::io("read catalog"))?
+            .map(|r| r.members.iter().map(|m| m.node_id).collect())
+            .unwrap_or_default();
+        Err(NodeError::NotHostedHere { pg, nodes })
     }
 
     pub async fn create_volume(
@@ -553,6 +873,221 @@ impl NodeCore {
         Ok(())
     }
 
+    /// The join handshake, on the joining node: with `catalog_member` 0 it
+    /// only says who this node is; otherwise it binds this node to the
+    /// cluster (once, for ever) and starts its catalog member, which the
+    /// catalog's leader then fills.
+    pub async fn handle_join(&self, req: pb::JoinRequest) -> Result<pb::JoinReply, tonic::Status> {
+        if req.cluster_id.is_empty() {
+            return Err(tonic::Status::invalid_argument("join without a cluster id"));
+        }
+        if let Some(c) = self.identity.cluster_id()
+            && c != req.cluster_id
+        {
+            return Err(tonic::Status::failed_precondition(format!(
+                "node {} already belongs to cluster {c}",
+                self.config.node_id
+            )));
+        }
+        if !req.site.is_empty() && req.site != self.config.site {
+            return Err(tonic::Status::invalid_argument(format!(
+                "node {} is configured for site {:?}, not {:?}",
+                self.config.node_id, self.config.site, req.site
+            )));
+        }
+        if req.catalog_member != 0 {
+            let _changes = self.membership_changes.lock().await;
+            members::bind_cluster(&self.db, &req.cluster_id)
+                .map_err(|e| tonic::Status::failed_precondition(e.to_string()))?;
+            self.identity.set_cluster_id(&req.cluster_id);
+            if let Some(g) = self.group(PgId::CATALOG)
+                && g.member_id().0 != req.catalog_member
+            {
+                return Err(tonic::Status::already_exists(format!(
+                    "node {} already runs catalog member {}",
+                    self.config.node_id,
+                    g.member_id()
+                )));
+            }
+            self.start_member(LocalMember {
+                pg: PgId::CATALOG,
+                member: MemberId(req.catalog_member),
+                generation: Generation(req.catalog_generation),
+            })
+            .await
+            .map_err(|e| tonic::Status::internal(e.to_string()))?;
+            self.load_master_key_if_present()
+                .map_err(|e| tonic::Status::failed_precondition(e.to_string()))?;
+            tracing::info!(
+                cluster_id = req.cluster_id,
+                catalog_member = req.catalog_member,
+                "joined the cluster"
+            );
+        }
+        Ok(pb::JoinReply {
+            node_id: self.config.node_id,
+            site: self.config.site.clone(),
+            addrs: Some(self.addrs()),
+        })
+    }
+
+    async fn join_rpc(&self, raft_addr: &str, req: pb::JoinRequest) -> NodeResult<pb::JoinReply> {
+        let peer = |reason: String| NodeError::Peer {
+            addr: raft_addr.to_owned(),
+            reason,
+        };
+        let mut client = self
+            .peers
+            .client(raft_addr)
+            .map_err(|s| peer(s.message().to_owned()))?;
+        client
+            .join(req)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| peer(format!("{:?}: {}", s.code(), s.message())))
+    }
+
+    /// Adds the node listening at `raft_addr` (started with `node start`,
+    /// not yet in a cluster) to this cluster: asks who it is, records it in
+    /// the catalog (which gives it a catalog member), then tells it to join.
+    /// Placement then gives it members of the PGs that lack them.
+    pub async fn add_node(&self, raft_addr: &str, site: &str) -> NodeResult<pb::NodeRecord> {
+        let cluster_id = self
+            .identity
+            .cluster_id()
+            .ok_or(NodeError::NotInitialized)?;
+        let probe = pb::JoinRequest {
+            cluster_id: cluster_id.clone(),
+            site: site.to_owned(),
+            catalog_member: 0,
+            catalog_generation: 0,
+        };
+        let who = self.join_rpc(raft_addr, probe).await?;
+        let mut addrs = who.addrs.clone().unwrap_or_default();
+        // The address the operator reached it at is the one peers use.
+        addrs.raft = raft_addr.to_owned();
+        let added = self
+            .catalog_group()?
+            .propose(pb::command::Kind::AddNode(pb::AddNode {
+                node_id: who.node_id,
+                site: who.site.clone(),
+                addrs: Some(addrs),
+            }))
+            .await;
+        let catalog_member = match added {
+            Ok((_, Applied::NodeAdded { catalog_member, .. })) => catalog_member,
+            // A retry of an add whose join did not finish: join again.
+            Err(lifeboat_replication::Error::Rejected {
+                rejection: lifeboat_replication::Rejection::NodeExists { .. },
+                ..
+            }) if self.unfinished_join(who.node_id, raft_addr)?.is_some() => self
+                .unfinished_join(who.node_id, raft_addr)?
+                .unwrap_or_default(),
+            Ok((_, other)) => {
+                return Err(NodeError::Io {
+                    op: "add node".into(),
+                    source: std::io::Error::other(format!("unexpected apply result {other:?}")),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let admit = pb::JoinRequest {
+            cluster_id,
+            site: who.site.clone(),
+            catalog_member,
+            catalog_generation: 0,
+        };
+        self.join_rpc(raft_addr, admit).await?;
+        tracing::info!(node = who.node_id, site = who.site, raft_addr, "node added");
+        self.catalog
+            .node(who.node_id)
+            .map_err(NodeError::io("read catalog"))?
+            .ok_or(NodeError::NodeNotFound(who.node_id))
+    }
+
+    /// The catalog member of a node that is recorded at `raft_addr` but may
+    /// not have completed its join.
+    fn unfinished_join(&self, node: u64, raft_addr: &str) -> NodeResult<Option<u64>> {
+        let io = || NodeError::io("read catalog");
+        let Some(rec) = self.catalog.node(node).map_err(io())? else {
+            return Ok(None);
+        };
+        if rec.removed || rec.addrs.as_ref().is_none_or(|a| a.raft != raft_addr) {
+            return Ok(None);
+        }
+        Ok(self
+            .catalog
+            .catalog_placement()
+            .map_err(io())?
+            .and_then(|p| p.members.into_iter().find(|m| m.node_id == node))
+            .map(|m| m.member_id))
+    }
+
+    /// Retires a node for ever: its members leave every PG and placement
+    /// puts replacements on other nodes. Its id is never reused.
+    pub async fn remove_node(&self, node: u64) -> NodeResult<pb::NodeRecord> {
+        if node == self.config.node_id {
+            return Err(NodeError::InvalidName {
+                what: "node",
+                name: node.to_string(),
+                reason: "a node cannot remove itself; ask another node".into(),
+            });
+        }
+        self.catalog_group()?
+            .propose(pb::command::Kind::RemoveNode(pb::RemoveNode {
+                node_id: node,
+            }))
+            .await
+            .map_err(|e| match e {
+                lifeboat_replication::Error::Rejected {
+                    rejection: lifeboat_replication::Rejection::NodeNotFound { .. },
+                    ..
+                } => NodeError::NodeNotFound(node),
+                other => other.into(),
+            })?;
+        tracing::info!(node, "node removed");
+        self.catalog
+            .node(node)
+            .map_err(NodeError::io("read catalog"))?
+            .ok_or(NodeError::NodeNotFound(node))
+    }
+
+    /// `TENANT/NAME` of a PG, `catalog` for PG 0, else its number.
+    pub fn pg_display_name(&self, pg: PgId) -> String {
+        if pg == PgId::CATALOG {
+            return "catalog".into();
+        }
+        let named = self.catalog.pg_by_id(pg.0).ok().flatten().and_then(|p| {
+            let tenant = self
+                .tenants()
+                .ok()?
+                .into_iter()
+                .find(|t| t.id == p.tenant_id)?;
+            Some(format!("{}/{}", tenant.name, p.name))
+        });
+        named.unwrap_or_else(|| pg.0.to_string())
+    }
+
+    /// Whether the node at `raft_addr` answers on its Raft port now.
+    pub async fn peer_reachable(&self, raft_addr: &str) -> bool {
+        if raft_addr == self.addrs().raft {
+            return true;
+        }
+        let Ok(mut client) = self.peers.client(raft_addr) else {
+            return false;
+        };
+        // An empty join is refused by any live node: an answer is enough.
+        let mut req = tonic::Request::new(pb::JoinRequest::default());
+        req.set_timeout(Duration::from_secs(1));
+        match client.join(req).await {
+            Ok(_) => true,
+            Err(s) => !matches!(
+                s.code(),
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+            ),
+        }
+    }
+
     pub fn data_dir(&self) -> PathBuf {
         self.config.data_dir.clone()
     }
@@ -561,6 +1096,12 @@ impl NodeCore {
     /// thread of ours touches the database, so dropping the last handle
     /// closes RocksDB cleanly.
     pub async fn shutdown(&self) {
+        self.stopping.cancel();
+        let reconciler = self.reconciler.lock().expect("reconciler lock").take();
+        if let Some(task) = reconciler {
+            let _ = task.await;
+        }
+        let _changes = self.membership_changes.lock().await;
         let groups: Vec<ProtectionGroup> = self
             .groups
             .write()

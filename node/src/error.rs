@@ -38,6 +38,12 @@ pub enum NodeError {
     Keyring(#[from] lifeboat_store::keyring::KeyringError),
     #[error("{op}: {source}")]
     Io { op: String, source: std::io::Error },
+    #[error("node at {addr}: {reason}")]
+    Peer { addr: String, reason: String },
+    #[error("node {0} does not exist")]
+    NodeNotFound(u64),
+    #[error("protection group {pg} is not hosted on this node; its members are on nodes {nodes:?}")]
+    NotHostedHere { pg: u64, nodes: Vec<u64> },
 }
 
 impl NodeError {
@@ -63,6 +69,9 @@ impl NodeError {
             NodeError::Replication(e) => e.code(),
             NodeError::Keyring(_) => "store.keyring",
             NodeError::Io { .. } => "node.io",
+            NodeError::Peer { .. } => "node.peer",
+            NodeError::NodeNotFound(_) => "node.node_not_found",
+            NodeError::NotHostedHere { .. } => "node.not_hosted_here",
         }
     }
 }

@@ -27,6 +27,14 @@ pub struct PgLabels {
     pub pg: String,
 }
 
+/// A standby member as its PG's leader sees it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LagLabels {
+    pub pg: String,
+    pub node: String,
+    pub site: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OpLabels {
     pub op: String,
@@ -51,6 +59,9 @@ pub struct Metrics {
     pg_applied_index: Family<PgLabels, Gauge>,
     pg_last_log_index: Family<PgLabels, Gauge>,
     pg_is_leader: Family<PgLabels, Gauge>,
+    replication_lag_entries: Family<LagLabels, Gauge>,
+    replication_lag_bytes: Family<LagLabels, Gauge>,
+    replication_lag_seconds: Family<LagLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     data_dir_free_bytes: Gauge,
 }
 
@@ -74,6 +85,9 @@ impl Metrics {
             pg_applied_index: Family::default(),
             pg_last_log_index: Family::default(),
             pg_is_leader: Family::default(),
+            replication_lag_entries: Family::default(),
+            replication_lag_bytes: Family::default(),
+            replication_lag_seconds: Family::default(),
             data_dir_free_bytes: Gauge::default(),
             registry: Registry::default(),
         };
@@ -128,6 +142,21 @@ impl Metrics {
             m.pg_is_leader.clone(),
         );
         registry.register(
+            "replication_lag_entries",
+            "Log entries a member lacks behind its PG's leader (reported by the leader)",
+            m.replication_lag_entries.clone(),
+        );
+        registry.register(
+            "replication_lag_bytes",
+            "Encoded bytes of the entries a member lacks (reported by the leader)",
+            m.replication_lag_bytes.clone(),
+        );
+        registry.register(
+            "replication_lag_seconds",
+            "Age of the oldest entry a member lacks, in seconds: the live RPO of a standby",
+            m.replication_lag_seconds.clone(),
+        );
+        registry.register(
             "data_dir_free_bytes",
             "Free bytes on the data directory's filesystem",
             m.data_dir_free_bytes.clone(),
@@ -177,6 +206,28 @@ impl Metrics {
                 .get_or_create(&labels)
                 .set(i64::from(m.is_leader));
         }
+        // Only leaders know lag: series of PGs this node no longer leads go.
+        self.replication_lag_entries.clear();
+        self.replication_lag_bytes.clear();
+        self.replication_lag_seconds.clear();
+        for g in core.groups() {
+            for l in g.lag() {
+                let labels = LagLabels {
+                    pg: g.pg().0.to_string(),
+                    node: l.node.node_id.to_string(),
+                    site: l.node.site.clone(),
+                };
+                self.replication_lag_entries
+                    .get_or_create(&labels)
+                    .set(l.lag.entries as i64);
+                self.replication_lag_bytes
+                    .get_or_create(&labels)
+                    .set(l.lag.bytes as i64);
+                self.replication_lag_seconds
+                    .get_or_create(&labels)
+                    .set(l.lag.seconds);
+            }
+        }
         if let Ok(free) = lifeboat_store::db::free_bytes(core.db.path()) {
             self.data_dir_free_bytes.set(free as i64);
         }
@@ -211,7 +262,7 @@ async fn health(State(s): State<HttpState>) -> impl IntoResponse {
     let groups = s.core.groups();
     let leaderless: Vec<u64> = groups
         .iter()
-        .filter(|g| !g.metrics().is_leader)
+        .filter(|g| g.metrics().leader.is_none())
         .map(|g| g.pg().0)
         .collect();
     let healthy = leaderless.is_empty();

@@ -5,7 +5,14 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use std::path::PathBuf;
+
+use futures::future::BoxFuture;
 use lifeboat_proto::admin::admin_server::AdminServer;
+use lifeboat_proto::raft::{JoinReply, JoinRequest};
+use lifeboat_replication::ProtectionGroup;
+use lifeboat_replication::transport::{Host, Identity, TransportService};
+use lifeboat_store::PgId;
 use tokio::net::TcpListener;
 
 use crate::admin::AdminService;
@@ -31,6 +38,7 @@ async fn bind(what: &str, addr: std::net::SocketAddr) -> NodeResult<TcpListener>
 /// port of 0 picks a free one) and the handle that stops it.
 pub struct RunningNode {
     pub core: Arc<NodeCore>,
+    pub raft_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub nbd_addr: SocketAddr,
     pub http_addr: SocketAddr,
@@ -56,19 +64,46 @@ impl RunningNode {
 
 /// Opens the node and starts serving; returns once every listener is bound.
 pub async fn start(config: NodeConfig) -> NodeResult<RunningNode> {
+    let raft_listener = bind("Raft", config.raft.listen).await?;
     let admin_listener = bind("admin", config.admin.listen).await?;
     let nbd_listener = bind("NBD", config.nbd.listen).await?;
     let http_listener = bind("HTTP", config.http.listen).await?;
     let local = |l: &TcpListener| l.local_addr().map_err(NodeError::io("read bound address"));
-    let (admin_addr, nbd_addr, http_addr) = (
+    let (raft_addr, admin_addr, nbd_addr, http_addr) = (
+        local(&raft_listener)?,
         local(&admin_listener)?,
         local(&nbd_listener)?,
         local(&http_listener)?,
     );
 
     let core = NodeCore::open(config.clone()).await?;
+    core.set_addrs(lifeboat_proto::raft::NodeAddrs {
+        raft: raft_addr.to_string(),
+        admin: admin_addr.to_string(),
+        nbd: nbd_addr.to_string(),
+        http: http_addr.to_string(),
+    });
     let nbd_stats = Arc::new(NbdStats::default());
     let shutdown = Shutdown::new();
+
+    let raft_task = tokio::spawn({
+        let shutdown = shutdown.clone();
+        let service = TransportService::new(Arc::new(RaftHost(core.clone())));
+        async move {
+            let served = tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .add_service(service)
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(raft_listener),
+                    shutdown.cancelled_owned(),
+                )
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "Raft transport server stopped");
+            }
+        }
+    });
+    core.start_reconciler();
 
     let admin = AdminServer::new(AdminService::new(core.clone()))
         .max_decoding_message_size(ADMIN_MESSAGE_BYTES_MAX)
@@ -125,6 +160,7 @@ pub async fn start(config: NodeConfig) -> NodeResult<RunningNode> {
     tracing::info!(
         node_id = config.node_id,
         site = config.site,
+        raft = %raft_addr,
         admin = %admin_addr,
         nbd = %nbd_addr,
         http = %http_addr,
@@ -133,13 +169,36 @@ pub async fn start(config: NodeConfig) -> NodeResult<RunningNode> {
     );
     Ok(RunningNode {
         core,
+        raft_addr,
         admin_addr,
         nbd_addr,
         http_addr,
         nbd_stats,
         shutdown,
-        tasks: vec![admin_task, nbd_task, http_task],
+        tasks: vec![raft_task, admin_task, nbd_task, http_task],
     })
+}
+
+/// The node as its Raft transport server sees it.
+struct RaftHost(Arc<NodeCore>);
+
+impl Host for RaftHost {
+    fn identity(&self) -> &Identity {
+        &self.0.identity
+    }
+
+    fn group(&self, pg: PgId) -> Option<ProtectionGroup> {
+        self.0.group(pg)
+    }
+
+    fn snapshot_dir(&self) -> PathBuf {
+        self.0.data_dir().join("raft-snapshots")
+    }
+
+    fn join(&self, req: JoinRequest) -> BoxFuture<'static, Result<JoinReply, tonic::Status>> {
+        let core = self.0.clone();
+        Box::pin(async move { core.handle_join(req).await })
+    }
 }
 
 /// Serves until `shutdown` is cancelled.

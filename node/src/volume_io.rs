@@ -12,7 +12,6 @@
 //! lookups per request, whatever the history's length) and decode.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use lifeboat_proto::raft as pb;
@@ -29,8 +28,9 @@ use crate::nbd::{Errno, Export, ExportInfo, ExportProvider, OpenError};
 pub const ENTRY_BLOCKS_MAX: usize = 256;
 /// Requests of more blocks than this encode or decode off the async workers.
 const INLINE_CODEC_BLOCKS_MAX: usize = 4;
-/// How long a write or read waits for a leader before failing.
-const LEADER_WAIT: Duration = Duration::from_secs(10);
+/// Merges of one sub-block write before it gives up on a block that other
+/// nodes' writers keep changing.
+const MERGE_ATTEMPTS_MAX: u32 = 16;
 
 const BLOCK: u64 = BLOCK_BYTES as u64;
 
@@ -221,31 +221,19 @@ impl ExportState {
         pb::BlockWrite {
             block: block.0,
             frame,
+            expect_latest: None,
         }
     }
 
-    async fn wait_leader(&self) -> Result<(), Errno> {
+    /// Waits for a linearizable read point: at the leader, or on this
+    /// member once it has applied the leader's read index.
+    async fn read_point(&self) -> Result<(), Errno> {
         self.loc
             .group
-            .wait_for_leadership(LEADER_WAIT)
+            .read_barrier()
             .await
-            .map_err(|e| self.fail("wait for leader", &e.into()))
-    }
-
-    async fn read_point(&self) -> Result<(), Errno> {
-        match self.loc.group.read_barrier().await {
-            Ok(_) => Ok(()),
-            Err(lifeboat_replication::Error::NotLeader { .. }) => {
-                self.wait_leader().await?;
-                self.loc
-                    .group
-                    .read_barrier()
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| self.fail("read barrier", &e.into()))
-            }
-            Err(e) => Err(self.fail("read barrier", &e.into())),
-        }
+            .map(|_| ())
+            .map_err(|e| self.fail("read barrier", &e.into()))
     }
 
     /// Proposes the blocks in entries of at most ENTRY_BLOCKS_MAX, waiting
@@ -267,20 +255,14 @@ impl ExportState {
         Ok(())
     }
 
+    /// Proposes at the group's leader, wherever it is (forwarded when not here).
     async fn propose_once(&self, kind: pb::command::Kind) -> Result<(), Errno> {
-        match self.loc.group.propose(kind.clone()).await {
-            Ok(_) => Ok(()),
-            Err(lifeboat_replication::Error::NotLeader { .. }) => {
-                self.wait_leader().await?;
-                self.loc
-                    .group
-                    .propose(kind)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| self.fail("write", &e.into()))
-            }
-            Err(e) => Err(self.fail("write", &e.into())),
-        }
+        self.loc
+            .group
+            .propose(kind)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.fail("write", &e.into()))
     }
 
     fn check_space(&self) -> Result<(), Errno> {
@@ -329,6 +311,7 @@ impl ExportState {
                     None => pb::BlockWrite {
                         block: block.0,
                         frame: Bytes::new(),
+                        expect_latest: None,
                     },
                 })
                 .collect()
@@ -345,26 +328,62 @@ impl ExportState {
         if partial.is_empty() {
             return self.propose_blocks(writes).await;
         }
-        // Read-merge-encode under the block locks, held until applied.
+        // Whole blocks first: they need no merge.
+        if !writes.is_empty() {
+            self.propose_blocks(std::mem::take(&mut writes)).await?;
+        }
+        // Read-merge-encode under the block locks, held until applied. The
+        // locks keep this node's own writers apart; each merged block also
+        // names the version it read, so a writer on another node that got
+        // there first makes apply refuse this entry, and it merges again.
         let locked: Vec<BlockNo> = partial.iter().map(|p| p.block).collect();
         let _guards = self
             .core
             .block_locks
             .lock(self.pg(), self.loc.volume, &locked)
             .await;
-        self.read_point().await?;
-        for p in &partial {
-            let stored = self
-                .core
-                .volumes
-                .latest_blocks(self.pg(), self.loc.volume, p.block, 1)
-                .map_err(|e| self.fail("read for merge", &e.into()))?;
-            let mut plain = vec![0u8; BLOCK_BYTES];
-            self.decode_block(&keys, p.block, stored[0].as_ref(), &mut plain)?;
-            plain[p.offset_in_block..p.offset_in_block + p.bytes.len()].copy_from_slice(&p.bytes);
-            writes.push(self.encode_block(&keys, p.block, &plain));
+        for attempt in 1..=MERGE_ATTEMPTS_MAX {
+            self.read_point().await?;
+            let mut merged = Vec::with_capacity(partial.len());
+            for p in &partial {
+                let stored = self
+                    .core
+                    .volumes
+                    .latest_blocks(self.pg(), self.loc.volume, p.block, 1)
+                    .map_err(|e| self.fail("read for merge", &e.into()))?;
+                let mut plain = vec![0u8; BLOCK_BYTES];
+                self.decode_block(&keys, p.block, stored[0].as_ref(), &mut plain)?;
+                plain[p.offset_in_block..p.offset_in_block + p.bytes.len()]
+                    .copy_from_slice(&p.bytes);
+                let mut write = self.encode_block(&keys, p.block, &plain);
+                write.expect_latest = Some(stored[0].as_ref().map_or(0, |s| s.index.0));
+                merged.push(write);
+            }
+            let kind = pb::command::Kind::WriteBlocks(pb::WriteBlocks {
+                volume: self.loc.volume.0,
+                blocks: merged,
+            });
+            match self.loc.group.propose(kind).await {
+                Ok(_) => return Ok(()),
+                Err(lifeboat_replication::Error::Rejected {
+                    rejection: lifeboat_replication::Rejection::BlockChanged { block, .. },
+                    ..
+                }) => {
+                    tracing::debug!(
+                        volume = self.loc.volume_name,
+                        block,
+                        attempt,
+                        "merged block changed underneath; merging again"
+                    );
+                }
+                Err(e) => return Err(self.fail("write", &e.into())),
+            }
         }
-        self.propose_blocks(writes).await
+        tracing::error!(
+            volume = self.loc.volume_name,
+            "sub-block write kept losing races to other writers"
+        );
+        Err(Errno::Io)
     }
 
     async fn read_range(self: &Arc<Self>, offset: u64, len: u32) -> Result<Bytes, Errno> {

@@ -24,6 +24,8 @@ pub(crate) struct ApplyContext<'a> {
     /// Catalog keys staged in this batch: `None` for a staged delete.
     catalog_overlay: HashMap<Vec<u8>, Option<Vec<u8>>>,
     volume_overlay: HashMap<VolumeId, VolumeRecord>,
+    /// Latest index of blocks staged in this batch, by (volume, block).
+    block_overlay: HashMap<(u64, u64), u64>,
 }
 
 type Outcome = Result<Applied, Rejection>;
@@ -36,6 +38,7 @@ impl<'a> ApplyContext<'a> {
             pg,
             catalog_overlay: HashMap::new(),
             volume_overlay: HashMap::new(),
+            block_overlay: HashMap::new(),
         }
     }
 
@@ -122,6 +125,9 @@ impl<'a> ApplyContext<'a> {
                 | Kind::CreateToken(_)
                 | Kind::BindVolumeName(_)
                 | Kind::UnbindVolumeName(_)
+                | Kind::AddNode(_)
+                | Kind::RemoveNode(_)
+                | Kind::SetPgMembers(_)
         );
         if is_catalog_command != (self.pg == PgId::CATALOG) {
             return Ok(Err(Rejection::WrongGroup { pg: self.pg.0 }));
@@ -137,7 +143,21 @@ impl<'a> ApplyContext<'a> {
             Kind::CreateToken(t) => self.apply_create_token(t, cmd.stamp_ms),
             Kind::BindVolumeName(b) => self.apply_bind_volume_name(b),
             Kind::UnbindVolumeName(u) => self.apply_unbind_volume_name(u),
+            Kind::AddNode(a) => self.apply_add_node(a, cmd.stamp_ms),
+            Kind::RemoveNode(r) => self.apply_remove_node(r),
+            Kind::SetPgMembers(m) => self.apply_set_pg_members(m),
         }
+    }
+
+    /// The index of the newest version of a block, 0 if it has none.
+    fn latest_index(&self, volume: u64, block: u64) -> io::Result<u64> {
+        if let Some(i) = self.block_overlay.get(&(volume, block)) {
+            return Ok(*i);
+        }
+        let stored = Volumes::new(self.db.clone())
+            .latest_blocks(self.pg, VolumeId(volume), BlockNo(block), 1)
+            .map_err(io::Error::other)?;
+        Ok(stored.into_iter().next().flatten().map_or(0, |s| s.index.0))
     }
 
     fn apply_write_blocks(&mut self, index: LogIndex, w: &pb::WriteBlocks) -> io::Result<Outcome> {
@@ -154,6 +174,17 @@ impl<'a> ApplyContext<'a> {
             }));
         }
         for b in &w.blocks {
+            if let Some(expected) = b.expect_latest
+                && self.latest_index(w.volume, b.block)? != expected
+            {
+                return Ok(Err(Rejection::BlockChanged {
+                    volume: w.volume,
+                    block: b.block,
+                }));
+            }
+        }
+        for b in &w.blocks {
+            self.block_overlay.insert((w.volume, b.block), index.0);
             volumes::stage_block(
                 &mut self.batch,
                 self.pg,
@@ -233,6 +264,32 @@ impl<'a> ApplyContext<'a> {
         };
         self.catalog_put(catalog::CLUSTER_KEY.to_vec(), &record);
         self.catalog_put(
+            catalog::node_key(i.node_id),
+            &pb::NodeRecord {
+                id: i.node_id,
+                site: i.site.clone(),
+                addrs: i.addrs.clone(),
+                added_ms: stamp_ms,
+                removed: false,
+            },
+        );
+        // Member 1 is the first node's catalog member (the catalog could not
+        // allocate it before it existed); the counter continues at 2.
+        let first_member = catalog::FIRST_CATALOG_MEMBER;
+        self.put_counter(Counter::Member, first_member + 1);
+        self.put_pg_record(&pb::PgRecord {
+            id: 0,
+            tenant_id: 0,
+            name: String::new(),
+            generation: 0,
+            active_site: i.site.clone(),
+            members: vec![pb::PgMember {
+                member_id: first_member,
+                node_id: i.node_id,
+                voter: true,
+            }],
+        });
+        self.catalog_put(
             catalog::token_key(&i.operator_token_sha256),
             &pb::TokenRecord {
                 role: "operator".into(),
@@ -243,11 +300,21 @@ impl<'a> ApplyContext<'a> {
     }
 
     fn apply_create_tenant(&mut self, t: &pb::CreateTenant, stamp_ms: u64) -> io::Result<Outcome> {
+        // Every check before anything is staged: a refused command leaves
+        // no trace in the batch.
         let key = catalog::tenant_key(&t.name);
         if self.catalog_get::<pb::TenantRecord>(&key)?.is_some() {
             return Ok(Err(Rejection::TenantExists {
                 tenant: t.name.clone(),
             }));
+        }
+        let Some(cluster) = self.catalog_get::<pb::ClusterRecord>(catalog::CLUSTER_KEY)? else {
+            return Ok(Err(Rejection::Malformed {
+                reason: "the catalog is not initialised".into(),
+            }));
+        };
+        if let Some(rejection) = self.dead_node_among(&t.members)? {
+            return Ok(Err(rejection));
         }
         let tenant_id = self.next_id(Counter::Tenant)?;
         let pg_id = self.next_id(Counter::Pg)?;
@@ -259,10 +326,21 @@ impl<'a> ApplyContext<'a> {
             created_ms: stamp_ms,
         };
         self.catalog_put(key, &record);
+        let mut members = Vec::new();
+        for m in &t.members {
+            members.push(pb::PgMember {
+                member_id: self.next_id(Counter::Member)?,
+                node_id: m.node_id,
+                voter: m.voter,
+            });
+        }
         let pg = pb::PgRecord {
             id: pg_id,
             tenant_id,
             name: catalog::MAIN_PG.into(),
+            generation: 0,
+            active_site: cluster.site,
+            members,
         };
         self.catalog_put(catalog::pg_key(&t.name, catalog::MAIN_PG), &pg);
         self.catalog_put(catalog::pg_id_key(pg_id), &pg);
@@ -335,6 +413,145 @@ impl<'a> ApplyContext<'a> {
         }
         self.catalog_delete(key);
         Ok(Ok(Applied::Done))
+    }
+}
+
+impl ApplyContext<'_> {
+    fn put_counter(&mut self, counter: Counter, next: u64) {
+        let bytes = next.to_be_bytes().to_vec();
+        self.batch.put(Cf::Catalog, counter.key(), &bytes);
+        self.catalog_overlay
+            .insert(counter.key().to_vec(), Some(bytes));
+    }
+
+    /// Writes a PG record under its id key and, for tenant PGs, its name key.
+    fn put_pg_record(&mut self, pg: &pb::PgRecord) {
+        if pg.id != 0 {
+            let tenant = self.tenant_name(pg.tenant_id);
+            if let Some(tenant) = tenant {
+                self.catalog_put(catalog::pg_key(&tenant, &pg.name), pg);
+            }
+        }
+        self.catalog_put(catalog::pg_id_key(pg.id), pg);
+    }
+
+    fn tenant_name(&self, tenant_id: u64) -> Option<String> {
+        // Tenants are few; the overlay is consulted through catalog_get.
+        let rows = self
+            .db
+            .scan(Cf::Catalog, b"tenant/", b"tenant/", usize::MAX)
+            .ok()?;
+        rows.into_iter().find_map(|(k, v)| {
+            let key = k.clone();
+            let r: pb::TenantRecord = match self.catalog_overlay.get(&key) {
+                Some(Some(staged)) => pb::TenantRecord::decode(staged.as_slice()).ok()?,
+                Some(None) => return None,
+                None => pb::TenantRecord::decode(v.as_slice()).ok()?,
+            };
+            (r.id == tenant_id).then_some(r.name)
+        })
+    }
+
+    fn node_is_live(&self, node: u64) -> io::Result<bool> {
+        Ok(self
+            .catalog_get::<pb::NodeRecord>(&catalog::node_key(node))?
+            .is_some_and(|n| !n.removed))
+    }
+
+    fn apply_add_node(&mut self, a: &pb::AddNode, stamp_ms: u64) -> io::Result<Outcome> {
+        let key = catalog::node_key(a.node_id);
+        if a.node_id == 0 || self.catalog_get::<pb::NodeRecord>(&key)?.is_some() {
+            return Ok(Err(Rejection::NodeExists { node: a.node_id }));
+        }
+        let Some(cluster) = self.catalog_get::<pb::ClusterRecord>(catalog::CLUSTER_KEY)? else {
+            return Ok(Err(Rejection::Malformed {
+                reason: "the catalog is not initialised".into(),
+            }));
+        };
+        self.catalog_put(
+            key,
+            &pb::NodeRecord {
+                id: a.node_id,
+                site: a.site.clone(),
+                addrs: a.addrs.clone(),
+                added_ms: stamp_ms,
+                removed: false,
+            },
+        );
+        let Some(mut pg0) = self.catalog_get::<pb::PgRecord>(&catalog::pg_id_key(0))? else {
+            return Ok(Err(Rejection::PgIdNotFound { pg: 0 }));
+        };
+        // Catalog voters: up to CATALOG_VOTERS at the cluster's own site, so
+        // that a cut WAN never stops a healthy primary; every other node
+        // follows the catalog as a learner.
+        let voters_here = pg0.members.iter().filter(|m| m.voter).count();
+        let voter = a.site == cluster.site && voters_here < catalog::CATALOG_VOTERS;
+        let member = self.next_id(Counter::Member)?;
+        pg0.members.push(pb::PgMember {
+            member_id: member,
+            node_id: a.node_id,
+            voter,
+        });
+        self.put_pg_record(&pg0);
+        Ok(Ok(Applied::NodeAdded {
+            catalog_member: member,
+            catalog_voter: voter,
+        }))
+    }
+
+    fn apply_remove_node(&mut self, r: &pb::RemoveNode) -> io::Result<Outcome> {
+        let key = catalog::node_key(r.node_id);
+        let Some(mut node) = self.catalog_get::<pb::NodeRecord>(&key)? else {
+            return Ok(Err(Rejection::NodeNotFound { node: r.node_id }));
+        };
+        node.removed = true;
+        self.catalog_put(key, &node);
+        let rows = self
+            .db
+            .scan(Cf::Catalog, b"pgid/", b"pgid/", usize::MAX)
+            .map_err(io::Error::other)?;
+        for (k, _) in rows {
+            let Some(mut pg) = self.catalog_get::<pb::PgRecord>(&k)? else {
+                continue;
+            };
+            let before = pg.members.len();
+            pg.members.retain(|m| m.node_id != r.node_id);
+            if pg.members.len() != before {
+                self.put_pg_record(&pg);
+            }
+        }
+        Ok(Ok(Applied::Done))
+    }
+
+    fn apply_set_pg_members(&mut self, m: &pb::SetPgMembers) -> io::Result<Outcome> {
+        let Some(mut pg) = self.catalog_get::<pb::PgRecord>(&catalog::pg_id_key(m.pg))? else {
+            return Ok(Err(Rejection::PgIdNotFound { pg: m.pg }));
+        };
+        if let Some(rejection) = self.dead_node_among(&m.add)? {
+            return Ok(Err(rejection));
+        }
+        pg.members
+            .retain(|x| !m.remove_members.contains(&x.member_id));
+        for add in &m.add {
+            pg.members.push(pb::PgMember {
+                member_id: self.next_id(Counter::Member)?,
+                node_id: add.node_id,
+                voter: add.voter,
+            });
+        }
+        self.put_pg_record(&pg);
+        Ok(Ok(Applied::Done))
+    }
+
+    /// The refusal for the first placed member on a node that does not
+    /// exist or was removed.
+    fn dead_node_among(&self, members: &[pb::PlacedMember]) -> io::Result<Option<Rejection>> {
+        for m in members {
+            if !self.node_is_live(m.node_id)? {
+                return Ok(Some(Rejection::NodeNotFound { node: m.node_id }));
+            }
+        }
+        Ok(None)
     }
 }
 

@@ -12,8 +12,11 @@
 //! pgid/ID (u64 BE)                PgRecord
 //! volname/TENANT/VOLUME           VolumeNameRecord
 //! token/SHA256-HEX                TokenRecord
-//! counter/{tenant,pg,volume}      next id, u64 BE
+//! node/ID (u64 BE)                NodeRecord
+//! counter/{tenant,pg,volume,member}  next id, u64 BE
 //! ```
+//!
+//! The catalog's own placement is `pgid/0`, like any PG's.
 
 use std::io;
 
@@ -39,6 +42,15 @@ pub fn volume_name_key(tenant: &str, volume: &str) -> Vec<u8> {
     format!("volname/{tenant}/{volume}").into_bytes()
 }
 
+pub fn node_key(id: u64) -> Vec<u8> {
+    [b"node/".as_slice(), &id.to_be_bytes()].concat()
+}
+
+/// The first node's catalog member id.
+pub const FIRST_CATALOG_MEMBER: u64 = 1;
+/// Catalog voters at the cluster's site (the rest of the nodes are learners).
+pub const CATALOG_VOTERS: usize = 3;
+
 pub fn token_key(sha256: &[u8]) -> Vec<u8> {
     format!("token/{}", hex_lower(sha256)).into_bytes()
 }
@@ -52,6 +64,7 @@ pub enum Counter {
     Tenant,
     Pg,
     Volume,
+    Member,
 }
 
 impl Counter {
@@ -60,6 +73,7 @@ impl Counter {
             Counter::Tenant => b"counter/tenant",
             Counter::Pg => b"counter/pg",
             Counter::Volume => b"counter/volume",
+            Counter::Member => b"counter/member",
         }
     }
 }
@@ -123,8 +137,18 @@ impl Catalog {
         self.get(&pg_id_key(id))
     }
 
+    /// Every tenant PG (not the catalog's own record, `pgid/0`).
     pub fn pgs(&self) -> io::Result<Vec<pb::PgRecord>> {
-        self.list(b"pgid/")
+        Ok(self
+            .list::<pb::PgRecord>(b"pgid/")?
+            .into_iter()
+            .filter(|p| p.id != 0)
+            .collect())
+    }
+
+    /// The placement of the catalog itself.
+    pub fn catalog_placement(&self) -> io::Result<Option<pb::PgRecord>> {
+        self.get(&pg_id_key(0))
     }
 
     pub fn volume_name(
@@ -147,6 +171,15 @@ impl Catalog {
                 decode(&k, &v).map(|r| (name, r))
             })
             .collect()
+    }
+
+    pub fn node(&self, id: u64) -> io::Result<Option<pb::NodeRecord>> {
+        self.get(&node_key(id))
+    }
+
+    /// Every node ever added, removed ones included.
+    pub fn nodes(&self) -> io::Result<Vec<pb::NodeRecord>> {
+        self.list(b"node/")
     }
 
     pub fn token(&self, sha256: &[u8]) -> io::Result<Option<pb::TokenRecord>> {

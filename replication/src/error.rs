@@ -22,6 +22,13 @@ pub enum Error {
 
     #[error("protection group {pg}: raft: {reason}")]
     Raft { pg: u64, reason: String },
+
+    #[error("protection group {pg}: no leader answered within {waited_ms} ms (last: {last})")]
+    NoLeader {
+        pg: u64,
+        waited_ms: u64,
+        last: String,
+    },
 }
 
 impl Error {
@@ -33,6 +40,7 @@ impl Error {
             Error::Rejected { .. } => "replication.rejected",
             Error::UnknownGroup { .. } => "replication.unknown_group",
             Error::Raft { .. } => "replication.raft",
+            Error::NoLeader { .. } => "replication.no_leader",
         }
     }
 }

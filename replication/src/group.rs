@@ -2,24 +2,27 @@
 //! PG's log store and state machine, and the operations the node needs —
 //! propose a command, wait for a linearizable read point, report progress.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use lifeboat_proto::raft as pb;
 use lifeboat_store::db::Db;
-use lifeboat_store::{LogIndex, NodeId, PgId};
+use lifeboat_store::{Generation, LogIndex, MemberId, PgId};
+use openraft::ChangeMembers;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::raft::ReadPolicy;
 use openraft::type_config::async_runtime::WatchReceiver;
 use openraft::{Config, SnapshotPolicy};
+use tonic::{Code, Request, Status};
 
 use crate::error::{Error, Result};
-use crate::log_store::{LogStore, WalSyncer};
-use crate::network::LocalOnlyNetwork;
+use crate::log_store::{Lag, LogStore, WalSyncer};
 use crate::state_machine::StateMachine;
-use crate::types::{Applied, Command, MemberNode, TypeConfig};
+use crate::transport::{GroupNetwork, GroupRoute, Identity, Peers};
+use crate::types::{Applied, Command, MemberNode, Rejection, TypeConfig};
 
 pub type Raft = openraft::Raft<TypeConfig, StateMachine>;
 
@@ -74,6 +77,8 @@ fn raft_config(pg: PgId, timers: &RaftTimers) -> Result<Config> {
         // (openraft #1511: stale state after leader restore).
         enable_leader_restore: Some(false),
         max_payload_entries: REPLICATION_ENTRIES_MAX,
+        // `add_learner(blocking)` then means really caught up.
+        replication_lag_threshold: 64,
         // Snapshots are taken by the node when it decides to purge the log
         // (behind the slowest standby), never on a count of entries.
         snapshot_policy: SnapshotPolicy::Never,
@@ -86,45 +91,143 @@ fn raft_config(pg: PgId, timers: &RaftTimers) -> Result<Config> {
     })
 }
 
+/// How long a proposal or a read barrier keeps looking for a leader (an
+/// election, a leader change, a forwarded request in flight) before failing.
+pub const LEADER_WAIT: Duration = Duration::from_secs(15);
+
 /// Progress of a group as this node sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GroupMetrics {
     pub pg: PgId,
+    pub member: MemberId,
+    pub generation: Generation,
     pub applied_index: LogIndex,
     pub last_log_index: LogIndex,
+    /// The leader's member id.
     pub leader: Option<u64>,
+    /// The node hosting the leader.
+    pub leader_node: Option<u64>,
     pub term: u64,
     pub is_leader: bool,
+    pub voters: BTreeSet<u64>,
+    /// Every member (voters and learners) and its node.
+    pub nodes: BTreeMap<u64, MemberNode>,
+}
+
+/// How far one member is behind the leader (reported by the leader).
+#[derive(Clone, Debug, PartialEq)]
+pub struct MemberLag {
+    pub member: MemberId,
+    pub node: MemberNode,
+    pub voter: bool,
+    pub matched_index: LogIndex,
+    pub lag: Lag,
+}
+
+/// A member the catalog wants in a group.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredMember {
+    pub member: MemberId,
+    pub node: MemberNode,
+    pub voter: bool,
+}
+
+/// Everything a member needs to start.
+pub struct GroupStart<'a> {
+    pub pg: PgId,
+    pub member: MemberId,
+    pub generation: Generation,
+    pub db: Db,
+    pub syncer: WalSyncer,
+    pub snapshot_root: &'a Path,
+    pub timers: &'a RaftTimers,
+    pub clock: Arc<dyn Clock>,
+    pub peers: Arc<Peers>,
+    pub identity: Arc<Identity>,
 }
 
 /// One protection group member on this node. Cheap to clone.
 #[derive(Clone)]
 pub struct ProtectionGroup {
     pg: PgId,
-    node_id: NodeId,
+    member: MemberId,
+    generation: Generation,
     raft: Raft,
+    log: LogStore,
     clock: Arc<dyn Clock>,
+    peers: Arc<Peers>,
+    route: GroupRoute,
     /// The last stamp this node gave an entry of this PG, so that stamps
     /// never run backwards while it leads.
     last_stamp_ms: Arc<AtomicU64>,
 }
 
+/// What a forwarded request came back with.
+enum Forwarded<T> {
+    Done(T),
+    /// The leader moved or is not reachable: look again and retry.
+    Retry(String),
+}
+
+/// Backoff while a request looks for the group's leader, up to LEADER_WAIT.
+struct LeaderRetry {
+    deadline: Instant,
+    pause: Duration,
+}
+
+impl LeaderRetry {
+    fn new() -> LeaderRetry {
+        LeaderRetry {
+            deadline: Instant::now() + LEADER_WAIT,
+            pause: Duration::from_millis(20),
+        }
+    }
+
+    /// Sleeps before the next attempt, or fails with `why` the last one did
+    /// not reach a leader once the deadline has passed.
+    async fn pause(&mut self, pg: PgId, why: String) -> Result<()> {
+        if Instant::now() + self.pause > self.deadline {
+            return Err(Error::NoLeader {
+                pg: pg.0,
+                waited_ms: LEADER_WAIT.as_millis() as u64,
+                last: why,
+            });
+        }
+        tokio::time::sleep(self.pause).await;
+        self.pause = (self.pause * 2).min(Duration::from_millis(500));
+        Ok(())
+    }
+}
+
+fn retryable(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable
+            | Code::NotFound
+            | Code::DeadlineExceeded
+            | Code::Cancelled
+            | Code::Unknown
+    )
+}
+
 impl ProtectionGroup {
     /// Opens the PG's stores and starts its Raft member.
-    pub async fn start(
-        node_id: NodeId,
-        pg: PgId,
-        db: Db,
-        syncer: WalSyncer,
-        snapshot_root: &Path,
-        timers: &RaftTimers,
-        clock: Arc<dyn Clock>,
-    ) -> Result<ProtectionGroup> {
-        let config = Arc::new(raft_config(pg, timers)?);
-        let log = LogStore::new(db.clone(), pg, syncer);
-        let sm = StateMachine::open(db, pg, snapshot_root)
+    pub async fn start(args: GroupStart<'_>) -> Result<ProtectionGroup> {
+        let pg = args.pg;
+        let config = Arc::new(raft_config(pg, args.timers)?);
+        let log = LogStore::new(args.db.clone(), pg, args.syncer);
+        let sm = StateMachine::open(args.db, pg, args.snapshot_root)
             .map_err(|source| Error::Storage { pg: pg.0, source })?;
-        let raft = Raft::new(node_id.0, config, LocalOnlyNetwork, log, sm)
+        let route = GroupRoute {
+            identity: args.identity,
+            pg,
+            generation: args.generation,
+        };
+        let network = GroupNetwork {
+            peers: args.peers.clone(),
+            route: route.clone(),
+        };
+        let raft = Raft::new(args.member.0, config, network, log.clone(), sm)
             .await
             .map_err(|e| Error::Raft {
                 pg: pg.0,
@@ -132,9 +235,13 @@ impl ProtectionGroup {
             })?;
         Ok(ProtectionGroup {
             pg,
-            node_id,
+            member: args.member,
+            generation: args.generation,
             raft,
-            clock,
+            log,
+            clock: args.clock,
+            peers: args.peers,
+            route,
             last_stamp_ms: Arc::new(AtomicU64::new(0)),
         })
     }
@@ -143,9 +250,23 @@ impl ProtectionGroup {
         self.pg
     }
 
-    /// Makes this node the group's only voter if the group has never been
-    /// initialised. Never re-initialises (openraft #1535).
-    pub async fn bootstrap_single_voter(&self, node: MemberNode) -> Result<()> {
+    pub fn member_id(&self) -> MemberId {
+        self.member
+    }
+
+    pub fn generation(&self) -> Generation {
+        self.generation
+    }
+
+    /// The Raft handle, for the transport's server side.
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// Makes `voters` the group's first membership if the group has never
+    /// been initialised anywhere this member knows of. Never re-initialises
+    /// (openraft #1535): a member that has a log or a vote is left alone.
+    pub async fn initialize(&self, voters: BTreeMap<u64, MemberNode>) -> Result<()> {
         let initialized = self
             .raft
             .is_initialized()
@@ -154,11 +275,12 @@ impl ProtectionGroup {
         if initialized {
             return Ok(());
         }
-        let members = BTreeMap::from([(self.node_id.0, node)]);
-        self.raft
-            .initialize(members)
-            .await
-            .map_err(|e| self.raft_err(e))
+        match self.raft.initialize(voters).await {
+            Ok(()) => Ok(()),
+            // Another voter initialised first and this member has heard of it.
+            Err(RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => Ok(()),
+            Err(e) => Err(self.raft_err(e)),
+        }
     }
 
     /// Starts an election now instead of after the election timeout: a
@@ -184,10 +306,92 @@ impl ProtectionGroup {
         prev.max(now)
     }
 
-    /// Proposes a command and waits until it is committed and applied.
-    /// Returns the entry's index and what apply produced; a command that
-    /// apply refused is [`Error::Rejected`].
+    /// Proposes a command at whichever member leads the group — here, or
+    /// forwarded to the leader's node — and waits until it is committed and
+    /// applied. Returns the entry's index and what apply produced; a
+    /// command that apply refused is [`Error::Rejected`].
     pub async fn propose(&self, kind: pb::command::Kind) -> Result<(LogIndex, Applied)> {
+        let mut retry = LeaderRetry::new();
+        loop {
+            let why = match self.propose_local(kind.clone()).await {
+                Ok((index, outcome)) => return self.outcome(index, outcome),
+                Err(Error::NotLeader { .. }) => match self.leader_elsewhere() {
+                    Some((leader, node)) => {
+                        match self.forward_propose(leader, &node, kind.clone()).await? {
+                            Forwarded::Done((index, outcome)) => {
+                                return self.outcome(index, outcome);
+                            }
+                            Forwarded::Retry(why) => why,
+                        }
+                    }
+                    None => "no leader known".to_owned(),
+                },
+                Err(e) => return Err(e),
+            };
+            retry.pause(self.pg, why).await?;
+        }
+    }
+
+    fn outcome(
+        &self,
+        index: LogIndex,
+        outcome: std::result::Result<Applied, Rejection>,
+    ) -> Result<(LogIndex, Applied)> {
+        match outcome {
+            Ok(applied) => Ok((index, applied)),
+            Err(rejection) => Err(Error::Rejected {
+                pg: self.pg.0,
+                rejection,
+            }),
+        }
+    }
+
+    /// The leader's member id and node, when it is known and not this member.
+    fn leader_elsewhere(&self) -> Option<(u64, MemberNode)> {
+        let m = self.raft.metrics().borrow_watched().clone();
+        let leader = m.current_leader?;
+        if leader == self.member.0 {
+            return None;
+        }
+        let node = m.membership_config.membership().get_node(&leader)?.clone();
+        Some((leader, node))
+    }
+
+    async fn forward_propose(
+        &self,
+        leader: u64,
+        node: &MemberNode,
+        kind: pb::command::Kind,
+    ) -> Result<Forwarded<(LogIndex, std::result::Result<Applied, Rejection>)>> {
+        let req = pb::ProposeRequest {
+            route: Some(self.route.to(MemberId(leader))),
+            command: Some(pb::Command {
+                stamp_ms: 0,
+                kind: Some(kind),
+            }),
+        };
+        let mut client = match self.peers.client(&node.raft_addr) {
+            Ok(c) => c,
+            Err(s) => return Ok(Forwarded::Retry(s.message().to_owned())),
+        };
+        match client.propose(Request::new(req)).await {
+            Ok(reply) => {
+                let reply = reply.into_inner();
+                let outcome = crate::wire::decode_json(&reply.outcome_json)
+                    .map_err(|e| self.raft_err(format!("malformed forwarded outcome: {e}")))?;
+                Ok(Forwarded::Done((LogIndex(reply.index), outcome)))
+            }
+            Err(s) if retryable(&s) => Ok(Forwarded::Retry(format!("{node}: {}", s.message()))),
+            Err(s) => Err(self.raft_err(format!("forwarded to {node}: {}", s.message()))),
+        }
+    }
+
+    /// Proposes a command to this member, which must be the leader.
+    /// `Ok` carries apply's outcome, a refusal included.
+    pub async fn propose_local(
+        &self,
+        kind: pb::command::Kind,
+    ) -> Result<(LogIndex, std::result::Result<Applied, Rejection>)> {
         let cmd = Command(pb::Command {
             stamp_ms: self.next_stamp_ms(),
             kind: Some(kind),
@@ -203,19 +407,68 @@ impl ProtectionGroup {
         })?;
         let index = LogIndex(resp.log_id.index);
         match resp.data.outcome {
-            Some(Ok(applied)) => Ok((index, applied)),
-            Some(Err(rejection)) => Err(Error::Rejected {
-                pg: self.pg.0,
-                rejection,
-            }),
+            Some(outcome) => Ok((index, outcome)),
             None => Err(self.raft_err("a command entry was applied without an outcome")),
         }
     }
 
-    /// Waits until this node may serve a linearizable read: it is the
-    /// leader, a quorum confirmed it, and everything committed before the
-    /// call is applied. Returns the read index.
+    /// Waits until this node may serve a linearizable read: the leader (this
+    /// member, or asked over the transport) confirmed with a quorum that it
+    /// still leads, and everything committed before the call is applied
+    /// here. Returns the read index.
     pub async fn read_barrier(&self) -> Result<LogIndex> {
+        let mut retry = LeaderRetry::new();
+        loop {
+            let why = match self.read_index_local().await {
+                Ok(index) => return Ok(index),
+                Err(Error::NotLeader { .. }) => match self.leader_elsewhere() {
+                    Some((leader, node)) => match self.forward_read_index(leader, &node).await? {
+                        Forwarded::Done(index) => {
+                            self.wait_applied(index, retry.deadline).await?;
+                            return Ok(index);
+                        }
+                        Forwarded::Retry(why) => why,
+                    },
+                    None => "no leader known".to_owned(),
+                },
+                Err(e) => return Err(e),
+            };
+            retry.pause(self.pg, why).await?;
+        }
+    }
+
+    async fn forward_read_index(
+        &self,
+        leader: u64,
+        node: &MemberNode,
+    ) -> Result<Forwarded<LogIndex>> {
+        let req = pb::ReadIndexRequest {
+            route: Some(self.route.to(MemberId(leader))),
+        };
+        let mut client = match self.peers.client(&node.raft_addr) {
+            Ok(c) => c,
+            Err(s) => return Ok(Forwarded::Retry(s.message().to_owned())),
+        };
+        match client.read_index(Request::new(req)).await {
+            Ok(reply) => Ok(Forwarded::Done(LogIndex(reply.into_inner().index))),
+            Err(s) if retryable(&s) => Ok(Forwarded::Retry(format!("{node}: {}", s.message()))),
+            Err(s) => Err(self.raft_err(format!("read index from {node}: {}", s.message()))),
+        }
+    }
+
+    /// Waits until this member has applied `index`.
+    async fn wait_applied(&self, index: LogIndex, deadline: Instant) -> Result<()> {
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        self.raft
+            .wait(Some(timeout))
+            .applied_index_at_least(Some(index.0), "read index applied")
+            .await
+            .map(|_| ())
+            .map_err(|e| self.raft_err(format!("waiting to apply read index {index}: {e}")))
+    }
+
+    /// The read index, if this member leads the group.
+    pub async fn read_index_local(&self) -> Result<LogIndex> {
         let read = self
             .raft
             .ensure_linearizable(ReadPolicy::ReadIndex)
@@ -233,11 +486,21 @@ impl ProtectionGroup {
     }
 
     /// Waits until this member leads the group, up to `timeout`.
-    pub async fn wait_for_leadership(&self, timeout: std::time::Duration) -> Result<()> {
-        let me = self.node_id.0;
+    pub async fn wait_for_leadership(&self, timeout: Duration) -> Result<()> {
+        let me = self.member.0;
         self.raft
             .wait(Some(timeout))
-            .metrics(|m| m.current_leader == Some(me), "this node leads")
+            .metrics(|m| m.current_leader == Some(me), "this member leads")
+            .await
+            .map(|_| ())
+            .map_err(|e| self.raft_err(e))
+    }
+
+    /// Waits until some member leads the group, up to `timeout`.
+    pub async fn wait_for_leader(&self, timeout: Duration) -> Result<()> {
+        self.raft
+            .wait(Some(timeout))
+            .metrics(|m| m.current_leader.is_some(), "a leader is known")
             .await
             .map(|_| ())
             .map_err(|e| self.raft_err(e))
@@ -245,14 +508,115 @@ impl ProtectionGroup {
 
     pub fn metrics(&self) -> GroupMetrics {
         let m = self.raft.metrics().borrow_watched().clone();
+        let membership = m.membership_config.membership();
+        let nodes: BTreeMap<u64, MemberNode> =
+            membership.nodes().map(|(id, n)| (*id, n.clone())).collect();
+        let leader_node = m
+            .current_leader
+            .and_then(|l| nodes.get(&l))
+            .map(|n| n.node_id);
         GroupMetrics {
             pg: self.pg,
+            member: self.member,
+            generation: self.generation,
             applied_index: LogIndex(m.last_applied.as_ref().map_or(0, |l| l.index)),
             last_log_index: LogIndex(m.last_log_index.unwrap_or(0)),
             leader: m.current_leader,
+            leader_node,
             term: m.current_term,
-            is_leader: m.current_leader == Some(self.node_id.0),
+            is_leader: m.current_leader == Some(self.member.0),
+            voters: membership.voter_ids().collect(),
+            nodes,
         }
+    }
+
+    /// Every other member's lag, if this member leads; empty otherwise.
+    pub fn lag(&self) -> Vec<MemberLag> {
+        let m = self.raft.metrics().borrow_watched().clone();
+        let Some(replication) = m.replication.as_ref() else {
+            return Vec::new();
+        };
+        let last = m.last_log_index.unwrap_or(0);
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        let now = self.clock.now_ms();
+        let mut out = Vec::new();
+        for (id, matched) in replication {
+            if *id == self.member.0 {
+                continue;
+            }
+            let Some(node) = membership.get_node(id) else {
+                continue;
+            };
+            let matched = matched.as_ref().map_or(0, |l| l.index);
+            let lag = self.log.lag(matched, last, now).unwrap_or_else(|e| {
+                tracing::warn!(pg = self.pg.0, error = %e, "cannot read the log for lag");
+                Lag {
+                    entries: last.saturating_sub(matched),
+                    bytes: 0,
+                    seconds: 0.0,
+                }
+            });
+            out.push(MemberLag {
+                member: MemberId(*id),
+                node: node.clone(),
+                voter: voters.contains(id),
+                matched_index: LogIndex(matched),
+                lag,
+            });
+        }
+        out
+    }
+
+    /// Moves the group's membership one step towards `desired`, if this
+    /// member leads: first adds missing members as learners, then sets the
+    /// voters, then removes members no longer wanted. One step per call
+    /// (each is a committed membership change); call again until it returns
+    /// `Ok(false)`. Returns whether it changed anything.
+    pub async fn sync_membership(&self, desired: &[DesiredMember]) -> Result<bool> {
+        let m = self.metrics();
+        if !m.is_leader || desired.is_empty() {
+            return Ok(false);
+        }
+        for d in desired {
+            if !m.nodes.contains_key(&d.member.0) {
+                tracing::info!(pg = self.pg.0, member = d.member.0, node = %d.node, "adding learner");
+                self.raft
+                    .add_learner(d.member.0, d.node.clone(), false)
+                    .await
+                    .map_err(|e| self.raft_err(e))?;
+                return Ok(true);
+            }
+        }
+        let want_voters: BTreeSet<u64> = desired
+            .iter()
+            .filter(|d| d.voter)
+            .map(|d| d.member.0)
+            .collect();
+        if !want_voters.is_empty() && want_voters != m.voters {
+            tracing::info!(pg = self.pg.0, voters = ?want_voters, "changing voters");
+            self.raft
+                .change_membership(ChangeMembers::ReplaceAllVoters(want_voters), true)
+                .await
+                .map_err(|e| self.raft_err(e))?;
+            return Ok(true);
+        }
+        let wanted: BTreeSet<u64> = desired.iter().map(|d| d.member.0).collect();
+        let unwanted: BTreeSet<u64> = m
+            .nodes
+            .keys()
+            .filter(|id| !wanted.contains(id))
+            .copied()
+            .collect();
+        if !unwanted.is_empty() {
+            tracing::info!(pg = self.pg.0, members = ?unwanted, "removing members");
+            self.raft
+                .change_membership(ChangeMembers::RemoveNodes(unwanted), false)
+                .await
+                .map_err(|e| self.raft_err(e))?;
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     pub async fn shutdown(&self) -> Result<()> {

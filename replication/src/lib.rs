@@ -10,11 +10,16 @@ pub mod catalog;
 pub mod error;
 pub mod group;
 pub mod log_store;
-pub mod network;
+pub mod members;
+pub mod placement;
 pub mod state_machine;
+pub mod transport;
 pub mod types;
 pub mod wire;
 
 pub use error::{Error, Result};
-pub use group::{Clock, GroupMetrics, ProtectionGroup, RaftTimers, SystemClock};
+pub use group::{
+    Clock, DesiredMember, GroupMetrics, GroupStart, MemberLag, ProtectionGroup, RaftTimers,
+    SystemClock,
+};
 pub use types::{Applied, Command, CommandResponse, MemberNode, Rejection, TypeConfig};

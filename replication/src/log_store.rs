@@ -109,17 +109,118 @@ impl WalSyncer {
     }
 }
 
+/// Entries the in-memory [`LogStats`] remembers per PG (24 bytes each).
+const LOG_STATS_ENTRIES_MAX: usize = 1 << 16;
+
+/// Size and stamp of the most recent entries this member appended, so that
+/// the leader reports a standby's lag in bytes and seconds without reading
+/// the log. Memory only: after a restart it fills again as entries come.
+#[derive(Default)]
+pub struct LogStats {
+    /// (index, encoded bytes, stamp in ms), in index order.
+    recent: std::collections::VecDeque<(u64, u64, u64)>,
+}
+
+/// A member's lag behind this log's last entry.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Lag {
+    pub entries: u64,
+    /// Encoded bytes of the entries it lacks; for entries older than the
+    /// remembered window, estimated from the window's average entry size.
+    pub bytes: u64,
+    /// Age of the oldest entry it lacks, in seconds (0 when it lacks none).
+    pub seconds: f64,
+}
+
+impl LogStats {
+    fn record(&mut self, index: u64, bytes: u64, stamp_ms: u64) {
+        let prev_stamp = self.recent.back().map_or(0, |&(_, _, s)| s);
+        // Blank and membership entries have no stamp: they inherit one.
+        let stamp = if stamp_ms == 0 { prev_stamp } else { stamp_ms };
+        self.recent.push_back((index, bytes, stamp));
+        if self.recent.len() > LOG_STATS_ENTRIES_MAX {
+            self.recent.pop_front();
+        }
+    }
+
+    fn truncate_after(&mut self, last_kept: u64) {
+        while self.recent.back().is_some_and(|&(i, _, _)| i > last_kept) {
+            self.recent.pop_back();
+        }
+    }
+}
+
 /// One PG's log store. Cheap to clone; every clone reads the same log.
 #[derive(Clone)]
 pub struct LogStore {
     db: Db,
     pg: PgId,
     syncer: WalSyncer,
+    stats: Arc<Mutex<LogStats>>,
 }
 
 impl LogStore {
     pub fn new(db: Db, pg: PgId, syncer: WalSyncer) -> LogStore {
-        LogStore { db, pg, syncer }
+        LogStore {
+            db,
+            pg,
+            syncer,
+            stats: Arc::default(),
+        }
+    }
+
+    /// How far a member whose log matches up to `matched` is behind `last`.
+    pub fn lag(&self, matched: u64, last: u64, now_ms: u64) -> io::Result<Lag> {
+        let entries = last.saturating_sub(matched);
+        if entries == 0 {
+            return Ok(Lag {
+                entries: 0,
+                bytes: 0,
+                seconds: 0.0,
+            });
+        }
+        let oldest_missing = matched + 1;
+        let (bytes, stamp) = {
+            let stats = self.stats.lock().expect("log stats lock");
+            let mut found = 0u64;
+            let mut bytes = 0u64;
+            let mut stamp = None;
+            for &(i, b, s) in stats
+                .recent
+                .iter()
+                .filter(|(i, _, _)| *i > matched && *i <= last)
+            {
+                if i == oldest_missing {
+                    stamp = Some(s);
+                }
+                found += 1;
+                bytes += b;
+            }
+            let total: u64 = stats.recent.iter().map(|&(_, b, _)| b).sum();
+            let average = total / (stats.recent.len() as u64).max(1);
+            (bytes + (entries - found.min(entries)) * average, stamp)
+        };
+        let stamp = match stamp {
+            Some(s) if s > 0 => Some(s),
+            _ => self.first_stamp_from(oldest_missing, last)?,
+        };
+        let seconds = stamp.map_or(0.0, |s| now_ms.saturating_sub(s) as f64 / 1000.0);
+        Ok(Lag {
+            entries,
+            bytes,
+            seconds,
+        })
+    }
+
+    /// The stamp of the first command entry in `[from, to]`, read from the log.
+    fn first_stamp_from(&self, from: u64, to: u64) -> io::Result<Option<u64>> {
+        const LOOK_AHEAD: u64 = 16;
+        for e in self.read_range(from, to.min(from + LOOK_AHEAD) + 1, 4 << 20)? {
+            if let openraft::EntryPayload::Normal(cmd) = &e.payload {
+                return Ok(Some(cmd.0.stamp_ms));
+            }
+        }
+        Ok(None)
     }
 
     fn state_key(&self, kind: RaftStateKind) -> [u8; keys::RAFT_STATE_KEY_BYTES] {
@@ -280,9 +381,25 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
     {
         let mut b = self.db.new_batch();
+        let mut appended = Vec::new();
         for entry in entries {
             let key = keys::raft_log_key(self.pg, LogIndex(entry.log_id.index));
-            b.put(Cf::RaftLog, &key, &wire::encode_entry(&entry)?);
+            let bytes = wire::encode_entry(&entry)?;
+            let stamp = match &entry.payload {
+                openraft::EntryPayload::Normal(cmd) => cmd.0.stamp_ms,
+                _ => 0,
+            };
+            appended.push((entry.log_id.index, bytes.len() as u64, stamp));
+            b.put(Cf::RaftLog, &key, &bytes);
+        }
+        {
+            let mut stats = self.stats.lock().expect("log stats lock");
+            if let Some(&(first, _, _)) = appended.first() {
+                stats.truncate_after(first.saturating_sub(1));
+            }
+            for (index, bytes, stamp) in appended {
+                stats.record(index, bytes, stamp);
+            }
         }
         // Readable on return (openraft reads what it appended); durable when
         // the syncer's next fsync completes the callback.
@@ -292,6 +409,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate_after(&mut self, last_kept: Option<LogId>) -> io::Result<()> {
         let from = last_kept.map_or(0, |l| l.index + 1);
+        self.stats
+            .lock()
+            .expect("log stats lock")
+            .truncate_after(from.saturating_sub(1));
         let mut b = self.db.new_batch();
         b.delete_range(
             Cf::RaftLog,

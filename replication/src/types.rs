@@ -7,17 +7,23 @@ use lifeboat_proto::raft as pb;
 use prost::Message;
 use serde::{Deserialize, Serialize};
 
-/// A member node as Raft sees it: where to reach it and which site it is in.
+/// A member as Raft sees it: the node hosting it, where to reach that node
+/// and which site it is in. Raft's own id for it is the member id.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemberNode {
-    /// Raft transport address (`host:port`); empty on a single node.
+    pub node_id: u64,
+    /// Raft transport address of the node (`host:port`).
     pub raft_addr: String,
     pub site: String,
 }
 
 impl fmt::Display for MemberNode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}@{}", self.raft_addr, self.site)
+        write!(
+            f,
+            "node {} at {} ({})",
+            self.node_id, self.raft_addr, self.site
+        )
     }
 }
 
@@ -49,6 +55,9 @@ impl fmt::Display for Command {
             Some(Kind::CreateToken(_)) => "create_token",
             Some(Kind::BindVolumeName(_)) => "bind_volume_name",
             Some(Kind::UnbindVolumeName(_)) => "unbind_volume_name",
+            Some(Kind::AddNode(_)) => "add_node",
+            Some(Kind::RemoveNode(_)) => "remove_node",
+            Some(Kind::SetPgMembers(_)) => "set_pg_members",
             None => "empty",
         };
         f.write_str(name)
@@ -145,6 +154,14 @@ pub enum Rejection {
     AlreadyInitialized,
     #[error("this command does not belong in protection group {pg}")]
     WrongGroup { pg: u64 },
+    #[error("block {block} of volume {volume} changed while a sub-block write merged it")]
+    BlockChanged { volume: u64, block: u64 },
+    #[error("node {node} already exists or existed")]
+    NodeExists { node: u64 },
+    #[error("node {node} does not exist")]
+    NodeNotFound { node: u64 },
+    #[error("protection group {pg} does not exist")]
+    PgIdNotFound { pg: u64 },
     #[error("malformed command: {reason}")]
     Malformed { reason: String },
 }
@@ -153,9 +170,21 @@ pub enum Rejection {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Applied {
     Done,
-    TenantCreated { tenant_id: u64, main_pg: u64 },
-    VolumeNameBound { pg: u64, volume: u64 },
-    KeyRotated { key_id: u32 },
+    TenantCreated {
+        tenant_id: u64,
+        main_pg: u64,
+    },
+    VolumeNameBound {
+        pg: u64,
+        volume: u64,
+    },
+    KeyRotated {
+        key_id: u32,
+    },
+    NodeAdded {
+        catalog_member: u64,
+        catalog_voter: bool,
+    },
 }
 
 /// The state machine's answer to one entry.

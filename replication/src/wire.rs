@@ -85,6 +85,7 @@ mod tests {
                 blocks: vec![pb::BlockWrite {
                     block: 9,
                     frame: vec![1, 2, 3].into(),
+                    expect_latest: Some(4),
                 }],
             })),
         });

@@ -47,6 +47,16 @@ id_newtype!(
     /// A node process of the cluster; never reused.
     NodeId(u64)
 );
+id_newtype!(
+    /// One Raft member of one PG on one node (Raft's own node id), allocated
+    /// by the catalog and never reused: a wiped node rejoins under a new one.
+    MemberId(u64)
+);
+id_newtype!(
+    /// A PG's failover counter: raised by every forced failover and carried
+    /// by every Raft message (never Raft's term).
+    Generation(u64)
+);
 
 impl PgId {
     /// The catalog protection group.

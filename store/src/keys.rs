@@ -42,6 +42,12 @@ pub enum RaftStateKind {
     SnapshotMeta = 6,
     /// Present while a Raft snapshot is being installed: names its file.
     Installing = 7,
+    /// This node's member of the PG: member id and generation (u64 BE each).
+    /// Local, never replicated: a Raft snapshot install keeps it.
+    LocalMember = 8,
+    /// (Catalog PG only) the cluster id this node belongs to, bound once at
+    /// `cluster init` or on join.
+    ClusterBinding = 9,
 }
 
 /// What a `pg_meta` row describes.

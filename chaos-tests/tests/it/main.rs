@@ -1,6 +1,7 @@
 //! Cluster-level fault tests against the built `lifeboat` binary: SIGKILL
 //! during writes, concurrent sub-block writes, a full disk, `lifeboat up`.
 
+mod cluster;
 mod durability;
 mod full_disk;
 mod lost_updates;

@@ -67,6 +67,7 @@ pub fn test_config(dir: &std::path::Path) -> NodeConfig {
     c.admin.listen = any;
     c.nbd.listen = any;
     c.http.listen = any;
+    c.raft.listen = any;
     // Small reserve: test machines may have little free disk.
     c.store.reserve_bytes = 16 << 20;
     c.raft.heartbeat_interval_ms = 50;

@@ -5,12 +5,13 @@ use std::time::Duration;
 
 use lifeboat_proto::raft as pb;
 use lifeboat_replication::log_store::WalSyncer;
+use lifeboat_replication::transport::{Identity, Peers};
 use lifeboat_replication::{
-    Applied, Error, MemberNode, ProtectionGroup, RaftTimers, Rejection, SystemClock,
+    Applied, Error, GroupStart, MemberNode, ProtectionGroup, RaftTimers, Rejection, SystemClock,
 };
 use lifeboat_store::db::{Db, DbOptions};
 use lifeboat_store::volumes::{VolumeState, Volumes};
-use lifeboat_store::{BlockNo, LogIndex, NodeId, PgId, VolumeId};
+use lifeboat_store::{BlockNo, Generation, LogIndex, MemberId, NodeId, PgId, VolumeId};
 
 fn timers() -> RaftTimers {
     RaftTimers {
@@ -38,18 +39,21 @@ async fn must_open(dir: &std::path::Path) -> Db {
 
 async fn must_start(dir: &std::path::Path, pg: PgId) -> (Db, ProtectionGroup) {
     let db = must_open(dir).await;
-    let g = ProtectionGroup::start(
-        NodeId(1),
+    let g = ProtectionGroup::start(GroupStart {
         pg,
-        db.clone(),
-        WalSyncer::start(db.clone()),
-        &dir.join("snapshots"),
-        &timers(),
-        Arc::new(SystemClock),
-    )
+        member: MemberId(1),
+        generation: Generation(0),
+        db: db.clone(),
+        syncer: WalSyncer::start(db.clone()),
+        snapshot_root: &dir.join("snapshots"),
+        timers: &timers(),
+        clock: Arc::new(SystemClock),
+        peers: Peers::new(),
+        identity: Identity::new(NodeId(1), Some("test-cluster".into())),
+    })
     .await
     .unwrap();
-    g.bootstrap_single_voter(MemberNode::default())
+    g.initialize([(1, MemberNode::default())].into_iter().collect())
         .await
         .unwrap();
     g.campaign().await;
@@ -65,6 +69,7 @@ fn write(volume: u64, block: u64, frame: &[u8]) -> pb::command::Kind {
         blocks: vec![pb::BlockWrite {
             block,
             frame: frame.to_vec().into(),
+            expect_latest: None,
         }],
     })
 }
@@ -121,6 +126,7 @@ async fn commands_apply_at_their_index_and_survive_restart() {
         .propose(pb::command::Kind::CreateTenant(pb::CreateTenant {
             name: "t".into(),
             wrapped_dek: vec![1, 0, 0, 0, 1].into(),
+            members: Vec::new(),
         }))
         .await
         .unwrap_err();
@@ -180,8 +186,33 @@ async fn catalog_allocates_ids_and_refuses_duplicates() {
         pb::command::Kind::CreateTenant(pb::CreateTenant {
             name: name.into(),
             wrapped_dek: wrapped(1).into(),
+            members: vec![pb::PlacedMember {
+                node_id: 1,
+                voter: true,
+            }],
         })
     };
+    // Nothing but init is accepted before init.
+    let e = g.propose(tenant("early")).await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Rejected {
+                rejection: Rejection::Malformed { .. },
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    g.propose(pb::command::Kind::InitCatalog(pb::InitCatalog {
+        cluster_id: "c1".into(),
+        site: "primary".into(),
+        node_id: 1,
+        operator_token_sha256: vec![7; 32].into(),
+        addrs: None,
+    }))
+    .await
+    .unwrap();
     let (_, a) = g.propose(tenant("alpha")).await.unwrap();
     let (_, b) = g.propose(tenant("beta")).await.unwrap();
     assert_eq!(
@@ -260,5 +291,104 @@ async fn catalog_allocates_ids_and_refuses_duplicates() {
         1
     );
     assert_eq!(catalog.pgs().unwrap().len(), 2);
+    // Member ids: 1 is the first node's catalog member, PGs take the next.
+    let pgs = catalog.pgs().unwrap();
+    let member_ids: Vec<u64> = pgs.iter().map(|p| p.members[0].member_id).collect();
+    assert_eq!(member_ids, vec![2, 3]);
+
+    // Nodes: the catalog gets voters at the cluster's site up to three,
+    // learners elsewhere; a node id is never reused, even after removal.
+    let add = |id: u64, site: &str| {
+        pb::command::Kind::AddNode(pb::AddNode {
+            node_id: id,
+            site: site.into(),
+            addrs: None,
+        })
+    };
+    let (_, n2) = g.propose(add(2, "primary")).await.unwrap();
+    assert_eq!(
+        n2,
+        Applied::NodeAdded {
+            catalog_member: 4,
+            catalog_voter: true
+        }
+    );
+    let (_, n3) = g.propose(add(3, "dr")).await.unwrap();
+    assert_eq!(
+        n3,
+        Applied::NodeAdded {
+            catalog_member: 5,
+            catalog_voter: false
+        }
+    );
+    g.propose(pb::command::Kind::RemoveNode(pb::RemoveNode { node_id: 2 }))
+        .await
+        .unwrap();
+    let e = g.propose(add(2, "primary")).await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Rejected {
+                rejection: Rejection::NodeExists { node: 2 },
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    let placement = catalog.catalog_placement().unwrap().unwrap();
+    let on: Vec<(u64, bool)> = placement
+        .members
+        .iter()
+        .map(|m| (m.node_id, m.voter))
+        .collect();
+    assert_eq!(on, vec![(1, true), (3, false)]);
+    assert!(catalog.node(2).unwrap().unwrap().removed);
+    g.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merged_block_is_refused_when_its_block_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let pg = PgId(4);
+    let (db, g) = must_start(dir.path(), pg).await;
+    g.propose(pb::command::Kind::CreateVolume(pb::CreateVolume {
+        volume: 1,
+        name: "d".into(),
+        size_bytes: 4 * 4096,
+    }))
+    .await
+    .unwrap();
+    let merged = |expect: u64, frame: &[u8]| {
+        pb::command::Kind::WriteBlocks(pb::WriteBlocks {
+            volume: 1,
+            blocks: vec![pb::BlockWrite {
+                block: 0,
+                frame: frame.to_vec().into(),
+                expect_latest: Some(expect),
+            }],
+        })
+    };
+    // Never written: the merge read "nothing" (0).
+    let (i1, _) = g.propose(merged(0, b"a")).await.unwrap();
+    // A second merge that also read "nothing" lost the race: refused whole.
+    let e = g.propose(merged(0, b"b")).await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Rejected {
+                rejection: Rejection::BlockChanged {
+                    volume: 1,
+                    block: 0
+                },
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    g.propose(merged(i1.0, b"c")).await.unwrap();
+    let latest = Volumes::new(db)
+        .latest_blocks(pg, VolumeId(1), BlockNo(0), 1)
+        .unwrap();
+    assert_eq!(latest[0].as_ref().unwrap().value, b"c");
     g.shutdown().await.unwrap();
 }

@@ -2,5 +2,6 @@
 //! openraft's own storage conformance suite, and protection groups that
 //! propose, apply, refuse and survive restarts.
 
+mod cluster;
 mod conformance;
 mod group;

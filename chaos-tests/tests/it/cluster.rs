@@ -1,0 +1,292 @@
+//! A two-site cluster of real node processes (three at `primary`, two at
+//! `dr`): nodes join with `node add`, a PG gets voters at primary and
+//! learners at dr, NBD works on any node, and SIGKILL of the PG's leader
+//! under a write load loses nothing acknowledged and leaves every replica
+//! identical.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lifeboat_chaos_tests::harness::TestNode;
+use lifeboat_chaos_tests::nbd_client::NbdClient;
+use rand::{Rng, SeedableRng};
+
+use crate::{FAST_RAFT, block_content};
+
+const BLOCKS: u64 = 64;
+const WRITERS: u64 = 4;
+
+#[derive(Default, Clone, Debug)]
+struct BlockState {
+    acked: Option<u64>,
+    in_flight: Vec<u64>,
+}
+
+type Ledger = Arc<Mutex<HashMap<u64, BlockState>>>;
+
+struct Cluster {
+    nodes: Vec<TestNode>,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Starts `primary` + `dr` nodes, initialises the cluster on node 0,
+    /// adds the others with `node add`, then makes tenant `t` and `t/v`.
+    fn start(primary: u64, dr: u64) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("keys/master.key");
+        let mut nodes = Vec::new();
+        for i in 0..primary + dr {
+            let site = if i < primary { "primary" } else { "dr" };
+            let node_dir = dir.path().join(format!("n{i}"));
+            let mut n = TestNode::member(
+                &node_dir,
+                &node_dir.join("data"),
+                i + 1,
+                site,
+                &key,
+                FAST_RAFT,
+            )
+            .unwrap();
+            n.start().unwrap();
+            nodes.push(n);
+        }
+        nodes[0].must_init();
+        for i in 1..nodes.len() {
+            let (raft, site) = (nodes[i].raft.to_string(), nodes[i].site.clone());
+            nodes[0].must_cli(&["node", "add", &raft, "--site", &site]);
+        }
+        let token = nodes[0].token.clone();
+        for n in &mut nodes[1..] {
+            n.token = token.clone();
+        }
+        nodes[0].must_cli(&["tenant", "create", "t"]);
+        nodes[0].must_cli(&["volume", "create", "t/v", "--size", "1MiB"]);
+        Cluster { nodes, _dir: dir }
+    }
+
+    /// The node id leading PG `t/main`, from node `via`'s status.
+    fn leader_of_main(&self, via: usize) -> Option<u64> {
+        let out = self.nodes[via].cli(&["status", "--output", "json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        v["pgs"]
+            .as_array()?
+            .iter()
+            .find(|p| p["name"] == "t/main")
+            .and_then(|p| p["leader_node"].as_u64())
+            .filter(|l| *l != 0)
+    }
+
+    fn index_of(&self, node_id: u64) -> usize {
+        self.nodes
+            .iter()
+            .position(|n| n.node_id == node_id)
+            .unwrap()
+    }
+}
+
+async fn writer(
+    client: NbdClient,
+    id: u64,
+    ledger: Ledger,
+    stop: Arc<AtomicBool>,
+    seed: u64,
+) -> (u64, u64) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let (mut acked, mut failed) = (0, 0);
+    let mut seq = id << 40;
+    while !stop.load(Ordering::Relaxed) {
+        let block = id * (BLOCKS / WRITERS) + rng.gen_range(0..BLOCKS / WRITERS);
+        ledger
+            .lock()
+            .unwrap()
+            .entry(block)
+            .or_default()
+            .in_flight
+            .push(seq);
+        match client
+            .write(block * 4096, &block_content(block, seq, 4096), false)
+            .await
+        {
+            Ok(Ok(())) => {
+                let mut l = ledger.lock().unwrap();
+                let s = l.get_mut(&block).unwrap();
+                s.in_flight.retain(|x| *x != seq);
+                s.acked = Some(seq);
+                acked += 1;
+            }
+            // An error reply is not an acknowledgement; the write may or
+            // may not have landed, so it stays in flight.
+            Ok(Err(_)) => failed += 1,
+            Err(e) => panic!("writer {id}: NBD connection lost: {e}"),
+        }
+        seq += 1;
+    }
+    (acked, failed)
+}
+
+/// Reads every block of the ledger through `node`'s NBD server.
+async fn read_all(node: &TestNode) -> Vec<Vec<u8>> {
+    let client = NbdClient::connect(node.nbd, "t/v").await.unwrap();
+    let mut out = Vec::new();
+    for b in 0..BLOCKS {
+        out.push(client.read(b * 4096, 4096).await.unwrap().unwrap());
+    }
+    out
+}
+
+fn check_against_ledger(blocks: &[Vec<u8>], ledger: &Ledger, node: u64) {
+    let l = ledger.lock().unwrap();
+    for (b, got) in blocks.iter().enumerate() {
+        let b = b as u64;
+        let Some(state) = l.get(&b) else {
+            assert!(
+                got.iter().all(|x| *x == 0),
+                "node {node}: block {b} never written"
+            );
+            continue;
+        };
+        let mut allowed = state.in_flight.clone();
+        allowed.extend(state.acked);
+        let newer_than_acked = |s: &u64| state.acked.is_none_or(|a| *s >= a);
+        assert!(
+            allowed
+                .iter()
+                .filter(|s| newer_than_acked(s))
+                .any(|s| *got == block_content(b, *s, 4096))
+                || (state.acked.is_none() && got.iter().all(|x| *x == 0)),
+            "node {node}: block {b} is not its last acknowledged write {:?} (in flight {:?})",
+            state.acked,
+            state.in_flight
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_killed_under_load_loses_nothing_and_replicas_agree() {
+    let mut c = Cluster::start(3, 2);
+    let leader = c.leader_of_main(0).expect("t/main has a leader");
+    let leader_idx = c.index_of(leader);
+    // Write through a primary node that does not lead: its writes are
+    // forwarded, and it stays up when the leader dies.
+    let via = (0..3).find(|i| *i != leader_idx).unwrap();
+
+    let ledger: Ledger = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0xc1a5_7e12);
+    let mut tasks = Vec::new();
+    for id in 0..WRITERS {
+        let client = NbdClient::connect(c.nodes[via].nbd, "t/v").await.unwrap();
+        tasks.push(tokio::spawn(writer(
+            client,
+            id,
+            ledger.clone(),
+            stop.clone(),
+            rng.r#gen(),
+        )));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let acked_before_kill: usize = ledger
+        .lock()
+        .unwrap()
+        .values()
+        .filter(|s| s.acked.is_some())
+        .count();
+    assert!(
+        acked_before_kill > 0,
+        "writes were acknowledged before the kill"
+    );
+    c.nodes[leader_idx].kill9();
+    let killed_at = Instant::now();
+
+    // A new leader serves within seconds: acknowledgements resume.
+    let count_acked = |l: &Ledger| -> u64 {
+        l.lock()
+            .unwrap()
+            .values()
+            .filter_map(|s| s.acked.map(|_| 1))
+            .sum()
+    };
+    let seqs_acked = |l: &Ledger| -> Vec<Option<u64>> {
+        let l = l.lock().unwrap();
+        (0..BLOCKS)
+            .map(|b| l.get(&b).and_then(|s| s.acked))
+            .collect()
+    };
+    let at_kill = seqs_acked(&ledger);
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if seqs_acked(&ledger) != at_kill {
+            break;
+        }
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(20),
+            "no write acknowledged within 20 s of killing the leader"
+        );
+    }
+    let resumed_after = killed_at.elapsed();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut acked = 0;
+    for t in tasks {
+        acked += t.await.unwrap().0;
+    }
+    assert!(acked > 0 && count_acked(&ledger) > 0);
+    eprintln!("writes acknowledged: {acked}; writes resumed {resumed_after:?} after the kill");
+
+    let new_leader = c.leader_of_main(via).expect("a new leader");
+    assert_ne!(new_leader, leader);
+
+    // Every surviving replica, DR learners included, returns the last
+    // acknowledged data, and they are identical block for block.
+    let mut first: Option<Vec<Vec<u8>>> = None;
+    for i in (0..c.nodes.len()).filter(|i| *i != leader_idx) {
+        let blocks = read_all(&c.nodes[i]).await;
+        check_against_ledger(&blocks, &ledger, c.nodes[i].node_id);
+        match &first {
+            None => first = Some(blocks),
+            Some(f) => assert!(*f == blocks, "node {} differs", c.nodes[i].node_id),
+        }
+    }
+
+    // The killed node comes back, catches up from the log and agrees.
+    c.nodes[leader_idx].start().unwrap();
+    let back = read_all(&c.nodes[leader_idx]).await;
+    assert!(
+        first.as_ref().unwrap() == &back,
+        "restarted ex-leader differs"
+    );
+
+    // The leader reports the DR learners' lag (the live RPO) in status and
+    // in /metrics.
+    let leader_idx = c.index_of(new_leader);
+    let status = c.nodes[leader_idx].must_cli(&["status", "--output", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let main = v["pgs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "t/main")
+        .unwrap()
+        .clone();
+    let lag = main["lag"].as_array().unwrap();
+    assert!(
+        lag.iter()
+            .filter(|l| l["site"] == "dr" && l["voter"] == false)
+            .count()
+            == 2,
+        "{main}"
+    );
+    let (code, metrics) =
+        lifeboat_chaos_tests::harness::http_get(c.nodes[leader_idx].http, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("lifeboat_replication_lag_seconds{") && metrics.contains("site=\"dr\""),
+        "{metrics}"
+    );
+    for n in &mut c.nodes {
+        assert!(n.stop().unwrap(), "node {} exits cleanly", n.node_id);
+    }
+}

@@ -1,0 +1,550 @@
+//! The Raft transport: openraft's messages of every PG between nodes over
+//! one tonic channel per peer node, and the server that routes them to this
+//! node's members.
+//!
+//! Every PG message carries a [`pb::Route`] (cluster id, PG, generation,
+//! target member); the server refuses a message for another cluster, a PG
+//! it does not host, a member it does not have or another generation, with
+//! a status that says which — a fenced or wiped node never gets its entries
+//! into a group by accident.
+//!
+//! Wire format: openraft's small records (votes, log ids, responses) as
+//! JSON; log entries as `lifeboat.raft.Entry` bytes (the log store's own
+//! encoding); Raft snapshots as their file, streamed in 1 MiB chunks, so a
+//! group of any size is sent and received in bounded memory.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use lifeboat_proto::raft as pb;
+use lifeboat_proto::raft::raft_transport_client::RaftTransportClient;
+use lifeboat_proto::raft::raft_transport_server::{RaftTransport, RaftTransportServer};
+use lifeboat_store::{Generation, MemberId, NodeId, PgId};
+use openraft::RaftNetworkV2;
+use openraft::error::{RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::group::ProtectionGroup;
+use crate::types::{MemberNode, RaftSnapshotFile, TypeConfig};
+use crate::wire;
+
+type Vote = openraft::alias::VoteOf<TypeConfig>;
+type Snapshot = openraft::alias::SnapshotOf<TypeConfig, RaftSnapshotFile>;
+type SnapshotMeta = openraft::alias::SnapshotMetaOf<TypeConfig>;
+
+/// Largest gRPC message either side accepts: a replication batch is capped
+/// at `log_store::LOG_READ_BATCH_BYTES_MAX` plus one entry of at most about
+/// 1 MiB, far below this.
+pub const MESSAGE_BYTES_MAX: usize = 64 << 20;
+/// Raft snapshot files travel in chunks of this size.
+const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+/// How long a connection attempt to a peer may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The identity this node's messages carry, shared by every group.
+#[derive(Default)]
+pub struct Identity {
+    node_id: RwLock<NodeId>,
+    cluster_id: RwLock<Option<String>>,
+}
+
+impl Identity {
+    pub fn new(node_id: NodeId, cluster_id: Option<String>) -> Arc<Identity> {
+        Arc::new(Identity {
+            node_id: RwLock::new(node_id),
+            cluster_id: RwLock::new(cluster_id),
+        })
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        *self.node_id.read().expect("identity lock")
+    }
+
+    pub fn cluster_id(&self) -> Option<String> {
+        self.cluster_id.read().expect("identity lock").clone()
+    }
+
+    pub fn set_cluster_id(&self, id: &str) {
+        *self.cluster_id.write().expect("identity lock") = Some(id.to_owned());
+    }
+}
+
+/// One lazily connected channel per peer address, shared by every PG: HTTP/2
+/// multiplexes all groups' messages over one connection.
+#[derive(Default)]
+pub struct Peers {
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl Peers {
+    pub fn new() -> Arc<Peers> {
+        Arc::new(Peers::default())
+    }
+
+    pub fn client(&self, addr: &str) -> Result<RaftTransportClient<Channel>, Status> {
+        let mut channels = self.channels.lock().expect("peers lock");
+        let channel = match channels.get(addr) {
+            Some(c) => c.clone(),
+            None => {
+                let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+                    .map_err(|e| Status::invalid_argument(format!("peer address {addr}: {e}")))?
+                    .connect_timeout(CONNECT_TIMEOUT)
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(Duration::from_secs(10))
+                    .keep_alive_timeout(Duration::from_secs(10));
+                let c = endpoint.connect_lazy();
+                channels.insert(addr.to_owned(), c.clone());
+                c
+            }
+        };
+        Ok(RaftTransportClient::new(channel)
+            .max_decoding_message_size(MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(MESSAGE_BYTES_MAX))
+    }
+}
+
+/// A transport failure as openraft sees it.
+#[derive(Debug, thiserror::Error)]
+#[error("{peer}: {status}")]
+pub struct PeerError {
+    peer: String,
+    status: String,
+}
+
+fn peer_error(node: &MemberNode, status: &Status) -> PeerError {
+    PeerError {
+        peer: node.to_string(),
+        status: format!("{:?}: {}", status.code(), status.message()),
+    }
+}
+
+fn json<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, Status> {
+    wire::encode_json(value).map_err(|e| Status::internal(format!("encode: {e}")))
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, Status> {
+    wire::decode_json(bytes).map_err(|e| Status::invalid_argument(format!("malformed {what}: {e}")))
+}
+
+/// The route every message of one group carries, less the target member.
+#[derive(Clone)]
+pub struct GroupRoute {
+    pub identity: Arc<Identity>,
+    pub pg: PgId,
+    pub generation: Generation,
+}
+
+impl GroupRoute {
+    pub fn to(&self, target: MemberId) -> pb::Route {
+        pb::Route {
+            cluster_id: self.identity.cluster_id().unwrap_or_default(),
+            pg: self.pg.0,
+            generation: self.generation.0,
+            target_member: target.0,
+            from_node: self.identity.node_id().0,
+        }
+    }
+}
+
+/// openraft's network factory for one group.
+#[derive(Clone)]
+pub struct GroupNetwork {
+    pub peers: Arc<Peers>,
+    pub route: GroupRoute,
+}
+
+impl RaftNetworkFactory<TypeConfig> for GroupNetwork {
+    type Network = PeerLink;
+
+    async fn new_client(&mut self, target: u64, node: &MemberNode) -> PeerLink {
+        PeerLink {
+            peers: self.peers.clone(),
+            route: self.route.to(MemberId(target)),
+            node: node.clone(),
+        }
+    }
+}
+
+/// One group's link to one member on a peer node.
+pub struct PeerLink {
+    peers: Arc<Peers>,
+    route: pb::Route,
+    node: MemberNode,
+}
+
+impl PeerLink {
+    fn unreachable(&self, status: &Status) -> Unreachable<TypeConfig> {
+        Unreachable::new(&peer_error(&self.node, status))
+    }
+
+    fn client(&self) -> Result<RaftTransportClient<Channel>, Status> {
+        self.peers.client(&self.node.raft_addr)
+    }
+
+    async fn vote_rpc(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        pre_vote: bool,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let result = async {
+            let mut req = Request::new(pb::VoteRpc {
+                route: Some(self.route.clone()),
+                pre_vote,
+                request_json: json(&rpc)?.into(),
+            });
+            req.set_timeout(option.hard_ttl());
+            let reply = self.client()?.vote(req).await?.into_inner();
+            from_json(&reply.response_json, "vote response")
+        }
+        .await;
+        result.map_err(|s| RPCError::Unreachable(self.unreachable(&s)))
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for PeerLink {
+    type SnapshotData = RaftSnapshotFile;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let result = async {
+            let entries = rpc
+                .entries
+                .iter()
+                .map(|e| wire::encode_entry(e).map(Into::into))
+                .collect::<std::io::Result<Vec<_>>>()
+                .map_err(|e| Status::internal(format!("encode entry: {e}")))?;
+            let mut req = Request::new(pb::AppendRequest {
+                route: Some(self.route.clone()),
+                vote_json: json(&rpc.vote)?.into(),
+                prev_log_id_json: json(&rpc.prev_log_id)?.into(),
+                leader_commit_json: json(&rpc.leader_commit)?.into(),
+                entries,
+            });
+            req.set_timeout(option.hard_ttl());
+            let reply = self.client()?.append(req).await?.into_inner();
+            from_json(&reply.response_json, "append response")
+        }
+        .await;
+        result.map_err(|s| RPCError::Unreachable(self.unreachable(&s)))
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.vote_rpc(rpc, false, option).await
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        // Implemented, not defaulted: openraft's default grants every pre-vote.
+        self.vote_rpc(rpc, true, option).await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        _option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let send = async {
+            let first = pb::SnapshotChunk {
+                route: Some(self.route.clone()),
+                vote_json: json(&vote)?.into(),
+                meta_json: json(&snapshot.meta)?.into(),
+                data: Default::default(),
+            };
+            let file = tokio::fs::File::open(&snapshot.snapshot.path)
+                .await
+                .map_err(|e| Status::internal(format!("open raft snapshot: {e}")))?;
+            let chunks = file_chunks(file);
+            let stream = futures::stream::iter([first]).chain(chunks);
+            let reply = self
+                .client()?
+                .install_snapshot(Request::new(stream))
+                .await?
+                .into_inner();
+            from_json::<SnapshotResponse<TypeConfig>>(&reply.response_json, "snapshot response")
+        };
+        tokio::select! {
+            r = send => r.map_err(|s| StreamingError::Unreachable(self.unreachable(&s))),
+            closed = cancel => Err(StreamingError::Closed(closed)),
+        }
+    }
+}
+
+/// A file as a stream of snapshot data chunks. A read error ends the
+/// stream early; the receiver then refuses the truncated file by its CRC.
+fn file_chunks(file: tokio::fs::File) -> impl Stream<Item = pb::SnapshotChunk> + Send {
+    futures::stream::unfold(Some(file), |file| async move {
+        let mut file = file?;
+        let mut buf = vec![0u8; SNAPSHOT_CHUNK_BYTES];
+        let mut filled = 0;
+        while filled < buf.len() {
+            match file.read(&mut buf[filled..]).await {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) => {
+                    tracing::error!(error = %e, "read raft snapshot for sending");
+                    return None;
+                }
+            }
+        }
+        if filled == 0 {
+            return None;
+        }
+        buf.truncate(filled);
+        let chunk = pb::SnapshotChunk {
+            data: buf.into(),
+            ..Default::default()
+        };
+        Some((chunk, Some(file)))
+    })
+}
+
+/// What this node's Raft server needs from the node: its groups and the
+/// join handshake. Implemented by the node.
+pub trait Host: Send + Sync + 'static {
+    fn identity(&self) -> &Identity;
+    fn group(&self, pg: PgId) -> Option<ProtectionGroup>;
+    fn snapshot_dir(&self) -> PathBuf;
+    fn join(
+        &self,
+        req: pb::JoinRequest,
+    ) -> futures::future::BoxFuture<'static, Result<pb::JoinReply, Status>>;
+}
+
+/// The gRPC service on the Raft port.
+pub struct TransportService<H: Host> {
+    host: Arc<H>,
+}
+
+impl<H: Host> TransportService<H> {
+    pub fn new(host: Arc<H>) -> RaftTransportServer<TransportService<H>> {
+        RaftTransportServer::new(TransportService { host })
+            .max_decoding_message_size(MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(MESSAGE_BYTES_MAX)
+    }
+
+    /// The local member a message is for, or the status refusing it.
+    fn route(&self, route: Option<&pb::Route>) -> Result<ProtectionGroup, Status> {
+        let route = route.ok_or_else(|| Status::invalid_argument("message without a route"))?;
+        check_route(&*self.host, route)
+    }
+}
+
+/// Checks a message's route against this node; `Ok` is the member it is for.
+pub fn check_route(host: &dyn Host, route: &pb::Route) -> Result<ProtectionGroup, Status> {
+    let identity = host.identity();
+    let me = identity.node_id();
+    match identity.cluster_id() {
+        None => {
+            return Err(Status::failed_precondition(format!(
+                "node {me} is not in a cluster yet"
+            )));
+        }
+        Some(c) if c != route.cluster_id => {
+            return Err(Status::permission_denied(format!(
+                "message for cluster {:?} from node {}; node {me} is in cluster {c}",
+                route.cluster_id, route.from_node
+            )));
+        }
+        Some(_) => {}
+    }
+    let pg = PgId(route.pg);
+    let group = host.group(pg).ok_or_else(|| {
+        Status::not_found(format!(
+            "protection group {pg} is not hosted on node {me} (message from node {})",
+            route.from_node
+        ))
+    })?;
+    if route.target_member != 0 && route.target_member != group.member_id().0 {
+        return Err(Status::not_found(format!(
+            "member {} of protection group {pg} is not on node {me} (its member here is {})",
+            route.target_member,
+            group.member_id()
+        )));
+    }
+    if route.generation != group.generation().0 {
+        return Err(Status::failed_precondition(format!(
+            "protection group {pg} is at generation {} on node {me}; the message from node {} carries generation {}",
+            group.generation(),
+            route.from_node,
+            route.generation
+        )));
+    }
+    Ok(group)
+}
+
+/// Why a member could not act as the leader. Only a storage failure is
+/// internal: a member that is not (or no longer) leading, or whose Raft has
+/// stopped, is unavailable, and the caller looks for the leader again.
+fn leader_status(e: crate::Error) -> Status {
+    match e {
+        crate::Error::NotLeader { pg, leader } => Status::unavailable(format!(
+            "protection group {pg}: not the leader here (leader member: {leader:?})"
+        )),
+        crate::Error::Storage { .. } => Status::internal(e.to_string()),
+        other => Status::unavailable(other.to_string()),
+    }
+}
+
+fn fatal(pg: PgId, e: impl std::fmt::Display) -> Status {
+    Status::internal(format!("protection group {pg}: raft: {e}"))
+}
+
+#[tonic::async_trait]
+impl<H: Host> RaftTransport for TransportService<H> {
+    async fn append(
+        &self,
+        req: Request<pb::AppendRequest>,
+    ) -> Result<Response<pb::RaftReply>, Status> {
+        let req = req.into_inner();
+        let group = self.route(req.route.as_ref())?;
+        let entries = req
+            .entries
+            .iter()
+            .map(|b| wire::decode_entry(b))
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|e| Status::invalid_argument(format!("malformed entry: {e}")))?;
+        let rpc = AppendEntriesRequest {
+            vote: from_json(&req.vote_json, "vote")?,
+            prev_log_id: from_json(&req.prev_log_id_json, "prev log id")?,
+            leader_commit: from_json(&req.leader_commit_json, "leader commit")?,
+            entries,
+        };
+        let resp = group
+            .raft()
+            .append_entries(rpc)
+            .await
+            .map_err(|e| fatal(group.pg(), e))?;
+        Ok(Response::new(pb::RaftReply {
+            response_json: json(&resp)?.into(),
+        }))
+    }
+
+    async fn vote(&self, req: Request<pb::VoteRpc>) -> Result<Response<pb::RaftReply>, Status> {
+        let req = req.into_inner();
+        let group = self.route(req.route.as_ref())?;
+        let rpc: VoteRequest<TypeConfig> = from_json(&req.request_json, "vote request")?;
+        let resp = if req.pre_vote {
+            group.raft().pre_vote(rpc).await
+        } else {
+            group.raft().vote(rpc).await
+        }
+        .map_err(|e| fatal(group.pg(), e))?;
+        Ok(Response::new(pb::RaftReply {
+            response_json: json(&resp)?.into(),
+        }))
+    }
+
+    async fn install_snapshot(
+        &self,
+        req: Request<Streaming<pb::SnapshotChunk>>,
+    ) -> Result<Response<pb::RaftReply>, Status> {
+        let mut stream = req.into_inner();
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
+        let group = self.route(first.route.as_ref())?;
+        let vote: Vote = from_json(&first.vote_json, "vote")?;
+        let meta: SnapshotMeta = from_json(&first.meta_json, "snapshot meta")?;
+        let dir = self.host.snapshot_dir().join(format!("pg-{}", group.pg()));
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(|e| Status::internal(format!("snapshot dir: {e}")))?;
+        let path = dir.join(format!(
+            "receiving-{}-{}.part",
+            group.member_id(),
+            std::process::id()
+        ));
+        let received = receive_file(&path, first.data, &mut stream).await;
+        let result = match received {
+            Ok(()) => group
+                .raft()
+                .install_full_snapshot(
+                    vote,
+                    Snapshot {
+                        meta,
+                        snapshot: RaftSnapshotFile { path: path.clone() },
+                    },
+                )
+                .await
+                .map_err(|e| fatal(group.pg(), e)),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = tokio::fs::remove_file(&path).await {
+            tracing::debug!(path = %path.display(), error = %e, "remove received snapshot file");
+        }
+        let resp = result?;
+        Ok(Response::new(pb::RaftReply {
+            response_json: json(&resp)?.into(),
+        }))
+    }
+
+    async fn propose(
+        &self,
+        req: Request<pb::ProposeRequest>,
+    ) -> Result<Response<pb::ProposeReply>, Status> {
+        let req = req.into_inner();
+        let group = self.route(req.route.as_ref())?;
+        let kind = req
+            .command
+            .and_then(|c| c.kind)
+            .ok_or_else(|| Status::invalid_argument("proposal without a command"))?;
+        let (index, outcome) = group.propose_local(kind).await.map_err(leader_status)?;
+        Ok(Response::new(pb::ProposeReply {
+            index: index.0,
+            outcome_json: json(&outcome)?.into(),
+        }))
+    }
+
+    async fn read_index(
+        &self,
+        req: Request<pb::ReadIndexRequest>,
+    ) -> Result<Response<pb::ReadIndexReply>, Status> {
+        let req = req.into_inner();
+        let group = self.route(req.route.as_ref())?;
+        let index = group.read_index_local().await.map_err(leader_status)?;
+        Ok(Response::new(pb::ReadIndexReply { index: index.0 }))
+    }
+
+    async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
+        self.host.join(req.into_inner()).await.map(Response::new)
+    }
+}
+
+/// Writes a snapshot stream to `path` and fsyncs it; memory use is one chunk.
+async fn receive_file(
+    path: &std::path::Path,
+    first_data: bytes::Bytes,
+    stream: &mut Streaming<pb::SnapshotChunk>,
+) -> Result<(), Status> {
+    let io = |e: std::io::Error| Status::internal(format!("write received snapshot: {e}"));
+    let mut file = tokio::fs::File::create(path).await.map_err(io)?;
+    file.write_all(&first_data).await.map_err(io)?;
+    while let Some(chunk) = stream.message().await? {
+        file.write_all(&chunk.data).await.map_err(io)?;
+    }
+    file.sync_all().await.map_err(io)?;
+    Ok(())
+}

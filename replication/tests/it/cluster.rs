@@ -1,0 +1,361 @@
+//! Several members of one PG on several "nodes" in this process, each with
+//! its own RocksDB and its own gRPC transport server on a loopback port:
+//! replication, forwarding, learners, leader loss and route refusals over
+//! the real transport.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use lifeboat_proto::raft as pb;
+use lifeboat_replication::log_store::WalSyncer;
+use lifeboat_replication::transport::{Host, Identity, Peers, TransportService};
+use lifeboat_replication::{
+    DesiredMember, GroupStart, MemberNode, ProtectionGroup, RaftTimers, SystemClock,
+};
+use lifeboat_store::db::{Db, DbOptions};
+use lifeboat_store::volumes::Volumes;
+use lifeboat_store::{BlockNo, Generation, LogIndex, MemberId, NodeId, PgId, VolumeId};
+use tokio::sync::oneshot;
+use tonic::Status;
+
+const PG: PgId = PgId(7);
+const CLUSTER: &str = "cluster-a";
+
+struct TestHost {
+    identity: Arc<Identity>,
+    groups: RwLock<HashMap<PgId, ProtectionGroup>>,
+    dir: PathBuf,
+}
+
+impl Host for TestHost {
+    fn identity(&self) -> &Identity {
+        &self.identity
+    }
+    fn group(&self, pg: PgId) -> Option<ProtectionGroup> {
+        self.groups.read().unwrap().get(&pg).cloned()
+    }
+    fn snapshot_dir(&self) -> PathBuf {
+        self.dir.join("snapshots")
+    }
+    fn join(
+        &self,
+        _req: pb::JoinRequest,
+    ) -> futures::future::BoxFuture<'static, Result<pb::JoinReply, Status>> {
+        Box::pin(async { Err(Status::unimplemented("no joins in this test")) })
+    }
+}
+
+struct TestNode {
+    id: NodeId,
+    site: &'static str,
+    addr: String,
+    db: Db,
+    host: Arc<TestHost>,
+    group: ProtectionGroup,
+    stop: Option<oneshot::Sender<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestNode {
+    fn member_node(&self) -> MemberNode {
+        MemberNode {
+            node_id: self.id.0,
+            raft_addr: self.addr.clone(),
+            site: self.site.into(),
+        }
+    }
+
+    async fn stop(&mut self) {
+        self.group.shutdown().await.unwrap();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+fn timers() -> RaftTimers {
+    RaftTimers {
+        heartbeat_interval_ms: 50,
+        election_timeout_min_ms: 300,
+        election_timeout_max_ms: 600,
+    }
+}
+
+async fn start_node(id: u64, member: u64, site: &'static str, generation: u64) -> TestNode {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(&dir.path().join("db"), &DbOptions::default()).unwrap();
+    let identity = Identity::new(NodeId(id), Some(CLUSTER.into()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let group = ProtectionGroup::start(GroupStart {
+        pg: PG,
+        member: MemberId(member),
+        generation: Generation(generation),
+        db: db.clone(),
+        syncer: WalSyncer::start(db.clone()),
+        snapshot_root: &dir.path().join("snapshots"),
+        timers: &timers(),
+        clock: Arc::new(SystemClock),
+        peers: Peers::new(),
+        identity: identity.clone(),
+    })
+    .await
+    .unwrap();
+    let host = Arc::new(TestHost {
+        identity,
+        groups: RwLock::new(HashMap::from([(PG, group.clone())])),
+        dir: dir.path().to_owned(),
+    });
+    let (tx, rx) = oneshot::channel::<()>();
+    let service = TransportService::new(host.clone());
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async {
+                    let _ = rx.await;
+                },
+            )
+            .await
+            .unwrap();
+    });
+    TestNode {
+        id: NodeId(id),
+        site,
+        addr,
+        db,
+        host,
+        group,
+        stop: Some(tx),
+        _dir: dir,
+    }
+}
+
+fn write(block: u64, frame: &[u8]) -> pb::command::Kind {
+    pb::command::Kind::WriteBlocks(pb::WriteBlocks {
+        volume: 1,
+        blocks: vec![pb::BlockWrite {
+            block,
+            frame: frame.to_vec().into(),
+            expect_latest: None,
+        }],
+    })
+}
+
+fn latest(node: &TestNode, block: u64) -> Option<Vec<u8>> {
+    Volumes::new(node.db.clone())
+        .latest_blocks(PG, VolumeId(1), BlockNo(block), 1)
+        .unwrap()
+        .remove(0)
+        .map(|b| b.value)
+}
+
+async fn wait_applied(node: &TestNode, index: LogIndex) {
+    for _ in 0..200 {
+        if node.group.metrics().applied_index >= index {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!(
+        "node {} did not apply {index}: {:?}",
+        node.id,
+        node.group.metrics()
+    );
+}
+
+/// Three voters at "primary" and a learner at "dr": the learner gets every
+/// entry, followers forward proposals and serve linearizable reads, and a
+/// new leader takes over when the leader's node stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_voters_and_a_learner_replicate_and_survive_the_leader() {
+    let mut nodes = vec![
+        start_node(1, 11, "primary", 0).await,
+        start_node(2, 12, "primary", 0).await,
+        start_node(3, 13, "primary", 0).await,
+        start_node(4, 14, "dr", 0).await,
+    ];
+    let voters: BTreeMap<u64, MemberNode> = nodes[..3]
+        .iter()
+        .map(|n| (n.group.member_id().0, n.member_node()))
+        .collect();
+    nodes[0].group.initialize(voters).await.unwrap();
+    nodes[0]
+        .group
+        .wait_for_leader(Duration::from_secs(10))
+        .await
+        .unwrap();
+    let desired: Vec<DesiredMember> = nodes
+        .iter()
+        .map(|n| DesiredMember {
+            member: n.group.member_id(),
+            node: n.member_node(),
+            voter: n.site == "primary",
+        })
+        .collect();
+    // The leader adds the learner; the others do nothing.
+    for _ in 0..50 {
+        let mut changed = false;
+        for n in &nodes {
+            changed |= n.group.sync_membership(&desired).await.unwrap_or(true);
+        }
+        let m = nodes[0].group.metrics();
+        if !changed && m.nodes.len() == 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let m = nodes[0].group.metrics();
+    assert_eq!(m.nodes.len(), 4, "{m:?}");
+    assert_eq!(m.voters.len(), 3, "{m:?}");
+
+    // Proposed on the learner's node: forwarded to the leader.
+    let (created, _) = nodes[3]
+        .group
+        .propose(pb::command::Kind::CreateVolume(pb::CreateVolume {
+            volume: 1,
+            name: "disk0".into(),
+            size_bytes: 64 * 4096,
+        }))
+        .await
+        .unwrap();
+    let mut last = created;
+    for i in 0..20u64 {
+        let proposer = &nodes[(i % 4) as usize];
+        let (index, _) = proposer
+            .group
+            .propose(write(i % 8, format!("v{i}").as_bytes()))
+            .await
+            .unwrap();
+        assert!(index > last);
+        last = index;
+    }
+    // A linearizable read on the learner sees the last write.
+    let read = nodes[3].group.read_barrier().await.unwrap();
+    assert!(read >= last, "read index {read} < {last}");
+    assert_eq!(latest(&nodes[3], 19 % 8).unwrap(), b"v19");
+
+    // The leader reports the lag of every other member, the learner included.
+    let leader = nodes
+        .iter()
+        .position(|n| n.group.metrics().is_leader)
+        .unwrap();
+    let lag = nodes[leader].group.lag();
+    assert_eq!(lag.len(), 3, "{lag:?}");
+    assert!(lag.iter().any(|l| !l.voter && l.node.site == "dr"));
+
+    // Stop the leader: another voter takes over and writes go on.
+    nodes[leader].stop().await;
+    let survivor = (leader + 1) % 3;
+    let (after, _) = nodes[survivor]
+        .group
+        .propose(write(0, b"after-failover"))
+        .await
+        .unwrap();
+    assert!(after > last);
+    for (i, n) in nodes.iter().enumerate() {
+        if i != leader {
+            wait_applied(n, after).await;
+            assert_eq!(latest(n, 0).unwrap(), b"after-failover", "node {}", n.id);
+        }
+    }
+    let new_leader = nodes[survivor].group.metrics().leader_node.unwrap();
+    assert_ne!(new_leader, nodes[leader].id.0);
+    for n in &mut nodes {
+        if n.stop.is_some() {
+            n.stop().await;
+        }
+    }
+}
+
+/// A message for another generation, another cluster, an unknown PG or a
+/// member the node does not have is refused before it reaches Raft.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_with_a_wrong_route_are_refused() {
+    let mut node = start_node(1, 21, "primary", 3).await;
+    node.group
+        .initialize([(21, node.member_node())].into_iter().collect())
+        .await
+        .unwrap();
+    let peers = Peers::new();
+    let good = pb::Route {
+        cluster_id: CLUSTER.into(),
+        pg: PG.0,
+        generation: 3,
+        target_member: 21,
+        from_node: 9,
+    };
+    let read = |route: pb::Route| {
+        let mut client = peers.client(&node.addr).unwrap();
+        async move {
+            client
+                .read_index(pb::ReadIndexRequest { route: Some(route) })
+                .await
+        }
+    };
+    node.group
+        .wait_for_leadership(Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(read(good.clone()).await.is_ok());
+
+    let cases = [
+        (
+            pb::Route {
+                generation: 2,
+                ..good.clone()
+            },
+            tonic::Code::FailedPrecondition,
+            "generation 3",
+        ),
+        (
+            pb::Route {
+                cluster_id: "cluster-b".into(),
+                ..good.clone()
+            },
+            tonic::Code::PermissionDenied,
+            "cluster-a",
+        ),
+        (
+            pb::Route {
+                pg: 99,
+                ..good.clone()
+            },
+            tonic::Code::NotFound,
+            "protection group 99 is not hosted",
+        ),
+        (
+            pb::Route {
+                target_member: 22,
+                ..good.clone()
+            },
+            tonic::Code::NotFound,
+            "member 22",
+        ),
+    ];
+    for (route, code, says) in cases {
+        let status = read(route.clone()).await.unwrap_err();
+        assert_eq!(status.code(), code, "{route:?}: {status:?}");
+        assert!(status.message().contains(says), "{status:?}");
+    }
+    // An append with a wrong generation never reaches the log.
+    let before = node.group.metrics().last_log_index;
+    let mut client = peers.client(&node.addr).unwrap();
+    let status = client
+        .append(pb::AppendRequest {
+            route: Some(pb::Route {
+                generation: 4,
+                ..good.clone()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(node.group.metrics().last_log_index, before);
+    assert!(Arc::strong_count(&node.host) >= 1);
+    node.stop().await;
+}
