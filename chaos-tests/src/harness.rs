@@ -57,6 +57,11 @@ pub struct TestNode {
     pub http: SocketAddr,
     pub token: Option<String>,
     child: Option<Child>,
+    /// (data dir, master key file, extra TOML) the config is made from.
+    config_base: (PathBuf, PathBuf, String),
+    /// Once a node has run, its addresses are known to its cluster and
+    /// never change.
+    ever_started: bool,
 }
 
 impl TestNode {
@@ -84,31 +89,49 @@ impl TestNode {
         extra: &str,
     ) -> Result<TestNode> {
         std::fs::create_dir_all(dir)?;
-        let raft = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let nbd = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let config = format!(
-            "node_id = {node_id}\nsite = {site:?}\ndata_dir = {:?}\nmaster_key_file = {:?}\n\
-             [raft]\nlisten = \"{raft}\"\n[admin]\nlisten = \"{admin}\"\n[nbd]\nlisten = \"{nbd}\"\n\
-             [http]\nlisten = \"{http}\"\n{extra}\n",
-            data_dir.display().to_string(),
-            master_key_file.display().to_string(),
-        );
-        let config_path = dir.join("node.toml");
-        std::fs::write(&config_path, merge_sections(&config))?;
-        Ok(TestNode {
+        let unbound = SocketAddr::from(([127, 0, 0, 1], 0));
+        let mut node = TestNode {
             dir: dir.to_owned(),
-            config_path,
+            config_path: dir.join("node.toml"),
             node_id,
             site: site.to_owned(),
-            raft,
-            admin,
-            nbd,
-            http,
+            raft: unbound,
+            admin: unbound,
+            nbd: unbound,
+            http: unbound,
             token: None,
             child: None,
-        })
+            config_base: (
+                data_dir.to_owned(),
+                master_key_file.to_owned(),
+                extra.to_owned(),
+            ),
+            ever_started: false,
+        };
+        node.write_config()?;
+        Ok(node)
+    }
+
+    /// Picks free ports and writes the config with them.
+    fn write_config(&mut self) -> Result<()> {
+        let port = || SocketAddr::from(([127, 0, 0, 1], free_port()));
+        (self.raft, self.admin, self.nbd, self.http) = (port(), port(), port(), port());
+        let (data_dir, master_key_file, extra) = &self.config_base;
+        let config = format!(
+            "node_id = {}\nsite = {:?}\ndata_dir = {:?}\nmaster_key_file = {:?}\n\
+             [raft]\nlisten = \"{}\"\n[admin]\nlisten = \"{}\"\n[nbd]\nlisten = \"{}\"\n\
+             [http]\nlisten = \"{}\"\n{extra}\n",
+            self.node_id,
+            self.site,
+            data_dir.display().to_string(),
+            master_key_file.display().to_string(),
+            self.raft,
+            self.admin,
+            self.nbd,
+            self.http,
+        );
+        std::fs::write(&self.config_path, merge_sections(&config))?;
+        Ok(())
     }
 
     pub fn endpoint(&self) -> String {
@@ -116,7 +139,35 @@ impl TestNode {
     }
 
     /// Starts the node process and waits until `/health` says ok.
+    ///
+    /// A free port can be taken by another test between `free_port` and the
+    /// node's bind: before the node first ran, it then gets new ports and
+    /// tries again.
     pub fn start(&mut self) -> Result<()> {
+        let mut attempts = 0;
+        loop {
+            self.spawn()?;
+            match self.wait_healthy() {
+                Ok(()) => {
+                    self.ever_started = true;
+                    return Ok(());
+                }
+                Err(e)
+                    if !self.ever_started
+                        && attempts < 3
+                        && e.to_string().contains("Address already in use") =>
+                {
+                    attempts += 1;
+                    self.write_config()?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Starts the node process without waiting: a node of a cluster that is
+    /// all down is healthy only once a quorum of its peers is back too.
+    pub fn spawn(&mut self) -> Result<()> {
         assert!(self.child.is_none(), "node already running");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -132,13 +183,15 @@ impl TestNode {
             .spawn()
             .with_context(|| format!("start {}", lifeboat_bin().display()))?;
         self.child = Some(child);
-        self.wait_healthy()
+        Ok(())
     }
 
-    fn wait_healthy(&mut self) -> Result<()> {
+    /// Waits until `/health` says ok (every PG on the node knows a leader).
+    pub fn wait_healthy(&mut self) -> Result<()> {
         let started = Instant::now();
         loop {
             if let Some(status) = self.child.as_mut().expect("running").try_wait()? {
+                self.child = None;
                 bail!(
                     "node exited during start: {status}; log:\n{}",
                     self.log_tail()

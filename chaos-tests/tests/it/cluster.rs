@@ -28,7 +28,7 @@ type Ledger = Arc<Mutex<HashMap<u64, BlockState>>>;
 
 struct Cluster {
     nodes: Vec<TestNode>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Cluster {
@@ -64,7 +64,24 @@ impl Cluster {
         }
         nodes[0].must_cli(&["tenant", "create", "t"]);
         nodes[0].must_cli(&["volume", "create", "t/v", "--size", "1MiB"]);
-        Cluster { nodes, _dir: dir }
+        Cluster { nodes, dir }
+    }
+
+    /// Starts a new node that is in no cluster yet.
+    fn start_new_node(&self, node_id: u64, site: &str) -> TestNode {
+        let node_dir = self.dir.path().join(format!("new{node_id}"));
+        let mut n = TestNode::member(
+            &node_dir,
+            &node_dir.join("data"),
+            node_id,
+            site,
+            &self.dir.path().join("keys/master.key"),
+            FAST_RAFT,
+        )
+        .unwrap();
+        n.start().unwrap();
+        n.token = self.nodes[0].token.clone();
+        n
     }
 
     /// The node id leading PG `t/main`, from node `via`'s status.
@@ -287,6 +304,113 @@ async fn leader_killed_under_load_loses_nothing_and_replicas_agree() {
         "{metrics}"
     );
     for n in &mut c.nodes {
+        assert!(n.stop().unwrap(), "node {} exits cleanly", n.node_id);
+    }
+}
+
+/// Opens `t/v` on `node`, waiting while the node does not host it yet.
+async fn connect_when_served(node: &TestNode) -> NbdClient {
+    let started = Instant::now();
+    loop {
+        match NbdClient::connect(node.nbd, "t/v").await {
+            Ok(c) => return c,
+            Err(e) => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(30),
+                    "node {} never served t/v: {e}\n{}",
+                    node.node_id,
+                    node.log_tail()
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+/// SIGKILL of every node at once loses nothing acknowledged; then a dead DR
+/// node is removed and a new one added, which receives the PG and serves
+/// the same data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_cluster_sigkill_then_a_dr_node_is_replaced() {
+    let mut c = Cluster::start(3, 2);
+    let ledger: Ledger = Arc::default();
+    let client = NbdClient::connect(c.nodes[0].nbd, "t/v").await.unwrap();
+    for b in 0..BLOCKS {
+        let seq = 1000 + b;
+        client
+            .write(b * 4096, &block_content(b, seq, 4096), false)
+            .await
+            .unwrap()
+            .unwrap();
+        ledger.lock().unwrap().entry(b).or_default().acked = Some(seq);
+    }
+    drop(client);
+
+    for n in &mut c.nodes {
+        n.kill9();
+    }
+    for n in &mut c.nodes {
+        n.spawn().unwrap();
+    }
+    for n in &mut c.nodes {
+        n.wait_healthy().unwrap();
+    }
+    for n in &c.nodes {
+        let client = connect_when_served(n).await;
+        let mut blocks = Vec::new();
+        for b in 0..BLOCKS {
+            blocks.push(client.read(b * 4096, 4096).await.unwrap().unwrap());
+        }
+        check_against_ledger(&blocks, &ledger, n.node_id);
+    }
+
+    // DR node 5 dies for good: remove it, add node 6 at dr in its place.
+    c.nodes[4].kill9();
+    c.nodes[0].must_cli(&["node", "remove", "5"]);
+    let new = c.start_new_node(6, "dr");
+    c.nodes[0].must_cli(&["node", "add", &new.raft.to_string(), "--site", "dr"]);
+    let client = connect_when_served(&new).await;
+    let mut blocks = Vec::new();
+    for b in 0..BLOCKS {
+        blocks.push(client.read(b * 4096, 4096).await.unwrap().unwrap());
+    }
+    check_against_ledger(&blocks, &ledger, 6);
+
+    let list = c.nodes[0].must_cli(&["node", "list", "--output", "json"]);
+    let nodes: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let by_id = |id: u64| {
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["id"] == id)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(by_id(5)["removed"], true, "{nodes}");
+    assert_eq!(by_id(6)["reachable"], true, "{nodes}");
+    assert_eq!(by_id(6)["catalog_role"], "learner", "{nodes}");
+    // A removed node's id is never reused: node 5 coming back is refused.
+    c.nodes[4].spawn().unwrap();
+    let started = Instant::now();
+    loop {
+        let again = c.nodes[0].cli(&["node", "add", &c.nodes[4].raft.to_string()]);
+        let err = String::from_utf8_lossy(&again.stderr).into_owned();
+        if again.status.code() == Some(4) {
+            assert!(err.contains("node 5 already exists or existed"), "{err}");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "re-adding node 5: {:?} {err}",
+            again.status
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    c.nodes[4].kill9();
+    let mut new = new;
+    assert!(new.stop().unwrap());
+    for n in &mut c.nodes[..4] {
         assert!(n.stop().unwrap(), "node {} exits cleanly", n.node_id);
     }
 }
