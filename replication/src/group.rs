@@ -199,14 +199,19 @@ impl LeaderRetry {
     }
 }
 
+/// Whether a forwarded request may be tried again (at the same or a new
+/// leader). Only refusals that another attempt cannot change are final;
+/// everything else — the leader moved, its node died mid-request, the
+/// connection broke (h2 errors arrive as `Internal` or `Unknown`) — is
+/// retried until LEADER_WAIT runs out.
 fn retryable(status: &Status) -> bool {
-    matches!(
+    !matches!(
         status.code(),
-        Code::Unavailable
-            | Code::NotFound
-            | Code::DeadlineExceeded
-            | Code::Cancelled
-            | Code::Unknown
+        Code::InvalidArgument
+            | Code::PermissionDenied
+            | Code::FailedPrecondition
+            | Code::Unimplemented
+            | Code::Unauthenticated
     )
 }
 

@@ -182,13 +182,17 @@ impl LogStore {
         let oldest_missing = matched + 1;
         let (bytes, stamp) = {
             let stats = self.stats.lock().expect("log stats lock");
+            // The window is in index order: visit only the missing entries
+            // (O(lag), not O(window)), and average only when some are older
+            // than the window.
+            let start = stats.recent.partition_point(|&(i, _, _)| i <= matched);
             let mut found = 0u64;
             let mut bytes = 0u64;
             let mut stamp = None;
             for &(i, b, s) in stats
                 .recent
-                .iter()
-                .filter(|(i, _, _)| *i > matched && *i <= last)
+                .range(start..)
+                .take_while(|(i, _, _)| *i <= last)
             {
                 if i == oldest_missing {
                     stamp = Some(s);
@@ -196,9 +200,12 @@ impl LogStore {
                 found += 1;
                 bytes += b;
             }
-            let total: u64 = stats.recent.iter().map(|&(_, b, _)| b).sum();
-            let average = total / (stats.recent.len() as u64).max(1);
-            (bytes + (entries - found.min(entries)) * average, stamp)
+            let older = entries - found.min(entries);
+            if older > 0 {
+                let total: u64 = stats.recent.iter().map(|&(_, b, _)| b).sum();
+                bytes += older * (total / (stats.recent.len() as u64).max(1));
+            }
+            (bytes, stamp)
         };
         let stamp = match stamp {
             Some(s) if s > 0 => Some(s),
