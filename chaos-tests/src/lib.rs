@@ -7,4 +7,5 @@
 
 pub mod data;
 pub mod harness;
+pub mod ledger;
 pub mod nbd_client;

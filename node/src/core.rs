@@ -976,19 +976,22 @@ impl NodeCore {
             .await;
         let catalog_member = match added {
             Ok((_, Applied::NodeAdded { catalog_member, .. })) => catalog_member,
-            // A retry of an add whose join did not finish: join again.
-            Err(lifeboat_replication::Error::Rejected {
-                rejection: lifeboat_replication::Rejection::NodeExists { .. },
-                ..
-            }) if self.unfinished_join(who.node_id, raft_addr)?.is_some() => self
-                .unfinished_join(who.node_id, raft_addr)?
-                .unwrap_or_default(),
             Ok((_, other)) => {
                 return Err(NodeError::Io {
                     op: "add node".into(),
                     source: std::io::Error::other(format!("unexpected apply result {other:?}")),
                 });
             }
+            // A retry of an add whose join did not finish: join again.
+            Err(
+                e @ lifeboat_replication::Error::Rejected {
+                    rejection: lifeboat_replication::Rejection::NodeExists { .. },
+                    ..
+                },
+            ) => match self.unfinished_join(who.node_id, raft_addr)? {
+                Some(member) => member,
+                None => return Err(e.into()),
+            },
             Err(e) => return Err(e.into()),
         };
         let admit = pb::JoinRequest {
@@ -1057,15 +1060,10 @@ impl NodeCore {
         if pg == PgId::CATALOG {
             return "catalog".into();
         }
-        let named = self.catalog.pg_by_id(pg.0).ok().flatten().and_then(|p| {
-            let tenant = self
-                .tenants()
-                .ok()?
-                .into_iter()
-                .find(|t| t.id == p.tenant_id)?;
-            Some(format!("{}/{}", tenant.name, p.name))
-        });
-        named.unwrap_or_else(|| pg.0.to_string())
+        match self.catalog.pg_by_id(pg.0) {
+            Ok(Some(p)) => format!("{}/{}", p.tenant, p.name),
+            _ => pg.0.to_string(),
+        }
     }
 
     /// Whether the node at `raft_addr` answers on its Raft port now.

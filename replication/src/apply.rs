@@ -288,6 +288,7 @@ impl<'a> ApplyContext<'a> {
                 node_id: i.node_id,
                 voter: true,
             }],
+            tenant: String::new(),
         });
         self.catalog_put(
             catalog::token_key(&i.operator_token_sha256),
@@ -308,10 +309,9 @@ impl<'a> ApplyContext<'a> {
                 tenant: t.name.clone(),
             }));
         }
-        let Some(cluster) = self.catalog_get::<pb::ClusterRecord>(catalog::CLUSTER_KEY)? else {
-            return Ok(Err(Rejection::Malformed {
-                reason: "the catalog is not initialised".into(),
-            }));
+        let cluster = match self.cluster()? {
+            Ok(c) => c,
+            Err(rejection) => return Ok(Err(rejection)),
         };
         if let Some(rejection) = self.dead_node_among(&t.members)? {
             return Ok(Err(rejection));
@@ -334,16 +334,15 @@ impl<'a> ApplyContext<'a> {
                 voter: m.voter,
             });
         }
-        let pg = pb::PgRecord {
+        self.put_pg_record(&pb::PgRecord {
             id: pg_id,
             tenant_id,
             name: catalog::MAIN_PG.into(),
             generation: 0,
             active_site: cluster.site,
             members,
-        };
-        self.catalog_put(catalog::pg_key(&t.name, catalog::MAIN_PG), &pg);
-        self.catalog_put(catalog::pg_id_key(pg_id), &pg);
+            tenant: t.name.clone(),
+        });
         Ok(Ok(Applied::TenantCreated {
             tenant_id,
             main_pg: pg_id,
@@ -427,29 +426,18 @@ impl ApplyContext<'_> {
     /// Writes a PG record under its id key and, for tenant PGs, its name key.
     fn put_pg_record(&mut self, pg: &pb::PgRecord) {
         if pg.id != 0 {
-            let tenant = self.tenant_name(pg.tenant_id);
-            if let Some(tenant) = tenant {
-                self.catalog_put(catalog::pg_key(&tenant, &pg.name), pg);
-            }
+            self.catalog_put(catalog::pg_key(&pg.tenant, &pg.name), pg);
         }
         self.catalog_put(catalog::pg_id_key(pg.id), pg);
     }
 
-    fn tenant_name(&self, tenant_id: u64) -> Option<String> {
-        // Tenants are few; the overlay is consulted through catalog_get.
-        let rows = self
-            .db
-            .scan(Cf::Catalog, b"tenant/", b"tenant/", usize::MAX)
-            .ok()?;
-        rows.into_iter().find_map(|(k, v)| {
-            let key = k.clone();
-            let r: pb::TenantRecord = match self.catalog_overlay.get(&key) {
-                Some(Some(staged)) => pb::TenantRecord::decode(staged.as_slice()).ok()?,
-                Some(None) => return None,
-                None => pb::TenantRecord::decode(v.as_slice()).ok()?,
-            };
-            (r.id == tenant_id).then_some(r.name)
-        })
+    /// The cluster record, or the refusal for a catalog not initialised yet.
+    fn cluster(&self) -> io::Result<Result<pb::ClusterRecord, Rejection>> {
+        Ok(self
+            .catalog_get::<pb::ClusterRecord>(catalog::CLUSTER_KEY)?
+            .ok_or_else(|| Rejection::Malformed {
+                reason: "the catalog is not initialised".into(),
+            }))
     }
 
     fn node_is_live(&self, node: u64) -> io::Result<bool> {
@@ -459,14 +447,17 @@ impl ApplyContext<'_> {
     }
 
     fn apply_add_node(&mut self, a: &pb::AddNode, stamp_ms: u64) -> io::Result<Outcome> {
+        // Every check before anything is staged.
         let key = catalog::node_key(a.node_id);
         if a.node_id == 0 || self.catalog_get::<pb::NodeRecord>(&key)?.is_some() {
             return Ok(Err(Rejection::NodeExists { node: a.node_id }));
         }
-        let Some(cluster) = self.catalog_get::<pb::ClusterRecord>(catalog::CLUSTER_KEY)? else {
-            return Ok(Err(Rejection::Malformed {
-                reason: "the catalog is not initialised".into(),
-            }));
+        let cluster = match self.cluster()? {
+            Ok(c) => c,
+            Err(rejection) => return Ok(Err(rejection)),
+        };
+        let Some(mut pg0) = self.catalog_get::<pb::PgRecord>(&catalog::pg_id_key(0))? else {
+            return Ok(Err(Rejection::PgIdNotFound { pg: 0 }));
         };
         self.catalog_put(
             key,
@@ -478,14 +469,11 @@ impl ApplyContext<'_> {
                 removed: false,
             },
         );
-        let Some(mut pg0) = self.catalog_get::<pb::PgRecord>(&catalog::pg_id_key(0))? else {
-            return Ok(Err(Rejection::PgIdNotFound { pg: 0 }));
-        };
-        // Catalog voters: up to CATALOG_VOTERS at the cluster's own site, so
-        // that a cut WAN never stops a healthy primary; every other node
-        // follows the catalog as a learner.
-        let voters_here = pg0.members.iter().filter(|m| m.voter).count();
-        let voter = a.site == cluster.site && voters_here < catalog::CATALOG_VOTERS;
+        // Catalog voters: up to CATALOG_VOTERS, all at the cluster's own
+        // site, so that a cut WAN never stops a healthy primary; every
+        // other node follows the catalog as a learner.
+        let voters = pg0.members.iter().filter(|m| m.voter).count();
+        let voter = a.site == cluster.site && voters < catalog::CATALOG_VOTERS;
         let member = self.next_id(Counter::Member)?;
         pg0.members.push(pb::PgMember {
             member_id: member,

@@ -17,9 +17,6 @@ pub enum Error {
     #[error("protection group {pg}: {rejection}")]
     Rejected { pg: u64, rejection: Rejection },
 
-    #[error("protection group {pg} is not served by this node")]
-    UnknownGroup { pg: u64 },
-
     #[error("protection group {pg}: raft: {reason}")]
     Raft { pg: u64, reason: String },
 
@@ -38,7 +35,6 @@ impl Error {
             Error::Storage { .. } => "replication.storage",
             Error::NotLeader { .. } => "replication.not_leader",
             Error::Rejected { .. } => "replication.rejected",
-            Error::UnknownGroup { .. } => "replication.unknown_group",
             Error::Raft { .. } => "replication.raft",
             Error::NoLeader { .. } => "replication.no_leader",
         }

@@ -69,16 +69,6 @@ pub fn forget(db: &Db, pg: PgId) -> io::Result<()> {
     db.write(b, Durability::Sync).map_err(io::Error::other)
 }
 
-pub fn get(db: &Db, pg: PgId) -> io::Result<Option<LocalMember>> {
-    db.get(
-        Cf::RaftState,
-        &keys::raft_state_key(pg, RaftStateKind::LocalMember),
-    )
-    .map_err(io::Error::other)?
-    .map(|v| decode(pg, &v))
-    .transpose()
-}
-
 /// Every member this node hosts, by PG.
 pub fn all(db: &Db) -> io::Result<Vec<LocalMember>> {
     let rows = db

@@ -266,12 +266,18 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let target = self.snapshot_path(meta);
         let expected = meta.clone();
         blocking(move || {
-            // Keep our own copy: the incoming file may belong to the transport.
+            // The file is handed over: move it into place (one write of a
+            // snapshot, not two), copying only across filesystems. The
+            // directory is fsynced so the install marker never names a
+            // file a crash could take back.
             if snapshot.path != target {
-                let partial = target.with_extension("incoming");
-                std::fs::copy(&snapshot.path, &partial)?;
-                std::fs::File::open(&partial)?.sync_all()?;
-                std::fs::rename(&partial, &target)?;
+                if std::fs::rename(&snapshot.path, &target).is_err() {
+                    let partial = target.with_extension("incoming");
+                    std::fs::copy(&snapshot.path, &partial)?;
+                    std::fs::File::open(&partial)?.sync_all()?;
+                    std::fs::rename(&partial, &target)?;
+                }
+                std::fs::File::open(&this.snapshot_dir)?.sync_all()?;
             }
             let installed = this.install_file(&target)?;
             if installed != expected {

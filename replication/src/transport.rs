@@ -50,23 +50,23 @@ const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
 /// How long a connection attempt to a peer may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// The identity this node's messages carry, shared by every group.
-#[derive(Default)]
+/// The identity this node's messages carry, shared by every group. The
+/// cluster id is set once, when the node initialises or joins a cluster.
 pub struct Identity {
-    node_id: RwLock<NodeId>,
+    node_id: NodeId,
     cluster_id: RwLock<Option<String>>,
 }
 
 impl Identity {
     pub fn new(node_id: NodeId, cluster_id: Option<String>) -> Arc<Identity> {
         Arc::new(Identity {
-            node_id: RwLock::new(node_id),
+            node_id,
             cluster_id: RwLock::new(cluster_id),
         })
     }
 
     pub fn node_id(&self) -> NodeId {
-        *self.node_id.read().expect("identity lock")
+        self.node_id
     }
 
     pub fn cluster_id(&self) -> Option<String> {
@@ -472,11 +472,7 @@ impl<H: Host> RaftTransport for TransportService<H> {
         tokio::fs::create_dir_all(&dir)
             .await
             .map_err(|e| Status::internal(format!("snapshot dir: {e}")))?;
-        let path = dir.join(format!(
-            "receiving-{}-{}.part",
-            group.member_id(),
-            std::process::id()
-        ));
+        let path = dir.join(format!("receiving-{}.part", group.member_id()));
         let received = receive_file(&path, first.data, &mut stream).await;
         let result = match received {
             Ok(()) => group
@@ -492,8 +488,12 @@ impl<H: Host> RaftTransport for TransportService<H> {
                 .map_err(|e| fatal(group.pg(), e)),
             Err(e) => Err(e),
         };
-        if let Err(e) = tokio::fs::remove_file(&path).await {
-            tracing::debug!(path = %path.display(), error = %e, "remove received snapshot file");
+        // Installed, the state machine has moved the file into place;
+        // otherwise it is left here and goes.
+        if tokio::fs::try_exists(&path).await.unwrap_or(false)
+            && let Err(e) = tokio::fs::remove_file(&path).await
+        {
+            tracing::warn!(path = %path.display(), error = %e, "remove received snapshot file");
         }
         let resp = result?;
         Ok(Response::new(pb::RaftReply {

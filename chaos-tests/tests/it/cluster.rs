@@ -4,12 +4,12 @@
 //! under a write load loses nothing acknowledged and leaves every replica
 //! identical.
 
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lifeboat_chaos_tests::harness::TestNode;
+use lifeboat_chaos_tests::ledger::Ledger;
 use lifeboat_chaos_tests::nbd_client::NbdClient;
 use rand::{Rng, SeedableRng};
 
@@ -17,14 +17,6 @@ use crate::{FAST_RAFT, block_content};
 
 const BLOCKS: u64 = 64;
 const WRITERS: u64 = 4;
-
-#[derive(Default, Clone, Debug)]
-struct BlockState {
-    acked: Option<u64>,
-    in_flight: Vec<u64>,
-}
-
-type Ledger = Arc<Mutex<HashMap<u64, BlockState>>>;
 
 struct Cluster {
     nodes: Vec<TestNode>,
@@ -116,22 +108,13 @@ async fn writer(
     let mut seq = id << 40;
     while !stop.load(Ordering::Relaxed) {
         let block = id * (BLOCKS / WRITERS) + rng.gen_range(0..BLOCKS / WRITERS);
-        ledger
-            .lock()
-            .unwrap()
-            .entry(block)
-            .or_default()
-            .in_flight
-            .push(seq);
+        ledger.sending(block, seq);
         match client
             .write(block * 4096, &block_content(block, seq, 4096), false)
             .await
         {
             Ok(Ok(())) => {
-                let mut l = ledger.lock().unwrap();
-                let s = l.get_mut(&block).unwrap();
-                s.in_flight.retain(|x| *x != seq);
-                s.acked = Some(seq);
+                ledger.acked(block, seq);
                 acked += 1;
             }
             // An error reply is not an acknowledgement; the write may or
@@ -155,29 +138,10 @@ async fn read_all(node: &TestNode) -> Vec<Vec<u8>> {
 }
 
 fn check_against_ledger(blocks: &[Vec<u8>], ledger: &Ledger, node: u64) {
-    let l = ledger.lock().unwrap();
     for (b, got) in blocks.iter().enumerate() {
-        let b = b as u64;
-        let Some(state) = l.get(&b) else {
-            assert!(
-                got.iter().all(|x| *x == 0),
-                "node {node}: block {b} never written"
-            );
-            continue;
-        };
-        let mut allowed = state.in_flight.clone();
-        allowed.extend(state.acked);
-        let newer_than_acked = |s: &u64| state.acked.is_none_or(|a| *s >= a);
-        assert!(
-            allowed
-                .iter()
-                .filter(|s| newer_than_acked(s))
-                .any(|s| *got == block_content(b, *s, 4096))
-                || (state.acked.is_none() && got.iter().all(|x| *x == 0)),
-            "node {node}: block {b} is not its last acknowledged write {:?} (in flight {:?})",
-            state.acked,
-            state.in_flight
-        );
+        if let Err(e) = ledger.check(b as u64, got) {
+            panic!("node {node}: {e}");
+        }
     }
 }
 
@@ -190,7 +154,7 @@ async fn leader_killed_under_load_loses_nothing_and_replicas_agree() {
     // forwarded, and it stays up when the leader dies.
     let via = (0..3).find(|i| *i != leader_idx).unwrap();
 
-    let ledger: Ledger = Arc::default();
+    let ledger = Ledger::default();
     let stop = Arc::new(AtomicBool::new(false));
     let mut rng = rand::rngs::StdRng::seed_from_u64(0xc1a5_7e12);
     let mut tasks = Vec::new();
@@ -205,37 +169,18 @@ async fn leader_killed_under_load_loses_nothing_and_replicas_agree() {
         )));
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let acked_before_kill: usize = ledger
-        .lock()
-        .unwrap()
-        .values()
-        .filter(|s| s.acked.is_some())
-        .count();
     assert!(
-        acked_before_kill > 0,
+        ledger.acked_blocks() > 0,
         "writes were acknowledged before the kill"
     );
     c.nodes[leader_idx].kill9();
     let killed_at = Instant::now();
 
     // A new leader serves within seconds: acknowledgements resume.
-    let count_acked = |l: &Ledger| -> u64 {
-        l.lock()
-            .unwrap()
-            .values()
-            .filter_map(|s| s.acked.map(|_| 1))
-            .sum()
-    };
-    let seqs_acked = |l: &Ledger| -> Vec<Option<u64>> {
-        let l = l.lock().unwrap();
-        (0..BLOCKS)
-            .map(|b| l.get(&b).and_then(|s| s.acked))
-            .collect()
-    };
-    let at_kill = seqs_acked(&ledger);
+    let at_kill = ledger.acked_seqs();
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        if seqs_acked(&ledger) != at_kill {
+        if ledger.acked_seqs() != at_kill {
             break;
         }
         assert!(
@@ -250,7 +195,7 @@ async fn leader_killed_under_load_loses_nothing_and_replicas_agree() {
     for t in tasks {
         acked += t.await.unwrap().0;
     }
-    assert!(acked > 0 && count_acked(&ledger) > 0);
+    assert!(acked > 0 && ledger.acked_blocks() > 0);
     eprintln!("writes acknowledged: {acked}; writes resumed {resumed_after:?} after the kill");
 
     let new_leader = c.leader_of_main(via).expect("a new leader");
@@ -333,7 +278,10 @@ async fn connect_when_served(node: &TestNode) -> NbdClient {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn whole_cluster_sigkill_then_a_dr_node_is_replaced() {
     let mut c = Cluster::start(3, 2);
-    let ledger: Ledger = Arc::default();
+    // `node add` again for a member (an operator's retry) is harmless.
+    let (raft, site) = (c.nodes[1].raft.to_string(), c.nodes[1].site.clone());
+    c.nodes[0].must_cli(&["node", "add", &raft, "--site", &site]);
+    let ledger = Ledger::default();
     let client = NbdClient::connect(c.nodes[0].nbd, "t/v").await.unwrap();
     for b in 0..BLOCKS {
         let seq = 1000 + b;
@@ -342,7 +290,7 @@ async fn whole_cluster_sigkill_then_a_dr_node_is_replaced() {
             .await
             .unwrap()
             .unwrap();
-        ledger.lock().unwrap().entry(b).or_default().acked = Some(seq);
+        ledger.acked(b, seq);
     }
     drop(client);
 

@@ -4,10 +4,9 @@
 //! write that was in flight when the node died, which may or may not have
 //! landed).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use lifeboat_chaos_tests::ledger::Ledger;
 use lifeboat_chaos_tests::nbd_client::NbdClient;
 use rand::{Rng, SeedableRng};
 
@@ -16,15 +15,6 @@ use crate::{block_content, must_node_with_volume};
 const WRITERS: u64 = 8;
 const BLOCKS_PER_WRITER: u64 = 32;
 const ROUNDS: usize = 4;
-
-#[derive(Default, Clone)]
-struct BlockState {
-    acked: Option<u64>,
-    /// Sequences sent but not acknowledged when the node died.
-    in_flight: Vec<u64>,
-}
-
-type Ledger = Arc<Mutex<HashMap<u64, BlockState>>>;
 
 async fn writer(client: NbdClient, id: u64, ledger: Ledger, seed: u64, first_seq: u64) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -40,22 +30,13 @@ async fn writer(client: NbdClient, id: u64, ledger: Ledger, seed: u64, first_seq
         let mut data = Vec::new();
         for b in block..block + blocks {
             data.extend(block_content(b, seq, 4096));
-            ledger
-                .lock()
-                .unwrap()
-                .entry(b)
-                .or_default()
-                .in_flight
-                .push(seq);
+            ledger.sending(b, seq);
         }
         let fua = rng.gen_ratio(1, 2);
         match client.write(block * 4096, &data, fua).await {
             Ok(Ok(())) => {
-                let mut l = ledger.lock().unwrap();
                 for b in block..block + blocks {
-                    let s = l.get_mut(&b).unwrap();
-                    s.in_flight.retain(|x| *x != seq);
-                    s.acked = Some(seq);
+                    ledger.acked(b, seq);
                 }
             }
             // An error reply or a dead connection: not acknowledged.
@@ -65,55 +46,30 @@ async fn writer(client: NbdClient, id: u64, ledger: Ledger, seed: u64, first_seq
     }
 }
 
+/// Reads back every block the ledger knows through a new connection and
+/// checks it; what landed becomes the truth for the next round.
 async fn verify(node_nbd: std::net::SocketAddr, ledger: &Ledger) -> usize {
     let client = NbdClient::connect(node_nbd, "t/v")
         .await
         .expect("reconnect after restart");
-    let snapshot: Vec<(u64, BlockState)> = ledger
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(b, s)| (*b, s.clone()))
-        .collect();
-    let mut checked = 0;
-    for (block, state) in snapshot {
+    let blocks = ledger.blocks();
+    for &block in &blocks {
         let got = client
             .read(block * 4096, 4096)
             .await
             .unwrap()
             .expect("read after restart");
-        let mut allowed: Vec<u64> = state.in_flight.clone();
-        allowed.extend(state.acked);
-        let ok = allowed
-            .iter()
-            .any(|seq| got == block_content(block, *seq, 4096));
-        let newest_allowed = allowed.iter().copied().max();
-        assert!(
-            ok || (state.acked.is_none() && got.iter().all(|b| *b == 0)),
-            "block {block}: content matches none of acked {:?} / in flight {:?} (newest {newest_allowed:?})",
-            state.acked,
-            state.in_flight
-        );
-        checked += 1;
-        // Whatever landed is now the truth for the next round.
-        let mut l = ledger.lock().unwrap();
-        let s = l.get_mut(&block).unwrap();
-        if let Some(seq) = allowed
-            .into_iter()
-            .find(|seq| got == block_content(block, *seq, 4096))
-        {
-            s.acked = Some(seq);
-        }
-        s.in_flight.clear();
+        let landed = ledger.check(block, &got).unwrap_or_else(|e| panic!("{e}"));
+        ledger.settle(block, landed);
     }
-    checked
+    blocks.len()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_sigkill() {
     let dir = tempfile::tempdir().unwrap();
     let mut node = must_node_with_volume(dir.path(), &dir.path().join("data"), "", "64MiB");
-    let ledger: Ledger = Arc::default();
+    let ledger = Ledger::default();
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x11fe_b0a7);
     let mut total_acked = 0;
     for round in 0..ROUNDS {
@@ -134,14 +90,8 @@ async fn acknowledged_writes_survive_sigkill() {
         for t in tasks {
             t.await.unwrap();
         }
-        let acked = ledger
-            .lock()
-            .unwrap()
-            .values()
-            .filter(|s| s.acked.is_some())
-            .count();
         assert!(
-            acked > 0,
+            ledger.acked_blocks() > 0,
             "round {round}: some writes were acknowledged before the kill"
         );
         node.start().unwrap();

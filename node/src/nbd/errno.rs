@@ -200,7 +200,7 @@ pub fn from_node_error(e: &crate::error::NodeError) -> Errno {
             rejection: Rejection::BlockOutOfRange { .. },
             ..
         }) => Errno::NoSpc,
-        NodeError::Replication(R::NotLeader { .. } | R::UnknownGroup { .. }) => Errno::Shutdown,
+        NodeError::Replication(R::NotLeader { .. } | R::NoLeader { .. }) => Errno::Shutdown,
         _ => Errno::Io,
     }
 }
@@ -229,6 +229,34 @@ mod tests {
         assert_eq!(map(io::ErrorKind::FileTooLarge), Errno::NoSpc);
         assert_eq!(map(io::ErrorKind::PermissionDenied), Errno::Perm);
         assert_eq!(map(io::ErrorKind::UnexpectedEof), Errno::Io);
+    }
+
+    #[test]
+    fn node_errors_map_to_what_a_client_can_act_on() {
+        use crate::error::NodeError;
+        use lifeboat_replication::{Error as R, Rejection};
+        let map = |e: R| from_node_error(&NodeError::Replication(e));
+        // No leader anywhere within the wait: the client should reconnect.
+        let no_leader = R::NoLeader {
+            pg: 3,
+            waited_ms: 15_000,
+            last: "no leader known".into(),
+        };
+        assert_eq!(map(no_leader), Errno::Shutdown);
+        let past_end = R::Rejected {
+            pg: 3,
+            rejection: Rejection::BlockOutOfRange {
+                volume: 1,
+                block: 9,
+                blocks: 8,
+            },
+        };
+        assert_eq!(map(past_end), Errno::NoSpc);
+        let fatal = R::Raft {
+            pg: 3,
+            reason: "raft stopped".into(),
+        };
+        assert_eq!(map(fatal), Errno::Io);
     }
 
     #[test]

@@ -6,6 +6,7 @@ mod admin;
 mod bad_input;
 mod confidentiality;
 mod integrity;
+mod membership;
 mod real_clients;
 
 use std::net::SocketAddr;
