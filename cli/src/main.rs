@@ -342,7 +342,8 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                         "last_log_index": p.last_log_index, "leader_member": p.leader,
                         "leader_node": p.leader_node, "role": p.role,
                         "generation": p.generation, "active_site": p.active_site,
-                        "volumes": p.volumes,
+                        "volumes": p.volumes, "log_first_index": p.log_first_index,
+                        "log_bytes": p.log_bytes, "snapshot_index": p.snapshot_index,
                         "lag": p.lag.iter().map(|l| serde_json::json!({
                             "member": l.member_id, "node": l.node_id, "site": l.site,
                             "voter": l.voter, "matched_index": l.matched_index,
@@ -374,7 +375,16 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                     }
                 );
                 let mut t = Table::new(&[
-                    "PG", "ID", "GEN", "HERE", "LEADER", "APPLIED", "LAST LOG", "VOLUMES",
+                    "PG",
+                    "ID",
+                    "GEN",
+                    "HERE",
+                    "LEADER",
+                    "APPLIED",
+                    "LOG",
+                    "LOG BYTES",
+                    "SNAPSHOT",
+                    "VOLUMES",
                 ]);
                 let mut lag = Table::new(&[
                     "PG",
@@ -416,7 +426,9 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                             format!("node {}", p.leader_node)
                         },
                         p.applied_index.to_string(),
-                        p.last_log_index.to_string(),
+                        format!("{}..{}", p.log_first_index, p.last_log_index),
+                        size::format_size(p.log_bytes),
+                        p.snapshot_index.to_string(),
                         p.volumes.to_string(),
                     ]);
                 }

@@ -156,6 +156,14 @@ pub fn pg_status(core: &NodeCore, g: &ProtectionGroup) -> api::PgStatus {
             lag_seconds: l.lag.seconds,
         })
         .collect();
+    let log = g.log_status().unwrap_or_else(|e| {
+        tracing::warn!(pg = g.pg().0, error = %e, "cannot read the log's span");
+        lifeboat_replication::LogStatus {
+            span: None,
+            snapshot_index: None,
+            purged_index: None,
+        }
+    });
     api::PgStatus {
         name: core.pg_display_name(g.pg()),
         id: g.pg().0,
@@ -168,6 +176,9 @@ pub fn pg_status(core: &NodeCore, g: &ProtectionGroup) -> api::PgStatus {
         role: role.into(),
         lag,
         leader_node: m.leader_node.unwrap_or(0),
+        log_first_index: log.span.map_or(0, |s| s.first),
+        log_bytes: log.span.map_or(0, |s| s.bytes),
+        snapshot_index: log.snapshot_index.map_or(0, |i| i.0),
     }
 }
 

@@ -58,6 +58,17 @@ pub struct RaftConfig {
     pub election_timeout_max_ms: u64,
     pub pg_voters: usize,
     pub pg_learners_per_site: usize,
+    /// Bytes of log each PG member keeps at most. A standby further behind
+    /// than the log reaches catches up through a Raft snapshot instead.
+    pub log_retain_bytes: u64,
+    /// How often each member checks its log against `log_retain_bytes`.
+    pub log_check_interval_ms: u64,
+    /// Under the `remote` ack policy, how long a write waits for a standby
+    /// site before the PG degrades to `local` (with an event and a metric).
+    pub remote_timeout_ms: u64,
+    /// Addresses this node dials instead of a peer's advertised Raft
+    /// address (advertised → dialled), for NAT or a relay between sites.
+    pub dial: std::collections::BTreeMap<String, String>,
 }
 
 fn loopback(port: u16) -> SocketAddr {
@@ -125,6 +136,10 @@ impl Default for RaftConfig {
             election_timeout_max_ms: 4000,
             pg_voters: 3,
             pg_learners_per_site: 3,
+            log_retain_bytes: 1 << 30,
+            log_check_interval_ms: 5000,
+            remote_timeout_ms: 5000,
+            dial: Default::default(),
         }
     }
 }
@@ -199,6 +214,14 @@ impl NodeConfig {
                 "raft.listen {} is what other nodes dial: give this node's own address",
                 r.listen
             ));
+        }
+        if r.log_retain_bytes < 64 << 10 {
+            return Err("raft.log_retain_bytes must be at least 65536".into());
+        }
+        if r.log_check_interval_ms == 0 || r.remote_timeout_ms == 0 {
+            return Err(
+                "raft.log_check_interval_ms and raft.remote_timeout_ms must be positive".into(),
+            );
         }
         if r.pg_voters == 0 || r.pg_voters.is_multiple_of(2) {
             return Err("raft.pg_voters must be odd (1, 3, 5)".into());

@@ -14,7 +14,8 @@ use lifeboat_replication::members::{self, LocalMember};
 use lifeboat_replication::placement::{self, PlacementPolicy};
 use lifeboat_replication::transport::{Identity, Peers};
 use lifeboat_replication::{
-    Applied, Clock, DesiredMember, GroupStart, MemberNode, ProtectionGroup, RaftTimers, SystemClock,
+    Applied, Clock, DesiredMember, GroupStart, MemberNode, ProtectionGroup, RaftTimers, Retention,
+    SystemClock,
 };
 use lifeboat_store::db::{Db, DbOptions};
 use lifeboat_store::frame::FrameCodec;
@@ -101,7 +102,8 @@ pub struct NodeCore {
     /// Serialises starting and stopping members.
     membership_changes: tokio::sync::Mutex<()>,
     stopping: CancellationToken,
-    reconciler: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The reconciler and the log-retention task.
+    background: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 /// How often a node compares the catalog's placement with the members it
@@ -144,7 +146,7 @@ impl NodeCore {
             metrics: Metrics::new(),
             block_locks: BlockLocks::new(),
             identity: Identity::new(NodeId(config.node_id), binding.clone()),
-            peers: Peers::new(),
+            peers: Peers::with_dial(config.raft.dial.clone().into_iter().collect()),
             syncer: WalSyncer::start(db.clone()),
             clock: Arc::new(SystemClock),
             master_key: RwLock::new(None),
@@ -152,7 +154,7 @@ impl NodeCore {
             addrs: RwLock::new(default_addrs),
             membership_changes: tokio::sync::Mutex::new(()),
             stopping: CancellationToken::new(),
-            reconciler: std::sync::Mutex::new(None),
+            background: std::sync::Mutex::new(Vec::new()),
             config,
             db,
         });
@@ -245,21 +247,51 @@ impl NodeCore {
     /// Starts the background task that keeps this node's members in line
     /// with the catalog (see [`NodeCore::reconcile_once`]).
     pub fn start_reconciler(self: &Arc<Self>) {
+        let reconciler = self.every(RECONCILE_INTERVAL, |core| async move {
+            if let Err(e) = core.reconcile_once().await {
+                tracing::warn!(code = e.code(), error = %e, "reconcile");
+            }
+        });
+        let retention = self.every(
+            Duration::from_millis(self.config.raft.log_check_interval_ms),
+            |core| async move { core.enforce_log_retention().await },
+        );
+        self.background
+            .lock()
+            .expect("background lock")
+            .extend([reconciler, retention]);
+    }
+
+    /// Runs `pass` every `interval` until the node stops.
+    fn every<F, Fut>(self: &Arc<Self>, interval: Duration, pass: F) -> tokio::task::JoinHandle<()>
+    where
+        F: Fn(Arc<NodeCore>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
         let weak = Arc::downgrade(self);
         let stopping = self.stopping.clone();
-        let task = tokio::spawn(async move {
+        tokio::spawn(async move {
             loop {
                 tokio::select! {
                     _ = stopping.cancelled() => return,
-                    _ = tokio::time::sleep(RECONCILE_INTERVAL) => {}
+                    _ = tokio::time::sleep(interval) => {}
                 }
                 let Some(core) = weak.upgrade() else { return };
-                if let Err(e) = core.reconcile_once().await {
-                    tracing::warn!(code = e.code(), error = %e, "reconcile");
-                }
+                pass(core).await;
             }
-        });
-        *self.reconciler.lock().expect("reconciler lock") = Some(task);
+        })
+    }
+
+    /// Keeps every member's log within `raft.log_retain_bytes`.
+    async fn enforce_log_retention(&self) {
+        let max_bytes = self.config.raft.log_retain_bytes;
+        for g in self.groups() {
+            match g.enforce_log_retention(max_bytes).await {
+                Ok(Retention::Within) => {}
+                Ok(done) => tracing::debug!(pg = g.pg().0, ?done, "log retention"),
+                Err(e) => tracing::warn!(pg = g.pg().0, error = %e, "log retention"),
+            }
+        }
     }
 
     /// One pass of keeping this node in line with the catalog:
@@ -1095,8 +1127,13 @@ impl NodeCore {
     /// closes RocksDB cleanly.
     pub async fn shutdown(&self) {
         self.stopping.cancel();
-        let reconciler = self.reconciler.lock().expect("reconciler lock").take();
-        if let Some(task) = reconciler {
+        let tasks: Vec<_> = self
+            .background
+            .lock()
+            .expect("background lock")
+            .drain(..)
+            .collect();
+        for task in tasks {
             let _ = task.await;
         }
         let _changes = self.membership_changes.lock().await;

@@ -19,7 +19,7 @@ use openraft::{Config, SnapshotPolicy};
 use tonic::{Code, Request, Status};
 
 use crate::error::{Error, Result};
-use crate::log_store::{Lag, LogStore, WalSyncer};
+use crate::log_store::{Lag, LogSpan, LogStore, WalSyncer};
 use crate::state_machine::StateMachine;
 use crate::transport::{GroupNetwork, GroupRoute, Identity, Peers};
 use crate::types::{Applied, Command, MemberNode, Rejection, TypeConfig};
@@ -79,9 +79,12 @@ fn raft_config(pg: PgId, timers: &RaftTimers) -> Result<Config> {
         max_payload_entries: REPLICATION_ENTRIES_MAX,
         // `add_learner(blocking)` then means really caught up.
         replication_lag_threshold: 64,
-        // Snapshots are taken by the node when it decides to purge the log
-        // (behind the slowest standby), never on a count of entries.
+        // Snapshots are taken, and the log purged, only by
+        // `enforce_log_retention` (behind the slowest standby, within a size
+        // limit), never on a count of entries: openraft's own purge after a
+        // snapshot would cut entries a lagging standby still needs.
         snapshot_policy: SnapshotPolicy::Never,
+        max_in_snapshot_log_to_keep: u64::MAX,
         ..Default::default()
     }
     .validate()
@@ -122,6 +125,25 @@ pub struct MemberLag {
     pub voter: bool,
     pub matched_index: LogIndex,
     pub lag: Lag,
+}
+
+/// What one call of [`ProtectionGroup::enforce_log_retention`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Retention {
+    /// The log is within its limit, or there is nothing it may purge.
+    Within,
+    /// A Raft snapshot was asked for; the purge up to `upto` comes later.
+    SnapshotRequested { upto: u64 },
+    /// The log is being purged up to `upto` (inclusive).
+    Purging { upto: u64 },
+}
+
+/// A member's log and snapshot, for status and tests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LogStatus {
+    pub span: Option<LogSpan>,
+    pub snapshot_index: Option<LogIndex>,
+    pub purged_index: Option<LogIndex>,
 }
 
 /// A member the catalog wants in a group.
@@ -622,6 +644,79 @@ impl ProtectionGroup {
             return Ok(true);
         }
         Ok(false)
+    }
+
+    /// Keeps the log within `max_bytes`: once it holds more, purges it
+    /// behind the slowest member this leader replicates to, but at least
+    /// down to `max_bytes / 2` (a member further behind then catches up
+    /// through a Raft snapshot). The halving makes each snapshot build free
+    /// at least half the limit. Purging needs a snapshot that covers the
+    /// purge point: when the current one does not, this asks for one and
+    /// purges on a later call. Returns what it did.
+    pub async fn enforce_log_retention(&self, max_bytes: u64) -> Result<Retention> {
+        let log = self.log.clone();
+        let pg = self.pg;
+        let (span, cut) = tokio::task::spawn_blocking(move || {
+            Ok::<_, std::io::Error>((log.span()?, log.purge_point_keeping(max_bytes / 2)?))
+        })
+        .await
+        .map_err(|e| self.raft_err(e))?
+        .map_err(|source| Error::Storage { pg: pg.0, source })?;
+        let (Some(span), Some(cut)) = (span, cut) else {
+            return Ok(Retention::Within);
+        };
+        if span.bytes <= max_bytes {
+            return Ok(Retention::Within);
+        }
+        let m = self.raft.metrics().borrow_watched().clone();
+        let applied = m.last_applied.as_ref().map_or(0, |l| l.index);
+        let slowest = m.replication.as_ref().and_then(|r| {
+            r.iter()
+                .filter(|(id, _)| **id != self.member.0)
+                .map(|(_, matched)| matched.as_ref().map_or(0, |l| l.index))
+                .min()
+        });
+        let target = slowest.map_or(cut, |s| s.max(cut)).min(applied);
+        if target < span.first {
+            return Ok(Retention::Within);
+        }
+        let snapshot = m.snapshot.as_ref().map_or(0, |l| l.index);
+        if snapshot < target {
+            self.raft
+                .trigger()
+                .snapshot()
+                .await
+                .map_err(|e| self.raft_err(e))?;
+            return Ok(Retention::SnapshotRequested { upto: target });
+        }
+        tracing::info!(
+            pg = self.pg.0,
+            upto = target,
+            log_bytes = span.bytes,
+            max_bytes,
+            "purging the log"
+        );
+        self.raft
+            .trigger()
+            .purge_log(target)
+            .await
+            .map_err(|e| self.raft_err(e))?;
+        Ok(Retention::Purging { upto: target })
+    }
+
+    /// The log this member holds and its latest Raft snapshot (two point
+    /// reads of the log).
+    pub fn log_status(&self) -> Result<LogStatus> {
+        let span = self.log.span().map_err(|source| Error::Storage {
+            pg: self.pg.0,
+            source,
+        })?;
+        let m = self.raft.metrics().borrow_watched().clone();
+        Ok(LogStatus {
+            span,
+            snapshot_index: m.snapshot.as_ref().map(|l| LogIndex(l.index)),
+            purged_index: m.purged.as_ref().map(|l| LogIndex(l.index)),
+        })
     }
 
     pub async fn shutdown(&self) -> Result<()> {

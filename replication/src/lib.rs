@@ -19,7 +19,7 @@ pub mod wire;
 
 pub use error::{Error, Result};
 pub use group::{
-    Clock, DesiredMember, GroupMetrics, GroupStart, MemberLag, ProtectionGroup, RaftTimers,
-    SystemClock,
+    Clock, DesiredMember, GroupMetrics, GroupStart, LogStatus, MemberLag, ProtectionGroup,
+    RaftTimers, Retention, SystemClock,
 };
 pub use types::{Applied, Command, CommandResponse, MemberNode, Rejection, TypeConfig};

@@ -29,6 +29,32 @@ type Vote = openraft::alias::VoteOf<TypeConfig>;
 /// many bytes (always at least one entry): openraft batches by count only.
 pub const LOG_READ_BATCH_BYTES_MAX: usize = 8 << 20;
 
+/// A stored log value is the entry's end position (u64 big-endian: bytes of
+/// entry encodings in this log up to and including it) followed by the entry.
+/// Positions make "how many bytes does the log hold" and "where must it be
+/// cut to keep N bytes" exact after a restart, with a few point reads.
+const POSITION_BYTES: usize = 8;
+
+fn split_stored(value: &[u8]) -> io::Result<(u64, &[u8])> {
+    if value.len() < POSITION_BYTES {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "raft_log value shorter than its position",
+        ));
+    }
+    let (pos, entry) = value.split_at(POSITION_BYTES);
+    Ok((u64::from_be_bytes(pos.try_into().expect("8 bytes")), entry))
+}
+
+/// The retained part of a log: first and last index, and the bytes of the
+/// entries between them (inclusive).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LogSpan {
+    pub first: u64,
+    pub last: u64,
+    pub bytes: u64,
+}
+
 fn io_other(e: lifeboat_store::Error) -> io::Error {
     io::Error::other(e)
 }
@@ -230,6 +256,78 @@ impl LogStore {
         Ok(None)
     }
 
+    /// End position of the entry at `index`, if the log holds it.
+    fn end_position(&self, index: u64) -> io::Result<Option<u64>> {
+        self.db
+            .get(Cf::RaftLog, &keys::raft_log_key(self.pg, LogIndex(index)))
+            .map_err(io_other)?
+            .map(|v| split_stored(&v).map(|(pos, _)| pos))
+            .transpose()
+    }
+
+    /// The entries this log holds now, or `None` when it holds none.
+    pub fn span(&self) -> io::Result<Option<LogSpan>> {
+        let prefix = keys::pg_prefix(self.pg);
+        let first = self
+            .db
+            .scan(
+                Cf::RaftLog,
+                &prefix,
+                &keys::raft_log_key(self.pg, LogIndex(0)),
+                1,
+            )
+            .map_err(io_other)?;
+        let Some((first_key, first_value)) = first.into_iter().next() else {
+            return Ok(None);
+        };
+        let Some((last_key, last_value)) = self
+            .db
+            .last_with_prefix(Cf::RaftLog, &prefix)
+            .map_err(io_other)?
+        else {
+            return Ok(None);
+        };
+        let index = |k: &[u8]| {
+            keys::raft_log_index(k)
+                .map(|i| i.0)
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed raft_log key"))
+        };
+        let (first_end, first_entry) = split_stored(&first_value)?;
+        let (last_end, _) = split_stored(&last_value)?;
+        let first_start = first_end.saturating_sub(first_entry.len() as u64);
+        Ok(Some(LogSpan {
+            first: index(&first_key)?,
+            last: index(&last_key)?,
+            bytes: last_end.saturating_sub(first_start),
+        }))
+    }
+
+    /// The smallest index up to which (inclusive) the log must be purged so
+    /// that it holds at most `keep_bytes` (binary search over positions:
+    /// O(log n) point reads). `None` when it already does.
+    pub fn purge_point_keeping(&self, keep_bytes: u64) -> io::Result<Option<u64>> {
+        let Some(span) = self.span()? else {
+            return Ok(None);
+        };
+        if span.bytes <= keep_bytes {
+            return Ok(None);
+        }
+        let last_end = self.end_position(span.last)?.unwrap_or(0);
+        let wanted = last_end.saturating_sub(keep_bytes);
+        // Invariant: end(lo - 1) < wanted (or lo is first), end(hi) >= wanted.
+        let (mut lo, mut hi) = (span.first, span.last);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match self.end_position(mid)? {
+                Some(end) if end >= wanted => hi = mid,
+                Some(_) => lo = mid + 1,
+                // Purged under us: everything up to mid is gone already.
+                None => lo = mid + 1,
+            }
+        }
+        Ok(Some(lo))
+    }
+
     fn state_key(&self, kind: RaftStateKind) -> [u8; keys::RAFT_STATE_KEY_BYTES] {
         keys::raft_state_key(self.pg, kind)
     }
@@ -273,7 +371,7 @@ impl LogStore {
                 if index.0 >= end {
                     return Ok(out);
                 }
-                let entry = wire::decode_entry(&value)?;
+                let entry = wire::decode_entry(split_stored(&value)?.1)?;
                 if entry.log_id.index != index.0 {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
@@ -339,7 +437,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .last_with_prefix(Cf::RaftLog, &keys::pg_prefix(self.pg))
             .map_err(io_other)?;
         let last_log_id = match last {
-            Some((_, value)) => Some(wire::decode_entry(&value)?.log_id),
+            Some((_, value)) => Some(wire::decode_entry(split_stored(&value)?.1)?.log_id),
             None => last_purged,
         };
         Ok(LogState {
@@ -389,15 +487,32 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut b = self.db.new_batch();
         let mut appended = Vec::new();
+        // Position continues from the entry before the first appended one;
+        // when that one is purged (or the log is empty) no retained entry
+        // precedes this batch, so positions may start again from 0.
+        let mut position: Option<u64> = None;
         for entry in entries {
-            let key = keys::raft_log_key(self.pg, LogIndex(entry.log_id.index));
+            let index = entry.log_id.index;
+            let pos = match position {
+                Some(p) => p,
+                None => match index.checked_sub(1) {
+                    Some(prev) => self.end_position(prev)?.unwrap_or(0),
+                    None => 0,
+                },
+            };
+            let key = keys::raft_log_key(self.pg, LogIndex(index));
             let bytes = wire::encode_entry(&entry)?;
+            let end = pos + bytes.len() as u64;
+            position = Some(end);
             let stamp = match &entry.payload {
                 openraft::EntryPayload::Normal(cmd) => cmd.0.stamp_ms,
                 _ => 0,
             };
-            appended.push((entry.log_id.index, bytes.len() as u64, stamp));
-            b.put(Cf::RaftLog, &key, &bytes);
+            appended.push((index, bytes.len() as u64, stamp));
+            let mut value = Vec::with_capacity(POSITION_BYTES + bytes.len());
+            value.extend_from_slice(&end.to_be_bytes());
+            value.extend_from_slice(&bytes);
+            b.put(Cf::RaftLog, &key, &value);
         }
         {
             let mut stats = self.stats.lock().expect("log stats lock");

@@ -80,9 +80,14 @@ impl Identity {
 
 /// One lazily connected channel per peer address, shared by every PG: HTTP/2
 /// multiplexes all groups' messages over one connection.
+///
+/// Channels are keyed by the peer's advertised address; `dial` may map one
+/// to the address actually dialled (NAT, a relay between sites, or a test's
+/// link proxy).
 #[derive(Default)]
 pub struct Peers {
     channels: Mutex<HashMap<String, Channel>>,
+    dial: HashMap<String, String>,
 }
 
 impl Peers {
@@ -90,12 +95,21 @@ impl Peers {
         Arc::new(Peers::default())
     }
 
+    /// Peers dialled through `dial` (advertised address → dialled address).
+    pub fn with_dial(dial: HashMap<String, String>) -> Arc<Peers> {
+        Arc::new(Peers {
+            channels: Mutex::default(),
+            dial,
+        })
+    }
+
     pub fn client(&self, addr: &str) -> Result<RaftTransportClient<Channel>, Status> {
         let mut channels = self.channels.lock().expect("peers lock");
         let channel = match channels.get(addr) {
             Some(c) => c.clone(),
             None => {
-                let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+                let dialled = self.dial.get(addr).map_or(addr, String::as_str);
+                let endpoint = Endpoint::from_shared(format!("http://{dialled}"))
                     .map_err(|e| Status::invalid_argument(format!("peer address {addr}: {e}")))?
                     .connect_timeout(CONNECT_TIMEOUT)
                     .tcp_nodelay(true)

@@ -21,27 +21,29 @@ const WRITERS: u64 = 4;
 struct Cluster {
     nodes: Vec<TestNode>,
     dir: tempfile::TempDir,
+    /// TOML every node's config ends with.
+    extra: String,
 }
 
 impl Cluster {
     /// Starts `primary` + `dr` nodes, initialises the cluster on node 0,
     /// adds the others with `node add`, then makes tenant `t` and `t/v`.
     fn start(primary: u64, dr: u64) -> Cluster {
+        Cluster::start_with(primary, dr, "")
+    }
+
+    /// Like [`Cluster::start`], with `extra` TOML in every node's config.
+    fn start_with(primary: u64, dr: u64, extra: &str) -> Cluster {
+        let extra = format!("{FAST_RAFT}{extra}");
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("keys/master.key");
         let mut nodes = Vec::new();
         for i in 0..primary + dr {
             let site = if i < primary { "primary" } else { "dr" };
             let node_dir = dir.path().join(format!("n{i}"));
-            let mut n = TestNode::member(
-                &node_dir,
-                &node_dir.join("data"),
-                i + 1,
-                site,
-                &key,
-                FAST_RAFT,
-            )
-            .unwrap();
+            let mut n =
+                TestNode::member(&node_dir, &node_dir.join("data"), i + 1, site, &key, &extra)
+                    .unwrap();
             n.start().unwrap();
             nodes.push(n);
         }
@@ -56,7 +58,7 @@ impl Cluster {
         }
         nodes[0].must_cli(&["tenant", "create", "t"]);
         nodes[0].must_cli(&["volume", "create", "t/v", "--size", "1MiB"]);
-        Cluster { nodes, dir }
+        Cluster { nodes, dir, extra }
     }
 
     /// Starts a new node that is in no cluster yet.
@@ -68,7 +70,7 @@ impl Cluster {
             node_id,
             site,
             &self.dir.path().join("keys/master.key"),
-            FAST_RAFT,
+            &self.extra,
         )
         .unwrap();
         n.start().unwrap();
@@ -78,14 +80,14 @@ impl Cluster {
 
     /// The node id leading PG `t/main`, from node `via`'s status.
     fn leader_of_main(&self, via: usize) -> Option<u64> {
-        let out = self.nodes[via].cli(&["status", "--output", "json"]);
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        v["pgs"]
-            .as_array()?
-            .iter()
-            .find(|p| p["name"] == "t/main")
-            .and_then(|p| p["leader_node"].as_u64())
+        self.main_status(via)?["leader_node"]
+            .as_u64()
             .filter(|l| *l != 0)
+    }
+
+    /// PG `t/main` as node `via`'s status shows it.
+    fn main_status(&self, via: usize) -> Option<serde_json::Value> {
+        main_status_of(&self.nodes[via])
     }
 
     fn index_of(&self, node_id: u64) -> usize {
@@ -94,6 +96,17 @@ impl Cluster {
             .position(|n| n.node_id == node_id)
             .unwrap()
     }
+}
+
+/// PG `t/main` as `node`'s status shows it, if the node hosts it.
+fn main_status_of(node: &TestNode) -> Option<serde_json::Value> {
+    let out = node.cli(&["status", "--output", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    v["pgs"]
+        .as_array()?
+        .iter()
+        .find(|p| p["name"] == "t/main")
+        .cloned()
 }
 
 async fn writer(
@@ -360,5 +373,143 @@ async fn whole_cluster_sigkill_then_a_dr_node_is_replaced() {
     assert!(new.stop().unwrap());
     for n in &mut c.nodes[..4] {
         assert!(n.stop().unwrap(), "node {} exits cleanly", n.node_id);
+    }
+}
+
+/// Writes `blocks` whole blocks through `client`, recording each in `ledger`
+/// with sequence numbers from `seq`.
+async fn write_blocks(client: &NbdClient, ledger: &Ledger, blocks: std::ops::Range<u64>, seq: u64) {
+    for b in blocks {
+        let seq = seq + b;
+        ledger.sending(b % BLOCKS, seq);
+        client
+            .write(
+                (b % BLOCKS) * 4096,
+                &block_content(b % BLOCKS, seq, 4096),
+                false,
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        ledger.acked(b % BLOCKS, seq);
+    }
+}
+
+/// The matched index the leader's `t/main` status reports for `node`.
+fn matched_index_of(leader_status: &serde_json::Value, node: u64) -> u64 {
+    leader_status["lag"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["node"] == node)
+        .and_then(|l| l["matched_index"].as_u64())
+        .unwrap_or_else(|| panic!("no lag for node {node} in {leader_status}"))
+}
+
+/// Polls `node`'s status of `t/main` until `ready` holds, up to 30 s.
+async fn wait_main_status(
+    node: &TestNode,
+    what: &str,
+    ready: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let started = Instant::now();
+    loop {
+        let status = main_status_of(node);
+        if let Some(s) = status.as_ref().filter(|s| ready(s)) {
+            return s.clone();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "node {}: {what} never happened; last status {status:?}",
+            node.node_id
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The log is purged behind the slowest standby within its size limit: a
+/// DR node that was down while less than half the limit was written catches
+/// up from the log (it installs no snapshot); a DR node whose data is lost
+/// is replaced after the log was purged past everything it had, and the new
+/// node rebuilds through a Raft snapshot. All replicas end identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standby_catches_up_from_the_log_and_a_lost_one_through_a_snapshot() {
+    // 256 KiB of log: about 60 block writes.
+    let mut c = Cluster::start_with(
+        1,
+        2,
+        "[raft]\nlog_retain_bytes = 262144\nlog_check_interval_ms = 100\n",
+    );
+    let ledger = Ledger::default();
+    let client = NbdClient::connect(c.nodes[0].nbd, "t/v").await.unwrap();
+
+    // More than the limit with everyone up: the leader snapshots and purges.
+    write_blocks(&client, &ledger, 0..96, 1_000).await;
+    let purged = wait_main_status(&c.nodes[0], "a purge", |s| {
+        s["snapshot_index"].as_u64() > Some(0) && s["log_first_index"].as_u64() > Some(1)
+    })
+    .await;
+    assert!(
+        purged["log_bytes"].as_u64().unwrap() <= 262_144,
+        "the purge keeps the log within its limit: {purged}"
+    );
+
+    // DR node 2 is down while ~70 KiB (under half the limit) is written.
+    let dr2_before = wait_main_status(&c.nodes[1], "dr node 2 applies", |s| {
+        s["applied_index"] == purged["applied_index"]
+    })
+    .await;
+    c.nodes[1].kill9();
+    write_blocks(&client, &ledger, 0..16, 10_000).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let leader = main_status_of(&c.nodes[0]).unwrap();
+    let matched2 = matched_index_of(&leader, 2);
+    assert!(
+        leader["log_first_index"].as_u64().unwrap() <= matched2 + 1,
+        "the log keeps what the down standby lacks: {leader}"
+    );
+    c.nodes[1].start().unwrap();
+    let dr2 = wait_main_status(&c.nodes[1], "dr node 2 catches up", |s| {
+        s["applied_index"] == leader["applied_index"]
+    })
+    .await;
+    assert_eq!(
+        dr2["snapshot_index"], dr2_before["snapshot_index"],
+        "dr node 2 caught up from the log, not through a snapshot"
+    );
+
+    // DR node 3 loses its data; meanwhile more than the limit is written,
+    // so the leader purges past everything node 3 had.
+    let matched3 = matched_index_of(&leader, 3);
+    c.nodes[2].kill9();
+    write_blocks(&client, &ledger, 0..96, 20_000).await;
+    wait_main_status(&c.nodes[0], "a purge past node 3", |s| {
+        s["log_first_index"].as_u64() > Some(matched3 + 1)
+    })
+    .await;
+    c.nodes[0].must_cli(&["node", "remove", "3"]);
+    let mut new = c.start_new_node(4, "dr");
+    c.nodes[0].must_cli(&["node", "add", &new.raft.to_string(), "--site", "dr"]);
+    let leader_blocks = read_all(&c.nodes[0]).await;
+    check_against_ledger(&leader_blocks, &ledger, 1);
+    let new_client = connect_when_served(&new).await;
+    drop(new_client);
+    let rebuilt = read_all(&new).await;
+    check_against_ledger(&rebuilt, &ledger, 4);
+    assert!(rebuilt == leader_blocks, "the rebuilt node differs");
+    let status4 = main_status_of(&new).unwrap();
+    eprintln!("after the first purge: {purged}\nnode 2 back: {dr2}\nnode 4 rebuilt: {status4}");
+    assert!(
+        status4["snapshot_index"].as_u64() > Some(matched3),
+        "node 4 was built from a raft snapshot: {status4}"
+    );
+    assert!(
+        read_all(&c.nodes[1]).await == leader_blocks,
+        "node 2 differs"
+    );
+
+    assert!(new.stop().unwrap());
+    for i in [0, 1] {
+        assert!(c.nodes[i].stop().unwrap(), "node {} exits cleanly", i + 1);
     }
 }

@@ -32,3 +32,79 @@ async fn rocksdb_stores_pass_openraft_storage_suite() {
         .await
         .expect("openraft storage suite");
 }
+
+/// The log's span and the purge point that keeps N bytes, across appends,
+/// a purge and a truncation: positions stay exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_span_and_purge_point_follow_appends_purges_and_truncation() {
+    use lifeboat_proto::raft as pb;
+    use lifeboat_replication::Command;
+    use lifeboat_replication::wire::{Entry, make_log_id};
+    use openraft::storage::{IOFlushed, RaftLogStorage};
+
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(&dir.path().join("db"), &DbOptions::default()).unwrap();
+    let mut log = LogStore::new(db.clone(), PgId(3), WalSyncer::start(db.clone()));
+    assert_eq!(log.span().unwrap(), None);
+    assert_eq!(log.purge_point_keeping(0).unwrap(), None);
+
+    let entry = |index: u64, len: usize| Entry {
+        log_id: make_log_id(1, 1, index),
+        payload: openraft::EntryPayload::Normal(Command(pb::Command {
+            stamp_ms: index,
+            kind: Some(pb::command::Kind::InitCatalog(pb::InitCatalog {
+                cluster_id: "x".repeat(len),
+                ..Default::default()
+            })),
+        })),
+    };
+    let sizes: Vec<u64> = (1..=10)
+        .map(|i| {
+            lifeboat_replication::wire::encode_entry(&entry(i, 1000))
+                .unwrap()
+                .len() as u64
+        })
+        .collect();
+    log.append((1..=10).map(|i| entry(i, 1000)), IOFlushed::noop())
+        .await
+        .unwrap();
+    let span = log.span().unwrap().unwrap();
+    assert_eq!((span.first, span.last), (1, 10));
+    assert_eq!(span.bytes, sizes.iter().sum::<u64>());
+    // Keeping 3 entries' worth purges up to entry 7.
+    let three: u64 = sizes[7..].iter().sum();
+    assert_eq!(log.purge_point_keeping(three).unwrap(), Some(7));
+    assert_eq!(log.purge_point_keeping(three - 1).unwrap(), Some(8));
+    assert_eq!(log.purge_point_keeping(span.bytes).unwrap(), None);
+
+    log.purge(make_log_id(1, 1, 4)).await.unwrap();
+    let span = log.span().unwrap().unwrap();
+    assert_eq!((span.first, span.last), (5, 10));
+    assert_eq!(span.bytes, sizes[4..].iter().sum::<u64>());
+
+    // Truncate after 8 and append two larger entries: positions continue.
+    log.truncate_after(Some(make_log_id(1, 1, 8)))
+        .await
+        .unwrap();
+    log.append([entry(9, 5000), entry(10, 5000)], IOFlushed::noop())
+        .await
+        .unwrap();
+    let big = lifeboat_replication::wire::encode_entry(&entry(9, 5000))
+        .unwrap()
+        .len() as u64;
+    let span = log.span().unwrap().unwrap();
+    assert_eq!(span.bytes, sizes[4..8].iter().sum::<u64>() + 2 * big);
+    assert_eq!(log.purge_point_keeping(big).unwrap(), Some(9));
+
+    // Purged entirely, the next append starts positions afresh.
+    log.purge(make_log_id(1, 1, 10)).await.unwrap();
+    assert_eq!(log.span().unwrap(), None);
+    log.append([entry(11, 10)], IOFlushed::noop())
+        .await
+        .unwrap();
+    let span = log.span().unwrap().unwrap();
+    let small = lifeboat_replication::wire::encode_entry(&entry(11, 10))
+        .unwrap()
+        .len() as u64;
+    assert_eq!((span.first, span.last, span.bytes), (11, 11, small));
+}
