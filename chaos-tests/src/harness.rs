@@ -116,6 +116,18 @@ impl TestNode {
     fn write_config(&mut self) -> Result<()> {
         let port = || SocketAddr::from(([127, 0, 0, 1], free_port()));
         (self.raft, self.admin, self.nbd, self.http) = (port(), port(), port(), port());
+        self.write_config_file()
+    }
+
+    /// Appends TOML to the config (for example a `[raft.dial]` table); the
+    /// node's ports stay. Takes effect at its next start.
+    pub fn add_config(&mut self, toml: &str) -> Result<()> {
+        self.config_base.2.push('\n');
+        self.config_base.2.push_str(toml);
+        self.write_config_file()
+    }
+
+    fn write_config_file(&self) -> Result<()> {
         let (data_dir, master_key_file, extra) = &self.config_base;
         let config = format!(
             "node_id = {}\nsite = {:?}\ndata_dir = {:?}\nmaster_key_file = {:?}\n\

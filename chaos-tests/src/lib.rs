@@ -9,3 +9,4 @@ pub mod data;
 pub mod harness;
 pub mod ledger;
 pub mod nbd_client;
+pub mod proxy;

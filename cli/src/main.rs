@@ -75,6 +75,13 @@ enum Command {
     /// Manage block volumes.
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// Manage protection groups (a tenant's unit of replication, ack policy
+    /// and history).
+    #[command(subcommand)]
+    Pg(PgCommand),
+    /// What this node has reported to operators (ack policy degradations,
+    /// …), oldest first.
+    Events,
     /// This node, its protection groups and their progress.
     Status,
 }
@@ -126,6 +133,33 @@ enum TenantCommand {
     /// Start a new data-encryption key for new writes; old data stays readable.
     RotateDek {
         name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum PgCommand {
+    /// Create TENANT/NAME: voters at the cluster's site, learners at every
+    /// other site.
+    Create {
+        name: String,
+        /// `local`: acknowledged once a quorum of the active site has a
+        /// write; `remote`: also once a standby site has it (degrades to
+        /// local after raft.remote_timeout_ms, returns after catch-up).
+        #[arg(long, default_value = "local", value_parser = ["local", "remote"])]
+        ack: String,
+    },
+    /// Every protection group (of one tenant with --tenant).
+    List {
+        #[arg(long, default_value = "")]
+        tenant: String,
+    },
+    /// One protection group: members, ack policy, and its progress here.
+    Show { name: String },
+    /// Change a protection group's ack policy.
+    SetAck {
+        name: String,
+        #[arg(value_parser = ["local", "remote"])]
+        ack: String,
     },
 }
 
@@ -337,20 +371,7 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                     "data_dir_free_bytes": s.data_dir_free_bytes,
                     "reserve_bytes": s.reserve_bytes,
                     "writes_refused": s.writes_refused,
-                    "pgs": s.pgs.iter().map(|p| serde_json::json!({
-                        "name": p.name, "id": p.id, "applied_index": p.applied_index,
-                        "last_log_index": p.last_log_index, "leader_member": p.leader,
-                        "leader_node": p.leader_node, "role": p.role,
-                        "generation": p.generation, "active_site": p.active_site,
-                        "volumes": p.volumes, "log_first_index": p.log_first_index,
-                        "log_bytes": p.log_bytes, "snapshot_index": p.snapshot_index,
-                        "lag": p.lag.iter().map(|l| serde_json::json!({
-                            "member": l.member_id, "node": l.node_id, "site": l.site,
-                            "voter": l.voter, "matched_index": l.matched_index,
-                            "entries": l.lag_entries, "bytes": l.lag_bytes,
-                            "seconds": l.lag_seconds,
-                        })).collect::<Vec<_>>(),
-                    })).collect::<Vec<_>>(),
+                    "pgs": s.pgs.iter().map(pg_status_json).collect::<Vec<_>>(),
                 }));
             } else {
                 println!(
@@ -501,11 +522,157 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
             let n = client.api().remove_node(req).await?.into_inner();
             print_nodes(out, vec![n]);
         }
+        Command::Pg(PgCommand::Create { name, ack }) => {
+            let req = client.request(api::CreatePgRequest { name, ack });
+            let p = client.api().create_pg(req).await?.into_inner();
+            print_pgs(out, vec![p]);
+        }
+        Command::Pg(PgCommand::List { tenant }) => {
+            let req = client.request(api::ListPgsRequest { tenant });
+            let r = client.api().list_pgs(req).await?.into_inner();
+            print_pgs(out, r.pgs);
+        }
+        Command::Pg(PgCommand::Show { name }) => {
+            let req = client.request(api::ShowPgRequest { name });
+            let p = client.api().show_pg(req).await?.into_inner();
+            if out.json {
+                out.json_value(&pg_json(&p));
+            } else {
+                let status = p.status.clone();
+                print_pgs(out, vec![p]);
+                match status {
+                    Some(s) => println!(
+                        "here: {} · leader node {} · applied {} · log {}..{} ({}) · snapshot {}{}",
+                        if s.role.is_empty() { "-" } else { &s.role },
+                        s.leader_node,
+                        s.applied_index,
+                        s.log_first_index,
+                        s.last_log_index,
+                        size::format_size(s.log_bytes),
+                        s.snapshot_index,
+                        if s.ack_degraded {
+                            format!(" · ack degraded {} time(s)", s.ack_degradations)
+                        } else {
+                            String::new()
+                        }
+                    ),
+                    None => println!("here: this node hosts no member of it"),
+                }
+            }
+        }
+        Command::Pg(PgCommand::SetAck { name, ack }) => {
+            let req = client.request(api::SetPgAckRequest { name, ack });
+            let p = client.api().set_pg_ack(req).await?.into_inner();
+            print_pgs(out, vec![p]);
+        }
+        Command::Events => {
+            let req = client.request(api::ListEventsRequest {});
+            let r = client.api().list_events(req).await?.into_inner();
+            if out.json {
+                out.json_value(&serde_json::Value::Array(
+                    r.events
+                        .iter()
+                        .map(|e| {
+                            serde_json::json!({
+                                "time_ms": e.time_ms, "node": e.node_id, "kind": e.kind,
+                                "pg": e.pg, "pg_name": e.pg_name, "message": e.message,
+                            })
+                        })
+                        .collect(),
+                ));
+            } else {
+                let mut table = Table::new(&["TIME (UTC)", "NODE", "KIND", "PG", "MESSAGE"]);
+                for e in r.events {
+                    table.row(vec![
+                        format_time_ms(e.time_ms),
+                        e.node_id.to_string(),
+                        e.kind,
+                        e.pg_name,
+                        e.message,
+                    ]);
+                }
+                table.print();
+            }
+        }
         Command::Up(_) | Command::Node(NodeCommand::Start { .. }) => {
             unreachable!("handled before connecting")
         }
     }
     Ok(())
+}
+
+fn pg_status_json(p: &api::PgStatus) -> serde_json::Value {
+    serde_json::json!({
+        "name": p.name, "id": p.id, "applied_index": p.applied_index,
+        "last_log_index": p.last_log_index, "leader_member": p.leader,
+        "leader_node": p.leader_node, "role": p.role,
+        "generation": p.generation, "active_site": p.active_site,
+        "volumes": p.volumes, "log_first_index": p.log_first_index,
+        "log_bytes": p.log_bytes, "snapshot_index": p.snapshot_index,
+        "ack": p.ack, "ack_degraded": p.ack_degraded,
+        "ack_degradations": p.ack_degradations,
+        "lag": p.lag.iter().map(|l| serde_json::json!({
+            "member": l.member_id, "node": l.node_id, "site": l.site,
+            "voter": l.voter, "matched_index": l.matched_index,
+            "entries": l.lag_entries, "bytes": l.lag_bytes,
+            "seconds": l.lag_seconds,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn pg_json(p: &api::Pg) -> serde_json::Value {
+    serde_json::json!({
+        "name": p.name, "id": p.id, "tenant": p.tenant, "ack": p.ack,
+        "generation": p.generation, "active_site": p.active_site,
+        "volumes": p.volumes, "created_ms": p.created_ms,
+        "members": p.members.iter().map(|m| serde_json::json!({
+            "member": m.member_id, "node": m.node_id, "site": m.site, "voter": m.voter,
+        })).collect::<Vec<_>>(),
+        "status": p.status.as_ref().map(pg_status_json),
+    })
+}
+
+fn print_pgs(out: &Output, pgs: Vec<api::Pg>) {
+    if out.json {
+        out.json_value(&serde_json::Value::Array(pgs.iter().map(pg_json).collect()));
+        return;
+    }
+    let mut table = Table::new(&[
+        "PROTECTION GROUP",
+        "ID",
+        "ACK",
+        "GEN",
+        "ACTIVE SITE",
+        "VOTERS",
+        "LEARNERS",
+        "VOLUMES",
+    ]);
+    for p in pgs {
+        let members = |voter: bool| {
+            p.members
+                .iter()
+                .filter(|m| m.voter == voter)
+                .map(|m| format!("node {} ({})", m.node_id, m.site))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let degraded = p.status.as_ref().is_some_and(|s| s.ack_degraded);
+        table.row(vec![
+            p.name.clone(),
+            p.id.to_string(),
+            if degraded {
+                format!("{} (DEGRADED to local)", p.ack)
+            } else {
+                p.ack.clone()
+            },
+            p.generation.to_string(),
+            p.active_site.clone(),
+            members(true),
+            members(false),
+            p.volumes.to_string(),
+        ]);
+    }
+    table.print();
 }
 
 fn print_nodes(out: &Output, nodes: Vec<api::Node>) {
@@ -621,4 +788,15 @@ fn print_volumes(out: &Output, volumes: Vec<api::Volume>) {
         ]);
     }
     table.print();
+}
+
+/// Milliseconds since the Unix epoch as RFC 3339 UTC.
+fn format_time_ms(ms: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| ms.to_string())
 }

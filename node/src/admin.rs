@@ -7,6 +7,7 @@ use std::sync::Arc;
 use lifeboat_proto::admin as api;
 use lifeboat_proto::admin::admin_server::Admin;
 use lifeboat_replication::ProtectionGroup;
+use lifeboat_replication::ack::AckPolicy;
 use tonic::{Request, Response, Status};
 
 use crate::core::{NodeCore, Role, VolumeInfo};
@@ -45,7 +46,7 @@ pub fn status(e: &NodeError) -> Status {
                 J::KeyIdOutOfOrder { .. } | J::WrongGroup { .. } | J::BlockChanged { .. } => {
                     Code::Aborted
                 }
-                J::NodeExists { .. } => Code::AlreadyExists,
+                J::NodeExists { .. } | J::PgExists { .. } => Code::AlreadyExists,
                 J::NodeNotFound { .. } | J::PgIdNotFound { .. } => Code::NotFound,
             }
         }
@@ -156,6 +157,7 @@ pub fn pg_status(core: &NodeCore, g: &ProtectionGroup) -> api::PgStatus {
             lag_seconds: l.lag.seconds,
         })
         .collect();
+    let ack = g.ack().status();
     let log = g.log_status().unwrap_or_else(|e| {
         tracing::warn!(pg = g.pg().0, error = %e, "cannot read the log's span");
         lifeboat_replication::LogStatus {
@@ -179,6 +181,60 @@ pub fn pg_status(core: &NodeCore, g: &ProtectionGroup) -> api::PgStatus {
         log_first_index: log.span.map_or(0, |s| s.first),
         log_bytes: log.span.map_or(0, |s| s.bytes),
         snapshot_index: log.snapshot_index.map_or(0, |i| i.0),
+        ack: ack.policy.as_str().into(),
+        ack_degraded: ack.degraded,
+        ack_degradations: ack.degradations,
+    }
+}
+
+fn parse_ack(ack: &str) -> Result<AckPolicy, Status> {
+    if ack.is_empty() {
+        return Ok(AckPolicy::Local);
+    }
+    AckPolicy::parse(ack).ok_or_else(|| {
+        Status::invalid_argument(format!(
+            "invalid_argument: ack policy {ack:?} is neither \"local\" nor \"remote\""
+        ))
+    })
+}
+
+/// A PG from the catalog, with this node's status of it when it hosts one.
+fn pg_message(core: &NodeCore, r: lifeboat_proto::raft::PgRecord) -> api::Pg {
+    let nodes = core.catalog.nodes().unwrap_or_default();
+    let site_of = |id: u64| {
+        nodes
+            .iter()
+            .find(|n| n.id == id)
+            .map(|n| n.site.clone())
+            .unwrap_or_default()
+    };
+    let volumes = core
+        .catalog
+        .volume_names(&r.tenant)
+        .map(|v| v.iter().filter(|(_, rec)| rec.pg == r.id).count() as u64)
+        .unwrap_or(0);
+    api::Pg {
+        name: format!("{}/{}", r.tenant, r.name),
+        id: r.id,
+        tenant: r.tenant.clone(),
+        ack: AckPolicy::from_pb(r.ack).as_str().into(),
+        generation: r.generation,
+        active_site: r.active_site.clone(),
+        members: r
+            .members
+            .iter()
+            .map(|m| api::PgMemberInfo {
+                member_id: m.member_id,
+                node_id: m.node_id,
+                site: site_of(m.node_id),
+                voter: m.voter,
+            })
+            .collect(),
+        volumes,
+        created_ms: r.created_ms,
+        status: core
+            .group(lifeboat_store::PgId(r.id))
+            .map(|g| pg_status(core, &g)),
     }
 }
 
@@ -443,5 +499,90 @@ impl Admin for AdminService {
             .await
             .map_err(|e| status(&e))?;
         Ok(Response::new(node_message(&self.core, node)))
+    }
+
+    async fn create_pg(
+        &self,
+        req: Request<api::CreatePgRequest>,
+    ) -> Result<Response<api::Pg>, Status> {
+        self.require_operator(&req, "create protection groups")?;
+        let r = req.get_ref();
+        let ack = parse_ack(&r.ack)?;
+        let record = self
+            .core
+            .create_pg(&r.name, ack)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pg_message(&self.core, record)))
+    }
+
+    async fn list_pgs(
+        &self,
+        req: Request<api::ListPgsRequest>,
+    ) -> Result<Response<api::ListPgsResponse>, Status> {
+        let role = self.role(&req)?;
+        let tenant = req.get_ref().tenant.as_str();
+        if !tenant.is_empty() && !role.may_use_tenant(tenant) {
+            return Err(status(&NodeError::PermissionDenied {
+                action: format!("list the protection groups of tenant {tenant}"),
+            }));
+        }
+        let records = self
+            .core
+            .pg_records((!tenant.is_empty()).then_some(tenant))
+            .map_err(|e| status(&e))?;
+        let pgs = records
+            .into_iter()
+            .filter(|r| role.may_use_tenant(&r.tenant))
+            .map(|r| pg_message(&self.core, r))
+            .collect();
+        Ok(Response::new(api::ListPgsResponse { pgs }))
+    }
+
+    async fn show_pg(&self, req: Request<api::ShowPgRequest>) -> Result<Response<api::Pg>, Status> {
+        let name = req.get_ref().name.clone();
+        let tenant = crate::names::split_pg_name(&name)
+            .map(|(t, _)| t.to_owned())
+            .map_err(|e| status(&e))?;
+        self.require_tenant(&req, &tenant, "see this protection group")?;
+        let record = self.core.pg_named(&name).map_err(|e| status(&e))?;
+        Ok(Response::new(pg_message(&self.core, record)))
+    }
+
+    async fn set_pg_ack(
+        &self,
+        req: Request<api::SetPgAckRequest>,
+    ) -> Result<Response<api::Pg>, Status> {
+        self.require_operator(&req, "change ack policies")?;
+        let r = req.get_ref();
+        let ack = parse_ack(&r.ack)?;
+        let record = self
+            .core
+            .set_pg_ack(&r.name, ack)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pg_message(&self.core, record)))
+    }
+
+    async fn list_events(
+        &self,
+        req: Request<api::ListEventsRequest>,
+    ) -> Result<Response<api::ListEventsResponse>, Status> {
+        self.require_operator(&req, "list events")?;
+        let events = self
+            .core
+            .events
+            .list()
+            .into_iter()
+            .map(|e| api::Event {
+                time_ms: e.time_ms,
+                node_id: self.core.config.node_id,
+                kind: e.kind.into(),
+                pg: e.pg.0,
+                pg_name: self.core.pg_display_name(e.pg),
+                message: e.message,
+            })
+            .collect();
+        Ok(Response::new(api::ListEventsResponse { events }))
     }
 }

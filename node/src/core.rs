@@ -8,6 +8,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use lifeboat_proto::raft as pb;
+use lifeboat_replication::ack::AckPolicy;
 use lifeboat_replication::catalog::{self, Catalog, MAIN_PG};
 use lifeboat_replication::log_store::WalSyncer;
 use lifeboat_replication::members::{self, LocalMember};
@@ -28,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::NodeConfig;
 use crate::error::{NodeError, NodeResult};
+use crate::events::EventLog;
 use crate::locks::BlockLocks;
 use crate::metrics::Metrics;
 use crate::names;
@@ -102,6 +104,7 @@ pub struct NodeCore {
     /// Serialises starting and stopping members.
     membership_changes: tokio::sync::Mutex<()>,
     stopping: CancellationToken,
+    pub events: Arc<EventLog>,
     /// The reconciler and the log-retention task.
     background: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -155,6 +158,7 @@ impl NodeCore {
             membership_changes: tokio::sync::Mutex::new(()),
             stopping: CancellationToken::new(),
             background: std::sync::Mutex::new(Vec::new()),
+            events: Arc::new(EventLog::new(|| SystemClock.now_ms())),
             config,
             db,
         });
@@ -223,8 +227,16 @@ impl NodeCore {
             clock: self.clock.clone(),
             peers: self.peers.clone(),
             identity: self.identity.clone(),
+            events: self.events.clone(),
         })
         .await?;
+        if let Some(record) = self
+            .catalog
+            .pg_by_id(m.pg.0)
+            .map_err(NodeError::io("read catalog"))?
+        {
+            self.follow_ack_policy(&group, &record);
+        }
         tracing::info!(
             pg = m.pg.0,
             member = m.member.0,
@@ -280,6 +292,13 @@ impl NodeCore {
                 pass(core).await;
             }
         })
+    }
+
+    fn follow_ack_policy(&self, group: &ProtectionGroup, record: &pb::PgRecord) {
+        group.ack().set(
+            AckPolicy::from_pb(record.ack),
+            Duration::from_millis(self.config.raft.remote_timeout_ms),
+        );
     }
 
     /// Keeps every member's log within `raft.log_retain_bytes`.
@@ -351,6 +370,10 @@ impl NodeCore {
                 (_, g) => g,
             };
             let Some(group) = group else { continue };
+            self.follow_ack_policy(&group, rec);
+            if group.restore_ack_if_caught_up() {
+                tracing::info!(pg = rec.id, "ack policy back to remote");
+            }
             let desired: Vec<DesiredMember> = rec
                 .members
                 .iter()
@@ -662,6 +685,70 @@ impl NodeCore {
             "tenant DEK rotated"
         );
         Ok(record)
+    }
+
+    /// Creates protection group `TENANT/NAME`, placed like a tenant's main
+    /// PG, and waits until it has a leader.
+    pub async fn create_pg(&self, full_name: &str, ack: AckPolicy) -> NodeResult<pb::PgRecord> {
+        let (tenant, name) = names::split_pg_name(full_name)?;
+        self.tenant(tenant)?;
+        let members = self.new_pg_placement()?;
+        let (_, applied) = self
+            .catalog_group()?
+            .propose(pb::command::Kind::CreatePg(pb::CreatePg {
+                tenant: tenant.to_owned(),
+                name: name.to_owned(),
+                ack: ack.to_pb() as i32,
+                members,
+            }))
+            .await?;
+        let Applied::PgCreated { pg } = applied else {
+            return Err(NodeError::Io {
+                op: "create protection group".into(),
+                source: std::io::Error::other(format!("unexpected apply result {applied:?}")),
+            });
+        };
+        self.wait_pg_ready(PgId(pg)).await?;
+        tracing::info!(
+            pg,
+            name = full_name,
+            ack = ack.as_str(),
+            "protection group created"
+        );
+        self.pg_record(tenant, name)
+    }
+
+    pub async fn set_pg_ack(&self, full_name: &str, ack: AckPolicy) -> NodeResult<pb::PgRecord> {
+        let (tenant, name) = names::split_pg_name(full_name)?;
+        self.catalog_group()?
+            .propose(pb::command::Kind::SetPgAck(pb::SetPgAck {
+                tenant: tenant.to_owned(),
+                name: name.to_owned(),
+                ack: ack.to_pb() as i32,
+            }))
+            .await?;
+        let record = self.pg_record(tenant, name)?;
+        if let Some(g) = self.group(PgId(record.id)) {
+            self.follow_ack_policy(&g, &record);
+        }
+        Ok(record)
+    }
+
+    /// Protection group `TENANT/NAME` from the catalog.
+    pub fn pg_named(&self, full_name: &str) -> NodeResult<pb::PgRecord> {
+        let (tenant, name) = names::split_pg_name(full_name)?;
+        self.pg_record(tenant, name)
+    }
+
+    /// Every tenant PG in the catalog, of `tenant` only when it is given.
+    pub fn pg_records(&self, tenant: Option<&str>) -> NodeResult<Vec<pb::PgRecord>> {
+        Ok(self
+            .catalog
+            .pgs()
+            .map_err(NodeError::io("read catalog"))?
+            .into_iter()
+            .filter(|p| tenant.is_none_or(|t| p.tenant == t))
+            .collect())
     }
 
     fn pg_record(&self, tenant: &str, pg_name: &str) -> NodeResult<pb::PgRecord> {

@@ -59,6 +59,8 @@ pub struct Metrics {
     pg_applied_index: Family<PgLabels, Gauge>,
     pg_last_log_index: Family<PgLabels, Gauge>,
     pg_is_leader: Family<PgLabels, Gauge>,
+    pg_ack_degraded: Family<PgLabels, Gauge>,
+    pg_ack_degradations: Family<PgLabels, Gauge>,
     replication_lag_entries: Family<LagLabels, Gauge>,
     replication_lag_bytes: Family<LagLabels, Gauge>,
     replication_lag_seconds: Family<LagLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
@@ -85,6 +87,8 @@ impl Metrics {
             pg_applied_index: Family::default(),
             pg_last_log_index: Family::default(),
             pg_is_leader: Family::default(),
+            pg_ack_degraded: Family::default(),
+            pg_ack_degradations: Family::default(),
             replication_lag_entries: Family::default(),
             replication_lag_bytes: Family::default(),
             replication_lag_seconds: Family::default(),
@@ -140,6 +144,16 @@ impl Metrics {
             "pg_is_leader",
             "1 if this node leads the protection group",
             m.pg_is_leader.clone(),
+        );
+        registry.register(
+            "pg_ack_degraded",
+            "1 while this node leads a PG whose remote ack policy has degraded to local",
+            m.pg_ack_degraded.clone(),
+        );
+        registry.register(
+            "pg_ack_degradations",
+            "Times this node, as leader, degraded the PG's remote ack policy to local",
+            m.pg_ack_degradations.clone(),
         );
         registry.register(
             "replication_lag_entries",
@@ -205,6 +219,13 @@ impl Metrics {
             self.pg_is_leader
                 .get_or_create(&labels)
                 .set(i64::from(m.is_leader));
+            let ack = g.ack().status();
+            self.pg_ack_degraded
+                .get_or_create(&labels)
+                .set(i64::from(ack.degraded && m.is_leader));
+            self.pg_ack_degradations
+                .get_or_create(&labels)
+                .set(ack.degradations as i64);
         }
         // Only leaders know lag: series of PGs this node no longer leads go.
         self.replication_lag_entries.clear();

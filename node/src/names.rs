@@ -39,16 +39,29 @@ pub fn validate_name(what: &'static str, name: &str) -> Result<(), NodeError> {
 
 /// Splits `TENANT/VOLUME` and validates both parts.
 pub fn split_volume_name(full: &str) -> Result<(&str, &str), NodeError> {
-    let Some((tenant, volume)) = full.split_once('/') else {
+    split_tenant_name("volume", "TENANT/VOLUME", full)
+}
+
+/// `TENANT/NAME` of a protection group.
+pub fn split_pg_name(full: &str) -> Result<(&str, &str), NodeError> {
+    split_tenant_name("protection group", "TENANT/PG", full)
+}
+
+fn split_tenant_name<'a>(
+    what: &'static str,
+    form: &str,
+    full: &'a str,
+) -> Result<(&'a str, &'a str), NodeError> {
+    let Some((tenant, name)) = full.split_once('/') else {
         return Err(NodeError::InvalidName {
-            what: "volume",
+            what,
             name: full.to_owned(),
-            reason: "write it as TENANT/VOLUME".into(),
+            reason: format!("write it as {form}"),
         });
     };
     validate_name("tenant", tenant)?;
-    validate_name("volume", volume)?;
-    Ok((tenant, volume))
+    validate_name(what, name)?;
+    Ok((tenant, name))
 }
 
 pub fn validate_volume_size(size_bytes: u64) -> Result<(), NodeError> {

@@ -128,6 +128,8 @@ impl<'a> ApplyContext<'a> {
                 | Kind::AddNode(_)
                 | Kind::RemoveNode(_)
                 | Kind::SetPgMembers(_)
+                | Kind::CreatePg(_)
+                | Kind::SetPgAck(_)
         );
         if is_catalog_command != (self.pg == PgId::CATALOG) {
             return Ok(Err(Rejection::WrongGroup { pg: self.pg.0 }));
@@ -146,6 +148,8 @@ impl<'a> ApplyContext<'a> {
             Kind::AddNode(a) => self.apply_add_node(a, cmd.stamp_ms),
             Kind::RemoveNode(r) => self.apply_remove_node(r),
             Kind::SetPgMembers(m) => self.apply_set_pg_members(m),
+            Kind::CreatePg(c) => self.apply_create_pg(c, cmd.stamp_ms),
+            Kind::SetPgAck(a) => self.apply_set_pg_ack(a),
         }
     }
 
@@ -288,7 +292,8 @@ impl<'a> ApplyContext<'a> {
                 node_id: i.node_id,
                 voter: true,
             }],
-            tenant: String::new(),
+            created_ms: stamp_ms,
+            ..Default::default()
         });
         self.catalog_put(
             catalog::token_key(&i.operator_token_sha256),
@@ -317,7 +322,6 @@ impl<'a> ApplyContext<'a> {
             return Ok(Err(rejection));
         }
         let tenant_id = self.next_id(Counter::Tenant)?;
-        let pg_id = self.next_id(Counter::Pg)?;
         let record = pb::TenantRecord {
             id: tenant_id,
             name: t.name.clone(),
@@ -326,27 +330,92 @@ impl<'a> ApplyContext<'a> {
             created_ms: stamp_ms,
         };
         self.catalog_put(key, &record);
-        let mut members = Vec::new();
-        for m in &t.members {
-            members.push(pb::PgMember {
+        let main_pg = self.stage_new_pg(
+            pb::PgRecord {
+                tenant_id,
+                tenant: t.name.clone(),
+                name: catalog::MAIN_PG.into(),
+                active_site: cluster.site,
+                ack: pb::AckPolicy::AckLocal as i32,
+                created_ms: stamp_ms,
+                ..Default::default()
+            },
+            &t.members,
+        )?;
+        Ok(Ok(Applied::TenantCreated { tenant_id, main_pg }))
+    }
+
+    /// Stages a new PG record: its id and its members' ids come from the
+    /// catalog's counters. Callers have checked everything before.
+    fn stage_new_pg(
+        &mut self,
+        mut record: pb::PgRecord,
+        placed: &[pb::PlacedMember],
+    ) -> io::Result<u64> {
+        record.id = self.next_id(Counter::Pg)?;
+        record.generation = 0;
+        record.members.clear();
+        for m in placed {
+            record.members.push(pb::PgMember {
                 member_id: self.next_id(Counter::Member)?,
                 node_id: m.node_id,
                 voter: m.voter,
             });
         }
-        self.put_pg_record(&pb::PgRecord {
-            id: pg_id,
-            tenant_id,
-            name: catalog::MAIN_PG.into(),
-            generation: 0,
-            active_site: cluster.site,
-            members,
-            tenant: t.name.clone(),
-        });
-        Ok(Ok(Applied::TenantCreated {
-            tenant_id,
-            main_pg: pg_id,
-        }))
+        self.put_pg_record(&record);
+        Ok(record.id)
+    }
+
+    fn apply_create_pg(&mut self, c: &pb::CreatePg, stamp_ms: u64) -> io::Result<Outcome> {
+        let Some(tenant) = self.catalog_get::<pb::TenantRecord>(&catalog::tenant_key(&c.tenant))?
+        else {
+            return Ok(Err(Rejection::TenantNotFound {
+                tenant: c.tenant.clone(),
+            }));
+        };
+        if self
+            .catalog_get::<pb::PgRecord>(&catalog::pg_key(&c.tenant, &c.name))?
+            .is_some()
+        {
+            return Ok(Err(Rejection::PgExists {
+                tenant: c.tenant.clone(),
+                pg: c.name.clone(),
+            }));
+        }
+        let cluster = match self.cluster()? {
+            Ok(cluster) => cluster,
+            Err(rejection) => return Ok(Err(rejection)),
+        };
+        if let Some(rejection) = self.dead_node_among(&c.members)? {
+            return Ok(Err(rejection));
+        }
+        let pg = self.stage_new_pg(
+            pb::PgRecord {
+                tenant_id: tenant.id,
+                tenant: c.tenant.clone(),
+                name: c.name.clone(),
+                active_site: cluster.site,
+                ack: c.ack,
+                created_ms: stamp_ms,
+                ..Default::default()
+            },
+            &c.members,
+        )?;
+        Ok(Ok(Applied::PgCreated { pg }))
+    }
+
+    fn apply_set_pg_ack(&mut self, a: &pb::SetPgAck) -> io::Result<Outcome> {
+        let Some(mut record) =
+            self.catalog_get::<pb::PgRecord>(&catalog::pg_key(&a.tenant, &a.name))?
+        else {
+            return Ok(Err(Rejection::PgNotFound {
+                tenant: a.tenant.clone(),
+                pg: a.name.clone(),
+            }));
+        };
+        record.ack = a.ack;
+        self.put_pg_record(&record);
+        Ok(Ok(Applied::Done))
     }
 
     fn apply_rotate_dek(&mut self, r: &pb::RotateDek) -> io::Result<Outcome> {

@@ -18,6 +18,7 @@ use openraft::type_config::async_runtime::WatchReceiver;
 use openraft::{Config, SnapshotPolicy};
 use tonic::{Code, Request, Status};
 
+use crate::ack::{AckState, EventSink};
 use crate::error::{Error, Result};
 use crate::log_store::{Lag, LogSpan, LogStore, WalSyncer};
 use crate::state_machine::StateMachine;
@@ -166,6 +167,7 @@ pub struct GroupStart<'a> {
     pub clock: Arc<dyn Clock>,
     pub peers: Arc<Peers>,
     pub identity: Arc<Identity>,
+    pub events: Arc<dyn EventSink>,
 }
 
 /// One protection group member on this node. Cheap to clone.
@@ -182,6 +184,7 @@ pub struct ProtectionGroup {
     /// The last stamp this node gave an entry of this PG, so that stamps
     /// never run backwards while it leads.
     last_stamp_ms: Arc<AtomicU64>,
+    ack: AckState,
 }
 
 /// What a forwarded request came back with.
@@ -270,6 +273,7 @@ impl ProtectionGroup {
             peers: args.peers,
             route,
             last_stamp_ms: Arc::new(AtomicU64::new(0)),
+            ack: AckState::new(args.events),
         })
     }
 
@@ -433,9 +437,104 @@ impl ProtectionGroup {
             other => self.raft_err(other),
         })?;
         let index = LogIndex(resp.log_id.index);
+        if self.ack.waits_for_remote() {
+            self.wait_for_standby(index).await;
+        }
         match resp.data.outcome {
             Some(outcome) => Ok((index, outcome)),
             None => Err(self.raft_err("a command entry was applied without an outcome")),
+        }
+    }
+
+    /// The ack policy and whether it is degraded.
+    pub fn ack(&self) -> &AckState {
+        &self.ack
+    }
+
+    /// Under `remote`: waits until a member at another site than this
+    /// leader's has `index` durably (a follower reports an entry matched
+    /// only after its fsync), or degrades the PG to `local` after the remote
+    /// timeout. Other writers waiting at that moment stop waiting too.
+    async fn wait_for_standby(&self, index: LogIndex) {
+        let me = self.member.0;
+        let ack = self.ack.clone();
+        let standby_has_it = move |m: &openraft::RaftMetrics<TypeConfig>| {
+            if ack.is_degraded() {
+                return true;
+            }
+            let membership = m.membership_config.membership();
+            let Some(here) = membership.get_node(&me).map(|n| n.site.clone()) else {
+                return false;
+            };
+            m.replication.as_ref().is_some_and(|r| {
+                r.iter().any(|(id, matched)| {
+                    membership.get_node(id).is_some_and(|n| n.site != here)
+                        && matched.as_ref().is_some_and(|l| l.index >= index.0)
+                })
+            })
+        };
+        let m = self.raft.metrics().borrow_watched().clone();
+        let membership = m.membership_config.membership();
+        let here = membership.get_node(&me).map(|n| n.site.clone());
+        if !membership
+            .nodes()
+            .any(|(_, n)| Some(&n.site) != here.as_ref())
+        {
+            self.ack.degrade(
+                self.pg,
+                "the PG has no member at a standby site to wait for".into(),
+            );
+            return;
+        }
+        let timeout = self.ack.remote_timeout();
+        if self
+            .raft
+            .wait(Some(timeout))
+            .metrics(standby_has_it, "a standby site has the entry")
+            .await
+            .is_err()
+        {
+            self.ack.degrade(
+                self.pg,
+                format!(
+                    "no standby site confirmed entry {index} within {} ms",
+                    timeout.as_millis()
+                ),
+            );
+        }
+    }
+
+    /// On the leader of a degraded `remote` PG: returns to `remote` once a
+    /// standby member has every entry. Returns whether it did.
+    pub fn restore_ack_if_caught_up(&self) -> bool {
+        if !self.ack.is_degraded() {
+            return false;
+        }
+        let m = self.raft.metrics().borrow_watched().clone();
+        if m.current_leader != Some(self.member.0) {
+            return false;
+        }
+        let last = m.last_log_index.unwrap_or(0);
+        let membership = m.membership_config.membership();
+        let Some(here) = membership.get_node(&self.member.0).map(|n| n.site.clone()) else {
+            return false;
+        };
+        let caught_up = m.replication.as_ref().and_then(|r| {
+            r.iter().find_map(|(id, matched)| {
+                let node = membership.get_node(id)?;
+                (node.site != here && matched.as_ref().is_some_and(|l| l.index >= last))
+                    .then_some(node.node_id)
+            })
+        });
+        match caught_up {
+            Some(node) => {
+                self.ack.restore(
+                    self.pg,
+                    format!("standby node {node} has caught up to entry {last}"),
+                );
+                true
+            }
+            None => false,
         }
     }
 

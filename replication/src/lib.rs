@@ -5,6 +5,7 @@
 //! Must not know: NBD, S3, `snapshot` or `node`; RocksDB only through
 //! `store`. Only this crate imports openraft.
 
+pub mod ack;
 pub(crate) mod apply;
 pub mod catalog;
 pub mod error;

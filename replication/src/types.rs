@@ -58,6 +58,8 @@ impl fmt::Display for Command {
             Some(Kind::AddNode(_)) => "add_node",
             Some(Kind::RemoveNode(_)) => "remove_node",
             Some(Kind::SetPgMembers(_)) => "set_pg_members",
+            Some(Kind::CreatePg(_)) => "create_pg",
+            Some(Kind::SetPgAck(_)) => "set_pg_ack",
             None => "empty",
         };
         f.write_str(name)
@@ -162,6 +164,8 @@ pub enum Rejection {
     NodeNotFound { node: u64 },
     #[error("protection group {pg} does not exist")]
     PgIdNotFound { pg: u64 },
+    #[error("protection group {tenant}/{pg} already exists")]
+    PgExists { tenant: String, pg: String },
     #[error("malformed command: {reason}")]
     Malformed { reason: String },
 }
@@ -184,6 +188,9 @@ pub enum Applied {
     NodeAdded {
         catalog_member: u64,
         catalog_voter: bool,
+    },
+    PgCreated {
+        pg: u64,
     },
 }
 

@@ -11,15 +11,16 @@ use std::time::{Duration, Instant};
 use lifeboat_chaos_tests::harness::TestNode;
 use lifeboat_chaos_tests::ledger::Ledger;
 use lifeboat_chaos_tests::nbd_client::NbdClient;
+use lifeboat_chaos_tests::proxy::LinkProxy;
 use rand::{Rng, SeedableRng};
 
 use crate::{FAST_RAFT, block_content};
 
-const BLOCKS: u64 = 64;
-const WRITERS: u64 = 4;
+pub(crate) const BLOCKS: u64 = 64;
+pub(crate) const WRITERS: u64 = 4;
 
-struct Cluster {
-    nodes: Vec<TestNode>,
+pub(crate) struct Cluster {
+    pub(crate) nodes: Vec<TestNode>,
     dir: tempfile::TempDir,
     /// TOML every node's config ends with.
     extra: String,
@@ -34,6 +35,41 @@ impl Cluster {
 
     /// Like [`Cluster::start`], with `extra` TOML in every node's config.
     fn start_with(primary: u64, dr: u64, extra: &str) -> Cluster {
+        let c = Cluster::processes(primary, dr, extra);
+        c.form()
+    }
+
+    /// Like [`Cluster::start_with`], but every node dials every other
+    /// through its own [`LinkProxy`], so that a test can cut links.
+    pub(crate) async fn start_linked(primary: u64, dr: u64, extra: &str) -> (Cluster, Links) {
+        let mut c = Cluster::processes(primary, dr, extra);
+        // The nodes have run once, so their ports are final: build the
+        // proxies to them, then restart every node dialling through them.
+        let mut links = Links {
+            proxies: Vec::new(),
+        };
+        for n in &mut c.nodes {
+            assert!(n.stop().unwrap());
+        }
+        for i in 0..c.nodes.len() {
+            let mut dial = String::from("[raft.dial]\n");
+            for j in (0..c.nodes.len()).filter(|j| *j != i) {
+                let proxy = LinkProxy::start(c.nodes[j].raft).await.unwrap();
+                dial.push_str(&format!("\"{}\" = \"{}\"\n", c.nodes[j].raft, proxy.addr()));
+                links
+                    .proxies
+                    .push((c.nodes[i].site.clone(), c.nodes[j].site.clone(), proxy));
+            }
+            c.nodes[i].add_config(&dial).unwrap();
+        }
+        for n in &mut c.nodes {
+            n.start().unwrap();
+        }
+        (c.form(), links)
+    }
+
+    /// Starts the node processes, in no cluster yet.
+    fn processes(primary: u64, dr: u64, extra: &str) -> Cluster {
         let extra = format!("{FAST_RAFT}{extra}");
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("keys/master.key");
@@ -47,6 +83,17 @@ impl Cluster {
             n.start().unwrap();
             nodes.push(n);
         }
+        Cluster { nodes, dir, extra }
+    }
+
+    /// `cluster init` on node 0, `node add` of the others, tenant `t` and
+    /// volume `t/v`.
+    fn form(self) -> Cluster {
+        let Cluster {
+            mut nodes,
+            dir,
+            extra,
+        } = self;
         nodes[0].must_init();
         for i in 1..nodes.len() {
             let (raft, site) = (nodes[i].raft.to_string(), nodes[i].site.clone());
@@ -100,16 +147,66 @@ impl Cluster {
 
 /// PG `t/main` as `node`'s status shows it, if the node hosts it.
 fn main_status_of(node: &TestNode) -> Option<serde_json::Value> {
+    pg_status_of(node, "t/main")
+}
+
+/// PG `name` as `node`'s status shows it, if the node hosts it.
+pub(crate) fn pg_status_of(node: &TestNode, name: &str) -> Option<serde_json::Value> {
     let out = node.cli(&["status", "--output", "json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
     v["pgs"]
         .as_array()?
         .iter()
-        .find(|p| p["name"] == "t/main")
+        .find(|p| p["name"] == name)
         .cloned()
 }
 
-async fn writer(
+/// The proxies of every directed link of a linked cluster, with the sites
+/// at either end.
+pub(crate) struct Links {
+    proxies: Vec<(String, String, LinkProxy)>,
+}
+
+impl Links {
+    /// Cuts every link between sites `a` and `b`, both ways.
+    pub(crate) fn cut_between(&self, a: &str, b: &str) {
+        for (from, to, p) in &self.proxies {
+            if (from == a && to == b) || (from == b && to == a) {
+                p.cut();
+            }
+        }
+    }
+
+    pub(crate) fn heal_all(&self) {
+        for (_, _, p) in &self.proxies {
+            p.heal();
+        }
+    }
+}
+
+/// WRITERS concurrent [`writer`]s on `t/v` through `node`, seeded from `seed`.
+pub(crate) async fn spawn_writers(
+    node: &TestNode,
+    ledger: &Ledger,
+    stop: &Arc<AtomicBool>,
+    seed: u64,
+) -> Vec<tokio::task::JoinHandle<(u64, u64)>> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut tasks = Vec::new();
+    for id in 0..WRITERS {
+        let client = NbdClient::connect(node.nbd, "t/v").await.unwrap();
+        tasks.push(tokio::spawn(writer(
+            client,
+            id,
+            ledger.clone(),
+            stop.clone(),
+            rng.r#gen(),
+        )));
+    }
+    tasks
+}
+
+pub(crate) async fn writer(
     client: NbdClient,
     id: u64,
     ledger: Ledger,
@@ -141,8 +238,13 @@ async fn writer(
 }
 
 /// Reads every block of the ledger through `node`'s NBD server.
-async fn read_all(node: &TestNode) -> Vec<Vec<u8>> {
-    let client = NbdClient::connect(node.nbd, "t/v").await.unwrap();
+pub(crate) async fn read_all(node: &TestNode) -> Vec<Vec<u8>> {
+    read_volume(node, "t/v").await
+}
+
+/// Reads the first BLOCKS blocks of `volume` through `node`'s NBD server.
+pub(crate) async fn read_volume(node: &TestNode, volume: &str) -> Vec<Vec<u8>> {
+    let client = NbdClient::connect(node.nbd, volume).await.unwrap();
     let mut out = Vec::new();
     for b in 0..BLOCKS {
         out.push(client.read(b * 4096, 4096).await.unwrap().unwrap());
@@ -150,7 +252,7 @@ async fn read_all(node: &TestNode) -> Vec<Vec<u8>> {
     out
 }
 
-fn check_against_ledger(blocks: &[Vec<u8>], ledger: &Ledger, node: u64) {
+pub(crate) fn check_against_ledger(blocks: &[Vec<u8>], ledger: &Ledger, node: u64) {
     for (b, got) in blocks.iter().enumerate() {
         if let Err(e) = ledger.check(b as u64, got) {
             panic!("node {node}: {e}");
@@ -169,18 +271,7 @@ async fn leader_killed_under_load_loses_nothing_and_replicas_agree() {
 
     let ledger = Ledger::default();
     let stop = Arc::new(AtomicBool::new(false));
-    let mut rng = rand::rngs::StdRng::seed_from_u64(0xc1a5_7e12);
-    let mut tasks = Vec::new();
-    for id in 0..WRITERS {
-        let client = NbdClient::connect(c.nodes[via].nbd, "t/v").await.unwrap();
-        tasks.push(tokio::spawn(writer(
-            client,
-            id,
-            ledger.clone(),
-            stop.clone(),
-            rng.r#gen(),
-        )));
-    }
+    let tasks = spawn_writers(&c.nodes[via], &ledger, &stop, 0xc1a5_7e12).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(
         ledger.acked_blocks() > 0,
@@ -267,7 +358,7 @@ async fn leader_killed_under_load_loses_nothing_and_replicas_agree() {
 }
 
 /// Opens `t/v` on `node`, waiting while the node does not host it yet.
-async fn connect_when_served(node: &TestNode) -> NbdClient {
+pub(crate) async fn connect_when_served(node: &TestNode) -> NbdClient {
     let started = Instant::now();
     loop {
         match NbdClient::connect(node.nbd, "t/v").await {
@@ -396,7 +487,7 @@ async fn write_blocks(client: &NbdClient, ledger: &Ledger, blocks: std::ops::Ran
 }
 
 /// The matched index the leader's `t/main` status reports for `node`.
-fn matched_index_of(leader_status: &serde_json::Value, node: u64) -> u64 {
+pub(crate) fn matched_index_of(leader_status: &serde_json::Value, node: u64) -> u64 {
     leader_status["lag"]
         .as_array()
         .unwrap()
@@ -407,20 +498,30 @@ fn matched_index_of(leader_status: &serde_json::Value, node: u64) -> u64 {
 }
 
 /// Polls `node`'s status of `t/main` until `ready` holds, up to 30 s.
-async fn wait_main_status(
+pub(crate) async fn wait_main_status(
     node: &TestNode,
+    what: &str,
+    ready: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    wait_pg_status(node, "t/main", what, ready).await
+}
+
+/// Polls `node`'s status of PG `pg` until `ready` holds, up to 30 s.
+pub(crate) async fn wait_pg_status(
+    node: &TestNode,
+    pg: &str,
     what: &str,
     ready: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
     let started = Instant::now();
     loop {
-        let status = main_status_of(node);
+        let status = pg_status_of(node, pg);
         if let Some(s) = status.as_ref().filter(|s| ready(s)) {
             return s.clone();
         }
         assert!(
             started.elapsed() < Duration::from_secs(30),
-            "node {}: {what} never happened; last status {status:?}",
+            "node {}: {what} never happened; last status of {pg}: {status:?}",
             node.node_id
         );
         tokio::time::sleep(Duration::from_millis(200)).await;

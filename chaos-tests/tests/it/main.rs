@@ -5,6 +5,7 @@ mod cluster;
 mod durability;
 mod full_disk;
 mod lost_updates;
+mod partition;
 mod up;
 
 use std::path::Path;

@@ -5,7 +5,7 @@ use lifeboat_proto::admin as api;
 use lifeboat_proto::admin::admin_client::AdminClient;
 use tonic::Code;
 
-use crate::must_start;
+use crate::{must_start, with_token};
 
 /// A create request for `name` in the tenant's main protection group.
 fn create(name: &str, size_bytes: u64) -> api::CreateVolumeRequest {
@@ -14,13 +14,6 @@ fn create(name: &str, size_bytes: u64) -> api::CreateVolumeRequest {
         size_bytes,
         pg: String::new(),
     }
-}
-
-fn with_token<T>(msg: T, token: &str) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(msg);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    r
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,6 +7,7 @@ mod bad_input;
 mod confidentiality;
 mod integrity;
 mod membership;
+mod pgs;
 mod real_clients;
 
 use std::net::SocketAddr;
@@ -112,6 +113,14 @@ pub fn captured_logs() -> String {
     LOGS.get()
         .map(|b| String::from_utf8_lossy(&b.lock().expect("log buffer")).into_owned())
         .unwrap_or_default()
+}
+
+/// `msg` with `authorization: Bearer TOKEN`.
+pub fn with_token<T>(msg: T, token: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
 }
 
 pub async fn must_start() -> TestNode {

@@ -100,6 +100,7 @@ async fn start_node(id: u64, member: u64, site: &'static str, generation: u64) -
         clock: Arc::new(SystemClock),
         peers: Peers::new(),
         identity: identity.clone(),
+        events: Arc::new(lifeboat_replication::ack::LogEvents),
     })
     .await
     .unwrap();

@@ -50,6 +50,7 @@ async fn must_start(dir: &std::path::Path, pg: PgId) -> (Db, ProtectionGroup) {
         clock: Arc::new(SystemClock),
         peers: Peers::new(),
         identity: Identity::new(NodeId(1), Some("test-cluster".into())),
+        events: Arc::new(lifeboat_replication::ack::LogEvents),
     })
     .await
     .unwrap();

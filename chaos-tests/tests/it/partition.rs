@@ -1,0 +1,193 @@
+//! The WAN between the sites is cut (a proxy per directed link, all of them
+//! cut between primary and DR) under a write load:
+//! - with the `local` ack policy the primary keeps acknowledging, the DR
+//!   lag grows in status and /metrics, and after heal the DR site catches
+//!   up and every replica is identical;
+//! - with `remote`, a write waits for the standby, the PG degrades to
+//!   `local` after remote_timeout_ms with an event and a metric, writes go
+//!   on, and after heal the PG returns to `remote` by itself.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use lifeboat_chaos_tests::harness::http_get;
+use lifeboat_chaos_tests::ledger::Ledger;
+use lifeboat_chaos_tests::nbd_client::NbdClient;
+
+use crate::block_content;
+use crate::cluster::{
+    BLOCKS, Cluster, check_against_ledger, matched_index_of, pg_status_of, read_all, read_volume,
+    spawn_writers, wait_pg_status,
+};
+
+/// The node leading `pg`, from node 0's status (node 0 is a primary voter).
+fn leader_index(c: &Cluster, pg: &str) -> usize {
+    let status = pg_status_of(&c.nodes[0], pg).expect("node 0 hosts the PG");
+    let leader = status["leader_node"].as_u64().expect("a leader");
+    c.nodes.iter().position(|n| n.node_id == leader).unwrap()
+}
+
+fn dr_lag_entries(leader_status: &serde_json::Value, dr_node: u64) -> u64 {
+    leader_status["lag"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["node"] == dr_node)
+        .and_then(|l| l["entries"].as_u64())
+        .unwrap_or_else(|| panic!("no lag for node {dr_node}: {leader_status}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dr_partition_under_load_with_local_ack_then_catch_up() {
+    let (mut c, links) = Cluster::start_linked(3, 1, "").await;
+    let dr = 3;
+    let ledger = Ledger::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks = spawn_writers(&c.nodes[0], &ledger, &stop, 0xd1_5c0).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    links.cut_between("primary", "dr");
+    let acked_at_cut = ledger.acked_seqs();
+
+    // The primary keeps acknowledging, and the DR node's lag grows.
+    let leader = leader_index(&c, "t/main");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let lag1 = dr_lag_entries(&pg_status_of(&c.nodes[leader], "t/main").unwrap(), 4);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let during = pg_status_of(&c.nodes[leader], "t/main").unwrap();
+    let lag2 = dr_lag_entries(&during, 4);
+    assert!(
+        ledger.acked_seqs() != acked_at_cut,
+        "the primary acknowledged writes while the WAN was cut"
+    );
+    assert!(lag1 > 0 && lag2 > lag1, "DR lag grows: {lag1} then {lag2}");
+    let (code, metrics) = http_get(c.nodes[leader].http, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    let lag_line = metrics
+        .lines()
+        .find(|l| l.starts_with("lifeboat_replication_lag_entries{") && l.contains("node=\"4\""))
+        .unwrap_or_else(|| panic!("no lag series for node 4:\n{metrics}"))
+        .to_owned();
+    let metric_lag: u64 = lag_line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(metric_lag > 0, "{lag_line}");
+
+    links.heal_all();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // The DR node catches up: it applies the leader's last index and reads
+    // back exactly what every primary node returns.
+    let last = pg_status_of(&c.nodes[leader], "t/main").unwrap()["last_log_index"].clone();
+    wait_pg_status(&c.nodes[dr], "t/main", "DR catch-up", |s| {
+        s["applied_index"].as_u64() >= last.as_u64()
+    })
+    .await;
+    let after = wait_pg_status(&c.nodes[leader], "t/main", "DR lag back to 0", |s| {
+        matched_index_of(s, 4) >= last.as_u64().unwrap()
+    })
+    .await;
+    eprintln!(
+        "DR lag during the cut: {lag1} then {lag2} entries; {} writes acknowledged; after heal: {}",
+        ledger.acked_blocks(),
+        after["lag"]
+    );
+    let reference = read_all(&c.nodes[0]).await;
+    check_against_ledger(&reference, &ledger, 1);
+    for n in &c.nodes[1..] {
+        let blocks = read_all(n).await;
+        assert!(blocks == reference, "node {} differs", n.node_id);
+    }
+    for n in &mut c.nodes {
+        assert!(n.stop().unwrap(), "node {} exits cleanly", n.node_id);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dr_partition_with_remote_ack_degrades_then_returns() {
+    const TIMEOUT_MS: u64 = 1500;
+    let (mut c, links) =
+        Cluster::start_linked(3, 1, &format!("[raft]\nremote_timeout_ms = {TIMEOUT_MS}\n")).await;
+    c.nodes[0].must_cli(&["pg", "create", "t/db", "--ack", "remote"]);
+    c.nodes[0].must_cli(&["volume", "create", "t/dbv", "--size", "1MiB", "--pg", "db"]);
+    let shown = c.nodes[0].must_cli(&["pg", "show", "t/db", "--output", "json"]);
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(shown["ack"], "remote", "{shown}");
+    let pg_id = shown["id"].as_u64().unwrap();
+    let leader = leader_index(&c, "t/db");
+
+    let ledger = Ledger::default();
+    let client = NbdClient::connect(c.nodes[0].nbd, "t/dbv").await.unwrap();
+    let mut seq = 0u64;
+    let mut write = async |block: u64| {
+        seq += 1;
+        ledger.sending(block, seq);
+        let started = Instant::now();
+        client
+            .write(block * 4096, &block_content(block, seq, 4096), false)
+            .await
+            .unwrap()
+            .unwrap();
+        ledger.acked(block, seq);
+        started.elapsed()
+    };
+    for b in 0..8 {
+        write(b).await;
+    }
+    let before = pg_status_of(&c.nodes[leader], "t/db").unwrap();
+    assert_eq!(before["ack_degraded"], false, "{before}");
+
+    // Cut: the next write waits out the timeout for the standby, then the
+    // PG degrades to local and the write is acknowledged.
+    links.cut_between("primary", "dr");
+    let waited = write(8).await;
+    assert!(
+        waited >= Duration::from_millis(TIMEOUT_MS - 100),
+        "a remote write waited for the standby ({waited:?})"
+    );
+    for b in 9..BLOCKS {
+        write(b).await;
+    }
+    let degraded = pg_status_of(&c.nodes[leader], "t/db").unwrap();
+    assert_eq!(degraded["ack_degraded"], true, "{degraded}");
+    let events = c.nodes[leader].must_cli(&["events", "--output", "json"]);
+    let events: serde_json::Value = serde_json::from_str(&events).unwrap();
+    let kinds: Vec<&str> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["pg"] == pg_id)
+        .filter_map(|e| e["kind"].as_str())
+        .collect();
+    assert_eq!(kinds, vec!["ack_degraded"], "{events}");
+    let (_, metrics) = http_get(c.nodes[leader].http, "/metrics").unwrap();
+    assert!(
+        metrics.contains(&format!("lifeboat_pg_ack_degraded{{pg=\"{pg_id}\"}} 1")),
+        "{metrics}"
+    );
+
+    // Heal: once the standby has caught up the PG is `remote` again.
+    links.heal_all();
+    wait_pg_status(&c.nodes[leader], "t/db", "the return to remote", |s| {
+        s["ack_degraded"] == false
+    })
+    .await;
+    let events = c.nodes[leader].must_cli(&["events"]);
+    assert!(events.contains("ack_restored"), "{events}");
+    for b in 0..8 {
+        write(b).await;
+    }
+    let (_, metrics) = http_get(c.nodes[leader].http, "/metrics").unwrap();
+    assert!(
+        metrics.contains(&format!("lifeboat_pg_ack_degraded{{pg=\"{pg_id}\"}} 0")),
+        "{metrics}"
+    );
+    drop(client);
+    // After catch-up a read on the DR node returns the latest data.
+    let dr_blocks = read_volume(&c.nodes[3], "t/dbv").await;
+    check_against_ledger(&dr_blocks, &ledger, 4);
+    for n in &mut c.nodes {
+        assert!(n.stop().unwrap(), "node {} exits cleanly", n.node_id);
+    }
+}
