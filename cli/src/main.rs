@@ -93,14 +93,26 @@ enum NodeCommand {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Add a started node that is not in a cluster yet, by its Raft address.
+    /// Add a started node that is in no cluster yet: makes a join token
+    /// here and tells the new node (at its admin endpoint) to join with it.
     Add {
-        /// The new node's `raft.listen` address (host:port).
-        raft_addr: String,
-        /// Its site; must match the node's own config (default: take it).
+        /// The new node's admin endpoint, like http://10.0.2.11:7700.
+        new_node: String,
+        /// The site it must be at (default: whatever its config says).
         #[arg(long, default_value = "")]
         site: String,
     },
+    /// Make a one-time token with which one new node joins (`node join`).
+    JoinToken {
+        /// The joining node's site must be this one (default: any).
+        #[arg(long, default_value = "")]
+        site: String,
+        /// Seconds the token may be used.
+        #[arg(long, default_value_t = 3600)]
+        ttl_seconds: u64,
+    },
+    /// Join the cluster a token names; run against the NEW node's endpoint.
+    Join { token: String },
     /// Every node of the cluster, with its catalog role and reachability.
     List,
     /// Retire a node for ever (dead or decommissioned): its members leave
@@ -129,10 +141,25 @@ enum TenantCommand {
     Create {
         name: String,
     },
+    /// Issue a tenant's NBD client certificate.
+    #[command(subcommand)]
+    Cert(TenantCertCommand),
     List,
     /// Start a new data-encryption key for new writes; old data stays readable.
     RotateDek {
         name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum TenantCertCommand {
+    /// Make a key here and have the cluster CA sign a client certificate
+    /// for TENANT: writes ca-cert.pem, client-cert.pem and client-key.pem
+    /// (mode 0600) into --out, the layout qemu and libnbd read.
+    Create {
+        tenant: String,
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -507,10 +534,62 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                 println!("volume {name} deleted");
             }
         }
-        Command::Node(NodeCommand::Add { raft_addr, site }) => {
-            let req = client.request(api::AddNodeRequest { raft_addr, site });
-            let n = client.api().add_node(req).await?.into_inner();
+        Command::Node(NodeCommand::Add { new_node, site }) => {
+            // Ten minutes is plenty for the join that follows at once.
+            let req = client.request(api::CreateJoinTokenRequest {
+                site,
+                ttl_seconds: 600,
+            });
+            let token = client
+                .api()
+                .create_join_token(req)
+                .await?
+                .into_inner()
+                .token;
+            let mut new = Client::connect(&new_node, None).await?;
+            let req = new.request(api::JoinClusterRequest { token });
+            let n = new.api().join_cluster(req).await?.into_inner();
             print_nodes(out, vec![n]);
+        }
+        Command::Node(NodeCommand::JoinToken { site, ttl_seconds }) => {
+            let req = client.request(api::CreateJoinTokenRequest { site, ttl_seconds });
+            let r = client.api().create_join_token(req).await?.into_inner();
+            if out.json {
+                out.json_value(&serde_json::json!({
+                    "token": r.token, "expires_ms": r.expires_ms,
+                }));
+            } else {
+                println!("{}", r.token);
+                eprintln!(
+                    "one node may join with it until {} (lifeboat --endpoint NEW_NODE node join TOKEN)",
+                    format_time_ms(r.expires_ms)
+                );
+            }
+        }
+        Command::Node(NodeCommand::Join { token }) => {
+            let req = client.request(api::JoinClusterRequest { token });
+            let n = client.api().join_cluster(req).await?.into_inner();
+            print_nodes(out, vec![n]);
+        }
+        Command::Tenant(TenantCommand::Cert(TenantCertCommand::Create { tenant, out: dir })) => {
+            let (key_pem, csr_pem) =
+                lifeboat_node::pki::new_key_and_csr(&tenant).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let req = client.request(api::CreateTenantCertRequest {
+                tenant: tenant.clone(),
+                csr_pem,
+            });
+            let r = client.api().create_tenant_cert(req).await?.into_inner();
+            write_cert_dir(&dir, &r.ca_cert_pem, &r.cert_pem, &key_pem)?;
+            if out.json {
+                out.json_value(&serde_json::json!({
+                    "tenant": tenant, "dir": dir.display().to_string(),
+                }));
+            } else {
+                println!(
+                    "wrote {}/{{ca-cert,client-cert,client-key}}.pem for tenant {tenant}",
+                    dir.display()
+                );
+            }
         }
         Command::Node(NodeCommand::List) => {
             let req = client.request(api::ListNodesRequest {});
@@ -598,6 +677,26 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
             unreachable!("handled before connecting")
         }
     }
+    Ok(())
+}
+
+/// Writes a client certificate directory: the CA, the certificate and the
+/// key (0600, never overwritten: a key is not replaced by accident).
+fn write_cert_dir(dir: &std::path::Path, ca: &str, cert: &str, key: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let key_path = dir.join("client-key.pem");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&key_path)
+        .with_context(|| format!("create {} (it must not exist yet)", key_path.display()))?;
+    f.write_all(key.as_bytes())?;
+    f.sync_all()?;
+    std::fs::write(dir.join("client-cert.pem"), cert)?;
+    std::fs::write(dir.join("ca-cert.pem"), ca)?;
     Ok(())
 }
 

@@ -222,14 +222,17 @@ async fn set_up(client: &mut Client, nodes: &[NodeProcess], dir: &Path) -> Resul
         if known.iter().any(|k| k.id == n.config.node_id) {
             continue;
         }
-        let req = c.request(api::AddNodeRequest {
-            raft_addr: n.config.raft.listen.to_string(),
+        // A one-time token per node; the new node joins with it.
+        let req = c.request(api::CreateJoinTokenRequest {
             site: n.config.site.clone(),
+            ttl_seconds: 600,
         });
-        c.api()
-            .add_node(req)
-            .await
-            .with_context(|| format!("add node {} ({})", n.config.node_id, n.config.raft.listen))?;
+        let join_token = c.api().create_join_token(req).await?.into_inner().token;
+        let mut new = Client::connect(&format!("http://{}", n.config.admin.listen), None).await?;
+        let req = new.request(api::JoinClusterRequest { token: join_token });
+        new.api().join_cluster(req).await.with_context(|| {
+            format!("join node {} ({})", n.config.node_id, n.config.admin.listen)
+        })?;
         println!("added node {} at site {}", n.config.node_id, n.config.site);
     }
     let req = c.request(api::ListTenantsRequest {});

@@ -47,12 +47,14 @@ pub fn status(e: &NodeError) -> Status {
                     Code::Aborted
                 }
                 J::NodeExists { .. } | J::PgExists { .. } => Code::AlreadyExists,
+                J::JoinToken { .. } => Code::PermissionDenied,
                 J::NodeNotFound { .. } | J::PgIdNotFound { .. } => Code::NotFound,
             }
         }
         NodeError::Replication(R::NotLeader { .. } | R::NoLeader { .. }) => Code::Unavailable,
         NodeError::NodeNotFound(_) => Code::NotFound,
         NodeError::Peer { .. } | NodeError::NotHostedHere { .. } => Code::FailedPrecondition,
+        NodeError::JoinToken { .. } => Code::PermissionDenied,
         _ => Code::Internal,
     };
     Status::new(code, format!("{}: {e}", e.code()))
@@ -124,6 +126,9 @@ impl AdminService {
         })
     }
 }
+
+/// How long a join token lives unless the operator says otherwise.
+const JOIN_TOKEN_TTL_DEFAULT: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// A PG as this node sees it; the lag of every other member when it leads.
 pub fn pg_status(core: &NodeCore, g: &ProtectionGroup) -> api::PgStatus {
@@ -454,18 +459,96 @@ impl Admin for AdminService {
         Ok(Response::new(api::DeleteVolumeResponse {}))
     }
 
-    async fn add_node(
+    async fn create_join_token(
         &self,
-        req: Request<api::AddNodeRequest>,
-    ) -> Result<Response<api::Node>, Status> {
-        self.require_operator(&req, "add nodes")?;
+        req: Request<api::CreateJoinTokenRequest>,
+    ) -> Result<Response<api::CreateJoinTokenResponse>, Status> {
+        self.require_operator(&req, "create join tokens")?;
         let r = req.get_ref();
-        let node = self
+        let ttl = if r.ttl_seconds == 0 {
+            JOIN_TOKEN_TTL_DEFAULT
+        } else {
+            std::time::Duration::from_secs(r.ttl_seconds)
+        };
+        let (token, expires_ms) = self
             .core
-            .add_node(&r.raft_addr, &r.site)
+            .create_join_token(&r.site, ttl)
             .await
             .map_err(|e| status(&e))?;
-        Ok(Response::new(node_message(&self.core, node)))
+        Ok(Response::new(api::CreateJoinTokenResponse {
+            token,
+            expires_ms,
+        }))
+    }
+
+    /// On a node in no cluster: needs no bearer token (it has none yet),
+    /// only the join token, which the cluster checks.
+    async fn join_cluster(
+        &self,
+        req: Request<api::JoinClusterRequest>,
+    ) -> Result<Response<api::Node>, Status> {
+        let node = self
+            .core
+            .join_cluster(&req.get_ref().token)
+            .await
+            .map_err(|e| status(&e))?;
+        let addrs = node.addrs.clone().unwrap_or_default();
+        Ok(Response::new(api::Node {
+            id: node.id,
+            site: node.site,
+            raft_addr: addrs.raft,
+            admin_addr: addrs.admin,
+            nbd_addr: addrs.nbd,
+            removed: false,
+            catalog_role: String::new(),
+            reachable: true,
+            pg_members: 0,
+        }))
+    }
+
+    async fn cluster_ca(
+        &self,
+        _req: Request<api::ClusterCaRequest>,
+    ) -> Result<Response<api::ClusterCaResponse>, Status> {
+        let tls = self
+            .core
+            .node_tls()
+            .ok_or_else(|| status(&NodeError::NotInitialized))?;
+        Ok(Response::new(api::ClusterCaResponse {
+            ca_cert_pem: tls.ca_pem,
+        }))
+    }
+
+    /// Authenticated by the join token's secret, not a bearer token.
+    async fn admit_node(
+        &self,
+        req: Request<api::AdmitNodeRequest>,
+    ) -> Result<Response<api::AdmitNodeResponse>, Status> {
+        if !self.core.is_initialized() {
+            return Err(status(&NodeError::NotInitialized));
+        }
+        let admitted = self
+            .core
+            .admit_node(req.into_inner())
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(admitted))
+    }
+
+    async fn create_tenant_cert(
+        &self,
+        req: Request<api::CreateTenantCertRequest>,
+    ) -> Result<Response<api::CreateTenantCertResponse>, Status> {
+        self.require_operator(&req, "issue tenant certificates")?;
+        let r = req.get_ref();
+        let (cert_pem, ca_cert_pem) = self
+            .core
+            .create_tenant_cert(&r.tenant, &r.csr_pem)
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(api::CreateTenantCertResponse {
+            cert_pem,
+            ca_cert_pem,
+        }))
     }
 
     async fn list_nodes(

@@ -33,6 +33,17 @@ pub struct NbdConfig {
     pub listen: SocketAddr,
     pub requests_in_flight_max: usize,
     pub request_bytes_max: u32,
+    /// Who must use TLS (STARTTLS with a tenant certificate, which then
+    /// limits the connection to that tenant's volumes): "off-loopback"
+    /// (clients not on a loopback address) or "always".
+    pub tls_required: NbdTlsRequired,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NbdTlsRequired {
+    OffLoopback,
+    Always,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -105,6 +116,7 @@ impl Default for NbdConfig {
             listen: loopback(10809),
             requests_in_flight_max: 64,
             request_bytes_max: 32 << 20,
+            tls_required: NbdTlsRequired::OffLoopback,
         }
     }
 }

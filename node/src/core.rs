@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use lifeboat_proto::admin as api;
 use lifeboat_proto::raft as pb;
 use lifeboat_replication::ack::AckPolicy;
 use lifeboat_replication::catalog::{self, Catalog, MAIN_PG};
@@ -33,6 +34,7 @@ use crate::events::EventLog;
 use crate::locks::BlockLocks;
 use crate::metrics::Metrics;
 use crate::names;
+use crate::pki::{self, ClusterCa, NodeTls};
 
 /// How long a freshly started group may take to elect this node.
 const LEADERSHIP_WAIT: Duration = Duration::from_secs(30);
@@ -105,6 +107,9 @@ pub struct NodeCore {
     membership_changes: tokio::sync::Mutex<()>,
     stopping: CancellationToken,
     pub events: Arc<EventLog>,
+    /// This node's certificate, and the Raft port's TLS built from it;
+    /// `None` until the node initialises or joins a cluster.
+    tls: RwLock<Option<ActiveTls>>,
     /// The reconciler and the log-retention task.
     background: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -112,6 +117,68 @@ pub struct NodeCore {
 /// How often a node compares the catalog's placement with the members it
 /// runs, and the PGs it leads with their Raft membership.
 const RECONCILE_INTERVAL: Duration = Duration::from_millis(300);
+
+/// This node's certificate and the server TLS configurations made from it.
+struct ActiveTls {
+    node: NodeTls,
+    raft: Arc<rustls::ServerConfig>,
+    nbd: Arc<rustls::ServerConfig>,
+}
+
+/// What the cluster CA's private key is sealed for (`MasterKey::seal_secret`).
+const CA_KEY_PURPOSE: &str = "cluster-ca";
+
+/// A join token: `lbj1_SECRET_CAFINGERPRINT_ADMINADDR`. The secret
+/// authenticates the joining node to the cluster; the fingerprint lets the
+/// node check that it is talking to the cluster that made the token.
+struct JoinToken {
+    secret: String,
+    ca_fingerprint: String,
+    admin_addr: String,
+}
+
+impl std::fmt::Display for JoinToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "lbj1_{}_{}_{}",
+            self.secret, self.ca_fingerprint, self.admin_addr
+        )
+    }
+}
+
+impl std::str::FromStr for JoinToken {
+    type Err = NodeError;
+
+    fn from_str(s: &str) -> NodeResult<JoinToken> {
+        let bad = |why: &str| NodeError::JoinToken {
+            reason: format!(
+                "malformed token ({why}); paste it whole as `node join-token create` printed it"
+            ),
+        };
+        let mut parts = s.trim().splitn(4, '_');
+        if parts.next() != Some("lbj1") {
+            return Err(bad("it does not start with lbj1_"));
+        }
+        let secret = parts
+            .next()
+            .filter(|p| p.len() == 64)
+            .ok_or_else(|| bad("secret"))?;
+        let fp = parts
+            .next()
+            .filter(|p| p.len() == 64)
+            .ok_or_else(|| bad("CA fingerprint"))?;
+        let addr = parts
+            .next()
+            .filter(|a| a.parse::<std::net::SocketAddr>().is_ok() || a.contains(':'))
+            .ok_or_else(|| bad("address"))?;
+        Ok(JoinToken {
+            secret: secret.to_owned(),
+            ca_fingerprint: fp.to_owned(),
+            admin_addr: addr.to_owned(),
+        })
+    }
+}
 
 fn sha256(bytes: &[u8]) -> Vec<u8> {
     Sha256::digest(bytes).to_vec()
@@ -149,7 +216,7 @@ impl NodeCore {
             metrics: Metrics::new(),
             block_locks: BlockLocks::new(),
             identity: Identity::new(NodeId(config.node_id), binding.clone()),
-            peers: Peers::with_dial(config.raft.dial.clone().into_iter().collect()),
+            peers: Peers::with_tls(config.raft.dial.clone().into_iter().collect()),
             syncer: WalSyncer::start(db.clone()),
             clock: Arc::new(SystemClock),
             master_key: RwLock::new(None),
@@ -159,9 +226,13 @@ impl NodeCore {
             stopping: CancellationToken::new(),
             background: std::sync::Mutex::new(Vec::new()),
             events: Arc::new(EventLog::new(|| SystemClock.now_ms())),
+            tls: RwLock::new(None),
             config,
             db,
         });
+        if let Some(tls) = NodeTls::load(&core.config.data_dir)? {
+            core.use_tls(tls)?;
+        }
         if binding.is_some() {
             core.load_master_key_if_present()?;
         }
@@ -183,6 +254,81 @@ impl NodeCore {
         let master = MasterKey::load(path)?;
         *self.master_key.write().expect("master key lock") = Some(Arc::new(master));
         Ok(())
+    }
+
+    /// Makes `tls` this node's identity on the Raft port, both ways.
+    fn use_tls(&self, tls: NodeTls) -> NodeResult<()> {
+        let raft = tls.raft_server_config()?;
+        let nbd = tls.nbd_server_config()?;
+        self.peers.set_tls(tls.raft_client_config());
+        *self.tls.write().expect("tls lock") = Some(ActiveTls {
+            node: tls,
+            raft,
+            nbd,
+        });
+        Ok(())
+    }
+
+    /// NBD's TLS, once this node has a certificate.
+    pub fn nbd_tls(&self) -> Option<Arc<rustls::ServerConfig>> {
+        self.tls
+            .read()
+            .expect("tls lock")
+            .as_ref()
+            .map(|t| t.nbd.clone())
+    }
+
+    /// Saves and uses this node's certificate.
+    fn install_tls(&self, tls: NodeTls) -> NodeResult<()> {
+        tls.save(&self.config.data_dir)?;
+        self.use_tls(tls)
+    }
+
+    /// The Raft port's TLS, once this node has a certificate.
+    pub fn raft_tls(&self) -> Option<Arc<rustls::ServerConfig>> {
+        self.tls
+            .read()
+            .expect("tls lock")
+            .as_ref()
+            .map(|t| t.raft.clone())
+    }
+
+    /// This node's TLS material, once it has a certificate.
+    pub fn node_tls(&self) -> Option<NodeTls> {
+        self.tls
+            .read()
+            .expect("tls lock")
+            .as_ref()
+            .map(|t| t.node.clone())
+    }
+
+    /// The IP addresses a certificate for a node reached at `addrs` names.
+    fn cert_ips(addrs: &pb::NodeAddrs) -> Vec<std::net::IpAddr> {
+        let mut ips: Vec<std::net::IpAddr> = [&addrs.raft, &addrs.nbd, &addrs.admin]
+            .iter()
+            .filter_map(|a| a.parse::<std::net::SocketAddr>().ok())
+            .map(|a| a.ip())
+            .filter(|ip| !ip.is_unspecified())
+            .collect();
+        ips.sort_unstable();
+        ips.dedup();
+        ips
+    }
+
+    /// The cluster CA with its private key, opened with the master key.
+    fn cluster_ca(&self) -> NodeResult<ClusterCa> {
+        let cluster = self
+            .catalog
+            .cluster()
+            .map_err(NodeError::io("read catalog"))?
+            .ok_or(NodeError::NotInitialized)?;
+        let key = self
+            .master_key()?
+            .open_secret(CA_KEY_PURPOSE, &cluster.ca_key_sealed)?;
+        let key = String::from_utf8(key).map_err(|_| NodeError::Pki {
+            reason: "the sealed CA key is not PEM".into(),
+        })?;
+        ClusterCa::from_pem(&cluster.ca_cert_pem, &key)
     }
 
     pub fn set_addrs(&self, addrs: pb::NodeAddrs) {
@@ -544,9 +690,18 @@ impl NodeCore {
         } else {
             MasterKey::create(key_path)?
         };
-        *self.master_key.write().expect("master key lock") = Some(Arc::new(master));
-
         let cluster_id = random_hex(16);
+        let ca = ClusterCa::generate(&cluster_id)?;
+        let (node_key, csr) = pki::new_key_and_csr(&format!("node-{}", self.config.node_id))?;
+        let cert_pem = ca.sign_node(&csr, self.config.node_id, &Self::cert_ips(&self.addrs()))?;
+        let ca_key_sealed = master.seal_secret(CA_KEY_PURPOSE, ca.key_pem().as_bytes());
+        *self.master_key.write().expect("master key lock") = Some(Arc::new(master));
+        self.install_tls(NodeTls {
+            ca_pem: ca.cert_pem().to_owned(),
+            cert_pem,
+            key_pem: node_key,
+        })?;
+
         members::bind_cluster(&self.db, &cluster_id).map_err(NodeError::io("bind cluster"))?;
         self.identity.set_cluster_id(&cluster_id);
         let catalog = self
@@ -573,6 +728,8 @@ impl NodeCore {
                 node_id: self.config.node_id,
                 operator_token_sha256: sha256(token.as_bytes()).into(),
                 addrs: Some(self.addrs()),
+                ca_cert_pem: ca.cert_pem().to_owned(),
+                ca_key_sealed: ca_key_sealed.into(),
             }))
             .await?;
         tracing::info!(cluster_id, site, "cluster initialised");
@@ -662,6 +819,17 @@ impl NodeCore {
         self.load_tenant_keys(&record)?;
         tracing::info!(tenant = name, pg = main_pg, "tenant created");
         Ok(record)
+    }
+
+    /// Signs a client certificate for `tenant` from its signing request:
+    /// with it, NBD over TLS shows and opens only that tenant's volumes.
+    /// Returns the certificate and the cluster CA, as PEM.
+    pub fn create_tenant_cert(&self, tenant: &str, csr_pem: &str) -> NodeResult<(String, String)> {
+        self.tenant(tenant)?;
+        let ca = self.cluster_ca()?;
+        let cert = ca.sign_tenant(csr_pem, tenant)?;
+        tracing::info!(tenant, "tenant certificate issued");
+        Ok((cert, ca.cert_pem().to_owned()))
     }
 
     /// Starts a new DEK for new writes; frames sealed with older keys stay
@@ -992,105 +1160,64 @@ impl NodeCore {
         Ok(())
     }
 
-    /// The join handshake, on the joining node: with `catalog_member` 0 it
-    /// only says who this node is; otherwise it binds this node to the
-    /// cluster (once, for ever) and starts its catalog member, which the
-    /// catalog's leader then fills.
-    pub async fn handle_join(&self, req: pb::JoinRequest) -> Result<pb::JoinReply, tonic::Status> {
-        if req.cluster_id.is_empty() {
-            return Err(tonic::Status::invalid_argument("join without a cluster id"));
+    /// Makes a one-time join token for a node at `site` (any site when
+    /// empty), valid for `ttl`. The token names this node's admin address
+    /// and pins the cluster CA; only its hash is stored.
+    pub async fn create_join_token(&self, site: &str, ttl: Duration) -> NodeResult<(String, u64)> {
+        if !site.is_empty() {
+            names::validate_name("site", site)?;
         }
-        if let Some(c) = self.identity.cluster_id()
-            && c != req.cluster_id
-        {
-            return Err(tonic::Status::failed_precondition(format!(
-                "node {} already belongs to cluster {c}",
-                self.config.node_id
-            )));
-        }
-        if !req.site.is_empty() && req.site != self.config.site {
-            return Err(tonic::Status::invalid_argument(format!(
-                "node {} is configured for site {:?}, not {:?}",
-                self.config.node_id, self.config.site, req.site
-            )));
-        }
-        if req.catalog_member != 0 {
-            let _changes = self.membership_changes.lock().await;
-            members::bind_cluster(&self.db, &req.cluster_id)
-                .map_err(|e| tonic::Status::failed_precondition(e.to_string()))?;
-            self.identity.set_cluster_id(&req.cluster_id);
-            if let Some(g) = self.group(PgId::CATALOG)
-                && g.member_id().0 != req.catalog_member
-            {
-                return Err(tonic::Status::already_exists(format!(
-                    "node {} already runs catalog member {}",
-                    self.config.node_id,
-                    g.member_id()
-                )));
-            }
-            self.start_member(LocalMember {
-                pg: PgId::CATALOG,
-                member: MemberId(req.catalog_member),
-                generation: Generation(req.catalog_generation),
-            })
-            .await
-            .map_err(|e| tonic::Status::internal(e.to_string()))?;
-            self.load_master_key_if_present()
-                .map_err(|e| tonic::Status::failed_precondition(e.to_string()))?;
-            tracing::info!(
-                cluster_id = req.cluster_id,
-                catalog_member = req.catalog_member,
-                "joined the cluster"
-            );
-        }
-        Ok(pb::JoinReply {
-            node_id: self.config.node_id,
-            site: self.config.site.clone(),
-            addrs: Some(self.addrs()),
-        })
-    }
-
-    async fn join_rpc(&self, raft_addr: &str, req: pb::JoinRequest) -> NodeResult<pb::JoinReply> {
-        let peer = |reason: String| NodeError::Peer {
-            addr: raft_addr.to_owned(),
-            reason,
+        let tls = self.node_tls().ok_or(NodeError::NotInitialized)?;
+        let secret = random_hex(32);
+        let expires_ms = SystemClock.now_ms() + ttl.as_millis() as u64;
+        self.catalog_group()?
+            .propose(pb::command::Kind::CreateJoinToken(pb::CreateJoinToken {
+                token_sha256: sha256(secret.as_bytes()).into(),
+                site: site.to_owned(),
+                expires_ms,
+            }))
+            .await?;
+        let token = JoinToken {
+            secret,
+            ca_fingerprint: pki::fingerprint(&tls.ca_pem)?,
+            admin_addr: self.addrs().admin,
         };
-        let mut client = self
-            .peers
-            .client(raft_addr)
-            .map_err(|s| peer(s.message().to_owned()))?;
-        client
-            .join(req)
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| peer(format!("{:?}: {}", s.code(), s.message())))
+        Ok((token.to_string(), expires_ms))
     }
 
-    /// Adds the node listening at `raft_addr` (started with `node start`,
-    /// not yet in a cluster) to this cluster: asks who it is, records it in
-    /// the catalog (which gives it a catalog member), then tells it to join.
-    /// Placement then gives it members of the PGs that lack them.
-    pub async fn add_node(&self, raft_addr: &str, site: &str) -> NodeResult<pb::NodeRecord> {
+    /// On a member, for a joining node: spends its token, records it in the
+    /// catalog (which gives it a catalog member) and signs its certificate.
+    /// A node whose join was recorded but whose reply was lost may ask
+    /// again with the same token.
+    pub async fn admit_node(
+        &self,
+        req: api::AdmitNodeRequest,
+    ) -> NodeResult<api::AdmitNodeResponse> {
         let cluster_id = self
             .identity
             .cluster_id()
             .ok_or(NodeError::NotInitialized)?;
-        let probe = pb::JoinRequest {
-            cluster_id: cluster_id.clone(),
-            site: site.to_owned(),
-            catalog_member: 0,
-            catalog_generation: 0,
-        };
-        let who = self.join_rpc(raft_addr, probe).await?;
-        let mut addrs = who.addrs.clone().unwrap_or_default();
-        // The address the operator reached it at is the one peers use.
-        addrs.raft = raft_addr.to_owned();
+        names::validate_name("site", &req.site)?;
+        let token_sha256 = sha256(req.secret.as_bytes());
+        let addrs = req.addrs.clone().unwrap_or_default();
+        if addrs.raft.parse::<std::net::SocketAddr>().is_err() {
+            return Err(NodeError::InvalidName {
+                what: "raft address",
+                name: addrs.raft.clone(),
+                reason: "the joining node must give its Raft host:port".into(),
+            });
+        }
+        // Sign first: a request that is not a CSR spends no token.
+        let cert_pem =
+            self.cluster_ca()?
+                .sign_node(&req.csr_pem, req.node_id, &Self::cert_ips(&addrs))?;
         let added = self
             .catalog_group()?
             .propose(pb::command::Kind::AddNode(pb::AddNode {
-                node_id: who.node_id,
-                site: who.site.clone(),
-                addrs: Some(addrs),
+                node_id: req.node_id,
+                site: req.site.clone(),
+                addrs: Some(addrs.clone()),
+                join_token_sha256: token_sha256.clone().into(),
             }))
             .await;
         let catalog_member = match added {
@@ -1101,30 +1228,127 @@ impl NodeCore {
                     source: std::io::Error::other(format!("unexpected apply result {other:?}")),
                 });
             }
-            // A retry of an add whose join did not finish: join again.
+            Err(lifeboat_replication::Error::Rejected {
+                rejection: lifeboat_replication::Rejection::JoinToken { reason },
+                ..
+            }) => return Err(NodeError::JoinToken { reason }),
+            // The same node with the same token again: its join was
+            // recorded; answer again.
             Err(
                 e @ lifeboat_replication::Error::Rejected {
                     rejection: lifeboat_replication::Rejection::NodeExists { .. },
                     ..
                 },
-            ) => match self.unfinished_join(who.node_id, raft_addr)? {
-                Some(member) => member,
-                None => return Err(e.into()),
-            },
+            ) => {
+                let spent_by_it = self
+                    .catalog
+                    .join_token(&token_sha256)
+                    .map_err(NodeError::io("read catalog"))?
+                    .is_some_and(|t| t.used_by_node == req.node_id);
+                match self.unfinished_join(req.node_id, &addrs.raft)? {
+                    Some(member) if spent_by_it => member,
+                    _ => return Err(e.into()),
+                }
+            }
             Err(e) => return Err(e.into()),
         };
-        let admit = pb::JoinRequest {
+        tracing::info!(
+            node = req.node_id,
+            site = req.site,
+            raft = addrs.raft,
+            "node admitted"
+        );
+        Ok(api::AdmitNodeResponse {
             cluster_id,
-            site: who.site.clone(),
+            ca_cert_pem: self
+                .node_tls()
+                .map(|t| t.ca_pem)
+                .ok_or(NodeError::NotInitialized)?,
+            cert_pem,
             catalog_member,
             catalog_generation: 0,
+        })
+    }
+
+    /// On a new node: joins the cluster a token names. Makes this node's
+    /// key, has a member admit it and sign its certificate, checks the
+    /// cluster's CA against the token, then binds this node to the cluster
+    /// (once, for ever) and starts its catalog member, which the catalog's
+    /// leader then fills. Placement then gives it PG members.
+    pub async fn join_cluster(&self, token: &str) -> NodeResult<pb::NodeRecord> {
+        if let Some(cluster_id) = self.identity.cluster_id() {
+            return Err(NodeError::AlreadyInitialized { cluster_id });
+        }
+        let token: JoinToken = token.parse()?;
+        let (key_pem, csr_pem) = pki::new_key_and_csr(&format!("node-{}", self.config.node_id))?;
+        let endpoint = format!("http://{}", token.admin_addr);
+        let peer = |reason: String| NodeError::Peer {
+            addr: token.admin_addr.clone(),
+            reason,
         };
-        self.join_rpc(raft_addr, admit).await?;
-        tracing::info!(node = who.node_id, site = who.site, raft_addr, "node added");
-        self.catalog
-            .node(who.node_id)
-            .map_err(NodeError::io("read catalog"))?
-            .ok_or(NodeError::NodeNotFound(who.node_id))
+        let mut client = lifeboat_proto::admin::admin_client::AdminClient::connect(endpoint)
+            .await
+            .map_err(|e| peer(format!("connect: {e}")))?;
+        // Check the cluster before giving it the token's secret.
+        let ca = client
+            .cluster_ca(api::ClusterCaRequest {})
+            .await
+            .map_err(|s| peer(s.message().to_owned()))?
+            .into_inner()
+            .ca_cert_pem;
+        let presented = pki::fingerprint(&ca)?;
+        if presented != token.ca_fingerprint {
+            return Err(NodeError::JoinToken {
+                reason: format!(
+                    "the node at {} presented CA {presented}, but the token pins {}: not the cluster that made the token",
+                    token.admin_addr, token.ca_fingerprint
+                ),
+            });
+        }
+        let admitted = client
+            .admit_node(api::AdmitNodeRequest {
+                secret: token.secret.clone(),
+                node_id: self.config.node_id,
+                site: self.config.site.clone(),
+                addrs: Some(self.addrs()),
+                csr_pem,
+            })
+            .await
+            .map_err(|s| peer(s.message().to_owned()))?
+            .into_inner();
+        if admitted.ca_cert_pem != ca {
+            return Err(NodeError::JoinToken {
+                reason: format!("the node at {} changed its CA mid-join", token.admin_addr),
+            });
+        }
+        let _changes = self.membership_changes.lock().await;
+        self.install_tls(NodeTls {
+            ca_pem: admitted.ca_cert_pem,
+            cert_pem: admitted.cert_pem,
+            key_pem,
+        })?;
+        members::bind_cluster(&self.db, &admitted.cluster_id)
+            .map_err(NodeError::io("bind cluster"))?;
+        self.identity.set_cluster_id(&admitted.cluster_id);
+        self.start_member(LocalMember {
+            pg: PgId::CATALOG,
+            member: MemberId(admitted.catalog_member),
+            generation: Generation(admitted.catalog_generation),
+        })
+        .await?;
+        self.load_master_key_if_present()?;
+        tracing::info!(
+            cluster_id = admitted.cluster_id,
+            catalog_member = admitted.catalog_member,
+            "joined the cluster"
+        );
+        Ok(pb::NodeRecord {
+            id: self.config.node_id,
+            site: self.config.site.clone(),
+            addrs: Some(self.addrs()),
+            added_ms: SystemClock.now_ms(),
+            removed: false,
+        })
     }
 
     /// The catalog member of a node that is recorded at `raft_addr` but may
@@ -1193,16 +1417,9 @@ impl NodeCore {
         let Ok(mut client) = self.peers.client(raft_addr) else {
             return false;
         };
-        // An empty join is refused by any live node: an answer is enough.
-        let mut req = tonic::Request::new(pb::JoinRequest::default());
+        let mut req = tonic::Request::new(pb::HelloRequest {});
         req.set_timeout(Duration::from_secs(1));
-        match client.join(req).await {
-            Ok(_) => true,
-            Err(s) => !matches!(
-                s.code(),
-                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
-            ),
-        }
+        client.hello(req).await.is_ok()
     }
 
     pub fn data_dir(&self) -> PathBuf {

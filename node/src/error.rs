@@ -44,6 +44,10 @@ pub enum NodeError {
     NodeNotFound(u64),
     #[error("protection group {pg} is not hosted on this node; its members are on nodes {nodes:?}")]
     NotHostedHere { pg: u64, nodes: Vec<u64> },
+    #[error("certificates: {reason}")]
+    Pki { reason: String },
+    #[error("join token: {reason}")]
+    JoinToken { reason: String },
 }
 
 impl NodeError {
@@ -72,6 +76,8 @@ impl NodeError {
             NodeError::Peer { .. } => "node.peer",
             NodeError::NodeNotFound(_) => "node.node_not_found",
             NodeError::NotHostedHere { .. } => "node.not_hosted_here",
+            NodeError::Pki { .. } => "node.pki",
+            NodeError::JoinToken { .. } => "node.join_token",
         }
     }
 }

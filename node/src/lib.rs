@@ -15,6 +15,7 @@ pub mod locks;
 pub mod metrics;
 pub mod names;
 pub mod nbd;
+pub mod pki;
 pub mod server;
 pub mod volume_io;
 

@@ -7,9 +7,8 @@ use std::sync::Arc;
 
 use std::path::PathBuf;
 
-use futures::future::BoxFuture;
 use lifeboat_proto::admin::admin_server::AdminServer;
-use lifeboat_proto::raft::{JoinReply, JoinRequest};
+use lifeboat_proto::raft::HelloReply;
 use lifeboat_replication::ProtectionGroup;
 use lifeboat_replication::transport::{Host, Identity, TransportService};
 use lifeboat_store::PgId;
@@ -89,12 +88,12 @@ pub async fn start(config: NodeConfig) -> NodeResult<RunningNode> {
     let raft_task = tokio::spawn({
         let shutdown = shutdown.clone();
         let service = TransportService::new(Arc::new(RaftHost(core.clone())));
+        let core_for_tls = core.clone();
         async move {
             let served = tonic::transport::Server::builder()
-                .tcp_nodelay(true)
                 .add_service(service)
                 .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(raft_listener),
+                    raft_tls_incoming(raft_listener, core_for_tls, shutdown.clone()),
                     shutdown.cancelled_owned(),
                 )
                 .await;
@@ -130,10 +129,16 @@ pub async fn start(config: NodeConfig) -> NodeResult<RunningNode> {
         ..NbdServerConfig::default()
     };
     let nbd_task = tokio::spawn({
-        let served = nbd::serve(
+        let tls_core = core.clone();
+        let required = match config.nbd.tls_required {
+            crate::config::NbdTlsRequired::OffLoopback => nbd::TlsRequired::OffLoopback,
+            crate::config::NbdTlsRequired::Always => nbd::TlsRequired::Always,
+        };
+        let served = nbd::serve_with_tls(
             nbd_listener,
             Arc::new(VolumeExports::new(core.clone())),
             nbd_config,
+            nbd::NbdTls::new(move || tls_core.nbd_tls(), required),
             nbd_stats.clone(),
             shutdown.clone(),
         );
@@ -179,6 +184,58 @@ pub async fn start(config: NodeConfig) -> NodeResult<RunningNode> {
     })
 }
 
+/// How long a peer may take to complete the TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The Raft port's connections after mutual TLS: a peer without a node
+/// certificate of this cluster's CA fails the handshake and is dropped
+/// before gRPC reads a byte; a node without a certificate yet (not
+/// initialised, not joined) takes no connections at all.
+fn raft_tls_incoming(
+    listener: TcpListener,
+    core: Arc<NodeCore>,
+    shutdown: Shutdown,
+) -> tokio_stream::wrappers::ReceiverStream<
+    Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>,
+> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Raft accept failed");
+                        continue;
+                    }
+                },
+            };
+            let Some(config) = core.raft_tls() else {
+                tracing::debug!(%peer, "Raft connection refused: this node has no certificate yet");
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let acceptor = tokio_rustls::TlsAcceptor::from(config);
+                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(%peer, error = %e, "Raft connection refused: no valid node certificate of this cluster");
+                    }
+                    Err(_) => {
+                        tracing::warn!(%peer, "Raft connection refused: TLS handshake timed out")
+                    }
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
 /// The node as its Raft transport server sees it.
 struct RaftHost(Arc<NodeCore>);
 
@@ -195,9 +252,13 @@ impl Host for RaftHost {
         self.0.data_dir().join("raft-snapshots")
     }
 
-    fn join(&self, req: JoinRequest) -> BoxFuture<'static, Result<JoinReply, tonic::Status>> {
-        let core = self.0.clone();
-        Box::pin(async move { core.handle_join(req).await })
+    fn hello(&self) -> HelloReply {
+        HelloReply {
+            node_id: self.0.config.node_id,
+            site: self.0.config.site.clone(),
+            addrs: Some(self.0.addrs()),
+            cluster_id: self.0.cluster_id().unwrap_or_default(),
+        }
     }
 }
 

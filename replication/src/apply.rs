@@ -130,6 +130,7 @@ impl<'a> ApplyContext<'a> {
                 | Kind::SetPgMembers(_)
                 | Kind::CreatePg(_)
                 | Kind::SetPgAck(_)
+                | Kind::CreateJoinToken(_)
         );
         if is_catalog_command != (self.pg == PgId::CATALOG) {
             return Ok(Err(Rejection::WrongGroup { pg: self.pg.0 }));
@@ -150,6 +151,7 @@ impl<'a> ApplyContext<'a> {
             Kind::SetPgMembers(m) => self.apply_set_pg_members(m),
             Kind::CreatePg(c) => self.apply_create_pg(c, cmd.stamp_ms),
             Kind::SetPgAck(a) => self.apply_set_pg_ack(a),
+            Kind::CreateJoinToken(t) => self.apply_create_join_token(t, cmd.stamp_ms),
         }
     }
 
@@ -265,6 +267,8 @@ impl<'a> ApplyContext<'a> {
             site: i.site.clone(),
             node_id: i.node_id,
             created_ms: stamp_ms,
+            ca_cert_pem: i.ca_cert_pem.clone(),
+            ca_key_sealed: i.ca_key_sealed.clone(),
         };
         self.catalog_put(catalog::CLUSTER_KEY.to_vec(), &record);
         self.catalog_put(
@@ -515,8 +519,69 @@ impl ApplyContext<'_> {
             .is_some_and(|n| !n.removed))
     }
 
+    fn apply_create_join_token(
+        &mut self,
+        t: &pb::CreateJoinToken,
+        stamp_ms: u64,
+    ) -> io::Result<Outcome> {
+        if t.token_sha256.len() != 32 {
+            return Ok(Err(Rejection::Malformed {
+                reason: "a join token hash is 32 bytes".into(),
+            }));
+        }
+        self.catalog_put(
+            catalog::join_token_key(&t.token_sha256),
+            &pb::JoinTokenRecord {
+                site: t.site.clone(),
+                expires_ms: t.expires_ms,
+                used_by_node: 0,
+                created_ms: stamp_ms,
+            },
+        );
+        Ok(Ok(Applied::Done))
+    }
+
+    /// The join token `sha256` as node `node` at `site` may spend it at
+    /// `stamp_ms` (the entry's stamp, so every replica decides alike).
+    fn check_join_token(
+        &self,
+        sha256: &[u8],
+        node: u64,
+        site: &str,
+        stamp_ms: u64,
+    ) -> io::Result<Result<pb::JoinTokenRecord, Rejection>> {
+        let refuse = |reason: String| Ok(Err(Rejection::JoinToken { reason }));
+        let Some(token) =
+            self.catalog_get::<pb::JoinTokenRecord>(&catalog::join_token_key(sha256))?
+        else {
+            return refuse("unknown join token".into());
+        };
+        if token.used_by_node != 0 && token.used_by_node != node {
+            return refuse(format!(
+                "this join token was used by node {}",
+                token.used_by_node
+            ));
+        }
+        if token.used_by_node == 0 && stamp_ms > token.expires_ms {
+            return refuse("this join token has expired".into());
+        }
+        if !token.site.is_empty() && token.site != site {
+            return refuse(format!(
+                "this join token is for site {:?}, not {site:?}",
+                token.site
+            ));
+        }
+        Ok(Ok(token))
+    }
+
     fn apply_add_node(&mut self, a: &pb::AddNode, stamp_ms: u64) -> io::Result<Outcome> {
-        // Every check before anything is staged.
+        // Every check before anything is staged. A node is added only by
+        // spending a join token.
+        let mut token =
+            match self.check_join_token(&a.join_token_sha256, a.node_id, &a.site, stamp_ms)? {
+                Ok(t) => t,
+                Err(rejection) => return Ok(Err(rejection)),
+            };
         let key = catalog::node_key(a.node_id);
         if a.node_id == 0 || self.catalog_get::<pb::NodeRecord>(&key)?.is_some() {
             return Ok(Err(Rejection::NodeExists { node: a.node_id }));
@@ -528,6 +593,8 @@ impl ApplyContext<'_> {
         let Some(mut pg0) = self.catalog_get::<pb::PgRecord>(&catalog::pg_id_key(0))? else {
             return Ok(Err(Rejection::PgIdNotFound { pg: 0 }));
         };
+        token.used_by_node = a.node_id;
+        self.catalog_put(catalog::join_token_key(&a.join_token_sha256), &token);
         self.catalog_put(
             key,
             &pb::NodeRecord {

@@ -51,6 +51,10 @@ pub const FIRST_CATALOG_MEMBER: u64 = 1;
 /// Catalog voters at the cluster's site (the rest of the nodes are learners).
 pub const CATALOG_VOTERS: usize = 3;
 
+pub fn join_token_key(sha256: &[u8]) -> Vec<u8> {
+    format!("jointoken/{}", hex_lower(sha256)).into_bytes()
+}
+
 pub fn token_key(sha256: &[u8]) -> Vec<u8> {
     format!("token/{}", hex_lower(sha256)).into_bytes()
 }
@@ -180,6 +184,10 @@ impl Catalog {
     /// Every node ever added, removed ones included.
     pub fn nodes(&self) -> io::Result<Vec<pb::NodeRecord>> {
         self.list(b"node/")
+    }
+
+    pub fn join_token(&self, sha256: &[u8]) -> io::Result<Option<pb::JoinTokenRecord>> {
+        self.get(&join_token_key(sha256))
     }
 
     pub fn token(&self, sha256: &[u8]) -> io::Result<Option<pb::TokenRecord>> {

@@ -473,19 +473,8 @@ impl ProtectionGroup {
                 })
             })
         };
-        let m = self.raft.metrics().borrow_watched().clone();
-        let membership = m.membership_config.membership();
-        let here = membership.get_node(&me).map(|n| n.site.clone());
-        if !membership
-            .nodes()
-            .any(|(_, n)| Some(&n.site) != here.as_ref())
-        {
-            self.ack.degrade(
-                self.pg,
-                "the PG has no member at a standby site to wait for".into(),
-            );
-            return;
-        }
+        // A PG that has no standby member yet (a learner being added) waits
+        // like one whose standby is cut off: it may get one in time.
         let timeout = self.ack.remote_timeout();
         if self
             .raft
@@ -494,13 +483,24 @@ impl ProtectionGroup {
             .await
             .is_err()
         {
-            self.ack.degrade(
-                self.pg,
+            let m = self.raft.metrics().borrow_watched().clone();
+            let membership = m.membership_config.membership();
+            let here = membership.get_node(&me).map(|n| n.site.clone());
+            let has_standby = membership
+                .nodes()
+                .any(|(_, n)| Some(&n.site) != here.as_ref());
+            let why = if has_standby {
                 format!(
                     "no standby site confirmed entry {index} within {} ms",
                     timeout.as_millis()
-                ),
-            );
+                )
+            } else {
+                format!(
+                    "the PG has no member at a standby site (waited {} ms)",
+                    timeout.as_millis()
+                )
+            };
+            self.ack.degrade(self.pg, why);
         }
     }
 

@@ -30,7 +30,7 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::group::ProtectionGroup;
@@ -84,10 +84,23 @@ impl Identity {
 /// Channels are keyed by the peer's advertised address; `dial` may map one
 /// to the address actually dialled (NAT, a relay between sites, or a test's
 /// link proxy).
+///
+/// The security is the node's choice: [`Peers::new`] speaks plain HTTP/2
+/// (in-process tests of this crate); [`Peers::with_tls`] speaks mutual
+/// TLS only, and refuses to dial until the node has its certificate.
 #[derive(Default)]
 pub struct Peers {
     channels: Mutex<HashMap<String, Channel>>,
     dial: HashMap<String, String>,
+    security: RwLock<Security>,
+}
+
+#[derive(Default, Clone)]
+enum Security {
+    #[default]
+    Plaintext,
+    /// Mutual TLS required; `None` until the node is certified.
+    Tls(Option<ClientTlsConfig>),
 }
 
 impl Peers {
@@ -95,12 +108,22 @@ impl Peers {
         Arc::new(Peers::default())
     }
 
-    /// Peers dialled through `dial` (advertised address → dialled address).
-    pub fn with_dial(dial: HashMap<String, String>) -> Arc<Peers> {
+    /// Peers dialled over mutual TLS only (configured later by
+    /// [`Peers::set_tls`]), through `dial` (advertised address → dialled
+    /// address).
+    pub fn with_tls(dial: HashMap<String, String>) -> Arc<Peers> {
         Arc::new(Peers {
             channels: Mutex::default(),
             dial,
+            security: RwLock::new(Security::Tls(None)),
         })
+    }
+
+    /// This node's certificate and the cluster CA, for every later dial.
+    /// Channels made before are dropped.
+    pub fn set_tls(&self, tls: ClientTlsConfig) {
+        *self.security.write().expect("peers security lock") = Security::Tls(Some(tls));
+        self.channels.lock().expect("peers lock").clear();
     }
 
     pub fn client(&self, addr: &str) -> Result<RaftTransportClient<Channel>, Status> {
@@ -109,12 +132,27 @@ impl Peers {
             Some(c) => c.clone(),
             None => {
                 let dialled = self.dial.get(addr).map_or(addr, String::as_str);
-                let endpoint = Endpoint::from_shared(format!("http://{dialled}"))
+                let security = self.security.read().expect("peers security lock").clone();
+                let (scheme, tls) = match security {
+                    Security::Plaintext => ("http", None),
+                    Security::Tls(Some(tls)) => ("https", Some(tls)),
+                    Security::Tls(None) => {
+                        return Err(Status::failed_precondition(
+                            "this node has no cluster certificate yet (initialise or join a cluster)",
+                        ));
+                    }
+                };
+                let mut endpoint = Endpoint::from_shared(format!("{scheme}://{dialled}"))
                     .map_err(|e| Status::invalid_argument(format!("peer address {addr}: {e}")))?
                     .connect_timeout(CONNECT_TIMEOUT)
                     .tcp_nodelay(true)
                     .http2_keep_alive_interval(Duration::from_secs(10))
                     .keep_alive_timeout(Duration::from_secs(10));
+                if let Some(tls) = tls {
+                    endpoint = endpoint.tls_config(tls).map_err(|e| {
+                        Status::failed_precondition(format!("TLS for peer {addr}: {e}"))
+                    })?;
+                }
                 let c = endpoint.connect_lazy();
                 channels.insert(addr.to_owned(), c.clone());
                 c
@@ -334,16 +372,13 @@ fn file_chunks(file: tokio::fs::File) -> impl Stream<Item = pb::SnapshotChunk> +
     })
 }
 
-/// What this node's Raft server needs from the node: its groups and the
-/// join handshake. Implemented by the node.
+/// What this node's Raft server needs from the node: its groups and who it
+/// is. Implemented by the node.
 pub trait Host: Send + Sync + 'static {
     fn identity(&self) -> &Identity;
     fn group(&self, pg: PgId) -> Option<ProtectionGroup>;
     fn snapshot_dir(&self) -> PathBuf;
-    fn join(
-        &self,
-        req: pb::JoinRequest,
-    ) -> futures::future::BoxFuture<'static, Result<pb::JoinReply, Status>>;
+    fn hello(&self) -> pb::HelloReply;
 }
 
 /// The gRPC service on the Raft port.
@@ -542,8 +577,11 @@ impl<H: Host> RaftTransport for TransportService<H> {
         Ok(Response::new(pb::ReadIndexReply { index: index.0 }))
     }
 
-    async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
-        self.host.join(req.into_inner()).await.map(Response::new)
+    async fn hello(
+        &self,
+        _req: Request<pb::HelloRequest>,
+    ) -> Result<Response<pb::HelloReply>, Status> {
+        Ok(Response::new(self.host.hello()))
     }
 }
 

@@ -60,6 +60,7 @@ impl fmt::Display for Command {
             Some(Kind::SetPgMembers(_)) => "set_pg_members",
             Some(Kind::CreatePg(_)) => "create_pg",
             Some(Kind::SetPgAck(_)) => "set_pg_ack",
+            Some(Kind::CreateJoinToken(_)) => "create_join_token",
             None => "empty",
         };
         f.write_str(name)
@@ -166,6 +167,8 @@ pub enum Rejection {
     PgIdNotFound { pg: u64 },
     #[error("protection group {tenant}/{pg} already exists")]
     PgExists { tenant: String, pg: String },
+    #[error("{reason}")]
+    JoinToken { reason: String },
     #[error("malformed command: {reason}")]
     Malformed { reason: String },
 }

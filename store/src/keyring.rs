@@ -355,6 +355,66 @@ impl MasterKey {
     }
 }
 
+/// Version byte of a sealed secret (`MasterKey::seal_secret`).
+pub const SEALED_SECRET_VERSION: u8 = 2;
+
+impl MasterKey {
+    /// Seals a secret other than a DEK (the cluster CA's private key) under
+    /// the master key: `version 2 | nonce (12) | AES-256-GCM(secret) | tag`,
+    /// with `purpose` bound as associated data so that a blob sealed for
+    /// one purpose never opens as another.
+    pub fn seal_secret(&self, purpose: &str, secret: &[u8]) -> Vec<u8> {
+        let mut nonce = [0u8; WRAPPED_NONCE_BYTES];
+        OsRng.fill_bytes(&mut nonce);
+        let aad = secret_aad(purpose);
+        let sealed = self
+            .wrap_cipher()
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: secret,
+                    aad: &aad,
+                },
+            )
+            .expect("AES-GCM encrypts a short secret");
+        let mut out = Vec::with_capacity(1 + WRAPPED_NONCE_BYTES + sealed.len());
+        out.push(SEALED_SECRET_VERSION);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&sealed);
+        out
+    }
+
+    /// Opens a secret sealed by [`MasterKey::seal_secret`] for `purpose`.
+    pub fn open_secret(&self, purpose: &str, sealed: &[u8]) -> Result<Vec<u8>, KeyringError> {
+        if sealed.len() < 1 + WRAPPED_NONCE_BYTES + WRAPPED_TAG_BYTES
+            || sealed[0] != SEALED_SECRET_VERSION
+        {
+            return Err(KeyringError::WrappedMalformed {
+                reason: format!("not a sealed secret ({} bytes)", sealed.len()),
+            });
+        }
+        let (nonce, body) = sealed[1..].split_at(WRAPPED_NONCE_BYTES);
+        self.wrap_cipher()
+            .decrypt(
+                Nonce::from_slice(nonce),
+                Payload {
+                    msg: body,
+                    aad: &secret_aad(purpose),
+                },
+            )
+            .map_err(|_| KeyringError::UnwrapFailed {
+                tenant: format!("(secret {purpose})"),
+            })
+    }
+}
+
+fn secret_aad(purpose: &str) -> Vec<u8> {
+    let mut aad = vec![SEALED_SECRET_VERSION];
+    aad.extend_from_slice(b"lifeboat-secret:");
+    aad.extend_from_slice(purpose.as_bytes());
+    aad
+}
+
 /// Associated data of a wrapped DEK: `version | key_id u32 BE | tenant`.
 /// The tenant name is last, so no length prefix is needed.
 fn wrap_aad(tenant: &str, key_id: KeyId) -> Vec<u8> {

@@ -253,3 +253,24 @@ fn keyring_insert_get_remove() {
     assert!(keyring.get("acme").is_none());
     assert!(keyring.remove("acme").is_none());
 }
+
+#[test]
+fn sealed_secrets_open_only_for_their_purpose_and_key() {
+    let master = MasterKey::from_bytes([7; 32]);
+    let sealed = master.seal_secret("cluster-ca", b"private key bytes");
+    assert_ne!(&sealed[13..30], b"private key bytes");
+    assert_eq!(
+        master.open_secret("cluster-ca", &sealed).unwrap(),
+        b"private key bytes"
+    );
+    assert!(master.open_secret("other", &sealed).is_err());
+    assert!(
+        MasterKey::from_bytes([8; 32])
+            .open_secret("cluster-ca", &sealed)
+            .is_err()
+    );
+    let mut flipped = sealed.clone();
+    *flipped.last_mut().unwrap() ^= 1;
+    assert!(master.open_secret("cluster-ca", &flipped).is_err());
+    assert!(master.open_secret("cluster-ca", &sealed[..10]).is_err());
+}

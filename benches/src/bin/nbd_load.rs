@@ -43,6 +43,16 @@ struct Args {
     /// Skip the nbdkit baseline (for profiling Lifeboat alone).
     #[arg(long)]
     no_baseline: bool,
+    /// Also measure a replicated cluster: three voters at site primary and
+    /// one learner at site dr, four processes on this machine, driven
+    /// through the PG leader's NBD port.
+    #[arg(long)]
+    replicated: bool,
+    /// With --replicated: then run 4 KiB random writes at half the
+    /// measured QD32 maximum for this many seconds, sampling the DR
+    /// learner's lag (lifeboat_replication_lag_seconds) every 100 ms.
+    #[arg(long, default_value_t = 0)]
+    lag_seconds: u64,
 }
 
 fn default_work_dir() -> PathBuf {
@@ -88,6 +98,35 @@ async fn run_workload(
     limit: Duration,
     payload: &Arc<Vec<u8>>,
 ) -> Result<Result1> {
+    run_workload_paced(addr, export, w, size, limit, payload, None).await
+}
+
+/// Like [`run_workload`]; with `rate`, the queue together issues at most
+/// that many operations per second.
+async fn run_workload_paced(
+    addr: SocketAddr,
+    export: &str,
+    w: &Workload,
+    size: u64,
+    limit: Duration,
+    payload: &Arc<Vec<u8>>,
+    rate: Option<f64>,
+) -> Result<Result1> {
+    // A permit per operation when paced, handed out at the rate.
+    let permits = rate.map(|rate| {
+        let (tx, rx) = tokio::sync::mpsc::channel::<()>(w.depth);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if tx.send(()).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Arc::new(tokio::sync::Mutex::new(rx))
+    });
     let blocks = size / w.block as u64;
     let seq_cursor = Arc::new(AtomicU64::new(0));
     let written = Arc::new(AtomicU64::new(0));
@@ -104,10 +143,16 @@ async fn run_workload(
         let client = clients[t % connections].clone();
         let (cursor, written, payload) = (seq_cursor.clone(), written.clone(), payload.clone());
         let (pattern, block) = (w.pattern, w.block);
+        let permits = permits.clone();
         tasks.push(tokio::spawn(async move {
             let mut rng = rand::rngs::StdRng::seed_from_u64(t as u64);
             let mut ops = 0u64;
             while Instant::now() < deadline {
+                if let Some(p) = &permits
+                    && p.lock().await.recv().await.is_none()
+                {
+                    break;
+                }
                 let n = match pattern {
                     Pattern::SeqWrite | Pattern::SeqRead => {
                         let n = cursor.fetch_add(1, Ordering::Relaxed);
@@ -263,6 +308,63 @@ async fn main() -> Result<()> {
         },
     ];
     let limit = Duration::from_secs(args.seconds);
+    if args.replicated {
+        let cluster = start_cluster(work.path(), args.size_mib)?;
+        let leader = cluster.leader()?;
+        println!(
+            "| workload | one node | 3 voters + 1 learner | nbdkit file | replicated ÷ one node | replicated ÷ nbdkit |"
+        );
+        println!("|---|---|---|---|---|---|");
+        let mut qd32_iops = None;
+        for w in workloads.iter().filter(|w| w.name.contains(&args.only)) {
+            let one = run_workload(node.nbd, "bench/v", w, size, limit, &payload).await?;
+            let rep = run_workload(leader.nbd, "bench/v", w, size, limit, &payload).await?;
+            let kit = run_workload(kit_addr, "", w, size, limit, &payload).await?;
+            let pick = |r: &Result1| {
+                if w.block >= 1 << 20 {
+                    r.mb_s()
+                } else {
+                    r.iops()
+                }
+            };
+            let unit = if w.block >= 1 << 20 { "MB/s" } else { "IOPS" };
+            let (a, b, c) = (pick(&one), pick(&rep), pick(&kit));
+            println!(
+                "| {} | {a:.0} {unit} | {b:.0} {unit} | {c:.0} {unit} | {:.2}× | {:.2}× |",
+                w.name,
+                b / a,
+                b / c
+            );
+            if w.name == "rand write 4 KiB QD32" {
+                qd32_iops = Some(b);
+            }
+        }
+        if args.lag_seconds > 0 {
+            let max = match qd32_iops {
+                Some(v) => v,
+                None => {
+                    let w = workloads
+                        .iter()
+                        .find(|w| w.name == "rand write 4 KiB QD32")
+                        .unwrap();
+                    run_workload(leader.nbd, "bench/v", w, size, limit, &payload)
+                        .await?
+                        .iops()
+                }
+            };
+            measure_lag(
+                leader,
+                &workloads[3],
+                size,
+                &payload,
+                max / 2.0,
+                args.lag_seconds,
+            )
+            .await?;
+        }
+        node.stop()?;
+        return Ok(());
+    }
     println!("| workload | Lifeboat | nbdkit file | ratio |");
     println!("|---|---|---|---|");
     for w in workloads.iter().filter(|w| w.name.contains(&args.only)) {
@@ -289,5 +391,147 @@ async fn main() -> Result<()> {
         );
     }
     node.stop()?;
+    Ok(())
+}
+
+/// Three voters at `primary` and one learner at `dr`, each its own process,
+/// with tenant `bench` and volume `bench/v`.
+struct Cluster {
+    nodes: Vec<TestNode>,
+}
+
+fn start_cluster(dir: &std::path::Path, size_mib: u64) -> Result<Cluster> {
+    let key = dir.join("cluster/keys/master.key");
+    let mut nodes = Vec::new();
+    for (i, site) in ["primary", "primary", "primary", "dr"].iter().enumerate() {
+        let node_dir = dir.join(format!("cluster/n{i}"));
+        let mut n = TestNode::member(
+            &node_dir,
+            &node_dir.join("data"),
+            i as u64 + 1,
+            site,
+            &key,
+            "[store]\nreserve_bytes = 67108864\n",
+        )?;
+        n.start()?;
+        nodes.push(n);
+    }
+    nodes[0].must_init();
+    for i in 1..nodes.len() {
+        let (endpoint, site) = (nodes[i].endpoint(), nodes[i].site.clone());
+        nodes[0].must_cli(&["node", "add", &endpoint, "--site", &site]);
+        nodes[i].token = nodes[0].token.clone();
+    }
+    nodes[0].must_cli(&["tenant", "create", "bench"]);
+    nodes[0].must_cli(&[
+        "volume",
+        "create",
+        "bench/v",
+        "--size",
+        &format!("{size_mib}MiB"),
+    ]);
+    let cluster = Cluster { nodes };
+    // Wait until the leader replicates to all three other members.
+    let started = Instant::now();
+    loop {
+        let status = cluster.leader_status().unwrap_or_default();
+        if status["lag"].as_array().is_some_and(|l| l.len() == 3) {
+            return Ok(cluster);
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!("bench/main never had four members: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+impl Cluster {
+    /// `bench/main` as its leader reports it.
+    fn leader_status(&self) -> Option<serde_json::Value> {
+        let out = self.nodes[0].cli(&["status", "--output", "json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let main = v["pgs"]
+            .as_array()?
+            .iter()
+            .find(|p| p["name"] == "bench/main")?;
+        let leader = main["leader_node"].as_u64()?;
+        let n = self.nodes.iter().find(|n| n.node_id == leader)?;
+        let out = n.cli(&["status", "--output", "json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        v["pgs"]
+            .as_array()?
+            .iter()
+            .find(|p| p["name"] == "bench/main")
+            .cloned()
+    }
+
+    fn leader(&self) -> Result<&TestNode> {
+        let status = self.leader_status().context("no status of bench/main")?;
+        let id = status["leader_node"].as_u64().context("no leader")?;
+        self.nodes
+            .iter()
+            .find(|n| n.node_id == id)
+            .context("leader is not one of ours")
+    }
+}
+
+/// The DR learner's lag in seconds from the leader's /metrics.
+fn dr_lag_seconds(leader_http: SocketAddr) -> Option<f64> {
+    let (_, body) = lifeboat_chaos_tests::harness::http_get(leader_http, "/metrics").ok()?;
+    body.lines()
+        .find(|l| l.starts_with("lifeboat_replication_lag_seconds{") && l.contains("site=\"dr\""))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+async fn measure_lag(
+    leader: &TestNode,
+    w: &Workload,
+    size: u64,
+    payload: &Arc<Vec<u8>>,
+    rate: f64,
+    seconds: u64,
+) -> Result<()> {
+    let http = leader.http;
+    let sampler = tokio::task::spawn_blocking(move || {
+        let mut samples = Vec::new();
+        let end = Instant::now() + Duration::from_secs(seconds);
+        while Instant::now() < end {
+            if let Some(v) = dr_lag_seconds(http) {
+                samples.push(v);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        samples
+    });
+    let load = run_workload_paced(
+        leader.nbd,
+        "bench/v",
+        w,
+        size,
+        Duration::from_secs(seconds),
+        payload,
+        Some(rate),
+    )
+    .await?;
+    let mut samples = sampler.await?;
+    if samples.is_empty() {
+        bail!("no lag samples from {http}");
+    }
+    samples.sort_by(f64::total_cmp);
+    let pct = |p: f64| samples[((samples.len() - 1) as f64 * p).round() as usize];
+    println!();
+    println!(
+        "DR lag under {:.0} IOPS of 4 KiB writes (half the QD32 maximum; {:.0} IOPS achieved), {} samples over {seconds} s:",
+        rate,
+        load.iops(),
+        samples.len()
+    );
+    println!(
+        "| p50 | p99 | max |\n|---|---|---|\n| {:.3} s | {:.3} s | {:.3} s |",
+        pct(0.5),
+        pct(0.99),
+        samples[samples.len() - 1]
+    );
     Ok(())
 }

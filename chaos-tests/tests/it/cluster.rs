@@ -96,8 +96,8 @@ impl Cluster {
         } = self;
         nodes[0].must_init();
         for i in 1..nodes.len() {
-            let (raft, site) = (nodes[i].raft.to_string(), nodes[i].site.clone());
-            nodes[0].must_cli(&["node", "add", &raft, "--site", &site]);
+            let (admin, site) = (nodes[i].endpoint(), nodes[i].site.clone());
+            nodes[0].must_cli(&["node", "add", &admin, "--site", &site]);
         }
         let token = nodes[0].token.clone();
         for n in &mut nodes[1..] {
@@ -382,9 +382,9 @@ pub(crate) async fn connect_when_served(node: &TestNode) -> NbdClient {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn whole_cluster_sigkill_then_a_dr_node_is_replaced() {
     let mut c = Cluster::start(3, 2);
-    // `node add` again for a member (an operator's retry) is harmless.
-    let (raft, site) = (c.nodes[1].raft.to_string(), c.nodes[1].site.clone());
-    c.nodes[0].must_cli(&["node", "add", &raft, "--site", &site]);
+    // `node add` again for a member is refused by the member itself.
+    let again = c.nodes[0].cli(&["node", "add", &c.nodes[1].endpoint()]);
+    assert_eq!(again.status.code(), Some(4), "{again:?}");
     let ledger = Ledger::default();
     let client = NbdClient::connect(c.nodes[0].nbd, "t/v").await.unwrap();
     for b in 0..BLOCKS {
@@ -420,7 +420,7 @@ async fn whole_cluster_sigkill_then_a_dr_node_is_replaced() {
     c.nodes[4].kill9();
     c.nodes[0].must_cli(&["node", "remove", "5"]);
     let new = c.start_new_node(6, "dr");
-    c.nodes[0].must_cli(&["node", "add", &new.raft.to_string(), "--site", "dr"]);
+    c.nodes[0].must_cli(&["node", "add", &new.endpoint(), "--site", "dr"]);
     let client = connect_when_served(&new).await;
     let mut blocks = Vec::new();
     for b in 0..BLOCKS {
@@ -442,14 +442,16 @@ async fn whole_cluster_sigkill_then_a_dr_node_is_replaced() {
     assert_eq!(by_id(5)["removed"], true, "{nodes}");
     assert_eq!(by_id(6)["reachable"], true, "{nodes}");
     assert_eq!(by_id(6)["catalog_role"], "learner", "{nodes}");
-    // A removed node's id is never reused: node 5 coming back is refused.
+    // A removed node's id is never reused: node 5 coming back wiped, under
+    // the same id, is refused.
+    std::fs::remove_dir_all(c.dir.path().join("n4/data")).unwrap();
     c.nodes[4].spawn().unwrap();
     let started = Instant::now();
     loop {
-        let again = c.nodes[0].cli(&["node", "add", &c.nodes[4].raft.to_string()]);
+        let again = c.nodes[0].cli(&["node", "add", &c.nodes[4].endpoint()]);
         let err = String::from_utf8_lossy(&again.stderr).into_owned();
-        if again.status.code() == Some(4) {
-            assert!(err.contains("node 5 already exists or existed"), "{err}");
+        if err.contains("node 5 already exists or existed") {
+            assert!(!again.status.success());
             break;
         }
         assert!(
@@ -590,7 +592,7 @@ async fn standby_catches_up_from_the_log_and_a_lost_one_through_a_snapshot() {
     .await;
     c.nodes[0].must_cli(&["node", "remove", "3"]);
     let mut new = c.start_new_node(4, "dr");
-    c.nodes[0].must_cli(&["node", "add", &new.raft.to_string(), "--site", "dr"]);
+    c.nodes[0].must_cli(&["node", "add", &new.endpoint(), "--site", "dr"]);
     let leader_blocks = read_all(&c.nodes[0]).await;
     check_against_ledger(&leader_blocks, &ledger, 1);
     let new_client = connect_when_served(&new).await;

@@ -63,10 +63,11 @@ async fn dr_partition_under_load_with_local_ack_then_catch_up() {
     assert!(lag1 > 0 && lag2 > lag1, "DR lag grows: {lag1} then {lag2}");
     let (code, metrics) = http_get(c.nodes[leader].http, "/metrics").unwrap();
     assert_eq!(code, 200);
+    let series = format!("pg=\"{}\",node=\"4\"", during["id"]);
     let lag_line = metrics
         .lines()
-        .find(|l| l.starts_with("lifeboat_replication_lag_entries{") && l.contains("node=\"4\""))
-        .unwrap_or_else(|| panic!("no lag series for node 4:\n{metrics}"))
+        .find(|l| l.starts_with("lifeboat_replication_lag_entries{") && l.contains(&series))
+        .unwrap_or_else(|| panic!("no lag series {series}:\n{metrics}"))
         .to_owned();
     let metric_lag: u64 = lag_line.rsplit(' ').next().unwrap().parse().unwrap();
     assert!(metric_lag > 0, "{lag_line}");
@@ -135,8 +136,24 @@ async fn dr_partition_with_remote_ack_degrades_then_returns() {
     for b in 0..8 {
         write(b).await;
     }
-    let before = pg_status_of(&c.nodes[leader], "t/db").unwrap();
-    assert_eq!(before["ack_degraded"], false, "{before}");
+    // With the WAN up the PG is (or, once the DR learner has joined and
+    // caught up, is again) `remote`.
+    wait_pg_status(&c.nodes[leader], "t/db", "remote with the WAN up", |s| {
+        s["ack_degraded"] == false && s["lag"].as_array().is_some_and(|l| l.len() == 3)
+    })
+    .await;
+    let kinds_of = |node: &lifeboat_chaos_tests::harness::TestNode| {
+        let events = node.must_cli(&["events", "--output", "json"]);
+        let events: serde_json::Value = serde_json::from_str(&events).unwrap();
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["pg"] == pg_id)
+            .filter_map(|e| e["kind"].as_str().map(str::to_owned))
+            .collect::<Vec<String>>()
+    };
+    let events_before = kinds_of(&c.nodes[leader]).len();
 
     // Cut: the next write waits out the timeout for the standby, then the
     // PG degrades to local and the write is acknowledged.
@@ -151,16 +168,8 @@ async fn dr_partition_with_remote_ack_degrades_then_returns() {
     }
     let degraded = pg_status_of(&c.nodes[leader], "t/db").unwrap();
     assert_eq!(degraded["ack_degraded"], true, "{degraded}");
-    let events = c.nodes[leader].must_cli(&["events", "--output", "json"]);
-    let events: serde_json::Value = serde_json::from_str(&events).unwrap();
-    let kinds: Vec<&str> = events
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["pg"] == pg_id)
-        .filter_map(|e| e["kind"].as_str())
-        .collect();
-    assert_eq!(kinds, vec!["ack_degraded"], "{events}");
+    let kinds = kinds_of(&c.nodes[leader]);
+    assert_eq!(kinds[events_before..], ["ack_degraded"], "{kinds:?}");
     let (_, metrics) = http_get(c.nodes[leader].http, "/metrics").unwrap();
     assert!(
         metrics.contains(&format!("lifeboat_pg_ack_degraded{{pg=\"{pg_id}\"}} 1")),
@@ -173,8 +182,17 @@ async fn dr_partition_with_remote_ack_degrades_then_returns() {
         s["ack_degraded"] == false
     })
     .await;
-    let events = c.nodes[leader].must_cli(&["events"]);
-    assert!(events.contains("ack_restored"), "{events}");
+    let kinds = kinds_of(&c.nodes[leader]);
+    assert_eq!(
+        kinds[events_before..],
+        ["ack_degraded", "ack_restored"],
+        "{kinds:?}"
+    );
+    assert!(
+        c.nodes[leader]
+            .must_cli(&["events"])
+            .contains("ack_restored")
+    );
     for b in 0..8 {
         write(b).await;
     }

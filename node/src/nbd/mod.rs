@@ -53,6 +53,7 @@ pub use errno::{Errno, OpenError};
 pub use protocol::{NBD_BLOCK_SIZE_PREFERRED, NBD_REQUEST_BYTES_MAX};
 pub use server::{
     NBD_BYTES_IN_FLIGHT_MAX_DEFAULT, NBD_HANDSHAKE_TIMEOUT_MS_DEFAULT,
-    NBD_REQUESTS_IN_FLIGHT_MAX_DEFAULT, NbdConfigError, NbdServerConfig, serve,
+    NBD_REQUESTS_IN_FLIGHT_MAX_DEFAULT, NbdConfigError, NbdServerConfig, NbdTls, TlsRequired,
+    serve, serve_with_tls,
 };
 pub use stats::{NbdStats, NbdStatsSnapshot};

@@ -154,6 +154,89 @@ impl NbdServerConfig {
     }
 }
 
+/// Where NBD TLS is required (with `NBD_OPT_STARTTLS` and a tenant client
+/// certificate); elsewhere plain connections see every export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsRequired {
+    /// For clients not on a loopback address.
+    OffLoopback,
+    /// For every client.
+    Always,
+}
+
+/// The server's TLS, if any: its configuration may appear while the server
+/// runs (a node gets its certificate when it initialises or joins).
+#[derive(Clone)]
+pub struct NbdTls {
+    source: Arc<dyn Fn() -> Option<Arc<rustls::ServerConfig>> + Send + Sync>,
+    required: TlsRequired,
+}
+
+impl NbdTls {
+    pub fn new(
+        source: impl Fn() -> Option<Arc<rustls::ServerConfig>> + Send + Sync + 'static,
+        required: TlsRequired,
+    ) -> NbdTls {
+        NbdTls {
+            source: Arc::new(source),
+            required,
+        }
+    }
+
+    /// No TLS: STARTTLS is refused by policy and nothing requires it.
+    pub fn none() -> NbdTls {
+        NbdTls {
+            source: Arc::new(|| None),
+            required: TlsRequired::Always,
+        }
+    }
+
+    fn config(&self) -> Option<Arc<rustls::ServerConfig>> {
+        (self.source)()
+    }
+
+    /// Whether `peer` must use TLS (never when the server has none).
+    fn required_for(&self, peer: SocketAddr) -> bool {
+        self.config().is_some()
+            && match self.required {
+                TlsRequired::Always => true,
+                TlsRequired::OffLoopback => !peer.ip().is_loopback(),
+            }
+    }
+}
+
+/// Who a connection is, for what LIST shows and what may be opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Viewer {
+    /// A plain connection where TLS is not required: every export.
+    Anyone,
+    /// A TLS connection with this tenant's certificate: `TENANT/…` only.
+    Tenant(String),
+}
+
+impl Viewer {
+    fn may_see(&self, export: &str) -> bool {
+        match self {
+            Viewer::Anyone => true,
+            Viewer::Tenant(t) => export
+                .split_once('/')
+                .is_some_and(|(tenant, _)| tenant == t),
+        }
+    }
+}
+
+/// Where a connection is in its TLS life.
+struct Haggle {
+    /// TLS is required and not yet up: options but STARTTLS and ABORT get
+    /// `NBD_REP_ERR_TLS_REQD`.
+    tls_required: bool,
+    /// TLS may be started (the server has a certificate, not started yet).
+    tls_offered: bool,
+    viewer: Viewer,
+    /// The client's flags from the greeting (kept across STARTTLS).
+    client: Option<ClientFlags>,
+}
+
 /// Serve NBD on `listener` until `shutdown` is cancelled.
 ///
 /// On shutdown: stop accepting (the listener is dropped), close connections
@@ -168,6 +251,19 @@ pub async fn serve<P: ExportProvider>(
     listener: TcpListener,
     provider: Arc<P>,
     config: NbdServerConfig,
+    stats: Arc<NbdStats>,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
+    serve_with_tls(listener, provider, config, NbdTls::none(), stats, shutdown).await
+}
+
+/// [`serve`] with TLS: `NBD_OPT_STARTTLS` upgrades a connection, and a
+/// client certificate of a tenant limits it to that tenant's exports.
+pub async fn serve_with_tls<P: ExportProvider>(
+    listener: TcpListener,
+    provider: Arc<P>,
+    config: NbdServerConfig,
+    tls: NbdTls,
     stats: Arc<NbdStats>,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
@@ -191,6 +287,7 @@ pub async fn serve<P: ExportProvider>(
                         peer,
                         Arc::clone(&provider),
                         Arc::clone(&config),
+                        tls.clone(),
                         Arc::clone(&stats),
                         shutdown.clone(),
                     );
@@ -226,6 +323,7 @@ async fn run_connection<P: ExportProvider>(
     peer: SocketAddr,
     provider: Arc<P>,
     config: Arc<NbdServerConfig>,
+    tls: NbdTls,
     stats: Arc<NbdStats>,
     shutdown: CancellationToken,
 ) {
@@ -235,17 +333,122 @@ async fn run_connection<P: ExportProvider>(
     if let Err(e) = stream.set_nodelay(true) {
         debug!(error = %e, "cannot set TCP_NODELAY");
     }
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(config.handshake_timeout_ms);
+    let tls_config = tls.config();
+    let tls_required = tls.required_for(peer);
     let (read_half, write_half) = stream.into_split();
-    let mut reader = BufReader::with_capacity(NBD_SOCKET_BUFFER_BYTES, read_half);
-    let mut writer = BufWriter::with_capacity(NBD_SOCKET_BUFFER_BYTES, write_half);
+    let reader = BufReader::with_capacity(NBD_SOCKET_BUFFER_BYTES, read_half);
+    let writer = BufWriter::with_capacity(NBD_SOCKET_BUFFER_BYTES, write_half);
+    let haggle = Haggle {
+        tls_required,
+        tls_offered: tls_config.is_some(),
+        viewer: Viewer::Anyone,
+        client: None,
+    };
+    let (reader, writer, client_flags) = match phase(
+        reader, writer, true, haggle, peer, &*provider, &config, &stats, &shutdown, deadline,
+    )
+    .await
+    {
+        Some(halves) => halves,
+        None => return,
+    };
 
-    let deadline = Duration::from_millis(config.handshake_timeout_ms);
-    let handshake = negotiate(&mut reader, &mut writer, &*provider, &config, &shutdown);
-    let session = match tokio::time::timeout(deadline, handshake).await {
+    // STARTTLS was acknowledged: the client sends its ClientHello next, so
+    // nothing may be buffered (a client that pipelined past STARTTLS is
+    // broken and is closed).
+    if !reader.buffer().is_empty() {
+        info!("NBD client sent data after STARTTLS before the TLS handshake; closing");
+        return;
+    }
+    let Some(tls_config) = tls_config else {
+        return;
+    };
+    let tcp = match reader.into_inner().reunite(writer.into_inner()) {
+        Ok(tcp) => tcp,
+        Err(e) => {
+            error!(error = %e, "NBD: cannot reunite the socket for TLS");
+            return;
+        }
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls_config);
+    let stream = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            add(&stats.handshakes_failed, 1);
+            info!(error = %e, "NBD TLS handshake failed: no valid tenant certificate of this cluster");
+            return;
+        }
+        Err(_) => {
+            add(&stats.handshakes_failed, 1);
+            info!("NBD TLS handshake timed out; closing");
+            return;
+        }
+    };
+    let tenant = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .and_then(|c| crate::pki::cert_role(c.as_ref()));
+    let Some(crate::pki::CertRole::Tenant(tenant)) = tenant else {
+        // The verifier admits tenant certificates only; never reached.
+        error!("NBD TLS client without a tenant certificate; closing");
+        return;
+    };
+    debug!(tenant, "NBD TLS established");
+    let (read_half, write_half) = tokio::io::split(stream);
+    let reader = BufReader::with_capacity(NBD_SOCKET_BUFFER_BYTES, read_half);
+    let writer = BufWriter::with_capacity(NBD_SOCKET_BUFFER_BYTES, write_half);
+    let haggle = Haggle {
+        tls_required: false,
+        tls_offered: false,
+        viewer: Viewer::Tenant(tenant),
+        client: client_flags,
+    };
+    // After TLS, negotiation starts again from the options (no greeting)
+    // with nothing carried over; a second STARTTLS is refused.
+    let _ = phase(
+        reader, writer, false, haggle, peer, &*provider, &config, &stats, &shutdown, deadline,
+    )
+    .await;
+}
+
+/// Option haggling then, if it reaches it, the transmission phase. Returns
+/// the socket halves when the client asked for TLS and was told yes.
+#[allow(clippy::too_many_arguments)]
+async fn phase<P, R, W>(
+    mut reader: BufReader<R>,
+    mut writer: BufWriter<W>,
+    greet: bool,
+    mut haggle: Haggle,
+    peer: SocketAddr,
+    provider: &P,
+    config: &Arc<NbdServerConfig>,
+    stats: &Arc<NbdStats>,
+    shutdown: &CancellationToken,
+    deadline: tokio::time::Instant,
+) -> Option<(BufReader<R>, BufWriter<W>, Option<ClientFlags>)>
+where
+    P: ExportProvider,
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let handshake = negotiate(
+        &mut reader,
+        &mut writer,
+        provider,
+        config,
+        shutdown,
+        greet,
+        &mut haggle,
+    );
+    let session = match tokio::time::timeout_at(deadline, handshake).await {
         Ok(Ok(Negotiated::Transmission(session))) => session,
+        Ok(Ok(Negotiated::StartTls)) => return Some((reader, writer, haggle.client)),
         Ok(Ok(Negotiated::Aborted)) => {
             debug!("client aborted the handshake");
-            return;
+            return None;
         }
         Ok(Err(end)) => {
             add(&stats.handshakes_failed, 1);
@@ -255,7 +458,7 @@ async fn run_connection<P: ExportProvider>(
                 }
                 _ => info!(reason = %end, "NBD handshake failed; closing"),
             }
-            return;
+            return None;
         }
         Err(_elapsed) => {
             add(&stats.handshakes_failed, 1);
@@ -263,7 +466,7 @@ async fn run_connection<P: ExportProvider>(
                 timeout_ms = config.handshake_timeout_ms,
                 "NBD handshake timed out; closing"
             );
-            return;
+            return None;
         }
     };
 
@@ -271,6 +474,7 @@ async fn run_connection<P: ExportProvider>(
     info!(
         export = %session.name,
         structured_replies = session.structured_replies,
+        tls = matches!(haggle.viewer, Viewer::Tenant(_)),
         %peer,
         "NBD session started"
     );
@@ -278,9 +482,9 @@ async fn run_connection<P: ExportProvider>(
         reader,
         writer,
         session,
-        config,
-        Arc::clone(&stats),
-        &shutdown,
+        Arc::clone(config),
+        Arc::clone(stats),
+        shutdown,
     )
     .await;
     match end {
@@ -289,6 +493,7 @@ async fn run_connection<P: ExportProvider>(
         }
         _ => info!(reason = %end, "NBD session ended"),
     }
+    None
 }
 
 // ---------------------------------------------------------------------------
@@ -306,6 +511,8 @@ enum Negotiated<E> {
     Transmission(Session<E>),
     /// `NBD_OPT_ABORT`: acknowledged, close quietly.
     Aborted,
+    /// `NBD_OPT_STARTTLS` acknowledged: the TLS handshake comes next.
+    StartTls,
 }
 
 /// Why a connection closed before transmission.
@@ -325,6 +532,8 @@ enum HandshakeEnd {
     ExportNameRefused(String),
     #[error("server is shutting down")]
     Shutdown,
+    #[error("NBD_OPT_EXPORT_NAME without TLS where TLS is required")]
+    TlsRequired,
 }
 
 impl From<io::Error> for HandshakeEnd {
@@ -339,22 +548,35 @@ impl From<io::Error> for HandshakeEnd {
 }
 
 /// Fixed newstyle negotiation, up to the transmission phase or a close.
+///
+/// After STARTTLS it runs again with `greet` false: the greeting and the
+/// client flags were exchanged in plain text, and the spec has every other
+/// state start over.
 async fn negotiate<P, R, W>(
     reader: &mut R,
     writer: &mut W,
     provider: &P,
     config: &NbdServerConfig,
     shutdown: &CancellationToken,
+    greet: bool,
+    haggle: &mut Haggle,
 ) -> Result<Negotiated<P::Export>, HandshakeEnd>
 where
     P: ExportProvider,
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    writer.write_all(&encode_greeting()).await?;
-    writer.flush().await?;
-    let client =
-        decode_client_flags(reader.read_u32().await?).map_err(HandshakeEnd::BadClientFlags)?;
+    let client = match haggle.client {
+        Some(flags) if !greet => flags,
+        _ => {
+            writer.write_all(&encode_greeting()).await?;
+            writer.flush().await?;
+            let flags = decode_client_flags(reader.read_u32().await?)
+                .map_err(HandshakeEnd::BadClientFlags)?;
+            haggle.client = Some(flags);
+            flags
+        }
+    };
     let mut structured_replies = false;
     let mut out = BytesMut::new();
     loop {
@@ -394,12 +616,30 @@ where
             continue;
         }
 
+        // Until TLS is up where it is required, only STARTTLS and ABORT
+        // are answered; EXPORT_NAME cannot carry an error and closes.
+        if haggle.tls_required && !matches!(option, NBD_OPT_STARTTLS | NBD_OPT_ABORT) {
+            if option == NBD_OPT_EXPORT_NAME {
+                return Err(HandshakeEnd::TlsRequired);
+            }
+            reply_error(
+                &mut out,
+                option,
+                NBD_REP_ERR_TLS_REQD,
+                "this server requires TLS (NBD_OPT_STARTTLS) with a tenant certificate",
+            );
+            send(writer, &out).await?;
+            continue;
+        }
+
         match option {
             NBD_OPT_EXPORT_NAME => {
                 let refused =
                     |e: &dyn std::fmt::Display| HandshakeEnd::ExportNameRefused(e.to_string());
                 let name = decode_name(&data).map_err(|e| refused(&e))?;
-                let export = provider.open(&name).await.map_err(|e| refused(&e))?;
+                let export = open_for(provider, &haggle.viewer, &name)
+                    .await
+                    .map_err(|e| refused(&e))?;
                 let flags = transmission_flags(export.read_only(), structured_replies);
                 let reply = encode_export_name_reply(export.size_bytes(), flags, client.no_zeroes);
                 send(writer, &reply).await?;
@@ -419,6 +659,9 @@ where
             NBD_OPT_LIST => {
                 if data.is_empty() {
                     for export in provider.list().await {
+                        if !haggle.viewer.may_see(&export.name) {
+                            continue;
+                        }
                         if export.name.len() > NBD_STRING_BYTES_MAX {
                             warn!(bytes = export.name.len(), "export name too long to list");
                             continue;
@@ -433,14 +676,19 @@ where
                     reply_error(&mut out, option, NBD_REP_ERR_INVALID, &error.to_string());
                 }
             }
-            NBD_OPT_STARTTLS => reply_starttls(&mut out, &data),
+            NBD_OPT_STARTTLS if data.is_empty() && haggle.tls_offered => {
+                encode_option_reply(&mut out, option, NBD_REP_ACK, &[]);
+                send(writer, &out).await?;
+                return Ok(Negotiated::StartTls);
+            }
+            NBD_OPT_STARTTLS => reply_starttls(&mut out, &data, haggle.viewer != Viewer::Anyone),
             NBD_OPT_INFO | NBD_OPT_GO => {
                 let opened = match decode_info_request(&data) {
                     Err(e) => {
                         reply_error(&mut out, option, NBD_REP_ERR_INVALID, &e.to_string());
                         None
                     }
-                    Ok(request) => match provider.open(&request.name).await {
+                    Ok(request) => match open_for(provider, &haggle.viewer, &request.name).await {
                         Err(e) => {
                             debug!(option, error = %e, "export refused");
                             reply_error(&mut out, option, e.reply_type(), &e.to_string());
@@ -485,33 +733,46 @@ where
     }
 }
 
-/// `NBD_OPT_STARTTLS` in NOTLS mode: the spec allows `NBD_REP_ERR_POLICY`
-/// (TLS not offered for policy reasons); the client then continues in plain
-/// text or gives up.
-///
-/// TLS goes here: with a TLS acceptor configured, reply `NBD_REP_ACK`, return
-/// a new `Negotiated::StartTls` to `run_connection`, which wraps the TCP
-/// stream (`tokio::io::split` of the TLS stream gives the halves) and calls
-/// `negotiate` again without the greeting and with all negotiated state reset
-/// (the spec forbids keeping e.g. structured replies across STARTTLS). A
-/// second STARTTLS then gets `NBD_REP_ERR_INVALID`, and FORCEDTLS mode answers
-/// every option but STARTTLS and ABORT with `NBD_REP_ERR_TLS_REQD` (and
-/// closes on EXPORT_NAME) until TLS is up.
-fn reply_starttls(out: &mut BytesMut, data: &[u8]) {
-    if data.is_empty() {
-        reply_error(
-            out,
-            NBD_OPT_STARTTLS,
-            NBD_REP_ERR_POLICY,
-            "TLS is not configured on this server",
-        );
-    } else {
+/// Opens `name` if `viewer` may see it; another tenant's export is "not
+/// found", so a certificate reveals nothing about other tenants.
+async fn open_for<P: ExportProvider>(
+    provider: &P,
+    viewer: &Viewer,
+    name: &str,
+) -> Result<P::Export, super::errno::OpenError> {
+    if !viewer.may_see(name) {
+        return Err(super::errno::OpenError::NotFound {
+            name: name.to_owned(),
+        });
+    }
+    provider.open(name).await
+}
+
+/// A refused `NBD_OPT_STARTTLS`: with data, or TLS already up
+/// (`NBD_REP_ERR_INVALID`), or a server without TLS (`NBD_REP_ERR_POLICY`:
+/// the client then continues in plain text or gives up).
+fn reply_starttls(out: &mut BytesMut, data: &[u8], tls_up: bool) {
+    if !data.is_empty() {
         let error = OptionDataError::UnexpectedData { length: data.len() };
         reply_error(
             out,
             NBD_OPT_STARTTLS,
             NBD_REP_ERR_INVALID,
             &error.to_string(),
+        );
+    } else if tls_up {
+        reply_error(
+            out,
+            NBD_OPT_STARTTLS,
+            NBD_REP_ERR_INVALID,
+            "TLS is already established",
+        );
+    } else {
+        reply_error(
+            out,
+            NBD_OPT_STARTTLS,
+            NBD_REP_ERR_POLICY,
+            "TLS is not configured on this server",
         );
     }
 }

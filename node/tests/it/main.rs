@@ -9,6 +9,7 @@ mod integrity;
 mod membership;
 mod pgs;
 mod real_clients;
+mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -75,6 +76,7 @@ pub fn test_config(dir: &std::path::Path) -> NodeConfig {
     c.raft.heartbeat_interval_ms = 50;
     c.raft.election_timeout_min_ms = 200;
     c.raft.election_timeout_max_ms = 400;
+    c.raft.remote_timeout_ms = 300;
     c
 }
 
@@ -96,7 +98,7 @@ impl std::io::Write for LogBuffer {
 
 /// Installs (once) a subscriber that keeps every log line of this test
 /// binary, so tests can assert what an operator would see.
-fn capture_logs() {
+pub fn capture_logs() {
     LOGS.get_or_init(|| {
         let buf = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let writer = LogBuffer(buf.clone());

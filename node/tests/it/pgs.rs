@@ -72,8 +72,9 @@ async fn pg_create_list_show_set_ack_and_remote_degrades_without_a_standby() {
     let main = &list.pgs[0];
     assert_eq!(main.volumes, 1, "demo/disk0 is in demo/main");
 
-    // A volume in demo/db; its first write finds no standby site to wait
-    // for, degrades the PG to local with one event, and is acknowledged.
+    // A volume in demo/db; its first write waits remote_timeout_ms (300 ms
+    // here) for a standby site there is none of, degrades the PG to local
+    // with one event, and is acknowledged.
     c.create_volume(with_token(
         api::CreateVolumeRequest {
             name: "demo/dbvol".into(),

@@ -18,7 +18,6 @@ use lifeboat_store::db::{Db, DbOptions};
 use lifeboat_store::volumes::Volumes;
 use lifeboat_store::{BlockNo, Generation, LogIndex, MemberId, NodeId, PgId, VolumeId};
 use tokio::sync::oneshot;
-use tonic::Status;
 
 const PG: PgId = PgId(7);
 const CLUSTER: &str = "cluster-a";
@@ -39,11 +38,12 @@ impl Host for TestHost {
     fn snapshot_dir(&self) -> PathBuf {
         self.dir.join("snapshots")
     }
-    fn join(
-        &self,
-        _req: pb::JoinRequest,
-    ) -> futures::future::BoxFuture<'static, Result<pb::JoinReply, Status>> {
-        Box::pin(async { Err(Status::unimplemented("no joins in this test")) })
+    fn hello(&self) -> pb::HelloReply {
+        pb::HelloReply {
+            node_id: self.identity.node_id().0,
+            cluster_id: self.identity.cluster_id().unwrap_or_default(),
+            ..Default::default()
+        }
     }
 }
 

@@ -7,7 +7,8 @@ use lifeboat_proto::raft as pb;
 use lifeboat_replication::log_store::WalSyncer;
 use lifeboat_replication::transport::{Identity, Peers};
 use lifeboat_replication::{
-    Applied, Error, GroupStart, MemberNode, ProtectionGroup, RaftTimers, Rejection, SystemClock,
+    Applied, Clock, Error, GroupStart, MemberNode, ProtectionGroup, RaftTimers, Rejection,
+    SystemClock,
 };
 use lifeboat_store::db::{Db, DbOptions};
 use lifeboat_store::volumes::{VolumeState, Volumes};
@@ -211,6 +212,7 @@ async fn catalog_allocates_ids_and_refuses_duplicates() {
         node_id: 1,
         operator_token_sha256: vec![7; 32].into(),
         addrs: None,
+        ..Default::default()
     }))
     .await
     .unwrap();
@@ -297,16 +299,45 @@ async fn catalog_allocates_ids_and_refuses_duplicates() {
     let member_ids: Vec<u64> = pgs.iter().map(|p| p.members[0].member_id).collect();
     assert_eq!(member_ids, vec![2, 3]);
 
-    // Nodes: the catalog gets voters at the cluster's site up to three,
-    // learners elsewhere; a node id is never reused, even after removal.
-    let add = |id: u64, site: &str| {
+    // Nodes join by spending a one-time join token: unknown, expired, used
+    // by another node or for another site, it is refused.
+    let token = |n: u8, site: &str, expires_ms: u64| {
+        pb::command::Kind::CreateJoinToken(pb::CreateJoinToken {
+            token_sha256: vec![n; 32].into(),
+            site: site.into(),
+            expires_ms,
+        })
+    };
+    let later = SystemClock.now_ms() + 3_600_000;
+    for (n, site, expires) in [(1, "", later), (2, "dr", later), (3, "", 1), (4, "", later)] {
+        g.propose(token(n, site, expires)).await.unwrap();
+    }
+    let add_with = |id: u64, site: &str, token: u8| {
         pb::command::Kind::AddNode(pb::AddNode {
             node_id: id,
             site: site.into(),
             addrs: None,
+            join_token_sha256: vec![token; 32].into(),
         })
     };
-    let (_, n2) = g.propose(add(2, "primary")).await.unwrap();
+    let refused = async |cmd| match g.propose(cmd).await.unwrap_err() {
+        Error::Rejected {
+            rejection: Rejection::JoinToken { reason },
+            ..
+        } => reason,
+        other => panic!("{other:?}"),
+    };
+    assert!(refused(add_with(2, "primary", 9)).await.contains("unknown"));
+    assert!(refused(add_with(2, "primary", 3)).await.contains("expired"));
+    assert!(
+        refused(add_with(2, "primary", 2))
+            .await
+            .contains("for site \"dr\"")
+    );
+
+    // The catalog gets voters at the cluster's site up to three, learners
+    // elsewhere; a node id is never reused, even after removal.
+    let (_, n2) = g.propose(add_with(2, "primary", 1)).await.unwrap();
     assert_eq!(
         n2,
         Applied::NodeAdded {
@@ -314,7 +345,12 @@ async fn catalog_allocates_ids_and_refuses_duplicates() {
             catalog_voter: true
         }
     );
-    let (_, n3) = g.propose(add(3, "dr")).await.unwrap();
+    assert!(
+        refused(add_with(5, "primary", 1))
+            .await
+            .contains("used by node 2")
+    );
+    let (_, n3) = g.propose(add_with(3, "dr", 2)).await.unwrap();
     assert_eq!(
         n3,
         Applied::NodeAdded {
@@ -325,7 +361,7 @@ async fn catalog_allocates_ids_and_refuses_duplicates() {
     g.propose(pb::command::Kind::RemoveNode(pb::RemoveNode { node_id: 2 }))
         .await
         .unwrap();
-    let e = g.propose(add(2, "primary")).await.unwrap_err();
+    let e = g.propose(add_with(2, "primary", 4)).await.unwrap_err();
     assert!(
         matches!(
             e,
