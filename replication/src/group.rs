@@ -593,8 +593,26 @@ impl ProtectionGroup {
             .map_err(|e| self.raft_err(format!("waiting to apply read index {index}: {e}")))
     }
 
-    /// The read index, if this member leads the group.
+    /// The read index, if this member leads the group: under its leader
+    /// lease when the lease is valid (no round trip: a quorum acknowledged
+    /// this leader within the lease, and no other can be elected before it
+    /// runs out), else by confirming leadership with a quorum (ReadIndex).
     pub async fn read_index_local(&self) -> Result<LogIndex> {
+        match self.raft.ensure_linearizable(ReadPolicy::LeaseRead).await {
+            Ok(read) => return Ok(LogIndex(read.index())),
+            Err(RaftError::APIError(openraft::error::LinearizableReadError::QuorumNotEnough(
+                _,
+            ))) => {}
+            Err(RaftError::APIError(openraft::error::LinearizableReadError::ForwardToLeader(
+                f,
+            ))) => {
+                return Err(Error::NotLeader {
+                    pg: self.pg.0,
+                    leader: f.leader_id,
+                });
+            }
+            Err(other) => return Err(self.raft_err(other)),
+        }
         let read = self
             .raft
             .ensure_linearizable(ReadPolicy::ReadIndex)

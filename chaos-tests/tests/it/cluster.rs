@@ -194,7 +194,9 @@ pub(crate) async fn spawn_writers(
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut tasks = Vec::new();
     for id in 0..WRITERS {
-        let client = NbdClient::connect(node.nbd, "t/v").await.unwrap();
+        // A node starts its PG members within a reconcile pass of the
+        // volume's creation elsewhere.
+        let client = connect_when_served(node).await;
         tasks.push(tokio::spawn(writer(
             client,
             id,
