@@ -75,6 +75,9 @@ enum Command {
     /// Manage block volumes.
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// The sites of the cluster: nodes, catalog voters, active PGs.
+    #[command(subcommand)]
+    Site(SiteCommand),
     /// Manage protection groups (a tenant's unit of replication, ack policy
     /// and history).
     #[command(subcommand)]
@@ -149,6 +152,13 @@ enum TenantCommand {
     RotateDek {
         name: String,
     },
+}
+
+#[derive(Subcommand)]
+enum SiteCommand {
+    /// Every site that has nodes, with how many answer now, its catalog
+    /// voters and the PGs active there.
+    List,
 }
 
 #[derive(Subcommand)]
@@ -644,6 +654,13 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
             let p = client.api().set_pg_ack(req).await?.into_inner();
             print_pgs(out, vec![p]);
         }
+        Command::Site(SiteCommand::List) => {
+            let req = client.request(api::ListNodesRequest {});
+            let nodes = client.api().list_nodes(req).await?.into_inner().nodes;
+            let req = client.request(api::ListPgsRequest::default());
+            let pgs = client.api().list_pgs(req).await?.into_inner().pgs;
+            print_sites(out, &nodes, &pgs);
+        }
         Command::Events => {
             let req = client.request(api::ListEventsRequest {});
             let r = client.api().list_events(req).await?.into_inner();
@@ -770,6 +787,64 @@ fn print_pgs(out: &Output, pgs: Vec<api::Pg>) {
             members(false),
             p.volumes.to_string(),
         ]);
+    }
+    table.print();
+}
+
+/// One row per site, from the node list and the PG list.
+fn print_sites(out: &Output, nodes: &[api::Node], pgs: &[api::Pg]) {
+    let mut sites: Vec<String> = nodes.iter().map(|n| n.site.clone()).collect();
+    sites.sort();
+    sites.dedup();
+    let rows: Vec<serde_json::Value> = sites
+        .iter()
+        .map(|site| {
+            let here: Vec<&api::Node> = nodes
+                .iter()
+                .filter(|n| &n.site == site && !n.removed)
+                .collect();
+            serde_json::json!({
+                "site": site,
+                "nodes": here.len(),
+                "reachable": here.iter().filter(|n| n.reachable).count(),
+                "catalog_voters": here.iter().filter(|n| n.catalog_role == "voter").count(),
+                "active_pgs": pgs.iter().filter(|p| &p.active_site == site).count(),
+                "standby_pgs": pgs
+                    .iter()
+                    .filter(|p| &p.active_site != site && p.members.iter().any(|m| &m.site == site))
+                    .count(),
+            })
+        })
+        .collect();
+    if out.json {
+        out.json_value(&serde_json::Value::Array(rows));
+        return;
+    }
+    let mut table = Table::new(&[
+        "SITE",
+        "NODES",
+        "UP",
+        "CATALOG VOTERS",
+        "ACTIVE PGS",
+        "STANDBY PGS",
+    ]);
+    for r in rows {
+        table.row(
+            [
+                "site",
+                "nodes",
+                "reachable",
+                "catalog_voters",
+                "active_pgs",
+                "standby_pgs",
+            ]
+            .iter()
+            .map(|k| match &r[k] {
+                serde_json::Value::String(s) => s.clone(),
+                v => v.to_string(),
+            })
+            .collect(),
+        );
     }
     table.print();
 }

@@ -77,12 +77,17 @@ impl ExportProvider for VolumeExports {
     }
 
     async fn open(&self, name: &str) -> Result<VolumeExport, OpenError> {
-        match self.core.locate_volume(name) {
+        let (volume, stale_reads) = match name.strip_suffix(STALE_READS_SUFFIX) {
+            Some(volume) => (volume, true),
+            None => (name, false),
+        };
+        match self.core.locate_volume(volume) {
             Ok(loc) => Ok(VolumeExport {
                 inner: Arc::new(ExportState {
                     core: self.core.clone(),
                     size_bytes: loc.record.size_bytes,
                     loc,
+                    stale_reads,
                 }),
             }),
             Err(
@@ -109,7 +114,14 @@ struct ExportState {
     loc: VolumeLocation,
     /// Fixed for the session: NBD tells the client the size once.
     size_bytes: u64,
+    /// The client opened `TENANT/VOLUME:stale`: reads return what this
+    /// node has applied, without asking the leader (they keep working on a
+    /// DR node cut off from the primary, and may miss the latest writes).
+    stale_reads: bool,
 }
+
+/// Appended to an export name to read this node's replica as it is.
+pub const STALE_READS_SUFFIX: &str = ":stale";
 
 #[derive(Clone)]
 pub struct VolumeExport {
@@ -228,6 +240,9 @@ impl ExportState {
     /// Waits for a linearizable read point: at the leader, or on this
     /// member once it has applied the leader's read index.
     async fn read_point(&self) -> Result<(), Errno> {
+        if self.stale_reads {
+            return Ok(());
+        }
         self.loc
             .group
             .read_barrier()

@@ -42,6 +42,15 @@ fn dr_lag_entries(leader_status: &serde_json::Value, dr_node: u64) -> u64 {
 async fn dr_partition_under_load_with_local_ack_then_catch_up() {
     let (mut c, links) = Cluster::start_linked(3, 1, "").await;
     let dr = 3;
+    let sites = c.nodes[0].must_cli(&["site", "list", "--output", "json"]);
+    let sites: serde_json::Value = serde_json::from_str(&sites).unwrap();
+    assert_eq!(
+        sites,
+        serde_json::json!([
+            {"site": "dr", "nodes": 1, "reachable": 1, "catalog_voters": 0, "active_pgs": 0, "standby_pgs": 1},
+            {"site": "primary", "nodes": 3, "reachable": 3, "catalog_voters": 3, "active_pgs": 1, "standby_pgs": 0},
+        ])
+    );
     let ledger = Ledger::default();
     let stop = Arc::new(AtomicBool::new(false));
     let tasks = spawn_writers(&c.nodes[0], &ledger, &stop, 0xd1_5c0).await;
@@ -61,6 +70,23 @@ async fn dr_partition_under_load_with_local_ack_then_catch_up() {
         "the primary acknowledged writes while the WAN was cut"
     );
     assert!(lag1 > 0 && lag2 > lag1, "DR lag grows: {lag1} then {lag2}");
+    // Cut off, the DR node still serves reads of its replica as it is to a
+    // client that opts in (`:stale`), at once.
+    // A linearizable read there must reach the leader, so it cannot finish.
+    let linearizable = NbdClient::connect(c.nodes[dr].nbd, "t/v").await.unwrap();
+    let waited = tokio::time::timeout(Duration::from_secs(2), linearizable.read(0, 4096)).await;
+    assert!(
+        waited.is_err(),
+        "a linearizable read on a cut-off DR node waits"
+    );
+    let started = Instant::now();
+    let stale = read_volume(&c.nodes[dr], "t/v:stale").await;
+    assert_eq!(stale.len() as u64, BLOCKS);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "stale reads do not wait for the leader ({:?})",
+        started.elapsed()
+    );
     let (code, metrics) = http_get(c.nodes[leader].http, "/metrics").unwrap();
     assert_eq!(code, 200);
     let series = format!("pg=\"{}\",node=\"4\"", during["id"]);
