@@ -21,7 +21,7 @@ DATA_DIR ?= lifeboat-data
 # drive (qemu-img/qemu-io, nbdinfo/nbdcopy, nbdkit and fio for benchmarks).
 DEBIAN_PACKAGES := libclang-dev clang g++ make qemu-utils libnbd-bin nbdkit fio
 
-.PHONY: run test verify fix deps build bench bench-codec bench-nbd bench-replicated clean-data
+.PHONY: run test verify fix deps build bench bench-codec bench-nbd bench-replicated bench-pgs clean-data
 
 deps:
 	@missing=""; \
@@ -64,13 +64,16 @@ fix:
 	cargo fmt --all
 	cargo clippy $(CARGO_ALL) --fix --allow-dirty
 
-bench: bench-codec bench-nbd bench-replicated
+bench: bench-codec bench-nbd bench-replicated bench-pgs
 
 bench-codec: build
 	cargo bench --profile $(PROFILE) --workspace --bench codec
 
 bench-nbd: build
 	LIFEBOAT_BIN=$(BIN) $(CARGO_TARGET_DIR)/$(PROFILE)/nbd-load
+
+bench-pgs: build
+	LIFEBOAT_BIN=$(BIN) $(CARGO_TARGET_DIR)/$(PROFILE)/pg-scale --pgs 500 --seconds 20
 
 bench-replicated: build
 	LIFEBOAT_BIN=$(BIN) $(CARGO_TARGET_DIR)/$(PROFILE)/nbd-load --replicated --seconds 8 --size-mib 512 --lag-seconds 20

@@ -222,6 +222,11 @@ impl TestNode {
         }
     }
 
+    /// The node process's id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(self.dir.join("node.log")).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();

@@ -114,6 +114,9 @@ pub struct NodeCore {
     background: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
+/// How often a node creating a PG campaigns while the PG has no leader.
+const CAMPAIGN_RETRY: Duration = Duration::from_millis(250);
+
 /// How often a node compares the catalog's placement with the members it
 /// runs, and the PGs it leads with their Raft membership.
 const RECONCILE_INTERVAL: Duration = Duration::from_millis(300);
@@ -551,6 +554,10 @@ impl NodeCore {
                     .collect();
                 tracing::info!(pg = rec.id, voters = ?voters.keys().collect::<Vec<_>>(), "initialising protection group");
                 group.initialize(voters).await?;
+                // Campaign now rather than after an election timeout (2–4 s
+                // with production timers): `pg create` and `tenant create`
+                // wait for the new group's leader.
+                group.campaign().await;
             } else if metrics.is_leader
                 && let Err(e) = group.sync_membership(&desired).await
             {
@@ -962,6 +969,7 @@ impl NodeCore {
     /// runs a member that knows the leader, or it hosts no member at all.
     async fn wait_pg_ready(&self, pg: PgId) -> NodeResult<()> {
         let deadline = std::time::Instant::now() + LEADERSHIP_WAIT;
+        let mut campaigned = std::time::Instant::now();
         loop {
             let record = self
                 .catalog
@@ -973,10 +981,18 @@ impl NodeCore {
             if !hosted_here {
                 return Ok(());
             }
-            if let Some(g) = self.group(pg)
-                && g.metrics().leader.is_some()
-            {
-                return Ok(());
+            if let Some(g) = self.group(pg) {
+                let m = g.metrics();
+                if m.leader.is_some() {
+                    return Ok(());
+                }
+                // The other voters start within a reconcile pass of their
+                // nodes; a voter here campaigns again rather than waiting
+                // out an election timeout (pre-vote makes this harmless).
+                if m.voters.contains(&m.member.0) && campaigned.elapsed() > CAMPAIGN_RETRY {
+                    g.campaign().await;
+                    campaigned = std::time::Instant::now();
+                }
             }
             if std::time::Instant::now() > deadline {
                 return Err(lifeboat_replication::Error::NoLeader {

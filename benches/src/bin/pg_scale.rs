@@ -1,0 +1,201 @@
+//! Many protection groups per node: starts a cluster (three nodes at one
+//! site by default, so every PG has three voters and every node hosts a
+//! member of every PG), creates N PGs with a volume each, and measures each
+//! node process's resident memory and CPU, idle and under a light write
+//! load spread over every PG. Prints per-PG figures.
+//!
+//! Timers are the production defaults (heartbeat 500 ms, election 2–4 s):
+//! an idle PG costs its heartbeats.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use lifeboat_chaos_tests::harness::TestNode;
+use lifeboat_chaos_tests::nbd_client::NbdClient;
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value_os_t = default_work_dir())]
+    work_dir: PathBuf,
+    /// Node processes (all at one site: every PG has a member on each).
+    #[arg(long, default_value_t = 3)]
+    nodes: u64,
+    /// Protection groups to create (each with a 1 MiB volume).
+    #[arg(long, default_value_t = 500)]
+    pgs: u64,
+    /// Length of each measurement window, in seconds.
+    #[arg(long, default_value_t = 20)]
+    seconds: u64,
+    /// The light load: 4 KiB writes per second, spread round-robin over
+    /// every PG's volume.
+    #[arg(long, default_value_t = 100)]
+    writes_per_second: u64,
+}
+
+fn default_work_dir() -> PathBuf {
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
+    home.join(".cache/lifeboat/bench")
+}
+
+/// Resident memory in bytes and CPU time (user + system) in seconds.
+fn usage(pid: u32) -> Result<(u64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("VmRSS")?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start at ") ".
+    let rest = &stat[stat.rfind(") ").context("stat")? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 (1-based), 11 and 12 here.
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    let hz = 100.0; // sysconf(_SC_CLK_TCK) on Linux
+    Ok((rss_kib * 1024, ticks as f64 / hz))
+}
+
+/// Per node: average RSS over the window and CPU share (1.0 = one core).
+async fn measure(nodes: &[TestNode], window: Duration) -> Result<Vec<(u64, f64)>> {
+    let pids: Vec<u32> = nodes
+        .iter()
+        .map(|n| n.pid().context("node not running"))
+        .collect::<Result<_>>()?;
+    let before: Vec<(u64, f64)> = pids.iter().map(|p| usage(*p)).collect::<Result<_>>()?;
+    let started = Instant::now();
+    let mut rss_sum = vec![0u64; pids.len()];
+    let mut samples = 0u64;
+    while started.elapsed() < window {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for (i, p) in pids.iter().enumerate() {
+            rss_sum[i] += usage(*p)?.0;
+        }
+        samples += 1;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let after: Vec<(u64, f64)> = pids.iter().map(|p| usage(*p)).collect::<Result<_>>()?;
+    Ok((0..pids.len())
+        .map(|i| {
+            (
+                rss_sum[i] / samples.max(1),
+                (after[i].1 - before[i].1) / elapsed,
+            )
+        })
+        .collect())
+}
+
+fn report(label: &str, base: &[(u64, f64)], now: &[(u64, f64)], pgs: u64) {
+    for (i, (b, n)) in base.iter().zip(now).enumerate() {
+        println!(
+            "| node {} | {label} | {:.0} MiB | {:.1}% | {:.0} KiB | {:.3}% |",
+            i + 1,
+            n.0 as f64 / (1 << 20) as f64,
+            n.1 * 100.0,
+            (n.0 as f64 - b.0 as f64) / pgs as f64 / 1024.0,
+            (n.1 - b.1) * 100.0 / pgs as f64,
+        );
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    std::fs::create_dir_all(&args.work_dir)?;
+    let work = tempfile::tempdir_in(&args.work_dir)?;
+    let key = work.path().join("keys/master.key");
+    let mut nodes = Vec::new();
+    for i in 0..args.nodes {
+        let dir = work.path().join(format!("n{i}"));
+        let mut n = TestNode::member(
+            &dir,
+            &dir.join("data"),
+            i + 1,
+            "primary",
+            &key,
+            "[store]\nreserve_bytes = 67108864\n",
+        )?;
+        n.start()?;
+        nodes.push(n);
+    }
+    nodes[0].must_init();
+    for i in 1..nodes.len() {
+        let endpoint = nodes[i].endpoint();
+        nodes[0].must_cli(&["node", "add", &endpoint]);
+        nodes[i].token = nodes[0].token.clone();
+    }
+    nodes[0].must_cli(&["tenant", "create", "scale"]);
+    let window = Duration::from_secs(args.seconds);
+    let base = measure(&nodes, window).await?;
+
+    let started = Instant::now();
+    for i in 0..args.pgs {
+        nodes[0].must_cli(&["pg", "create", &format!("scale/pg{i}")]);
+        nodes[0].must_cli(&[
+            "volume",
+            "create",
+            &format!("scale/v{i}"),
+            "--size",
+            "1MiB",
+            "--pg",
+            &format!("pg{i}"),
+        ]);
+    }
+    eprintln!(
+        "created {} PGs with a volume each in {:?}",
+        args.pgs,
+        started.elapsed()
+    );
+    // Every node runs a member of every PG once its health says so.
+    for n in &mut nodes {
+        n.wait_healthy()?;
+    }
+    let idle = measure(&nodes, window).await?;
+
+    // The light load, on node 1's NBD port (forwarded to each PG's leader).
+    let nbd: SocketAddr = nodes[0].nbd;
+    let mut clients = Vec::new();
+    for i in 0..args.pgs {
+        clients.push(NbdClient::connect(nbd, &format!("scale/v{i}")).await?);
+    }
+    let pgs = args.pgs;
+    let per_write = Duration::from_secs_f64(1.0 / args.writes_per_second as f64);
+    let load = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(per_write);
+        let block = vec![0x5au8; 4096];
+        let mut n = 0u64;
+        let end = Instant::now() + window + Duration::from_secs(2);
+        while Instant::now() < end {
+            tick.tick().await;
+            let c = &clients[(n % pgs) as usize];
+            c.write((n / pgs % 256) * 4096, &block, false)
+                .await?
+                .map_err(anyhow::Error::from)?;
+            n += 1;
+        }
+        Ok::<u64, anyhow::Error>(n)
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let loaded = measure(&nodes, window).await?;
+    let writes = load.await??;
+    if writes == 0 {
+        bail!("the light load wrote nothing");
+    }
+
+    println!(
+        "{} PGs, {} nodes (every node a member of every PG), {} s windows, light load {} writes/s of 4 KiB ({writes} written)",
+        args.pgs, args.nodes, args.seconds, args.writes_per_second
+    );
+    println!("| node | state | RSS | CPU (of one core) | RSS per PG | CPU per PG |");
+    println!("|---|---|---|---|---|---|");
+    report("before (catalog + main)", &base, &base, args.pgs);
+    report("idle", &base, &idle, args.pgs);
+    report("light load", &base, &loaded, args.pgs);
+    for n in &mut nodes {
+        n.stop()?;
+    }
+    Ok(())
+}
