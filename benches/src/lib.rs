@@ -3,6 +3,13 @@
 //! against Lifeboat and against `nbdkit file` on the same disk, in one run).
 //! Figures and how to reproduce them are in BENCHMARKS.md.
 
+/// Where the load generators put their clusters and images: on the disk
+/// being measured, outside the clone (`~/.cache/lifeboat/bench`).
+pub fn default_work_dir() -> std::path::PathBuf {
+    let home = std::env::var_os("HOME").map_or_else(|| "/tmp".into(), std::path::PathBuf::from);
+    home.join(".cache/lifeboat/bench")
+}
+
 /// Test data of a given kind, deterministic.
 pub fn data(kind: DataKind, len: usize) -> Vec<u8> {
     match kind {

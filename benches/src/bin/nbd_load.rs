@@ -23,7 +23,7 @@ use rand::{Rng, SeedableRng};
 #[derive(Parser)]
 struct Args {
     /// Work directory (on the disk being measured).
-    #[arg(long, default_value_os_t = default_work_dir())]
+    #[arg(long, default_value_os_t = lifeboat_benches::default_work_dir())]
     work_dir: PathBuf,
     /// Export size in MiB.
     #[arg(long, default_value_t = 1024)]
@@ -53,11 +53,6 @@ struct Args {
     /// learner's lag (lifeboat_replication_lag_seconds) every 100 ms.
     #[arg(long, default_value_t = 0)]
     lag_seconds: u64,
-}
-
-fn default_work_dir() -> PathBuf {
-    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
-    home.join(".cache/lifeboat/bench")
 }
 
 #[derive(Clone, Copy)]

@@ -18,7 +18,7 @@ use lifeboat_chaos_tests::nbd_client::NbdClient;
 
 #[derive(Parser)]
 struct Args {
-    #[arg(long, default_value_os_t = default_work_dir())]
+    #[arg(long, default_value_os_t = lifeboat_benches::default_work_dir())]
     work_dir: PathBuf,
     /// Node processes (all at one site: every PG has a member on each).
     #[arg(long, default_value_t = 3)]
@@ -33,11 +33,6 @@ struct Args {
     /// every PG's volume.
     #[arg(long, default_value_t = 100)]
     writes_per_second: u64,
-}
-
-fn default_work_dir() -> PathBuf {
-    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
-    home.join(".cache/lifeboat/bench")
 }
 
 /// Resident memory in bytes and CPU time (user + system) in seconds.
