@@ -55,6 +55,7 @@ pub fn status(e: &NodeError) -> Status {
         NodeError::NodeNotFound(_) => Code::NotFound,
         NodeError::Peer { .. } | NodeError::NotHostedHere { .. } => Code::FailedPrecondition,
         NodeError::JoinToken { .. } => Code::PermissionDenied,
+        NodeError::PeerRefused { code, .. } => *code,
         _ => Code::Internal,
     };
     Status::new(code, format!("{}: {e}", e.code()))

@@ -128,6 +128,9 @@ struct ActiveTls {
     nbd: Arc<rustls::ServerConfig>,
 }
 
+/// The longest a join token may live.
+const JOIN_TOKEN_TTL_MAX: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// What the cluster CA's private key is sealed for (`MasterKey::seal_secret`).
 const CA_KEY_PURPOSE: &str = "cluster-ca";
 
@@ -1185,6 +1188,14 @@ impl NodeCore {
         }
         let tls = self.node_tls().ok_or(NodeError::NotInitialized)?;
         let secret = random_hex(32);
+        if ttl > JOIN_TOKEN_TTL_MAX {
+            return Err(NodeError::InvalidSize {
+                reason: format!(
+                    "a join token lives at most {} hours",
+                    JOIN_TOKEN_TTL_MAX.as_secs() / 3600
+                ),
+            });
+        }
         let expires_ms = SystemClock.now_ms() + ttl.as_millis() as u64;
         self.catalog_group()?
             .propose(pb::command::Kind::CreateJoinToken(pb::CreateJoinToken {
@@ -1227,6 +1238,7 @@ impl NodeCore {
         let cert_pem =
             self.cluster_ca()?
                 .sign_node(&req.csr_pem, req.node_id, &Self::cert_ips(&addrs))?;
+        let node_key_sha256 = pki::csr_key_sha256(&req.csr_pem)?;
         let added = self
             .catalog_group()?
             .propose(pb::command::Kind::AddNode(pb::AddNode {
@@ -1234,6 +1246,7 @@ impl NodeCore {
                 site: req.site.clone(),
                 addrs: Some(addrs.clone()),
                 join_token_sha256: token_sha256.clone().into(),
+                node_key_sha256: node_key_sha256.clone().into(),
             }))
             .await;
         let catalog_member = match added {
@@ -1256,11 +1269,17 @@ impl NodeCore {
                     ..
                 },
             ) => {
+                // The same node, the same key, within the token's life.
+                let now = SystemClock.now_ms();
                 let spent_by_it = self
                     .catalog
                     .join_token(&token_sha256)
                     .map_err(NodeError::io("read catalog"))?
-                    .is_some_and(|t| t.used_by_node == req.node_id);
+                    .is_some_and(|t| {
+                        t.used_by_node == req.node_id
+                            && t.node_key_sha256.as_ref() == node_key_sha256.as_slice()
+                            && now <= t.expires_ms
+                    });
                 match self.unfinished_join(req.node_id, &addrs.raft)? {
                     Some(member) if spent_by_it => member,
                     _ => return Err(e.into()),
@@ -1292,6 +1311,8 @@ impl NodeCore {
     /// (once, for ever) and starts its catalog member, which the catalog's
     /// leader then fills. Placement then gives it PG members.
     pub async fn join_cluster(&self, token: &str) -> NodeResult<pb::NodeRecord> {
+        // One join at a time: a second one finds the first one's cluster.
+        let _changes = self.membership_changes.lock().await;
         if let Some(cluster_id) = self.identity.cluster_id() {
             return Err(NodeError::AlreadyInitialized { cluster_id });
         }
@@ -1330,22 +1351,32 @@ impl NodeCore {
                 csr_pem,
             })
             .await
-            .map_err(|s| peer(s.message().to_owned()))?
+            .map_err(|s| match s.code() {
+                // It answered with a decision: keep its code (exit codes).
+                tonic::Code::AlreadyExists
+                | tonic::Code::PermissionDenied
+                | tonic::Code::InvalidArgument
+                | tonic::Code::NotFound => NodeError::PeerRefused {
+                    addr: token.admin_addr.clone(),
+                    code: s.code(),
+                    message: s.message().to_owned(),
+                },
+                _ => peer(s.message().to_owned()),
+            })?
             .into_inner();
         if admitted.ca_cert_pem != ca {
             return Err(NodeError::JoinToken {
                 reason: format!("the node at {} changed its CA mid-join", token.admin_addr),
             });
         }
-        let _changes = self.membership_changes.lock().await;
+        members::bind_cluster(&self.db, &admitted.cluster_id)
+            .map_err(NodeError::io("bind cluster"))?;
+        self.identity.set_cluster_id(&admitted.cluster_id);
         self.install_tls(NodeTls {
             ca_pem: admitted.ca_cert_pem,
             cert_pem: admitted.cert_pem,
             key_pem,
         })?;
-        members::bind_cluster(&self.db, &admitted.cluster_id)
-            .map_err(NodeError::io("bind cluster"))?;
-        self.identity.set_cluster_id(&admitted.cluster_id);
         self.start_member(LocalMember {
             pg: PgId::CATALOG,
             member: MemberId(admitted.catalog_member),

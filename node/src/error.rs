@@ -48,6 +48,13 @@ pub enum NodeError {
     Pki { reason: String },
     #[error("join token: {reason}")]
     JoinToken { reason: String },
+    /// Another node answered and said no; `code` is its gRPC status.
+    #[error("node at {addr} refused: {message}")]
+    PeerRefused {
+        addr: String,
+        code: tonic::Code,
+        message: String,
+    },
 }
 
 impl NodeError {
@@ -78,6 +85,7 @@ impl NodeError {
             NodeError::NotHostedHere { .. } => "node.not_hosted_here",
             NodeError::Pki { .. } => "node.pki",
             NodeError::JoinToken { .. } => "node.join_token",
+            NodeError::PeerRefused { .. } => "node.peer_refused",
         }
     }
 }

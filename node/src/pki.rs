@@ -178,6 +178,19 @@ pub fn new_key_and_csr(common_name: &str) -> NodeResult<(String, String)> {
     ))
 }
 
+/// SHA-256 of the public key (SubjectPublicKeyInfo DER) a signing request
+/// asks a certificate for.
+pub fn csr_key_sha256(csr_pem: &str) -> NodeResult<Vec<u8>> {
+    use rcgen::PublicKeyData;
+    let csr =
+        CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| NodeError::InvalidName {
+            what: "certificate signing request",
+            name: String::new(),
+            reason: e.to_string(),
+        })?;
+    Ok(Sha256::digest(csr.public_key.subject_public_key_info()).to_vec())
+}
+
 /// SHA-256 of a PEM certificate's DER, hex: what a join token pins.
 pub fn fingerprint(cert_pem: &str) -> NodeResult<String> {
     let der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| NodeError::Pki {

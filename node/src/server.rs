@@ -184,6 +184,9 @@ pub async fn start(config: NodeConfig) -> NodeResult<RunningNode> {
     })
 }
 
+/// Raft-port TLS handshakes in progress at once.
+const TLS_HANDSHAKES_MAX: usize = 64;
+
 /// How long a peer may take to complete the TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -199,6 +202,9 @@ fn raft_tls_incoming(
     Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>,
 > {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
+    // Handshakes in progress at once: a flood of half-open connections
+    // waits here instead of holding unbounded tasks and sockets.
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(TLS_HANDSHAKES_MAX));
     tokio::spawn(async move {
         loop {
             let (tcp, peer) = tokio::select! {
@@ -207,6 +213,8 @@ fn raft_tls_incoming(
                     Ok(a) => a,
                     Err(e) => {
                         tracing::warn!(error = %e, "Raft accept failed");
+                        // Out of descriptors, say: do not spin.
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                         continue;
                     }
                 },
@@ -217,7 +225,11 @@ fn raft_tls_incoming(
             };
             let _ = tcp.set_nodelay(true);
             let tx = tx.clone();
+            let Ok(permit) = handshakes.clone().acquire_owned().await else {
+                return;
+            };
             tokio::spawn(async move {
+                let _permit = permit;
                 let acceptor = tokio_rustls::TlsAcceptor::from(config);
                 match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {

@@ -81,6 +81,9 @@ struct AckInner {
     remote_timeout_ms: AtomicU64,
     degraded: AtomicBool,
     degradations: AtomicU64,
+    /// The best standby's matched index when the PG degraded: a return
+    /// needs a standby past it (it has really been heard from since).
+    degraded_at: AtomicU64,
     events: Arc<dyn EventSink>,
 }
 
@@ -102,6 +105,7 @@ impl AckState {
                 remote_timeout_ms: AtomicU64::new(5000),
                 degraded: AtomicBool::new(false),
                 degradations: AtomicU64::new(0),
+                degraded_at: AtomicU64::new(0),
                 events,
             }),
         }
@@ -145,8 +149,17 @@ impl AckState {
         self.inner.degraded.load(Ordering::Relaxed)
     }
 
+    /// The best standby's matched index when the PG degraded.
+    pub fn degraded_at(&self) -> u64 {
+        self.inner.degraded_at.load(Ordering::Acquire)
+    }
+
     /// Degrades `remote` to `local`, once: later callers find it done.
-    pub fn degrade(&self, pg: PgId, why: String) {
+    /// `standby_matched` is the best standby's matched index now.
+    pub fn degrade(&self, pg: PgId, standby_matched: u64, why: String) {
+        self.inner
+            .degraded_at
+            .store(standby_matched, Ordering::Release);
         if self.inner.degraded.swap(true, Ordering::AcqRel) {
             return;
         }
@@ -194,8 +207,9 @@ mod tests {
         ack.set(AckPolicy::Remote, Duration::from_millis(70));
         assert!(ack.waits_for_remote());
         assert_eq!(ack.remote_timeout(), Duration::from_millis(70));
-        ack.degrade(PgId(4), "standby silent".into());
-        ack.degrade(PgId(4), "again".into());
+        ack.degrade(PgId(4), 7, "standby silent".into());
+        ack.degrade(PgId(4), 7, "again".into());
+        assert_eq!(ack.degraded_at(), 7);
         assert!(!ack.waits_for_remote());
         assert_eq!(ack.status().degradations, 1);
         ack.restore(PgId(4), "caught up".into());
@@ -206,7 +220,7 @@ mod tests {
             vec![(4, "ack_degraded"), (4, "ack_restored")]
         );
         // Back to local clears a degradation silently.
-        ack.degrade(PgId(4), "x".into());
+        ack.degrade(PgId(4), 9, "x".into());
         ack.set(AckPolicy::Local, Duration::from_millis(70));
         assert!(!ack.status().degraded);
         assert_eq!(AckPolicy::parse("remote"), Some(AckPolicy::Remote));

@@ -536,6 +536,7 @@ impl ApplyContext<'_> {
                 expires_ms: t.expires_ms,
                 used_by_node: 0,
                 created_ms: stamp_ms,
+                node_key_sha256: Default::default(),
             },
         );
         Ok(Ok(Applied::Done))
@@ -562,7 +563,9 @@ impl ApplyContext<'_> {
                 token.used_by_node
             ));
         }
-        if token.used_by_node == 0 && stamp_ms > token.expires_ms {
+        // Expiry holds for a retry by the same node too: a spent token must
+        // not stay a way to get certificates.
+        if stamp_ms > token.expires_ms {
             return refuse("this join token has expired".into());
         }
         if !token.site.is_empty() && token.site != site {
@@ -594,6 +597,7 @@ impl ApplyContext<'_> {
             return Ok(Err(Rejection::PgIdNotFound { pg: 0 }));
         };
         token.used_by_node = a.node_id;
+        token.node_key_sha256 = a.node_key_sha256.clone();
         self.catalog_put(catalog::join_token_key(&a.join_token_sha256), &token);
         self.catalog_put(
             key,

@@ -95,6 +95,12 @@ fn raft_config(pg: PgId, timers: &RaftTimers) -> Result<Config> {
     })
 }
 
+/// A degraded `remote` PG returns to `remote` once a standby is within this
+/// many entries of the leader: under steady writes over a WAN a standby is
+/// always a round trip behind, so "every entry" would never be seen; the
+/// writes that follow wait for it again anyway.
+const ACK_RESTORE_LAG_ENTRIES: u64 = 64;
+
 /// How long a proposal or a read barrier keeps looking for a leader (an
 /// election, a leader change, a forwarded request in flight) before failing.
 pub const LEADER_WAIT: Duration = Duration::from_secs(15);
@@ -489,6 +495,20 @@ impl ProtectionGroup {
             let has_standby = membership
                 .nodes()
                 .any(|(_, n)| Some(&n.site) != here.as_ref());
+            let best_standby = m
+                .replication
+                .as_ref()
+                .and_then(|r| {
+                    r.iter()
+                        .filter(|(id, _)| {
+                            membership
+                                .get_node(id)
+                                .is_some_and(|n| Some(&n.site) != here.as_ref())
+                        })
+                        .map(|(_, matched)| matched.as_ref().map_or(0, |l| l.index))
+                        .max()
+                })
+                .unwrap_or(0);
             let why = if has_standby {
                 format!(
                     "no standby site confirmed entry {index} within {} ms",
@@ -500,12 +520,14 @@ impl ProtectionGroup {
                     timeout.as_millis()
                 )
             };
-            self.ack.degrade(self.pg, why);
+            self.ack.degrade(self.pg, best_standby, why);
         }
     }
 
     /// On the leader of a degraded `remote` PG: returns to `remote` once a
-    /// standby member has every entry. Returns whether it did.
+    /// standby member has been heard from since the degradation (its
+    /// matched index moved past the one then) and is within
+    /// ACK_RESTORE_LAG_ENTRIES of the last entry. Returns whether it did.
     pub fn restore_ack_if_caught_up(&self) -> bool {
         if !self.ack.is_degraded() {
             return false;
@@ -515,6 +537,7 @@ impl ProtectionGroup {
             return false;
         }
         let last = m.last_log_index.unwrap_or(0);
+        let degraded_at = self.ack.degraded_at();
         let membership = m.membership_config.membership();
         let Some(here) = membership.get_node(&self.member.0).map(|n| n.site.clone()) else {
             return false;
@@ -522,8 +545,11 @@ impl ProtectionGroup {
         let caught_up = m.replication.as_ref().and_then(|r| {
             r.iter().find_map(|(id, matched)| {
                 let node = membership.get_node(id)?;
-                (node.site != here && matched.as_ref().is_some_and(|l| l.index >= last))
-                    .then_some(node.node_id)
+                (node.site != here
+                    && matched.as_ref().is_some_and(|l| {
+                        l.index > degraded_at && l.index + ACK_RESTORE_LAG_ENTRIES >= last
+                    }))
+                .then_some(node.node_id)
             })
         });
         match caught_up {

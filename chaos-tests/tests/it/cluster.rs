@@ -453,7 +453,7 @@ async fn whole_cluster_sigkill_then_a_dr_node_is_replaced() {
         let again = c.nodes[0].cli(&["node", "add", &c.nodes[4].endpoint()]);
         let err = String::from_utf8_lossy(&again.stderr).into_owned();
         if err.contains("node 5 already exists or existed") {
-            assert!(!again.status.success());
+            assert_eq!(again.status.code(), Some(4), "{err}");
             break;
         }
         assert!(
@@ -561,7 +561,7 @@ async fn standby_catches_up_from_the_log_and_a_lost_one_through_a_snapshot() {
 
     // DR node 2 is down while ~70 KiB (under half the limit) is written.
     let dr2_before = wait_main_status(&c.nodes[1], "dr node 2 applies", |s| {
-        s["applied_index"] == purged["applied_index"]
+        s["applied_index"].as_u64() >= purged["applied_index"].as_u64()
     })
     .await;
     c.nodes[1].kill9();
@@ -575,7 +575,7 @@ async fn standby_catches_up_from_the_log_and_a_lost_one_through_a_snapshot() {
     );
     c.nodes[1].start().unwrap();
     let dr2 = wait_main_status(&c.nodes[1], "dr node 2 catches up", |s| {
-        s["applied_index"] == leader["applied_index"]
+        s["applied_index"].as_u64() >= leader["applied_index"].as_u64()
     })
     .await;
     assert_eq!(
