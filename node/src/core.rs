@@ -811,8 +811,7 @@ impl NodeCore {
         let wrapped = master.wrap_dek(name, &dek);
         let members = self.new_pg_placement()?;
         let (_, applied) = self
-            .catalog_group()?
-            .propose(pb::command::Kind::CreateTenant(pb::CreateTenant {
+            .propose_catalog(pb::command::Kind::CreateTenant(pb::CreateTenant {
                 name: name.to_owned(),
                 wrapped_dek: wrapped.into(),
                 members,
@@ -849,12 +848,11 @@ impl NodeCore {
         let master = self.master_key()?;
         let dek = Dek::generate(KeyId(record.current_key_id + 1));
         let wrapped = master.wrap_dek(name, &dek);
-        self.catalog_group()?
-            .propose(pb::command::Kind::RotateDek(pb::RotateDek {
-                tenant: name.to_owned(),
-                wrapped_dek: wrapped.into(),
-            }))
-            .await?;
+        self.propose_catalog(pb::command::Kind::RotateDek(pb::RotateDek {
+            tenant: name.to_owned(),
+            wrapped_dek: wrapped.into(),
+        }))
+        .await?;
         let record = self.tenant(name)?;
         self.load_tenant_keys(&record)?;
         tracing::info!(
@@ -872,8 +870,7 @@ impl NodeCore {
         self.tenant(tenant)?;
         let members = self.new_pg_placement()?;
         let (_, applied) = self
-            .catalog_group()?
-            .propose(pb::command::Kind::CreatePg(pb::CreatePg {
+            .propose_catalog(pb::command::Kind::CreatePg(pb::CreatePg {
                 tenant: tenant.to_owned(),
                 name: name.to_owned(),
                 ack: ack.to_pb() as i32,
@@ -898,13 +895,12 @@ impl NodeCore {
 
     pub async fn set_pg_ack(&self, full_name: &str, ack: AckPolicy) -> NodeResult<pb::PgRecord> {
         let (tenant, name) = names::split_pg_name(full_name)?;
-        self.catalog_group()?
-            .propose(pb::command::Kind::SetPgAck(pb::SetPgAck {
-                tenant: tenant.to_owned(),
-                name: name.to_owned(),
-                ack: ack.to_pb() as i32,
-            }))
-            .await?;
+        self.propose_catalog(pb::command::Kind::SetPgAck(pb::SetPgAck {
+            tenant: tenant.to_owned(),
+            name: name.to_owned(),
+            ack: ack.to_pb() as i32,
+        }))
+        .await?;
         let record = self.pg_record(tenant, name)?;
         if let Some(g) = self.group(PgId(record.id)) {
             self.follow_ack_policy(&g, &record);
@@ -1177,6 +1173,17 @@ impl NodeCore {
             .await?;
         tracing::info!(volume = full_name, "volume deleted");
         Ok(())
+    }
+
+    /// Proposes a catalog command and waits until this node's own catalog
+    /// replica has applied it, so that what the caller reads next from the
+    /// local catalog includes it (a follower learns the commit a round trip
+    /// after the leader).
+    async fn propose_catalog(&self, kind: pb::command::Kind) -> NodeResult<(LogIndex, Applied)> {
+        let catalog = self.catalog_group()?;
+        let (index, applied) = catalog.propose(kind).await?;
+        catalog.wait_applied_index(index, LEADERSHIP_WAIT).await?;
+        Ok((index, applied))
     }
 
     /// Makes a one-time join token for a node at `site` (any site when

@@ -619,6 +619,11 @@ impl ProtectionGroup {
             .map_err(|e| self.raft_err(format!("waiting to apply read index {index}: {e}")))
     }
 
+    /// Waits until this member has applied `index`, up to `timeout`.
+    pub async fn wait_applied_index(&self, index: LogIndex, timeout: Duration) -> Result<()> {
+        self.wait_applied(index, Instant::now() + timeout).await
+    }
+
     /// The read index, if this member leads the group: under its leader
     /// lease when the lease is valid (no round trip: a quorum acknowledged
     /// this leader within the lease, and no other can be elected before it

@@ -48,9 +48,9 @@ impl Cluster {
         let mut links = Links {
             proxies: Vec::new(),
         };
-        for n in &mut c.nodes {
-            assert!(n.stop().unwrap());
-        }
+        // Proxies first, while the nodes still hold their ports: a proxy's
+        // port then cannot be one a node is about to bind again.
+        let mut dials = Vec::new();
         for i in 0..c.nodes.len() {
             let mut dial = String::from("[raft.dial]\n");
             for j in (0..c.nodes.len()).filter(|j| *j != i) {
@@ -60,7 +60,11 @@ impl Cluster {
                     .proxies
                     .push((c.nodes[i].site.clone(), c.nodes[j].site.clone(), proxy));
             }
-            c.nodes[i].add_config(&dial).unwrap();
+            dials.push(dial);
+        }
+        for (n, dial) in c.nodes.iter_mut().zip(&dials) {
+            assert!(n.stop().unwrap());
+            n.add_config(dial).unwrap();
         }
         for n in &mut c.nodes {
             n.start().unwrap();
