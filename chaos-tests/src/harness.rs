@@ -322,6 +322,40 @@ impl Drop for TestNode {
     }
 }
 
+/// Starts one node process per entry of `sites` (node ids 1, 2, …; node
+/// `i` in `dir/n{i}`), all sharing the master key file `dir/keys/master.key`
+/// and `extra` TOML, in no cluster yet.
+pub fn start_nodes(dir: &Path, sites: &[&str], extra: &str) -> Result<Vec<TestNode>> {
+    let key = dir.join("keys/master.key");
+    let mut nodes = Vec::new();
+    for (i, site) in sites.iter().enumerate() {
+        let node_dir = dir.join(format!("n{i}"));
+        let mut n = TestNode::member(
+            &node_dir,
+            &node_dir.join("data"),
+            i as u64 + 1,
+            site,
+            &key,
+            extra,
+        )?;
+        n.start()?;
+        nodes.push(n);
+    }
+    Ok(nodes)
+}
+
+/// `cluster init` on the first node, `node add` of the others at their
+/// sites; every node then carries the operator token for CLI calls.
+pub fn form_cluster(nodes: &mut [TestNode]) {
+    nodes[0].must_init();
+    let token = nodes[0].token.clone();
+    for i in 1..nodes.len() {
+        let (endpoint, site) = (nodes[i].endpoint(), nodes[i].site.clone());
+        nodes[0].must_cli(&["node", "add", &endpoint, "--site", &site]);
+        nodes[i].token = token.clone();
+    }
+}
+
 /// Appends `extra` TOML sections without repeating a section header that the
 /// base config already has (TOML forbids defining a table twice).
 fn merge_sections(config: &str) -> String {

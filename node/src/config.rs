@@ -263,6 +263,16 @@ mod tests {
         assert!(toml::from_str::<NodeConfig>("nod_id = 3").is_err());
         let c: NodeConfig = toml::from_str("[raft]\nelection_timeout_min_ms = 10").unwrap();
         assert!(c.validate().is_err());
+        for (toml, says) in [
+            ("[raft]\nlog_retain_bytes = 1000", "log_retain_bytes"),
+            ("[raft]\nremote_timeout_ms = 0", "remote_timeout_ms"),
+            ("[raft]\nlog_check_interval_ms = 0", "log_check_interval_ms"),
+        ] {
+            let c: NodeConfig = toml::from_str(toml).unwrap();
+            let e = c.validate().unwrap_err();
+            assert!(e.contains(says), "{toml}: {e}");
+        }
+        assert!(toml::from_str::<NodeConfig>("[nbd]\ntls_required = \"never\"").is_err());
     }
 
     #[test]

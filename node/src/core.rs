@@ -1433,18 +1433,17 @@ impl NodeCore {
                 reason: "a node cannot remove itself; ask another node".into(),
             });
         }
-        self.catalog_group()?
-            .propose(pb::command::Kind::RemoveNode(pb::RemoveNode {
-                node_id: node,
-            }))
-            .await
-            .map_err(|e| match e {
-                lifeboat_replication::Error::Rejected {
-                    rejection: lifeboat_replication::Rejection::NodeNotFound { .. },
-                    ..
-                } => NodeError::NodeNotFound(node),
-                other => other.into(),
-            })?;
+        self.propose_catalog(pb::command::Kind::RemoveNode(pb::RemoveNode {
+            node_id: node,
+        }))
+        .await
+        .map_err(|e| match e {
+            NodeError::Replication(lifeboat_replication::Error::Rejected {
+                rejection: lifeboat_replication::Rejection::NodeNotFound { .. },
+                ..
+            }) => NodeError::NodeNotFound(node),
+            other => other,
+        })?;
         tracing::info!(node, "node removed");
         self.catalog
             .node(node)

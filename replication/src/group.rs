@@ -153,6 +153,22 @@ pub struct LogStatus {
     pub purged_index: Option<LogIndex>,
 }
 
+/// As the leader `me` sees it: the member at another site than its own
+/// with the highest matched index, as (its node, that index); `None` when
+/// the group has no member at another site (or `me` does not lead).
+fn best_standby(m: &openraft::RaftMetrics<TypeConfig>, me: u64) -> Option<(u64, u64)> {
+    let membership = m.membership_config.membership();
+    let here = &membership.get_node(&me)?.site;
+    m.replication
+        .as_ref()?
+        .iter()
+        .filter_map(|(id, matched)| {
+            let node = membership.get_node(id)?;
+            (node.site != *here).then(|| (node.node_id, matched.as_ref().map_or(0, |l| l.index)))
+        })
+        .max_by_key(|&(_, matched)| matched)
+}
+
 /// A member the catalog wants in a group.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredMember {
@@ -465,19 +481,7 @@ impl ProtectionGroup {
         let me = self.member.0;
         let ack = self.ack.clone();
         let standby_has_it = move |m: &openraft::RaftMetrics<TypeConfig>| {
-            if ack.is_degraded() {
-                return true;
-            }
-            let membership = m.membership_config.membership();
-            let Some(here) = membership.get_node(&me).map(|n| n.site.clone()) else {
-                return false;
-            };
-            m.replication.as_ref().is_some_and(|r| {
-                r.iter().any(|(id, matched)| {
-                    membership.get_node(id).is_some_and(|n| n.site != here)
-                        && matched.as_ref().is_some_and(|l| l.index >= index.0)
-                })
-            })
+            ack.is_degraded() || best_standby(m, me).is_some_and(|(_, matched)| matched >= index.0)
         };
         // A PG that has no standby member yet (a learner being added) waits
         // like one whose standby is cut off: it may get one in time.
@@ -489,38 +493,19 @@ impl ProtectionGroup {
             .await
             .is_err()
         {
-            let m = self.raft.metrics().borrow_watched().clone();
-            let membership = m.membership_config.membership();
-            let here = membership.get_node(&me).map(|n| n.site.clone());
-            let has_standby = membership
-                .nodes()
-                .any(|(_, n)| Some(&n.site) != here.as_ref());
-            let best_standby = m
-                .replication
-                .as_ref()
-                .and_then(|r| {
-                    r.iter()
-                        .filter(|(id, _)| {
-                            membership
-                                .get_node(id)
-                                .is_some_and(|n| Some(&n.site) != here.as_ref())
-                        })
-                        .map(|(_, matched)| matched.as_ref().map_or(0, |l| l.index))
-                        .max()
-                })
-                .unwrap_or(0);
-            let why = if has_standby {
-                format!(
+            let best = best_standby(&self.raft.metrics().borrow_watched(), me);
+            let why = match best {
+                Some(_) => format!(
                     "no standby site confirmed entry {index} within {} ms",
                     timeout.as_millis()
-                )
-            } else {
-                format!(
+                ),
+                None => format!(
                     "the PG has no member at a standby site (waited {} ms)",
                     timeout.as_millis()
-                )
+                ),
             };
-            self.ack.degrade(self.pg, best_standby, why);
+            self.ack
+                .degrade(self.pg, best.map_or(0, |(_, matched)| matched), why);
         }
     }
 
@@ -538,29 +523,17 @@ impl ProtectionGroup {
         }
         let last = m.last_log_index.unwrap_or(0);
         let degraded_at = self.ack.degraded_at();
-        let membership = m.membership_config.membership();
-        let Some(here) = membership.get_node(&self.member.0).map(|n| n.site.clone()) else {
-            return false;
-        };
-        let caught_up = m.replication.as_ref().and_then(|r| {
-            r.iter().find_map(|(id, matched)| {
-                let node = membership.get_node(id)?;
-                (node.site != here
-                    && matched.as_ref().is_some_and(|l| {
-                        l.index > degraded_at && l.index + ACK_RESTORE_LAG_ENTRIES >= last
-                    }))
-                .then_some(node.node_id)
-            })
-        });
-        match caught_up {
-            Some(node) => {
+        match best_standby(&m, self.member.0) {
+            Some((node, matched))
+                if matched > degraded_at && matched + ACK_RESTORE_LAG_ENTRIES >= last =>
+            {
                 self.ack.restore(
                     self.pg,
-                    format!("standby node {node} has caught up to entry {last}"),
+                    format!("standby node {node} has caught up to entry {matched} of {last}"),
                 );
                 true
             }
-            None => false,
+            _ => false,
         }
     }
 
@@ -804,18 +777,24 @@ impl ProtectionGroup {
     pub async fn enforce_log_retention(&self, max_bytes: u64) -> Result<Retention> {
         let log = self.log.clone();
         let pg = self.pg;
-        let (span, cut) = tokio::task::spawn_blocking(move || {
-            Ok::<_, std::io::Error>((log.span()?, log.purge_point_keeping(max_bytes / 2)?))
+        let found = tokio::task::spawn_blocking(move || {
+            let Some(span) = log.span()? else {
+                return Ok(None);
+            };
+            if span.bytes <= max_bytes {
+                return Ok(None);
+            }
+            Ok::<_, std::io::Error>(
+                log.purge_point_keeping(&span, max_bytes / 2)?
+                    .map(|cut| (span, cut)),
+            )
         })
         .await
         .map_err(|e| self.raft_err(e))?
         .map_err(|source| Error::Storage { pg: pg.0, source })?;
-        let (Some(span), Some(cut)) = (span, cut) else {
+        let Some((span, cut)) = found else {
             return Ok(Retention::Within);
         };
-        if span.bytes <= max_bytes {
-            return Ok(Retention::Within);
-        }
         let m = self.raft.metrics().borrow_watched().clone();
         let applied = m.last_applied.as_ref().map_or(0, |l| l.index);
         let slowest = m.replication.as_ref().and_then(|r| {

@@ -53,6 +53,8 @@ pub struct LogSpan {
     pub first: u64,
     pub last: u64,
     pub bytes: u64,
+    /// The last entry's end position.
+    pub end: u64,
 }
 
 fn io_other(e: lifeboat_store::Error) -> io::Error {
@@ -299,21 +301,19 @@ impl LogStore {
             first: index(&first_key)?,
             last: index(&last_key)?,
             bytes: last_end.saturating_sub(first_start),
+            end: last_end,
         }))
     }
 
-    /// The smallest index up to which (inclusive) the log must be purged so
-    /// that it holds at most `keep_bytes` (binary search over positions:
-    /// O(log n) point reads). `None` when it already does.
-    pub fn purge_point_keeping(&self, keep_bytes: u64) -> io::Result<Option<u64>> {
-        let Some(span) = self.span()? else {
-            return Ok(None);
-        };
+    /// The smallest index up to which (inclusive) the log `span` (from
+    /// [`LogStore::span`]) must be purged so that it holds at most
+    /// `keep_bytes` (binary search over positions: O(log n) point reads).
+    /// `None` when it already does.
+    pub fn purge_point_keeping(&self, span: &LogSpan, keep_bytes: u64) -> io::Result<Option<u64>> {
         if span.bytes <= keep_bytes {
             return Ok(None);
         }
-        let last_end = self.end_position(span.last)?.unwrap_or(0);
-        let wanted = last_end.saturating_sub(keep_bytes);
+        let wanted = span.end.saturating_sub(keep_bytes);
         // Invariant: end(lo - 1) < wanted (or lo is first), end(hi) >= wanted.
         let (mut lo, mut hi) = (span.first, span.last);
         while lo < hi {

@@ -396,27 +396,12 @@ struct Cluster {
 }
 
 fn start_cluster(dir: &std::path::Path, size_mib: u64) -> Result<Cluster> {
-    let key = dir.join("cluster/keys/master.key");
-    let mut nodes = Vec::new();
-    for (i, site) in ["primary", "primary", "primary", "dr"].iter().enumerate() {
-        let node_dir = dir.join(format!("cluster/n{i}"));
-        let mut n = TestNode::member(
-            &node_dir,
-            &node_dir.join("data"),
-            i as u64 + 1,
-            site,
-            &key,
-            "[store]\nreserve_bytes = 67108864\n",
-        )?;
-        n.start()?;
-        nodes.push(n);
-    }
-    nodes[0].must_init();
-    for i in 1..nodes.len() {
-        let (endpoint, site) = (nodes[i].endpoint(), nodes[i].site.clone());
-        nodes[0].must_cli(&["node", "add", &endpoint, "--site", &site]);
-        nodes[i].token = nodes[0].token.clone();
-    }
+    let mut nodes = lifeboat_chaos_tests::harness::start_nodes(
+        &dir.join("cluster"),
+        &["primary", "primary", "primary", "dr"],
+        "[store]\nreserve_bytes = 67108864\n",
+    )?;
+    lifeboat_chaos_tests::harness::form_cluster(&mut nodes);
     nodes[0].must_cli(&["tenant", "create", "bench"]);
     nodes[0].must_cli(&[
         "volume",

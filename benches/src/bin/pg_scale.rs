@@ -101,27 +101,13 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     std::fs::create_dir_all(&args.work_dir)?;
     let work = tempfile::tempdir_in(&args.work_dir)?;
-    let key = work.path().join("keys/master.key");
-    let mut nodes = Vec::new();
-    for i in 0..args.nodes {
-        let dir = work.path().join(format!("n{i}"));
-        let mut n = TestNode::member(
-            &dir,
-            &dir.join("data"),
-            i + 1,
-            "primary",
-            &key,
-            "[store]\nreserve_bytes = 67108864\n",
-        )?;
-        n.start()?;
-        nodes.push(n);
-    }
-    nodes[0].must_init();
-    for i in 1..nodes.len() {
-        let endpoint = nodes[i].endpoint();
-        nodes[0].must_cli(&["node", "add", &endpoint]);
-        nodes[i].token = nodes[0].token.clone();
-    }
+    let sites = vec!["primary"; args.nodes as usize];
+    let mut nodes = lifeboat_chaos_tests::harness::start_nodes(
+        work.path(),
+        &sites,
+        "[store]\nreserve_bytes = 67108864\n",
+    )?;
+    lifeboat_chaos_tests::harness::form_cluster(&mut nodes);
     nodes[0].must_cli(&["tenant", "create", "scale"]);
     let window = Duration::from_secs(args.seconds);
     let base = measure(&nodes, window).await?;

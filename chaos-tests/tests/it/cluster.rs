@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use lifeboat_chaos_tests::harness::TestNode;
+use lifeboat_chaos_tests::harness::{self, TestNode};
 use lifeboat_chaos_tests::ledger::Ledger;
 use lifeboat_chaos_tests::nbd_client::NbdClient;
 use lifeboat_chaos_tests::proxy::LinkProxy;
@@ -76,40 +76,20 @@ impl Cluster {
     fn processes(primary: u64, dr: u64, extra: &str) -> Cluster {
         let extra = format!("{FAST_RAFT}{extra}");
         let dir = tempfile::tempdir().unwrap();
-        let key = dir.path().join("keys/master.key");
-        let mut nodes = Vec::new();
-        for i in 0..primary + dr {
-            let site = if i < primary { "primary" } else { "dr" };
-            let node_dir = dir.path().join(format!("n{i}"));
-            let mut n =
-                TestNode::member(&node_dir, &node_dir.join("data"), i + 1, site, &key, &extra)
-                    .unwrap();
-            n.start().unwrap();
-            nodes.push(n);
-        }
+        let sites: Vec<&str> = (0..primary + dr)
+            .map(|i| if i < primary { "primary" } else { "dr" })
+            .collect();
+        let nodes = harness::start_nodes(dir.path(), &sites, &extra).unwrap();
         Cluster { nodes, dir, extra }
     }
 
     /// `cluster init` on node 0, `node add` of the others, tenant `t` and
     /// volume `t/v`.
-    fn form(self) -> Cluster {
-        let Cluster {
-            mut nodes,
-            dir,
-            extra,
-        } = self;
-        nodes[0].must_init();
-        for i in 1..nodes.len() {
-            let (admin, site) = (nodes[i].endpoint(), nodes[i].site.clone());
-            nodes[0].must_cli(&["node", "add", &admin, "--site", &site]);
-        }
-        let token = nodes[0].token.clone();
-        for n in &mut nodes[1..] {
-            n.token = token.clone();
-        }
-        nodes[0].must_cli(&["tenant", "create", "t"]);
-        nodes[0].must_cli(&["volume", "create", "t/v", "--size", "1MiB"]);
-        Cluster { nodes, dir, extra }
+    fn form(mut self) -> Cluster {
+        harness::form_cluster(&mut self.nodes);
+        self.nodes[0].must_cli(&["tenant", "create", "t"]);
+        self.nodes[0].must_cli(&["volume", "create", "t/v", "--size", "1MiB"]);
+        self
     }
 
     /// Starts a new node that is in no cluster yet.

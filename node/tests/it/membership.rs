@@ -45,6 +45,12 @@ async fn joins_are_checked_and_a_joined_node_serves() {
     let (token_any, _) = a.core.create_join_token("", hour).await.unwrap();
     let (token_dr, _) = a.core.create_join_token("dr", hour).await.unwrap();
     assert!(token_any.starts_with("lbj1_"), "{token_any}");
+    let e = a
+        .core
+        .create_join_token("", std::time::Duration::from_secs(8 * 24 * 3600))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("at most 168 hours"), "{e}");
 
     // A primary node with a DR token is refused by the cluster.
     let e = c.core.join_cluster(&token_dr).await.unwrap_err();

@@ -46,7 +46,6 @@ async fn log_span_and_purge_point_follow_appends_purges_and_truncation() {
     let db = Db::open(&dir.path().join("db"), &DbOptions::default()).unwrap();
     let mut log = LogStore::new(db.clone(), PgId(3), WalSyncer::start(db.clone()));
     assert_eq!(log.span().unwrap(), None);
-    assert_eq!(log.purge_point_keeping(0).unwrap(), None);
 
     let entry = |index: u64, len: usize| Entry {
         log_id: make_log_id(1, 1, index),
@@ -73,9 +72,9 @@ async fn log_span_and_purge_point_follow_appends_purges_and_truncation() {
     assert_eq!(span.bytes, sizes.iter().sum::<u64>());
     // Keeping 3 entries' worth purges up to entry 7.
     let three: u64 = sizes[7..].iter().sum();
-    assert_eq!(log.purge_point_keeping(three).unwrap(), Some(7));
-    assert_eq!(log.purge_point_keeping(three - 1).unwrap(), Some(8));
-    assert_eq!(log.purge_point_keeping(span.bytes).unwrap(), None);
+    assert_eq!(log.purge_point_keeping(&span, three).unwrap(), Some(7));
+    assert_eq!(log.purge_point_keeping(&span, three - 1).unwrap(), Some(8));
+    assert_eq!(log.purge_point_keeping(&span, span.bytes).unwrap(), None);
 
     log.purge(make_log_id(1, 1, 4)).await.unwrap();
     let span = log.span().unwrap().unwrap();
@@ -94,7 +93,7 @@ async fn log_span_and_purge_point_follow_appends_purges_and_truncation() {
         .len() as u64;
     let span = log.span().unwrap().unwrap();
     assert_eq!(span.bytes, sizes[4..8].iter().sum::<u64>() + 2 * big);
-    assert_eq!(log.purge_point_keeping(big).unwrap(), Some(9));
+    assert_eq!(log.purge_point_keeping(&span, big).unwrap(), Some(9));
 
     // Purged entirely, the next append starts positions afresh.
     log.purge(make_log_id(1, 1, 10)).await.unwrap();
