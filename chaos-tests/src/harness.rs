@@ -188,7 +188,12 @@ impl TestNode {
         let child = Command::new(lifeboat_bin())
             .args(["node", "start", "--config"])
             .arg(&self.config_path)
-            .env("LIFEBOAT_LOG", "info")
+            // LIFEBOAT_TEST_LOG=debug (or any filter) to see more of a
+            // failing scenario in its nodes' logs.
+            .env(
+                "LIFEBOAT_LOG",
+                std::env::var("LIFEBOAT_TEST_LOG").unwrap_or("info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

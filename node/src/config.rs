@@ -80,6 +80,12 @@ pub struct RaftConfig {
     /// Addresses this node dials instead of a peer's advertised Raft
     /// address (advertised → dialled), for NAT or a relay between sites.
     pub dial: std::collections::BTreeMap<String, String>,
+    /// Keep protection groups alive with one beat per node pair every
+    /// heartbeat interval (true), or with openraft's own per-group
+    /// heartbeats and election timers (false: each idle PG then costs about
+    /// 0.1% of a core per member; kept for comparison and as a fallback).
+    /// The catalog always uses its own.
+    pub node_heartbeats: bool,
 }
 
 fn loopback(port: u16) -> SocketAddr {
@@ -152,6 +158,7 @@ impl Default for RaftConfig {
             log_check_interval_ms: 5000,
             remote_timeout_ms: 5000,
             dial: Default::default(),
+            node_heartbeats: true,
         }
     }
 }

@@ -11,13 +11,14 @@ use lifeboat_proto::admin as api;
 use lifeboat_proto::raft as pb;
 use lifeboat_replication::ack::AckPolicy;
 use lifeboat_replication::catalog::{self, Catalog, MAIN_PG};
+use lifeboat_replication::liveness::Liveness;
 use lifeboat_replication::log_store::WalSyncer;
 use lifeboat_replication::members::{self, LocalMember};
 use lifeboat_replication::placement::{self, PlacementPolicy};
 use lifeboat_replication::transport::{Identity, Peers};
 use lifeboat_replication::{
-    Applied, Clock, DesiredMember, GroupStart, MemberNode, ProtectionGroup, RaftTimers, Retention,
-    SystemClock,
+    Applied, Clock, DesiredMember, GroupStart, Heartbeats, MemberNode, ProtectionGroup, RaftTimers,
+    Retention, SystemClock,
 };
 use lifeboat_store::db::{Db, DbOptions};
 use lifeboat_store::frame::FrameCodec;
@@ -96,6 +97,9 @@ pub struct NodeCore {
     pub block_locks: BlockLocks,
     pub identity: Arc<Identity>,
     pub peers: Arc<Peers>,
+    /// Beats and election timers of the PGs (not the catalog) when
+    /// `raft.node_heartbeats` is on.
+    pub liveness: Option<Arc<Liveness>>,
     syncer: WalSyncer,
     clock: Arc<dyn Clock>,
     master_key: RwLock<Option<Arc<MasterKey>>>,
@@ -112,6 +116,14 @@ pub struct NodeCore {
     tls: RwLock<Option<ActiveTls>>,
     /// The reconciler and the log-retention task.
     background: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+fn timers(raft: &crate::config::RaftConfig) -> RaftTimers {
+    RaftTimers {
+        heartbeat_interval_ms: raft.heartbeat_interval_ms,
+        election_timeout_min_ms: raft.election_timeout_min_ms,
+        election_timeout_max_ms: raft.election_timeout_max_ms,
+    }
 }
 
 /// How often a node creating a PG campaigns while the PG has no leader.
@@ -223,6 +235,10 @@ impl NodeCore {
             block_locks: BlockLocks::new(),
             identity: Identity::new(NodeId(config.node_id), binding.clone()),
             peers: Peers::with_tls(config.raft.dial.clone().into_iter().collect()),
+            liveness: config
+                .raft
+                .node_heartbeats
+                .then(|| Liveness::new(timers(&config.raft))),
             syncer: WalSyncer::start(db.clone()),
             clock: Arc::new(SystemClock),
             master_key: RwLock::new(None),
@@ -353,11 +369,13 @@ impl NodeCore {
         }
     }
 
-    fn timers(&self) -> RaftTimers {
-        RaftTimers {
-            heartbeat_interval_ms: self.config.raft.heartbeat_interval_ms,
-            election_timeout_min_ms: self.config.raft.election_timeout_min_ms,
-            election_timeout_max_ms: self.config.raft.election_timeout_max_ms,
+    /// How member `pg` is kept alive: the catalog by its own heartbeats,
+    /// whatever the node's liveness task does; PGs per node when configured.
+    fn heartbeats(&self, pg: PgId) -> Heartbeats {
+        if self.liveness.is_some() && pg != PgId::CATALOG {
+            Heartbeats::PerNode
+        } else {
+            Heartbeats::PerGroup
         }
     }
 
@@ -375,7 +393,8 @@ impl NodeCore {
             db: self.db.clone(),
             syncer: self.syncer.clone(),
             snapshot_root: &self.config.data_dir.join("raft-snapshots"),
-            timers: &self.timers(),
+            timers: &timers(&self.config.raft),
+            heartbeats: self.heartbeats(m.pg),
             clock: self.clock.clone(),
             peers: self.peers.clone(),
             identity: self.identity.clone(),
@@ -420,10 +439,18 @@ impl NodeCore {
             Duration::from_millis(self.config.raft.log_check_interval_ms),
             |core| async move { core.enforce_log_retention().await },
         );
-        self.background
-            .lock()
-            .expect("background lock")
-            .extend([reconciler, retention]);
+        let mut background = self.background.lock().expect("background lock");
+        background.extend([reconciler, retention]);
+        if let Some(liveness) = self.liveness.clone() {
+            background.push(self.every(liveness.interval(), move |core| {
+                let liveness = liveness.clone();
+                async move {
+                    liveness
+                        .round(&core.groups(), &core.peers, &core.identity)
+                        .await
+                }
+            }));
+        }
     }
 
     /// Runs `pass` every `interval` until the node stops.

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use lifeboat_proto::admin::admin_server::AdminServer;
 use lifeboat_proto::raft::HelloReply;
 use lifeboat_replication::ProtectionGroup;
+use lifeboat_replication::liveness::Liveness;
 use lifeboat_replication::transport::{Host, Identity, TransportService};
 use lifeboat_store::PgId;
 use tokio::net::TcpListener;
@@ -271,6 +272,10 @@ impl Host for RaftHost {
             addrs: Some(self.0.addrs()),
             cluster_id: self.0.cluster_id().unwrap_or_default(),
         }
+    }
+
+    fn liveness(&self) -> Option<&Liveness> {
+        self.0.liveness.as_deref()
     }
 }
 

@@ -13,6 +13,7 @@ use lifeboat_store::db::Db;
 use lifeboat_store::{Generation, LogIndex, MemberId, PgId};
 use openraft::ChangeMembers;
 use openraft::error::{ClientWriteError, RaftError};
+use openraft::errors::ForwardReason;
 use openraft::raft::ReadPolicy;
 use openraft::type_config::async_runtime::WatchReceiver;
 use openraft::{Config, SnapshotPolicy};
@@ -62,12 +63,27 @@ impl Default for RaftTimers {
     }
 }
 
+/// Who keeps a group alive while it has nothing to replicate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Heartbeats {
+    /// openraft's own ticker: each leader heartbeats each follower every
+    /// heartbeat interval and each follower runs its election timer. For
+    /// the catalog, which must stay alive whatever the node's liveness task
+    /// does.
+    PerGroup,
+    /// openraft's ticker off; the node's [`crate::liveness::Liveness`] sends
+    /// one beat per node pair for every group and runs the election timers.
+    /// Hundreds of idle groups then cost next to nothing.
+    PerNode,
+}
+
 /// Log entries per replication message; a byte cap is applied on top by
 /// `LogStore::limited_get_log_entries` (block writes are large).
 const REPLICATION_ENTRIES_MAX: u64 = 16;
 
-fn raft_config(pg: PgId, timers: &RaftTimers) -> Result<Config> {
+fn raft_config(pg: PgId, timers: &RaftTimers, heartbeats: Heartbeats) -> Result<Config> {
     Config {
+        enable_tick: heartbeats == Heartbeats::PerGroup,
         cluster_name: format!("pg-{}", pg.0),
         heartbeat_interval: timers.heartbeat_interval_ms,
         election_timeout_min: timers.election_timeout_min_ms,
@@ -186,6 +202,7 @@ pub struct GroupStart<'a> {
     pub syncer: WalSyncer,
     pub snapshot_root: &'a Path,
     pub timers: &'a RaftTimers,
+    pub heartbeats: Heartbeats,
     pub clock: Arc<dyn Clock>,
     pub peers: Arc<Peers>,
     pub identity: Arc<Identity>,
@@ -207,6 +224,23 @@ pub struct ProtectionGroup {
     /// never run backwards while it leads.
     last_stamp_ms: Arc<AtomicU64>,
     ack: AckState,
+    heartbeats: Heartbeats,
+}
+
+/// Who leads a group as one member sees it, read without copying the
+/// group's metrics (the liveness task reads it for every group twice per
+/// heartbeat interval).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Leadership {
+    /// The leader's member id, if known.
+    pub leader: Option<u64>,
+    pub term: u64,
+    pub is_leader: bool,
+    /// Whether this member is a voter (learners never campaign).
+    pub voter: bool,
+    /// This member's last log index and the commit index it knows: only a
+    /// leader moves them, so a change is a sign of its life.
+    pub progress: (u64, u64),
 }
 
 /// What a forwarded request came back with.
@@ -266,7 +300,7 @@ impl ProtectionGroup {
     /// Opens the PG's stores and starts its Raft member.
     pub async fn start(args: GroupStart<'_>) -> Result<ProtectionGroup> {
         let pg = args.pg;
-        let config = Arc::new(raft_config(pg, args.timers)?);
+        let config = Arc::new(raft_config(pg, args.timers, args.heartbeats)?);
         let log = LogStore::new(args.db.clone(), pg, args.syncer);
         let sm = StateMachine::open(args.db, pg, args.snapshot_root)
             .map_err(|source| Error::Storage { pg: pg.0, source })?;
@@ -296,6 +330,7 @@ impl ProtectionGroup {
             route,
             last_stamp_ms: Arc::new(AtomicU64::new(0)),
             ack: AckState::new(args.events),
+            heartbeats: args.heartbeats,
         })
     }
 
@@ -309,6 +344,86 @@ impl ProtectionGroup {
 
     pub fn generation(&self) -> Generation {
         self.generation
+    }
+
+    pub fn heartbeats(&self) -> Heartbeats {
+        self.heartbeats
+    }
+
+    pub fn leadership(&self) -> Leadership {
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
+        Leadership {
+            leader: m.current_leader,
+            term: m.current_term,
+            is_leader: m.current_leader == Some(self.member.0)
+                && m.state == openraft::ServerState::Leader,
+            voter: m
+                .membership_config
+                .membership()
+                .voter_ids()
+                .any(|v| v == self.member.0),
+            progress: (
+                m.last_log_index.unwrap_or(0),
+                m.local_committed.as_ref().map_or(0, |l| l.index),
+            ),
+        }
+    }
+
+    /// If this member leads: every other member's node (voters and
+    /// learners), with whether it holds a voter.
+    pub fn led_nodes(&self) -> Option<Vec<(MemberNode, bool)>> {
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
+        if m.current_leader != Some(self.member.0) || m.state != openraft::ServerState::Leader {
+            return None;
+        }
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        Some(
+            membership
+                .nodes()
+                .filter(|(id, _)| **id != self.member.0)
+                .map(|(id, node)| (node.clone(), voters.contains(id)))
+                .collect(),
+        )
+    }
+
+    /// The nodes of this group's voters.
+    pub fn voter_nodes(&self) -> Vec<u64> {
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
+        let membership = m.membership_config.membership();
+        membership
+            .voter_ids()
+            .filter_map(|id| membership.get_node(&id).map(|n| n.node_id))
+            .collect()
+    }
+
+    /// The answer refusing a pre-vote, as openraft's own refusal while a
+    /// leader's lease lives: this member's vote and last log id, not granted.
+    pub async fn pre_vote_refusal(&self) -> Result<openraft::raft::VoteResponse<TypeConfig>> {
+        use openraft::storage::RaftLogStorage;
+        let last_log_id = self
+            .log
+            .clone()
+            .get_log_state()
+            .await
+            .map_err(|source| Error::Storage {
+                pg: self.pg.0,
+                source,
+            })?
+            .last_log_id;
+        let vote = self.raft.metrics().borrow_watched().vote;
+        Ok(openraft::raft::VoteResponse::new(vote, last_log_id, false))
+    }
+
+    /// Makes a leader send one Raft heartbeat to every member now (a member
+    /// that does not know its leader learns it from one).
+    pub async fn heartbeat(&self) {
+        if let Err(e) = self.raft.trigger().heartbeat().await {
+            tracing::debug!(pg = self.pg.0, error = %e, "could not trigger a heartbeat");
+        }
     }
 
     /// The Raft handle, for the transport's server side.
@@ -449,15 +564,18 @@ impl ProtectionGroup {
             stamp_ms: self.next_stamp_ms(),
             kind: Some(kind),
         });
-        let resp = self.raft.client_write(cmd).await.map_err(|e| match e {
-            RaftError::APIError(
-                ClientWriteError::ForwardToLeader(f) | ClientWriteError::LogEntryDiscarded(f),
-            ) => Error::NotLeader {
-                pg: self.pg.0,
-                leader: f.leader_id,
-            },
-            other => self.raft_err(other),
-        })?;
+        let resp = self
+            .with_quorum_lease(|| self.raft.client_write(cmd.clone()))
+            .await
+            .map_err(|e| match e {
+                RaftError::APIError(
+                    ClientWriteError::ForwardToLeader(f) | ClientWriteError::LogEntryDiscarded(f),
+                ) => Error::NotLeader {
+                    pg: self.pg.0,
+                    leader: f.leader_id,
+                },
+                other => self.raft_err(other),
+            })?;
         let index = LogIndex(resp.log_id.index);
         if self.ack.waits_for_remote() {
             self.wait_for_standby(index).await;
@@ -465,6 +583,39 @@ impl ProtectionGroup {
         match resp.data.outcome {
             Some(outcome) => Ok((index, outcome)),
             None => Err(self.raft_err("a command entry was applied without an outcome")),
+        }
+    }
+
+    /// Runs a write `op` (a proposal or a membership change) at this leader,
+    /// renewing the leader's quorum lease once if `op` was refused for
+    /// want of it. openraft refuses writes from a leader whose voters have
+    /// not acknowledged it within the leader lease; per-group heartbeats keep
+    /// that lease fresh, but a quiet group under per-node beats lets it
+    /// lapse, so its first write after a quiet spell costs one ReadIndex
+    /// round (a Raft heartbeat to every voter) first.
+    async fn with_quorum_lease<T, F, Fut>(
+        &self,
+        op: F,
+    ) -> std::result::Result<T, RaftError<TypeConfig, ClientWriteError<TypeConfig>>>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<
+            Output = std::result::Result<T, RaftError<TypeConfig, ClientWriteError<TypeConfig>>>,
+        >,
+    {
+        match op().await {
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))
+                if f.reason == ForwardReason::LeaseExpired =>
+            {
+                match self.read_index_local().await {
+                    Ok(_) => op().await,
+                    Err(e) => {
+                        tracing::debug!(pg = self.pg.0, error = %e, "could not renew the quorum lease");
+                        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))
+                    }
+                }
+            }
+            other => other,
         }
     }
 
@@ -729,8 +880,7 @@ impl ProtectionGroup {
         for d in desired {
             if !m.nodes.contains_key(&d.member.0) {
                 tracing::info!(pg = self.pg.0, member = d.member.0, node = %d.node, "adding learner");
-                self.raft
-                    .add_learner(d.member.0, d.node.clone(), false)
+                self.with_quorum_lease(|| self.raft.add_learner(d.member.0, d.node.clone(), false))
                     .await
                     .map_err(|e| self.raft_err(e))?;
                 return Ok(true);
@@ -743,10 +893,12 @@ impl ProtectionGroup {
             .collect();
         if !want_voters.is_empty() && want_voters != m.voters {
             tracing::info!(pg = self.pg.0, voters = ?want_voters, "changing voters");
-            self.raft
-                .change_membership(ChangeMembers::ReplaceAllVoters(want_voters), true)
-                .await
-                .map_err(|e| self.raft_err(e))?;
+            self.with_quorum_lease(|| {
+                self.raft
+                    .change_membership(ChangeMembers::ReplaceAllVoters(want_voters.clone()), true)
+            })
+            .await
+            .map_err(|e| self.raft_err(e))?;
             return Ok(true);
         }
         let wanted: BTreeSet<u64> = desired.iter().map(|d| d.member.0).collect();
@@ -758,10 +910,12 @@ impl ProtectionGroup {
             .collect();
         if !unwanted.is_empty() {
             tracing::info!(pg = self.pg.0, members = ?unwanted, "removing members");
-            self.raft
-                .change_membership(ChangeMembers::RemoveNodes(unwanted), false)
-                .await
-                .map_err(|e| self.raft_err(e))?;
+            self.with_quorum_lease(|| {
+                self.raft
+                    .change_membership(ChangeMembers::RemoveNodes(unwanted.clone()), false)
+            })
+            .await
+            .map_err(|e| self.raft_err(e))?;
             return Ok(true);
         }
         Ok(false)

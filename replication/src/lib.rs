@@ -10,6 +10,7 @@ pub(crate) mod apply;
 pub mod catalog;
 pub mod error;
 pub mod group;
+pub mod liveness;
 pub mod log_store;
 pub mod members;
 pub mod placement;
@@ -20,7 +21,7 @@ pub mod wire;
 
 pub use error::{Error, Result};
 pub use group::{
-    Clock, DesiredMember, GroupMetrics, GroupStart, LogStatus, MemberLag, ProtectionGroup,
-    RaftTimers, Retention, SystemClock,
+    Clock, DesiredMember, GroupMetrics, GroupStart, Heartbeats, Leadership, LogStatus, MemberLag,
+    ProtectionGroup, RaftTimers, Retention, SystemClock,
 };
 pub use types::{Applied, Command, CommandResponse, MemberNode, Rejection, TypeConfig};

@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
 use lifeboat_proto::raft as pb;
@@ -34,6 +34,7 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::group::ProtectionGroup;
+use crate::liveness::Liveness;
 use crate::types::{MemberNode, RaftSnapshotFile, TypeConfig};
 use crate::wire;
 
@@ -379,6 +380,11 @@ pub trait Host: Send + Sync + 'static {
     fn group(&self, pg: PgId) -> Option<ProtectionGroup>;
     fn snapshot_dir(&self) -> PathBuf;
     fn hello(&self) -> pb::HelloReply;
+    /// The node's liveness state, if it runs [`crate::group::Heartbeats::PerNode`]
+    /// groups.
+    fn liveness(&self) -> Option<&Liveness> {
+        None
+    }
 }
 
 /// The gRPC service on the Raft port.
@@ -404,20 +410,7 @@ impl<H: Host> TransportService<H> {
 pub fn check_route(host: &dyn Host, route: &pb::Route) -> Result<ProtectionGroup, Status> {
     let identity = host.identity();
     let me = identity.node_id();
-    match identity.cluster_id() {
-        None => {
-            return Err(Status::failed_precondition(format!(
-                "node {me} is not in a cluster yet"
-            )));
-        }
-        Some(c) if c != route.cluster_id => {
-            return Err(Status::permission_denied(format!(
-                "message for cluster {:?} from node {}; node {me} is in cluster {c}",
-                route.cluster_id, route.from_node
-            )));
-        }
-        Some(_) => {}
-    }
+    check_cluster(identity, &route.cluster_id, route.from_node)?;
     let pg = PgId(route.pg);
     let group = host.group(pg).ok_or_else(|| {
         Status::not_found(format!(
@@ -441,6 +434,20 @@ pub fn check_route(host: &dyn Host, route: &pb::Route) -> Result<ProtectionGroup
         )));
     }
     Ok(group)
+}
+
+/// Refuses a message from another cluster, or any before this node is in one.
+fn check_cluster(identity: &Identity, cluster_id: &str, from_node: u64) -> Result<(), Status> {
+    let me = identity.node_id();
+    match identity.cluster_id() {
+        None => Err(Status::failed_precondition(format!(
+            "node {me} is not in a cluster yet"
+        ))),
+        Some(c) if c != cluster_id => Err(Status::permission_denied(format!(
+            "message for cluster {cluster_id:?} from node {from_node}; node {me} is in cluster {c}"
+        ))),
+        Some(_) => Ok(()),
+    }
 }
 
 /// Why a member could not act as the leader. Only a storage failure is
@@ -494,6 +501,19 @@ impl<H: Host> RaftTransport for TransportService<H> {
         let req = req.into_inner();
         let group = self.route(req.route.as_ref())?;
         let rpc: VoteRequest<TypeConfig> = from_json(&req.request_json, "vote request")?;
+        if req.pre_vote
+            && let Some(liveness) = self.host.liveness()
+            && liveness.refuses_pre_vote(&group, self.host.identity().node_id().0, Instant::now())
+        {
+            tracing::debug!(pg = group.pg().0, candidate = %rpc.vote, "pre-vote refused: the leader is alive");
+            let refusal = group
+                .pre_vote_refusal()
+                .await
+                .map_err(|e| fatal(group.pg(), e))?;
+            return Ok(Response::new(pb::RaftReply {
+                response_json: json(&refusal)?.into(),
+            }));
+        }
         let resp = if req.pre_vote {
             group.raft().pre_vote(rpc).await
         } else {
@@ -582,6 +602,22 @@ impl<H: Host> RaftTransport for TransportService<H> {
         _req: Request<pb::HelloRequest>,
     ) -> Result<Response<pb::HelloReply>, Status> {
         Ok(Response::new(self.host.hello()))
+    }
+
+    async fn beat(&self, req: Request<pb::BeatRequest>) -> Result<Response<pb::BeatReply>, Status> {
+        let req = req.into_inner();
+        check_cluster(self.host.identity(), &req.cluster_id, req.from_node)?;
+        let liveness = self.host.liveness().ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "node {} runs no per-node heartbeats",
+                self.host.identity().node_id()
+            ))
+        })?;
+        Ok(Response::new(liveness.receive(
+            &req,
+            |pg| self.host.group(pg),
+            Instant::now(),
+        )))
     }
 }
 

@@ -4,8 +4,11 @@
 //! node process's resident memory and CPU, idle and under a light write
 //! load spread over every PG. Prints per-PG figures.
 //!
-//! Timers are the production defaults (heartbeat 500 ms, election 2–4 s):
-//! an idle PG costs its heartbeats.
+//! Timers are the production defaults (heartbeat 500 ms, election 2–4 s).
+//! `--heartbeats both` (the default) runs the whole measurement twice, side
+//! by side: with per-node beats (`[raft] node_heartbeats = true`, the
+//! default) and with openraft's own per-group heartbeats and election
+//! timers, the baseline they replace.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -33,6 +36,10 @@ struct Args {
     /// every PG's volume.
     #[arg(long, default_value_t = 100)]
     writes_per_second: u64,
+    /// Which liveness to measure: node (one beat per node pair), group
+    /// (openraft's per-group heartbeats) or both, one after the other.
+    #[arg(long, default_value = "both")]
+    heartbeats: String,
 }
 
 /// Resident memory in bytes and CPU time (user + system) in seconds.
@@ -83,10 +90,10 @@ async fn measure(nodes: &[TestNode], window: Duration) -> Result<Vec<(u64, f64)>
         .collect())
 }
 
-fn report(label: &str, base: &[(u64, f64)], now: &[(u64, f64)], pgs: u64) {
+fn report(mode: &str, label: &str, base: &[(u64, f64)], now: &[(u64, f64)], pgs: u64) {
     for (i, (b, n)) in base.iter().zip(now).enumerate() {
         println!(
-            "| node {} | {label} | {:.0} MiB | {:.1}% | {:.0} KiB | {:.3}% |",
+            "| {mode} | node {} | {label} | {:.0} MiB | {:.1}% | {:.0} KiB | {:.3}% |",
             i + 1,
             n.0 as f64 / (1 << 20) as f64,
             n.1 * 100.0,
@@ -100,12 +107,59 @@ fn report(label: &str, base: &[(u64, f64)], now: &[(u64, f64)], pgs: u64) {
 async fn main() -> Result<()> {
     let args = Args::parse();
     std::fs::create_dir_all(&args.work_dir)?;
+    let modes: &[bool] = match args.heartbeats.as_str() {
+        "node" => &[true],
+        "group" => &[false],
+        "both" => &[true, false],
+        other => bail!("--heartbeats {other}: use node, group or both"),
+    };
+    let mut tables = Vec::new();
+    for &node_heartbeats in modes {
+        tables.push((node_heartbeats, run(&args, node_heartbeats).await?));
+    }
+    println!(
+        "{} PGs, {} nodes (every node a member of every PG), {} s windows, light load {} writes/s of 4 KiB",
+        args.pgs, args.nodes, args.seconds, args.writes_per_second
+    );
+    println!("| heartbeats | node | state | RSS | CPU (of one core) | RSS per PG | CPU per PG |");
+    println!("|---|---|---|---|---|---|---|");
+    for (node_heartbeats, t) in &tables {
+        let mode = if *node_heartbeats {
+            "per node"
+        } else {
+            "per group"
+        };
+        report(mode, "before (catalog + main)", &t.base, &t.base, args.pgs);
+        report(mode, "idle", &t.base, &t.idle, args.pgs);
+        report(mode, "light load", &t.base, &t.loaded, args.pgs);
+    }
+    for (node_heartbeats, t) in &tables {
+        eprintln!(
+            "node_heartbeats = {node_heartbeats}: created {} PGs in {:?}, {} writes under load",
+            args.pgs, t.create, t.writes
+        );
+    }
+    Ok(())
+}
+
+/// One measurement: before the PGs, idle with them, under the light load.
+struct Table {
+    base: Vec<(u64, f64)>,
+    idle: Vec<(u64, f64)>,
+    loaded: Vec<(u64, f64)>,
+    create: Duration,
+    writes: u64,
+}
+
+async fn run(args: &Args, node_heartbeats: bool) -> Result<Table> {
     let work = tempfile::tempdir_in(&args.work_dir)?;
     let sites = vec!["primary"; args.nodes as usize];
     let mut nodes = lifeboat_chaos_tests::harness::start_nodes(
         work.path(),
         &sites,
-        "[store]\nreserve_bytes = 67108864\n",
+        &format!(
+            "[store]\nreserve_bytes = 67108864\n[raft]\nnode_heartbeats = {node_heartbeats}\n"
+        ),
     )?;
     lifeboat_chaos_tests::harness::form_cluster(&mut nodes);
     nodes[0].must_cli(&["tenant", "create", "scale"]);
@@ -125,11 +179,8 @@ async fn main() -> Result<()> {
             &format!("pg{i}"),
         ]);
     }
-    eprintln!(
-        "created {} PGs with a volume each in {:?}",
-        args.pgs,
-        started.elapsed()
-    );
+    let create = started.elapsed();
+    eprintln!("created {} PGs with a volume each in {create:?}", args.pgs);
     // Every node runs a member of every PG once its health says so.
     for n in &mut nodes {
         n.wait_healthy()?;
@@ -166,17 +217,14 @@ async fn main() -> Result<()> {
         bail!("the light load wrote nothing");
     }
 
-    println!(
-        "{} PGs, {} nodes (every node a member of every PG), {} s windows, light load {} writes/s of 4 KiB ({writes} written)",
-        args.pgs, args.nodes, args.seconds, args.writes_per_second
-    );
-    println!("| node | state | RSS | CPU (of one core) | RSS per PG | CPU per PG |");
-    println!("|---|---|---|---|---|---|");
-    report("before (catalog + main)", &base, &base, args.pgs);
-    report("idle", &base, &idle, args.pgs);
-    report("light load", &base, &loaded, args.pgs);
     for n in &mut nodes {
         n.stop()?;
     }
-    Ok(())
+    Ok(Table {
+        base,
+        idle,
+        loaded,
+        create,
+        writes,
+    })
 }

@@ -9,10 +9,11 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use lifeboat_proto::raft as pb;
+use lifeboat_replication::liveness::Liveness;
 use lifeboat_replication::log_store::WalSyncer;
 use lifeboat_replication::transport::{Host, Identity, Peers, TransportService};
 use lifeboat_replication::{
-    DesiredMember, GroupStart, MemberNode, ProtectionGroup, RaftTimers, SystemClock,
+    DesiredMember, GroupStart, Heartbeats, MemberNode, ProtectionGroup, RaftTimers, SystemClock,
 };
 use lifeboat_store::db::{Db, DbOptions};
 use lifeboat_store::volumes::Volumes;
@@ -26,6 +27,7 @@ struct TestHost {
     identity: Arc<Identity>,
     groups: RwLock<HashMap<PgId, ProtectionGroup>>,
     dir: PathBuf,
+    liveness: Option<Arc<Liveness>>,
 }
 
 impl Host for TestHost {
@@ -45,6 +47,9 @@ impl Host for TestHost {
             ..Default::default()
         }
     }
+    fn liveness(&self) -> Option<&Liveness> {
+        self.liveness.as_deref()
+    }
 }
 
 struct TestNode {
@@ -55,6 +60,7 @@ struct TestNode {
     host: Arc<TestHost>,
     group: ProtectionGroup,
     stop: Option<oneshot::Sender<()>>,
+    liveness_task: Option<tokio::task::JoinHandle<()>>,
     _dir: tempfile::TempDir,
 }
 
@@ -68,6 +74,9 @@ impl TestNode {
     }
 
     async fn stop(&mut self) {
+        if let Some(task) = self.liveness_task.take() {
+            task.abort();
+        }
         self.group.shutdown().await.unwrap();
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -84,6 +93,19 @@ fn timers() -> RaftTimers {
 }
 
 async fn start_node(id: u64, member: u64, site: &'static str, generation: u64) -> TestNode {
+    start_node_with(id, member, site, generation, Heartbeats::PerGroup).await
+}
+
+/// A node whose group is kept alive `heartbeats`; with `PerNode`, the node
+/// runs a liveness round every heartbeat interval until it stops.
+async fn start_node_with(
+    id: u64,
+    member: u64,
+    site: &'static str,
+    generation: u64,
+    heartbeats: Heartbeats,
+) -> TestNode {
+    let peers = Peers::new();
     let dir = tempfile::tempdir().unwrap();
     let db = Db::open(&dir.path().join("db"), &DbOptions::default()).unwrap();
     let identity = Identity::new(NodeId(id), Some(CLUSTER.into()));
@@ -97,8 +119,9 @@ async fn start_node(id: u64, member: u64, site: &'static str, generation: u64) -
         syncer: WalSyncer::start(db.clone()),
         snapshot_root: &dir.path().join("snapshots"),
         timers: &timers(),
+        heartbeats,
         clock: Arc::new(SystemClock),
-        peers: Peers::new(),
+        peers: peers.clone(),
         identity: identity.clone(),
         events: Arc::new(lifeboat_replication::ack::LogEvents),
     })
@@ -108,8 +131,20 @@ async fn start_node(id: u64, member: u64, site: &'static str, generation: u64) -
         identity,
         groups: RwLock::new(HashMap::from([(PG, group.clone())])),
         dir: dir.path().to_owned(),
+        liveness: (heartbeats == Heartbeats::PerNode).then(|| Liveness::new(timers())),
     });
     let (tx, rx) = oneshot::channel::<()>();
+    let liveness_task = host.liveness.clone().map(|liveness| {
+        let host = host.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(liveness.interval()).await;
+                let groups: Vec<ProtectionGroup> =
+                    host.groups.read().unwrap().values().cloned().collect();
+                liveness.round(&groups, &peers, &host.identity).await;
+            }
+        })
+    });
     let service = TransportService::new(host.clone());
     tokio::spawn(async move {
         tonic::transport::Server::builder()
@@ -131,8 +166,32 @@ async fn start_node(id: u64, member: u64, site: &'static str, generation: u64) -
         host,
         group,
         stop: Some(tx),
+        liveness_task,
         _dir: dir,
     }
+}
+
+/// Makes `voters` the group's first membership and waits for a leader.
+async fn initialize_voters(voters: &[TestNode]) {
+    let members: BTreeMap<u64, MemberNode> = voters
+        .iter()
+        .map(|n| (n.group.member_id().0, n.member_node()))
+        .collect();
+    voters[0].group.initialize(members).await.unwrap();
+    voters[0]
+        .group
+        .wait_for_leader(Duration::from_secs(10))
+        .await
+        .unwrap();
+}
+
+/// Volume 1 ("disk0", 64 blocks), which `write` writes to.
+fn create_disk0() -> pb::command::Kind {
+    pb::command::Kind::CreateVolume(pb::CreateVolume {
+        volume: 1,
+        name: "disk0".into(),
+        size_bytes: 64 * 4096,
+    })
 }
 
 fn write(block: u64, frame: &[u8]) -> pb::command::Kind {
@@ -168,6 +227,102 @@ async fn wait_applied(node: &TestNode, index: LogIndex) {
     );
 }
 
+/// Three voters kept alive by per-node beats instead of openraft's own
+/// heartbeats: an idle group keeps its leader and term however long it is
+/// idle, a follower's campaign against a live leader is refused at
+/// pre-vote, and when the leader's node stops another voter takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_groups_live_on_node_beats() {
+    let mut nodes = Vec::new();
+    for id in 1..=3 {
+        nodes.push(start_node_with(id, 10 + id, "primary", 0, Heartbeats::PerNode).await);
+    }
+    initialize_voters(&nodes).await;
+    nodes[0].group.propose(create_disk0()).await.unwrap();
+    let (index, _) = nodes[0].group.propose(write(1, b"one")).await.unwrap();
+    for n in &nodes {
+        wait_applied(n, index).await;
+    }
+    let before = nodes[0].group.leadership();
+    let leader = nodes
+        .iter()
+        .position(|n| n.group.leadership().is_leader)
+        .expect("a leader");
+
+    // Idle for more than three election timeouts (300–600 ms): openraft's
+    // ticker is off, so only the beats keep the followers from campaigning.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    for n in &nodes {
+        let l = n.group.leadership();
+        assert_eq!(
+            (l.leader, l.term),
+            (before.leader, before.term),
+            "node {} changed leader or term while idle",
+            n.id
+        );
+    }
+
+    // The leader's quorum lease lapsed while idle (no heartbeats renew
+    // it); the first write renews it and goes through, on the leader and
+    // forwarded from a follower.
+    let (index, _) = nodes[leader]
+        .group
+        .propose(write(3, b"idle"))
+        .await
+        .unwrap();
+    let (index, _) = nodes[(leader + 2) % 3]
+        .group
+        .propose(write(3, b"after"))
+        .await
+        .map(|(i, a)| (i.max(index), a))
+        .unwrap();
+    for n in &nodes {
+        wait_applied(n, index).await;
+        assert_eq!(latest(n, 3).as_deref(), Some(&b"after"[..]));
+    }
+    let before = nodes[leader].group.leadership();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+
+    // A follower that campaigns anyway gets no pre-vote: the other
+    // follower heard the leader's beat, and the leader's beats are answered.
+    let follower = (leader + 1) % 3;
+    nodes[follower].group.campaign().await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    for n in &nodes {
+        let l = n.group.leadership();
+        assert_eq!(
+            (l.leader, l.term),
+            (before.leader, before.term),
+            "node {} changed leader or term after a refused campaign",
+            n.id
+        );
+    }
+
+    // The leader's node stops: its beats stop, and another voter campaigns.
+    nodes[leader].stop().await;
+    let survivor = &nodes[follower];
+    survivor
+        .group
+        .wait_for_leader(Duration::from_secs(10))
+        .await
+        .unwrap();
+    let (index, _) = survivor.group.propose(write(2, b"two")).await.unwrap();
+    let after = survivor.group.leadership();
+    assert!(after.term > before.term, "{after:?} after {before:?}");
+    assert_ne!(after.leader, before.leader);
+    for (i, n) in nodes.iter().enumerate() {
+        if i != leader {
+            wait_applied(n, index).await;
+            assert_eq!(latest(n, 2).as_deref(), Some(&b"two"[..]));
+        }
+    }
+    for n in &mut nodes {
+        if n.stop.is_some() {
+            n.stop().await;
+        }
+    }
+}
+
 /// Three voters at "primary" and a learner at "dr": the learner gets every
 /// entry, followers forward proposals and serve linearizable reads, and a
 /// new leader takes over when the leader's node stops.
@@ -179,16 +334,7 @@ async fn three_voters_and_a_learner_replicate_and_survive_the_leader() {
         start_node(3, 13, "primary", 0).await,
         start_node(4, 14, "dr", 0).await,
     ];
-    let voters: BTreeMap<u64, MemberNode> = nodes[..3]
-        .iter()
-        .map(|n| (n.group.member_id().0, n.member_node()))
-        .collect();
-    nodes[0].group.initialize(voters).await.unwrap();
-    nodes[0]
-        .group
-        .wait_for_leader(Duration::from_secs(10))
-        .await
-        .unwrap();
+    initialize_voters(&nodes[..3]).await;
     let desired: Vec<DesiredMember> = nodes
         .iter()
         .map(|n| DesiredMember {
@@ -214,15 +360,7 @@ async fn three_voters_and_a_learner_replicate_and_survive_the_leader() {
     assert_eq!(m.voters.len(), 3, "{m:?}");
 
     // Proposed on the learner's node: forwarded to the leader.
-    let (created, _) = nodes[3]
-        .group
-        .propose(pb::command::Kind::CreateVolume(pb::CreateVolume {
-            volume: 1,
-            name: "disk0".into(),
-            size_bytes: 64 * 4096,
-        }))
-        .await
-        .unwrap();
+    let (created, _) = nodes[3].group.propose(create_disk0()).await.unwrap();
     let mut last = created;
     for i in 0..20u64 {
         let proposer = &nodes[(i % 4) as usize];

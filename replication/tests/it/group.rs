@@ -7,8 +7,8 @@ use lifeboat_proto::raft as pb;
 use lifeboat_replication::log_store::WalSyncer;
 use lifeboat_replication::transport::{Identity, Peers};
 use lifeboat_replication::{
-    Applied, Clock, Error, GroupStart, MemberNode, ProtectionGroup, RaftTimers, Rejection,
-    SystemClock,
+    Applied, Clock, Error, GroupStart, Heartbeats, MemberNode, ProtectionGroup, RaftTimers,
+    Rejection, SystemClock,
 };
 use lifeboat_store::db::{Db, DbOptions};
 use lifeboat_store::volumes::{VolumeState, Volumes};
@@ -48,6 +48,7 @@ async fn must_start(dir: &std::path::Path, pg: PgId) -> (Db, ProtectionGroup) {
         syncer: WalSyncer::start(db.clone()),
         snapshot_root: &dir.join("snapshots"),
         timers: &timers(),
+        heartbeats: Heartbeats::PerGroup,
         clock: Arc::new(SystemClock),
         peers: Peers::new(),
         identity: Identity::new(NodeId(1), Some("test-cluster".into())),
