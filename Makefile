@@ -21,11 +21,12 @@ DATA_DIR ?= lifeboat-data
 # drive (qemu-img/qemu-io, nbdinfo/nbdcopy, nbdkit and fio for benchmarks).
 DEBIAN_PACKAGES := libclang-dev clang g++ make qemu-utils libnbd-bin nbdkit fio
 
-.PHONY: run test verify fix deps build bench bench-codec bench-nbd bench-replicated bench-pgs clean-data
+.PHONY: run test verify fix deps build bench bench-codec bench-nbd bench-replicated bench-pgs bench-etcd clean-data
 
-deps:
+# Installs those of the Debian packages $(1) that are missing, saying so.
+define apt_install
 	@missing=""; \
-	for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "make: installing missing Debian packages:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi; \
@@ -33,6 +34,10 @@ deps:
 	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$missing >/dev/null || \
 	  { echo "make: could not install$$missing; install them and retry"; exit 1; }; \
 	fi
+endef
+
+deps:
+	$(call apt_install,$(DEBIAN_PACKAGES))
 
 build: deps
 	cargo build $(CARGO_ALL)
@@ -64,7 +69,7 @@ fix:
 	cargo fmt --all
 	cargo clippy $(CARGO_ALL) --fix --allow-dirty
 
-bench: bench-codec bench-nbd bench-replicated bench-pgs
+bench: bench-codec bench-nbd bench-replicated bench-pgs bench-etcd
 
 bench-codec: build
 	cargo bench --profile $(PROFILE) --workspace --bench codec
@@ -74,6 +79,12 @@ bench-nbd: build
 
 bench-pgs: build
 	LIFEBOAT_BIN=$(BIN) $(CARGO_TARGET_DIR)/$(PROFILE)/pg-scale --pgs 500 --seconds 20
+
+# 4 KiB durable writes beside a three-member etcd cluster (Debian's
+# etcd-server, installed for this benchmark only).
+bench-etcd: build
+	$(call apt_install,etcd-server)
+	LIFEBOAT_BIN=$(BIN) $(CARGO_TARGET_DIR)/$(PROFILE)/durable-writes --seconds 10 --rounds 2
 
 bench-replicated: build
 	LIFEBOAT_BIN=$(BIN) $(CARGO_TARGET_DIR)/$(PROFILE)/nbd-load --replicated --seconds 8 --size-mib 512 --lag-seconds 20

@@ -1,7 +1,17 @@
 //! Benchmarks: `benches/codec.rs` (criterion: the frame codec beside bare
-//! AES-256-GCM and zstd) and `nbd-load` (end to end: the same NBD workload
-//! against Lifeboat and against `nbdkit file` on the same disk, in one run).
-//! Figures and how to reproduce them are in BENCHMARKS.md.
+//! AES-256-GCM and zstd), `nbd-load` (end to end: the same NBD workload
+//! against Lifeboat and against `nbdkit file` on the same disk, in one run),
+//! `durable-writes` (4 KiB durable writes beside a three-member etcd) and
+//! `pg-scale` (hundreds of PGs per node). Figures and how to reproduce them
+//! are in BENCHMARKS.md.
+
+pub mod cluster;
+pub mod nbd_workload;
+
+/// The etcd v3 client (KV.Put and Maintenance.Status only).
+pub mod etcd {
+    tonic::include_proto!("etcdserverpb");
+}
 
 /// Where the load generators put their clusters and images: on the disk
 /// being measured, outside the clone (`~/.cache/lifeboat/bench`).

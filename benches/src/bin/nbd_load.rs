@@ -10,15 +10,16 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
+use lifeboat_benches::cluster::Cluster;
+use lifeboat_benches::nbd_workload::{
+    Durability, Pattern, Throughput, Workload, run as run_workload, run_paced,
+};
 use lifeboat_benches::{DataKind, data};
 use lifeboat_chaos_tests::harness::{TestNode, free_port};
-use lifeboat_chaos_tests::nbd_client::NbdClient;
-use rand::{Rng, SeedableRng};
 
 #[derive(Parser)]
 struct Args {
@@ -53,146 +54,6 @@ struct Args {
     /// learner's lag (lifeboat_replication_lag_seconds) every 100 ms.
     #[arg(long, default_value_t = 0)]
     lag_seconds: u64,
-}
-
-#[derive(Clone, Copy)]
-enum Pattern {
-    SeqWrite,
-    SeqRead,
-    RandWrite,
-    RandRead,
-}
-
-struct Workload {
-    name: &'static str,
-    pattern: Pattern,
-    block: usize,
-    depth: usize,
-}
-
-struct Result1 {
-    ops: u64,
-    bytes: u64,
-    elapsed: Duration,
-}
-
-impl Result1 {
-    fn mb_s(&self) -> f64 {
-        self.bytes as f64 / self.elapsed.as_secs_f64() / 1e6
-    }
-    fn iops(&self) -> f64 {
-        self.ops as f64 / self.elapsed.as_secs_f64()
-    }
-}
-
-async fn run_workload(
-    addr: SocketAddr,
-    export: &str,
-    w: &Workload,
-    size: u64,
-    limit: Duration,
-    payload: &Arc<Vec<u8>>,
-) -> Result<Result1> {
-    run_workload_paced(addr, export, w, size, limit, payload, None).await
-}
-
-/// Like [`run_workload`]; with `rate`, the queue together issues at most
-/// that many operations per second.
-async fn run_workload_paced(
-    addr: SocketAddr,
-    export: &str,
-    w: &Workload,
-    size: u64,
-    limit: Duration,
-    payload: &Arc<Vec<u8>>,
-    rate: Option<f64>,
-) -> Result<Result1> {
-    // A permit per operation when paced, handed out at the rate.
-    let permits = rate.map(|rate| {
-        let (tx, rx) = tokio::sync::mpsc::channel::<()>(w.depth);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                if tx.send(()).await.is_err() {
-                    return;
-                }
-            }
-        });
-        Arc::new(tokio::sync::Mutex::new(rx))
-    });
-    let blocks = size / w.block as u64;
-    let seq_cursor = Arc::new(AtomicU64::new(0));
-    let written = Arc::new(AtomicU64::new(0));
-    let deadline = Instant::now() + limit;
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    // One connection per 8 in flight, like a multi-queue client.
-    let connections = w.depth.div_ceil(8);
-    let mut clients = Vec::new();
-    for _ in 0..connections {
-        clients.push(Arc::new(NbdClient::connect(addr, export).await?));
-    }
-    for t in 0..w.depth {
-        let client = clients[t % connections].clone();
-        let (cursor, written, payload) = (seq_cursor.clone(), written.clone(), payload.clone());
-        let (pattern, block) = (w.pattern, w.block);
-        let permits = permits.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(t as u64);
-            let mut ops = 0u64;
-            while Instant::now() < deadline {
-                if let Some(p) = &permits
-                    && p.lock().await.recv().await.is_none()
-                {
-                    break;
-                }
-                let n = match pattern {
-                    Pattern::SeqWrite | Pattern::SeqRead => {
-                        let n = cursor.fetch_add(1, Ordering::Relaxed);
-                        if n >= blocks {
-                            break;
-                        }
-                        n
-                    }
-                    _ => rng.gen_range(0..blocks),
-                };
-                let offset = n * block as u64;
-                match pattern {
-                    Pattern::SeqWrite | Pattern::RandWrite => {
-                        let at = (n as usize * 4096) % (payload.len() - block);
-                        client
-                            .write(offset, &payload[at..at + block], false)
-                            .await?
-                            .map_err(anyhow::Error::from)?;
-                        // A FLUSH after every 32 writes (counted across the queue).
-                        if written.fetch_add(1, Ordering::Relaxed) % 32 == 31 {
-                            client.flush().await?.map_err(anyhow::Error::from)?;
-                        }
-                    }
-                    Pattern::SeqRead | Pattern::RandRead => {
-                        client
-                            .read(offset, block as u32)
-                            .await?
-                            .map_err(anyhow::Error::from)?;
-                    }
-                }
-                ops += 1;
-            }
-            Ok::<u64, anyhow::Error>(ops)
-        }));
-    }
-    let mut ops = 0;
-    for t in tasks {
-        ops += t.await??;
-    }
-    let elapsed = start.elapsed();
-    Ok(Result1 {
-        ops,
-        bytes: ops * w.block as u64,
-        elapsed,
-    })
 }
 
 struct Nbdkit(Child);
@@ -270,41 +131,51 @@ async fn main() -> Result<()> {
             pattern: Pattern::SeqWrite,
             block: 1 << 20,
             depth: args.seq_depth,
+            durability: Durability::FlushEvery32,
         },
         Workload {
             name: "seq read 1 MiB",
             pattern: Pattern::SeqRead,
             block: 1 << 20,
             depth: args.seq_depth,
+            durability: Durability::FlushEvery32,
         },
         Workload {
             name: "rand write 4 KiB QD1",
             pattern: Pattern::RandWrite,
             block: 4096,
             depth: 1,
+            durability: Durability::FlushEvery32,
         },
         Workload {
             name: "rand write 4 KiB QD32",
             pattern: Pattern::RandWrite,
             block: 4096,
             depth: 32,
+            durability: Durability::FlushEvery32,
         },
         Workload {
             name: "rand read 4 KiB QD1",
             pattern: Pattern::RandRead,
             block: 4096,
             depth: 1,
+            durability: Durability::FlushEvery32,
         },
         Workload {
             name: "rand read 4 KiB QD32",
             pattern: Pattern::RandRead,
             block: 4096,
             depth: 32,
+            durability: Durability::FlushEvery32,
         },
     ];
     let limit = Duration::from_secs(args.seconds);
     if args.replicated {
-        let cluster = start_cluster(work.path(), args.size_mib)?;
+        let mut cluster = Cluster::start(
+            work.path(),
+            &["primary", "primary", "primary", "dr"],
+            args.size_mib,
+        )?;
         let leader = cluster.leader()?;
         println!(
             "| workload | one node | 3 voters + 1 learner | nbdkit file | replicated ÷ one node | replicated ÷ nbdkit |"
@@ -315,7 +186,7 @@ async fn main() -> Result<()> {
             let one = run_workload(node.nbd, "bench/v", w, size, limit, &payload).await?;
             let rep = run_workload(leader.nbd, "bench/v", w, size, limit, &payload).await?;
             let kit = run_workload(kit_addr, "", w, size, limit, &payload).await?;
-            let pick = |r: &Result1| {
+            let pick = |r: &Throughput| {
                 if w.block >= 1 << 20 {
                     r.mb_s()
                 } else {
@@ -358,6 +229,7 @@ async fn main() -> Result<()> {
             .await?;
         }
         node.stop()?;
+        cluster.stop()?;
         return Ok(());
     }
     println!("| workload | Lifeboat | nbdkit file | ratio |");
@@ -389,72 +261,6 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
-/// Three voters at `primary` and one learner at `dr`, each its own process,
-/// with tenant `bench` and volume `bench/v`.
-struct Cluster {
-    nodes: Vec<TestNode>,
-}
-
-fn start_cluster(dir: &std::path::Path, size_mib: u64) -> Result<Cluster> {
-    let mut nodes = lifeboat_chaos_tests::harness::start_nodes(
-        &dir.join("cluster"),
-        &["primary", "primary", "primary", "dr"],
-        "[store]\nreserve_bytes = 67108864\n",
-    )?;
-    lifeboat_chaos_tests::harness::form_cluster(&mut nodes);
-    nodes[0].must_cli(&["tenant", "create", "bench"]);
-    nodes[0].must_cli(&[
-        "volume",
-        "create",
-        "bench/v",
-        "--size",
-        &format!("{size_mib}MiB"),
-    ]);
-    let cluster = Cluster { nodes };
-    // Wait until the leader replicates to all three other members.
-    let started = Instant::now();
-    loop {
-        let status = cluster.leader_status().unwrap_or_default();
-        if status["lag"].as_array().is_some_and(|l| l.len() == 3) {
-            return Ok(cluster);
-        }
-        if started.elapsed() > Duration::from_secs(60) {
-            bail!("bench/main never had four members: {status}");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-impl Cluster {
-    /// `bench/main` as its leader reports it.
-    fn leader_status(&self) -> Option<serde_json::Value> {
-        let out = self.nodes[0].cli(&["status", "--output", "json"]);
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        let main = v["pgs"]
-            .as_array()?
-            .iter()
-            .find(|p| p["name"] == "bench/main")?;
-        let leader = main["leader_node"].as_u64()?;
-        let n = self.nodes.iter().find(|n| n.node_id == leader)?;
-        let out = n.cli(&["status", "--output", "json"]);
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        v["pgs"]
-            .as_array()?
-            .iter()
-            .find(|p| p["name"] == "bench/main")
-            .cloned()
-    }
-
-    fn leader(&self) -> Result<&TestNode> {
-        let status = self.leader_status().context("no status of bench/main")?;
-        let id = status["leader_node"].as_u64().context("no leader")?;
-        self.nodes
-            .iter()
-            .find(|n| n.node_id == id)
-            .context("leader is not one of ours")
-    }
-}
-
 /// The DR learner's lag in seconds from the leader's /metrics.
 fn dr_lag_seconds(leader_http: SocketAddr) -> Option<f64> {
     let (_, body) = lifeboat_chaos_tests::harness::http_get(leader_http, "/metrics").ok()?;
@@ -484,7 +290,7 @@ async fn measure_lag(
         }
         samples
     });
-    let load = run_workload_paced(
+    let load = run_paced(
         leader.nbd,
         "bench/v",
         w,
