@@ -5,6 +5,9 @@
 //! directory, in one run. Each acknowledgement means the same thing: the
 //! write is in the logs of a majority of three members, fsynced.
 //!
+//! Members of both talk TLS to each other (etcd with `--peer-auto-tls`,
+//! unless `--etcd-plain-peers`).
+//!
 //! The workloads alternate between the two systems for `--rounds` rounds,
 //! so a slow spell of the shared machine hits both; every round is printed.
 
@@ -46,6 +49,11 @@ struct Args {
     /// The etcd server binary.
     #[arg(long, default_value = "etcd")]
     etcd: String,
+    /// etcd members talk plain HTTP to each other instead of TLS. By default
+    /// they use TLS (`--peer-auto-tls`), as Lifeboat's members always do
+    /// (mutual TLS on the Raft port), so both pay for encryption.
+    #[arg(long)]
+    etcd_plain_peers: bool,
 }
 
 const VALUE_BYTES: usize = 4096;
@@ -61,7 +69,11 @@ async fn main() -> Result<()> {
 
     let mut cluster = Cluster::start(work.path(), &["primary"; 3], args.size_mib)?;
     let leader_nbd = cluster.leader()?.nbd;
-    let etcd = EtcdCluster::start(&args.etcd, &work.path().join("etcd"))?;
+    let etcd = EtcdCluster::start(
+        &args.etcd,
+        &work.path().join("etcd"),
+        !args.etcd_plain_peers,
+    )?;
     let etcd_leader = etcd.leader().await?;
     eprintln!("etcd leader: {etcd_leader}");
 
@@ -150,15 +162,20 @@ async fn connect(addr: SocketAddr) -> Result<Channel> {
 /// Three etcd members on loopback, each with its data dir under `dir`.
 struct EtcdCluster {
     members: Vec<(SocketAddr, Child)>,
+    dir: PathBuf,
 }
 
 impl EtcdCluster {
-    fn start(binary: &str, dir: &Path) -> Result<EtcdCluster> {
+    /// With `peer_tls`, members talk TLS to each other (self-signed
+    /// certificates, `--peer-auto-tls`); clients always talk plain HTTP/2,
+    /// like the benchmark's NBD client to Lifeboat on loopback.
+    fn start(binary: &str, dir: &Path, peer_tls: bool) -> Result<EtcdCluster> {
         let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        let scheme = if peer_tls { "https" } else { "http" };
         let initial: Vec<String> = ports
             .iter()
             .enumerate()
-            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+            .map(|(i, (_, peer))| format!("m{i}={scheme}://127.0.0.1:{peer}"))
             .collect();
         let mut members = Vec::new();
         for (i, (client, peer)) in ports.iter().enumerate() {
@@ -170,11 +187,12 @@ impl EtcdCluster {
                 .arg(format!("--data-dir={}", data.display()))
                 .arg(format!("--listen-client-urls=http://127.0.0.1:{client}"))
                 .arg(format!("--advertise-client-urls=http://127.0.0.1:{client}"))
-                .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
+                .arg(format!("--listen-peer-urls={scheme}://127.0.0.1:{peer}"))
                 .arg(format!(
-                    "--initial-advertise-peer-urls=http://127.0.0.1:{peer}"
+                    "--initial-advertise-peer-urls={scheme}://127.0.0.1:{peer}"
                 ))
                 .arg(format!("--initial-cluster={}", initial.join(",")))
+                .arg(format!("--peer-auto-tls={peer_tls}"))
                 .arg("--initial-cluster-state=new")
                 .arg("--initial-cluster-token=lifeboat-bench")
                 // Room for every round's history without compaction.
@@ -187,7 +205,10 @@ impl EtcdCluster {
                 .with_context(|| format!("start {binary} (apt-get install etcd-server)"))?;
             members.push((SocketAddr::from(([127, 0, 0, 1], *client)), child));
         }
-        Ok(EtcdCluster { members })
+        Ok(EtcdCluster {
+            members,
+            dir: dir.to_owned(),
+        })
     }
 
     /// The client address of the member that leads, once one does.
@@ -216,7 +237,10 @@ impl EtcdCluster {
                 [] if started.elapsed() < Duration::from_secs(30) => {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
-                [] => bail!("no etcd member became leader within 30 s"),
+                [] => bail!(
+                    "no etcd member became leader within 30 s; m0.log:\n{}",
+                    std::fs::read_to_string(self.dir.join("m0.log")).unwrap_or_default()
+                ),
                 many => bail!("several etcd members claim to lead: {many:?}"),
             }
         }
