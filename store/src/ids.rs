@@ -32,6 +32,18 @@ id_newtype!(
     VolumeId(u64)
 );
 id_newtype!(
+    /// A bucket, unique within the cluster. Allocated by the catalog from the
+    /// same numbers as volumes, so a bucket's keys in `latest` never meet a
+    /// volume's.
+    BucketId(u64)
+);
+id_newtype!(
+    /// A chunk of object data (at most 1 MiB), unique within its PG. Chosen
+    /// at random by the node that encodes it, before the chunk has a log
+    /// index, because the frame's associated data binds it.
+    ChunkId(u64)
+);
+id_newtype!(
     /// A 4 KiB block number within a volume (not a byte offset, not a log index).
     BlockNo(u64)
 );

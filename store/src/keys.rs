@@ -11,12 +11,21 @@
 //! latest      pg u64 | volume u64 | block u64                      24 bytes
 //! blocks      pg u64 | volume u64 | block u64 | !index u64         32 bytes
 //! pg_meta     pg u64 | kind u8 | id u64 | !index u64               25 bytes
+//! latest      pg u64 | bucket u64 | escaped object key             (objects)
+//! objects     pg u64 | bucket u64 | escaped object key | !index u64
+//! chunks      pg u64 | chunk u64 | part u8                          17 bytes
 //! ```
+//!
+//! An escaped object key is the key with every 0x00 byte written as 0x00
+//! 0xFF, then 0x00 0x00: byte order of escaped keys is byte order of keys,
+//! no escaped key is a prefix of another one's, and the escaped form of a
+//! prefix of a key is a prefix of the key's escaped form (without the
+//! terminator), so listing by prefix is one range.
 //!
 //! Changing any layout breaks every data directory: add a new kind or column
 //! family instead.
 
-use crate::{BlockNo, LogIndex, PgId, VolumeId};
+use crate::{BlockNo, BucketId, ChunkId, LogIndex, PgId, VolumeId};
 
 pub const RAFT_LOG_KEY_BYTES: usize = 16;
 pub const RAFT_STATE_KEY_BYTES: usize = 9;
@@ -55,6 +64,95 @@ pub enum RaftStateKind {
 #[repr(u8)]
 pub enum MetaKind {
     Volume = 1,
+    Bucket = 2,
+}
+
+/// The two rows of a chunk in `chunks`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ChunkPart {
+    /// The chunk's frame.
+    Data = 0,
+    /// How many object versions name the chunk (u64 BE).
+    Refs = 1,
+}
+
+/// Ends an escaped object key.
+const OBJECT_KEY_END: [u8; 2] = [0x00, 0x00];
+
+/// `key` escaped (see the module docs), without the terminator.
+pub fn escape_object_key(key: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(key.len() + 2);
+    for &b in key {
+        out.push(b);
+        if b == 0 {
+            out.push(0xFF);
+        }
+    }
+    out
+}
+
+/// The object key at the start of `escaped` and the bytes after its
+/// terminator, or `None` if `escaped` is not an escaped key.
+pub fn unescape_object_key(escaped: &[u8]) -> Option<(Vec<u8>, &[u8])> {
+    let mut key = Vec::with_capacity(escaped.len());
+    let mut i = 0;
+    while i < escaped.len() {
+        let b = escaped[i];
+        if b != 0 {
+            key.push(b);
+            i += 1;
+            continue;
+        }
+        match escaped.get(i + 1)? {
+            0xFF => key.push(0),
+            0x00 => return Some((key, &escaped[i + 2..])),
+            _ => return None,
+        }
+        i += 2;
+    }
+    None
+}
+
+/// `pg | bucket`: the start of every `latest` and `objects` key of a bucket.
+pub fn bucket_prefix(pg: PgId, bucket: BucketId) -> [u8; 16] {
+    volume_prefix(pg, VolumeId(bucket.0))
+}
+
+/// The `latest` key of an object.
+pub fn object_latest_key(pg: PgId, bucket: BucketId, key: &[u8]) -> Vec<u8> {
+    let mut k = bucket_prefix(pg, bucket).to_vec();
+    k.extend_from_slice(&escape_object_key(key));
+    k.extend_from_slice(&OBJECT_KEY_END);
+    k
+}
+
+/// The `objects` key of one version of an object.
+pub fn object_version_key(pg: PgId, bucket: BucketId, key: &[u8], index: LogIndex) -> Vec<u8> {
+    let mut k = object_latest_key(pg, bucket, key);
+    k.extend_from_slice(&(!index.0).to_be_bytes());
+    k
+}
+
+/// The object key of a `latest` key of a bucket (after its 16-byte prefix).
+pub fn decode_object_latest_key(key: &[u8]) -> Option<Vec<u8>> {
+    let (object, rest) = unescape_object_key(key.get(16..)?)?;
+    rest.is_empty().then_some(object)
+}
+
+/// The object key and index of an `objects` key.
+pub fn decode_object_version_key(key: &[u8]) -> Option<(Vec<u8>, LogIndex)> {
+    let (object, rest) = unescape_object_key(key.get(16..)?)?;
+    let index: [u8; 8] = rest.try_into().ok()?;
+    Some((object, LogIndex(!u64::from_be_bytes(index))))
+}
+
+pub fn chunk_key(pg: PgId, chunk: ChunkId, part: ChunkPart) -> [u8; 17] {
+    let mut k = [0u8; 17];
+    k[..8].copy_from_slice(&pg.0.to_be_bytes());
+    k[8..16].copy_from_slice(&chunk.0.to_be_bytes());
+    k[16] = part as u8;
+    k
 }
 
 pub fn raft_log_key(pg: PgId, index: LogIndex) -> [u8; RAFT_LOG_KEY_BYTES] {
@@ -154,6 +252,31 @@ mod tests {
     use proptest::prelude::*;
 
     proptest! {
+        #[test]
+        fn object_version_keys_order_as_object_keys_then_newest_first(
+            a in (proptest::collection::vec(0u8..4, 0..6), any::<u64>()),
+            b in (proptest::collection::vec(0u8..4, 0..6), any::<u64>()),
+        ) {
+            let ka = object_version_key(PgId(1), BucketId(2), &a.0, LogIndex(a.1));
+            let kb = object_version_key(PgId(1), BucketId(2), &b.0, LogIndex(b.1));
+            let expected = a.0.cmp(&b.0).then(b.1.cmp(&a.1));
+            prop_assert_eq!(ka.cmp(&kb), expected);
+            prop_assert_eq!(decode_object_version_key(&ka), Some((a.0.clone(), LogIndex(a.1))));
+            let la = object_latest_key(PgId(1), BucketId(2), &a.0);
+            prop_assert_eq!(decode_object_latest_key(&la), Some(a.0.clone()));
+        }
+
+        #[test]
+        fn an_escaped_prefix_is_a_prefix_of_exactly_the_keys_it_begins(
+            key in proptest::collection::vec(0u8..3, 0..8),
+            prefix in proptest::collection::vec(0u8..3, 0..4),
+        ) {
+            let mut start = bucket_prefix(PgId(1), BucketId(2)).to_vec();
+            start.extend_from_slice(&escape_object_key(&prefix));
+            let latest = object_latest_key(PgId(1), BucketId(2), &key);
+            prop_assert_eq!(latest.starts_with(&start), key.starts_with(&prefix));
+        }
+
         #[test]
         fn block_keys_order_as_tuples_with_newest_first(
             a in (0u64..4, 0u64..4, any::<u64>(), any::<u64>()),

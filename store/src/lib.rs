@@ -14,6 +14,7 @@ pub mod frame;
 pub mod ids;
 pub mod keyring;
 pub mod keys;
+pub mod objects;
 pub mod raft_snapshot;
 pub mod volumes;
 

@@ -76,56 +76,77 @@ pub struct VolumeRecord {
     pub state: VolumeState,
 }
 
-/// Record layout, version 1:
+/// Record layout, version 1 (see [`encode_named_record`]):
 /// ```text
 /// version u8 | state u8 | size_bytes u64 BE | name_len u16 BE | name (UTF-8)
 /// ```
 const VOLUME_RECORD_VERSION: u8 = 1;
-const VOLUME_RECORD_HEADER_BYTES: usize = 1 + 1 + 8 + 2;
 
 impl VolumeRecord {
     pub fn encode(&self) -> Vec<u8> {
-        let name = self.name.as_bytes();
-        assert!(
-            name.len() <= u16::MAX as usize,
-            "volume names are validated short"
-        );
-        let mut out = Vec::with_capacity(VOLUME_RECORD_HEADER_BYTES + name.len());
-        out.push(VOLUME_RECORD_VERSION);
-        out.push(self.state as u8);
-        out.extend_from_slice(&self.size_bytes.to_be_bytes());
-        out.extend_from_slice(&(name.len() as u16).to_be_bytes());
-        out.extend_from_slice(name);
-        out
+        encode_named_record(
+            VOLUME_RECORD_VERSION,
+            self.state as u8,
+            self.size_bytes,
+            &self.name,
+        )
     }
 
     pub fn decode(bytes: &[u8]) -> std::result::Result<VolumeRecord, String> {
-        if bytes.len() < VOLUME_RECORD_HEADER_BYTES {
-            return Err(format!(
-                "volume record of {} bytes is too short",
-                bytes.len()
-            ));
-        }
-        if bytes[0] != VOLUME_RECORD_VERSION {
-            return Err(format!("unknown volume record version {}", bytes[0]));
-        }
-        let state = match bytes[1] {
+        let (state, size_bytes, name) =
+            decode_named_record(bytes, VOLUME_RECORD_VERSION, "volume")?;
+        let state = match state {
             1 => VolumeState::Active,
             2 => VolumeState::Deleted,
             other => return Err(format!("unknown volume state {other}")),
         };
-        let size_bytes = u64::from_be_bytes(bytes[2..10].try_into().expect("8 bytes"));
-        let name_len = u16::from_be_bytes(bytes[10..12].try_into().expect("2 bytes")) as usize;
-        let name = bytes
-            .get(12..12 + name_len)
-            .ok_or_else(|| "volume name runs past the record".to_string())?;
-        let name = String::from_utf8(name.to_vec()).map_err(|_| "volume name is not UTF-8")?;
         Ok(VolumeRecord {
             name,
             size_bytes,
             state,
         })
     }
+}
+
+const NAMED_RECORD_HEADER_BYTES: usize = 1 + 1 + 8 + 2;
+
+/// The layout of the small named records in `pg_meta` (volumes, buckets):
+/// `version u8 | state u8 | value u64 BE | name_len u16 BE | name (UTF-8)`.
+pub(crate) fn encode_named_record(version: u8, state: u8, value: u64, name: &str) -> Vec<u8> {
+    let name = name.as_bytes();
+    assert!(name.len() <= u16::MAX as usize, "names are validated short");
+    let mut out = Vec::with_capacity(NAMED_RECORD_HEADER_BYTES + name.len());
+    out.push(version);
+    out.push(state);
+    out.extend_from_slice(&value.to_be_bytes());
+    out.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    out.extend_from_slice(name);
+    out
+}
+
+/// (state, value, name) of a record [`encode_named_record`] made with
+/// `version`; `what` names the record in errors.
+pub(crate) fn decode_named_record(
+    bytes: &[u8],
+    version: u8,
+    what: &str,
+) -> std::result::Result<(u8, u64, String), String> {
+    if bytes.len() < NAMED_RECORD_HEADER_BYTES {
+        return Err(format!(
+            "{what} record of {} bytes is too short",
+            bytes.len()
+        ));
+    }
+    if bytes[0] != version {
+        return Err(format!("unknown {what} record version {}", bytes[0]));
+    }
+    let value = u64::from_be_bytes(bytes[2..10].try_into().expect("8 bytes"));
+    let name_len = u16::from_be_bytes(bytes[10..12].try_into().expect("2 bytes")) as usize;
+    let name = bytes
+        .get(12..12 + name_len)
+        .ok_or_else(|| format!("{what} name runs past the record"))?;
+    let name = String::from_utf8(name.to_vec()).map_err(|_| format!("{what} name is not UTF-8"))?;
+    Ok((bytes[1], value, name))
 }
 
 /// Stages one block version and moves `latest` to it.

@@ -1,0 +1,780 @@
+//! Versioned buckets and objects: bucket records in `pg_meta`, every
+//! version of every object in `objects` at its log index, the newest live
+//! version of each key in `latest`, and object data as chunks in `chunks`
+//! with reference counts.
+//!
+//! As in [`crate::volumes`], writes are *staged* into the state machine's
+//! batch and reads go straight to the database.
+//!
+//! Invariants:
+//! - for every object with a `latest` row holding index I, the `objects` row
+//!   (pg, bucket, key, !I) exists and is an object (not a delete marker);
+//!   a key whose newest version is a delete marker has no `latest` row, so
+//!   listings never step over deleted keys;
+//! - every chunk an object version names has a data row, and its reference
+//!   count is the number of stored versions naming it (kept by the state
+//!   machine, which stages counts it has already summed over its batch).
+//!
+//! Object version values say what they are, and name their chunks in the
+//! clear (the state machine counts references without any key); the record
+//! itself (size, ETag, metadata, chunk sizes) is sealed by the node that
+//! encoded it, and this module never looks inside.
+
+use crate::db::{Batch, Cf, Db, prefix_successor};
+use crate::error::{Error, Result};
+use crate::keys::{self, ChunkPart, MetaKind};
+use crate::volumes::{decode_named_record, encode_named_record};
+use crate::{BucketId, ChunkId, LogIndex, PgId};
+
+/// The longest object key S3 allows, in bytes.
+pub const OBJECT_KEY_BYTES_MAX: usize = 1024;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum BucketState {
+    Active = 1,
+    /// Tombstone: the bucket's history stays until the window has passed.
+    Deleted = 2,
+}
+
+/// A bucket's record at one version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BucketRecord {
+    /// The bucket's name, unique in the cluster.
+    pub name: String,
+    pub state: BucketState,
+    /// When it was created, in milliseconds since the Unix epoch (the
+    /// creating entry's stamp).
+    pub created_ms: u64,
+}
+
+/// Record layout, version 1 (the volumes' named-record layout):
+/// ```text
+/// version u8 | state u8 | created_ms u64 BE | name_len u16 BE | name (UTF-8)
+/// ```
+const BUCKET_RECORD_VERSION: u8 = 1;
+
+impl BucketRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        encode_named_record(
+            BUCKET_RECORD_VERSION,
+            self.state as u8,
+            self.created_ms,
+            &self.name,
+        )
+    }
+
+    pub fn decode(bytes: &[u8]) -> std::result::Result<BucketRecord, String> {
+        let (state, created_ms, name) =
+            decode_named_record(bytes, BUCKET_RECORD_VERSION, "bucket")?;
+        let state = match state {
+            1 => BucketState::Active,
+            2 => BucketState::Deleted,
+            other => return Err(format!("unknown bucket state {other}")),
+        };
+        Ok(BucketRecord {
+            name,
+            state,
+            created_ms,
+        })
+    }
+}
+
+/// One stored version of an object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ObjectVersion {
+    /// The object's data is `chunks`, in order; `record` is its sealed
+    /// record (size, ETag, metadata).
+    Object {
+        chunks: Vec<ChunkId>,
+        record: Vec<u8>,
+    },
+    /// The key was deleted at this version.
+    DeleteMarker,
+}
+
+/// Value layout, version 1:
+/// ```text
+/// version u8 | kind u8 (1 object, 2 delete marker)
+/// object: chunk_count u32 BE | chunk ids u64 BE … | sealed record
+/// ```
+const OBJECT_VERSION_VERSION: u8 = 1;
+
+impl ObjectVersion {
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            ObjectVersion::Object { chunks, record } => {
+                let mut out = Vec::with_capacity(6 + chunks.len() * 8 + record.len());
+                out.extend_from_slice(&[OBJECT_VERSION_VERSION, 1]);
+                out.extend_from_slice(&(chunks.len() as u32).to_be_bytes());
+                for c in chunks {
+                    out.extend_from_slice(&c.0.to_be_bytes());
+                }
+                out.extend_from_slice(record);
+                out
+            }
+            ObjectVersion::DeleteMarker => vec![OBJECT_VERSION_VERSION, 2],
+        }
+    }
+
+    pub fn decode(bytes: &[u8]) -> std::result::Result<ObjectVersion, String> {
+        match bytes {
+            [OBJECT_VERSION_VERSION, 2] => Ok(ObjectVersion::DeleteMarker),
+            [OBJECT_VERSION_VERSION, 1, rest @ ..] => {
+                let count: [u8; 4] = rest
+                    .get(..4)
+                    .and_then(|c| c.try_into().ok())
+                    .ok_or("object version without a chunk count")?;
+                let count = u32::from_be_bytes(count) as usize;
+                let ids = rest
+                    .get(4..4 + count * 8)
+                    .ok_or("object version's chunk list runs past its value")?;
+                let chunks = ids
+                    .chunks_exact(8)
+                    .map(|c| ChunkId(u64::from_be_bytes(c.try_into().expect("8 bytes"))))
+                    .collect();
+                Ok(ObjectVersion::Object {
+                    chunks,
+                    record: rest[4 + count * 8..].to_vec(),
+                })
+            }
+            [OBJECT_VERSION_VERSION, kind, ..] => {
+                Err(format!("unknown object version kind {kind}"))
+            }
+            [version, ..] => Err(format!("unknown object version layout {version}")),
+            [] => Err("empty object version".into()),
+        }
+    }
+
+    /// The chunks this version names (none for a delete marker).
+    pub fn chunks(&self) -> &[ChunkId] {
+        match self {
+            ObjectVersion::Object { chunks, .. } => chunks,
+            ObjectVersion::DeleteMarker => &[],
+        }
+    }
+}
+
+/// Stages a new version of a bucket's record.
+pub fn stage_bucket(
+    batch: &mut Batch,
+    pg: PgId,
+    bucket: BucketId,
+    index: LogIndex,
+    record: &BucketRecord,
+) {
+    batch.put(
+        Cf::PgMeta,
+        &keys::pg_meta_key(pg, MetaKind::Bucket, bucket.0, index),
+        &record.encode(),
+    );
+}
+
+/// Stages one version of an object and moves (or, for a delete marker,
+/// removes) its `latest` row. Reference counts of its chunks are the
+/// caller's to stage ([`stage_chunk_refs`]).
+pub fn stage_object_version(
+    batch: &mut Batch,
+    pg: PgId,
+    bucket: BucketId,
+    key: &[u8],
+    index: LogIndex,
+    version: &ObjectVersion,
+) {
+    batch.put(
+        Cf::Objects,
+        &keys::object_version_key(pg, bucket, key, index),
+        &version.encode(),
+    );
+    let latest = keys::object_latest_key(pg, bucket, key);
+    match version {
+        ObjectVersion::Object { .. } => batch.put(Cf::Latest, &latest, &index.0.to_be_bytes()),
+        ObjectVersion::DeleteMarker => batch.delete(Cf::Latest, &latest),
+    }
+}
+
+/// Stages a chunk's frame.
+pub fn stage_chunk(batch: &mut Batch, pg: PgId, chunk: ChunkId, frame: &[u8]) {
+    batch.put(
+        Cf::Chunks,
+        &keys::chunk_key(pg, chunk, ChunkPart::Data),
+        frame,
+    );
+}
+
+/// Stages a chunk's reference count; at zero the chunk goes, data and all.
+pub fn stage_chunk_refs(batch: &mut Batch, pg: PgId, chunk: ChunkId, refs: u64) {
+    let refs_key = keys::chunk_key(pg, chunk, ChunkPart::Refs);
+    if refs == 0 {
+        batch.delete(Cf::Chunks, &refs_key);
+        batch.delete(Cf::Chunks, &keys::chunk_key(pg, chunk, ChunkPart::Data));
+    } else {
+        batch.put(Cf::Chunks, &refs_key, &refs.to_be_bytes());
+    }
+}
+
+/// What [`Objects::list`] returns, in key order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Listed {
+    /// A live object and the index of its newest version.
+    Object { key: Vec<u8>, index: LogIndex },
+    /// Keys sharing this prefix up to and including the delimiter, rolled
+    /// up into one entry.
+    CommonPrefix(Vec<u8>),
+}
+
+/// One page of a listing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Listing {
+    pub entries: Vec<Listed>,
+    /// Where the next page starts when this one is full and more follows
+    /// (an opaque position for [`ListQuery::resume`]).
+    pub resume: Option<Vec<u8>>,
+}
+
+/// A listing of a bucket's live objects (S3 ListObjects semantics).
+#[derive(Clone, Debug, Default)]
+pub struct ListQuery<'a> {
+    pub prefix: &'a [u8],
+    /// Roll keys up to the first occurrence of this after the prefix.
+    pub delimiter: Option<&'a [u8]>,
+    /// Only keys strictly after this one.
+    pub start_after: Option<&'a [u8]>,
+    /// A position from an earlier page's [`Listing::resume`]; wins over
+    /// `start_after`.
+    pub resume: Option<&'a [u8]>,
+    /// Entries per page (objects and common prefixes together), at least 1.
+    pub limit: usize,
+}
+
+/// Reads of buckets and objects.
+#[derive(Clone, Debug)]
+pub struct Objects {
+    db: Db,
+}
+
+impl Objects {
+    pub fn new(db: Db) -> Objects {
+        Objects { db }
+    }
+
+    /// The newest record of a bucket at or below `at` (`LogIndex(u64::MAX)`
+    /// for the latest).
+    pub fn bucket_at(
+        &self,
+        pg: PgId,
+        bucket: BucketId,
+        at: LogIndex,
+    ) -> Result<Option<(LogIndex, BucketRecord)>> {
+        let prefix = keys::pg_meta_prefix(pg, MetaKind::Bucket, bucket.0);
+        let start = keys::pg_meta_key(pg, MetaKind::Bucket, bucket.0, at);
+        let Some((key, value)) = self.db.seek(Cf::PgMeta, &prefix, &start)? else {
+            return Ok(None);
+        };
+        decode_bucket_row(&key, &value).map(|(_, index, record)| Some((index, record)))
+    }
+
+    pub fn bucket(&self, pg: PgId, bucket: BucketId) -> Result<Option<(LogIndex, BucketRecord)>> {
+        self.bucket_at(pg, bucket, LogIndex(u64::MAX))
+    }
+
+    /// The newest record of every bucket of a PG, deleted ones included.
+    pub fn buckets(&self, pg: PgId) -> Result<Vec<(BucketId, LogIndex, BucketRecord)>> {
+        let mut prefix = keys::pg_prefix(pg).to_vec();
+        prefix.push(MetaKind::Bucket as u8);
+        let mut out: Vec<(BucketId, LogIndex, BucketRecord)> = Vec::new();
+        for (key, value) in self.db.scan(Cf::PgMeta, &prefix, &prefix, usize::MAX)? {
+            let (id, index, record) = decode_bucket_row(&key, &value)?;
+            if out.last().is_none_or(|(last, _, _)| *last != id) {
+                out.push((id, index, record));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The index of the newest live version of `key`, if it has one.
+    pub fn latest_index(&self, pg: PgId, bucket: BucketId, key: &[u8]) -> Result<Option<LogIndex>> {
+        let latest = keys::object_latest_key(pg, bucket, key);
+        self.db
+            .get(Cf::Latest, &latest)?
+            .map(|v| decode_index(&latest, &v))
+            .transpose()
+    }
+
+    /// The newest live version of `key`: one point read of `latest` and one
+    /// of `objects`, whatever the length of its history.
+    pub fn latest(
+        &self,
+        pg: PgId,
+        bucket: BucketId,
+        key: &[u8],
+    ) -> Result<Option<(LogIndex, ObjectVersion)>> {
+        let Some(index) = self.latest_index(pg, bucket, key)? else {
+            return Ok(None);
+        };
+        let version_key = keys::object_version_key(pg, bucket, key, index);
+        let value = self.db.get(Cf::Objects, &version_key)?.ok_or_else(|| {
+            Error::corrupt_record(
+                Cf::Objects.name(),
+                &version_key,
+                "latest names an object version that is missing",
+            )
+        })?;
+        Ok(Some((index, decode_version(&version_key, &value)?)))
+    }
+
+    /// The version of `key` visible at `at`: the newest at or below it,
+    /// which may be a delete marker.
+    pub fn version_at(
+        &self,
+        pg: PgId,
+        bucket: BucketId,
+        key: &[u8],
+        at: LogIndex,
+    ) -> Result<Option<(LogIndex, ObjectVersion)>> {
+        let prefix = keys::object_latest_key(pg, bucket, key);
+        let start = keys::object_version_key(pg, bucket, key, at);
+        let Some((k, v)) = self.db.seek(Cf::Objects, &prefix, &start)? else {
+            return Ok(None);
+        };
+        let (_, index) = keys::decode_object_version_key(&k)
+            .ok_or_else(|| Error::corrupt_record(Cf::Objects.name(), &k, "malformed object key"))?;
+        Ok(Some((index, decode_version(&k, &v)?)))
+    }
+
+    /// Every stored version of `key`, newest first.
+    pub fn versions(
+        &self,
+        pg: PgId,
+        bucket: BucketId,
+        key: &[u8],
+    ) -> Result<Vec<(LogIndex, ObjectVersion)>> {
+        let prefix = keys::object_latest_key(pg, bucket, key);
+        self.db
+            .scan(Cf::Objects, &prefix, &prefix, usize::MAX)?
+            .into_iter()
+            .map(|(k, v)| {
+                let (_, index) = keys::decode_object_version_key(&k).ok_or_else(|| {
+                    Error::corrupt_record(Cf::Objects.name(), &k, "malformed object key")
+                })?;
+                Ok((index, decode_version(&k, &v)?))
+            })
+            .collect()
+    }
+
+    /// One page of the bucket's live objects in key order. Reads only
+    /// `latest`, so its cost follows the page, not the history; a common
+    /// prefix costs one seek past all the keys it rolls up.
+    pub fn list(&self, pg: PgId, bucket: BucketId, q: &ListQuery<'_>) -> Result<Listing> {
+        let bucket_prefix = keys::bucket_prefix(pg, bucket);
+        let mut range = bucket_prefix.to_vec();
+        range.extend_from_slice(&keys::escape_object_key(q.prefix));
+        let mut position = match (q.resume, q.start_after) {
+            (Some(resume), _) => resume.to_vec(),
+            (None, Some(after)) => {
+                // The smallest key above `after`'s: its `latest` key plus 0x00.
+                let mut k = keys::object_latest_key(pg, bucket, after);
+                k.push(0);
+                k
+            }
+            (None, None) => range.clone(),
+        };
+        if position < range {
+            position = range.clone();
+        }
+        let limit = q.limit.max(1);
+        let mut listing = Listing::default();
+        loop {
+            let Some((k, v)) = self.db.seek(Cf::Latest, &range, &position)? else {
+                return Ok(listing);
+            };
+            let key = keys::decode_object_latest_key(&k).ok_or_else(|| {
+                Error::corrupt_record(Cf::Latest.name(), &k, "malformed object key")
+            })?;
+            if listing.entries.len() == limit {
+                listing.resume = Some(position);
+                return Ok(listing);
+            }
+            let rolled = q.delimiter.filter(|d| !d.is_empty()).and_then(|d| {
+                let rest = &key[q.prefix.len()..];
+                find(rest, d).map(|at| key[..q.prefix.len() + at + d.len()].to_vec())
+            });
+            match rolled {
+                Some(common) => {
+                    // Past every key that begins with `common`.
+                    let mut escaped = bucket_prefix.to_vec();
+                    escaped.extend_from_slice(&keys::escape_object_key(&common));
+                    position = prefix_successor(&escaped).unwrap_or_else(|| {
+                        let mut end = escaped.clone();
+                        end.push(0xFF);
+                        end
+                    });
+                    listing.entries.push(Listed::CommonPrefix(common));
+                }
+                None => {
+                    let index = decode_index(&k, &v)?;
+                    let mut next = k;
+                    next.push(0);
+                    position = next;
+                    listing.entries.push(Listed::Object { key, index });
+                }
+            }
+        }
+    }
+
+    /// A chunk's frame.
+    pub fn chunk(&self, pg: PgId, chunk: ChunkId) -> Result<Option<Vec<u8>>> {
+        self.db
+            .get(Cf::Chunks, &keys::chunk_key(pg, chunk, ChunkPart::Data))
+    }
+
+    /// How many stored object versions name the chunk (0 if it does not
+    /// exist).
+    pub fn chunk_refs(&self, pg: PgId, chunk: ChunkId) -> Result<u64> {
+        let key = keys::chunk_key(pg, chunk, ChunkPart::Refs);
+        match self.db.get(Cf::Chunks, &key)? {
+            None => Ok(0),
+            Some(v) => decode_index(&key, &v).map(|refs| refs.0),
+        }
+    }
+}
+
+/// The first position of `needle` in `haystack`.
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+fn decode_index(key: &[u8], value: &[u8]) -> Result<LogIndex> {
+    let bytes: [u8; 8] = value
+        .try_into()
+        .map_err(|_| Error::corrupt_record(Cf::Latest.name(), key, "index is not 8 bytes"))?;
+    Ok(LogIndex(u64::from_be_bytes(bytes)))
+}
+
+fn decode_version(key: &[u8], value: &[u8]) -> Result<ObjectVersion> {
+    ObjectVersion::decode(value).map_err(|e| Error::corrupt_record(Cf::Objects.name(), key, e))
+}
+
+fn decode_bucket_row(key: &[u8], value: &[u8]) -> Result<(BucketId, LogIndex, BucketRecord)> {
+    let (id, index) = keys::decode_pg_meta_key(key)
+        .ok_or_else(|| Error::corrupt_record(Cf::PgMeta.name(), key, "malformed pg_meta key"))?;
+    let record = BucketRecord::decode(value)
+        .map_err(|e| Error::corrupt_record(Cf::PgMeta.name(), key, e))?;
+    Ok((BucketId(id), index, record))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::{DbOptions, Durability};
+
+    const PG: PgId = PgId(3);
+    const B: BucketId = BucketId(9);
+
+    fn must_open() -> (tempfile::TempDir, Db) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), &DbOptions::default()).unwrap();
+        (dir, db)
+    }
+
+    fn object(chunks: &[u64], record: &[u8]) -> ObjectVersion {
+        ObjectVersion::Object {
+            chunks: chunks.iter().map(|c| ChunkId(*c)).collect(),
+            record: record.to_vec(),
+        }
+    }
+
+    fn must_put(db: &Db, key: &str, index: u64, version: &ObjectVersion) {
+        let mut b = db.new_batch();
+        stage_object_version(&mut b, PG, B, key.as_bytes(), LogIndex(index), version);
+        db.write(b, Durability::Buffered).unwrap();
+    }
+
+    fn keys_of(listing: &Listing) -> Vec<String> {
+        listing
+            .entries
+            .iter()
+            .map(|e| match e {
+                Listed::Object { key, .. } => String::from_utf8(key.clone()).unwrap(),
+                Listed::CommonPrefix(p) => format!("{}*", String::from_utf8(p.clone()).unwrap()),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn records_and_versions_round_trip_and_bad_bytes_are_refused() {
+        let r = BucketRecord {
+            name: "payroll-backups".into(),
+            state: BucketState::Active,
+            created_ms: 1_790_000_000_000,
+        };
+        assert_eq!(BucketRecord::decode(&r.encode()).unwrap(), r);
+        for v in [
+            object(&[1, u64::MAX], b"sealed"),
+            object(&[], b""),
+            ObjectVersion::DeleteMarker,
+        ] {
+            assert_eq!(ObjectVersion::decode(&v.encode()).unwrap(), v);
+        }
+        assert!(BucketRecord::decode(&r.encode()[..5]).is_err());
+        assert!(ObjectVersion::decode(&[]).is_err());
+        assert!(ObjectVersion::decode(&[1, 7]).is_err());
+        assert!(ObjectVersion::decode(&[9, 1]).is_err());
+        // A chunk count larger than the value.
+        assert!(ObjectVersion::decode(&[1, 1, 0, 0, 0, 3, 0, 0]).is_err());
+    }
+
+    #[test]
+    fn latest_and_past_versions_of_an_object() {
+        let (_dir, db) = must_open();
+        let objects = Objects::new(db.clone());
+        must_put(&db, "db/dump.sql", 10, &object(&[1], b"v1"));
+        must_put(&db, "db/dump.sql", 20, &object(&[2, 3], b"v2"));
+        must_put(&db, "db/dump.sql", 30, &ObjectVersion::DeleteMarker);
+        must_put(&db, "db/dump.sql", 40, &object(&[4], b"v4"));
+        let key = b"db/dump.sql".as_slice();
+        assert_eq!(
+            objects.latest(PG, B, key).unwrap(),
+            Some((LogIndex(40), object(&[4], b"v4")))
+        );
+        assert_eq!(
+            objects.version_at(PG, B, key, LogIndex(25)).unwrap(),
+            Some((LogIndex(20), object(&[2, 3], b"v2")))
+        );
+        assert_eq!(
+            objects.version_at(PG, B, key, LogIndex(35)).unwrap(),
+            Some((LogIndex(30), ObjectVersion::DeleteMarker))
+        );
+        assert_eq!(objects.version_at(PG, B, key, LogIndex(9)).unwrap(), None);
+        let indexes: Vec<u64> = objects
+            .versions(PG, B, key)
+            .unwrap()
+            .iter()
+            .map(|(i, _)| i.0)
+            .collect();
+        assert_eq!(indexes, [40, 30, 20, 10]);
+        // A key that is a prefix of another has its own history.
+        assert!(objects.versions(PG, B, b"db/dump").unwrap().is_empty());
+        // Deleted, the key has no latest version but keeps its history.
+        must_put(&db, "db/dump.sql", 50, &ObjectVersion::DeleteMarker);
+        assert_eq!(objects.latest(PG, B, key).unwrap(), None);
+        assert_eq!(objects.versions(PG, B, key).unwrap().len(), 5);
+    }
+
+    #[test]
+    fn keys_with_zero_bytes_and_prefixes_of_each_other_stay_apart() {
+        let (_dir, db) = must_open();
+        let objects = Objects::new(db.clone());
+        let keys: [&[u8]; 5] = [b"a", b"a\0", b"a\0b", b"ab", b"\0"];
+        for (i, k) in keys.iter().enumerate() {
+            let mut b = db.new_batch();
+            let v = object(&[i as u64], k);
+            stage_object_version(&mut b, PG, B, k, LogIndex(i as u64 + 1), &v);
+            db.write(b, Durability::Buffered).unwrap();
+        }
+        for (i, k) in keys.iter().enumerate() {
+            let (_, v) = objects.latest(PG, B, k).unwrap().unwrap();
+            assert_eq!(v, object(&[i as u64], k));
+            assert_eq!(objects.versions(PG, B, k).unwrap().len(), 1);
+        }
+        let all = objects
+            .list(
+                PG,
+                B,
+                &ListQuery {
+                    limit: 100,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let listed: Vec<Vec<u8>> = all
+            .entries
+            .into_iter()
+            .map(|e| match e {
+                Listed::Object { key, .. } => key,
+                Listed::CommonPrefix(p) => panic!("no delimiter, yet prefix {p:?}"),
+            })
+            .collect();
+        let mut sorted: Vec<Vec<u8>> = keys.iter().map(|k| k.to_vec()).collect();
+        sorted.sort();
+        assert_eq!(listed, sorted);
+        let under_a0 = objects
+            .list(
+                PG,
+                B,
+                &ListQuery {
+                    prefix: b"a\0",
+                    limit: 100,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(under_a0.entries.len(), 2, "{under_a0:?}");
+    }
+
+    #[test]
+    fn listing_pages_prefixes_and_delimiters() {
+        let (_dir, db) = must_open();
+        let objects = Objects::new(db.clone());
+        let names = [
+            "config",
+            "data/a",
+            "data/b",
+            "data/sub/c",
+            "index/1",
+            "index/2",
+            "locks/x",
+            "z",
+        ];
+        for (i, n) in names.iter().enumerate() {
+            must_put(&db, n, i as u64 + 1, &object(&[i as u64], b"r"));
+        }
+        // Deleted keys are not listed (and cost nothing: no latest row).
+        must_put(&db, "data/gone", 20, &object(&[99], b"r"));
+        must_put(&db, "data/gone", 21, &ObjectVersion::DeleteMarker);
+        // Another bucket's keys never show.
+        let mut b = db.new_batch();
+        stage_object_version(
+            &mut b,
+            PG,
+            BucketId(10),
+            b"data/other",
+            LogIndex(5),
+            &object(&[], b""),
+        );
+        db.write(b, Durability::Buffered).unwrap();
+
+        let page = |q: ListQuery<'_>| objects.list(PG, B, &q).unwrap();
+        let slash = Some(b"/".as_slice());
+        let top = page(ListQuery {
+            delimiter: slash,
+            limit: 100,
+            ..Default::default()
+        });
+        assert_eq!(
+            keys_of(&top),
+            ["config", "data/*", "index/*", "locks/*", "z"]
+        );
+        assert_eq!(top.resume, None);
+        let data = page(ListQuery {
+            prefix: b"data/",
+            delimiter: slash,
+            limit: 100,
+            ..Default::default()
+        });
+        assert_eq!(keys_of(&data), ["data/a", "data/b", "data/sub/*"]);
+        // Pages of two, resumed, cover the listing once, common prefixes
+        // included (a page never repeats a prefix the last one ended on).
+        let mut seen = Vec::new();
+        let mut resume: Option<Vec<u8>> = None;
+        loop {
+            let p = page(ListQuery {
+                delimiter: slash,
+                resume: resume.as_deref(),
+                limit: 2,
+                ..Default::default()
+            });
+            assert!(p.entries.len() <= 2);
+            seen.extend(keys_of(&p));
+            match p.resume {
+                Some(r) => resume = Some(r),
+                None => break,
+            }
+        }
+        assert_eq!(seen, keys_of(&top));
+        // start-after is exclusive, and may name a key that does not exist.
+        let after = page(ListQuery {
+            start_after: Some(b"data/b"),
+            limit: 3,
+            ..Default::default()
+        });
+        assert_eq!(keys_of(&after), ["data/sub/c", "index/1", "index/2"]);
+        assert!(after.resume.is_some());
+        let after = page(ListQuery {
+            start_after: Some(b"index/1x"),
+            limit: 100,
+            ..Default::default()
+        });
+        assert_eq!(keys_of(&after), ["index/2", "locks/x", "z"]);
+        // A full page with nothing after it has no resume point.
+        let last = page(ListQuery {
+            prefix: b"index/",
+            limit: 2,
+            ..Default::default()
+        });
+        assert_eq!(keys_of(&last), ["index/1", "index/2"]);
+        assert_eq!(last.resume, None);
+        // A multi-byte delimiter, and a prefix nothing has.
+        let dash = page(ListQuery {
+            delimiter: Some(b"/s"),
+            limit: 100,
+            ..Default::default()
+        });
+        assert!(keys_of(&dash).contains(&"data/s*".to_string()), "{dash:?}");
+        assert!(
+            page(ListQuery {
+                prefix: b"nope",
+                limit: 5,
+                ..Default::default()
+            })
+            .entries
+            .is_empty()
+        );
+    }
+
+    #[test]
+    fn buckets_and_chunks() {
+        let (_dir, db) = must_open();
+        let objects = Objects::new(db.clone());
+        let mut b = db.new_batch();
+        let live = BucketRecord {
+            name: "b1".into(),
+            state: BucketState::Active,
+            created_ms: 5,
+        };
+        stage_bucket(&mut b, PG, B, LogIndex(3), &live);
+        let gone = BucketRecord {
+            state: BucketState::Deleted,
+            ..live.clone()
+        };
+        stage_bucket(&mut b, PG, B, LogIndex(8), &gone);
+        let other = BucketRecord {
+            name: "b2".into(),
+            ..live.clone()
+        };
+        stage_bucket(&mut b, PG, BucketId(11), LogIndex(4), &other);
+        stage_chunk(&mut b, PG, ChunkId(77), b"frame");
+        stage_chunk_refs(&mut b, PG, ChunkId(77), 2);
+        db.write(b, Durability::Buffered).unwrap();
+
+        assert_eq!(
+            objects.bucket(PG, B).unwrap(),
+            Some((LogIndex(8), gone.clone()))
+        );
+        assert_eq!(
+            objects.bucket_at(PG, B, LogIndex(7)).unwrap(),
+            Some((LogIndex(3), live))
+        );
+        assert_eq!(objects.bucket_at(PG, B, LogIndex(2)).unwrap(), None);
+        let all: Vec<(u64, String)> = objects
+            .buckets(PG)
+            .unwrap()
+            .into_iter()
+            .map(|(id, _, r)| (id.0, r.name))
+            .collect();
+        assert_eq!(all, [(9, "b1".to_string()), (11, "b2".to_string())]);
+
+        assert_eq!(
+            objects.chunk(PG, ChunkId(77)).unwrap().as_deref(),
+            Some(&b"frame"[..])
+        );
+        assert_eq!(objects.chunk_refs(PG, ChunkId(77)).unwrap(), 2);
+        assert_eq!(objects.chunk_refs(PG, ChunkId(78)).unwrap(), 0);
+        // At zero references the chunk goes.
+        let mut b = db.new_batch();
+        stage_chunk_refs(&mut b, PG, ChunkId(77), 0);
+        db.write(b, Durability::Buffered).unwrap();
+        assert_eq!(objects.chunk(PG, ChunkId(77)).unwrap(), None);
+        assert_eq!(objects.chunk_refs(PG, ChunkId(77)).unwrap(), 0);
+    }
+}
