@@ -46,9 +46,20 @@ pub fn status(e: &NodeError) -> Status {
                 J::KeyIdOutOfOrder { .. } | J::WrongGroup { .. } | J::BlockChanged { .. } => {
                     Code::Aborted
                 }
-                J::NodeExists { .. } | J::PgExists { .. } => Code::AlreadyExists,
+                J::NodeExists { .. }
+                | J::PgExists { .. }
+                | J::BucketExists { .. }
+                | J::BucketNameTaken { .. }
+                | J::ObjectExists
+                | J::ChunkExists { .. } => Code::AlreadyExists,
                 J::JoinToken { .. } => Code::PermissionDenied,
-                J::NodeNotFound { .. } | J::PgIdNotFound { .. } => Code::NotFound,
+                J::NodeNotFound { .. }
+                | J::PgIdNotFound { .. }
+                | J::BucketNotFound { .. }
+                | J::BucketNameNotFound { .. }
+                | J::ChunkNotFound { .. } => Code::NotFound,
+                J::BucketNotEmpty { .. } => Code::FailedPrecondition,
+                J::KeyTooLong { .. } => Code::InvalidArgument,
             }
         }
         NodeError::Replication(R::NotLeader { .. } | R::NoLeader { .. }) => Code::Unavailable,

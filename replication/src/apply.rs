@@ -10,8 +10,11 @@ use std::io;
 
 use lifeboat_proto::raft as pb;
 use lifeboat_store::db::{Batch, Cf, Db};
+use lifeboat_store::objects::{
+    self, BucketRecord, BucketState, OBJECT_KEY_BYTES_MAX, ObjectVersion, Objects,
+};
 use lifeboat_store::volumes::{self, BlockContent, VolumeRecord, VolumeState, Volumes};
-use lifeboat_store::{BLOCK_BYTES, BlockNo, LogIndex, PgId, VolumeId};
+use lifeboat_store::{BLOCK_BYTES, BlockNo, BucketId, ChunkId, LogIndex, PgId, VolumeId};
 use prost::Message;
 
 use crate::catalog::{self, Counter};
@@ -26,6 +29,12 @@ pub(crate) struct ApplyContext<'a> {
     volume_overlay: HashMap<VolumeId, VolumeRecord>,
     /// Latest index of blocks staged in this batch, by (volume, block).
     block_overlay: HashMap<(u64, u64), u64>,
+    bucket_overlay: HashMap<BucketId, BucketRecord>,
+    /// Latest live index of objects staged in this batch, by (bucket, key):
+    /// `None` once deleted.
+    object_overlay: HashMap<(BucketId, Vec<u8>), Option<u64>>,
+    /// Reference counts of chunks staged in this batch.
+    chunk_overlay: HashMap<ChunkId, u64>,
 }
 
 type Outcome = Result<Applied, Rejection>;
@@ -39,6 +48,9 @@ impl<'a> ApplyContext<'a> {
             catalog_overlay: HashMap::new(),
             volume_overlay: HashMap::new(),
             block_overlay: HashMap::new(),
+            bucket_overlay: HashMap::new(),
+            object_overlay: HashMap::new(),
+            chunk_overlay: HashMap::new(),
         }
     }
 
@@ -131,6 +143,8 @@ impl<'a> ApplyContext<'a> {
                 | Kind::CreatePg(_)
                 | Kind::SetPgAck(_)
                 | Kind::CreateJoinToken(_)
+                | Kind::BindBucketName(_)
+                | Kind::UnbindBucketName(_)
         );
         if is_catalog_command != (self.pg == PgId::CATALOG) {
             return Ok(Err(Rejection::WrongGroup { pg: self.pg.0 }));
@@ -140,6 +154,10 @@ impl<'a> ApplyContext<'a> {
             Kind::CreateVolume(c) => self.apply_create_volume(index, c),
             Kind::ResizeVolume(r) => self.apply_resize_volume(index, r),
             Kind::DeleteVolume(d) => self.apply_delete_volume(index, d),
+            Kind::CreateBucket(c) => self.apply_create_bucket(index, c, cmd.stamp_ms),
+            Kind::DeleteBucket(d) => self.apply_delete_bucket(index, d),
+            Kind::PutObject(p) => self.apply_put_object(index, p),
+            Kind::DeleteObject(d) => self.apply_delete_object(index, d),
             Kind::InitCatalog(i) => self.apply_init_catalog(i, cmd.stamp_ms),
             Kind::CreateTenant(t) => self.apply_create_tenant(t, cmd.stamp_ms),
             Kind::RotateDek(r) => self.apply_rotate_dek(r),
@@ -152,6 +170,8 @@ impl<'a> ApplyContext<'a> {
             Kind::CreatePg(c) => self.apply_create_pg(c, cmd.stamp_ms),
             Kind::SetPgAck(a) => self.apply_set_pg_ack(a),
             Kind::CreateJoinToken(t) => self.apply_create_join_token(t, cmd.stamp_ms),
+            Kind::BindBucketName(b) => self.apply_bind_bucket_name(b),
+            Kind::UnbindBucketName(u) => self.apply_unbind_bucket_name(u),
         }
     }
 
@@ -488,6 +508,260 @@ impl<'a> ApplyContext<'a> {
     }
 }
 
+/// Buckets and objects (S3).
+impl ApplyContext<'_> {
+    fn objects(&self) -> Objects {
+        Objects::new(self.db.clone())
+    }
+
+    fn bucket(&self, bucket: BucketId) -> io::Result<Option<BucketRecord>> {
+        if let Some(r) = self.bucket_overlay.get(&bucket) {
+            return Ok(Some(r.clone()));
+        }
+        Ok(self
+            .objects()
+            .bucket(self.pg, bucket)
+            .map_err(io::Error::other)?
+            .map(|(_, r)| r))
+    }
+
+    fn active_bucket(&self, bucket: u64) -> io::Result<Result<BucketRecord, Rejection>> {
+        Ok(match self.bucket(BucketId(bucket))? {
+            Some(r) if r.state == BucketState::Active => Ok(r),
+            _ => Err(Rejection::BucketNotFound { bucket }),
+        })
+    }
+
+    fn put_bucket(&mut self, bucket: BucketId, index: LogIndex, record: BucketRecord) {
+        objects::stage_bucket(&mut self.batch, self.pg, bucket, index, &record);
+        self.bucket_overlay.insert(bucket, record);
+    }
+
+    /// The index of the newest live version of an object.
+    fn object_latest(&self, bucket: BucketId, key: &[u8]) -> io::Result<Option<u64>> {
+        if let Some(staged) = self.object_overlay.get(&(bucket, key.to_vec())) {
+            return Ok(*staged);
+        }
+        Ok(self
+            .objects()
+            .latest_index(self.pg, bucket, key)
+            .map_err(io::Error::other)?
+            .map(|i| i.0))
+    }
+
+    fn chunk_refs(&self, chunk: ChunkId) -> io::Result<u64> {
+        if let Some(refs) = self.chunk_overlay.get(&chunk) {
+            return Ok(*refs);
+        }
+        self.objects()
+            .chunk_refs(self.pg, chunk)
+            .map_err(io::Error::other)
+    }
+
+    fn bucket_is_empty(&self, bucket: BucketId) -> io::Result<bool> {
+        if self
+            .object_overlay
+            .iter()
+            .any(|((b, _), live)| *b == bucket && live.is_some())
+        {
+            return Ok(false);
+        }
+        // Live rows of the database, less those this batch deleted.
+        let mut resume: Option<Vec<u8>> = None;
+        loop {
+            let page = self
+                .objects()
+                .list(
+                    self.pg,
+                    bucket,
+                    &objects::ListQuery {
+                        resume: resume.as_deref(),
+                        limit: 64,
+                        ..Default::default()
+                    },
+                )
+                .map_err(io::Error::other)?;
+            for entry in &page.entries {
+                if let objects::Listed::Object { key, .. } = entry
+                    && self.object_overlay.get(&(bucket, key.clone())) != Some(&None)
+                {
+                    return Ok(false);
+                }
+            }
+            match page.resume {
+                Some(r) => resume = Some(r),
+                None => return Ok(true),
+            }
+        }
+    }
+
+    fn apply_create_bucket(
+        &mut self,
+        index: LogIndex,
+        c: &pb::CreateBucket,
+        stamp_ms: u64,
+    ) -> io::Result<Outcome> {
+        let bucket = BucketId(c.bucket);
+        if self.bucket(bucket)?.is_some() {
+            return Ok(Err(Rejection::BucketExists { bucket: c.bucket }));
+        }
+        // Buckets and volumes share ids, and with them `latest` key space.
+        if self.volume(VolumeId(c.bucket))?.is_some() {
+            return Ok(Err(Rejection::VolumeExists { volume: c.bucket }));
+        }
+        let record = BucketRecord {
+            name: c.name.clone(),
+            state: BucketState::Active,
+            created_ms: stamp_ms,
+        };
+        self.put_bucket(bucket, index, record);
+        Ok(Ok(Applied::Done))
+    }
+
+    fn apply_delete_bucket(
+        &mut self,
+        index: LogIndex,
+        d: &pb::DeleteBucket,
+    ) -> io::Result<Outcome> {
+        let mut record = match self.active_bucket(d.bucket)? {
+            Ok(r) => r,
+            Err(rejection) => return Ok(Err(rejection)),
+        };
+        if !self.bucket_is_empty(BucketId(d.bucket))? {
+            return Ok(Err(Rejection::BucketNotEmpty { bucket: d.bucket }));
+        }
+        record.state = BucketState::Deleted;
+        self.put_bucket(BucketId(d.bucket), index, record);
+        Ok(Ok(Applied::Done))
+    }
+
+    fn apply_put_object(&mut self, index: LogIndex, p: &pb::PutObject) -> io::Result<Outcome> {
+        let bucket = BucketId(p.bucket);
+        if let Err(rejection) = self.active_bucket(p.bucket)? {
+            return Ok(Err(rejection));
+        }
+        if p.key.len() > OBJECT_KEY_BYTES_MAX {
+            return Ok(Err(Rejection::KeyTooLong {
+                bytes: p.key.len(),
+                max: OBJECT_KEY_BYTES_MAX,
+            }));
+        }
+        if p.if_absent && self.object_latest(bucket, &p.key)?.is_some() {
+            return Ok(Err(Rejection::ObjectExists));
+        }
+        // Every check before anything is staged.
+        let mut new = HashMap::new();
+        for c in &p.new_chunks {
+            if !p.chunks.contains(&c.chunk) {
+                return Ok(Err(Rejection::Malformed {
+                    reason: format!("new chunk {} is not in the object's chunk list", c.chunk),
+                }));
+            }
+            if new.insert(c.chunk, &c.frame).is_some()
+                || self.chunk_refs(ChunkId(c.chunk))? != 0
+                || self
+                    .objects()
+                    .chunk(self.pg, ChunkId(c.chunk))
+                    .map_err(io::Error::other)?
+                    .is_some()
+            {
+                return Ok(Err(Rejection::ChunkExists { chunk: c.chunk }));
+            }
+        }
+        for &c in &p.chunks {
+            if !new.contains_key(&c) && self.chunk_refs(ChunkId(c))? == 0 {
+                return Ok(Err(Rejection::ChunkNotFound { chunk: c }));
+            }
+        }
+        for (&chunk, frame) in &new {
+            objects::stage_chunk(&mut self.batch, self.pg, ChunkId(chunk), frame);
+        }
+        // One reference per mention: a chunk named twice is counted twice,
+        // and dropped twice when the version goes.
+        for &c in &p.chunks {
+            let refs = self.chunk_refs(ChunkId(c))? + 1;
+            objects::stage_chunk_refs(&mut self.batch, self.pg, ChunkId(c), refs);
+            self.chunk_overlay.insert(ChunkId(c), refs);
+        }
+        let version = ObjectVersion::Object {
+            chunks: p.chunks.iter().map(|c| ChunkId(*c)).collect(),
+            record: p.record.to_vec(),
+        };
+        objects::stage_object_version(&mut self.batch, self.pg, bucket, &p.key, index, &version);
+        self.object_overlay
+            .insert((bucket, p.key.to_vec()), Some(index.0));
+        Ok(Ok(Applied::Done))
+    }
+
+    fn apply_delete_object(
+        &mut self,
+        index: LogIndex,
+        d: &pb::DeleteObject,
+    ) -> io::Result<Outcome> {
+        let bucket = BucketId(d.bucket);
+        if let Err(rejection) = self.active_bucket(d.bucket)? {
+            return Ok(Err(rejection));
+        }
+        if self.object_latest(bucket, &d.key)?.is_none() {
+            return Ok(Ok(Applied::Done));
+        }
+        objects::stage_object_version(
+            &mut self.batch,
+            self.pg,
+            bucket,
+            &d.key,
+            index,
+            &ObjectVersion::DeleteMarker,
+        );
+        self.object_overlay.insert((bucket, d.key.to_vec()), None);
+        Ok(Ok(Applied::Done))
+    }
+
+    fn apply_bind_bucket_name(&mut self, b: &pb::BindBucketName) -> io::Result<Outcome> {
+        let key = catalog::bucket_name_key(&b.bucket_name);
+        if self.catalog_get::<pb::BucketNameRecord>(&key)?.is_some() {
+            return Ok(Err(Rejection::BucketNameTaken {
+                bucket: b.bucket_name.clone(),
+            }));
+        }
+        let Some(pg) = self.catalog_get::<pb::PgRecord>(&catalog::pg_key(&b.tenant, &b.pg_name))?
+        else {
+            return Ok(Err(Rejection::PgNotFound {
+                tenant: b.tenant.clone(),
+                pg: b.pg_name.clone(),
+            }));
+        };
+        let bucket = self.next_id(Counter::Volume)?;
+        self.catalog_put(
+            key,
+            &pb::BucketNameRecord {
+                tenant_id: pg.tenant_id,
+                pg: pg.id,
+                bucket,
+            },
+        );
+        Ok(Ok(Applied::BucketNameBound { pg: pg.id, bucket }))
+    }
+
+    fn apply_unbind_bucket_name(&mut self, u: &pb::UnbindBucketName) -> io::Result<Outcome> {
+        let key = catalog::bucket_name_key(&u.bucket_name);
+        let Some(record) = self.catalog_get::<pb::BucketNameRecord>(&key)? else {
+            return Ok(Err(Rejection::BucketNameNotFound {
+                bucket: u.bucket_name.clone(),
+            }));
+        };
+        // Only the owning tenant may give a name back.
+        let owner = self.catalog_get::<pb::TenantRecord>(&catalog::tenant_key(&u.tenant))?;
+        if owner.is_none_or(|t| t.id != record.tenant_id) {
+            return Ok(Err(Rejection::BucketNameNotFound {
+                bucket: u.bucket_name.clone(),
+            }));
+        }
+        self.catalog_delete(key);
+        Ok(Ok(Applied::Done))
+    }
+}
+
 impl ApplyContext<'_> {
     fn put_counter(&mut self, counter: Counter, next: u64) {
         let bytes = next.to_be_bytes().to_vec();
@@ -687,4 +961,101 @@ impl ApplyContext<'_> {
 /// 1..5 the key id (store::keyring's layout).
 fn wrapped_key_id(wrapped: &[u8]) -> Option<u32> {
     Some(u32::from_be_bytes(wrapped.get(1..5)?.try_into().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use lifeboat_store::db::{DbOptions, Durability};
+
+    use super::*;
+
+    fn cmd(kind: pb::command::Kind) -> pb::Command {
+        pb::Command {
+            stamp_ms: 1,
+            kind: Some(kind),
+        }
+    }
+
+    fn put(key: &str, chunk: u64, if_absent: bool) -> pb::Command {
+        cmd(pb::command::Kind::PutObject(pb::PutObject {
+            bucket: 5,
+            key: key.as_bytes().to_vec().into(),
+            chunks: vec![chunk],
+            new_chunks: vec![pb::ChunkWrite {
+                chunk,
+                frame: b"frame".to_vec().into(),
+            }],
+            record: Default::default(),
+            if_absent,
+        }))
+    }
+
+    /// Commands applied in one batch see each other through the overlays,
+    /// exactly as if each had been written before the next.
+    #[test]
+    fn one_batch_sees_its_own_objects_and_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), &DbOptions::default()).unwrap();
+        let pg = PgId(2);
+        let mut cx = ApplyContext::new(&db, pg);
+        let mut at = 0u64;
+        let mut apply = |cx: &mut ApplyContext<'_>, c: pb::Command| {
+            at += 1;
+            cx.apply_command(LogIndex(at), &c).unwrap()
+        };
+        let create = cmd(pb::command::Kind::CreateBucket(pb::CreateBucket {
+            bucket: 5,
+            name: "b".into(),
+        }));
+        assert_eq!(apply(&mut cx, create.clone()), Ok(Applied::Done));
+        assert_eq!(
+            apply(&mut cx, create),
+            Err(Rejection::BucketExists { bucket: 5 })
+        );
+        assert_eq!(apply(&mut cx, put("k", 1, true)), Ok(Applied::Done));
+        assert_eq!(
+            apply(&mut cx, put("k", 2, true)),
+            Err(Rejection::ObjectExists)
+        );
+        assert_eq!(
+            apply(&mut cx, put("j", 1, false)),
+            Err(Rejection::ChunkExists { chunk: 1 })
+        );
+        let delete_bucket = cmd(pb::command::Kind::DeleteBucket(pb::DeleteBucket {
+            bucket: 5,
+        }));
+        assert_eq!(
+            apply(&mut cx, delete_bucket.clone()),
+            Err(Rejection::BucketNotEmpty { bucket: 5 })
+        );
+        let delete_k = cmd(pb::command::Kind::DeleteObject(pb::DeleteObject {
+            bucket: 5,
+            key: b"k".to_vec().into(),
+        }));
+        assert_eq!(apply(&mut cx, delete_k), Ok(Applied::Done));
+        assert_eq!(apply(&mut cx, put("k", 3, true)), Ok(Applied::Done));
+        db.write(
+            std::mem::replace(&mut cx.batch, db.new_batch()),
+            Durability::Buffered,
+        )
+        .unwrap();
+
+        // A second batch over the written state: "k" is live (chunk 3),
+        // and deleting it empties the bucket within this batch.
+        let mut cx = ApplyContext::new(&db, pg);
+        let objects = Objects::new(db.clone());
+        assert_eq!(objects.chunk_refs(pg, ChunkId(1)).unwrap(), 1);
+        assert_eq!(objects.chunk_refs(pg, ChunkId(3)).unwrap(), 1);
+        assert_eq!(objects.chunk_refs(pg, ChunkId(2)).unwrap(), 0);
+        let delete_k = cmd(pb::command::Kind::DeleteObject(pb::DeleteObject {
+            bucket: 5,
+            key: b"k".to_vec().into(),
+        }));
+        assert_eq!(apply(&mut cx, delete_k), Ok(Applied::Done));
+        assert_eq!(apply(&mut cx, delete_bucket), Ok(Applied::Done));
+        assert_eq!(
+            apply(&mut cx, put("late", 4, false)),
+            Err(Rejection::BucketNotFound { bucket: 5 })
+        );
+    }
 }

@@ -42,6 +42,11 @@ pub fn volume_name_key(tenant: &str, volume: &str) -> Vec<u8> {
     format!("volname/{tenant}/{volume}").into_bytes()
 }
 
+/// Bucket names are global (S3 addresses a bucket by name alone).
+pub fn bucket_name_key(bucket: &str) -> Vec<u8> {
+    format!("bucketname/{bucket}").into_bytes()
+}
+
 pub fn node_key(id: u64) -> Vec<u8> {
     [b"node/".as_slice(), &id.to_be_bytes()].concat()
 }

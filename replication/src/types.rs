@@ -46,7 +46,22 @@ impl fmt::Display for Command {
                     w.blocks.len()
                 );
             }
+            Some(Kind::PutObject(p)) => {
+                return write!(
+                    f,
+                    "put_object(bucket={}, key_bytes={}, chunks={}, new_chunks={})",
+                    p.bucket,
+                    p.key.len(),
+                    p.chunks.len(),
+                    p.new_chunks.len()
+                );
+            }
             Some(Kind::CreateVolume(_)) => "create_volume",
+            Some(Kind::CreateBucket(_)) => "create_bucket",
+            Some(Kind::DeleteBucket(_)) => "delete_bucket",
+            Some(Kind::DeleteObject(_)) => "delete_object",
+            Some(Kind::BindBucketName(_)) => "bind_bucket_name",
+            Some(Kind::UnbindBucketName(_)) => "unbind_bucket_name",
             Some(Kind::ResizeVolume(_)) => "resize_volume",
             Some(Kind::DeleteVolume(_)) => "delete_volume",
             Some(Kind::InitCatalog(_)) => "init_catalog",
@@ -171,6 +186,24 @@ pub enum Rejection {
     JoinToken { reason: String },
     #[error("malformed command: {reason}")]
     Malformed { reason: String },
+    #[error("bucket {bucket} does not exist")]
+    BucketNotFound { bucket: u64 },
+    #[error("bucket {bucket} already exists")]
+    BucketExists { bucket: u64 },
+    #[error("bucket {bucket} is not empty")]
+    BucketNotEmpty { bucket: u64 },
+    #[error("bucket name {bucket} is taken")]
+    BucketNameTaken { bucket: String },
+    #[error("bucket name {bucket} is not bound")]
+    BucketNameNotFound { bucket: String },
+    #[error("object key of {bytes} bytes is longer than {max} bytes")]
+    KeyTooLong { bytes: usize, max: usize },
+    #[error("the object already exists")]
+    ObjectExists,
+    #[error("chunk {chunk} is already in use")]
+    ChunkExists { chunk: u64 },
+    #[error("chunk {chunk} does not exist")]
+    ChunkNotFound { chunk: u64 },
 }
 
 /// What applying a command produced.
@@ -194,6 +227,10 @@ pub enum Applied {
     },
     PgCreated {
         pg: u64,
+    },
+    BucketNameBound {
+        pg: u64,
+        bucket: u64,
     },
 }
 

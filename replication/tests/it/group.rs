@@ -431,3 +431,203 @@ async fn a_merged_block_is_refused_when_its_block_changed() {
     assert_eq!(latest[0].as_ref().unwrap().value, b"c");
     g.shutdown().await.unwrap();
 }
+
+fn put_object(
+    key: &str,
+    chunks: &[u64],
+    new: &[(u64, &[u8])],
+    if_absent: bool,
+) -> pb::command::Kind {
+    pb::command::Kind::PutObject(pb::PutObject {
+        bucket: 21,
+        key: key.as_bytes().to_vec().into(),
+        chunks: chunks.to_vec(),
+        new_chunks: new
+            .iter()
+            .map(|(chunk, frame)| pb::ChunkWrite {
+                chunk: *chunk,
+                frame: frame.to_vec().into(),
+            })
+            .collect(),
+        record: format!("record of {key}").into_bytes().into(),
+        if_absent,
+    })
+}
+
+fn rejection(e: Error) -> Rejection {
+    match e {
+        Error::Rejected { rejection, .. } => rejection,
+        other => panic!("not a rejection: {other:?}"),
+    }
+}
+
+/// Buckets and objects through Raft: versions at their index, chunks
+/// stored once and counted per version, create-only puts, delete markers,
+/// and every refusal, with concurrent create-only puts racing in one batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buckets_and_objects_apply_at_their_index() {
+    use lifeboat_store::objects::{ListQuery, Listed, ObjectVersion, Objects};
+    use lifeboat_store::{BucketId, ChunkId};
+    let dir = tempfile::tempdir().unwrap();
+    let pg = PgId(4);
+    let (db, g) = must_start(dir.path(), pg).await;
+    let objects = Objects::new(db.clone());
+    let bucket = BucketId(21);
+    let create = pb::command::Kind::CreateBucket(pb::CreateBucket {
+        bucket: 21,
+        name: "payroll-backups".into(),
+    });
+    g.propose(create.clone()).await.unwrap();
+    assert_eq!(
+        rejection(g.propose(create).await.unwrap_err()),
+        Rejection::BucketExists { bucket: 21 }
+    );
+
+    let (v1, _) = g
+        .propose(put_object(
+            "a/one",
+            &[100, 101],
+            &[(100, b"f100"), (101, b"f101")],
+            false,
+        ))
+        .await
+        .unwrap();
+    // A copy shares chunk 101 and adds one of its own.
+    let (v2, _) = g
+        .propose(put_object("b/copy", &[101, 102], &[(102, b"f102")], false))
+        .await
+        .unwrap();
+    assert_eq!(objects.chunk_refs(pg, ChunkId(101)).unwrap(), 2);
+    assert_eq!(objects.chunk_refs(pg, ChunkId(100)).unwrap(), 1);
+    assert_eq!(
+        objects.chunk(pg, ChunkId(102)).unwrap().as_deref(),
+        Some(&b"f102"[..])
+    );
+    // Overwriting keeps the old version (and its chunks) in the history.
+    let (v3, _) = g
+        .propose(put_object("a/one", &[103], &[(103, b"f103")], false))
+        .await
+        .unwrap();
+    assert!(v1 < v2 && v2 < v3);
+    assert_eq!(objects.latest(pg, bucket, b"a/one").unwrap().unwrap().0, v3);
+    let (at, old) = objects
+        .version_at(pg, bucket, b"a/one", v2)
+        .unwrap()
+        .unwrap();
+    assert_eq!(at, v1);
+    assert_eq!(old.chunks(), [ChunkId(100), ChunkId(101)]);
+    assert_eq!(objects.chunk_refs(pg, ChunkId(100)).unwrap(), 1);
+
+    // Refusals, none of which leaves a trace.
+    let cases = [
+        (
+            put_object("x", &[100], &[(100, b"again")], false),
+            Rejection::ChunkExists { chunk: 100 },
+        ),
+        (
+            put_object("x", &[999], &[], false),
+            Rejection::ChunkNotFound { chunk: 999 },
+        ),
+        (
+            put_object("x", &[104], &[(105, b"f")], false),
+            Rejection::Malformed {
+                reason: "new chunk 105 is not in the object's chunk list".into(),
+            },
+        ),
+        (put_object("a/one", &[], &[], true), Rejection::ObjectExists),
+        (
+            put_object(&"k".repeat(1025), &[], &[], false),
+            Rejection::KeyTooLong {
+                bytes: 1025,
+                max: 1024,
+            },
+        ),
+        (
+            pb::command::Kind::DeleteBucket(pb::DeleteBucket { bucket: 21 }),
+            Rejection::BucketNotEmpty { bucket: 21 },
+        ),
+        (
+            pb::command::Kind::PutObject(pb::PutObject {
+                bucket: 22,
+                ..Default::default()
+            }),
+            Rejection::BucketNotFound { bucket: 22 },
+        ),
+    ];
+    for (kind, expected) in cases {
+        assert_eq!(rejection(g.propose(kind).await.unwrap_err()), expected);
+    }
+    assert_eq!(objects.chunk(pg, ChunkId(105)).unwrap(), None);
+    assert_eq!(objects.versions(pg, bucket, b"x").unwrap(), []);
+
+    // Create-only puts racing for one key: exactly one wins, however the
+    // entries are batched into applies.
+    let racers = (0..8u64).map(|i| {
+        let g = g.clone();
+        async move {
+            g.propose(put_object("race", &[200 + i], &[(200 + i, b"r")], true))
+                .await
+        }
+    });
+    let results = futures::future::join_all(racers).await;
+    let won = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(won, 1, "{results:?}");
+    for r in results.into_iter().filter(|r| r.is_err()) {
+        assert_eq!(rejection(r.unwrap_err()), Rejection::ObjectExists);
+    }
+
+    // Delete markers hide keys from latest reads and listings; deleting a
+    // key without a live version writes nothing.
+    for key in ["a/one", "b/copy", "race"] {
+        g.propose(pb::command::Kind::DeleteObject(pb::DeleteObject {
+            bucket: 21,
+            key: key.as_bytes().to_vec().into(),
+        }))
+        .await
+        .unwrap();
+    }
+    g.propose(pb::command::Kind::DeleteObject(pb::DeleteObject {
+        bucket: 21,
+        key: b"never".to_vec().into(),
+    }))
+    .await
+    .unwrap();
+    assert_eq!(objects.versions(pg, bucket, b"never").unwrap(), []);
+    assert_eq!(objects.latest(pg, bucket, b"a/one").unwrap(), None);
+    assert!(matches!(
+        objects.versions(pg, bucket, b"a/one").unwrap()[0].1,
+        ObjectVersion::DeleteMarker
+    ));
+    let listing = objects
+        .list(
+            pg,
+            bucket,
+            &ListQuery {
+                limit: 10,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert!(
+        !listing
+            .entries
+            .iter()
+            .any(|e| matches!(e, Listed::Object { .. })),
+        "{listing:?}"
+    );
+    // Empty now, the bucket can go.
+    g.propose(pb::command::Kind::DeleteBucket(pb::DeleteBucket {
+        bucket: 21,
+    }))
+    .await
+    .unwrap();
+    assert_eq!(
+        rejection(
+            g.propose(put_object("late", &[], &[], false))
+                .await
+                .unwrap_err()
+        ),
+        Rejection::BucketNotFound { bucket: 21 }
+    );
+    g.shutdown().await.unwrap();
+}
