@@ -75,6 +75,9 @@ enum Command {
     /// Manage block volumes.
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// Manage S3 buckets (names are unique in the cluster).
+    #[command(subcommand)]
+    Bucket(BucketCommand),
     /// The sites of the cluster: nodes, catalog voters, active PGs.
     #[command(subcommand)]
     Site(SiteCommand),
@@ -224,6 +227,23 @@ enum VolumeCommand {
     Delete {
         name: String,
     },
+}
+
+#[derive(Subcommand)]
+enum BucketCommand {
+    /// Create TENANT/BUCKET; BUCKET follows S3's naming rules.
+    Create {
+        name: String,
+        /// Protection group within the tenant.
+        #[arg(long, default_value = "main")]
+        pg: String,
+    },
+    List {
+        #[arg(long, default_value = "")]
+        tenant: String,
+    },
+    /// Delete an empty bucket (refused while it holds objects).
+    Delete { name: String },
 }
 
 /// An error that carries its exit code.
@@ -526,6 +546,25 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
             let req = client.request(api::ListVolumesRequest { tenant });
             let r = client.api().list_volumes(req).await?.into_inner();
             print_volumes(out, r.volumes);
+        }
+        Command::Bucket(BucketCommand::Create { name, pg }) => {
+            let req = client.request(api::CreateBucketRequest { name, pg });
+            let b = client.api().create_bucket(req).await?.into_inner();
+            print_buckets(out, vec![b]);
+        }
+        Command::Bucket(BucketCommand::List { tenant }) => {
+            let req = client.request(api::ListBucketsRequest { tenant });
+            let r = client.api().list_buckets(req).await?.into_inner();
+            print_buckets(out, r.buckets);
+        }
+        Command::Bucket(BucketCommand::Delete { name }) => {
+            let req = client.request(api::DeleteBucketRequest { name: name.clone() });
+            client.api().delete_bucket(req).await?;
+            if out.json {
+                out.json_value(&serde_json::json!({ "deleted": name }));
+            } else {
+                println!("bucket {name} deleted");
+            }
         }
         Command::Volume(VolumeCommand::Resize { name, size }) => {
             let req = client.request(api::ResizeVolumeRequest {
@@ -959,6 +998,32 @@ fn print_volumes(out: &Output, volumes: Vec<api::Volume>) {
             v.pg,
             v.id.to_string(),
             v.created_index.to_string(),
+        ]);
+    }
+    table.print();
+}
+
+fn print_buckets(out: &Output, buckets: Vec<api::Bucket>) {
+    if out.json {
+        out.json_value(&serde_json::Value::Array(
+            buckets
+                .iter()
+                .map(|b| {
+                    serde_json::json!({
+                        "name": b.name, "pg": b.pg, "id": b.id, "created_ms": b.created_ms,
+                    })
+                })
+                .collect(),
+        ));
+        return;
+    }
+    let mut table = Table::new(&["BUCKET", "PROTECTION GROUP", "ID", "CREATED"]);
+    for b in buckets {
+        table.row(vec![
+            b.name,
+            b.pg,
+            b.id.to_string(),
+            format_time_ms(b.created_ms),
         ]);
     }
     table.print();

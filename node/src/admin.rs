@@ -10,7 +10,7 @@ use lifeboat_replication::ProtectionGroup;
 use lifeboat_replication::ack::AckPolicy;
 use tonic::{Request, Response, Status};
 
-use crate::core::{NodeCore, Role, VolumeInfo};
+use crate::core::{BucketInfo, NodeCore, Role, VolumeInfo};
 use crate::error::NodeError;
 
 /// Maps a node error to a gRPC status whose message starts with the stable
@@ -22,9 +22,10 @@ pub fn status(e: &NodeError) -> Status {
         NodeError::NotInitialized => Code::FailedPrecondition,
         NodeError::AlreadyInitialized { .. } => Code::AlreadyExists,
         NodeError::InvalidName { .. } | NodeError::InvalidSize { .. } => Code::InvalidArgument,
-        NodeError::TenantNotFound(_) | NodeError::VolumeNotFound(_) | NodeError::PgNotFound(_) => {
-            Code::NotFound
-        }
+        NodeError::TenantNotFound(_)
+        | NodeError::VolumeNotFound(_)
+        | NodeError::BucketNotFound(_)
+        | NodeError::PgNotFound(_) => Code::NotFound,
         NodeError::Unauthenticated => Code::Unauthenticated,
         NodeError::PermissionDenied { .. } => Code::PermissionDenied,
         NodeError::MasterKeyInsideDataDir { .. } => Code::FailedPrecondition,
@@ -79,6 +80,34 @@ pub struct AdminService {
 impl AdminService {
     pub fn new(core: Arc<NodeCore>) -> AdminService {
         AdminService { core }
+    }
+
+    /// `wanted` if the token may use that tenant, or (when empty) every
+    /// tenant it may use.
+    fn visible_tenants<T>(
+        &self,
+        req: &Request<T>,
+        wanted: &str,
+        action: &str,
+    ) -> Result<Vec<String>, Status> {
+        let role = self.role(req)?;
+        if wanted.is_empty() {
+            return Ok(self
+                .core
+                .tenants()
+                .map_err(|e| status(&e))?
+                .into_iter()
+                .map(|t| t.name)
+                .filter(|t| role.may_use_tenant(t))
+                .collect());
+        }
+        if !role.may_use_tenant(wanted) {
+            return Err(status(&NodeError::PermissionDenied {
+                action: action.into(),
+            }));
+        }
+        self.core.tenant(wanted).map_err(|e| status(&e))?;
+        Ok(vec![wanted.to_owned()])
     }
 
     fn role<T>(&self, req: &Request<T>) -> Result<Role, Status> {
@@ -292,6 +321,21 @@ fn volume_message(v: VolumeInfo) -> api::Volume {
     }
 }
 
+fn bucket_message(b: BucketInfo) -> api::Bucket {
+    api::Bucket {
+        name: format!("{}/{}", b.tenant, b.name),
+        pg: format!("{}/{}", b.tenant, b.pg_name),
+        id: b.bucket.0,
+        created_ms: b.created_ms,
+    }
+}
+
+fn bucket_tenant_of(full_name: &str) -> Result<&str, Status> {
+    crate::names::split_bucket_name(full_name)
+        .map(|(t, _)| t)
+        .map_err(|e| status(&e))
+}
+
 fn tenant_of(full_name: &str) -> Result<&str, Status> {
     crate::names::split_volume_name(full_name)
         .map(|(t, _)| t)
@@ -412,25 +456,8 @@ impl Admin for AdminService {
         &self,
         req: Request<api::ListVolumesRequest>,
     ) -> Result<Response<api::ListVolumesResponse>, Status> {
-        let role = self.role(&req)?;
-        let wanted = req.get_ref().tenant.clone();
-        let tenants: Vec<String> = if wanted.is_empty() {
-            self.core
-                .tenants()
-                .map_err(|e| status(&e))?
-                .into_iter()
-                .map(|t| t.name)
-                .filter(|t| role.may_use_tenant(t))
-                .collect()
-        } else {
-            if !role.may_use_tenant(&wanted) {
-                return Err(status(&NodeError::PermissionDenied {
-                    action: "list volumes of this tenant".into(),
-                }));
-            }
-            self.core.tenant(&wanted).map_err(|e| status(&e))?;
-            vec![wanted]
-        };
+        let tenants =
+            self.visible_tenants(&req, &req.get_ref().tenant, "list volumes of this tenant")?;
         let mut volumes = Vec::new();
         for t in tenants {
             volumes.extend(
@@ -469,6 +496,60 @@ impl Admin for AdminService {
             .await
             .map_err(|e| status(&e))?;
         Ok(Response::new(api::DeleteVolumeResponse {}))
+    }
+
+    async fn create_bucket(
+        &self,
+        req: Request<api::CreateBucketRequest>,
+    ) -> Result<Response<api::Bucket>, Status> {
+        let r = req.get_ref();
+        self.require_tenant(
+            &req,
+            bucket_tenant_of(&r.name)?,
+            "create buckets of this tenant",
+        )?;
+        let b = self
+            .core
+            .create_bucket(&r.name, &r.pg)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(bucket_message(b)))
+    }
+
+    async fn list_buckets(
+        &self,
+        req: Request<api::ListBucketsRequest>,
+    ) -> Result<Response<api::ListBucketsResponse>, Status> {
+        let tenants =
+            self.visible_tenants(&req, &req.get_ref().tenant, "list buckets of this tenant")?;
+        let mut buckets = Vec::new();
+        for t in tenants {
+            buckets.extend(
+                self.core
+                    .list_buckets(&t)
+                    .map_err(|e| status(&e))?
+                    .into_iter()
+                    .map(bucket_message),
+            );
+        }
+        Ok(Response::new(api::ListBucketsResponse { buckets }))
+    }
+
+    async fn delete_bucket(
+        &self,
+        req: Request<api::DeleteBucketRequest>,
+    ) -> Result<Response<api::DeleteBucketResponse>, Status> {
+        let r = req.get_ref();
+        self.require_tenant(
+            &req,
+            bucket_tenant_of(&r.name)?,
+            "delete buckets of this tenant",
+        )?;
+        self.core
+            .delete_bucket(&r.name)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(api::DeleteBucketResponse {}))
     }
 
     async fn create_join_token(

@@ -23,8 +23,11 @@ use lifeboat_replication::{
 use lifeboat_store::db::{Db, DbOptions};
 use lifeboat_store::frame::FrameCodec;
 use lifeboat_store::keyring::{Dek, Keyring, MasterKey, TenantKeys};
+use lifeboat_store::objects::{BucketState, Objects};
 use lifeboat_store::volumes::{VolumeRecord, VolumeState, Volumes};
-use lifeboat_store::{Generation, KeyId, LogIndex, MemberId, NodeId, PgId, TenantId, VolumeId};
+use lifeboat_store::{
+    BucketId, Generation, KeyId, LogIndex, MemberId, NodeId, PgId, TenantId, VolumeId,
+};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
@@ -75,6 +78,17 @@ pub struct VolumeInfo {
     pub created_index: LogIndex,
 }
 
+/// A bucket as the admin API reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BucketInfo {
+    pub tenant: String,
+    pub name: String,
+    pub pg_name: String,
+    pub pg: PgId,
+    pub bucket: BucketId,
+    pub created_ms: u64,
+}
+
 /// Where a volume lives, resolved from its `tenant/volume` name.
 #[derive(Clone)]
 pub struct VolumeLocation {
@@ -90,6 +104,7 @@ pub struct NodeCore {
     pub config: NodeConfig,
     pub db: Db,
     pub volumes: Volumes,
+    pub objects: Objects,
     pub catalog: Catalog,
     pub codec: FrameCodec,
     pub keyring: Keyring,
@@ -228,6 +243,7 @@ impl NodeCore {
         };
         let core = Arc::new(NodeCore {
             volumes: Volumes::new(db.clone()),
+            objects: Objects::new(db.clone()),
             catalog: Catalog::new(db.clone()),
             codec: FrameCodec::new(config.store.zstd_level),
             keyring: Keyring::new(),
@@ -1168,6 +1184,133 @@ impl NodeCore {
             });
         }
         Ok(out)
+    }
+
+    /// Creates bucket `TENANT/BUCKET` in the tenant's PG `pg_name` (`main`
+    /// when empty). The name is bound in the catalog first (bucket names
+    /// are unique in the cluster), then the bucket is created in its PG; a
+    /// failure of the second step gives the name back.
+    pub async fn create_bucket(&self, full_name: &str, pg_name: &str) -> NodeResult<BucketInfo> {
+        let (tenant, bucket_name) = names::split_bucket_name(full_name)?;
+        let pg_name = if pg_name.is_empty() { MAIN_PG } else { pg_name };
+        names::validate_name("protection group", pg_name)?;
+        self.tenant(tenant)?;
+        self.pg_record(tenant, pg_name)?;
+        let (_, applied) = self
+            .propose_catalog(pb::command::Kind::BindBucketName(pb::BindBucketName {
+                tenant: tenant.to_owned(),
+                bucket_name: bucket_name.to_owned(),
+                pg_name: pg_name.to_owned(),
+            }))
+            .await?;
+        let Applied::BucketNameBound { pg, bucket } = applied else {
+            return Err(NodeError::Io {
+                op: "bind bucket name".into(),
+                source: std::io::Error::other(format!("unexpected apply result {applied:?}")),
+            });
+        };
+        let created = self
+            .running_group(pg)?
+            .propose(pb::command::Kind::CreateBucket(pb::CreateBucket {
+                bucket,
+                name: bucket_name.to_owned(),
+            }))
+            .await;
+        if let Err(e) = created {
+            let unbind = pb::command::Kind::UnbindBucketName(pb::UnbindBucketName {
+                tenant: tenant.to_owned(),
+                bucket_name: bucket_name.to_owned(),
+            });
+            if let Err(undo) = self.propose_catalog(unbind).await {
+                tracing::error!(bucket = full_name, error = %undo, "could not unbind the name of a bucket whose creation failed");
+            }
+            return Err(e.into());
+        }
+        tracing::info!(bucket = full_name, pg, "bucket created");
+        self.bucket_info(tenant, bucket_name)?
+            .ok_or_else(|| NodeError::BucketNotFound(full_name.to_owned()))
+    }
+
+    /// The bucket named `bucket_name`, if `tenant` owns it and it is live here.
+    fn bucket_info(&self, tenant: &str, bucket_name: &str) -> NodeResult<Option<BucketInfo>> {
+        let tenant_record = self.tenant(tenant)?;
+        let Some(bound) = self
+            .catalog
+            .bucket_name(bucket_name)
+            .map_err(NodeError::io("read catalog"))?
+            .filter(|b| b.tenant_id == tenant_record.id)
+        else {
+            return Ok(None);
+        };
+        self.bucket_info_of(tenant, bucket_name, &bound)
+    }
+
+    fn bucket_info_of(
+        &self,
+        tenant: &str,
+        bucket_name: &str,
+        bound: &pb::BucketNameRecord,
+    ) -> NodeResult<Option<BucketInfo>> {
+        let Some((_, record)) = self
+            .objects
+            .bucket(PgId(bound.pg), BucketId(bound.bucket))?
+        else {
+            return Ok(None);
+        };
+        if record.state != BucketState::Active {
+            return Ok(None);
+        }
+        let pg_name = self
+            .catalog
+            .pg_by_id(bound.pg)
+            .map_err(NodeError::io("read catalog"))?
+            .map_or_else(|| bound.pg.to_string(), |p| p.name);
+        Ok(Some(BucketInfo {
+            tenant: tenant.to_owned(),
+            name: bucket_name.to_owned(),
+            pg_name,
+            pg: PgId(bound.pg),
+            bucket: BucketId(bound.bucket),
+            created_ms: record.created_ms,
+        }))
+    }
+
+    /// The tenant's live buckets, by name. A bucket whose PG has no member
+    /// on this node is listed once this node's replica of it exists.
+    pub fn list_buckets(&self, tenant: &str) -> NodeResult<Vec<BucketInfo>> {
+        let tenant_record = self.tenant(tenant)?;
+        let mut out = Vec::new();
+        for (name, bound) in self
+            .catalog
+            .bucket_names(tenant_record.id)
+            .map_err(NodeError::io("read catalog"))?
+        {
+            if let Some(info) = self.bucket_info_of(tenant, &name, &bound)? {
+                out.push(info);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes an empty bucket (refused while it holds a live object) and
+    /// gives its name back.
+    pub async fn delete_bucket(&self, full_name: &str) -> NodeResult<()> {
+        let (tenant, bucket_name) = names::split_bucket_name(full_name)?;
+        let info = self
+            .bucket_info(tenant, bucket_name)?
+            .ok_or_else(|| NodeError::BucketNotFound(full_name.to_owned()))?;
+        self.running_group(info.pg.0)?
+            .propose(pb::command::Kind::DeleteBucket(pb::DeleteBucket {
+                bucket: info.bucket.0,
+            }))
+            .await?;
+        self.propose_catalog(pb::command::Kind::UnbindBucketName(pb::UnbindBucketName {
+            tenant: tenant.to_owned(),
+            bucket_name: bucket_name.to_owned(),
+        }))
+        .await?;
+        tracing::info!(bucket = full_name, "bucket deleted");
+        Ok(())
     }
 
     pub async fn resize_volume(&self, full_name: &str, size_bytes: u64) -> NodeResult<VolumeInfo> {

@@ -22,6 +22,8 @@ pub enum NodeError {
     TenantNotFound(String),
     #[error("volume {0} does not exist")]
     VolumeNotFound(String),
+    #[error("bucket {0} does not exist")]
+    BucketNotFound(String),
     #[error("protection group {0} does not exist")]
     PgNotFound(String),
     #[error("missing or unknown token")]
@@ -72,6 +74,7 @@ impl NodeError {
             NodeError::InvalidSize { .. } => "node.invalid_size",
             NodeError::TenantNotFound(_) => "node.tenant_not_found",
             NodeError::VolumeNotFound(_) => "node.volume_not_found",
+            NodeError::BucketNotFound(_) => "node.bucket_not_found",
             NodeError::PgNotFound(_) => "node.pg_not_found",
             NodeError::Unauthenticated => "node.unauthenticated",
             NodeError::PermissionDenied { .. } => "node.permission_denied",

@@ -42,6 +42,58 @@ pub fn split_volume_name(full: &str) -> Result<(&str, &str), NodeError> {
     split_tenant_name("volume", "TENANT/VOLUME", full)
 }
 
+/// Splits `TENANT/BUCKET` and validates both parts.
+pub fn split_bucket_name(full: &str) -> Result<(&str, &str), NodeError> {
+    let Some((tenant, bucket)) = full.split_once('/') else {
+        return Err(NodeError::InvalidName {
+            what: "bucket",
+            name: full.to_owned(),
+            reason: "write it as TENANT/BUCKET".into(),
+        });
+    };
+    validate_name("tenant", tenant)?;
+    validate_bucket_name(bucket)?;
+    Ok((tenant, bucket))
+}
+
+/// S3's rules for bucket names (they are DNS labels in virtual-host
+/// addressing, and unique in the cluster): 3–63 of `a-z 0-9 . -`, starting
+/// and ending with a letter or digit, no `..`, not an IPv4 address, and none
+/// of the prefixes and suffixes AWS reserves.
+pub fn validate_bucket_name(name: &str) -> Result<(), NodeError> {
+    let bad = |reason: &str| NodeError::InvalidName {
+        what: "bucket",
+        name: name.to_owned(),
+        reason: reason.to_owned(),
+    };
+    if name.len() < 3 || name.len() > NAME_BYTES_MAX {
+        return Err(bad("it must be 3 to 63 characters long"));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+    {
+        return Err(bad("use only lowercase letters, digits, '.' and '-'"));
+    }
+    let edge = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    if !edge(name.as_bytes()[0]) || !edge(name.as_bytes()[name.len() - 1]) {
+        return Err(bad("it must start and end with a letter or digit"));
+    }
+    if name.contains("..") {
+        return Err(bad("it must not contain '..'"));
+    }
+    if name.parse::<std::net::Ipv4Addr>().is_ok() {
+        return Err(bad("it must not look like an IP address"));
+    }
+    if name.starts_with("xn--") || name.starts_with("sthree-") {
+        return Err(bad("the prefixes 'xn--' and 'sthree-' are reserved"));
+    }
+    if name.ends_with("-s3alias") || name.ends_with("--ol-s3") {
+        return Err(bad("the suffixes '-s3alias' and '--ol-s3' are reserved"));
+    }
+    Ok(())
+}
+
 /// `TENANT/NAME` of a protection group.
 pub fn split_pg_name(full: &str) -> Result<(&str, &str), NodeError> {
     split_tenant_name("protection group", "TENANT/PG", full)
@@ -86,6 +138,42 @@ pub fn validate_volume_size(size_bytes: u64) -> Result<(), NodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bucket_names_follow_s3s_rules() {
+        for good in [
+            "abc",
+            "payroll-backups",
+            "db.dumps.2026",
+            "a1-b2",
+            &"a".repeat(63),
+        ] {
+            assert!(validate_bucket_name(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "ab",
+            &"a".repeat(64),
+            "Payroll",
+            "under_score",
+            "-start",
+            "end-",
+            ".dot",
+            "a..b",
+            "192.168.1.10",
+            "xn--abc",
+            "sthree-x",
+            "data-s3alias",
+            "x--ol-s3",
+        ] {
+            assert!(validate_bucket_name(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            split_bucket_name("demo/demo-backups").unwrap(),
+            ("demo", "demo-backups")
+        );
+        assert!(split_bucket_name("demo-backups").is_err());
+        assert!(split_bucket_name("Demo/abc").is_err());
+    }
 
     #[test]
     fn names() {

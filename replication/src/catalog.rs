@@ -182,6 +182,30 @@ impl Catalog {
             .collect()
     }
 
+    pub fn bucket_name(&self, bucket: &str) -> io::Result<Option<pb::BucketNameRecord>> {
+        self.get(&bucket_name_key(bucket))
+    }
+
+    /// (bucket name, record) for every bound bucket name of a tenant.
+    pub fn bucket_names(&self, tenant_id: u64) -> io::Result<Vec<(String, pb::BucketNameRecord)>> {
+        let prefix = b"bucketname/".as_slice();
+        let mut out = Vec::new();
+        for (k, v) in self
+            .db
+            .scan(Cf::Catalog, prefix, prefix, usize::MAX)
+            .map_err(io::Error::other)?
+        {
+            let record: pb::BucketNameRecord = decode(&k, &v)?;
+            if record.tenant_id == tenant_id {
+                out.push((
+                    String::from_utf8_lossy(&k[prefix.len()..]).into_owned(),
+                    record,
+                ));
+            }
+        }
+        Ok(out)
+    }
+
     pub fn node(&self, id: u64) -> io::Result<Option<pb::NodeRecord>> {
         self.get(&node_key(id))
     }

@@ -4,6 +4,7 @@
 
 mod admin;
 mod bad_input;
+mod buckets;
 mod confidentiality;
 mod integrity;
 mod membership;
