@@ -150,6 +150,9 @@ enum TenantCommand {
     /// Issue a tenant's NBD client certificate.
     #[command(subcommand)]
     Cert(TenantCertCommand),
+    /// A tenant's S3 credentials (access key and secret).
+    #[command(subcommand)]
+    Credential(TenantCredentialCommand),
     List,
     /// Start a new data-encryption key for new writes; old data stays readable.
     RotateDek {
@@ -162,6 +165,31 @@ enum SiteCommand {
     /// Every site that has nodes, with how many answer now, its catalog
     /// voters and the PGs active there.
     List,
+}
+
+#[derive(Subcommand)]
+enum TenantCredentialCommand {
+    /// Create a credential for TENANT and print its access key and secret
+    /// (shown this once; the cluster keeps the secret sealed).
+    Create {
+        tenant: String,
+        /// Read and list only.
+        #[arg(long, conflicts_with = "append_only")]
+        read_only: bool,
+        /// Read, list and create; no overwrite or delete outside
+        /// --writable-prefix (what restic needs, so a backup client cannot
+        /// destroy its own history).
+        #[arg(long)]
+        append_only: bool,
+        /// With --append-only: where overwrite and delete stay allowed.
+        #[arg(long, requires = "append_only")]
+        writable_prefix: Option<String>,
+    },
+    /// Credentials (never their secrets), of TENANT or of every tenant the
+    /// token may see.
+    List { tenant: Option<String> },
+    /// Refuse every later request signed with ACCESS_KEY.
+    Revoke { access_key: String },
 }
 
 #[derive(Subcommand)]
@@ -640,6 +668,61 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                 );
             }
         }
+        Command::Tenant(TenantCommand::Credential(TenantCredentialCommand::Create {
+            tenant,
+            read_only,
+            append_only,
+            writable_prefix,
+        })) => {
+            let mode = if read_only {
+                "read-only"
+            } else if append_only {
+                "append-only"
+            } else {
+                "full"
+            };
+            let req = client.request(api::CreateCredentialRequest {
+                tenant,
+                mode: mode.into(),
+                writable_prefix,
+            });
+            let r = client.api().create_credential(req).await?.into_inner();
+            let c = r.credential.unwrap_or_default();
+            if out.json {
+                out.json_value(&serde_json::json!({
+                    "tenant": c.tenant, "access_key": c.access_key,
+                    "secret_key": r.secret_key, "mode": c.mode,
+                    "writable_prefix": c.writable_prefix,
+                }));
+            } else {
+                println!("AWS_ACCESS_KEY_ID={}", c.access_key);
+                println!("AWS_SECRET_ACCESS_KEY={}", r.secret_key);
+                eprintln!(
+                    "{} credential of tenant {}; the secret is not shown again",
+                    c.mode, c.tenant
+                );
+            }
+        }
+        Command::Tenant(TenantCommand::Credential(TenantCredentialCommand::List { tenant })) => {
+            let req = client.request(api::ListCredentialsRequest {
+                tenant: tenant.unwrap_or_default(),
+            });
+            let r = client.api().list_credentials(req).await?.into_inner();
+            print_credentials(out, r.credentials);
+        }
+        Command::Tenant(TenantCommand::Credential(TenantCredentialCommand::Revoke {
+            access_key,
+        })) => {
+            let req = client.request(api::RevokeCredentialRequest {
+                access_key: access_key.clone(),
+            });
+            client.api().revoke_credential(req).await?;
+            if out.json {
+                out.json_value(&serde_json::json!({ "revoked": access_key }));
+            } else {
+                println!("access key {access_key} revoked");
+            }
+        }
         Command::Node(NodeCommand::List) => {
             let req = client.request(api::ListNodesRequest {});
             let r = client.api().list_nodes(req).await?.into_inner();
@@ -998,6 +1081,34 @@ fn print_volumes(out: &Output, volumes: Vec<api::Volume>) {
             v.pg,
             v.id.to_string(),
             v.created_index.to_string(),
+        ]);
+    }
+    table.print();
+}
+
+fn print_credentials(out: &Output, credentials: Vec<api::Credential>) {
+    if out.json {
+        out.json_value(&serde_json::Value::Array(
+            credentials
+                .iter()
+                .map(|c| {
+                    serde_json::json!({
+                        "tenant": c.tenant, "access_key": c.access_key, "mode": c.mode,
+                        "writable_prefix": c.writable_prefix, "created_ms": c.created_ms,
+                    })
+                })
+                .collect(),
+        ));
+        return;
+    }
+    let mut table = Table::new(&["ACCESS KEY", "TENANT", "MODE", "WRITABLE PREFIX", "CREATED"]);
+    for c in credentials {
+        table.row(vec![
+            c.access_key,
+            c.tenant,
+            c.mode,
+            c.writable_prefix,
+            format_time_ms(c.created_ms),
         ]);
     }
     table.print();

@@ -10,7 +10,7 @@ use lifeboat_replication::ProtectionGroup;
 use lifeboat_replication::ack::AckPolicy;
 use tonic::{Request, Response, Status};
 
-use crate::core::{BucketInfo, NodeCore, Role, VolumeInfo};
+use crate::core::{BucketInfo, CredentialInfo, CredentialMode, NodeCore, Role, VolumeInfo};
 use crate::error::NodeError;
 
 /// Maps a node error to a gRPC status whose message starts with the stable
@@ -25,6 +25,7 @@ pub fn status(e: &NodeError) -> Status {
         NodeError::TenantNotFound(_)
         | NodeError::VolumeNotFound(_)
         | NodeError::BucketNotFound(_)
+        | NodeError::CredentialNotFound(_)
         | NodeError::PgNotFound(_) => Code::NotFound,
         NodeError::Unauthenticated => Code::Unauthenticated,
         NodeError::PermissionDenied { .. } => Code::PermissionDenied,
@@ -52,13 +53,15 @@ pub fn status(e: &NodeError) -> Status {
                 | J::BucketExists { .. }
                 | J::BucketNameTaken { .. }
                 | J::ObjectExists
-                | J::ChunkExists { .. } => Code::AlreadyExists,
+                | J::ChunkExists { .. }
+                | J::CredentialExists { .. } => Code::AlreadyExists,
                 J::JoinToken { .. } => Code::PermissionDenied,
                 J::NodeNotFound { .. }
                 | J::PgIdNotFound { .. }
                 | J::BucketNotFound { .. }
                 | J::BucketNameNotFound { .. }
-                | J::ChunkNotFound { .. } => Code::NotFound,
+                | J::ChunkNotFound { .. }
+                | J::CredentialNotFound { .. } => Code::NotFound,
                 J::BucketNotEmpty { .. } => Code::FailedPrecondition,
                 J::KeyTooLong { .. } => Code::InvalidArgument,
             }
@@ -321,6 +324,16 @@ fn volume_message(v: VolumeInfo) -> api::Volume {
     }
 }
 
+fn credential_message(c: CredentialInfo) -> api::Credential {
+    api::Credential {
+        tenant: c.tenant,
+        access_key: c.access_key,
+        mode: c.mode.as_str().to_owned(),
+        writable_prefix: c.writable_prefix,
+        created_ms: c.created_ms,
+    }
+}
+
 fn bucket_message(b: BucketInfo) -> api::Bucket {
     api::Bucket {
         name: format!("{}/{}", b.tenant, b.name),
@@ -496,6 +509,80 @@ impl Admin for AdminService {
             .await
             .map_err(|e| status(&e))?;
         Ok(Response::new(api::DeleteVolumeResponse {}))
+    }
+
+    async fn create_credential(
+        &self,
+        req: Request<api::CreateCredentialRequest>,
+    ) -> Result<Response<api::CreateCredentialResponse>, Status> {
+        let r = req.get_ref();
+        self.require_tenant(&req, &r.tenant, "create S3 credentials of this tenant")?;
+        let mode = if r.mode.is_empty() {
+            CredentialMode::Full
+        } else {
+            CredentialMode::parse(&r.mode).ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "unknown credential mode {:?}: use full, read-only or append-only",
+                    r.mode
+                ))
+            })?
+        };
+        let (credential, secret_key) = self
+            .core
+            .create_credential(&r.tenant, mode, r.writable_prefix.as_deref())
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(api::CreateCredentialResponse {
+            credential: Some(credential_message(credential)),
+            secret_key,
+        }))
+    }
+
+    async fn list_credentials(
+        &self,
+        req: Request<api::ListCredentialsRequest>,
+    ) -> Result<Response<api::ListCredentialsResponse>, Status> {
+        let tenants = self.visible_tenants(
+            &req,
+            &req.get_ref().tenant,
+            "list S3 credentials of this tenant",
+        )?;
+        let mut credentials = Vec::new();
+        for t in tenants {
+            credentials.extend(
+                self.core
+                    .list_credentials(&t)
+                    .map_err(|e| status(&e))?
+                    .into_iter()
+                    .map(credential_message),
+            );
+        }
+        Ok(Response::new(api::ListCredentialsResponse { credentials }))
+    }
+
+    async fn revoke_credential(
+        &self,
+        req: Request<api::RevokeCredentialRequest>,
+    ) -> Result<Response<api::RevokeCredentialResponse>, Status> {
+        let access_key = req.get_ref().access_key.clone();
+        // A token sees only its tenant's keys: an unknown key and another
+        // tenant's key get the same answer.
+        let owner = self
+            .core
+            .catalog
+            .credential(&access_key)
+            .map_err(|e| status(&NodeError::io("read catalog")(e)))?
+            .map(|c| c.tenant);
+        let role = self.role(&req)?;
+        match owner {
+            Some(tenant) if role.may_use_tenant(&tenant) => {}
+            _ => return Err(status(&NodeError::CredentialNotFound(access_key))),
+        }
+        self.core
+            .revoke_credential(&access_key)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(api::RevokeCredentialResponse {}))
     }
 
     async fn create_bucket(

@@ -89,6 +89,81 @@ pub struct BucketInfo {
     pub created_ms: u64,
 }
 
+/// What an S3 credential may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CredentialMode {
+    /// Everything in the tenant's buckets.
+    Full,
+    /// Read and list only.
+    ReadOnly,
+    /// Read, list and create objects; overwrite and delete only under the
+    /// credential's writable prefix (`locks/` by default): a backup client
+    /// cannot destroy its own history.
+    AppendOnly,
+}
+
+impl CredentialMode {
+    pub fn parse(s: &str) -> Option<CredentialMode> {
+        match s {
+            "full" => Some(CredentialMode::Full),
+            "read-only" => Some(CredentialMode::ReadOnly),
+            "append-only" => Some(CredentialMode::AppendOnly),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CredentialMode::Full => "full",
+            CredentialMode::ReadOnly => "read-only",
+            CredentialMode::AppendOnly => "append-only",
+        }
+    }
+}
+
+/// An S3 credential as the admin API lists it (never with its secret).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CredentialInfo {
+    pub tenant: String,
+    pub access_key: String,
+    pub mode: CredentialMode,
+    pub writable_prefix: String,
+    pub created_ms: u64,
+}
+
+/// What an append-only credential may overwrite and delete under, unless
+/// its creator names another prefix.
+pub const DEFAULT_WRITABLE_PREFIX: &str = "locks/";
+
+/// The purpose a credential's secret is sealed for: bound to its access
+/// key, so a sealed secret moved to another record does not open.
+fn credential_purpose(access_key: &str) -> String {
+    format!("s3-credential/{access_key}")
+}
+
+fn credential_info(record: &pb::CredentialRecord) -> NodeResult<CredentialInfo> {
+    let mode = CredentialMode::parse(&record.mode).ok_or_else(|| NodeError::Io {
+        op: format!("read credential {}", record.access_key),
+        source: std::io::Error::other(format!("unknown mode {:?}", record.mode)),
+    })?;
+    Ok(CredentialInfo {
+        tenant: record.tenant.clone(),
+        access_key: record.access_key.clone(),
+        mode,
+        writable_prefix: record.writable_prefix.clone(),
+        created_ms: record.created_ms,
+    })
+}
+
+/// `n` characters drawn uniformly from `alphabet`.
+fn random_string(alphabet: &[u8], n: usize) -> String {
+    use rand::Rng;
+    let mut rng = rand::thread_rng();
+    (0..n)
+        .map(|_| alphabet[rng.gen_range(0..alphabet.len())] as char)
+        .collect()
+}
+
 /// Where a volume lives, resolved from its `tenant/volume` name.
 #[derive(Clone)]
 pub struct VolumeLocation {
@@ -1184,6 +1259,108 @@ impl NodeCore {
             });
         }
         Ok(out)
+    }
+
+    /// Creates an S3 credential for `tenant` and returns it with its secret,
+    /// which is shown this once: the catalog keeps it sealed by the master
+    /// key. Access keys look like AWS's (20 characters, `LB` first) and
+    /// secrets are 40 characters, so every S3 client takes them.
+    pub async fn create_credential(
+        &self,
+        tenant: &str,
+        mode: CredentialMode,
+        writable_prefix: Option<&str>,
+    ) -> NodeResult<(CredentialInfo, String)> {
+        self.tenant(tenant)?;
+        let writable_prefix = match (mode, writable_prefix) {
+            (CredentialMode::AppendOnly, None) => DEFAULT_WRITABLE_PREFIX.to_owned(),
+            (CredentialMode::AppendOnly, Some(p)) => p.to_owned(),
+            (_, Some(_)) => {
+                return Err(NodeError::InvalidName {
+                    what: "writable prefix",
+                    name: writable_prefix.unwrap_or_default().to_owned(),
+                    reason: "only append-only credentials have one".into(),
+                });
+            }
+            (_, None) => String::new(),
+        };
+        if writable_prefix.len() > lifeboat_store::objects::OBJECT_KEY_BYTES_MAX {
+            return Err(NodeError::InvalidName {
+                what: "writable prefix",
+                name: writable_prefix,
+                reason: "it is longer than an object key may be".into(),
+            });
+        }
+        let access_key = format!(
+            "LB{}",
+            random_string(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", 18)
+        );
+        let secret = random_string(
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/",
+            40,
+        );
+        let secret_sealed = self
+            .master_key()?
+            .seal_secret(&credential_purpose(&access_key), secret.as_bytes());
+        self.propose_catalog(pb::command::Kind::CreateCredential(pb::CreateCredential {
+            tenant: tenant.to_owned(),
+            access_key: access_key.clone(),
+            secret_sealed: secret_sealed.into(),
+            mode: mode.as_str().to_owned(),
+            writable_prefix,
+        }))
+        .await?;
+        tracing::info!(
+            tenant,
+            access_key,
+            mode = mode.as_str(),
+            "S3 credential created"
+        );
+        let info = self
+            .credential(&access_key)?
+            .ok_or_else(|| NodeError::CredentialNotFound(access_key.clone()))?
+            .0;
+        Ok((info, secret))
+    }
+
+    /// A credential and its secret (opened with the master key), for
+    /// checking a request's signature.
+    pub fn credential(&self, access_key: &str) -> NodeResult<Option<(CredentialInfo, String)>> {
+        let Some(record) = self
+            .catalog
+            .credential(access_key)
+            .map_err(NodeError::io("read catalog"))?
+        else {
+            return Ok(None);
+        };
+        let secret = self
+            .master_key()?
+            .open_secret(&credential_purpose(access_key), &record.secret_sealed)?;
+        let secret = String::from_utf8(secret).map_err(|_| NodeError::Io {
+            op: format!("open the secret of access key {access_key}"),
+            source: std::io::Error::other("not UTF-8"),
+        })?;
+        Ok(Some((credential_info(&record)?, secret)))
+    }
+
+    pub fn list_credentials(&self, tenant: &str) -> NodeResult<Vec<CredentialInfo>> {
+        let tenant_record = self.tenant(tenant)?;
+        self.catalog
+            .credentials(tenant_record.id)
+            .map_err(NodeError::io("read catalog"))?
+            .iter()
+            .map(credential_info)
+            .collect()
+    }
+
+    /// Revokes a credential: the next request signed with it is refused.
+    pub async fn revoke_credential(&self, access_key: &str) -> NodeResult<()> {
+        self.propose_catalog(pb::command::Kind::RevokeCredential(pb::RevokeCredential {
+            access_key: access_key.to_owned(),
+        }))
+        .await?;
+        tracing::info!(access_key, "S3 credential revoked");
+        Ok(())
     }
 
     /// Creates bucket `TENANT/BUCKET` in the tenant's PG `pg_name` (`main`

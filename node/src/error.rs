@@ -24,6 +24,8 @@ pub enum NodeError {
     VolumeNotFound(String),
     #[error("bucket {0} does not exist")]
     BucketNotFound(String),
+    #[error("access key {0} does not exist")]
+    CredentialNotFound(String),
     #[error("protection group {0} does not exist")]
     PgNotFound(String),
     #[error("missing or unknown token")]
@@ -75,6 +77,7 @@ impl NodeError {
             NodeError::TenantNotFound(_) => "node.tenant_not_found",
             NodeError::VolumeNotFound(_) => "node.volume_not_found",
             NodeError::BucketNotFound(_) => "node.bucket_not_found",
+            NodeError::CredentialNotFound(_) => "node.credential_not_found",
             NodeError::PgNotFound(_) => "node.pg_not_found",
             NodeError::Unauthenticated => "node.unauthenticated",
             NodeError::PermissionDenied { .. } => "node.permission_denied",

@@ -145,6 +145,8 @@ impl<'a> ApplyContext<'a> {
                 | Kind::CreateJoinToken(_)
                 | Kind::BindBucketName(_)
                 | Kind::UnbindBucketName(_)
+                | Kind::CreateCredential(_)
+                | Kind::RevokeCredential(_)
         );
         if is_catalog_command != (self.pg == PgId::CATALOG) {
             return Ok(Err(Rejection::WrongGroup { pg: self.pg.0 }));
@@ -172,6 +174,8 @@ impl<'a> ApplyContext<'a> {
             Kind::CreateJoinToken(t) => self.apply_create_join_token(t, cmd.stamp_ms),
             Kind::BindBucketName(b) => self.apply_bind_bucket_name(b),
             Kind::UnbindBucketName(u) => self.apply_unbind_bucket_name(u),
+            Kind::CreateCredential(c) => self.apply_create_credential(c, cmd.stamp_ms),
+            Kind::RevokeCredential(r) => self.apply_revoke_credential(r),
         }
     }
 
@@ -755,6 +759,57 @@ impl ApplyContext<'_> {
         if owner.is_none_or(|t| t.id != record.tenant_id) {
             return Ok(Err(Rejection::BucketNameNotFound {
                 bucket: u.bucket_name.clone(),
+            }));
+        }
+        self.catalog_delete(key);
+        Ok(Ok(Applied::Done))
+    }
+}
+
+/// S3 credentials (catalog).
+impl ApplyContext<'_> {
+    fn apply_create_credential(
+        &mut self,
+        c: &pb::CreateCredential,
+        stamp_ms: u64,
+    ) -> io::Result<Outcome> {
+        let Some(tenant) = self.catalog_get::<pb::TenantRecord>(&catalog::tenant_key(&c.tenant))?
+        else {
+            return Ok(Err(Rejection::TenantNotFound {
+                tenant: c.tenant.clone(),
+            }));
+        };
+        if !matches!(c.mode.as_str(), "full" | "read-only" | "append-only") {
+            return Ok(Err(Rejection::Malformed {
+                reason: format!("unknown credential mode {:?}", c.mode),
+            }));
+        }
+        let key = catalog::credential_key(&c.access_key);
+        if self.catalog_get::<pb::CredentialRecord>(&key)?.is_some() {
+            return Ok(Err(Rejection::CredentialExists {
+                access_key: c.access_key.clone(),
+            }));
+        }
+        self.catalog_put(
+            key,
+            &pb::CredentialRecord {
+                tenant_id: tenant.id,
+                tenant: c.tenant.clone(),
+                access_key: c.access_key.clone(),
+                secret_sealed: c.secret_sealed.clone(),
+                mode: c.mode.clone(),
+                writable_prefix: c.writable_prefix.clone(),
+                created_ms: stamp_ms,
+            },
+        );
+        Ok(Ok(Applied::Done))
+    }
+
+    fn apply_revoke_credential(&mut self, r: &pb::RevokeCredential) -> io::Result<Outcome> {
+        let key = catalog::credential_key(&r.access_key);
+        if self.catalog_get::<pb::CredentialRecord>(&key)?.is_none() {
+            return Ok(Err(Rejection::CredentialNotFound {
+                access_key: r.access_key.clone(),
             }));
         }
         self.catalog_delete(key);

@@ -47,6 +47,10 @@ pub fn bucket_name_key(bucket: &str) -> Vec<u8> {
     format!("bucketname/{bucket}").into_bytes()
 }
 
+pub fn credential_key(access_key: &str) -> Vec<u8> {
+    format!("credential/{access_key}").into_bytes()
+}
+
 pub fn node_key(id: u64) -> Vec<u8> {
     [b"node/".as_slice(), &id.to_be_bytes()].concat()
 }
@@ -201,6 +205,27 @@ impl Catalog {
                     String::from_utf8_lossy(&k[prefix.len()..]).into_owned(),
                     record,
                 ));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn credential(&self, access_key: &str) -> io::Result<Option<pb::CredentialRecord>> {
+        self.get(&credential_key(access_key))
+    }
+
+    /// Every S3 credential of a tenant, by access key.
+    pub fn credentials(&self, tenant_id: u64) -> io::Result<Vec<pb::CredentialRecord>> {
+        let prefix = b"credential/".as_slice();
+        let mut out = Vec::new();
+        for (k, v) in self
+            .db
+            .scan(Cf::Catalog, prefix, prefix, usize::MAX)
+            .map_err(io::Error::other)?
+        {
+            let record: pb::CredentialRecord = decode(&k, &v)?;
+            if record.tenant_id == tenant_id {
+                out.push(record);
             }
         }
         Ok(out)

@@ -62,6 +62,8 @@ impl fmt::Display for Command {
             Some(Kind::DeleteObject(_)) => "delete_object",
             Some(Kind::BindBucketName(_)) => "bind_bucket_name",
             Some(Kind::UnbindBucketName(_)) => "unbind_bucket_name",
+            Some(Kind::CreateCredential(_)) => "create_credential",
+            Some(Kind::RevokeCredential(_)) => "revoke_credential",
             Some(Kind::ResizeVolume(_)) => "resize_volume",
             Some(Kind::DeleteVolume(_)) => "delete_volume",
             Some(Kind::InitCatalog(_)) => "init_catalog",
@@ -204,6 +206,10 @@ pub enum Rejection {
     ChunkExists { chunk: u64 },
     #[error("chunk {chunk} does not exist")]
     ChunkNotFound { chunk: u64 },
+    #[error("access key {access_key} already exists")]
+    CredentialExists { access_key: String },
+    #[error("access key {access_key} does not exist")]
+    CredentialNotFound { access_key: String },
 }
 
 /// What applying a command produced.

@@ -6,6 +6,7 @@ mod admin;
 mod bad_input;
 mod buckets;
 mod confidentiality;
+mod credentials;
 mod integrity;
 mod membership;
 mod pgs;
