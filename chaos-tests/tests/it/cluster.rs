@@ -56,9 +56,13 @@ impl Cluster {
             for j in (0..c.nodes.len()).filter(|j| *j != i) {
                 let proxy = LinkProxy::start(c.nodes[j].raft).await.unwrap();
                 dial.push_str(&format!("\"{}\" = \"{}\"\n", c.nodes[j].raft, proxy.addr()));
-                links
-                    .proxies
-                    .push((c.nodes[i].site.clone(), c.nodes[j].site.clone(), proxy));
+                links.proxies.push(Link {
+                    from: i,
+                    to: j,
+                    from_site: c.nodes[i].site.clone(),
+                    to_site: c.nodes[j].site.clone(),
+                    proxy,
+                });
             }
             dials.push(dial);
         }
@@ -145,25 +149,43 @@ pub(crate) fn pg_status_of(node: &TestNode, name: &str) -> Option<serde_json::Va
         .cloned()
 }
 
-/// The proxies of every directed link of a linked cluster, with the sites
-/// at either end.
+/// The proxies of every directed link of a linked cluster.
 pub(crate) struct Links {
-    proxies: Vec<(String, String, LinkProxy)>,
+    proxies: Vec<Link>,
+}
+
+/// The proxy of the link from node `from` to node `to` (indexes in the
+/// cluster), with their sites.
+struct Link {
+    from: usize,
+    to: usize,
+    from_site: String,
+    to_site: String,
+    proxy: LinkProxy,
 }
 
 impl Links {
     /// Cuts every link between sites `a` and `b`, both ways.
     pub(crate) fn cut_between(&self, a: &str, b: &str) {
-        for (from, to, p) in &self.proxies {
-            if (from == a && to == b) || (from == b && to == a) {
-                p.cut();
+        for l in &self.proxies {
+            if (l.from_site == a && l.to_site == b) || (l.from_site == b && l.to_site == a) {
+                l.proxy.cut();
+            }
+        }
+    }
+
+    /// Cuts the links between nodes `a` and `b` (cluster indexes), both ways.
+    pub(crate) fn cut_between_nodes(&self, a: usize, b: usize) {
+        for l in &self.proxies {
+            if (l.from, l.to) == (a, b) || (l.from, l.to) == (b, a) {
+                l.proxy.cut();
             }
         }
     }
 
     pub(crate) fn heal_all(&self) {
-        for (_, _, p) in &self.proxies {
-            p.heal();
+        for l in &self.proxies {
+            l.proxy.heal();
         }
     }
 }
@@ -344,6 +366,25 @@ async fn leader_killed_under_load_loses_nothing_and_replicas_agree() {
 }
 
 /// Opens `t/v` on `node`, waiting while the node does not host it yet.
+/// Writes `block` with content `seq` through `client`, recording it in
+/// `ledger` as in flight, then as acknowledged; returns how long it took.
+pub(crate) async fn ledgered_write(
+    client: &NbdClient,
+    ledger: &Ledger,
+    block: u64,
+    seq: u64,
+) -> Duration {
+    ledger.sending(block, seq);
+    let started = Instant::now();
+    client
+        .write(block * 4096, &block_content(block, seq, 4096), false)
+        .await
+        .unwrap()
+        .unwrap();
+    ledger.acked(block, seq);
+    started.elapsed()
+}
+
 pub(crate) async fn connect_when_served(node: &TestNode) -> NbdClient {
     let started = Instant::now();
     loop {

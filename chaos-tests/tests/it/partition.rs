@@ -6,6 +6,9 @@
 //! - with `remote`, a write waits for the standby, the PG degrades to
 //!   `local` after remote_timeout_ms with an event and a metric, writes go
 //!   on, and after heal the PG returns to `remote` by itself.
+//!
+//! And one link inside the active site is cut, between a PG's leader and
+//! one follower: the PG keeps serving, and after heal the replicas agree.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,10 +18,9 @@ use lifeboat_chaos_tests::harness::http_get;
 use lifeboat_chaos_tests::ledger::Ledger;
 use lifeboat_chaos_tests::nbd_client::NbdClient;
 
-use crate::block_content;
 use crate::cluster::{
-    BLOCKS, Cluster, check_against_ledger, matched_index_of, pg_status_of, read_all, read_volume,
-    spawn_writers, wait_pg_status,
+    BLOCKS, Cluster, check_against_ledger, connect_when_served, ledgered_write, matched_index_of,
+    pg_status_of, read_all, read_volume, spawn_writers, wait_pg_status,
 };
 
 /// The node leading `pg`, from node 0's status (node 0 is a primary voter).
@@ -149,15 +151,7 @@ async fn dr_partition_with_remote_ack_degrades_then_returns() {
     let mut seq = 0u64;
     let mut write = async |block: u64| {
         seq += 1;
-        ledger.sending(block, seq);
-        let started = Instant::now();
-        client
-            .write(block * 4096, &block_content(block, seq, 4096), false)
-            .await
-            .unwrap()
-            .unwrap();
-        ledger.acked(block, seq);
-        started.elapsed()
+        ledgered_write(&client, &ledger, block, seq).await
     };
     for b in 0..8 {
         write(b).await;
@@ -231,6 +225,58 @@ async fn dr_partition_with_remote_ack_degrades_then_returns() {
     // After catch-up a read on the DR node returns the latest data.
     let dr_blocks = read_volume(&c.nodes[3], "t/dbv").await;
     check_against_ledger(&dr_blocks, &ledger, 4);
+    for n in &mut c.nodes {
+        assert!(n.stop().unwrap(), "node {} exits cleanly", n.node_id);
+    }
+}
+
+/// One link cut inside the active site, between the leader of `t/main` and
+/// one follower, both ways, while the PG is quiet and then written: the PG
+/// keeps acknowledging writes through the third node (the cut-off follower
+/// may campaign, but the node that still hears the leader refuses its
+/// pre-vote), and after the heal all three serve the same data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_between_the_leader_and_one_follower_keeps_the_pg_serving() {
+    let (mut c, links) = Cluster::start_linked(3, 0, "").await;
+    let leader = leader_index(&c, "t/main");
+    let cut_off = (0..3).find(|i| *i != leader).unwrap();
+    let third = (0..3).find(|i| *i != leader && *i != cut_off).unwrap();
+    let ledger = Ledger::default();
+    // Every node serves `t/v` once its member of `t/main` runs.
+    let client = connect_when_served(&c.nodes[third]).await;
+    let mut seq = 0u64;
+    let mut write = async |block: u64| {
+        seq += 1;
+        ledgered_write(&client, &ledger, block, seq).await
+    };
+    for b in 0..8 {
+        write(b).await;
+    }
+
+    links.cut_between_nodes(leader, cut_off);
+    // Quiet for several election timeouts (200–400 ms), then written.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let started = Instant::now();
+    for b in 0..BLOCKS {
+        write(b).await;
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "writes through the third node took {:?}",
+        started.elapsed()
+    );
+
+    links.heal_all();
+    let reference = read_all(&c.nodes[third]).await;
+    check_against_ledger(&reference, &ledger, c.nodes[third].node_id);
+    for n in &c.nodes {
+        let blocks = read_all(n).await;
+        assert!(
+            blocks == reference,
+            "node {} differs after the heal",
+            n.node_id
+        );
+    }
     for n in &mut c.nodes {
         assert!(n.stop().unwrap(), "node {} exits cleanly", n.node_id);
     }
