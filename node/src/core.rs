@@ -1386,13 +1386,22 @@ impl NodeCore {
                 source: std::io::Error::other(format!("unexpected apply result {applied:?}")),
             });
         };
-        let created = self
-            .running_group(pg)?
+        let group = self.running_group(pg)?;
+        let created = group
             .propose(pb::command::Kind::CreateBucket(pb::CreateBucket {
                 bucket,
                 name: bucket_name.to_owned(),
             }))
             .await;
+        // Read back from this node's replica, which may apply the entry a
+        // round trip after the leader that answered the proposal.
+        let created = match created {
+            Ok((index, _)) => group
+                .wait_applied_index(index, LEADERSHIP_WAIT)
+                .await
+                .map_err(NodeError::from),
+            Err(e) => Err(e.into()),
+        };
         if let Err(e) = created {
             let unbind = pb::command::Kind::UnbindBucketName(pb::UnbindBucketName {
                 tenant: tenant.to_owned(),
@@ -1401,14 +1410,16 @@ impl NodeCore {
             if let Err(undo) = self.propose_catalog(unbind).await {
                 tracing::error!(bucket = full_name, error = %undo, "could not unbind the name of a bucket whose creation failed");
             }
-            return Err(e.into());
+            return Err(e);
         }
         tracing::info!(bucket = full_name, pg, "bucket created");
         self.bucket_info(tenant, bucket_name)?
             .ok_or_else(|| NodeError::BucketNotFound(full_name.to_owned()))
     }
 
-    /// The bucket named `bucket_name`, if `tenant` owns it and it is live here.
+    /// The bucket named `bucket_name`, if `tenant` owns it and it is live;
+    /// `NotHostedHere` (naming the nodes that do) when this node has no
+    /// replica of its PG to tell.
     fn bucket_info(&self, tenant: &str, bucket_name: &str) -> NodeResult<Option<BucketInfo>> {
         let tenant_record = self.tenant(tenant)?;
         let Some(bound) = self
@@ -1419,6 +1430,7 @@ impl NodeCore {
         else {
             return Ok(None);
         };
+        self.running_group(bound.pg)?;
         self.bucket_info_of(tenant, bucket_name, &bound)
     }
 

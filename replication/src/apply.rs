@@ -661,14 +661,10 @@ impl ApplyContext<'_> {
                     reason: format!("new chunk {} is not in the object's chunk list", c.chunk),
                 }));
             }
-            if new.insert(c.chunk, &c.frame).is_some()
-                || self.chunk_refs(ChunkId(c.chunk))? != 0
-                || self
-                    .objects()
-                    .chunk(self.pg, ChunkId(c.chunk))
-                    .map_err(io::Error::other)?
-                    .is_some()
-            {
+            // A chunk's data row exists exactly while its count is above
+            // zero (`stage_chunk_refs` drops both at zero): the count says
+            // whether the id is in use, without reading the frame.
+            if new.insert(c.chunk, &c.frame).is_some() || self.chunk_refs(ChunkId(c.chunk))? != 0 {
                 return Ok(Err(Rejection::ChunkExists { chunk: c.chunk }));
             }
         }

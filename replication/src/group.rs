@@ -370,23 +370,22 @@ impl ProtectionGroup {
         }
     }
 
-    /// If this member leads: every other member's node (voters and
-    /// learners), with whether it holds a voter.
-    pub fn led_nodes(&self) -> Option<Vec<(MemberNode, bool)>> {
+    /// If this member leads: its term and every other member's node
+    /// (voters and learners).
+    pub fn led_nodes(&self) -> Option<(u64, Vec<MemberNode>)> {
         let m = self.raft.metrics();
         let m = m.borrow_watched();
         if m.current_leader != Some(self.member.0) || m.state != openraft::ServerState::Leader {
             return None;
         }
-        let membership = m.membership_config.membership();
-        let voters: BTreeSet<u64> = membership.voter_ids().collect();
-        Some(
-            membership
-                .nodes()
-                .filter(|(id, _)| **id != self.member.0)
-                .map(|(id, node)| (node.clone(), voters.contains(id)))
-                .collect(),
-        )
+        let nodes = m
+            .membership_config
+            .membership()
+            .nodes()
+            .filter(|(id, _)| **id != self.member.0)
+            .map(|(_, node)| node.clone())
+            .collect();
+        Some((m.current_term, nodes))
     }
 
     /// The nodes of this group's voters.

@@ -283,10 +283,11 @@ impl Liveness {
         let mut beats: HashMap<String, (u64, Vec<pb::LeaderBeat>)> = HashMap::new();
         let mut led: HashMap<u64, ProtectionGroup> = HashMap::new();
         for g in groups {
-            let Some(nodes) = g.led_nodes() else { continue };
-            let term = g.leadership().term;
+            let Some((term, nodes)) = g.led_nodes() else {
+                continue;
+            };
             led.insert(g.pg().0, (*g).clone());
-            for (node, _voter) in nodes {
+            for node in nodes {
                 if node.node_id == me {
                     continue;
                 }

@@ -7,23 +7,8 @@ use lifeboat_proto::admin as api;
 use lifeboat_proto::admin::admin_client::AdminClient;
 use tonic::Code;
 
+use crate::confidentiality::files_containing;
 use crate::{must_start, with_token};
-
-/// Every file under `dir` (recursively) that contains `needle`.
-fn files_containing(dir: &std::path::Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            found.extend(files_containing(&path, needle));
-        } else if let Ok(bytes) = std::fs::read(&path)
-            && bytes.windows(needle.len()).any(|w| w == needle)
-        {
-            found.push(path);
-        }
-    }
-    found
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credentials_are_created_sealed_listed_and_revoked() {

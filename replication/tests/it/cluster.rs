@@ -495,6 +495,27 @@ async fn messages_with_a_wrong_route_are_refused() {
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::FailedPrecondition);
     assert_eq!(node.group.metrics().last_log_index, before);
+
+    // Beats are refused from another cluster, and by a node that keeps its
+    // groups alive with per-group heartbeats (it has no use for them).
+    let beat = |cluster_id: &str| pb::BeatRequest {
+        cluster_id: cluster_id.into(),
+        from_node: 9,
+        leads: vec![pb::LeaderBeat {
+            pg: PG.0,
+            generation: 0,
+            term: 1,
+            leader_member: 99,
+        }],
+    };
+    let status = client.beat(beat("cluster-b")).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    let status = client.beat(beat(CLUSTER)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert!(
+        status.message().contains("per-node heartbeats"),
+        "{status:?}"
+    );
     assert!(Arc::strong_count(&node.host) >= 1);
     node.stop().await;
 }
