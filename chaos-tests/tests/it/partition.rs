@@ -242,7 +242,11 @@ async fn a_cut_between_the_leader_and_one_follower_keeps_the_pg_serving() {
     let cut_off = (0..3).find(|i| *i != leader).unwrap();
     let third = (0..3).find(|i| *i != leader && *i != cut_off).unwrap();
     let ledger = Ledger::default();
-    // Every node serves `t/v` once its member of `t/main` runs.
+    // Every node serves `t/v` once its member of `t/main` runs; the cut
+    // must fall between running members, so wait for all three.
+    for n in &c.nodes {
+        connect_when_served(n).await;
+    }
     let client = connect_when_served(&c.nodes[third]).await;
     let mut seq = 0u64;
     let mut write = async |block: u64| {
@@ -270,6 +274,9 @@ async fn a_cut_between_the_leader_and_one_follower_keeps_the_pg_serving() {
     let reference = read_all(&c.nodes[third]).await;
     check_against_ledger(&reference, &ledger, c.nodes[third].node_id);
     for n in &c.nodes {
+        // Linearizable reads: each node's reads wait for its replica to
+        // apply what the leader had committed when they were asked.
+        connect_when_served(n).await;
         let blocks = read_all(n).await;
         assert!(
             blocks == reference,
