@@ -54,6 +54,7 @@ pub fn status(e: &NodeError) -> Status {
                 | J::BucketNameTaken { .. }
                 | J::ObjectExists
                 | J::ChunkExists { .. }
+                | J::UploadExists { .. }
                 | J::CredentialExists { .. } => Code::AlreadyExists,
                 J::JoinToken { .. } => Code::PermissionDenied,
                 J::NodeNotFound { .. }
@@ -61,9 +62,10 @@ pub fn status(e: &NodeError) -> Status {
                 | J::BucketNotFound { .. }
                 | J::BucketNameNotFound { .. }
                 | J::ChunkNotFound { .. }
+                | J::UploadNotFound { .. }
                 | J::CredentialNotFound { .. } => Code::NotFound,
                 J::BucketNotEmpty { .. } => Code::FailedPrecondition,
-                J::KeyTooLong { .. } => Code::InvalidArgument,
+                J::KeyTooLong { .. } | J::InvalidPart { .. } => Code::InvalidArgument,
             }
         }
         NodeError::Replication(R::NotLeader { .. } | R::NoLeader { .. }) => Code::Unavailable,

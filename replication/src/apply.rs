@@ -10,15 +10,16 @@ use std::io;
 
 use lifeboat_proto::raft as pb;
 use lifeboat_store::db::{Batch, Cf, Db};
-use lifeboat_store::objects::{
-    self, BucketRecord, BucketState, OBJECT_KEY_BYTES_MAX, ObjectVersion, Objects,
-};
+use lifeboat_store::objects::{self, BucketRecord, BucketState, ObjectVersion, Objects};
+use lifeboat_store::uploads::{PartRecord, UploadRecord};
 use lifeboat_store::volumes::{self, BlockContent, VolumeRecord, VolumeState, Volumes};
 use lifeboat_store::{BLOCK_BYTES, BlockNo, BucketId, ChunkId, LogIndex, PgId, VolumeId};
 use prost::Message;
 
 use crate::catalog::{self, Counter};
 use crate::types::{Applied, Rejection};
+
+mod uploads;
 
 pub(crate) struct ApplyContext<'a> {
     db: &'a Db,
@@ -35,6 +36,12 @@ pub(crate) struct ApplyContext<'a> {
     object_overlay: HashMap<(BucketId, Vec<u8>), Option<u64>>,
     /// Reference counts of chunks staged in this batch.
     chunk_overlay: HashMap<ChunkId, u64>,
+    /// Uploads staged in this batch (`None`: removed).
+    upload_overlay: HashMap<(BucketId, u64), Option<UploadRecord>>,
+    /// Parts staged in this batch, by (upload, part) (`None`: removed).
+    part_overlay: HashMap<(u64, u32), Option<PartRecord>>,
+    /// The chunks each stream touched in this batch holds now.
+    stream_overlay: HashMap<u64, Vec<ChunkId>>,
 }
 
 type Outcome = Result<Applied, Rejection>;
@@ -51,6 +58,9 @@ impl<'a> ApplyContext<'a> {
             bucket_overlay: HashMap::new(),
             object_overlay: HashMap::new(),
             chunk_overlay: HashMap::new(),
+            upload_overlay: HashMap::new(),
+            part_overlay: HashMap::new(),
+            stream_overlay: HashMap::new(),
         }
     }
 
@@ -160,6 +170,12 @@ impl<'a> ApplyContext<'a> {
             Kind::DeleteBucket(d) => self.apply_delete_bucket(index, d),
             Kind::PutObject(p) => self.apply_put_object(index, p),
             Kind::DeleteObject(d) => self.apply_delete_object(index, d),
+            Kind::WriteChunks(w) => self.apply_write_chunks(w),
+            Kind::ReleaseStream(r) => self.apply_release_stream(r),
+            Kind::CreateUpload(c) => self.apply_create_upload(c, cmd.stamp_ms),
+            Kind::PutPart(p) => self.apply_put_part(p),
+            Kind::CompleteUpload(c) => self.apply_complete_upload(index, c),
+            Kind::AbortUpload(a) => self.apply_abort_upload(a),
             Kind::InitCatalog(i) => self.apply_init_catalog(i, cmd.stamp_ms),
             Kind::CreateTenant(t) => self.apply_create_tenant(t, cmd.stamp_ms),
             Kind::RotateDek(r) => self.apply_rotate_dek(r),
@@ -634,6 +650,8 @@ impl ApplyContext<'_> {
         if !self.bucket_is_empty(BucketId(d.bucket))? {
             return Ok(Err(Rejection::BucketNotEmpty { bucket: d.bucket }));
         }
+        // S3 deletes a bucket's unfinished multipart uploads with it.
+        self.abort_uploads_of(BucketId(d.bucket))?;
         record.state = BucketState::Deleted;
         self.put_bucket(BucketId(d.bucket), index, record);
         Ok(Ok(Applied::Done))
@@ -644,45 +662,17 @@ impl ApplyContext<'_> {
         if let Err(rejection) = self.active_bucket(p.bucket)? {
             return Ok(Err(rejection));
         }
-        if p.key.len() > OBJECT_KEY_BYTES_MAX {
-            return Ok(Err(Rejection::KeyTooLong {
-                bytes: p.key.len(),
-                max: OBJECT_KEY_BYTES_MAX,
-            }));
+        if let Err(rejection) = uploads::check_key(&p.key) {
+            return Ok(Err(rejection));
         }
         if p.if_absent && self.object_latest(bucket, &p.key)?.is_some() {
             return Ok(Err(Rejection::ObjectExists));
         }
         // Every check before anything is staged.
-        let mut new = HashMap::new();
-        for c in &p.new_chunks {
-            if !p.chunks.contains(&c.chunk) {
-                return Ok(Err(Rejection::Malformed {
-                    reason: format!("new chunk {} is not in the object's chunk list", c.chunk),
-                }));
-            }
-            // A chunk's data row exists exactly while its count is above
-            // zero (`stage_chunk_refs` drops both at zero): the count says
-            // whether the id is in use, without reading the frame.
-            if new.insert(c.chunk, &c.frame).is_some() || self.chunk_refs(ChunkId(c.chunk))? != 0 {
-                return Ok(Err(Rejection::ChunkExists { chunk: c.chunk }));
-            }
+        if let Err(rejection) = self.check_chunks(&p.chunks, &p.new_chunks)? {
+            return Ok(Err(rejection));
         }
-        for &c in &p.chunks {
-            if !new.contains_key(&c) && self.chunk_refs(ChunkId(c))? == 0 {
-                return Ok(Err(Rejection::ChunkNotFound { chunk: c }));
-            }
-        }
-        for (&chunk, frame) in &new {
-            objects::stage_chunk(&mut self.batch, self.pg, ChunkId(chunk), frame);
-        }
-        // One reference per mention: a chunk named twice is counted twice,
-        // and dropped twice when the version goes.
-        for &c in &p.chunks {
-            let refs = self.chunk_refs(ChunkId(c))? + 1;
-            objects::stage_chunk_refs(&mut self.batch, self.pg, ChunkId(c), refs);
-            self.chunk_overlay.insert(ChunkId(c), refs);
-        }
+        self.take_chunks(&p.chunks, &p.new_chunks)?;
         let version = ObjectVersion::Object {
             chunks: p.chunks.iter().map(|c| ChunkId(*c)).collect(),
             record: p.record.to_vec(),
@@ -690,6 +680,8 @@ impl ApplyContext<'_> {
         objects::stage_object_version(&mut self.batch, self.pg, bucket, &p.key, index, &version);
         self.object_overlay
             .insert((bucket, p.key.to_vec()), Some(index.0));
+        // The stream's references pass to the version staged above.
+        self.release_stream(p.stream)?;
         Ok(Ok(Applied::Done))
     }
 
@@ -1038,6 +1030,7 @@ mod tests {
             }],
             record: Default::default(),
             if_absent,
+            stream: 0,
         }))
     }
 

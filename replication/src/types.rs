@@ -60,6 +60,28 @@ impl fmt::Display for Command {
             Some(Kind::CreateBucket(_)) => "create_bucket",
             Some(Kind::DeleteBucket(_)) => "delete_bucket",
             Some(Kind::DeleteObject(_)) => "delete_object",
+            Some(Kind::WriteChunks(w)) => {
+                return write!(
+                    f,
+                    "write_chunks(stream={}, chunks={})",
+                    w.stream,
+                    w.chunks.len()
+                );
+            }
+            Some(Kind::PutPart(p)) => {
+                return write!(
+                    f,
+                    "put_part(upload={}, part={}, chunks={}, new_chunks={})",
+                    p.upload,
+                    p.part,
+                    p.chunks.len(),
+                    p.new_chunks.len()
+                );
+            }
+            Some(Kind::ReleaseStream(_)) => "release_stream",
+            Some(Kind::CreateUpload(_)) => "create_upload",
+            Some(Kind::CompleteUpload(_)) => "complete_upload",
+            Some(Kind::AbortUpload(_)) => "abort_upload",
             Some(Kind::BindBucketName(_)) => "bind_bucket_name",
             Some(Kind::UnbindBucketName(_)) => "unbind_bucket_name",
             Some(Kind::CreateCredential(_)) => "create_credential",
@@ -206,6 +228,12 @@ pub enum Rejection {
     ChunkExists { chunk: u64 },
     #[error("chunk {chunk} does not exist")]
     ChunkNotFound { chunk: u64 },
+    #[error("upload {upload} does not exist")]
+    UploadNotFound { upload: u64 },
+    #[error("upload {upload} already exists")]
+    UploadExists { upload: u64 },
+    #[error("part {part} was not uploaded, or has been replaced since it was read")]
+    InvalidPart { part: u32 },
     #[error("access key {access_key} already exists")]
     CredentialExists { access_key: String },
     #[error("access key {access_key} does not exist")]

@@ -11,6 +11,7 @@
 //! latest      pg u64 | volume u64 | block u64                      24 bytes
 //! blocks      pg u64 | volume u64 | block u64 | !index u64         32 bytes
 //! pg_meta     pg u64 | kind u8 | id u64 | !index u64               25 bytes
+//! pg_meta     pg u64 | kind u8 | a u64 | b u64   (unversioned pairs) 25 bytes
 //! latest      pg u64 | bucket u64 | escaped object key             (objects)
 //! objects     pg u64 | bucket u64 | escaped object key | !index u64
 //! chunks      pg u64 | chunk u64 | part u8                          17 bytes
@@ -65,6 +66,13 @@ pub enum RaftStateKind {
 pub enum MetaKind {
     Volume = 1,
     Bucket = 2,
+    /// Unversioned pair `bucket | upload id`: a multipart upload in progress.
+    Upload = 3,
+    /// Unversioned pair `upload id | part number`: one uploaded part.
+    UploadPart = 4,
+    /// Unversioned pair `stream id | chunk id`: a chunk written ahead of the
+    /// object or part that will name it, holding one reference until then.
+    StreamChunk = 5,
 }
 
 /// The two rows of a chunk in `chunks`.
@@ -234,6 +242,26 @@ pub fn pg_meta_key(pg: PgId, kind: MetaKind, id: u64, index: LogIndex) -> [u8; P
     k[..17].copy_from_slice(&pg_meta_prefix(pg, kind, id));
     k[17..].copy_from_slice(&(!index.0).to_be_bytes());
     k
+}
+
+/// An unversioned `pg_meta` row of a pair kind (uploads, parts, stream
+/// chunks): same shape as a versioned key, with `b` where the inverted
+/// index would be, so rows of one `a` sort by `b`.
+pub fn pg_meta_pair_key(pg: PgId, kind: MetaKind, a: u64, b: u64) -> [u8; PG_META_KEY_BYTES] {
+    let mut k = [0u8; PG_META_KEY_BYTES];
+    k[..17].copy_from_slice(&pg_meta_prefix(pg, kind, a));
+    k[17..].copy_from_slice(&b.to_be_bytes());
+    k
+}
+
+/// `(a, b)` of a pair key, or `None` if it is not one.
+pub fn decode_pg_meta_pair_key(key: &[u8]) -> Option<(u64, u64)> {
+    if key.len() != PG_META_KEY_BYTES {
+        return None;
+    }
+    let a = u64::from_be_bytes(key[9..17].try_into().ok()?);
+    let b = u64::from_be_bytes(key[17..25].try_into().ok()?);
+    Some((a, b))
 }
 
 /// The id and index of a `pg_meta` key, or `None` if it is not one.

@@ -16,6 +16,7 @@ pub mod keyring;
 pub mod keys;
 pub mod objects;
 pub mod raft_snapshot;
+pub mod uploads;
 pub mod volumes;
 
 pub use error::{Error, Result};

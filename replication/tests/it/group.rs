@@ -451,6 +451,7 @@ fn put_object(
             .collect(),
         record: format!("record of {key}").into_bytes().into(),
         if_absent,
+        stream: 0,
     })
 }
 
@@ -531,7 +532,7 @@ async fn buckets_and_objects_apply_at_their_index() {
         (
             put_object("x", &[104], &[(105, b"f")], false),
             Rejection::Malformed {
-                reason: "new chunk 105 is not in the object's chunk list".into(),
+                reason: "new chunk 105 is not in the chunk list".into(),
             },
         ),
         (put_object("a/one", &[], &[], true), Rejection::ObjectExists),
@@ -630,4 +631,221 @@ async fn buckets_and_objects_apply_at_their_index() {
         Rejection::BucketNotFound { bucket: 21 }
     );
     g.shutdown().await.unwrap();
+}
+
+fn chunk_writes(new: &[(u64, &[u8])]) -> Vec<pb::ChunkWrite> {
+    new.iter()
+        .map(|(chunk, frame)| pb::ChunkWrite {
+            chunk: *chunk,
+            frame: frame.to_vec().into(),
+        })
+        .collect()
+}
+
+/// Data written ahead of the entry naming it: a stream's chunks pass to
+/// the object that names them (and unnamed ones go), a released stream
+/// leaves nothing; multipart parts are replaced, completed in order into
+/// one version, checked against what the completer read, aborted, and
+/// dropped with their bucket. Every chunk's count ends where its holders
+/// say.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_and_multipart_uploads_keep_chunk_counts_exact() {
+    use lifeboat_store::objects::Objects;
+    use lifeboat_store::uploads::Uploads;
+    use lifeboat_store::{BucketId, ChunkId};
+    use pb::command::Kind;
+    let dir = tempfile::tempdir().unwrap();
+    let pg = PgId(4);
+    let (db, g) = must_start(dir.path(), pg).await;
+    let objects = Objects::new(db.clone());
+    let uploads = Uploads::new(db.clone());
+    let bucket = BucketId(21);
+    let refs = |c: u64| objects.chunk_refs(pg, ChunkId(c)).unwrap();
+    g.propose(Kind::CreateBucket(pb::CreateBucket {
+        bucket: 21,
+        name: "b".into(),
+    }))
+    .await
+    .unwrap();
+
+    // A stream of two entries; the object names three of its four chunks.
+    for new in [[(1, &b"c1"[..]), (2, b"c2")], [(3, b"c3"), (4, b"c4")]] {
+        g.propose(Kind::WriteChunks(pb::WriteChunks {
+            stream: 7,
+            chunks: chunk_writes(&new),
+        }))
+        .await
+        .unwrap();
+    }
+    assert_eq!((refs(1), refs(4)), (1, 1));
+    assert_eq!(uploads.stream_chunks(pg, 7).unwrap().len(), 4);
+    g.propose(Kind::PutObject(pb::PutObject {
+        bucket: 21,
+        key: b"big".to_vec().into(),
+        chunks: vec![1, 2, 3],
+        stream: 7,
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
+    assert_eq!((refs(1), refs(2), refs(3), refs(4)), (1, 1, 1, 0));
+    assert_eq!(objects.chunk(pg, ChunkId(4)).unwrap(), None);
+    assert!(uploads.stream_chunks(pg, 7).unwrap().is_empty());
+
+    // A writer that gave up: its stream is released and its chunks go.
+    g.propose(Kind::WriteChunks(pb::WriteChunks {
+        stream: 8,
+        chunks: chunk_writes(&[(5, b"c5")]),
+    }))
+    .await
+    .unwrap();
+    // Chunk ids are never reused while in use, whoever holds them.
+    assert_eq!(
+        rejection(
+            g.propose(Kind::WriteChunks(pb::WriteChunks {
+                stream: 9,
+                chunks: chunk_writes(&[(5, b"again")]),
+            }))
+            .await
+            .unwrap_err()
+        ),
+        Rejection::ChunkExists { chunk: 5 }
+    );
+    g.propose(Kind::ReleaseStream(pb::ReleaseStream { stream: 8 }))
+        .await
+        .unwrap();
+    assert_eq!(refs(5), 0);
+
+    // Multipart: part 1 from a stream, part 2 inline and then replaced.
+    g.propose(Kind::CreateUpload(pb::CreateUpload {
+        bucket: 21,
+        upload: 50,
+        key: b"multi".to_vec().into(),
+        record: b"sealed".to_vec().into(),
+    }))
+    .await
+    .unwrap();
+    g.propose(Kind::WriteChunks(pb::WriteChunks {
+        stream: 10,
+        chunks: chunk_writes(&[(11, b"p1a"), (12, b"p1b")]),
+    }))
+    .await
+    .unwrap();
+    let part = |n: u32, chunks: &[u64], new: &[(u64, &[u8])], stream: u64| {
+        Kind::PutPart(pb::PutPart {
+            bucket: 21,
+            upload: 50,
+            part: n,
+            chunks: chunks.to_vec(),
+            new_chunks: chunk_writes(new),
+            record: vec![n as u8].into(),
+            stream,
+        })
+    };
+    g.propose(part(1, &[11, 12], &[], 10)).await.unwrap();
+    g.propose(part(2, &[21], &[(21, b"p2")], 0)).await.unwrap();
+    g.propose(part(2, &[22], &[(22, b"p2 again")], 0))
+        .await
+        .unwrap();
+    g.propose(part(3, &[31], &[(31, b"p3")], 0)).await.unwrap();
+    assert_eq!((refs(11), refs(21), refs(22)), (1, 0, 1));
+    let listed: Vec<u32> = uploads
+        .parts(pg, 50, 0, 10)
+        .unwrap()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(listed, [1, 2, 3]);
+    let completed = |parts: &[(u32, &[u64])]| {
+        Kind::CompleteUpload(pb::CompleteUpload {
+            bucket: 21,
+            upload: 50,
+            parts: parts
+                .iter()
+                .map(|(part, chunks)| pb::CompletedPart {
+                    part: *part,
+                    chunks: chunks.to_vec(),
+                })
+                .collect(),
+            record: b"object".to_vec().into(),
+            if_absent: false,
+        })
+    };
+    // The completer read part 2 before it was replaced: refused.
+    assert_eq!(
+        rejection(
+            g.propose(completed(&[(1, &[11, 12]), (2, &[21])]))
+                .await
+                .unwrap_err()
+        ),
+        Rejection::InvalidPart { part: 2 }
+    );
+    assert!(matches!(
+        rejection(
+            g.propose(completed(&[(2, &[22]), (1, &[11, 12])]))
+                .await
+                .unwrap_err()
+        ),
+        Rejection::Malformed { .. }
+    ));
+    // Parts 1 and 2 make the object; part 3, not named, goes.
+    let (index, _) = g
+        .propose(completed(&[(1, &[11, 12]), (2, &[22])]))
+        .await
+        .unwrap();
+    let (at, version) = objects.latest(pg, bucket, b"multi").unwrap().unwrap();
+    assert_eq!(at, index);
+    assert_eq!(version.chunks(), [ChunkId(11), ChunkId(12), ChunkId(22)]);
+    assert_eq!((refs(11), refs(22), refs(31)), (1, 1, 0));
+    assert!(uploads.upload(pg, bucket, 50).unwrap().is_none());
+    assert!(uploads.parts(pg, 50, 0, 10).unwrap().is_empty());
+    assert_eq!(
+        rejection(g.propose(completed(&[(1, &[11, 12])])).await.unwrap_err()),
+        Rejection::UploadNotFound { upload: 50 }
+    );
+
+    // Abort drops the parts; a bucket delete drops its uploads too.
+    for upload in [60, 61] {
+        g.propose(Kind::CreateUpload(pb::CreateUpload {
+            bucket: 21,
+            upload,
+            key: b"k".to_vec().into(),
+            record: Default::default(),
+        }))
+        .await
+        .unwrap();
+        g.propose(Kind::PutPart(pb::PutPart {
+            bucket: 21,
+            upload,
+            part: 1,
+            chunks: vec![upload],
+            new_chunks: chunk_writes(&[(upload, b"x")]),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    }
+    g.propose(Kind::AbortUpload(pb::AbortUpload {
+        bucket: 21,
+        upload: 60,
+    }))
+    .await
+    .unwrap();
+    assert_eq!((refs(60), refs(61)), (0, 1));
+    for key in ["big", "multi"] {
+        g.propose(Kind::DeleteObject(pb::DeleteObject {
+            bucket: 21,
+            key: key.as_bytes().to_vec().into(),
+        }))
+        .await
+        .unwrap();
+    }
+    g.propose(Kind::DeleteBucket(pb::DeleteBucket { bucket: 21 }))
+        .await
+        .unwrap();
+    assert_eq!(refs(61), 0);
+    assert!(uploads.uploads(pg, bucket, None, 10).unwrap().is_empty());
+    // Object versions keep their chunks in the history (GC is the
+    // history's job).
+    assert_eq!((refs(1), refs(11)), (1, 1));
 }
