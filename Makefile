@@ -17,27 +17,45 @@ BIN := $(CARGO_TARGET_DIR)/$(PROFILE)/lifeboat
 DATA_DIR ?= lifeboat-data
 
 # Debian packages the build and the tests need: libclang for RocksDB's
-# bindings, a C++ compiler for RocksDB, and the real NBD clients the tests
-# drive (qemu-img/qemu-io, nbdinfo/nbdcopy, nbdkit and fio for benchmarks).
-DEBIAN_PACKAGES := libclang-dev clang g++ make qemu-utils libnbd-bin nbdkit fio
+# bindings, a C++ compiler for RocksDB, the real NBD clients the tests
+# drive (qemu-img/qemu-io, nbdinfo/nbdcopy, nbdkit and fio for benchmarks)
+# and the real S3 clients (restic, rclone).
+DEBIAN_PACKAGES := libclang-dev clang g++ make qemu-utils libnbd-bin nbdkit fio restic rclone
+# aws-cli and boto3 may come from pip rather than Debian: each package is
+# installed only when its command (or Python module) is missing.
+#   command-or-module:package
+TOOL_PACKAGES := aws:awscli python3:python3 boto3:python3-boto3
 
 .PHONY: run test verify fix deps build bench bench-codec bench-nbd bench-replicated bench-pgs bench-etcd clean-data
 
-# Installs those of the Debian packages $(1) that are missing, saying so.
-define apt_install
-	@missing=""; \
-	for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then \
+# Installs the Debian packages in the shell variable $missing, if any,
+# saying so.
+INSTALL_MISSING = if [ -n "$$missing" ]; then \
 	  echo "make: installing missing Debian packages:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi; \
 	  $$sudo apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$missing >/dev/null || \
 	  { echo "make: could not install$$missing; install them and retry"; exit 1; }; \
 	fi
+
+# Installs those of the Debian packages $(1) that are missing, saying so.
+define apt_install
+	@missing=""; \
+	for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	$(INSTALL_MISSING)
 endef
 
 deps:
 	$(call apt_install,$(DEBIAN_PACKAGES))
+	@missing=""; \
+	for pair in $(TOOL_PACKAGES); do \
+	  tool=$${pair%%:*}; pkg=$${pair#*:}; \
+	  case $$tool in \
+	    boto3) python3 -c 'import boto3' >/dev/null 2>&1 || missing="$$missing $$pkg" ;; \
+	    *) command -v $$tool >/dev/null 2>&1 || missing="$$missing $$pkg" ;; \
+	  esac; \
+	done; \
+	$(INSTALL_MISSING)
 
 build: deps
 	cargo build $(CARGO_ALL)

@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/raft.proto",
         "proto/transport.proto",
         "proto/admin.proto",
+        "proto/objects.proto",
     ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");

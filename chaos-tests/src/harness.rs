@@ -55,6 +55,7 @@ pub struct TestNode {
     pub admin: SocketAddr,
     pub nbd: SocketAddr,
     pub http: SocketAddr,
+    pub s3: SocketAddr,
     pub token: Option<String>,
     child: Option<Child>,
     /// (data dir, master key file, extra TOML) the config is made from.
@@ -99,6 +100,7 @@ impl TestNode {
             admin: unbound,
             nbd: unbound,
             http: unbound,
+            s3: unbound,
             token: None,
             child: None,
             config_base: (
@@ -115,7 +117,8 @@ impl TestNode {
     /// Picks free ports and writes the config with them.
     fn write_config(&mut self) -> Result<()> {
         let port = || SocketAddr::from(([127, 0, 0, 1], free_port()));
-        (self.raft, self.admin, self.nbd, self.http) = (port(), port(), port(), port());
+        (self.raft, self.admin, self.nbd, self.http, self.s3) =
+            (port(), port(), port(), port(), port());
         self.write_config_file()
     }
 
@@ -132,7 +135,7 @@ impl TestNode {
         let config = format!(
             "node_id = {}\nsite = {:?}\ndata_dir = {:?}\nmaster_key_file = {:?}\n\
              [raft]\nlisten = \"{}\"\n[admin]\nlisten = \"{}\"\n[nbd]\nlisten = \"{}\"\n\
-             [http]\nlisten = \"{}\"\n{extra}\n",
+             [http]\nlisten = \"{}\"\n[s3]\nlisten = \"{}\"\n{extra}\n",
             self.node_id,
             self.site,
             data_dir.display().to_string(),
@@ -141,6 +144,7 @@ impl TestNode {
             self.admin,
             self.nbd,
             self.http,
+            self.s3,
         );
         std::fs::write(&self.config_path, merge_sections(&config))?;
         Ok(())

@@ -38,7 +38,7 @@ pub struct UpArgs {
     /// Where the cluster's nodes, keys and up.env live.
     #[arg(long, default_value = "lifeboat-data")]
     data_dir: PathBuf,
-    /// Added to every default port (7700, 7800, 10809, 9100), to run
+    /// Added to every default port (7700, 7800, 10809, 9100, 9000), to run
     /// several clusters side by side. Node i adds i.
     #[arg(long, default_value_t = 0)]
     port_offset: u16,
@@ -99,6 +99,7 @@ fn node_config(index: u16, args: &UpArgs) -> NodeConfig {
     c.admin.listen = port(7700);
     c.nbd.listen = port(10809);
     c.http.listen = port(9100);
+    c.s3.listen = port(9000);
     c.raft.heartbeat_interval_ms = args.heartbeat_ms;
     c.raft.election_timeout_min_ms = args.heartbeat_ms * 4;
     c.raft.election_timeout_max_ms = args.heartbeat_ms * 8;
@@ -194,7 +195,7 @@ fn stop_node(node: &mut NodeProcess) {
     let _ = node.child.wait();
 }
 
-async fn set_up(client: &mut Client, nodes: &[NodeProcess], dir: &Path) -> Result<String> {
+async fn set_up(client: &mut Client, nodes: &[NodeProcess], dir: &Path) -> Result<SetUp> {
     let endpoint = &nodes[0].endpoint;
     let token_path = dir.join("keys").join("operator.token");
     let req = client.request(api::StatusRequest {});
@@ -255,7 +256,59 @@ async fn set_up(client: &mut Client, nodes: &[NodeProcess], dir: &Path) -> Resul
         });
         c.api().create_volume(req).await?;
     }
-    Ok(token)
+    let req = c.request(api::ListBucketsRequest {
+        tenant: "demo".into(),
+    });
+    let buckets = c.api().list_buckets(req).await?.into_inner().buckets;
+    if !buckets.iter().any(|b| b.name == "demo/demo-backups") {
+        let req = c.request(api::CreateBucketRequest {
+            name: "demo/demo-backups".into(),
+            pg: String::new(),
+        });
+        c.api().create_bucket(req).await?;
+    }
+    let s3 = demo_credential(&mut c, dir).await?;
+    Ok(SetUp { token, s3 })
+}
+
+struct SetUp {
+    token: String,
+    /// The demo tenant's S3 access key and secret.
+    s3: (String, String),
+}
+
+/// The demo tenant's S3 credential: the one made by an earlier `up` on
+/// this data directory while it still exists (a secret is shown only once,
+/// so it is kept beside the operator token), else a new one.
+async fn demo_credential(c: &mut Client, dir: &Path) -> Result<(String, String)> {
+    let path = dir.join("keys").join("demo-s3.credential");
+    let req = c.request(api::ListCredentialsRequest {
+        tenant: "demo".into(),
+    });
+    let existing = c
+        .api()
+        .list_credentials(req)
+        .await?
+        .into_inner()
+        .credentials;
+    if let Ok(text) = std::fs::read_to_string(&path)
+        && let Some((key, secret)) = text.trim().split_once('\n')
+        && existing.iter().any(|e| e.access_key == key)
+    {
+        return Ok((key.to_owned(), secret.to_owned()));
+    }
+    let req = c.request(api::CreateCredentialRequest {
+        tenant: "demo".into(),
+        mode: "full".into(),
+        writable_prefix: None,
+    });
+    let created = c.api().create_credential(req).await?.into_inner();
+    let key = created
+        .credential
+        .map(|c| c.access_key)
+        .context("the new credential came back without its access key")?;
+    write_secret(&path, &format!("{key}\n{}", created.secret_key))?;
+    Ok((key, created.secret_key))
 }
 
 fn stop_all(nodes: &mut [NodeProcess]) {
@@ -299,7 +352,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
         set_up(&mut client, &nodes, &dir).await
     }
     .await;
-    let token = match result {
+    let SetUp { token, s3 } = match result {
         Ok(t) => t,
         Err(e) => {
             stop_all(&mut nodes);
@@ -309,10 +362,18 @@ pub async fn run(args: UpArgs) -> Result<()> {
 
     let n0 = &nodes[0];
     let nbd_uri = |n: &NodeProcess| format!("nbd://{}/demo/disk0", n.config.nbd.listen);
+    let s3_url = |n: &NodeProcess| format!("http://{}", n.config.s3.listen);
     let mut env = vec![
         ("LIFEBOAT_ENDPOINT".to_string(), n0.endpoint.clone()),
         ("LIFEBOAT_TOKEN".to_string(), token),
         ("NBD_URI".to_string(), nbd_uri(n0)),
+        ("AWS_ENDPOINT_URL".to_string(), s3_url(n0)),
+        ("AWS_ACCESS_KEY_ID".to_string(), s3.0),
+        ("AWS_SECRET_ACCESS_KEY".to_string(), s3.1),
+        (
+            "AWS_DEFAULT_REGION".to_string(),
+            n0.config.s3.region.clone(),
+        ),
     ];
     for n in &nodes {
         let i = n.index;
@@ -321,6 +382,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
         env.push((format!("PID_{i}"), n.child.id().to_string()));
         env.push((format!("LIFEBOAT_ENDPOINT_{i}"), n.endpoint.clone()));
         env.push((format!("NBD_URI_{i}"), nbd_uri(n)));
+        env.push((format!("S3_ENDPOINT_{i}"), s3_url(n)));
         env.push((
             format!("METRICS_URL_{i}"),
             format!("http://{}/metrics", n.config.http.listen),
@@ -336,17 +398,19 @@ pub async fn run(args: UpArgs) -> Result<()> {
     );
     for n in &nodes {
         println!(
-            "  node {} ({:<7}) admin {}   NBD {}   metrics http://{}/metrics",
+            "  node {} ({:<7}) admin {}   NBD {}   S3 {}   metrics http://{}/metrics",
             n.index,
             n.config.site,
             n.endpoint,
             nbd_uri(n),
+            s3_url(n),
             n.config.http.listen
         );
     }
     println!(
         "  volume      demo/disk0, 1 GiB, in PG demo/main (voters at primary, learners at dr)"
     );
+    println!("  bucket      demo-backups, in PG demo/main; S3 credential in up.env");
     println!("  node logs   {}", dir.join("nodes/*/node.log").display());
     println!(
         "  credentials {}   (source it: set -a; . {}; set +a)",

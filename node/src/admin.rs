@@ -63,6 +63,7 @@ pub fn status(e: &NodeError) -> Status {
                 | J::BucketNameNotFound { .. }
                 | J::ChunkNotFound { .. }
                 | J::UploadNotFound { .. }
+                | J::VersionNotFound { .. }
                 | J::CredentialNotFound { .. } => Code::NotFound,
                 J::BucketNotEmpty { .. } => Code::FailedPrecondition,
                 J::KeyTooLong { .. } | J::InvalidPart { .. } => Code::InvalidArgument,

@@ -17,6 +17,7 @@ pub struct NodeConfig {
     pub admin: AdminConfig,
     pub nbd: NbdConfig,
     pub http: HttpConfig,
+    pub s3: S3Config,
     pub store: StoreConfig,
     pub raft: RaftConfig,
 }
@@ -50,6 +51,21 @@ pub enum NbdTlsRequired {
 #[serde(default, deny_unknown_fields)]
 pub struct HttpConfig {
     pub listen: SocketAddr,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct S3Config {
+    pub listen: SocketAddr,
+    /// Domains for virtual-host-style addressing (`BUCKET.DOMAIN`);
+    /// path-style requests work on any host.
+    pub domains: Vec<String>,
+    /// The region the gateway answers GetBucketLocation with (clients sign
+    /// for a region; any is accepted).
+    pub region: String,
+    /// Object writes in flight per request: entries of up to 1 MiB being
+    /// replicated while the next chunk is read.
+    pub chunks_in_flight_max: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -102,6 +118,7 @@ impl Default for NodeConfig {
             admin: AdminConfig::default(),
             nbd: NbdConfig::default(),
             http: HttpConfig::default(),
+            s3: S3Config::default(),
             store: StoreConfig::default(),
             raft: RaftConfig::default(),
         }
@@ -131,6 +148,17 @@ impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: loopback(9100),
+        }
+    }
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        S3Config {
+            listen: loopback(9000),
+            domains: vec!["localhost".into()],
+            region: "us-east-1".into(),
+            chunks_in_flight_max: 4,
         }
     }
 }
@@ -215,6 +243,9 @@ impl NodeConfig {
         }
         if self.nbd.request_bytes_max < 4096 {
             return Err("nbd.request_bytes_max must be at least 4096".into());
+        }
+        if self.s3.chunks_in_flight_max == 0 {
+            return Err("s3.chunks_in_flight_max must be at least 1".into());
         }
         if self.nbd.requests_in_flight_max == 0 {
             return Err("nbd.requests_in_flight_max must be at least 1".into());

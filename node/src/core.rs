@@ -1125,7 +1125,7 @@ impl NodeCore {
         }
     }
 
-    fn running_group(&self, pg: u64) -> NodeResult<ProtectionGroup> {
+    pub fn running_group(&self, pg: u64) -> NodeResult<ProtectionGroup> {
         if let Some(g) = self.group(PgId(pg)) {
             return Ok(g);
         }
@@ -1434,7 +1434,17 @@ impl NodeCore {
         self.bucket_info_of(tenant, bucket_name, &bound)
     }
 
-    fn bucket_info_of(
+    /// The catalog's binding of bucket name `name` (which tenant owns it,
+    /// in which PG), whoever owns it.
+    pub fn bucket_binding(&self, name: &str) -> NodeResult<Option<pb::BucketNameRecord>> {
+        self.catalog
+            .bucket_name(name)
+            .map_err(NodeError::io("read catalog"))
+    }
+
+    /// The live bucket `bound` names, as this node's replica of its PG has
+    /// it (`None` if it has none yet, or the bucket is deleted).
+    pub fn bucket_info_of(
         &self,
         tenant: &str,
         bucket_name: &str,

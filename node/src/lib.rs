@@ -1,10 +1,11 @@
 //! The Lifeboat daemon: configuration, the node's state and operations
-//! ([`core`]), the NBD server and its volume backend, the admin gRPC
-//! service, metrics.
+//! ([`core`]), the NBD server and its volume backend, the S3 gateway
+//! ([`s3`]), the admin gRPC service, metrics.
 //!
 //! Must not know RocksDB or openraft directly: it works through `store` and
 //! `replication`. Protocol error mappings live in one place each:
-//! [`admin::status`] for gRPC and [`nbd::errno`] for NBD.
+//! [`admin::status`] for gRPC, [`nbd::errno`] for NBD and
+//! [`s3::errors`] for S3.
 
 pub mod admin;
 pub mod config;
@@ -16,6 +17,7 @@ pub mod metrics;
 pub mod names;
 pub mod nbd;
 pub mod pki;
+pub mod s3;
 pub mod server;
 pub mod volume_io;
 

@@ -42,6 +42,7 @@ pub struct RunningNode {
     pub admin_addr: SocketAddr,
     pub nbd_addr: SocketAddr,
     pub http_addr: SocketAddr,
+    pub s3_addr: SocketAddr,
     pub nbd_stats: Arc<NbdStats>,
     shutdown: Shutdown,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -68,12 +69,14 @@ pub async fn start(config: NodeConfig) -> NodeResult<RunningNode> {
     let admin_listener = bind("admin", config.admin.listen).await?;
     let nbd_listener = bind("NBD", config.nbd.listen).await?;
     let http_listener = bind("HTTP", config.http.listen).await?;
+    let s3_listener = bind("S3", config.s3.listen).await?;
     let local = |l: &TcpListener| l.local_addr().map_err(NodeError::io("read bound address"));
-    let (raft_addr, admin_addr, nbd_addr, http_addr) = (
+    let (raft_addr, admin_addr, nbd_addr, http_addr, s3_addr) = (
         local(&raft_listener)?,
         local(&admin_listener)?,
         local(&nbd_listener)?,
         local(&http_listener)?,
+        local(&s3_listener)?,
     );
 
     let core = NodeCore::open(config.clone()).await?;
@@ -163,6 +166,12 @@ pub async fn start(config: NodeConfig) -> NodeResult<RunningNode> {
         }
     });
 
+    let s3_task = tokio::spawn(crate::s3::serve(
+        s3_listener,
+        core.clone(),
+        shutdown.clone(),
+    ));
+
     tracing::info!(
         node_id = config.node_id,
         site = config.site,
@@ -170,6 +179,7 @@ pub async fn start(config: NodeConfig) -> NodeResult<RunningNode> {
         admin = %admin_addr,
         nbd = %nbd_addr,
         http = %http_addr,
+        s3 = %s3_addr,
         initialized = core.is_initialized(),
         "lifeboat node serving"
     );
@@ -179,9 +189,10 @@ pub async fn start(config: NodeConfig) -> NodeResult<RunningNode> {
         admin_addr,
         nbd_addr,
         http_addr,
+        s3_addr,
         nbd_stats,
         shutdown,
-        tasks: vec![raft_task, admin_task, nbd_task, http_task],
+        tasks: vec![raft_task, admin_task, nbd_task, http_task, s3_task],
     })
 }
 

@@ -1,5 +1,6 @@
 //! Protocol buffers of Lifeboat: the Raft log entry and command format
-//! (`raft`) and the admin API (`admin`). Generated code only; conversions to
+//! (`raft`), the admin API (`admin`) and the sealed object records
+//! (`objects`). Generated code only; conversions to
 //! domain types live in `replication::wire` and `node::admin`.
 
 #![allow(clippy::all)]
@@ -10,4 +11,8 @@ pub mod raft {
 
 pub mod admin {
     tonic::include_proto!("lifeboat.admin");
+}
+
+pub mod objects {
+    tonic::include_proto!("lifeboat.objects");
 }

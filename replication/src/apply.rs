@@ -5,7 +5,7 @@
 //! go through an overlay of what this batch already staged, so a command
 //! sees every earlier command of the same call.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 
 use lifeboat_proto::raft as pb;
@@ -42,6 +42,8 @@ pub(crate) struct ApplyContext<'a> {
     part_overlay: HashMap<(u64, u32), Option<PartRecord>>,
     /// The chunks each stream touched in this batch holds now.
     stream_overlay: HashMap<u64, Vec<ChunkId>>,
+    /// Object version rows staged in this batch, by (bucket, key), by index.
+    version_overlay: HashMap<(BucketId, Vec<u8>), BTreeMap<u64, ObjectVersion>>,
 }
 
 type Outcome = Result<Applied, Rejection>;
@@ -61,6 +63,7 @@ impl<'a> ApplyContext<'a> {
             upload_overlay: HashMap::new(),
             part_overlay: HashMap::new(),
             stream_overlay: HashMap::new(),
+            version_overlay: HashMap::new(),
         }
     }
 
@@ -170,6 +173,7 @@ impl<'a> ApplyContext<'a> {
             Kind::DeleteBucket(d) => self.apply_delete_bucket(index, d),
             Kind::PutObject(p) => self.apply_put_object(index, p),
             Kind::DeleteObject(d) => self.apply_delete_object(index, d),
+            Kind::DeleteObjectVersion(d) => self.apply_delete_object_version(index, d),
             Kind::WriteChunks(w) => self.apply_write_chunks(w),
             Kind::ReleaseStream(r) => self.apply_release_stream(r),
             Kind::CreateUpload(c) => self.apply_create_upload(c, cmd.stamp_ms),
@@ -677,9 +681,7 @@ impl ApplyContext<'_> {
             chunks: p.chunks.iter().map(|c| ChunkId(*c)).collect(),
             record: p.record.to_vec(),
         };
-        objects::stage_object_version(&mut self.batch, self.pg, bucket, &p.key, index, &version);
-        self.object_overlay
-            .insert((bucket, p.key.to_vec()), Some(index.0));
+        self.stage_version(bucket, &p.key, index, version);
         // The stream's references pass to the version staged above.
         self.release_stream(p.stream)?;
         Ok(Ok(Applied::Done))
@@ -697,16 +699,94 @@ impl ApplyContext<'_> {
         if self.object_latest(bucket, &d.key)?.is_none() {
             return Ok(Ok(Applied::Done));
         }
-        objects::stage_object_version(
+        self.stage_version(bucket, &d.key, index, ObjectVersion::DeleteMarker);
+        Ok(Ok(Applied::Done))
+    }
+
+    /// Stages a new version of `key` (object or delete marker) and moves
+    /// `latest` with it.
+    fn stage_version(&mut self, bucket: BucketId, key: &[u8], index: LogIndex, v: ObjectVersion) {
+        objects::stage_object_version(&mut self.batch, self.pg, bucket, key, index, &v);
+        let live = matches!(v, ObjectVersion::Object { .. }).then_some(index.0);
+        self.object_overlay.insert((bucket, key.to_vec()), live);
+        self.version_overlay
+            .entry((bucket, key.to_vec()))
+            .or_default()
+            .insert(index.0, v);
+    }
+
+    /// Every version of `key`, this batch's included, by index.
+    fn versions_of(
+        &self,
+        bucket: BucketId,
+        key: &[u8],
+    ) -> io::Result<BTreeMap<u64, ObjectVersion>> {
+        let mut all: BTreeMap<u64, ObjectVersion> = self
+            .objects()
+            .versions(self.pg, bucket, key)
+            .map_err(io::Error::other)?
+            .into_iter()
+            .map(|(i, v)| (i.0, v))
+            .collect();
+        if let Some(staged) = self.version_overlay.get(&(bucket, key.to_vec())) {
+            all.extend(staged.iter().map(|(i, v)| (*i, v.clone())));
+        }
+        Ok(all)
+    }
+
+    /// Removes one version by its id: it leaves listings and plain reads,
+    /// and `latest` moves to the newest version still there. Its chunks
+    /// stay referenced for reads of the past until the history's GC.
+    fn apply_delete_object_version(
+        &mut self,
+        index: LogIndex,
+        d: &pb::DeleteObjectVersion,
+    ) -> io::Result<Outcome> {
+        let bucket = BucketId(d.bucket);
+        if let Err(rejection) = self.active_bucket(d.bucket)? {
+            return Ok(Err(rejection));
+        }
+        let mut versions = self.versions_of(bucket, &d.key)?;
+        let Some(original) = versions
+            .get(&d.index)
+            .filter(|v| !matches!(v, ObjectVersion::Removed { .. }))
+            .cloned()
+        else {
+            return Ok(Err(Rejection::VersionNotFound { index: d.index }));
+        };
+        let was_marker = original == ObjectVersion::DeleteMarker;
+        versions.insert(
+            d.index,
+            ObjectVersion::Removed {
+                at: index,
+                original: Box::new(original.clone()),
+            },
+        );
+        let newest_left = versions
+            .iter()
+            .rev()
+            .find(|(_, v)| !matches!(v, ObjectVersion::Removed { .. }));
+        let new_latest = match newest_left {
+            Some((i, ObjectVersion::Object { .. })) => Some(LogIndex(*i)),
+            _ => None,
+        };
+        objects::stage_version_removal(
             &mut self.batch,
             self.pg,
             bucket,
             &d.key,
+            LogIndex(d.index),
             index,
-            &ObjectVersion::DeleteMarker,
+            original,
+            new_latest,
         );
-        self.object_overlay.insert((bucket, d.key.to_vec()), None);
-        Ok(Ok(Applied::Done))
+        self.object_overlay
+            .insert((bucket, d.key.to_vec()), new_latest.map(|i| i.0));
+        self.version_overlay
+            .insert((bucket, d.key.to_vec()), versions);
+        Ok(Ok(Applied::VersionDeleted {
+            delete_marker: was_marker,
+        }))
     }
 
     fn apply_bind_bucket_name(&mut self, b: &pb::BindBucketName) -> io::Result<Outcome> {

@@ -82,6 +82,7 @@ impl fmt::Display for Command {
             Some(Kind::CreateUpload(_)) => "create_upload",
             Some(Kind::CompleteUpload(_)) => "complete_upload",
             Some(Kind::AbortUpload(_)) => "abort_upload",
+            Some(Kind::DeleteObjectVersion(_)) => "delete_object_version",
             Some(Kind::BindBucketName(_)) => "bind_bucket_name",
             Some(Kind::UnbindBucketName(_)) => "unbind_bucket_name",
             Some(Kind::CreateCredential(_)) => "create_credential",
@@ -228,6 +229,8 @@ pub enum Rejection {
     ChunkExists { chunk: u64 },
     #[error("chunk {chunk} does not exist")]
     ChunkNotFound { chunk: u64 },
+    #[error("no version at index {index}")]
+    VersionNotFound { index: u64 },
     #[error("upload {upload} does not exist")]
     UploadNotFound { upload: u64 },
     #[error("upload {upload} already exists")]
@@ -265,6 +268,10 @@ pub enum Applied {
     BucketNameBound {
         pg: u64,
         bucket: u64,
+    },
+    /// A version was removed by its id; it was a delete marker or not.
+    VersionDeleted {
+        delete_marker: bool,
     },
 }
 

@@ -115,6 +115,7 @@ const COMPRESS_SAMPLE_BYTES: usize = 4 << 10;
 /// FrameAad tag bytes: never reuse or renumber one (see the layout note).
 const AAD_TAG_BLOCK: u8 = 1;
 const AAD_TAG_CHUNK: u8 = 2;
+const AAD_TAG_RECORD: u8 = 3;
 /// Longest FrameAad encoding: a block's tag and four u64s.
 const FRAME_AAD_BYTES_MAX: usize = 1 + 4 * 8;
 
@@ -124,6 +125,7 @@ const FRAME_AAD_BYTES_MAX: usize = 1 + 4 * 8;
 /// Encoding (big-endian, fixed length per tag):
 /// - `Block`: `1u8 | tenant u64 | pg u64 | volume u64 | block u64` (33 bytes)
 /// - `Chunk`: `2u8 | tenant u64 | pg u64 | chunk u64` (25 bytes)
+/// - `Record`: `3u8 | tenant u64 | pg u64 | bucket u64` (25 bytes)
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum FrameAad {
     /// A 4 KiB volume block.
@@ -138,6 +140,14 @@ pub enum FrameAad {
         tenant: TenantId,
         pg: PgId,
         chunk: u64,
+    },
+    /// A sealed object, upload or part record of a bucket. The record's
+    /// plaintext names its object key, which readers check, so a record
+    /// moved to another key of the same bucket is refused too.
+    Record {
+        tenant: TenantId,
+        pg: PgId,
+        bucket: u64,
     },
 }
 
@@ -159,6 +169,12 @@ impl FrameAad {
             FrameAad::Chunk { tenant, pg, chunk } => {
                 out.push(AAD_TAG_CHUNK);
                 for field in [tenant.0, pg.0, chunk] {
+                    out.extend_from_slice(&field.to_be_bytes());
+                }
+            }
+            FrameAad::Record { tenant, pg, bucket } => {
+                out.push(AAD_TAG_RECORD);
+                for field in [tenant.0, pg.0, bucket] {
                     out.extend_from_slice(&field.to_be_bytes());
                 }
             }

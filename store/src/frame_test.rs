@@ -176,6 +176,17 @@ fn aad_encoding_is_fixed() {
         expected.extend_from_slice(&field.to_be_bytes());
     }
     assert_eq!(chunk.encode(), expected);
+
+    let record = FrameAad::Record {
+        tenant: TenantId(1),
+        pg: PgId(2),
+        bucket: 3,
+    };
+    let mut expected = vec![AAD_TAG_RECORD];
+    for field in [1u64, 2, 3] {
+        expected.extend_from_slice(&field.to_be_bytes());
+    }
+    assert_eq!(record.encode(), expected);
 }
 
 #[test]
@@ -199,6 +210,14 @@ fn wrong_place_fails_authentication() {
                     tenant: TenantId(1),
                     pg: PgId(2),
                     chunk: 3,
+                },
+            ),
+            (
+                "a bucket's record",
+                FrameAad::Record {
+                    tenant: TenantId(1),
+                    pg: PgId(2),
+                    bucket: 3,
                 },
             ),
         ] {

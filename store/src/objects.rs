@@ -91,12 +91,20 @@ pub enum ObjectVersion {
     },
     /// The key was deleted at this version.
     DeleteMarker,
+    /// A version deleted by its id at index `at`: it has left the
+    /// listings and plain reads, and stays (with its chunks) for reads of
+    /// the past until the history's GC drops it.
+    Removed {
+        at: LogIndex,
+        original: Box<ObjectVersion>,
+    },
 }
 
 /// Value layout, version 1:
 /// ```text
-/// version u8 | kind u8 (1 object, 2 delete marker)
+/// version u8 | kind u8 (1 object, 2 delete marker, 3 removed)
 /// object: chunk_count u32 BE | chunk ids u64 BE … | sealed record
+/// removed: at u64 BE | the original version's value
 /// ```
 const OBJECT_VERSION_VERSION: u8 = 1;
 
@@ -114,12 +122,32 @@ impl ObjectVersion {
                 out
             }
             ObjectVersion::DeleteMarker => vec![OBJECT_VERSION_VERSION, 2],
+            ObjectVersion::Removed { at, original } => {
+                let mut out = vec![OBJECT_VERSION_VERSION, 3];
+                out.extend_from_slice(&at.0.to_be_bytes());
+                out.extend_from_slice(&original.encode());
+                out
+            }
         }
     }
 
     pub fn decode(bytes: &[u8]) -> std::result::Result<ObjectVersion, String> {
         match bytes {
             [OBJECT_VERSION_VERSION, 2] => Ok(ObjectVersion::DeleteMarker),
+            [OBJECT_VERSION_VERSION, 3, rest @ ..] => {
+                let at: [u8; 8] = rest
+                    .get(..8)
+                    .and_then(|a| a.try_into().ok())
+                    .ok_or("removed version without its index")?;
+                let original = ObjectVersion::decode(&rest[8..])?;
+                if matches!(original, ObjectVersion::Removed { .. }) {
+                    return Err("a removed version inside a removed version".into());
+                }
+                Ok(ObjectVersion::Removed {
+                    at: LogIndex(u64::from_be_bytes(at)),
+                    original: Box::new(original),
+                })
+            }
             [OBJECT_VERSION_VERSION, 1, rest @ ..] => {
                 let count: [u8; 4] = rest
                     .get(..4)
@@ -146,11 +174,13 @@ impl ObjectVersion {
         }
     }
 
-    /// The chunks this version names (none for a delete marker).
+    /// The chunks this version names (none for a delete marker; a
+    /// removed version still holds its original's).
     pub fn chunks(&self) -> &[ChunkId] {
         match self {
             ObjectVersion::Object { chunks, .. } => chunks,
             ObjectVersion::DeleteMarker => &[],
+            ObjectVersion::Removed { original, .. } => original.chunks(),
         }
     }
 }
@@ -190,6 +220,40 @@ pub fn stage_object_version(
     match version {
         ObjectVersion::Object { .. } => batch.put(Cf::Latest, &latest, &index.0.to_be_bytes()),
         ObjectVersion::DeleteMarker => batch.delete(Cf::Latest, &latest),
+        ObjectVersion::Removed { .. } => {
+            panic!("a removed version is staged with stage_version_removal")
+        }
+    }
+}
+
+/// Stages the removal (by version id) of the version of `key` at `index`,
+/// at index `at`, and points `latest` at `new_latest` (the newest version
+/// still live after it, `None` if that is a delete marker or there is
+/// none).
+#[allow(clippy::too_many_arguments)]
+pub fn stage_version_removal(
+    batch: &mut Batch,
+    pg: PgId,
+    bucket: BucketId,
+    key: &[u8],
+    index: LogIndex,
+    at: LogIndex,
+    original: ObjectVersion,
+    new_latest: Option<LogIndex>,
+) {
+    let removed = ObjectVersion::Removed {
+        at,
+        original: Box::new(original),
+    };
+    batch.put(
+        Cf::Objects,
+        &keys::object_version_key(pg, bucket, key, index),
+        &removed.encode(),
+    );
+    let latest = keys::object_latest_key(pg, bucket, key);
+    match new_latest {
+        Some(i) => batch.put(Cf::Latest, &latest, &i.0.to_be_bytes()),
+        None => batch.delete(Cf::Latest, &latest),
     }
 }
 
@@ -230,6 +294,26 @@ pub struct Listing {
     /// Where the next page starts when this one is full and more follows
     /// (an opaque position for [`ListQuery::resume`]).
     pub resume: Option<Vec<u8>>,
+}
+
+/// What [`Objects::list_versions`] returns, in key order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListedVersion {
+    Version {
+        key: Vec<u8>,
+        index: LogIndex,
+        version: ObjectVersion,
+        /// The newest version of its key (possibly a delete marker).
+        is_latest: bool,
+    },
+    CommonPrefix(Vec<u8>),
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VersionListing {
+    pub entries: Vec<ListedVersion>,
+    /// More follows the last entry.
+    pub truncated: bool,
 }
 
 /// A listing of a bucket's live objects (S3 ListObjects semantics).
@@ -419,6 +503,93 @@ impl Objects {
                     listing.entries.push(Listed::Object { key, index });
                 }
             }
+        }
+    }
+
+    /// One page of every stored version (delete markers included) of the
+    /// bucket's keys under `q.prefix`, in key order and newest first within
+    /// a key. `q.start_after` is a key marker (every version of it is
+    /// skipped) unless `version_after` names a version of it, when the page
+    /// starts at the next older version of that key. `q.resume` is not used.
+    pub fn list_versions(
+        &self,
+        pg: PgId,
+        bucket: BucketId,
+        q: &ListQuery<'_>,
+        version_after: Option<LogIndex>,
+    ) -> Result<VersionListing> {
+        let bucket_prefix = keys::bucket_prefix(pg, bucket);
+        let mut range = bucket_prefix.to_vec();
+        range.extend_from_slice(&keys::escape_object_key(q.prefix));
+        let past = |latest_key: &[u8]| {
+            prefix_successor(latest_key).unwrap_or_else(|| {
+                let mut end = latest_key.to_vec();
+                end.push(0xFF);
+                end
+            })
+        };
+        let mut position = match (q.start_after, version_after) {
+            (Some(key), Some(index)) => {
+                let mut k = keys::object_version_key(pg, bucket, key, index);
+                k.push(0);
+                k
+            }
+            (Some(key), None) => past(&keys::object_latest_key(pg, bucket, key)),
+            (None, _) => range.clone(),
+        };
+        if position < range {
+            position = range.clone();
+        }
+        // Whether the row at `position` is its key's newest: true at a key
+        // boundary, false when resuming inside a key.
+        let mut resumed_inside: Option<Vec<u8>> = match (q.start_after, version_after) {
+            (Some(key), Some(_)) => Some(key.to_vec()),
+            _ => None,
+        };
+        let limit = q.limit.max(1);
+        let mut listing = VersionListing::default();
+        loop {
+            let Some((k, v)) = self.db.seek(Cf::Objects, &range, &position)? else {
+                return Ok(listing);
+            };
+            let (key, index) = keys::decode_object_version_key(&k).ok_or_else(|| {
+                Error::corrupt_record(Cf::Objects.name(), &k, "malformed object key")
+            })?;
+            if listing.entries.len() == limit {
+                listing.truncated = true;
+                return Ok(listing);
+            }
+            let rolled = q.delimiter.filter(|d| !d.is_empty()).and_then(|d| {
+                let rest = &key[q.prefix.len()..];
+                find(rest, d).map(|at| key[..q.prefix.len() + at + d.len()].to_vec())
+            });
+            if let Some(common) = rolled {
+                let mut escaped = bucket_prefix.to_vec();
+                escaped.extend_from_slice(&keys::escape_object_key(&common));
+                position = past(&escaped);
+                listing.entries.push(ListedVersion::CommonPrefix(common));
+                continue;
+            }
+            let mut next = k.clone();
+            next.push(0);
+            let version = decode_version(&k, &v)?;
+            if matches!(version, ObjectVersion::Removed { .. }) {
+                // Gone from listings; a resume inside this key stays inside.
+                position = next;
+                continue;
+            }
+            let is_latest = resumed_inside.take().is_none_or(|inside| inside != key)
+                && listing.entries.last().is_none_or(|e| match e {
+                    ListedVersion::Version { key: last, .. } => *last != key,
+                    ListedVersion::CommonPrefix(_) => true,
+                });
+            position = next;
+            listing.entries.push(ListedVersion::Version {
+                key,
+                index,
+                version,
+                is_latest,
+            });
         }
     }
 
@@ -720,6 +891,88 @@ mod tests {
             .entries
             .is_empty()
         );
+    }
+
+    #[test]
+    fn version_listing_pages_newest_first_with_markers_and_prefixes() {
+        let (_dir, db) = must_open();
+        let objects = Objects::new(db.clone());
+        must_put(&db, "a", 1, &object(&[1], b"a1"));
+        must_put(&db, "a", 4, &object(&[2], b"a4"));
+        must_put(&db, "a", 6, &ObjectVersion::DeleteMarker);
+        must_put(&db, "b/x", 2, &object(&[3], b"bx"));
+        must_put(&db, "b/y", 3, &object(&[4], b"by"));
+        must_put(&db, "c", 5, &object(&[5], b"c5"));
+        let page = |q: &ListQuery<'_>, after: Option<u64>| {
+            let listing = objects
+                .list_versions(PG, B, q, after.map(LogIndex))
+                .unwrap();
+            let entries: Vec<String> = listing
+                .entries
+                .iter()
+                .map(|e| match e {
+                    ListedVersion::Version {
+                        key,
+                        index,
+                        version,
+                        is_latest,
+                    } => format!(
+                        "{}@{}{}{}",
+                        String::from_utf8_lossy(key),
+                        index.0,
+                        if *version == ObjectVersion::DeleteMarker {
+                            "x"
+                        } else {
+                            ""
+                        },
+                        if *is_latest { "*" } else { "" }
+                    ),
+                    ListedVersion::CommonPrefix(p) => String::from_utf8_lossy(p).into_owned(),
+                })
+                .collect();
+            (entries, listing.truncated)
+        };
+        let all = ListQuery {
+            limit: 100,
+            ..Default::default()
+        };
+        assert_eq!(
+            page(&all, None),
+            (
+                vec!["a@6x*", "a@4", "a@1", "b/x@2*", "b/y@3*", "c@5*"]
+                    .into_iter()
+                    .map(String::from)
+                    .collect(),
+                false
+            )
+        );
+        // Two at a time, resuming inside key "a": its older versions are
+        // not the latest.
+        let two = ListQuery {
+            limit: 2,
+            ..Default::default()
+        };
+        assert_eq!(page(&two, None).0, ["a@6x*", "a@4"]);
+        assert!(page(&two, None).1);
+        let next = ListQuery {
+            start_after: Some(b"a"),
+            ..two.clone()
+        };
+        assert_eq!(page(&next, Some(4)).0, ["a@1", "b/x@2*"]);
+        // A key marker alone skips every version of that key.
+        assert_eq!(page(&next, None).0, ["b/x@2*", "b/y@3*"]);
+        let rolled = ListQuery {
+            delimiter: Some(b"/"),
+            limit: 100,
+            ..Default::default()
+        };
+        assert_eq!(page(&rolled, None).0, ["a@6x*", "a@4", "a@1", "b/", "c@5*"]);
+        let under_b = ListQuery {
+            prefix: b"b/",
+            limit: 100,
+            ..Default::default()
+        };
+        assert_eq!(page(&under_b, None).0, ["b/x@2*", "b/y@3*"]);
     }
 
     #[test]

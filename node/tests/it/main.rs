@@ -11,6 +11,7 @@ mod integrity;
 mod membership;
 mod pgs;
 mod real_clients;
+mod s3;
 mod tls;
 
 use std::net::SocketAddr;
@@ -72,6 +73,7 @@ pub fn test_config(dir: &std::path::Path) -> NodeConfig {
     c.admin.listen = any;
     c.nbd.listen = any;
     c.http.listen = any;
+    c.s3.listen = any;
     c.raft.listen = any;
     // Small reserve: test machines may have little free disk.
     c.store.reserve_bytes = 16 << 20;
@@ -151,6 +153,12 @@ pub async fn must_start() -> TestNode {
         dir,
         token,
     }
+}
+
+/// Panics with a clear message unless `program` (installed by `make test`)
+/// is on the PATH.
+pub fn must_have(program: &str) {
+    lifeboat_chaos_tests::harness::must_have_tool(program);
 }
 
 /// Runs a tool (installed by `make test`) and returns its stdout; panics

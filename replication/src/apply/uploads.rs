@@ -283,16 +283,7 @@ impl ApplyContext<'_> {
             chunks,
             record: c.record.to_vec(),
         };
-        objects::stage_object_version(
-            &mut self.batch,
-            self.pg,
-            bucket,
-            &upload.key,
-            index,
-            &version,
-        );
-        self.object_overlay
-            .insert((bucket, upload.key.clone()), Some(index.0));
+        self.stage_version(bucket, &upload.key, index, version);
         self.drop_upload(bucket, c.upload, parts)?;
         Ok(Ok(Applied::Done))
     }

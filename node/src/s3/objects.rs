@@ -1,0 +1,505 @@
+//! The object data path under the S3 gateway: bodies cut into chunks of at
+//! most 1 MiB, each sealed by the frame codec (bound to tenant, PG and a
+//! random chunk id) and replicated through the bucket's PG; records sealed
+//! the same way; reads streamed chunk by chunk, so neither direction ever
+//! holds more than a few chunks of an object in memory.
+//!
+//! Writes of one chunk travel in the entry that creates the object (or
+//! part). Larger bodies are a *stream*: one `WriteChunks` entry per chunk,
+//! up to `s3.chunks_in_flight_max` in flight, then the entry that names
+//! them all; a body that fails midway releases its stream.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures::{StreamExt, stream::FuturesUnordered};
+use lifeboat_proto::objects as rec;
+use lifeboat_proto::raft as pb;
+use lifeboat_replication::ProtectionGroup;
+use lifeboat_store::frame::{FrameAad, frame_key_id};
+use lifeboat_store::keyring::TenantKeys;
+use lifeboat_store::objects::ObjectVersion;
+use lifeboat_store::{BucketId, ChunkId, LogIndex, PgId, TenantId};
+use prost::Message;
+use s3s::S3Error;
+use s3s::crypto::{Checksum as _, Md5};
+use s3s::dto::StreamingBlob;
+
+use super::errors::{from_node, internal};
+use crate::core::NodeCore;
+use crate::error::NodeError;
+
+/// Plain bytes per chunk (the last chunk of an object may be shorter).
+pub const CHUNK_BYTES: usize = 1 << 20;
+
+/// A bucket resolved for one request: whose it is and where it lives.
+#[derive(Clone)]
+pub struct BucketRef {
+    pub tenant: String,
+    pub tenant_id: TenantId,
+    pub name: String,
+    pub pg: PgId,
+    pub id: BucketId,
+    pub created_ms: u64,
+    pub group: ProtectionGroup,
+}
+
+impl BucketRef {
+    fn record_aad(&self) -> FrameAad {
+        FrameAad::Record {
+            tenant: self.tenant_id,
+            pg: self.pg,
+            bucket: self.id.0,
+        }
+    }
+
+    fn chunk_aad(&self, chunk: u64) -> FrameAad {
+        FrameAad::Chunk {
+            tenant: self.tenant_id,
+            pg: self.pg,
+            chunk,
+        }
+    }
+}
+
+/// An object version found by a read.
+pub struct Found {
+    pub index: LogIndex,
+    pub chunks: Vec<ChunkId>,
+    pub record: rec::ObjectRecord,
+}
+
+/// A body written as chunks, not yet named by any entry.
+pub struct WrittenBody {
+    pub size: u64,
+    /// Hex MD5 of the body.
+    pub md5: [u8; 16],
+    pub checksums: rec::Checksums,
+    pub chunk_ids: Vec<u64>,
+    pub chunk_sizes: Vec<u64>,
+    /// A body of at most one chunk: its frame goes in the naming entry.
+    pub inline: Vec<pb::ChunkWrite>,
+    /// A larger body: the stream holding its chunks (0 when inline).
+    pub stream: u64,
+}
+
+/// Which checksums the client asked the gateway to verify (from headers
+/// or announced trailers); the rest are not computed.
+#[derive(Clone, Debug, Default)]
+pub struct WantedChecksums {
+    pub crc32: bool,
+    pub crc32c: bool,
+    pub sha1: bool,
+    pub sha256: bool,
+    pub crc64nvme: bool,
+}
+
+impl WantedChecksums {
+    fn hasher(&self) -> s3s::checksum::ChecksumHasher {
+        use s3s::crypto::{Crc32, Crc32c, Crc64Nvme, Sha1, Sha256};
+        s3s::checksum::ChecksumHasher {
+            crc32: self.crc32.then(Crc32::new),
+            crc32c: self.crc32c.then(Crc32c::new),
+            sha1: self.sha1.then(Sha1::new),
+            sha256: self.sha256.then(Sha256::new),
+            crc64nvme: self.crc64nvme.then(Crc64Nvme::new),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct ObjectStore {
+    core: Arc<NodeCore>,
+}
+
+impl ObjectStore {
+    pub fn new(core: Arc<NodeCore>) -> ObjectStore {
+        ObjectStore { core }
+    }
+
+    pub fn core(&self) -> &Arc<NodeCore> {
+        &self.core
+    }
+
+    fn keys(&self, bucket: &BucketRef, frame: Option<&[u8]>) -> Result<Arc<TenantKeys>, S3Error> {
+        let needed = frame.and_then(|f| frame_key_id(f).ok());
+        self.core
+            .tenant_keys(&bucket.tenant, needed)
+            .map_err(from_node)
+    }
+
+    /// Seals a record for `bucket` (object, upload or part).
+    pub fn seal(&self, bucket: &BucketRef, record: &impl Message) -> Result<Bytes, S3Error> {
+        let keys = self.keys(bucket, None)?;
+        let plain = record.encode_to_vec();
+        Ok(Bytes::from(self.core.codec.encode(
+            keys.current(),
+            &bucket.record_aad(),
+            &plain,
+        )))
+    }
+
+    /// Opens a sealed record of `bucket` and checks it names `key`.
+    pub fn open<M: Message + Default>(
+        &self,
+        bucket: &BucketRef,
+        sealed: &[u8],
+        key: &[u8],
+        key_of: impl Fn(&M) -> &[u8],
+    ) -> Result<M, S3Error> {
+        let keys = self.keys(bucket, Some(sealed))?;
+        let plain = self
+            .core
+            .codec
+            .decode(&keys, &bucket.record_aad(), sealed)
+            .map_err(|e| {
+                self.core.metrics.corrupt_frames.inc();
+                internal("a stored object record does not open", e)
+            })?;
+        let record = M::decode(plain.as_slice())
+            .map_err(|e| internal("a stored object record does not decode", e))?;
+        if key_of(&record) != key {
+            return Err(internal(
+                "a stored object record belongs to another key",
+                String::from_utf8_lossy(key),
+            ));
+        }
+        Ok(record)
+    }
+
+    /// Waits until this node's replica of the bucket's PG has everything
+    /// committed when the read began (linearizable reads on any node).
+    pub async fn read_point(&self, bucket: &BucketRef) -> Result<(), S3Error> {
+        bucket
+            .group
+            .read_barrier()
+            .await
+            .map(|_| ())
+            .map_err(|e| from_node(e.into()))
+    }
+
+    /// The live version of `key` (at `version` when given, which may name
+    /// an older version; `None` if that version is a delete marker or does
+    /// not exist).
+    pub fn find(
+        &self,
+        bucket: &BucketRef,
+        key: &[u8],
+        version: Option<LogIndex>,
+    ) -> Result<Option<Found>, S3Error> {
+        let objects = &self.core.objects;
+        let found = match version {
+            None => objects.latest(bucket.pg, bucket.id, key),
+            Some(at) => objects
+                .version_at(bucket.pg, bucket.id, key, at)
+                .map(|v| v.filter(|(index, _)| *index == at)),
+        }
+        .map_err(|e| from_node(e.into()))?;
+        let Some((index, ObjectVersion::Object { chunks, record })) = found else {
+            return Ok(None);
+        };
+        let record = self.open(bucket, &record, key, |r: &rec::ObjectRecord| &r.key)?;
+        Ok(Some(Found {
+            index,
+            chunks,
+            record,
+        }))
+    }
+
+    /// Proposes in the bucket's PG.
+    pub async fn propose(
+        &self,
+        bucket: &BucketRef,
+        kind: pb::command::Kind,
+    ) -> Result<LogIndex, S3Error> {
+        bucket
+            .group
+            .propose(kind)
+            .await
+            .map(|(index, _)| index)
+            .map_err(|e| from_node(e.into()))
+    }
+
+    /// Drops a stream's references after a failed write (best effort: a
+    /// stream nobody releases is an orphan for the sweep).
+    pub async fn release(&self, bucket: &BucketRef, stream: u64) {
+        if stream == 0 {
+            return;
+        }
+        let kind = pb::command::Kind::ReleaseStream(pb::ReleaseStream { stream });
+        if let Err(e) = bucket.group.propose(kind).await {
+            tracing::warn!(stream, error = %e, "could not release an abandoned upload stream");
+        }
+    }
+
+    /// Reads `body` to its end, cutting it into sealed chunks and writing
+    /// all but a lone chunk ahead as a stream. Returns what the naming
+    /// entry needs. On failure nothing stays referenced.
+    pub async fn write_body(
+        &self,
+        bucket: &BucketRef,
+        body: Option<StreamingBlob>,
+        wanted: &WantedChecksums,
+    ) -> Result<WrittenBody, S3Error> {
+        self.core
+            .db
+            .check_reserve(self.core.config.store.reserve_bytes)
+            .map_err(|e| from_node(e.into()))?;
+        let stream = rand::random::<u64>() | 1;
+        let mut writer = BodyWriter {
+            store: self,
+            bucket,
+            stream,
+            keys: self.keys(bucket, None)?,
+            md5: Some(Md5::new()),
+            hasher: Some(wanted.hasher()),
+            held: None,
+            in_flight: FuturesUnordered::new(),
+            streamed: false,
+            written: WrittenBody {
+                size: 0,
+                md5: [0; 16],
+                checksums: rec::Checksums::default(),
+                chunk_ids: Vec::new(),
+                chunk_sizes: Vec::new(),
+                inline: Vec::new(),
+                stream: 0,
+            },
+        };
+        match writer.run(body).await {
+            Ok(()) => Ok(writer.written),
+            Err(e) => {
+                // Let what is in flight land before releasing, so no
+                // chunk is written after its stream was released.
+                while writer.in_flight.next().await.is_some() {}
+                if writer.streamed {
+                    self.release(bucket, stream).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// A stream of the plain bytes `range` of an object (within its size).
+    pub fn read_range(
+        &self,
+        bucket: &BucketRef,
+        found: &Found,
+        range: std::ops::Range<u64>,
+    ) -> StreamingBlob {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(2);
+        let mut plan = Vec::new();
+        let mut chunk_start = 0u64;
+        for (id, size) in found.chunks.iter().zip(&found.record.chunk_sizes) {
+            let chunk_end = chunk_start + size;
+            if chunk_end > range.start && chunk_start < range.end {
+                let from = range.start.saturating_sub(chunk_start) as usize;
+                let to = (range.end.min(chunk_end) - chunk_start) as usize;
+                plan.push((*id, *size, from..to));
+            }
+            chunk_start = chunk_end;
+        }
+        let store = self.clone();
+        let bucket = bucket.clone();
+        tokio::spawn(async move {
+            for (id, size, slice) in plan {
+                let read = store.read_chunk(&bucket, id, size).await;
+                let item = read.map(|plain| plain.slice(slice)).map_err(|e| {
+                    std::io::Error::other(format!("chunk {} of an object: {e}", id.0))
+                });
+                let failed = item.is_err();
+                // The client went away, or the body has to stop here.
+                if tx.send(item).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        StreamingBlob::wrap(tokio_stream::wrappers::ReceiverStream::new(rx))
+    }
+
+    /// One chunk's plain bytes, checked against the size its record gives.
+    pub async fn read_chunk(
+        &self,
+        bucket: &BucketRef,
+        chunk: ChunkId,
+        size: u64,
+    ) -> Result<Bytes, S3Error> {
+        let frame = self
+            .core
+            .objects
+            .chunk(bucket.pg, chunk)
+            .map_err(|e| from_node(e.into()))?
+            .ok_or_else(|| internal("an object's chunk is missing", chunk.0))?;
+        let keys = self.keys(bucket, Some(&frame))?;
+        let core = self.core.clone();
+        let aad = bucket.chunk_aad(chunk.0);
+        let plain = tokio::task::spawn_blocking(move || core.codec.decode(&keys, &aad, &frame))
+            .await
+            .map_err(|e| internal("decode a chunk", e))?
+            .map_err(|e| {
+                self.core.metrics.corrupt_frames.inc();
+                internal("an object's chunk does not open", e)
+            })?;
+        if plain.len() as u64 != size {
+            return Err(internal(
+                "an object's chunk has another size than its record says",
+                chunk.0,
+            ));
+        }
+        Ok(Bytes::from(plain))
+    }
+}
+
+struct BodyWriter<'a> {
+    store: &'a ObjectStore,
+    bucket: &'a BucketRef,
+    stream: u64,
+    keys: Arc<TenantKeys>,
+    md5: Option<Md5>,
+    hasher: Option<s3s::checksum::ChecksumHasher>,
+    /// The first chunk, sealed, held until we know whether more follow.
+    held: Option<pb::ChunkWrite>,
+    in_flight: FuturesUnordered<futures::future::BoxFuture<'a, Result<LogIndex, S3Error>>>,
+    streamed: bool,
+    written: WrittenBody,
+}
+
+impl<'a> BodyWriter<'a> {
+    async fn run(&mut self, body: Option<StreamingBlob>) -> Result<(), S3Error> {
+        let mut buf = BytesMut::with_capacity(CHUNK_BYTES);
+        if let Some(mut body) = body {
+            while let Some(piece) = body.next().await {
+                let mut piece = piece.map_err(|e| {
+                    let mut err = S3Error::with_message(
+                        s3s::S3ErrorCode::IncompleteBody,
+                        "the request body ended early or did not check out",
+                    );
+                    err.set_source(e);
+                    err
+                })?;
+                while !piece.is_empty() {
+                    let take = (CHUNK_BYTES - buf.len()).min(piece.len());
+                    buf.extend_from_slice(&piece.split_to(take));
+                    if buf.len() == CHUNK_BYTES {
+                        let chunk = buf.split().freeze();
+                        buf.reserve(CHUNK_BYTES);
+                        self.push(chunk).await?;
+                    }
+                }
+            }
+        }
+        if !buf.is_empty() {
+            self.push(buf.freeze()).await?;
+        }
+        while let Some(done) = self.in_flight.next().await {
+            done?;
+        }
+        if let Some(lone) = self.held.take() {
+            self.written.inline.push(lone);
+        }
+        if self.streamed {
+            self.written.stream = self.stream;
+        }
+        let md5 = self.md5.take().expect("finished once").finalize();
+        self.written.md5 = md5;
+        let sums = self.hasher.take().expect("finished once").finalize();
+        self.written.checksums = rec::Checksums {
+            crc32: sums.checksum_crc32.unwrap_or_default(),
+            crc32c: sums.checksum_crc32c.unwrap_or_default(),
+            sha1: sums.checksum_sha1.unwrap_or_default(),
+            sha256: sums.checksum_sha256.unwrap_or_default(),
+            crc64nvme: sums.checksum_crc64nvme.unwrap_or_default(),
+        };
+        Ok(())
+    }
+
+    /// Hashes and seals one chunk off the async threads, then holds it
+    /// (the first) or sends it in a stream entry.
+    async fn push(&mut self, plain: Bytes) -> Result<(), S3Error> {
+        let chunk = loop {
+            let id = rand::random::<u64>();
+            if id != 0 {
+                break id;
+            }
+        };
+        let mut md5 = self.md5.take().expect("writer in use");
+        let mut hasher = self.hasher.take().expect("writer in use");
+        let keys = self.keys.clone();
+        let core = self.store.core.clone();
+        let aad = self.bucket.chunk_aad(chunk);
+        let size = plain.len() as u64;
+        let (md5, hasher, frame) = tokio::task::spawn_blocking(move || {
+            md5.update(&plain);
+            hasher.update(&plain);
+            let frame = core.codec.encode(keys.current(), &aad, &plain);
+            (md5, hasher, frame)
+        })
+        .await
+        .map_err(|e| internal("seal a chunk", e))?;
+        self.md5 = Some(md5);
+        self.hasher = Some(hasher);
+        self.written.size += size;
+        self.written.chunk_ids.push(chunk);
+        self.written.chunk_sizes.push(size);
+        let write = pb::ChunkWrite {
+            chunk,
+            frame: Bytes::from(frame),
+        };
+        let Some(first) = self.held.take() else {
+            if self.written.chunk_ids.len() == 1 {
+                self.held = Some(write);
+                return Ok(());
+            }
+            return self.send(write).await;
+        };
+        self.send(first).await?;
+        self.send(write).await
+    }
+
+    async fn send(&mut self, write: pb::ChunkWrite) -> Result<(), S3Error> {
+        while self.in_flight.len() >= self.store.core.config.s3.chunks_in_flight_max {
+            if let Some(done) = self.in_flight.next().await {
+                done?;
+            }
+        }
+        self.streamed = true;
+        let kind = pb::command::Kind::WriteChunks(pb::WriteChunks {
+            stream: self.stream,
+            chunks: vec![write],
+        });
+        let store = self.store;
+        let bucket = self.bucket;
+        self.in_flight
+            .push(Box::pin(async move { store.propose(bucket, kind).await }));
+        Ok(())
+    }
+}
+
+/// `"hex"` as S3 quotes ETags.
+pub fn quoted(etag: &str) -> String {
+    format!("\"{etag}\"")
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+pub fn timestamp(ms: i64) -> s3s::dto::Timestamp {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    s3s::dto::Timestamp::from(t)
+}
+
+pub fn timestamp_ms(t: &s3s::dto::Timestamp) -> i64 {
+    let t: time::OffsetDateTime = t.clone().into();
+    (t.unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+impl From<NodeError> for S3Error {
+    fn from(e: NodeError) -> S3Error {
+        from_node(e)
+    }
+}
