@@ -66,6 +66,15 @@ pub struct S3Config {
     /// Object writes in flight per request: entries of up to 1 MiB being
     /// replicated while the next chunk is read.
     pub chunks_in_flight_max: usize,
+    /// Multipart uploads not completed this long after they were created
+    /// are aborted, their parts' space reclaimed.
+    pub abandoned_upload_age_ms: u64,
+    /// Object data written ahead of the entry that names it is released
+    /// when its upload has written nothing for this long (its client or
+    /// node died midway).
+    pub abandoned_stream_age_ms: u64,
+    /// How often each PG's leader looks for abandoned uploads and streams.
+    pub sweep_interval_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -159,6 +168,9 @@ impl Default for S3Config {
             domains: vec!["localhost".into()],
             region: "us-east-1".into(),
             chunks_in_flight_max: 4,
+            abandoned_upload_age_ms: 7 * 24 * 3600 * 1000,
+            abandoned_stream_age_ms: 3600 * 1000,
+            sweep_interval_ms: 60_000,
         }
     }
 }
@@ -246,6 +258,9 @@ impl NodeConfig {
         }
         if self.s3.chunks_in_flight_max == 0 {
             return Err("s3.chunks_in_flight_max must be at least 1".into());
+        }
+        if self.s3.sweep_interval_ms == 0 {
+            return Err("s3.sweep_interval_ms must be positive".into());
         }
         if self.nbd.requests_in_flight_max == 0 {
             return Err("nbd.requests_in_flight_max must be at least 1".into());

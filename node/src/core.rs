@@ -530,8 +530,12 @@ impl NodeCore {
             Duration::from_millis(self.config.raft.log_check_interval_ms),
             |core| async move { core.enforce_log_retention().await },
         );
+        let sweep = self.every(
+            Duration::from_millis(self.config.s3.sweep_interval_ms),
+            |core| async move { crate::s3::sweep::sweep_once(&core).await },
+        );
         let mut background = self.background.lock().expect("background lock");
-        background.extend([reconciler, retention]);
+        background.extend([reconciler, retention, sweep]);
         if let Some(liveness) = self.liveness.clone() {
             background.push(self.every(liveness.interval(), move |core| {
                 let liveness = liveness.clone();

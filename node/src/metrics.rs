@@ -51,6 +51,11 @@ pub struct Metrics {
     pub corrupt_frames: Counter,
     /// Writes refused because free space reached the reserve.
     pub writes_refused_no_space: Counter,
+    /// Multipart uploads aborted by the sweep for their age.
+    pub s3_uploads_expired: Counter,
+    /// Streams of chunks written ahead and never named, released by the
+    /// sweep (an upload whose client or node died midway).
+    pub s3_streams_released: Counter,
     nbd_requests: Family<OpLabels, Gauge>,
     nbd_errors: Family<ErrnoLabels, Gauge>,
     nbd_bytes_read: Gauge,
@@ -79,6 +84,8 @@ impl Metrics {
         let m = Metrics {
             corrupt_frames: Counter::default(),
             writes_refused_no_space: Counter::default(),
+            s3_uploads_expired: Counter::default(),
+            s3_streams_released: Counter::default(),
             nbd_requests: Family::default(),
             nbd_errors: Family::default(),
             nbd_bytes_read: Gauge::default(),
@@ -104,6 +111,16 @@ impl Metrics {
             "writes_refused_no_space",
             "Writes refused because free space reached the configured reserve",
             m.writes_refused_no_space.clone(),
+        );
+        registry.register(
+            "s3_uploads_expired",
+            "Multipart uploads aborted because they were older than s3.abandoned_upload_age_ms",
+            m.s3_uploads_expired.clone(),
+        );
+        registry.register(
+            "s3_streams_released",
+            "Object data written ahead and never named (a dead upload), released by the sweep",
+            m.s3_streams_released.clone(),
         );
         registry.register(
             "nbd_requests",

@@ -174,7 +174,7 @@ impl<'a> ApplyContext<'a> {
             Kind::PutObject(p) => self.apply_put_object(index, p),
             Kind::DeleteObject(d) => self.apply_delete_object(index, d),
             Kind::DeleteObjectVersion(d) => self.apply_delete_object_version(index, d),
-            Kind::WriteChunks(w) => self.apply_write_chunks(w),
+            Kind::WriteChunks(w) => self.apply_write_chunks(w, cmd.stamp_ms),
             Kind::ReleaseStream(r) => self.apply_release_stream(r),
             Kind::CreateUpload(c) => self.apply_create_upload(c, cmd.stamp_ms),
             Kind::PutPart(p) => self.apply_put_part(p),

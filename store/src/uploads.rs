@@ -145,10 +145,11 @@ pub fn stage_part_removal(batch: &mut Batch, pg: PgId, upload: u64, part: u32) {
     batch.delete(Cf::PgMeta, &key);
 }
 
-/// Records that `stream` holds one reference to `chunk`.
-pub fn stage_stream_chunk(batch: &mut Batch, pg: PgId, stream: u64, chunk: ChunkId) {
+/// Records that `stream` holds one reference to `chunk`, written by the
+/// entry stamped `stamp_ms` (what the sweep of abandoned streams ages).
+pub fn stage_stream_chunk(batch: &mut Batch, pg: PgId, stream: u64, chunk: ChunkId, stamp_ms: u64) {
     let key = keys::pg_meta_pair_key(pg, MetaKind::StreamChunk, stream, chunk.0);
-    batch.put(Cf::PgMeta, &key, &[]);
+    batch.put(Cf::PgMeta, &key, &stamp_ms.to_be_bytes());
 }
 
 pub fn stage_stream_chunk_removal(batch: &mut Batch, pg: PgId, stream: u64, chunk: ChunkId) {
@@ -237,6 +238,28 @@ impl Uploads {
             .collect()
     }
 
+    /// Every stream of the PG holding chunks, with the stamp of its newest
+    /// chunk (milliseconds since the Unix epoch), by stream id.
+    pub fn streams(&self, pg: PgId) -> Result<Vec<(u64, u64)>> {
+        let mut prefix = keys::pg_prefix(pg).to_vec();
+        prefix.push(MetaKind::StreamChunk as u8);
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (k, v) in self.db.scan(Cf::PgMeta, &prefix, &prefix, usize::MAX)? {
+            let (stream, _) =
+                keys::decode_pg_meta_pair_key(&k).ok_or_else(|| corrupt(&k, "bad key"))?;
+            let stamp: [u8; 8] = v
+                .as_slice()
+                .try_into()
+                .map_err(|_| corrupt(&k, "stream chunk stamp is not 8 bytes"))?;
+            let stamp = u64::from_be_bytes(stamp);
+            match out.last_mut() {
+                Some((last, newest)) if *last == stream => *newest = (*newest).max(stamp),
+                _ => out.push((stream, stamp)),
+            }
+        }
+        Ok(out)
+    }
+
     /// The chunks `stream` holds.
     pub fn stream_chunks(&self, pg: PgId, stream: u64) -> Result<Vec<ChunkId>> {
         let prefix = keys::pg_meta_prefix(pg, MetaKind::StreamChunk, stream);
@@ -316,9 +339,10 @@ mod tests {
                 record: vec![],
             },
         );
-        stage_stream_chunk(&mut batch, pg, 77, ChunkId(2));
-        stage_stream_chunk(&mut batch, pg, 77, ChunkId(1));
-        stage_stream_chunk(&mut batch, pg, 78, ChunkId(3));
+        stage_stream_chunk(&mut batch, pg, 77, ChunkId(2), 500);
+        stage_stream_chunk(&mut batch, pg, 77, ChunkId(1), 900);
+        stage_stream_chunk(&mut batch, pg, 78, ChunkId(3), 100);
+        stage_stream_chunk(&mut batch, PgId(5), 79, ChunkId(3), 100);
         db.write(batch, Durability::Buffered).unwrap();
 
         let u = Uploads::new(db.clone());
@@ -355,6 +379,7 @@ mod tests {
         assert_eq!(page, [2]);
         assert_eq!(u.part(pg, 10, 3).unwrap().unwrap().chunks, [ChunkId(300)]);
         assert_eq!(u.stream_chunks(pg, 77).unwrap(), [ChunkId(1), ChunkId(2)]);
+        assert_eq!(u.streams(pg).unwrap(), [(77, 900), (78, 100)]);
 
         let mut batch = db.new_batch();
         stage_stream_chunk_removal(&mut batch, pg, 77, ChunkId(1));

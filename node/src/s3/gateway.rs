@@ -602,7 +602,7 @@ impl Gateway {
                 stream: 0,
             });
         }
-        let body = self.store.read_range(src_bucket, src, range);
+        let body = self.store.read_range(src_bucket, src, range).await?;
         self.store
             .write_body(dest, Some(body), &WantedChecksums::default())
             .await
@@ -868,7 +868,10 @@ impl S3 for Gateway {
                 r.size
             )
         });
-        let body = self.store.read_range(&bucket, &found, range.clone());
+        let body = self
+            .store
+            .read_range(&bucket, &found, range.clone())
+            .await?;
         let with_checksums = input.range.is_none();
         let [crc32, crc32c, sha1, sha256, crc64nvme] = if with_checksums {
             checksums_out(r.checksums.as_ref())

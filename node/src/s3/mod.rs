@@ -8,6 +8,7 @@ pub mod errors;
 pub mod gateway;
 pub mod multipart;
 pub mod objects;
+pub mod sweep;
 
 use std::sync::Arc;
 

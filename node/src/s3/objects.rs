@@ -281,12 +281,17 @@ impl ObjectStore {
     }
 
     /// A stream of the plain bytes `range` of an object (within its size).
-    pub fn read_range(
+    ///
+    /// The first chunk is read and checked before this returns, so a
+    /// corrupt or missing first chunk is an error the client gets as such
+    /// (`InternalError`); a later bad chunk can only cut the body short,
+    /// which the client sees against the Content-Length it was promised.
+    pub async fn read_range(
         &self,
         bucket: &BucketRef,
         found: &Found,
         range: std::ops::Range<u64>,
-    ) -> StreamingBlob {
+    ) -> Result<StreamingBlob, S3Error> {
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(2);
         let mut plan = Vec::new();
         let mut chunk_start = 0u64;
@@ -298,6 +303,13 @@ impl ObjectStore {
                 plan.push((*id, *size, from..to));
             }
             chunk_start = chunk_end;
+        }
+        let mut plan = plan.into_iter();
+        if let Some((id, size, slice)) = plan.next() {
+            let first = self.read_chunk(bucket, id, size).await?;
+            tx.send(Ok(first.slice(slice)))
+                .await
+                .expect("the receiver is still here");
         }
         let store = self.clone();
         let bucket = bucket.clone();
@@ -314,7 +326,9 @@ impl ObjectStore {
                 }
             }
         });
-        StreamingBlob::wrap(tokio_stream::wrappers::ReceiverStream::new(rx))
+        Ok(StreamingBlob::wrap(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
     }
 
     /// One chunk's plain bytes, checked against the size its record gives.
@@ -338,6 +352,14 @@ impl ObjectStore {
             .map_err(|e| internal("decode a chunk", e))?
             .map_err(|e| {
                 self.core.metrics.corrupt_frames.inc();
+                tracing::error!(
+                    code = "store.corrupt_frame",
+                    tenant = bucket.tenant,
+                    bucket = bucket.name,
+                    pg = bucket.pg.0,
+                    chunk = chunk.0,
+                    "an object's chunk does not open: {e}"
+                );
                 internal("an object's chunk does not open", e)
             })?;
         if plain.len() as u64 != size {

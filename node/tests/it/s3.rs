@@ -325,3 +325,114 @@ async fn object_bodies_and_metadata_never_reach_the_disk_in_clear() {
     }
     s3.node.stop().await;
 }
+
+/// A flipped byte in a stored chunk: a GET of that object fails with
+/// `InternalError` when the bad chunk comes first and is cut short when it
+/// comes later (never served wrong), the corruption is counted and logged,
+/// and every other object is still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flipped_chunk_byte_fails_that_object_only() {
+    use lifeboat_store::db::{Cf, Durability};
+    use lifeboat_store::keys::{self, ChunkPart};
+    use lifeboat_store::{BucketId, PgId};
+
+    let s3 = must_start_s3().await;
+    let dir = s3.node.dir.path().to_owned();
+    let (endpoint, full) = (s3.endpoint.clone(), s3.full.clone());
+    let aws = move |args: Vec<String>| {
+        let mut c = aws_env("aws", &endpoint, &full);
+        // One attempt: a 500 is not retried into a slow test.
+        c.env("AWS_MAX_ATTEMPTS", "1")
+            .args(["--endpoint-url", &endpoint])
+            .args(args);
+        c.output().unwrap()
+    };
+    let files: Vec<(&str, Vec<u8>)> = vec![
+        ("small", pseudo_random(11, 1000)),
+        ("big", pseudo_random(12, 3 << 20)),
+        ("other", pseudo_random(13, 3 << 20)),
+    ];
+    for (key, data) in &files {
+        let path = dir.join(key);
+        std::fs::write(&path, data).unwrap();
+        let aws = aws.clone();
+        let args = [
+            "s3api",
+            "put-object",
+            "--bucket",
+            BUCKET,
+            "--key",
+            key,
+            "--body",
+        ]
+        .into_iter()
+        .map(String::from)
+        .chain([path.to_str().unwrap().to_owned()])
+        .collect();
+        let out = blocking(move || aws(args)).await;
+        assert!(out.status.success(), "{out:?}");
+    }
+    let core = s3.node.running().core.clone();
+    let bound = core.bucket_binding(BUCKET).unwrap().unwrap();
+    let (pg, bucket) = (PgId(bound.pg), BucketId(bound.bucket));
+    let flip = |key: &str, nth: usize| {
+        let (_, version) = core
+            .objects
+            .latest(pg, bucket, key.as_bytes())
+            .unwrap()
+            .unwrap();
+        let chunk = version.chunks()[nth];
+        let row = keys::chunk_key(pg, chunk, ChunkPart::Data);
+        let mut frame = core.objects.chunk(pg, chunk).unwrap().unwrap();
+        let at = frame.len() / 2;
+        frame[at] ^= 0x20;
+        let mut b = core.db.new_batch();
+        b.put(Cf::Chunks, &row, &frame);
+        core.db.write(b, Durability::Buffered).unwrap();
+    };
+    flip("small", 0);
+    flip("big", 1);
+    let before = core.metrics.corrupt_frames.get();
+    let get = |key: &str| {
+        let aws = aws.clone();
+        let out = dir.join(format!("{key}.back"));
+        let args: Vec<String> = ["s3api", "get-object", "--bucket", BUCKET, "--key", key]
+            .into_iter()
+            .map(String::from)
+            .chain([out.to_str().unwrap().to_owned()])
+            .collect();
+        async move {
+            let result = blocking(move || aws(args)).await;
+            (result, std::fs::read(&out).unwrap_or_default())
+        }
+    };
+    let (small, _) = get("small").await;
+    assert!(!small.status.success());
+    assert!(
+        String::from_utf8_lossy(&small.stderr).contains("InternalError"),
+        "{small:?}"
+    );
+    let (big, big_back) = get("big").await;
+    assert!(
+        !big.status.success() || big_back != files[1].1,
+        "a corrupt object was served whole"
+    );
+    assert_ne!(big_back, files[1].1, "corrupt bytes were served");
+    let (other, other_back) = get("other").await;
+    assert!(other.status.success(), "{other:?}");
+    assert_eq!(other_back, files[2].1);
+    // The object's record is intact: HEAD still answers.
+    let aws_head = aws.clone();
+    let head = blocking(move || {
+        aws_head(
+            ["s3api", "head-object", "--bucket", BUCKET, "--key", "small"]
+                .map(String::from)
+                .to_vec(),
+        )
+    })
+    .await;
+    assert!(head.status.success(), "{head:?}");
+    assert!(core.metrics.corrupt_frames.get() >= before + 2);
+    assert!(crate::captured_logs().contains("store.corrupt_frame"));
+    s3.node.stop().await;
+}

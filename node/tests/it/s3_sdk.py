@@ -641,6 +641,57 @@ def test_credential_modes():
     eq(get_body(AO, fresh), b"mp", "append-only multipart onto a new key")
 
 
+def raw_signed(method, path, body=b"", headers=None):
+    """Sends a SigV4-signed request botocore would never build (bad XML),
+    returns (status, body)."""
+    from botocore.auth import S3SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+    headers = dict(headers or {})
+    headers["x-amz-content-sha256"] = hashlib.sha256(body).hexdigest()
+    req = AWSRequest(method=method, url=ENDPOINT + path, data=body, headers=headers)
+    S3SigV4Auth(Credentials(os.environ["FULL_KEY"], os.environ["FULL_SECRET"]),
+                "s3", "us-east-1").add_auth(req)
+    prepared = req.prepare()
+    netloc = urllib.parse.urlsplit(ENDPOINT).netloc
+    conn = http.client.HTTPConnection(netloc, timeout=30)
+    conn.request(method, path, body=body, headers=dict(prepared.headers))
+    resp = conn.getresponse()
+    out = (resp.status, resp.read())
+    conn.close()
+    return out
+
+
+# Bad input the SDK would not send: malformed XML bodies, an expired
+# presigned URL.
+def test_bad_input():
+    garbage = b"<Delete><Object><Key>unterminated"
+    status, body = raw_signed(
+        "POST", f"/{BUCKET}?delete", garbage,
+        {"Content-MD5": base64.b64encode(hashlib.md5(garbage).digest()).decode()})
+    eq(status, 400, "DeleteObjects with malformed XML: status")
+    check(b"<Code>MalformedXML</Code>" in body, f"DeleteObjects malformed XML code: {body!r}")
+    key = PREFIX + "bad-input/mp"
+    up = FULL.create_multipart_upload(Bucket=BUCKET, Key=key)["UploadId"]
+    q = urllib.parse.quote(key)
+    status, body = raw_signed("POST", f"/{BUCKET}/{q}?uploadId={up}", b"<CompleteMultipartUpload><Part>")
+    eq(status, 400, "CompleteMultipartUpload with malformed XML: status")
+    check(b"<Code>MalformedXML</Code>" in body, f"complete malformed XML code: {body!r}")
+    FULL.abort_multipart_upload(Bucket=BUCKET, Key=key, UploadId=up)
+
+    put(FULL, PREFIX + "bad-input/obj", b"short-lived link")
+    url = FULL.generate_presigned_url("get_object", ExpiresIn=1,
+                                      Params={"Bucket": BUCKET, "Key": PREFIX + "bad-input/obj"})
+    import time
+    time.sleep(2.2)
+    try:
+        urllib.request.urlopen(url, timeout=30)
+        raise CheckFailed("an expired presigned GET succeeded")
+    except urllib.error.HTTPError as e:
+        eq(e.code, 403, "expired presigned GET status")
+        check(b"<Code>AccessDenied</Code>" in e.read(), "expired presigned GET code")
+
+
 def cleanup():
     """Removes what this run wrote (every version, and unfinished uploads)."""
     for prefix in (PREFIX, LOCKS):
@@ -654,7 +705,7 @@ def main():
     print(f"S3 SDK checks against {ENDPOINT}, bucket {BUCKET}, prefix {PREFIX}")
     groups = [test_buckets, test_objects, test_ranges_and_conditions, test_versions,
               test_listing, test_delete_objects, test_copy, test_multipart, test_auth,
-              test_virtual_host, test_credential_modes, cleanup]
+              test_virtual_host, test_credential_modes, test_bad_input, cleanup]
     failed = []
     for group in groups:
         try:

@@ -165,7 +165,11 @@ impl ApplyContext<'_> {
         Ok(())
     }
 
-    pub(super) fn apply_write_chunks(&mut self, w: &pb::WriteChunks) -> io::Result<Outcome> {
+    pub(super) fn apply_write_chunks(
+        &mut self,
+        w: &pb::WriteChunks,
+        stamp_ms: u64,
+    ) -> io::Result<Outcome> {
         if w.stream == 0 {
             return Ok(Err(Rejection::Malformed {
                 reason: "write_chunks without a stream".into(),
@@ -179,7 +183,7 @@ impl ApplyContext<'_> {
         for c in &w.chunks {
             let chunk = ChunkId(c.chunk);
             self.add_chunk_ref(chunk)?;
-            uploads::stage_stream_chunk(&mut self.batch, self.pg, w.stream, chunk);
+            uploads::stage_stream_chunk(&mut self.batch, self.pg, w.stream, chunk, stamp_ms);
             held.push(chunk);
         }
         self.stream_overlay.insert(w.stream, held);

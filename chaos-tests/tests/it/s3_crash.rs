@@ -1,0 +1,195 @@
+//! SIGKILL of a node during object uploads: after the restart an object is
+//! absent or whole (its MD5 right), never partly visible. What the killed
+//! upload wrote ahead is released by the sweep, and the multipart upload
+//! it left is aborted once past its age; the node then serves new uploads.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use lifeboat_chaos_tests::harness::{TestNode, http_get, must_have_tool};
+
+use crate::must_node_with_volume;
+
+const BUCKET: &str = "crash-bucket";
+
+struct S3Env {
+    endpoint: String,
+    key: String,
+    secret: String,
+}
+
+impl S3Env {
+    fn aws(&self, args: &[&str]) -> Command {
+        must_have_tool("aws");
+        let mut c = Command::new("aws");
+        c.env("AWS_ACCESS_KEY_ID", &self.key)
+            .env("AWS_SECRET_ACCESS_KEY", &self.secret)
+            .env("AWS_DEFAULT_REGION", "us-east-1")
+            .env("AWS_CONFIG_FILE", "/dev/null")
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+            .env_remove("AWS_CA_BUNDLE")
+            .env_remove("AWS_PROFILE")
+            .args(["--endpoint-url", &self.endpoint])
+            .args(args);
+        c
+    }
+
+    fn must(&self, args: &[&str]) -> String {
+        let out = self.aws(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "aws {args:?}: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The object's ETag, or `None` if it does not exist.
+    fn etag(&self, key: &str) -> Option<String> {
+        let out = self
+            .aws(&["s3api", "head-object", "--bucket", BUCKET, "--key", key])
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains("404"), "head-object {key}: {err}");
+            return None;
+        }
+        let head: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        Some(head["ETag"].as_str().unwrap().trim_matches('"').to_owned())
+    }
+}
+
+fn metric(node: &TestNode, name: &str) -> f64 {
+    let (_, text) = http_get(node.http, "/metrics").unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Runs `upload` and SIGKILLs the node once it has appended `entries` more
+/// log entries (chunks are arriving), then restarts it.
+fn kill_during(node: &mut TestNode, upload: &mut Command, entries: f64) {
+    let before = metric(node, "lifeboat_pg_last_log_index");
+    let mut child: Child = upload
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while metric(node, "lifeboat_pg_last_log_index") < before + entries {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the upload never got going"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the upload ended before the kill"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    node.kill9();
+    let _ = child.kill();
+    let _ = child.wait();
+    node.start().unwrap();
+}
+
+fn wait_metric(node: &TestNode, name: &str, at_least: f64) {
+    let started = Instant::now();
+    while metric(node, name) < at_least {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{name} never reached {at_least}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn md5_hex(path: &Path) -> String {
+    let out = Command::new("md5sum").arg(path).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+#[test]
+fn sigkill_during_uploads_leaves_objects_absent_or_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = must_node_with_volume(
+        dir.path(),
+        &dir.path().join("data"),
+        "[s3]\nabandoned_upload_age_ms = 4000\nabandoned_stream_age_ms = 1000\nsweep_interval_ms = 200\n",
+        "16M",
+    );
+    node.must_cli(&["bucket", "create", &format!("t/{BUCKET}")]);
+    let created: serde_json::Value = serde_json::from_str(&node.must_cli(&[
+        "--output",
+        "json",
+        "tenant",
+        "credential",
+        "create",
+        "t",
+    ]))
+    .unwrap();
+    let s3 = S3Env {
+        endpoint: format!("http://{}", node.s3),
+        key: created["access_key"].as_str().unwrap().to_owned(),
+        secret: created["secret_key"].as_str().unwrap().to_owned(),
+    };
+    let file = dir.path().join("big.bin");
+    std::fs::write(
+        &file,
+        lifeboat_chaos_tests::data::pseudo_random(7, 48 << 20),
+    )
+    .unwrap();
+    let md5 = md5_hex(&file);
+    let body = file.to_str().unwrap();
+
+    // A single PUT of 48 MiB (48 chunk entries, then the one naming them).
+    let put_single = [
+        "s3api",
+        "put-object",
+        "--bucket",
+        BUCKET,
+        "--key",
+        "single",
+        "--body",
+        body,
+    ];
+    let mut put = s3.aws(&put_single);
+    kill_during(&mut node, &mut put, 6.0);
+    if let Some(etag) = s3.etag("single") {
+        assert_eq!(etag, md5, "a partly written object is visible");
+    }
+    // What the dead PUT wrote ahead goes once idle past its age.
+    wait_metric(&node, "lifeboat_s3_streams_released", 1.0);
+
+    // A multipart upload (aws-cli: 8 MiB parts), killed midway.
+    let target = format!("s3://{BUCKET}/multi");
+    let mut cp = s3.aws(&["s3", "cp", body, &target]);
+    kill_during(&mut node, &mut cp, 6.0);
+    if let Some(etag) = s3.etag("multi") {
+        assert!(etag.ends_with("-6"), "multipart ETag {etag}");
+        let back = dir.path().join("multi.back");
+        s3.must(&["s3", "cp", &target, back.to_str().unwrap()]);
+        assert_eq!(md5_hex(&back), md5, "a partly written object is visible");
+    }
+    // The upload it left is aborted once past its age.
+    wait_metric(&node, "lifeboat_s3_uploads_expired", 1.0);
+    let uploads = s3.must(&["s3api", "list-multipart-uploads", "--bucket", BUCKET]);
+    assert!(!uploads.contains("UploadId"), "{uploads}");
+
+    // The node serves whole uploads again, both ways.
+    s3.must(&["s3", "cp", body, &target]);
+    s3.must(&put_single);
+    assert_eq!(s3.etag("single").as_deref(), Some(md5.as_str()));
+    let back = dir.path().join("multi.back");
+    s3.must(&["s3", "cp", &target, back.to_str().unwrap()]);
+    assert_eq!(md5_hex(&back), md5);
+    assert!(node.stop().unwrap(), "node exits cleanly");
+}
