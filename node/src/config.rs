@@ -75,6 +75,10 @@ pub struct S3Config {
     pub abandoned_stream_age_ms: u64,
     /// How often each PG's leader looks for abandoned uploads and streams.
     pub sweep_interval_ms: u64,
+    /// HTTPS: the certificate chain and key (PEM) the endpoint presents.
+    /// Both set: the S3 port speaks only HTTPS; neither: plain HTTP.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -171,6 +175,8 @@ impl Default for S3Config {
             abandoned_upload_age_ms: 7 * 24 * 3600 * 1000,
             abandoned_stream_age_ms: 3600 * 1000,
             sweep_interval_ms: 60_000,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
@@ -236,6 +242,12 @@ impl NodeConfig {
         };
         config.data_dir = base.join(&config.data_dir);
         config.master_key_file = base.join(&config.master_key_file);
+        for file in [&mut config.s3.tls_cert_file, &mut config.s3.tls_key_file]
+            .into_iter()
+            .flatten()
+        {
+            *file = base.join(&*file);
+        }
         config.validate().map_err(|reason| ConfigError::Invalid {
             path: path.to_owned(),
             reason,
@@ -258,6 +270,9 @@ impl NodeConfig {
         }
         if self.s3.chunks_in_flight_max == 0 {
             return Err("s3.chunks_in_flight_max must be at least 1".into());
+        }
+        if self.s3.tls_cert_file.is_some() != self.s3.tls_key_file.is_some() {
+            return Err("s3.tls_cert_file and s3.tls_key_file go together".into());
         }
         if self.s3.sweep_interval_ms == 0 {
             return Err("s3.sweep_interval_ms must be positive".into());
@@ -320,6 +335,8 @@ mod tests {
             ("[raft]\nlog_retain_bytes = 1000", "log_retain_bytes"),
             ("[raft]\nremote_timeout_ms = 0", "remote_timeout_ms"),
             ("[raft]\nlog_check_interval_ms = 0", "log_check_interval_ms"),
+            ("[s3]\ntls_cert_file = \"c.pem\"", "tls_key_file"),
+            ("[s3]\nchunks_in_flight_max = 0", "chunks_in_flight_max"),
         ] {
             let c: NodeConfig = toml::from_str(toml).unwrap();
             let e = c.validate().unwrap_err();

@@ -436,6 +436,38 @@ impl ClientCertVerifier for RoleVerifier {
     }
 }
 
+/// A TLS server config for a public endpoint (S3 over HTTPS): the
+/// operator's certificate chain and key from PEM files, no client
+/// certificates (S3 clients authenticate by signature).
+pub fn public_server_config(
+    cert_file: &Path,
+    key_file: &Path,
+) -> NodeResult<Arc<rustls::ServerConfig>> {
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(NodeError::io(format!("read {}", path.display())))
+    };
+    let bad = |path: &Path, e: rustls::pki_types::pem::Error| NodeError::Pki {
+        reason: format!("read {}: {e}", path.display()),
+    };
+    let certs = CertificateDer::pem_slice_iter(&read(cert_file)?)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(cert_file, e))?;
+    let key = PrivateKeyDer::from_pem_slice(&read(key_file)?).map_err(|e| bad(key_file, e))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| NodeError::Pki {
+            reason: format!("TLS versions: {e}"),
+        })?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| NodeError::Pki {
+            reason: format!("certificate {}: {e}", cert_file.display()),
+        })?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

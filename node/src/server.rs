@@ -166,9 +166,14 @@ pub async fn start(config: NodeConfig) -> NodeResult<RunningNode> {
         }
     });
 
+    let s3_tls = match (&config.s3.tls_cert_file, &config.s3.tls_key_file) {
+        (Some(cert), Some(key)) => Some(crate::pki::public_server_config(cert, key)?),
+        _ => None,
+    };
     let s3_task = tokio::spawn(crate::s3::serve(
         s3_listener,
         core.clone(),
+        s3_tls,
         shutdown.clone(),
     ));
 

@@ -86,9 +86,17 @@ fn expects_continue<B>(req: &hyper::Request<B>) -> Option<bool> {
     expects.then_some(empty)
 }
 
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Serves S3 on `listener` until `shutdown`; connections in progress are
 /// told to finish their current request and close.
-pub async fn serve(listener: TcpListener, core: Arc<NodeCore>, shutdown: Shutdown) {
+pub async fn serve(
+    listener: TcpListener,
+    core: Arc<NodeCore>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    shutdown: Shutdown,
+) {
+    let tls = tls.map(tokio_rustls::TlsAcceptor::from);
     let mut builder = S3ServiceBuilder::new(gateway::Gateway::new(core.clone()));
     builder.set_auth(CatalogAuth(core.clone()));
     builder.set_host(Domains(core.config.s3.domains.clone()));
@@ -107,37 +115,55 @@ pub async fn serve(listener: TcpListener, core: Arc<NodeCore>, shutdown: Shutdow
         };
         let service = service.clone();
         let shutdown = shutdown.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let service =
-                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let expects = expects_continue(&req);
-                    let response = hyper::service::Service::call(&service, req);
-                    async move {
-                        let mut response = response.await?;
-                        let close =
-                            expects.is_some_and(|empty| empty || !response.status().is_success());
-                        if close {
-                            response.headers_mut().insert(
-                                hyper::header::CONNECTION,
-                                hyper::header::HeaderValue::from_static("close"),
-                            );
-                        }
-                        Ok::<_, s3s::HttpError>(response)
+            match tls {
+                None => serve_connection(socket, service, shutdown).await,
+                Some(acceptor) => {
+                    let handshake = acceptor.accept(socket);
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, handshake).await {
+                        Ok(Ok(stream)) => serve_connection(stream, service, shutdown).await,
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "S3 TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "S3 TLS handshake timed out"),
                     }
-                });
-            let served = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(socket), service);
-            tokio::pin!(served);
-            let result = tokio::select! {
-                r = served.as_mut() => r,
-                _ = shutdown.cancelled() => {
-                    served.as_mut().graceful_shutdown();
-                    served.await
                 }
-            };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "S3 connection ended with an error");
             }
         });
+    }
+}
+
+/// Serves one client connection (plain or TLS) until it closes, or until
+/// `shutdown`, after its current request.
+async fn serve_connection<I>(io: I, service: s3s::service::S3Service, shutdown: Shutdown)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let expects = expects_continue(&req);
+        let response = hyper::service::Service::call(&service, req);
+        async move {
+            let mut response = response.await?;
+            let close = expects.is_some_and(|empty| empty || !response.status().is_success());
+            if close {
+                response.headers_mut().insert(
+                    hyper::header::CONNECTION,
+                    hyper::header::HeaderValue::from_static("close"),
+                );
+            }
+            Ok::<_, s3s::HttpError>(response)
+        }
+    });
+    let served =
+        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), service);
+    tokio::pin!(served);
+    let result = tokio::select! {
+        r = served.as_mut() => r,
+        _ = shutdown.cancelled() => {
+            served.as_mut().graceful_shutdown();
+            served.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "S3 connection ended with an error");
     }
 }

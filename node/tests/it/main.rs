@@ -130,11 +130,17 @@ pub fn with_token<T>(msg: T, token: &str) -> tonic::Request<T> {
 }
 
 pub async fn must_start() -> TestNode {
+    must_start_with(|_, _| {}).await
+}
+
+/// [`must_start`] with the test config changed by `adjust` (given the
+/// node's temporary directory).
+pub async fn must_start_with(adjust: impl FnOnce(&mut NodeConfig, &std::path::Path)) -> TestNode {
     capture_logs();
     let dir = tempfile::tempdir().expect("temp dir");
-    let node = server::start(test_config(dir.path()))
-        .await
-        .expect("start node");
+    let mut config = test_config(dir.path());
+    adjust(&mut config, dir.path());
+    let node = server::start(config).await.expect("start node");
     let (_, token) = node
         .core
         .cluster_init("primary")

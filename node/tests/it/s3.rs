@@ -8,7 +8,7 @@ use std::process::Command;
 use lifeboat_node::core::CredentialMode;
 
 use crate::confidentiality::files_containing;
-use crate::{TestNode, must_have, must_start, pseudo_random};
+use crate::{TestNode, must_have, must_start, must_start_with, pseudo_random};
 
 const BUCKET: &str = "demo-backups";
 
@@ -24,7 +24,10 @@ struct S3Node {
 }
 
 async fn must_start_s3() -> S3Node {
-    let node = must_start().await;
+    s3_node(must_start().await).await
+}
+
+async fn s3_node(node: TestNode) -> S3Node {
     let core = node.running().core.clone();
     core.create_bucket(&format!("demo/{BUCKET}"), "")
         .await
@@ -434,5 +437,61 @@ async fn a_flipped_chunk_byte_fails_that_object_only() {
     assert!(head.status.success(), "{head:?}");
     assert!(core.metrics.corrupt_frames.get() >= before + 2);
     assert!(crate::captured_logs().contains("store.corrupt_frame"));
+    s3.node.stop().await;
+}
+
+/// With a certificate and key configured, the S3 port speaks HTTPS only:
+/// aws-cli works against it trusting that certificate, and plain HTTP gets
+/// no S3 answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_is_served_when_configured() {
+    let node = must_start_with(|c, dir| {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
+            .unwrap();
+        std::fs::write(dir.join("s3-cert.pem"), cert.cert.pem()).unwrap();
+        std::fs::write(dir.join("s3-key.pem"), cert.signing_key.serialize_pem()).unwrap();
+        c.s3.tls_cert_file = Some(dir.join("s3-cert.pem"));
+        c.s3.tls_key_file = Some(dir.join("s3-key.pem"));
+    })
+    .await;
+    let s3 = s3_node(node).await;
+    let addr = s3.node.running().s3_addr;
+    let https = format!("https://{addr}");
+    let ca = s3.node.dir.path().join("s3-cert.pem");
+    let full = s3.full.clone();
+    let dir = s3.node.dir.path().to_owned();
+    blocking(move || {
+        std::fs::write(dir.join("hello.txt"), "over TLS\n").unwrap();
+        let aws = |args: &[&str]| {
+            let mut c = aws_env("aws", &https, &full);
+            c.args([
+                "--endpoint-url",
+                &https,
+                "--ca-bundle",
+                ca.to_str().unwrap(),
+            ])
+            .args(args);
+            c
+        };
+        let mut cp = aws(&["s3", "cp", "--only-show-errors"]);
+        cp.arg(dir.join("hello.txt"))
+            .arg(format!("s3://{BUCKET}/tls/hello.txt"));
+        must_succeed(cp);
+        let listed = must_succeed(aws(&[
+            "s3",
+            "ls",
+            "--recursive",
+            &format!("s3://{BUCKET}/"),
+        ]));
+        assert!(listed.contains("tls/hello.txt"), "{listed}");
+        // Plain HTTP on the HTTPS port: the handshake fails, no S3 answer.
+        let out = aws_env("aws", &format!("http://{addr}"), &full)
+            .env("AWS_MAX_ATTEMPTS", "1")
+            .args(["--endpoint-url", &format!("http://{addr}"), "s3", "ls"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "plain HTTP was answered: {out:?}");
+    })
+    .await;
     s3.node.stop().await;
 }
