@@ -29,7 +29,7 @@ pub(crate) struct Cluster {
 impl Cluster {
     /// Starts `primary` + `dr` nodes, initialises the cluster on node 0,
     /// adds the others with `node add`, then makes tenant `t` and `t/v`.
-    fn start(primary: u64, dr: u64) -> Cluster {
+    pub(crate) fn start(primary: u64, dr: u64) -> Cluster {
         Cluster::start_with(primary, dr, "")
     }
 

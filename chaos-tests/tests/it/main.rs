@@ -6,7 +6,7 @@ mod durability;
 mod full_disk;
 mod lost_updates;
 mod partition;
-mod s3_crash;
+mod s3;
 mod up;
 
 use std::path::Path;

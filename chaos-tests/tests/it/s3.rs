@@ -1,7 +1,6 @@
-//! SIGKILL of a node during object uploads: after the restart an object is
-//! absent or whole (its MD5 right), never partly visible. What the killed
-//! upload wrote ahead is released by the sweep, and the multipart upload
-//! it left is aborted once past its age; the node then serves new uploads.
+//! S3 across processes: every node of a two-site cluster serves the same
+//! objects, and SIGKILL during uploads never leaves an object partly
+//! visible.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -9,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use lifeboat_chaos_tests::harness::{TestNode, http_get, must_have_tool};
 
+use crate::cluster::Cluster;
 use crate::must_node_with_volume;
 
 const BUCKET: &str = "crash-bucket";
@@ -19,7 +19,36 @@ struct S3Env {
     secret: String,
 }
 
+/// Bucket `crash-bucket` of tenant `t` and a full credential for it,
+/// made through `node`.
+fn bucket_and_credential(node: &TestNode) -> S3Env {
+    node.must_cli(&["bucket", "create", &format!("t/{BUCKET}")]);
+    let created: serde_json::Value = serde_json::from_str(&node.must_cli(&[
+        "--output",
+        "json",
+        "tenant",
+        "credential",
+        "create",
+        "t",
+    ]))
+    .unwrap();
+    S3Env {
+        endpoint: format!("http://{}", node.s3),
+        key: created["access_key"].as_str().unwrap().to_owned(),
+        secret: created["secret_key"].as_str().unwrap().to_owned(),
+    }
+}
+
 impl S3Env {
+    /// The same credential against `node`'s endpoint.
+    fn at(&self, node: &TestNode) -> S3Env {
+        S3Env {
+            endpoint: format!("http://{}", node.s3),
+            key: self.key.clone(),
+            secret: self.secret.clone(),
+        }
+    }
+
     fn aws(&self, args: &[&str]) -> Command {
         must_have_tool("aws");
         let mut c = Command::new("aws");
@@ -117,6 +146,61 @@ fn md5_hex(path: &Path) -> String {
         .to_owned()
 }
 
+/// An object written through any node — a primary follower, the leader or
+/// a DR node (forwarded to the leader) — reads back identical through
+/// every node of both sites, and every node lists it.
+#[test]
+fn every_node_of_both_sites_serves_the_same_objects() {
+    let c = Cluster::start(3, 1);
+    let s3 = bucket_and_credential(&c.nodes[0]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut written = Vec::new();
+    for (i, node) in c.nodes.iter().enumerate() {
+        let file = dir.path().join(format!("from-{i}"));
+        // Three chunks and a bit: a stream of chunk entries, then the put.
+        let data = lifeboat_chaos_tests::data::pseudo_random(i as u64, (3 << 20) + 17);
+        std::fs::write(&file, &data).unwrap();
+        let key = format!("from-{i}");
+        s3.at(node).must(&[
+            "s3api",
+            "put-object",
+            "--bucket",
+            BUCKET,
+            "--key",
+            &key,
+            "--body",
+            file.to_str().unwrap(),
+        ]);
+        written.push((key, md5_hex(&file)));
+    }
+    for (j, node) in c.nodes.iter().enumerate() {
+        let here = s3.at(node);
+        let listed = here.must(&["s3", "ls", &format!("s3://{BUCKET}/")]);
+        for (key, md5) in &written {
+            assert!(
+                listed.contains(key.as_str()),
+                "node {j} lists no {key}: {listed}"
+            );
+            let back = dir.path().join(format!("{key}.via-{j}"));
+            here.must(&[
+                "s3api",
+                "get-object",
+                "--bucket",
+                BUCKET,
+                "--key",
+                key,
+                back.to_str().unwrap(),
+            ]);
+            assert_eq!(
+                &md5_hex(&back),
+                md5,
+                "{key} read through node {j} ({})",
+                node.site
+            );
+        }
+    }
+}
+
 #[test]
 fn sigkill_during_uploads_leaves_objects_absent_or_whole() {
     let dir = tempfile::tempdir().unwrap();
@@ -126,21 +210,7 @@ fn sigkill_during_uploads_leaves_objects_absent_or_whole() {
         "[s3]\nabandoned_upload_age_ms = 4000\nabandoned_stream_age_ms = 1000\nsweep_interval_ms = 200\n",
         "16M",
     );
-    node.must_cli(&["bucket", "create", &format!("t/{BUCKET}")]);
-    let created: serde_json::Value = serde_json::from_str(&node.must_cli(&[
-        "--output",
-        "json",
-        "tenant",
-        "credential",
-        "create",
-        "t",
-    ]))
-    .unwrap();
-    let s3 = S3Env {
-        endpoint: format!("http://{}", node.s3),
-        key: created["access_key"].as_str().unwrap().to_owned(),
-        secret: created["secret_key"].as_str().unwrap().to_owned(),
-    };
+    let s3 = bucket_and_credential(&node);
     let file = dir.path().join("big.bin");
     std::fs::write(
         &file,
