@@ -10,3 +10,4 @@ pub mod harness;
 pub mod ledger;
 pub mod nbd_client;
 pub mod proxy;
+pub mod s3_client;

@@ -495,3 +495,396 @@ async fn https_is_served_when_configured() {
     .await;
     s3.node.stop().await;
 }
+
+fn code<E: aws_sdk_s3::error::ProvideErrorMetadata>(e: &E) -> String {
+    e.code().unwrap_or("(no code)").to_owned()
+}
+
+/// The error code a GET of `key` fails with.
+async fn get_error(c: &aws_sdk_s3::Client, bucket: &str, key: &str) -> String {
+    let e = c
+        .get_object()
+        .bucket(bucket)
+        .key(key)
+        .send()
+        .await
+        .unwrap_err();
+    code(&e)
+}
+
+/// A new multipart upload's id.
+async fn start_upload(c: &aws_sdk_s3::Client, bucket: &str, key: &str) -> String {
+    let created = c
+        .create_multipart_upload()
+        .bucket(bucket)
+        .key(key)
+        .send()
+        .await;
+    created.unwrap().upload_id().unwrap().to_owned()
+}
+
+/// The AWS SDK for Rust through each operation: buckets, objects with
+/// metadata, ranges and conditions, versions, listings with pagination,
+/// copy, batch delete, multipart (with a part copied from an object), and
+/// the refusals clients act on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rust_sdk_drives_every_operation() {
+    use aws_sdk_s3::primitives::ByteStream;
+    use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier};
+
+    let s3 = must_start_s3().await;
+    let client = |creds: &(String, String)| {
+        lifeboat_chaos_tests::s3_client::client(&s3.endpoint, &creds.0, &creds.1)
+    };
+    let (c, other) = (client(&s3.full), client(&s3.other));
+    let b = "rust-sdk";
+
+    c.create_bucket().bucket(b).send().await.unwrap();
+    let again = c.create_bucket().bucket(b).send().await.unwrap_err();
+    assert_eq!(code(&again), "BucketAlreadyOwnedByYou");
+    let taken = other.create_bucket().bucket(b).send().await.unwrap_err();
+    assert_eq!(code(&taken), "BucketAlreadyExists");
+    c.head_bucket().bucket(b).send().await.unwrap();
+    let listed = c.list_buckets().send().await.unwrap();
+    let names: Vec<&str> = listed.buckets().iter().filter_map(|x| x.name()).collect();
+    assert!(names.contains(&b) && names.contains(&BUCKET), "{names:?}");
+    let others = other.list_buckets().send().await.unwrap();
+    assert!(
+        others.buckets().is_empty(),
+        "another tenant sees no bucket of ours"
+    );
+    c.get_bucket_location().bucket(b).send().await.unwrap();
+
+    // Objects: a body over two chunks, metadata, ranges, conditions.
+    let data = pseudo_random(21, (2 << 20) + 5);
+    let v1 = c
+        .put_object()
+        .bucket(b)
+        .key("docs/report")
+        .body(ByteStream::from(data.clone()))
+        .metadata("owner", "finance")
+        .content_type("application/x-report")
+        .send()
+        .await
+        .unwrap()
+        .version_id()
+        .unwrap()
+        .to_owned();
+    let got = c
+        .get_object()
+        .bucket(b)
+        .key("docs/report")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.content_type(), Some("application/x-report"));
+    assert_eq!(
+        got.metadata()
+            .and_then(|m| m.get("owner"))
+            .map(String::as_str),
+        Some("finance")
+    );
+    let etag = got.e_tag().unwrap().to_owned();
+    assert_eq!(got.body.collect().await.unwrap().into_bytes(), data);
+    let across = (1 << 20) - 3..(1 << 20) + 4;
+    let ranged = c
+        .get_object()
+        .bucket(b)
+        .key("docs/report")
+        .range(format!("bytes={}-{}", across.start, across.end - 1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        ranged.body.collect().await.unwrap().into_bytes(),
+        &data[across]
+    );
+    let past_end = c
+        .get_object()
+        .bucket(b)
+        .key("docs/report")
+        .range("bytes=99999999-")
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(code(&past_end), "InvalidRange");
+    let unchanged = c
+        .get_object()
+        .bucket(b)
+        .key("docs/report")
+        .if_none_match(&etag)
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(
+        unchanged.raw_response().map(|r| r.status().as_u16()),
+        Some(304)
+    );
+    let mismatch = c
+        .get_object()
+        .bucket(b)
+        .key("docs/report")
+        .if_match("\"0123\"")
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(code(&mismatch), "PreconditionFailed");
+    let head = c
+        .head_object()
+        .bucket(b)
+        .key("docs/report")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.content_length(), Some(data.len() as i64));
+
+    // Versions: an overwrite keeps the first at its id.
+    c.put_object()
+        .bucket(b)
+        .key("docs/report")
+        .body(ByteStream::from_static(b"second"))
+        .send()
+        .await
+        .unwrap();
+    let first = c
+        .get_object()
+        .bucket(b)
+        .key("docs/report")
+        .version_id(&v1)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.body.collect().await.unwrap().into_bytes(), data);
+    let versions = c.list_object_versions().bucket(b).send().await.unwrap();
+    assert_eq!(versions.versions().len(), 2);
+
+    // Listings: a delimiter and pages of two.
+    for k in ["docs/a", "docs/b", "docs/sub/c", "docs/sub/d", "top"] {
+        c.put_object()
+            .bucket(b)
+            .key(k)
+            .body(ByteStream::from_static(b"x"))
+            .send()
+            .await
+            .unwrap();
+    }
+    let rolled = c
+        .list_objects_v2()
+        .bucket(b)
+        .prefix("docs/")
+        .delimiter("/")
+        .send()
+        .await
+        .unwrap();
+    let prefixes: Vec<&str> = rolled
+        .common_prefixes()
+        .iter()
+        .filter_map(|p| p.prefix())
+        .collect();
+    assert_eq!(prefixes, ["docs/sub/"]);
+    let mut pages = c
+        .list_objects_v2()
+        .bucket(b)
+        .max_keys(2)
+        .into_paginator()
+        .send();
+    let mut keys = Vec::new();
+    while let Some(page) = pages.next().await {
+        let page = page.unwrap();
+        assert!(page.contents().len() <= 2);
+        keys.extend(
+            page.contents()
+                .iter()
+                .filter_map(|o| o.key())
+                .map(String::from),
+        );
+    }
+    assert_eq!(
+        keys,
+        [
+            "docs/a",
+            "docs/b",
+            "docs/report",
+            "docs/sub/c",
+            "docs/sub/d",
+            "top"
+        ]
+    );
+
+    // Copy, then a batch delete.
+    c.copy_object()
+        .bucket(b)
+        .key("copy/report")
+        .copy_source(format!("{b}/docs/report?versionId={v1}"))
+        .send()
+        .await
+        .unwrap();
+    let copied = c
+        .get_object()
+        .bucket(b)
+        .key("copy/report")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(copied.body.collect().await.unwrap().into_bytes(), data);
+    let ids = ["docs/a", "docs/b", "missing"]
+        .map(|k| ObjectIdentifier::builder().key(k).build().unwrap())
+        .to_vec();
+    let deleted = c
+        .delete_objects()
+        .bucket(b)
+        .delete(Delete::builder().set_objects(Some(ids)).build().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.deleted().len(), 3);
+    assert_eq!(get_error(&c, b, "docs/a").await, "NoSuchKey");
+
+    // Multipart: a 5 MiB part, then a part copied from an object as the
+    // last part; a third part, uploaded but not named, is dropped.
+    let up = start_upload(&c, b, "big").await;
+    let part1 = pseudo_random(22, 5 << 20);
+    let e1 = c
+        .upload_part()
+        .bucket(b)
+        .key("big")
+        .upload_id(&up)
+        .part_number(1)
+        .body(ByteStream::from(part1.clone()))
+        .send()
+        .await
+        .unwrap()
+        .e_tag()
+        .unwrap()
+        .to_owned();
+    let e2 = c
+        .upload_part_copy()
+        .bucket(b)
+        .key("big")
+        .upload_id(&up)
+        .part_number(2)
+        .copy_source(format!("{b}/copy/report"))
+        .copy_source_range("bytes=0-5242879")
+        .send()
+        .await
+        .unwrap_err();
+    // The source has only 2 MiB: the range is refused.
+    assert_eq!(code(&e2), "InvalidRange");
+    let e2 = c
+        .upload_part_copy()
+        .bucket(b)
+        .key("big")
+        .upload_id(&up)
+        .part_number(2)
+        .copy_source(format!("{b}/copy/report"))
+        .send()
+        .await
+        .unwrap()
+        .copy_part_result()
+        .and_then(|r| r.e_tag())
+        .unwrap()
+        .to_owned();
+    let e3 = c
+        .upload_part()
+        .bucket(b)
+        .key("big")
+        .upload_id(&up)
+        .part_number(3)
+        .body(ByteStream::from_static(b"tail"))
+        .send()
+        .await
+        .unwrap()
+        .e_tag()
+        .unwrap()
+        .to_owned();
+    let parts = c
+        .list_parts()
+        .bucket(b)
+        .key("big")
+        .upload_id(&up)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(parts.parts().len(), 3);
+    let uploads = c.list_multipart_uploads().bucket(b).send().await.unwrap();
+    assert_eq!(uploads.uploads().len(), 1);
+    let part = |n: i32, e: &str| CompletedPart::builder().part_number(n).e_tag(e).build();
+    let wrong = c
+        .complete_multipart_upload()
+        .bucket(b)
+        .key("big")
+        .upload_id(&up)
+        .multipart_upload(
+            CompletedMultipartUpload::builder()
+                .parts(part(1, &e1))
+                .parts(part(2, "\"00000000000000000000000000000000\""))
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(code(&wrong), "InvalidPart");
+    let done = c
+        .complete_multipart_upload()
+        .bucket(b)
+        .key("big")
+        .upload_id(&up)
+        .multipart_upload(
+            CompletedMultipartUpload::builder()
+                .parts(part(1, &e1))
+                .parts(part(2, &e2))
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        done.e_tag().unwrap().ends_with("-2\""),
+        "{:?}",
+        done.e_tag()
+    );
+    let big = c.get_object().bucket(b).key("big").send().await.unwrap();
+    let mut want = part1;
+    want.extend_from_slice(&data);
+    assert_ne!(e3, e2);
+    assert_eq!(big.body.collect().await.unwrap().into_bytes(), want);
+    let aborted = start_upload(&c, b, "never").await;
+    c.abort_multipart_upload()
+        .bucket(b)
+        .key("never")
+        .upload_id(&aborted)
+        .send()
+        .await
+        .unwrap();
+    let no_upload = c
+        .list_parts()
+        .bucket(b)
+        .key("never")
+        .upload_id(&aborted)
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(code(&no_upload), "NoSuchUpload");
+
+    // Isolation, then the bucket goes once empty.
+    assert_eq!(get_error(&other, b, "big").await, "AccessDenied");
+    let full = c.delete_bucket().bucket(b).send().await.unwrap_err();
+    assert_eq!(code(&full), "BucketNotEmpty");
+    for k in [
+        "docs/report",
+        "docs/sub/c",
+        "docs/sub/d",
+        "top",
+        "copy/report",
+        "big",
+    ] {
+        c.delete_object().bucket(b).key(k).send().await.unwrap();
+    }
+    c.delete_bucket().bucket(b).send().await.unwrap();
+    let no_bucket = c.head_bucket().bucket(b).send().await.unwrap_err();
+    assert_eq!(
+        no_bucket.raw_response().map(|r| r.status().as_u16()),
+        Some(404)
+    );
+    s3.node.stop().await;
+}
