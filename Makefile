@@ -26,7 +26,7 @@ DEBIAN_PACKAGES := libclang-dev clang g++ make qemu-utils libnbd-bin nbdkit fio 
 #   command-or-module:package
 TOOL_PACKAGES := aws:awscli python3:python3 boto3:python3-boto3
 
-.PHONY: run test verify fix deps build bench bench-codec bench-nbd bench-replicated bench-pgs bench-etcd clean-data
+.PHONY: run test verify fix deps build bench bench-codec bench-nbd bench-replicated bench-pgs bench-etcd bench-s3 clean-data
 
 # Installs the Debian packages in the shell variable $missing, if any,
 # saying so.
@@ -87,7 +87,7 @@ fix:
 	cargo fmt --all
 	cargo clippy $(CARGO_ALL) --fix --allow-dirty
 
-bench: bench-codec bench-nbd bench-replicated bench-pgs bench-etcd
+bench: bench-codec bench-nbd bench-replicated bench-pgs bench-etcd bench-s3
 
 bench-codec: build
 	cargo bench --profile $(PROFILE) --workspace --bench codec
@@ -103,6 +103,13 @@ bench-pgs: build
 bench-etcd: build
 	$(call apt_install,etcd-server)
 	LIFEBOAT_BIN=$(BIN) $(CARGO_TARGET_DIR)/$(PROFILE)/durable-writes --seconds 10 --rounds 2
+
+# S3 PUT/GET beside s3s-fs (the reference, installed for this benchmark
+# only, at the version this Rust builds).
+bench-s3: build
+	@command -v s3s-fs >/dev/null || { echo "make: installing s3s-fs 0.14.1 (cargo install)"; \
+	  cargo install s3s-fs@0.14.1 --locked --features binary; }
+	LIFEBOAT_BIN=$(BIN) $(CARGO_TARGET_DIR)/$(PROFILE)/s3-load --seconds 8
 
 bench-replicated: build
 	LIFEBOAT_BIN=$(BIN) $(CARGO_TARGET_DIR)/$(PROFILE)/nbd-load --replicated --seconds 8 --size-mib 512 --lag-seconds 20

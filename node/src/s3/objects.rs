@@ -381,7 +381,9 @@ struct BodyWriter<'a> {
     hasher: Option<s3s::checksum::ChecksumHasher>,
     /// The first chunk, sealed, held until we know whether more follow.
     held: Option<pb::ChunkWrite>,
-    in_flight: FuturesUnordered<futures::future::BoxFuture<'a, Result<LogIndex, S3Error>>>,
+    /// Chunk entries being replicated, as tasks: they progress while the
+    /// next chunk is read from the client.
+    in_flight: FuturesUnordered<tokio::task::JoinHandle<Result<LogIndex, S3Error>>>,
     streamed: bool,
     written: WrittenBody,
 }
@@ -414,7 +416,7 @@ impl<'a> BodyWriter<'a> {
             self.push(buf.freeze()).await?;
         }
         while let Some(done) = self.in_flight.next().await {
-            done?;
+            joined(done)?;
         }
         if let Some(lone) = self.held.take() {
             self.written.inline.push(lone);
@@ -481,7 +483,7 @@ impl<'a> BodyWriter<'a> {
     async fn send(&mut self, write: pb::ChunkWrite) -> Result<(), S3Error> {
         while self.in_flight.len() >= self.store.core.config.s3.chunks_in_flight_max {
             if let Some(done) = self.in_flight.next().await {
-                done?;
+                joined(done)?;
             }
         }
         self.streamed = true;
@@ -489,12 +491,20 @@ impl<'a> BodyWriter<'a> {
             stream: self.stream,
             chunks: vec![write],
         });
-        let store = self.store;
-        let bucket = self.bucket;
-        self.in_flight
-            .push(Box::pin(async move { store.propose(bucket, kind).await }));
+        let store = self.store.clone();
+        let bucket = self.bucket.clone();
+        self.in_flight.push(tokio::spawn(
+            async move { store.propose(&bucket, kind).await },
+        ));
         Ok(())
     }
+}
+
+/// A chunk entry's outcome from its task.
+fn joined(
+    done: Result<Result<LogIndex, S3Error>, tokio::task::JoinError>,
+) -> Result<LogIndex, S3Error> {
+    done.map_err(|e| internal("a chunk write task failed", e))?
 }
 
 /// `"hex"` as S3 quotes ETags.
