@@ -183,10 +183,11 @@ async fn aws_cli_copies_a_tree_up_and_back() {
     s3.node.stop().await;
 }
 
-/// rclone: copy with multipart above a small cutoff, then `check` compares
-/// every file's size and hash against the bucket.
+/// rclone: `sync` with multipart above a small cutoff, then `check`
+/// compares every file's size and hash against the bucket; a second sync
+/// after a change and a removal; a copy back is identical.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rclone_copies_and_checks_a_tree() {
+async fn rclone_syncs_and_checks_a_tree() {
     let s3 = must_start_s3().await;
     let dir = s3.node.dir.path().to_owned();
     let (endpoint, full) = (s3.endpoint.clone(), s3.full.clone());
@@ -207,7 +208,7 @@ async fn rclone_copies_and_checks_a_tree() {
         };
         let remote = format!("lb:{BUCKET}/rclone");
         rclone(&[
-            "copy",
+            "sync",
             "--s3-upload-cutoff",
             "5M",
             "--s3-chunk-size",
@@ -215,6 +216,11 @@ async fn rclone_copies_and_checks_a_tree() {
             up.to_str().unwrap(),
             &remote,
         ]);
+        rclone(&["check", up.to_str().unwrap(), &remote]);
+        // A second sync after a change and a removal: only they move.
+        std::fs::write(up.join("sub/notes.txt"), "changed\n").unwrap();
+        std::fs::remove_file(up.join("small.bin")).unwrap();
+        rclone(&["sync", up.to_str().unwrap(), &remote]);
         rclone(&["check", up.to_str().unwrap(), &remote]);
         let down = dir.join("down");
         rclone(&["copy", &remote, down.to_str().unwrap()]);
