@@ -253,7 +253,7 @@ impl ObjectStore {
             keys: self.keys(bucket, None)?,
             md5: Some(Md5::new()),
             hasher: Some(wanted.hasher()),
-            held: None,
+            sealing: None,
             in_flight: FuturesUnordered::new(),
             streamed: false,
             written: WrittenBody {
@@ -372,15 +372,23 @@ impl ObjectStore {
     }
 }
 
+/// A chunk being hashed and sealed on a blocking thread: its id, and the
+/// task that gives back the hash states (in body order) and the frame.
+type Sealing = (
+    u64,
+    tokio::task::JoinHandle<(Md5, s3s::checksum::ChecksumHasher, Vec<u8>)>,
+);
+
 struct BodyWriter<'a> {
     store: &'a ObjectStore,
     bucket: &'a BucketRef,
     stream: u64,
     keys: Arc<TenantKeys>,
+    /// The hash states, here between chunks (`None` while a chunk seals).
     md5: Option<Md5>,
     hasher: Option<s3s::checksum::ChecksumHasher>,
-    /// The first chunk, sealed, held until we know whether more follow.
-    held: Option<pb::ChunkWrite>,
+    /// The last chunk read, sealing while the next one is read.
+    sealing: Option<Sealing>,
     /// Chunk entries being replicated, as tasks: they progress while the
     /// next chunk is read from the client.
     in_flight: FuturesUnordered<tokio::task::JoinHandle<Result<LogIndex, S3Error>>>,
@@ -415,11 +423,11 @@ impl<'a> BodyWriter<'a> {
         if !buf.is_empty() {
             self.push(buf.freeze()).await?;
         }
+        if let Some(last) = self.sealing.take() {
+            self.place(last, false).await?;
+        }
         while let Some(done) = self.in_flight.next().await {
             joined(done)?;
-        }
-        if let Some(lone) = self.held.take() {
-            self.written.inline.push(lone);
         }
         if self.streamed {
             self.written.stream = self.stream;
@@ -437,9 +445,13 @@ impl<'a> BodyWriter<'a> {
         Ok(())
     }
 
-    /// Hashes and seals one chunk off the async threads, then holds it
-    /// (the first) or sends it in a stream entry.
+    /// Starts hashing and sealing one chunk off the async threads, once
+    /// the chunk before it is placed (the hashes run in body order); the
+    /// body's next chunk is read meanwhile.
     async fn push(&mut self, plain: Bytes) -> Result<(), S3Error> {
+        if let Some(previous) = self.sealing.take() {
+            self.place(previous, true).await?;
+        }
         let chunk = loop {
             let id = rand::random::<u64>();
             if id != 0 {
@@ -451,32 +463,34 @@ impl<'a> BodyWriter<'a> {
         let keys = self.keys.clone();
         let core = self.store.core.clone();
         let aad = self.bucket.chunk_aad(chunk);
-        let size = plain.len() as u64;
-        let (md5, hasher, frame) = tokio::task::spawn_blocking(move || {
+        self.written.size += plain.len() as u64;
+        self.written.chunk_ids.push(chunk);
+        self.written.chunk_sizes.push(plain.len() as u64);
+        let task = tokio::task::spawn_blocking(move || {
             md5.update(&plain);
             hasher.update(&plain);
             let frame = core.codec.encode(keys.current(), &aad, &plain);
             (md5, hasher, frame)
-        })
-        .await
-        .map_err(|e| internal("seal a chunk", e))?;
+        });
+        self.sealing = Some((chunk, task));
+        Ok(())
+    }
+
+    /// Waits for a chunk's seal, takes the hash states back, and places
+    /// the frame: inline in the naming entry when it is the body's only
+    /// chunk, else in a stream entry.
+    async fn place(&mut self, (chunk, task): Sealing, more_follow: bool) -> Result<(), S3Error> {
+        let (md5, hasher, frame) = task.await.map_err(|e| internal("seal a chunk", e))?;
         self.md5 = Some(md5);
         self.hasher = Some(hasher);
-        self.written.size += size;
-        self.written.chunk_ids.push(chunk);
-        self.written.chunk_sizes.push(size);
         let write = pb::ChunkWrite {
             chunk,
             frame: Bytes::from(frame),
         };
-        let Some(first) = self.held.take() else {
-            if self.written.chunk_ids.len() == 1 {
-                self.held = Some(write);
-                return Ok(());
-            }
-            return self.send(write).await;
-        };
-        self.send(first).await?;
+        if !more_follow && !self.streamed {
+            self.written.inline.push(write);
+            return Ok(());
+        }
         self.send(write).await
     }
 
