@@ -36,11 +36,7 @@ impl Caller {
         }
     }
 
-    fn may_read(&self) -> S3Result<()> {
-        Ok(())
-    }
-
-    fn may_write_buckets(&self) -> S3Result<()> {
+    fn may_delete_buckets(&self) -> S3Result<()> {
         match self.credential.mode {
             CredentialMode::Full => Ok(()),
             _ => Err(access_denied(format!(
@@ -154,7 +150,7 @@ impl Gateway {
 
     /// A bucket read at a linearizable point.
     async fn bucket_for_read(&self, caller: &Caller, name: &str) -> S3Result<BucketRef> {
-        caller.may_read()?;
+        // Every mode may read its tenant's buckets.
         let bucket = self.bucket(caller, name)?;
         self.store.read_point(&bucket).await?;
         Ok(bucket)
@@ -227,18 +223,23 @@ pub(super) fn wanted_checksums(
     headers: &hyper::HeaderMap,
     sent: &SentChecksums,
 ) -> WantedChecksums {
+    // `x-amz-trailer` lists the trailing headers, comma-separated.
     let trailer = headers
         .get("x-amz-trailer")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_ascii_lowercase();
+    let announced = |name: &str| {
+        trailer
+            .split(',')
+            .any(|t| t.trim() == format!("x-amz-checksum-{name}"))
+    };
     WantedChecksums {
-        crc32: sent.crc32.is_some()
-            || trailer.contains("x-amz-checksum-crc32") && !trailer.contains("crc32c"),
-        crc32c: sent.crc32c.is_some() || trailer.contains("x-amz-checksum-crc32c"),
-        sha1: sent.sha1.is_some() || trailer.contains("x-amz-checksum-sha1"),
-        sha256: sent.sha256.is_some() || trailer.contains("x-amz-checksum-sha256"),
-        crc64nvme: sent.crc64nvme.is_some() || trailer.contains("x-amz-checksum-crc64nvme"),
+        crc32: sent.crc32.is_some() || announced("crc32"),
+        crc32c: sent.crc32c.is_some() || announced("crc32c"),
+        sha1: sent.sha1.is_some() || announced("sha1"),
+        sha256: sent.sha256.is_some() || announced("sha256"),
+        crc64nvme: sent.crc64nvme.is_some() || announced("crc64nvme"),
     }
 }
 
@@ -692,7 +693,7 @@ impl S3 for Gateway {
         req: S3Request<DeleteBucketInput>,
     ) -> S3Result<S3Response<DeleteBucketOutput>> {
         let caller = self.caller(&req)?;
-        caller.may_write_buckets()?;
+        caller.may_delete_buckets()?;
         let name = &req.input.bucket;
         self.bucket(&caller, name)?;
         self.core()
@@ -1380,5 +1381,126 @@ impl Gateway {
             version_id: Some(version_id(index)),
             request_charged: None,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn announced_trailers_name_exactly_their_checksums() {
+        let mut headers = hyper::HeaderMap::new();
+        headers.insert(
+            "x-amz-trailer",
+            "X-Amz-Checksum-CRC32C, x-amz-checksum-sha256"
+                .parse()
+                .unwrap(),
+        );
+        let w = wanted_checksums(&headers, &SentChecksums::default());
+        assert!(w.crc32c && w.sha256);
+        assert!(!w.crc32 && !w.sha1 && !w.crc64nvme);
+        let sent = SentChecksums {
+            crc32: Some("AAAAAA==".into()),
+            ..Default::default()
+        };
+        let w = wanted_checksums(&hyper::HeaderMap::new(), &sent);
+        assert!(w.crc32 && !w.crc32c);
+    }
+
+    #[test]
+    fn version_ids_and_url_encoding() {
+        assert_eq!(parse_version(None).unwrap(), None);
+        assert_eq!(parse_version(Some("null")).unwrap(), None);
+        assert_eq!(parse_version(Some("42")).unwrap(), Some(LogIndex(42)));
+        for bad in ["0", "-1", "abc", ""] {
+            assert!(parse_version(Some(bad)).is_err(), "{bad:?}");
+        }
+        assert_eq!(url_encode("a b/ü+~"), "a%20b/%C3%BC%2B~");
+    }
+
+    #[test]
+    fn preconditions_follow_s3_order() {
+        let record = rec::ObjectRecord {
+            etag: "abc".into(),
+            modified_ms: 10_000_000,
+            ..Default::default()
+        };
+        let tag = |t: &str| ETagCondition::ETag(ETag::Strong(t.into()));
+        let at = |s: i64| timestamp(s * 1000);
+        let code = |r: S3Result<()>| r.err().map(|e| e.code().as_str().to_owned());
+        assert_eq!(
+            code(check_preconditions(
+                &record,
+                Some(&tag("abc")),
+                None,
+                None,
+                None
+            )),
+            None
+        );
+        assert_eq!(
+            code(check_preconditions(
+                &record,
+                Some(&tag("x")),
+                None,
+                None,
+                None
+            ))
+            .as_deref(),
+            Some("PreconditionFailed")
+        );
+        // If-Match true wins over a failing If-Unmodified-Since.
+        assert_eq!(
+            code(check_preconditions(
+                &record,
+                Some(&tag("abc")),
+                None,
+                None,
+                Some(&at(1))
+            )),
+            None
+        );
+        assert_eq!(
+            code(check_preconditions(&record, None, None, None, Some(&at(1)))).as_deref(),
+            Some("PreconditionFailed")
+        );
+        assert_eq!(
+            code(check_preconditions(
+                &record,
+                None,
+                Some(&tag("abc")),
+                None,
+                None
+            ))
+            .as_deref(),
+            Some("NotModified")
+        );
+        // If-None-Match false wins over If-Modified-Since.
+        assert_eq!(
+            code(check_preconditions(
+                &record,
+                None,
+                Some(&tag("x")),
+                Some(&at(20_000)),
+                None
+            )),
+            None
+        );
+        assert_eq!(
+            code(check_preconditions(
+                &record,
+                None,
+                None,
+                Some(&at(20_000)),
+                None
+            ))
+            .as_deref(),
+            Some("NotModified")
+        );
+        assert_eq!(
+            code(check_preconditions(&record, None, None, Some(&at(1)), None)),
+            None
+        );
     }
 }
