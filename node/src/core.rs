@@ -1347,6 +1347,16 @@ impl NodeCore {
         Ok(Some((credential_info(&record)?, secret)))
     }
 
+    /// A credential without its secret (what it may do, for whom).
+    pub fn credential_info(&self, access_key: &str) -> NodeResult<Option<CredentialInfo>> {
+        self.catalog
+            .credential(access_key)
+            .map_err(NodeError::io("read catalog"))?
+            .as_ref()
+            .map(credential_info)
+            .transpose()
+    }
+
     pub fn list_credentials(&self, tenant: &str) -> NodeResult<Vec<CredentialInfo>> {
         let tenant_record = self.tenant(tenant)?;
         self.catalog

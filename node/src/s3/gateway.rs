@@ -103,9 +103,11 @@ impl Gateway {
         let Some(creds) = &req.credentials else {
             return Err(access_denied("anonymous requests are not served"));
         };
-        let (credential, _) = self
+        // The signature was checked against the secret already; only the
+        // credential's tenant and mode are needed here.
+        let credential = self
             .core()
-            .credential(&creds.access_key)
+            .credential_info(&creds.access_key)
             .map_err(from_node)?
             .ok_or_else(|| s3_error!(InvalidAccessKeyId, "the access key was revoked"))?;
         let tenant_id = self
@@ -143,7 +145,6 @@ impl Gateway {
             name: name.to_owned(),
             pg: info.pg,
             id: info.bucket,
-            created_ms: info.created_ms,
             group,
         })
     }
@@ -188,7 +189,7 @@ impl Gateway {
     }
 }
 
-pub(super) fn no_such_bucket(name: &str) -> S3Error {
+fn no_such_bucket(name: &str) -> S3Error {
     S3Error::with_message(
         S3ErrorCode::NoSuchBucket,
         format!("bucket {name} does not exist"),
@@ -358,6 +359,26 @@ pub(super) fn check_preconditions(
     }
     Ok(())
 }
+
+/// The `x-amz-copy-source-if-*` preconditions of a copy (CopyObject and
+/// UploadPartCopy name them alike) on the source's record. A copy has no
+/// 304: every failed condition is `PreconditionFailed`.
+macro_rules! check_copy_preconditions {
+    ($record:expr, $input:expr) => {
+        $crate::s3::gateway::check_preconditions(
+            $record,
+            $input.copy_source_if_match.as_ref(),
+            $input.copy_source_if_none_match.as_ref(),
+            $input.copy_source_if_modified_since.as_ref(),
+            $input.copy_source_if_unmodified_since.as_ref(),
+        )
+        .map_err(|e| match e.code() {
+            s3s::S3ErrorCode::NotModified => s3s::s3_error!(PreconditionFailed),
+            _ => e,
+        })
+    };
+}
+pub(super) use check_copy_preconditions;
 
 fn checksums_out(c: Option<&rec::Checksums>) -> [Option<String>; 5] {
     let some = |s: &str| (!s.is_empty()).then(|| s.to_owned());
@@ -1028,17 +1049,7 @@ impl S3 for Gateway {
         let create_only = caller.may_put(&input.key)?;
         let dest = self.bucket(&caller, &input.bucket)?;
         let (src_bucket, src) = self.copy_source(&caller, &input.copy_source).await?;
-        check_preconditions(
-            &src.record,
-            input.copy_source_if_match.as_ref(),
-            input.copy_source_if_none_match.as_ref(),
-            input.copy_source_if_modified_since.as_ref(),
-            input.copy_source_if_unmodified_since.as_ref(),
-        )
-        .map_err(|e| match e.code() {
-            S3ErrorCode::NotModified => s3_error!(PreconditionFailed),
-            _ => e,
-        })?;
+        check_copy_preconditions!(&src.record, input)?;
         let replace = input
             .metadata_directive
             .as_ref()

@@ -11,7 +11,7 @@ use s3s::{S3Error, S3ErrorCode, S3Request, S3Response, S3Result, s3_error};
 
 use super::errors::from_node;
 use super::gateway::{
-    Gateway, check_preconditions, new_record, sent_checksums, url_encode, verify_body,
+    Gateway, check_copy_preconditions, new_record, sent_checksums, url_encode, verify_body,
     wanted_checksums,
 };
 use super::objects::{BucketRef, WrittenBody, now_ms, timestamp};
@@ -87,7 +87,7 @@ impl Gateway {
         let input = req.input;
         // An append-only credential may start one anywhere: completing it
         // is what may not replace an object.
-        caller_may_upload(&caller, &input.key)?;
+        caller.may_put(&input.key)?;
         let bucket = self.bucket(&caller, &input.bucket)?;
         let record = new_record(
             &input.key,
@@ -156,7 +156,7 @@ impl Gateway {
     ) -> S3Result<S3Response<UploadPartOutput>> {
         let caller = self.caller(&req)?;
         let input = &mut req.input;
-        caller_may_upload(&caller, &input.key)?;
+        caller.may_put(&input.key)?;
         let part = check_part_number(input.part_number)?;
         let bucket = self.bucket(&caller, &input.bucket)?;
         self.store.read_point(&bucket).await?;
@@ -199,23 +199,13 @@ impl Gateway {
     ) -> S3Result<S3Response<UploadPartCopyOutput>> {
         let caller = self.caller(&req)?;
         let input = req.input;
-        caller_may_upload(&caller, &input.key)?;
+        caller.may_put(&input.key)?;
         let part = check_part_number(input.part_number)?;
         let bucket = self.bucket(&caller, &input.bucket)?;
         let (src_bucket, src) = self.copy_source(&caller, &input.copy_source).await?;
         self.store.read_point(&bucket).await?;
         let (upload, _) = self.upload_record(&bucket, &input.upload_id, &input.key)?;
-        check_preconditions(
-            &src.record,
-            input.copy_source_if_match.as_ref(),
-            input.copy_source_if_none_match.as_ref(),
-            input.copy_source_if_modified_since.as_ref(),
-            input.copy_source_if_unmodified_since.as_ref(),
-        )
-        .map_err(|e| match e.code() {
-            S3ErrorCode::NotModified => s3_error!(PreconditionFailed),
-            _ => e,
-        })?;
+        check_copy_preconditions!(&src.record, input)?;
         let range = match input.copy_source_range.as_deref() {
             None => 0..src.record.size,
             Some(r) => parse_copy_range(r, src.record.size)?,
@@ -241,7 +231,7 @@ impl Gateway {
     ) -> S3Result<S3Response<CompleteMultipartUploadOutput>> {
         let caller = self.caller(&req)?;
         let input = req.input;
-        let create_only = caller_may_upload(&caller, &input.key)?;
+        let create_only = caller.may_put(&input.key)?;
         let conditional = match &input.if_none_match {
             None => false,
             Some(ETagCondition::Any) => true,
@@ -345,7 +335,7 @@ impl Gateway {
     ) -> S3Result<S3Response<AbortMultipartUploadOutput>> {
         let caller = self.caller(&req)?;
         let input = req.input;
-        caller_may_upload(&caller, &input.key)?;
+        caller.may_put(&input.key)?;
         let bucket = self.bucket(&caller, &input.bucket)?;
         self.store.read_point(&bucket).await?;
         let (upload, _) = self.upload_record(&bucket, &input.upload_id, &input.key)?;
@@ -471,11 +461,6 @@ impl Gateway {
             ..Default::default()
         }))
     }
-}
-
-/// Whether the caller may upload to `key`, and if only as a new object.
-fn caller_may_upload(caller: &super::gateway::Caller, key: &str) -> S3Result<bool> {
-    caller.may_put(key)
 }
 
 /// `bytes=FIRST-LAST` of x-amz-copy-source-range, within `size`.

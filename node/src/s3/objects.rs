@@ -27,7 +27,6 @@ use s3s::dto::StreamingBlob;
 
 use super::errors::{from_node, internal};
 use crate::core::NodeCore;
-use crate::error::NodeError;
 
 /// Plain bytes per chunk (the last chunk of an object may be shorter).
 pub const CHUNK_BYTES: usize = 1 << 20;
@@ -40,7 +39,6 @@ pub struct BucketRef {
     pub name: String,
     pub pg: PgId,
     pub id: BucketId,
-    pub created_ms: u64,
     pub group: ProtectionGroup,
 }
 
@@ -521,11 +519,6 @@ fn joined(
     done.map_err(|e| internal("a chunk write task failed", e))?
 }
 
-/// `"hex"` as S3 quotes ETags.
-pub fn quoted(etag: &str) -> String {
-    format!("\"{etag}\"")
-}
-
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -542,10 +535,4 @@ pub fn timestamp(ms: i64) -> s3s::dto::Timestamp {
 pub fn timestamp_ms(t: &s3s::dto::Timestamp) -> i64 {
     let t: time::OffsetDateTime = t.clone().into();
     (t.unix_timestamp_nanos() / 1_000_000) as i64
-}
-
-impl From<NodeError> for S3Error {
-    fn from(e: NodeError) -> S3Error {
-        from_node(e)
-    }
 }

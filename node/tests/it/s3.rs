@@ -663,6 +663,15 @@ async fn the_rust_sdk_drives_every_operation() {
     assert_eq!(first.body.collect().await.unwrap().into_bytes(), data);
     let versions = c.list_object_versions().bucket(b).send().await.unwrap();
     assert_eq!(versions.versions().len(), 2);
+    let unknown = c
+        .delete_object()
+        .bucket(b)
+        .key("docs/report")
+        .version_id("999999999")
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(code(&unknown), "NoSuchVersion");
 
     // Listings: a delimiter and pages of two.
     for k in ["docs/a", "docs/b", "docs/sub/c", "docs/sub/d", "top"] {
