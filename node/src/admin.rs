@@ -65,7 +65,10 @@ pub fn status(e: &NodeError) -> Status {
                 | J::UploadNotFound { .. }
                 | J::VersionNotFound { .. }
                 | J::CredentialNotFound { .. } => Code::NotFound,
-                J::BucketNotEmpty { .. } => Code::FailedPrecondition,
+                J::BucketNotEmpty { .. } | J::SnapshotLocked { .. } => Code::FailedPrecondition,
+                J::SnapshotExists { .. } => Code::AlreadyExists,
+                J::SnapshotNotFound { .. } => Code::NotFound,
+                J::IndexOutOfHistory { .. } => Code::OutOfRange,
                 J::KeyTooLong { .. } | J::InvalidPart { .. } => Code::InvalidArgument,
             }
         }

@@ -10,6 +10,7 @@ use std::io;
 
 use lifeboat_proto::raft as pb;
 use lifeboat_store::db::{Batch, Cf, Db};
+use lifeboat_store::history::SnapshotRecord;
 use lifeboat_store::objects::{self, BucketRecord, BucketState, ObjectVersion, Objects};
 use lifeboat_store::uploads::{PartRecord, UploadRecord};
 use lifeboat_store::volumes::{self, BlockContent, VolumeRecord, VolumeState, Volumes};
@@ -19,6 +20,7 @@ use prost::Message;
 use crate::catalog::{self, Counter};
 use crate::types::{Applied, Rejection};
 
+mod history;
 mod uploads;
 
 pub(crate) struct ApplyContext<'a> {
@@ -44,6 +46,10 @@ pub(crate) struct ApplyContext<'a> {
     stream_overlay: HashMap<u64, Vec<ChunkId>>,
     /// Object version rows staged in this batch, by (bucket, key), by index.
     version_overlay: HashMap<(BucketId, Vec<u8>), BTreeMap<u64, ObjectVersion>>,
+    /// Snapshots staged in this batch (`None`: deleted).
+    snapshot_overlay: HashMap<String, Option<SnapshotRecord>>,
+    /// The PG's newest timeline bucket once read (`Some(None)`: none yet).
+    timeline_newest: Option<Option<u64>>,
 }
 
 type Outcome = Result<Applied, Rejection>;
@@ -64,6 +70,8 @@ impl<'a> ApplyContext<'a> {
             part_overlay: HashMap::new(),
             stream_overlay: HashMap::new(),
             version_overlay: HashMap::new(),
+            snapshot_overlay: HashMap::new(),
+            timeline_newest: None,
         }
     }
 
@@ -164,6 +172,10 @@ impl<'a> ApplyContext<'a> {
         if is_catalog_command != (self.pg == PgId::CATALOG) {
             return Ok(Err(Rejection::WrongGroup { pg: self.pg.0 }));
         }
+        if self.pg != PgId::CATALOG {
+            // Refused entries too: the timeline maps times to indexes.
+            self.note_stamp(index, cmd.stamp_ms)?;
+        }
         match kind {
             Kind::WriteBlocks(w) => self.apply_write_blocks(index, w),
             Kind::CreateVolume(c) => self.apply_create_volume(index, c),
@@ -180,6 +192,9 @@ impl<'a> ApplyContext<'a> {
             Kind::PutPart(p) => self.apply_put_part(p),
             Kind::CompleteUpload(c) => self.apply_complete_upload(index, c),
             Kind::AbortUpload(a) => self.apply_abort_upload(a),
+            Kind::CreateSnapshot(c) => self.apply_create_snapshot(index, c, cmd.stamp_ms),
+            Kind::DeleteSnapshot(d) => self.apply_delete_snapshot(d, cmd.stamp_ms),
+            Kind::LockSnapshot(l) => self.apply_lock_snapshot(l, cmd.stamp_ms),
             Kind::InitCatalog(i) => self.apply_init_catalog(i, cmd.stamp_ms),
             Kind::CreateTenant(t) => self.apply_create_tenant(t, cmd.stamp_ms),
             Kind::RotateDek(r) => self.apply_rotate_dek(r),
@@ -1180,6 +1195,116 @@ mod tests {
         assert_eq!(
             apply(&mut cx, put("late", 4, false)),
             Err(Rejection::BucketNotFound { bucket: 5 })
+        );
+    }
+
+    /// Locks are judged at the entry's stamp; the timeline only moves
+    /// forward even when a stamp goes back; snapshots see this batch.
+    #[test]
+    fn snapshots_obey_their_locks_and_the_timeline_moves_forward() {
+        use lifeboat_store::history::{History, TimeIndex};
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), &DbOptions::default()).unwrap();
+        let pg = PgId(2);
+        let mut cx = ApplyContext::new(&db, pg);
+        let mut at = 0u64;
+        let mut apply = |cx: &mut ApplyContext<'_>, stamp_ms: u64, kind: pb::command::Kind| {
+            at += 1;
+            let c = pb::Command {
+                stamp_ms,
+                kind: Some(kind),
+            };
+            cx.apply_command(LogIndex(at), &c).unwrap()
+        };
+        use pb::command::Kind;
+        let create = |name: &str, at_index: Option<u64>, locked_until_ms: u64| {
+            Kind::CreateSnapshot(pb::CreateSnapshot {
+                name: name.into(),
+                at_index,
+                at_ms: 1_000,
+                locked_until_ms,
+            })
+        };
+        let delete = |name: &str, operator: bool| {
+            Kind::DeleteSnapshot(pb::DeleteSnapshot {
+                name: name.into(),
+                operator,
+            })
+        };
+        let lock = |name: &str, until_ms: u64, operator: bool| {
+            Kind::LockSnapshot(pb::LockSnapshot {
+                name: name.into(),
+                until_ms,
+                operator,
+            })
+        };
+        // Index 1 at 10 s; a new leader's clock is behind (index 2 at 9 s).
+        assert_eq!(
+            apply(&mut cx, 10_000, create("a", None, 20_000)),
+            Ok(Applied::SnapshotCreated { index: 1 })
+        );
+        assert_eq!(
+            apply(&mut cx, 9_000, create("a", None, 0)),
+            Err(Rejection::SnapshotExists { name: "a".into() })
+        );
+        assert_eq!(
+            apply(&mut cx, 11_000, create("b", Some(2), 0)),
+            Ok(Applied::SnapshotCreated { index: 2 })
+        );
+        assert_eq!(
+            apply(&mut cx, 11_000, create("c", Some(9), 0)),
+            Err(Rejection::IndexOutOfHistory {
+                index: 9,
+                oldest: 1,
+                newest: 4
+            })
+        );
+        let locked = Err(Rejection::SnapshotLocked {
+            name: "a".into(),
+            until_ms: 20_000,
+        });
+        assert_eq!(apply(&mut cx, 12_000, delete("a", false)), locked);
+        assert_eq!(apply(&mut cx, 12_000, lock("a", 15_000, false)), locked);
+        assert_eq!(
+            apply(&mut cx, 12_000, lock("a", 30_000, false)),
+            Ok(Applied::Done)
+        );
+        db.write(
+            std::mem::replace(&mut cx.batch, db.new_batch()),
+            Durability::Buffered,
+        )
+        .unwrap();
+        let history = History::new(db.clone());
+        let a = history.snapshot(pg, "a").unwrap().unwrap();
+        assert_eq!((a.index, a.locked_until_ms), (LogIndex(1), 30_000));
+        assert_eq!(history.snapshot(pg, "b").unwrap().unwrap().at_ms, 1_000);
+        // The entry stamped 9 s joined the 10 s bucket.
+        assert_eq!(
+            history.index_at(pg, 10_005).unwrap(),
+            TimeIndex::At(LogIndex(2))
+        );
+        assert_eq!(
+            history.index_at(pg, 9_999).unwrap(),
+            TimeIndex::BeforeHistory { oldest_ms: 10_000 }
+        );
+
+        let mut cx = ApplyContext::new(&db, pg);
+        // Past the lock a tenant may delete; before it only an operator.
+        assert_eq!(
+            apply(&mut cx, 29_999, delete("a", false)),
+            Err(Rejection::SnapshotLocked {
+                name: "a".into(),
+                until_ms: 30_000
+            })
+        );
+        assert_eq!(apply(&mut cx, 29_999, delete("a", true)), Ok(Applied::Done));
+        assert_eq!(
+            apply(&mut cx, 29_999, delete("a", false)),
+            Err(Rejection::SnapshotNotFound { name: "a".into() })
+        );
+        assert_eq!(
+            apply(&mut cx, 30_000, delete("b", false)),
+            Ok(Applied::Done)
         );
     }
 }

@@ -57,6 +57,9 @@ impl fmt::Display for Command {
                 );
             }
             Some(Kind::CreateVolume(_)) => "create_volume",
+            Some(Kind::CreateSnapshot(_)) => "create_snapshot",
+            Some(Kind::DeleteSnapshot(_)) => "delete_snapshot",
+            Some(Kind::LockSnapshot(_)) => "lock_snapshot",
             Some(Kind::CreateBucket(_)) => "create_bucket",
             Some(Kind::DeleteBucket(_)) => "delete_bucket",
             Some(Kind::DeleteObject(_)) => "delete_object",
@@ -241,6 +244,18 @@ pub enum Rejection {
     CredentialExists { access_key: String },
     #[error("access key {access_key} does not exist")]
     CredentialNotFound { access_key: String },
+    #[error("snapshot {name} already exists")]
+    SnapshotExists { name: String },
+    #[error("snapshot {name} does not exist")]
+    SnapshotNotFound { name: String },
+    #[error("snapshot {name} is locked until {until_ms} ms since the epoch")]
+    SnapshotLocked { name: String, until_ms: u64 },
+    #[error("index {index} is outside the history this group holds ({oldest}..={newest})")]
+    IndexOutOfHistory {
+        index: u64,
+        oldest: u64,
+        newest: u64,
+    },
 }
 
 /// What applying a command produced.
@@ -268,6 +283,10 @@ pub enum Applied {
     BucketNameBound {
         pg: u64,
         bucket: u64,
+    },
+    /// A snapshot now pins `index`.
+    SnapshotCreated {
+        index: u64,
     },
     /// A version was removed by its id; it was a delete marker or not.
     VersionDeleted {

@@ -221,6 +221,31 @@ impl Db {
         Ok(self.scan(cf, prefix, start, 1)?.pop())
     }
 
+    /// For each `(prefix, start)`, the first entry at or after `start`
+    /// whose key starts with `prefix`: [`Db::seek`] many times over one
+    /// iterator (reads of many blocks at one index).
+    pub fn seek_each(
+        &self,
+        cf: Cf,
+        seeks: &[(Vec<u8>, Vec<u8>)],
+    ) -> Result<Vec<Option<(Vec<u8>, Vec<u8>)>>> {
+        let mut iter = self.inner.raw_iterator_cf(self.cf(cf));
+        let mut out = Vec::with_capacity(seeks.len());
+        for (prefix, start) in seeks {
+            iter.seek(start);
+            match (iter.key(), iter.value()) {
+                (Some(k), Some(v)) if k.starts_with(prefix) => {
+                    out.push(Some((k.to_vec(), v.to_vec())))
+                }
+                _ => {
+                    iter.status().map_err(rocks("seek"))?;
+                    out.push(None);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Up to `limit` entries at or after `start` whose keys start with
     /// `prefix`, in key order.
     pub fn scan(

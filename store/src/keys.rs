@@ -15,6 +15,8 @@
 //! latest      pg u64 | bucket u64 | escaped object key             (objects)
 //! objects     pg u64 | bucket u64 | escaped object key | !index u64
 //! chunks      pg u64 | chunk u64 | part u8                          17 bytes
+//! timeline    pg u64 | time bucket u64 (10 ms since the epoch)     16 bytes
+//! pg_meta     pg u64 | kind u8 (snapshot) | name (UTF-8)
 //! ```
 //!
 //! An escaped object key is the key with every 0x00 byte written as 0x00
@@ -73,6 +75,8 @@ pub enum MetaKind {
     /// Unversioned pair `stream id | chunk id`: a chunk written ahead of the
     /// object or part that will name it, holding one reference until then.
     StreamChunk = 5,
+    /// A named snapshot of the PG: `pg | kind | name`, unversioned.
+    Snapshot = 6,
 }
 
 /// The two rows of a chunk in `chunks`.
@@ -241,6 +245,34 @@ pub fn pg_meta_key(pg: PgId, kind: MetaKind, id: u64, index: LogIndex) -> [u8; P
     let mut k = [0u8; PG_META_KEY_BYTES];
     k[..17].copy_from_slice(&pg_meta_prefix(pg, kind, id));
     k[17..].copy_from_slice(&(!index.0).to_be_bytes());
+    k
+}
+
+/// The timeline row of a PG's 10 ms time bucket.
+pub fn timeline_key(pg: PgId, bucket: u64) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&pg.0.to_be_bytes());
+    k[8..].copy_from_slice(&bucket.to_be_bytes());
+    k
+}
+
+/// The time bucket of a timeline key, or `None` if it is not one.
+pub fn decode_timeline_key(key: &[u8]) -> Option<u64> {
+    (key.len() == 16).then(|| u64::from_be_bytes(key[8..16].try_into().expect("8 bytes")))
+}
+
+/// Where the rows of one PG's `kind` begin (variable-length kinds: snapshots).
+pub fn pg_meta_kind_prefix(pg: PgId, kind: MetaKind) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[..8].copy_from_slice(&pg.0.to_be_bytes());
+    k[8] = kind as u8;
+    k
+}
+
+/// The row of snapshot `name` of a PG.
+pub fn snapshot_key(pg: PgId, name: &str) -> Vec<u8> {
+    let mut k = pg_meta_kind_prefix(pg, MetaKind::Snapshot).to_vec();
+    k.extend_from_slice(name.as_bytes());
     k
 }
 

@@ -364,8 +364,7 @@ impl Objects {
 
     /// The newest record of every bucket of a PG, deleted ones included.
     pub fn buckets(&self, pg: PgId) -> Result<Vec<(BucketId, LogIndex, BucketRecord)>> {
-        let mut prefix = keys::pg_prefix(pg).to_vec();
-        prefix.push(MetaKind::Bucket as u8);
+        let prefix = keys::pg_meta_kind_prefix(pg, MetaKind::Bucket);
         let mut out: Vec<(BucketId, LogIndex, BucketRecord)> = Vec::new();
         for (key, value) in self.db.scan(Cf::PgMeta, &prefix, &prefix, usize::MAX)? {
             let (id, index, record) = decode_bucket_row(&key, &value)?;

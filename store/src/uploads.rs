@@ -241,8 +241,7 @@ impl Uploads {
     /// Every stream of the PG holding chunks, with the stamp of its newest
     /// chunk (milliseconds since the Unix epoch), by stream id.
     pub fn streams(&self, pg: PgId) -> Result<Vec<(u64, u64)>> {
-        let mut prefix = keys::pg_prefix(pg).to_vec();
-        prefix.push(MetaKind::StreamChunk as u8);
+        let prefix = keys::pg_meta_kind_prefix(pg, MetaKind::StreamChunk);
         let mut out: Vec<(u64, u64)> = Vec::new();
         for (k, v) in self.db.scan(Cf::PgMeta, &prefix, &prefix, usize::MAX)? {
             let (stream, _) =

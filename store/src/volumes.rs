@@ -284,6 +284,39 @@ impl Volumes {
         Ok(Some(StoredBlock { index, value }))
     }
 
+    /// The versions of `count` consecutive blocks from `first` visible at
+    /// `at`: one seek per block over one iterator.
+    pub fn blocks_at(
+        &self,
+        pg: PgId,
+        volume: VolumeId,
+        first: BlockNo,
+        count: u64,
+        at: LogIndex,
+    ) -> Result<Vec<Option<StoredBlock>>> {
+        let seeks: Vec<(Vec<u8>, Vec<u8>)> = (first.0..first.0 + count)
+            .map(|b| {
+                (
+                    keys::latest_key(pg, volume, BlockNo(b)).to_vec(),
+                    keys::block_key(pg, volume, BlockNo(b), at).to_vec(),
+                )
+            })
+            .collect();
+        self.db
+            .seek_each(Cf::Blocks, &seeks)?
+            .into_iter()
+            .map(|found| {
+                let Some((key, value)) = found else {
+                    return Ok(None);
+                };
+                let (_, _, _, index) = keys::decode_block_key(&key).ok_or_else(|| {
+                    Error::corrupt_record(Cf::Blocks.name(), &key, "malformed block key")
+                })?;
+                Ok(Some(StoredBlock { index, value }))
+            })
+            .collect()
+    }
+
     /// Every version of a block, newest first (tests and tools).
     pub fn block_history(
         &self,
@@ -335,8 +368,7 @@ impl Volumes {
 
     /// The newest record of every volume of a PG, deleted ones included.
     pub fn volumes(&self, pg: PgId) -> Result<Vec<(VolumeId, LogIndex, VolumeRecord)>> {
-        let mut prefix = keys::pg_prefix(pg).to_vec();
-        prefix.push(MetaKind::Volume as u8);
+        let prefix = keys::pg_meta_kind_prefix(pg, MetaKind::Volume);
         let mut out: Vec<(VolumeId, LogIndex, VolumeRecord)> = Vec::new();
         // Volume records are few and small (one per create, resize, delete):
         // one pass keeping the first (newest) row of each volume is enough.
