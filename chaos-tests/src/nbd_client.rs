@@ -41,6 +41,7 @@ pub const CMD_FLAG_FUA: u16 = 1;
 pub struct NbdErrno(pub u32);
 
 impl NbdErrno {
+    pub const EPERM: NbdErrno = NbdErrno(1);
     pub const EIO: NbdErrno = NbdErrno(5);
     pub const EINVAL: NbdErrno = NbdErrno(22);
     pub const ENOSPC: NbdErrno = NbdErrno(28);

@@ -85,6 +85,10 @@ enum Command {
     /// and history).
     #[command(subcommand)]
     Pg(PgCommand),
+    /// Named restore points of a whole protection group: every volume and
+    /// bucket at one moment, kept until deleted, lockable until a date.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// What this node has reported to operators (ack policy degradations,
     /// …), oldest first.
     Events,
@@ -229,6 +233,52 @@ enum PgCommand {
         #[arg(value_parser = ["local", "remote"])]
         ack: String,
     },
+}
+
+#[derive(Subcommand)]
+enum SnapshotCommand {
+    /// Pin the state of TENANT/PG now (or at --at) under a name.
+    Create {
+        /// TENANT/PG
+        pg: String,
+        /// Default: snap-YYYYMMDD-HHMMSS (UTC).
+        #[arg(long, default_value = "")]
+        name: String,
+        /// A past moment instead of now: RFC 3339 (2026-11-28T10:13:00Z)
+        /// or relative (-15m, -2h).
+        #[arg(long, default_value = "")]
+        at: String,
+        /// Lock it against deletion until then: RFC 3339 or +30d.
+        #[arg(long, default_value = "")]
+        lock_until: String,
+    },
+    /// Every snapshot of TENANT/PG.
+    List {
+        /// TENANT/PG
+        pg: String,
+    },
+    /// One snapshot: TENANT/PG@NAME.
+    Show { snapshot: String },
+    /// Delete TENANT/PG@NAME (refused while locked, but to an operator).
+    Delete { snapshot: String },
+    /// Lock TENANT/PG@NAME until a date (RFC 3339 or +30d). Anyone may
+    /// extend a lock; only an operator may shorten one that holds.
+    Lock {
+        snapshot: String,
+        #[arg(long)]
+        until: String,
+    },
+}
+
+/// `TENANT/PG@NAME` as (TENANT/PG, NAME).
+fn split_snapshot_ref(text: &str) -> anyhow::Result<api::SnapshotRef> {
+    match text.split_once('@') {
+        Some((pg, name)) if !pg.is_empty() && !name.is_empty() => Ok(api::SnapshotRef {
+            pg: pg.to_owned(),
+            name: name.to_owned(),
+        }),
+        _ => anyhow::bail!("{text:?} is not a snapshot: write TENANT/PG@NAME"),
+    }
 }
 
 #[derive(Subcommand)]
@@ -491,8 +541,9 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                     "APPLIED",
                     "LOG",
                     "LOG BYTES",
-                    "SNAPSHOT",
+                    "RAFT SNAPSHOT",
                     "VOLUMES",
+                    "RESTORABLE FROM",
                 ]);
                 let mut lag = Table::new(&[
                     "PG",
@@ -538,6 +589,11 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                         size::format_size(p.log_bytes),
                         p.snapshot_index.to_string(),
                         p.volumes.to_string(),
+                        if p.oldest_restorable_ms == 0 {
+                            "-".into()
+                        } else {
+                            format_time_ms(p.oldest_restorable_ms)
+                        },
                     ]);
                 }
                 t.print();
@@ -753,9 +809,9 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
             } else {
                 let status = p.status.clone();
                 print_pgs(out, vec![p]);
-                match status {
+                match &status {
                     Some(s) => println!(
-                        "here: {} · leader node {} · applied {} · log {}..{} ({}) · snapshot {}{}",
+                        "here: {} · leader node {} · applied {} · log {}..{} ({}) · raft snapshot {}{}",
                         if s.role.is_empty() { "-" } else { &s.role },
                         s.leader_node,
                         s.applied_index,
@@ -771,7 +827,60 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                     ),
                     None => println!("here: this node hosts no member of it"),
                 }
+                if let Some(s) = &status {
+                    println!(
+                        "history: restorable from {} · {} snapshot(s)",
+                        if s.oldest_restorable_ms == 0 {
+                            "-".into()
+                        } else {
+                            format_time_ms(s.oldest_restorable_ms)
+                        },
+                        s.snapshots
+                    );
+                }
             }
+        }
+        Command::Snapshot(SnapshotCommand::Create {
+            pg,
+            name,
+            at,
+            lock_until,
+        }) => {
+            let req = client.request(api::CreateSnapshotRequest {
+                pg,
+                name,
+                at,
+                lock_until,
+            });
+            let s = client.api().create_snapshot(req).await?.into_inner();
+            print_snapshots(out, vec![s]);
+        }
+        Command::Snapshot(SnapshotCommand::List { pg }) => {
+            let req = client.request(api::ListSnapshotsRequest { pg });
+            let r = client.api().list_snapshots(req).await?.into_inner();
+            print_snapshots(out, r.snapshots);
+        }
+        Command::Snapshot(SnapshotCommand::Show { snapshot }) => {
+            let req = client.request(split_snapshot_ref(&snapshot)?);
+            let s = client.api().show_snapshot(req).await?.into_inner();
+            print_snapshots(out, vec![s]);
+        }
+        Command::Snapshot(SnapshotCommand::Delete { snapshot }) => {
+            let req = client.request(split_snapshot_ref(&snapshot)?);
+            client.api().delete_snapshot(req).await?;
+            if !out.json {
+                println!("deleted snapshot {snapshot}");
+            }
+        }
+        Command::Snapshot(SnapshotCommand::Lock { snapshot, until }) => {
+            let r = split_snapshot_ref(&snapshot)?;
+            let req = client.request(api::LockSnapshotRequest {
+                pg: r.pg,
+                name: r.name,
+                until,
+            });
+            let s = client.api().lock_snapshot(req).await?.into_inner();
+            print_snapshots(out, vec![s]);
         }
         Command::Pg(PgCommand::SetAck { name, ack }) => {
             let req = client.request(api::SetPgAckRequest { name, ack });
@@ -851,6 +960,7 @@ fn pg_status_json(p: &api::PgStatus) -> serde_json::Value {
         "log_bytes": p.log_bytes, "snapshot_index": p.snapshot_index,
         "ack": p.ack, "ack_degraded": p.ack_degraded,
         "ack_degradations": p.ack_degradations,
+        "oldest_restorable_ms": p.oldest_restorable_ms, "snapshots": p.snapshots,
         "lag": p.lag.iter().map(|l| serde_json::json!({
             "member": l.member_id, "node": l.node_id, "site": l.site,
             "voter": l.voter, "matched_index": l.matched_index,
@@ -1144,11 +1254,38 @@ fn print_buckets(out: &Output, buckets: Vec<api::Bucket>) {
 
 /// Milliseconds since the Unix epoch as RFC 3339 UTC.
 fn format_time_ms(ms: u64) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| ms.to_string())
+    lifeboat_snapshot::format_ms(ms)
+}
+
+fn print_snapshots(out: &Output, snapshots: Vec<api::Snapshot>) {
+    if out.json {
+        out.json_value(&serde_json::Value::Array(
+            snapshots
+                .iter()
+                .map(|s| {
+                    serde_json::json!({
+                        "pg": s.pg, "name": s.name, "index": s.index, "at_ms": s.at_ms,
+                        "at": format_time_ms(s.at_ms), "created_ms": s.created_ms,
+                        "locked_until_ms": s.locked_until_ms,
+                    })
+                })
+                .collect(),
+        ));
+        return;
+    }
+    let mut table = Table::new(&["SNAPSHOT", "INDEX", "AT", "CREATED", "LOCKED UNTIL"]);
+    for s in snapshots {
+        table.row(vec![
+            format!("{}@{}", s.pg, s.name),
+            s.index.to_string(),
+            format_time_ms(s.at_ms),
+            format_time_ms(s.created_ms),
+            if s.locked_until_ms == 0 {
+                "-".into()
+            } else {
+                format_time_ms(s.locked_until_ms)
+            },
+        ]);
+    }
+    table.print();
 }

@@ -12,6 +12,7 @@ use tonic::{Request, Response, Status};
 
 use crate::core::{BucketInfo, CredentialInfo, CredentialMode, NodeCore, Role, VolumeInfo};
 use crate::error::NodeError;
+use crate::history::SnapshotInfo;
 
 /// Maps a node error to a gRPC status whose message starts with the stable
 /// error code, so the CLI can show both.
@@ -21,11 +22,16 @@ pub fn status(e: &NodeError) -> Status {
     let code = match e {
         NodeError::NotInitialized => Code::FailedPrecondition,
         NodeError::AlreadyInitialized { .. } => Code::AlreadyExists,
-        NodeError::InvalidName { .. } | NodeError::InvalidSize { .. } => Code::InvalidArgument,
+        NodeError::InvalidName { .. }
+        | NodeError::InvalidSize { .. }
+        | NodeError::RestorePoint(_) => Code::InvalidArgument,
+        NodeError::BeforeHistory { .. } => Code::OutOfRange,
+        NodeError::SnapshotLocked { .. } => Code::FailedPrecondition,
         NodeError::TenantNotFound(_)
         | NodeError::VolumeNotFound(_)
         | NodeError::BucketNotFound(_)
         | NodeError::CredentialNotFound(_)
+        | NodeError::SnapshotNotFound(_)
         | NodeError::PgNotFound(_) => Code::NotFound,
         NodeError::Unauthenticated => Code::Unauthenticated,
         NodeError::PermissionDenied { .. } => Code::PermissionDenied,
@@ -157,6 +163,17 @@ impl AdminService {
         }
     }
 
+    /// The caller's role, if it may use the tenant of PG `TENANT/NAME`.
+    fn require_pg_tenant<T>(
+        &self,
+        req: &Request<T>,
+        pg_full_name: &str,
+        action: &str,
+    ) -> Result<Role, Status> {
+        let (tenant, _) = crate::names::split_pg_name(pg_full_name).map_err(|e| status(&e))?;
+        self.require_tenant(req, tenant, action)
+    }
+
     fn tenant_message(
         &self,
         t: &lifeboat_proto::raft::TenantRecord,
@@ -239,6 +256,8 @@ pub fn pg_status(core: &NodeCore, g: &ProtectionGroup) -> api::PgStatus {
         ack: ack.policy.as_str().into(),
         ack_degraded: ack.degraded,
         ack_degradations: ack.degradations,
+        oldest_restorable_ms: core.history.oldest_ms(g.pg()).ok().flatten().unwrap_or(0),
+        snapshots: core.history.snapshots(g.pg()).map_or(0, |s| s.len() as u64),
     }
 }
 
@@ -346,6 +365,17 @@ fn bucket_message(b: BucketInfo) -> api::Bucket {
         pg: format!("{}/{}", b.tenant, b.pg_name),
         id: b.bucket.0,
         created_ms: b.created_ms,
+    }
+}
+
+fn snapshot_message(s: SnapshotInfo) -> api::Snapshot {
+    api::Snapshot {
+        pg: s.pg,
+        name: s.name,
+        index: s.record.index.0,
+        at_ms: s.record.at_ms,
+        created_ms: s.record.created_ms,
+        locked_until_ms: s.record.locked_until_ms,
     }
 }
 
@@ -809,13 +839,101 @@ impl Admin for AdminService {
     }
 
     async fn show_pg(&self, req: Request<api::ShowPgRequest>) -> Result<Response<api::Pg>, Status> {
-        let name = req.get_ref().name.clone();
-        let tenant = crate::names::split_pg_name(&name)
-            .map(|(t, _)| t.to_owned())
-            .map_err(|e| status(&e))?;
-        self.require_tenant(&req, &tenant, "see this protection group")?;
-        let record = self.core.pg_named(&name).map_err(|e| status(&e))?;
+        let name = &req.get_ref().name;
+        self.require_pg_tenant(&req, name, "see this protection group")?;
+        let record = self.core.pg_named(name).map_err(|e| status(&e))?;
         Ok(Response::new(pg_message(&self.core, record)))
+    }
+
+    async fn create_snapshot(
+        &self,
+        req: Request<api::CreateSnapshotRequest>,
+    ) -> Result<Response<api::Snapshot>, Status> {
+        self.require_pg_tenant(
+            &req,
+            &req.get_ref().pg,
+            "create snapshots in this protection group",
+        )?;
+        let r = req.get_ref();
+        let info = self
+            .core
+            .create_snapshot(&r.pg, &r.name, &r.at, &r.lock_until)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(snapshot_message(info)))
+    }
+
+    async fn list_snapshots(
+        &self,
+        req: Request<api::ListSnapshotsRequest>,
+    ) -> Result<Response<api::ListSnapshotsResponse>, Status> {
+        self.require_pg_tenant(
+            &req,
+            &req.get_ref().pg,
+            "list snapshots of this protection group",
+        )?;
+        let snapshots = self
+            .core
+            .list_snapshots(&req.get_ref().pg)
+            .await
+            .map_err(|e| status(&e))?
+            .into_iter()
+            .map(snapshot_message)
+            .collect();
+        Ok(Response::new(api::ListSnapshotsResponse { snapshots }))
+    }
+
+    async fn show_snapshot(
+        &self,
+        req: Request<api::SnapshotRef>,
+    ) -> Result<Response<api::Snapshot>, Status> {
+        self.require_pg_tenant(
+            &req,
+            &req.get_ref().pg,
+            "see snapshots of this protection group",
+        )?;
+        let r = req.get_ref();
+        let info = self
+            .core
+            .show_snapshot(&r.pg, &r.name)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(snapshot_message(info)))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        req: Request<api::SnapshotRef>,
+    ) -> Result<Response<api::DeleteSnapshotResponse>, Status> {
+        let role = self.require_pg_tenant(
+            &req,
+            &req.get_ref().pg,
+            "delete snapshots of this protection group",
+        )?;
+        let r = req.get_ref();
+        self.core
+            .delete_snapshot(&r.pg, &r.name, &role)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(api::DeleteSnapshotResponse {}))
+    }
+
+    async fn lock_snapshot(
+        &self,
+        req: Request<api::LockSnapshotRequest>,
+    ) -> Result<Response<api::Snapshot>, Status> {
+        let role = self.require_pg_tenant(
+            &req,
+            &req.get_ref().pg,
+            "lock snapshots of this protection group",
+        )?;
+        let r = req.get_ref();
+        let info = self
+            .core
+            .lock_snapshot(&r.pg, &r.name, &r.until, &role)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(snapshot_message(info)))
     }
 
     async fn set_pg_ack(

@@ -22,6 +22,7 @@ use lifeboat_replication::{
 };
 use lifeboat_store::db::{Db, DbOptions};
 use lifeboat_store::frame::FrameCodec;
+use lifeboat_store::history::History;
 use lifeboat_store::keyring::{Dek, Keyring, MasterKey, TenantKeys};
 use lifeboat_store::objects::{BucketState, Objects};
 use lifeboat_store::volumes::{VolumeRecord, VolumeState, Volumes};
@@ -180,6 +181,7 @@ pub struct NodeCore {
     pub db: Db,
     pub volumes: Volumes,
     pub objects: Objects,
+    pub history: History,
     pub catalog: Catalog,
     pub codec: FrameCodec,
     pub keyring: Keyring,
@@ -191,7 +193,7 @@ pub struct NodeCore {
     /// `raft.node_heartbeats` is on.
     pub liveness: Option<Arc<Liveness>>,
     syncer: WalSyncer,
-    clock: Arc<dyn Clock>,
+    pub(crate) clock: Arc<dyn Clock>,
     master_key: RwLock<Option<Arc<MasterKey>>>,
     groups: RwLock<HashMap<PgId, ProtectionGroup>>,
     /// The addresses this node actually listens on (a config port of 0
@@ -319,6 +321,7 @@ impl NodeCore {
         let core = Arc::new(NodeCore {
             volumes: Volumes::new(db.clone()),
             objects: Objects::new(db.clone()),
+            history: History::new(db.clone()),
             catalog: Catalog::new(db.clone()),
             codec: FrameCodec::new(config.store.zstd_level),
             keyring: Keyring::new(),
@@ -940,10 +943,7 @@ impl NodeCore {
             }))
             .await?;
         let Applied::TenantCreated { main_pg, .. } = applied else {
-            return Err(NodeError::Io {
-                op: "create tenant".into(),
-                source: std::io::Error::other(format!("unexpected apply result {applied:?}")),
-            });
+            return Err(NodeError::unexpected_outcome("create tenant", &applied));
         };
         self.wait_pg_ready(PgId(main_pg)).await?;
         let record = self.tenant(name)?;
@@ -1000,10 +1000,10 @@ impl NodeCore {
             }))
             .await?;
         let Applied::PgCreated { pg } = applied else {
-            return Err(NodeError::Io {
-                op: "create protection group".into(),
-                source: std::io::Error::other(format!("unexpected apply result {applied:?}")),
-            });
+            return Err(NodeError::unexpected_outcome(
+                "create protection group",
+                &applied,
+            ));
         };
         self.wait_pg_ready(PgId(pg)).await?;
         tracing::info!(
@@ -1163,10 +1163,7 @@ impl NodeCore {
             }))
             .await?;
         let Applied::VolumeNameBound { pg, volume } = applied else {
-            return Err(NodeError::Io {
-                op: "bind volume name".into(),
-                source: std::io::Error::other(format!("unexpected apply result {applied:?}")),
-            });
+            return Err(NodeError::unexpected_outcome("bind volume name", &applied));
         };
         let created = self
             .running_group(pg)?
@@ -1395,10 +1392,7 @@ impl NodeCore {
             }))
             .await?;
         let Applied::BucketNameBound { pg, bucket } = applied else {
-            return Err(NodeError::Io {
-                op: "bind bucket name".into(),
-                source: std::io::Error::other(format!("unexpected apply result {applied:?}")),
-            });
+            return Err(NodeError::unexpected_outcome("bind bucket name", &applied));
         };
         let group = self.running_group(pg)?;
         let created = group
@@ -1642,10 +1636,7 @@ impl NodeCore {
         let catalog_member = match added {
             Ok((_, Applied::NodeAdded { catalog_member, .. })) => catalog_member,
             Ok((_, other)) => {
-                return Err(NodeError::Io {
-                    op: "add node".into(),
-                    source: std::io::Error::other(format!("unexpected apply result {other:?}")),
-                });
+                return Err(NodeError::unexpected_outcome("add node", &other));
             }
             Err(lifeboat_replication::Error::Rejected {
                 rejection: lifeboat_replication::Rejection::JoinToken { reason },

@@ -28,6 +28,21 @@ pub enum NodeError {
     CredentialNotFound(String),
     #[error("protection group {0} does not exist")]
     PgNotFound(String),
+    #[error("snapshot {0} does not exist")]
+    SnapshotNotFound(String),
+    #[error("snapshot {snapshot} is locked until {until}")]
+    SnapshotLocked { snapshot: String, until: String },
+    #[error(transparent)]
+    RestorePoint(#[from] lifeboat_snapshot::RestorePointError),
+    #[error("{asked} is before the oldest restorable time of {pg}{}", match oldest {
+        Some(t) => format!(", {t}"),
+        None => ": nothing has been written to it yet".into(),
+    })]
+    BeforeHistory {
+        pg: String,
+        asked: String,
+        oldest: Option<String>,
+    },
     #[error("missing or unknown token")]
     Unauthenticated,
     #[error("this token may not {action}")]
@@ -79,6 +94,10 @@ impl NodeError {
             NodeError::BucketNotFound(_) => "node.bucket_not_found",
             NodeError::CredentialNotFound(_) => "node.credential_not_found",
             NodeError::PgNotFound(_) => "node.pg_not_found",
+            NodeError::SnapshotNotFound(_) => "node.snapshot_not_found",
+            NodeError::SnapshotLocked { .. } => "node.snapshot_locked",
+            NodeError::RestorePoint(_) => "node.bad_restore_point",
+            NodeError::BeforeHistory { .. } => "node.before_history",
             NodeError::Unauthenticated => "node.unauthenticated",
             NodeError::PermissionDenied { .. } => "node.permission_denied",
             NodeError::MasterKeyInsideDataDir { .. } => "node.master_key_inside_data_dir",
@@ -92,6 +111,16 @@ impl NodeError {
             NodeError::Pki { .. } => "node.pki",
             NodeError::JoinToken { .. } => "node.join_token",
             NodeError::PeerRefused { .. } => "node.peer_refused",
+        }
+    }
+}
+
+impl NodeError {
+    /// Apply answered a command with a result that is not the command's.
+    pub fn unexpected_outcome(op: &str, applied: &lifeboat_replication::Applied) -> NodeError {
+        NodeError::Io {
+            op: op.into(),
+            source: std::io::Error::other(format!("unexpected apply result {applied:?}")),
         }
     }
 }

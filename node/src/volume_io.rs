@@ -15,10 +15,11 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use lifeboat_proto::raft as pb;
+use lifeboat_snapshot::RestorePoint;
 use lifeboat_store::frame::{FrameAad, FrameError};
 use lifeboat_store::keyring::TenantKeys;
-use lifeboat_store::volumes::{self, BlockContent};
-use lifeboat_store::{BLOCK_BYTES, BlockNo, PgId, TenantId};
+use lifeboat_store::volumes::{self, BlockContent, VolumeState};
+use lifeboat_store::{BLOCK_BYTES, BlockNo, LogIndex, PgId, TenantId};
 
 use crate::core::{NodeCore, VolumeLocation};
 use crate::error::NodeError;
@@ -81,31 +82,58 @@ impl ExportProvider for VolumeExports {
             Some(volume) => (volume, true),
             None => (name, false),
         };
-        match self.core.locate_volume(volume) {
-            Ok(loc) => Ok(VolumeExport {
-                inner: Arc::new(ExportState {
-                    core: self.core.clone(),
-                    size_bytes: loc.record.size_bytes,
-                    loc,
-                    stale_reads,
-                }),
-            }),
-            Err(
-                NodeError::VolumeNotFound(_)
-                | NodeError::TenantNotFound(_)
-                | NodeError::InvalidName { .. },
-            ) => Err(OpenError::NotFound {
+        let open_error = |e: NodeError| match e {
+            NodeError::VolumeNotFound(_)
+            | NodeError::TenantNotFound(_)
+            | NodeError::InvalidName { .. } => OpenError::NotFound {
                 name: name.to_owned(),
-            }),
-            Err(NodeError::NotInitialized) => Err(OpenError::Unavailable {
+            },
+            NodeError::NotInitialized => OpenError::Unavailable {
                 name: name.to_owned(),
                 reason: "the node is not initialised".into(),
-            }),
-            Err(e) => Err(OpenError::Unavailable {
+            },
+            e => OpenError::Unavailable {
                 name: name.to_owned(),
                 reason: e.to_string(),
+            },
+        };
+        let (volume, point) = lifeboat_snapshot::parse_export_name(volume, self.core.now())
+            .map_err(|e| open_error(e.into()))?;
+        let loc = self.core.locate_volume(volume).map_err(open_error)?;
+        let (size_bytes, at) = match point {
+            RestorePoint::Latest => (loc.record.size_bytes, None),
+            point => {
+                let at = self
+                    .core
+                    .resolve_point(&loc.group, &point, stale_reads)
+                    .await
+                    .map_err(open_error)?;
+                let record = self
+                    .core
+                    .volumes
+                    .volume_at(loc.group.pg(), loc.volume, at.index)
+                    .map_err(|e| open_error(e.into()))?
+                    .map(|(_, r)| r)
+                    .filter(|r| r.state == VolumeState::Active)
+                    .ok_or_else(|| OpenError::Unavailable {
+                        name: name.to_owned(),
+                        reason: format!(
+                            "volume {volume} did not exist at {}",
+                            lifeboat_snapshot::format_ms(at.at_ms)
+                        ),
+                    })?;
+                (record.size_bytes, Some(at.index))
+            }
+        };
+        Ok(VolumeExport {
+            inner: Arc::new(ExportState {
+                core: self.core.clone(),
+                size_bytes,
+                loc,
+                stale_reads,
+                at,
             }),
-        }
+        })
     }
 }
 
@@ -118,6 +146,9 @@ struct ExportState {
     /// node has applied, without asking the leader (they keep working on a
     /// DR node cut off from the primary, and may miss the latest writes).
     stale_reads: bool,
+    /// A read-only export of the volume at this index (`VOLUME@SNAPSHOT`,
+    /// `VOLUME@TIME`); `None`: the live volume.
+    at: Option<LogIndex>,
 }
 
 /// Appended to an export name to read this node's replica as it is.
@@ -402,16 +433,20 @@ impl ExportState {
     }
 
     async fn read_range(self: &Arc<Self>, offset: u64, len: u32) -> Result<Bytes, Errno> {
-        self.read_point().await?;
         let end = offset + u64::from(len);
         let first = offset / BLOCK;
         let last = (end - 1) / BLOCK;
         let count = last - first + 1;
-        let stored = self
-            .core
-            .volumes
-            .latest_blocks(self.pg(), self.loc.volume, BlockNo(first), count)
-            .map_err(|e| self.fail("read", &e.into()))?;
+        let volumes = &self.core.volumes;
+        let stored = match self.at {
+            // History never changes: no read point needed.
+            Some(at) => volumes.blocks_at(self.pg(), self.loc.volume, BlockNo(first), count, at),
+            None => {
+                self.read_point().await?;
+                volumes.latest_blocks(self.pg(), self.loc.volume, BlockNo(first), count)
+            }
+        }
+        .map_err(|e| self.fail("read", &e.into()))?;
         let keys = self.keys()?;
         let this = self.clone();
         let decode_all = move || -> Result<Vec<u8>, Errno> {
@@ -440,14 +475,18 @@ impl Export for VolumeExport {
     }
 
     fn read_only(&self) -> bool {
-        false
+        self.inner.at.is_some()
     }
 
     fn description(&self) -> String {
-        format!(
-            "Lifeboat volume {}/{}",
-            self.inner.loc.tenant, self.inner.loc.volume_name
-        )
+        let loc = &self.inner.loc;
+        match self.inner.at {
+            Some(at) => format!(
+                "Lifeboat volume {}/{} at index {at} (read-only)",
+                loc.tenant, loc.volume_name
+            ),
+            None => format!("Lifeboat volume {}/{}", loc.tenant, loc.volume_name),
+        }
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, Errno> {

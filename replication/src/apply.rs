@@ -1265,9 +1265,10 @@ mod tests {
         });
         assert_eq!(apply(&mut cx, 12_000, delete("a", false)), locked);
         assert_eq!(apply(&mut cx, 12_000, lock("a", 15_000, false)), locked);
+        let changed = |lock_overridden| Ok(Applied::SnapshotChanged { lock_overridden });
         assert_eq!(
             apply(&mut cx, 12_000, lock("a", 30_000, false)),
-            Ok(Applied::Done)
+            changed(false)
         );
         db.write(
             std::mem::replace(&mut cx.batch, db.new_batch()),
@@ -1297,7 +1298,7 @@ mod tests {
                 until_ms: 30_000
             })
         );
-        assert_eq!(apply(&mut cx, 29_999, delete("a", true)), Ok(Applied::Done));
+        assert_eq!(apply(&mut cx, 29_999, delete("a", true)), changed(true));
         assert_eq!(
             apply(&mut cx, 29_999, delete("a", false)),
             Err(Rejection::SnapshotNotFound { name: "a".into() })

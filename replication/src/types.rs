@@ -284,6 +284,11 @@ pub enum Applied {
         pg: u64,
         bucket: u64,
     },
+    /// A snapshot was deleted or its lock changed; an operator's token
+    /// overrode a lock that held (the node audits that).
+    SnapshotChanged {
+        lock_overridden: bool,
+    },
     /// A snapshot now pins `index`.
     SnapshotCreated {
         index: u64,

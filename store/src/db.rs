@@ -23,6 +23,9 @@ use rocksdb::{
 
 use crate::error::{Error, Result};
 
+/// A key and its value, as read.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
 /// Column families, as in DESIGN.md "Storage layout".
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Cf {
@@ -224,11 +227,7 @@ impl Db {
     /// For each `(prefix, start)`, the first entry at or after `start`
     /// whose key starts with `prefix`: [`Db::seek`] many times over one
     /// iterator (reads of many blocks at one index).
-    pub fn seek_each(
-        &self,
-        cf: Cf,
-        seeks: &[(Vec<u8>, Vec<u8>)],
-    ) -> Result<Vec<Option<(Vec<u8>, Vec<u8>)>>> {
+    pub fn seek_each(&self, cf: Cf, seeks: &[(Vec<u8>, Vec<u8>)]) -> Result<Vec<Option<KeyValue>>> {
         let mut iter = self.inner.raw_iterator_cf(self.cf(cf));
         let mut out = Vec::with_capacity(seeks.len());
         for (prefix, start) in seeks {

@@ -7,6 +7,7 @@ mod bad_input;
 mod buckets;
 mod confidentiality;
 mod credentials;
+mod history;
 mod integrity;
 mod membership;
 mod pgs;

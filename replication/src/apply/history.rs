@@ -105,7 +105,8 @@ impl ApplyContext<'_> {
                 name: d.name.clone(),
             }));
         };
-        if record.is_locked_at(stamp_ms) && !d.operator {
+        let locked = record.is_locked_at(stamp_ms);
+        if locked && !d.operator {
             return Ok(Err(Rejection::SnapshotLocked {
                 name: d.name.clone(),
                 until_ms: record.locked_until_ms,
@@ -113,7 +114,9 @@ impl ApplyContext<'_> {
         }
         history::stage_snapshot_removal(&mut self.batch, self.pg, &d.name);
         self.snapshot_overlay.insert(d.name.clone(), None);
-        Ok(Ok(Applied::Done))
+        Ok(Ok(Applied::SnapshotChanged {
+            lock_overridden: locked,
+        }))
     }
 
     pub(super) fn apply_lock_snapshot(
@@ -126,8 +129,8 @@ impl ApplyContext<'_> {
                 name: l.name.clone(),
             }));
         };
-        let shortens = l.until_ms < record.locked_until_ms;
-        if shortens && record.is_locked_at(stamp_ms) && !l.operator {
+        let overrides = l.until_ms < record.locked_until_ms && record.is_locked_at(stamp_ms);
+        if overrides && !l.operator {
             return Ok(Err(Rejection::SnapshotLocked {
                 name: l.name.clone(),
                 until_ms: record.locked_until_ms,
@@ -135,6 +138,8 @@ impl ApplyContext<'_> {
         }
         record.locked_until_ms = l.until_ms;
         self.put_snapshot(&l.name, record);
-        Ok(Ok(Applied::Done))
+        Ok(Ok(Applied::SnapshotChanged {
+            lock_overridden: overrides,
+        }))
     }
 }

@@ -1,0 +1,286 @@
+//! A PG's history as operators and tenants use it: restore points resolved
+//! to log indexes, and snapshots (create, list, show, delete, lock).
+//!
+//! Every change goes through the PG's log (`lifeboat_replication` applies
+//! it), so every replica, the DR site's included, keeps the same snapshots.
+//! Reads wait for a linearizable read point first, so a snapshot just made
+//! through one node is seen through any other.
+
+use lifeboat_proto::raft as pb;
+use lifeboat_replication::{Applied, ProtectionGroup};
+use lifeboat_snapshot::{self as points, RestorePoint};
+use lifeboat_store::history::{SnapshotRecord, TimeIndex};
+use lifeboat_store::{LogIndex, PgId};
+use time::OffsetDateTime;
+
+use crate::core::{NodeCore, Role};
+use crate::error::{NodeError, NodeResult};
+
+/// A snapshot as the admin API reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// TENANT/PG
+    pub pg: String,
+    pub name: String,
+    pub record: SnapshotRecord,
+}
+
+/// A restore point resolved in one PG.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PointInTime {
+    /// The PG's state at this index is the restore point.
+    pub index: LogIndex,
+    /// The moment it stands for (ms since the epoch).
+    pub at_ms: u64,
+}
+
+impl NodeCore {
+    /// Now, on the clock that stamps this node's entries.
+    pub fn now(&self) -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp_nanos(i128::from(self.clock.now_ms()) * 1_000_000)
+            .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+    }
+
+    /// The PG `TENANT/NAME` and its member on this node.
+    fn history_group(&self, pg_full_name: &str) -> NodeResult<(String, ProtectionGroup)> {
+        let record = self.pg_named(pg_full_name)?;
+        let group = self.running_group(record.id)?;
+        Ok((format!("{}/{}", record.tenant, record.name), group))
+    }
+
+    /// Resolves a restore point of `group`'s PG to the index it stands for,
+    /// after a linearizable read point unless `local` (then this replica
+    /// answers as it is: a DR node cut off from the primary still reads
+    /// its snapshots). A time before the history held names the oldest.
+    pub async fn resolve_point(
+        &self,
+        group: &ProtectionGroup,
+        point: &RestorePoint,
+        local: bool,
+    ) -> NodeResult<PointInTime> {
+        let pg = group.pg();
+        let read_index = if local {
+            group.metrics().applied_index
+        } else {
+            group.read_barrier().await?
+        };
+        match point {
+            RestorePoint::Latest => Ok(PointInTime {
+                index: read_index,
+                at_ms: self.clock.now_ms(),
+            }),
+            RestorePoint::Snapshot(name) => {
+                let record = self.snapshot_record(pg, name)?;
+                Ok(PointInTime {
+                    index: record.index,
+                    at_ms: record.at_ms,
+                })
+            }
+            RestorePoint::Time { unix_ms } => {
+                let asked = u64::try_from(*unix_ms).unwrap_or(0);
+                let index = match self.history.index_at(pg, asked)? {
+                    TimeIndex::At(index) => index,
+                    // Nothing stamped after it: the state then is the
+                    // state now, as of the read point.
+                    TimeIndex::Latest => read_index,
+                    TimeIndex::BeforeHistory { oldest_ms } => {
+                        return Err(NodeError::BeforeHistory {
+                            pg: self.pg_display_name(pg),
+                            asked: points::format_ms(asked),
+                            oldest: (oldest_ms != u64::MAX).then(|| points::format_ms(oldest_ms)),
+                        });
+                    }
+                };
+                Ok(PointInTime {
+                    index,
+                    at_ms: asked,
+                })
+            }
+        }
+    }
+
+    fn snapshot_record(&self, pg: PgId, name: &str) -> NodeResult<SnapshotRecord> {
+        self.history.snapshot(pg, name)?.ok_or_else(|| {
+            NodeError::SnapshotNotFound(format!("{}@{name}", self.pg_display_name(pg)))
+        })
+    }
+
+    /// Pins a restore point of a whole PG under `name` (empty: one made
+    /// from the time). `at` empty or `latest` pins the state when the
+    /// snapshot's entry is applied; `lock_until` empty leaves it unlocked.
+    pub async fn create_snapshot(
+        &self,
+        pg_full_name: &str,
+        name: &str,
+        at: &str,
+        lock_until: &str,
+    ) -> NodeResult<SnapshotInfo> {
+        let (pg_name, group) = self.history_group(pg_full_name)?;
+        let now = self.now();
+        let name = if name.is_empty() {
+            points::default_snapshot_name(now)
+        } else {
+            name.to_owned()
+        };
+        points::validate_snapshot_name(&name)?;
+        let locked_until_ms = if lock_until.is_empty() {
+            0
+        } else {
+            points::parse_until(lock_until, now)?
+        };
+        let point = if at.is_empty() {
+            RestorePoint::Latest
+        } else {
+            points::parse_at(at, now)?
+        };
+        let (at_index, at_ms) = match point {
+            RestorePoint::Latest => (None, 0),
+            other => {
+                let p = self.resolve_point(&group, &other, false).await?;
+                (Some(p.index.0), p.at_ms)
+            }
+        };
+        let (_, applied) = group
+            .propose(pb::command::Kind::CreateSnapshot(pb::CreateSnapshot {
+                name: name.clone(),
+                at_index,
+                at_ms,
+                locked_until_ms,
+            }))
+            .await?;
+        let Applied::SnapshotCreated { index } = applied else {
+            return Err(NodeError::unexpected_outcome("create snapshot", &applied));
+        };
+        tracing::info!(pg = pg_name, snapshot = name, index, "snapshot created");
+        Ok(SnapshotInfo {
+            record: self.snapshot_record(group.pg(), &name)?,
+            pg: pg_name,
+            name,
+        })
+    }
+
+    /// Every snapshot of a PG, by name.
+    pub async fn list_snapshots(&self, pg_full_name: &str) -> NodeResult<Vec<SnapshotInfo>> {
+        let (pg_name, group) = self.history_group(pg_full_name)?;
+        group.read_barrier().await?;
+        Ok(self
+            .history
+            .snapshots(group.pg())?
+            .into_iter()
+            .map(|(name, record)| SnapshotInfo {
+                pg: pg_name.clone(),
+                name,
+                record,
+            })
+            .collect())
+    }
+
+    pub async fn show_snapshot(&self, pg_full_name: &str, name: &str) -> NodeResult<SnapshotInfo> {
+        let (pg_name, group) = self.history_group(pg_full_name)?;
+        group.read_barrier().await?;
+        Ok(SnapshotInfo {
+            record: self.snapshot_record(group.pg(), name)?,
+            pg: pg_name,
+            name: name.to_owned(),
+        })
+    }
+
+    /// Deletes a snapshot. A lock that holds refuses everyone but an
+    /// operator, and an operator's override is reported as an event.
+    pub async fn delete_snapshot(
+        &self,
+        pg_full_name: &str,
+        name: &str,
+        role: &Role,
+    ) -> NodeResult<()> {
+        let (pg_name, group) = self.history_group(pg_full_name)?;
+        let (_, applied) = group
+            .propose(pb::command::Kind::DeleteSnapshot(pb::DeleteSnapshot {
+                name: name.to_owned(),
+                operator: *role == Role::Operator,
+            }))
+            .await
+            .map_err(|e| self.snapshot_error(e, &pg_name, name))?;
+        let Applied::SnapshotChanged { lock_overridden } = applied else {
+            return Err(NodeError::unexpected_outcome("delete snapshot", &applied));
+        };
+        if lock_overridden {
+            self.audit_lock_override(
+                group.pg(),
+                format!(
+                    "an operator token deleted snapshot {pg_name}@{name} before its lock ran out"
+                ),
+            );
+        }
+        tracing::info!(pg = pg_name, snapshot = name, "snapshot deleted");
+        Ok(())
+    }
+
+    /// Sets a snapshot's lock to `until` (RFC 3339 or `+30d`). Extending
+    /// is open to anyone who may use the tenant; shortening a lock that
+    /// holds is refused but to an operator, and reported as an event.
+    pub async fn lock_snapshot(
+        &self,
+        pg_full_name: &str,
+        name: &str,
+        until: &str,
+        role: &Role,
+    ) -> NodeResult<SnapshotInfo> {
+        let (pg_name, group) = self.history_group(pg_full_name)?;
+        let until_ms = points::parse_until(until, self.now())?;
+        let (_, applied) = group
+            .propose(pb::command::Kind::LockSnapshot(pb::LockSnapshot {
+                name: name.to_owned(),
+                until_ms,
+                operator: *role == Role::Operator,
+            }))
+            .await
+            .map_err(|e| self.snapshot_error(e, &pg_name, name))?;
+        let Applied::SnapshotChanged { lock_overridden } = applied else {
+            return Err(NodeError::unexpected_outcome("lock snapshot", &applied));
+        };
+        if lock_overridden {
+            self.audit_lock_override(
+                group.pg(),
+                format!(
+                    "an operator token shortened the lock of snapshot {pg_name}@{name} to {}",
+                    points::format_ms(until_ms)
+                ),
+            );
+        }
+        Ok(SnapshotInfo {
+            record: self.snapshot_record(group.pg(), name)?,
+            pg: pg_name,
+            name: name.to_owned(),
+        })
+    }
+
+    fn audit_lock_override(&self, pg: PgId, message: String) {
+        use lifeboat_replication::ack::EventSink;
+        self.events.event(pg, "snapshot_lock_overridden", message);
+    }
+
+    /// Names the snapshot in a refusal that only knows its name.
+    fn snapshot_error(
+        &self,
+        e: lifeboat_replication::Error,
+        pg_name: &str,
+        name: &str,
+    ) -> NodeError {
+        use lifeboat_replication::{Error as R, Rejection as J};
+        match e {
+            R::Rejected {
+                rejection: J::SnapshotNotFound { .. },
+                ..
+            } => NodeError::SnapshotNotFound(format!("{pg_name}@{name}")),
+            R::Rejected {
+                rejection: J::SnapshotLocked { until_ms, .. },
+                ..
+            } => NodeError::SnapshotLocked {
+                snapshot: format!("{pg_name}@{name}"),
+                until: points::format_ms(until_ms),
+            },
+            other => other.into(),
+        }
+    }
+}
