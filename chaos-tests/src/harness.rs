@@ -284,13 +284,21 @@ impl TestNode {
 
     /// Runs `lifeboat ARGS` against this node with its token.
     pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_with(self.token.as_deref(), args)
+    }
+
+    /// Runs the CLI against this node with another token (a tenant's).
+    pub fn cli_as(&self, token: &str, args: &[&str]) -> Output {
+        self.cli_with(Some(token), args)
+    }
+
+    fn cli_with(&self, token: Option<&str>, args: &[&str]) -> Output {
         let mut cmd = Command::new(lifeboat_bin());
         cmd.arg("--endpoint").arg(self.endpoint()).args(args);
-        if let Some(t) = &self.token {
-            cmd.env("LIFEBOAT_TOKEN", t);
-        } else {
-            cmd.env_remove("LIFEBOAT_TOKEN");
-        }
+        match token {
+            Some(t) => cmd.env("LIFEBOAT_TOKEN", t),
+            None => cmd.env_remove("LIFEBOAT_TOKEN"),
+        };
         cmd.output().expect("run lifeboat")
     }
 

@@ -157,6 +157,10 @@ enum TenantCommand {
     /// A tenant's S3 credentials (access key and secret).
     #[command(subcommand)]
     Credential(TenantCredentialCommand),
+    /// A tenant's admin tokens: its department manages its own snapshots
+    /// (and volumes and buckets) with one, and nothing else.
+    #[command(subcommand)]
+    Token(TenantTokenCommand),
     List,
     /// Start a new data-encryption key for new writes; old data stays readable.
     RotateDek {
@@ -194,6 +198,20 @@ enum TenantCredentialCommand {
     List { tenant: Option<String> },
     /// Refuse every later request signed with ACCESS_KEY.
     Revoke { access_key: String },
+}
+
+#[derive(Subcommand)]
+enum TenantTokenCommand {
+    /// Create a token for TENANT and print it (shown this once; the
+    /// cluster keeps only its hash). Use it as LIFEBOAT_TOKEN.
+    Create { tenant: String },
+    /// Tokens (never the tokens themselves): id, role, created.
+    List {
+        #[arg(long, default_value = "")]
+        tenant: String,
+    },
+    /// Refuse every later request with the token of this id.
+    Revoke { id: String },
 }
 
 #[derive(Subcommand)]
@@ -767,6 +785,52 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
             });
             let r = client.api().list_credentials(req).await?.into_inner();
             print_credentials(out, r.credentials);
+        }
+        Command::Tenant(TenantCommand::Token(TenantTokenCommand::Create { tenant })) => {
+            let req = client.request(api::CreateTenantTokenRequest { tenant });
+            let r = client.api().create_tenant_token(req).await?.into_inner();
+            let info = r.info.unwrap_or_default();
+            if out.json {
+                out.json_value(&serde_json::json!({
+                    "token": r.token, "id": info.id, "role": info.role,
+                    "created_ms": info.created_ms,
+                }));
+            } else {
+                println!("token {}", r.token);
+                println!("id    {} (role {})", info.id, info.role);
+                println!("This token is shown only now: keep it safe.");
+            }
+        }
+        Command::Tenant(TenantCommand::Token(TenantTokenCommand::List { tenant })) => {
+            let req = client.request(api::ListTokensRequest { tenant });
+            let tokens = client.api().list_tokens(req).await?.into_inner().tokens;
+            if out.json {
+                out.json_value(&serde_json::Value::Array(
+                    tokens
+                        .iter()
+                        .map(|t| {
+                            serde_json::json!({
+                                "id": t.id, "role": t.role, "created_ms": t.created_ms,
+                            })
+                        })
+                        .collect(),
+                ));
+            } else {
+                let mut table = Table::new(&["ID", "ROLE", "CREATED"]);
+                for t in tokens {
+                    table.row(vec![t.id, t.role, format_time_ms(t.created_ms)]);
+                }
+                table.print();
+            }
+        }
+        Command::Tenant(TenantCommand::Token(TenantTokenCommand::Revoke { id })) => {
+            let req = client.request(api::RevokeTenantTokenRequest { id: id.clone() });
+            client.api().revoke_tenant_token(req).await?;
+            if out.json {
+                out.json_value(&serde_json::json!({ "revoked": id }));
+            } else {
+                println!("token {id} revoked");
+            }
         }
         Command::Tenant(TenantCommand::Credential(TenantCredentialCommand::Revoke {
             access_key,

@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status};
 use crate::core::{BucketInfo, CredentialInfo, CredentialMode, NodeCore, Role, VolumeInfo};
 use crate::error::NodeError;
 use crate::history::SnapshotInfo;
+use crate::tokens::TokenInfo;
 
 /// Maps a node error to a gRPC status whose message starts with the stable
 /// error code, so the CLI can show both.
@@ -32,6 +33,7 @@ pub fn status(e: &NodeError) -> Status {
         | NodeError::BucketNotFound(_)
         | NodeError::CredentialNotFound(_)
         | NodeError::SnapshotNotFound(_)
+        | NodeError::TokenNotFound(_)
         | NodeError::PgNotFound(_) => Code::NotFound,
         NodeError::Unauthenticated => Code::Unauthenticated,
         NodeError::PermissionDenied { .. } => Code::PermissionDenied,
@@ -73,7 +75,7 @@ pub fn status(e: &NodeError) -> Status {
                 | J::CredentialNotFound { .. } => Code::NotFound,
                 J::BucketNotEmpty { .. } | J::SnapshotLocked { .. } => Code::FailedPrecondition,
                 J::SnapshotExists { .. } => Code::AlreadyExists,
-                J::SnapshotNotFound { .. } => Code::NotFound,
+                J::SnapshotNotFound { .. } | J::TokenNotFound => Code::NotFound,
                 J::IndexOutOfHistory { .. } => Code::OutOfRange,
                 J::KeyTooLong { .. } | J::InvalidPart { .. } => Code::InvalidArgument,
             }
@@ -368,6 +370,14 @@ fn bucket_message(b: BucketInfo) -> api::Bucket {
     }
 }
 
+fn token_message(t: TokenInfo) -> api::Token {
+    api::Token {
+        id: t.id,
+        role: t.role,
+        created_ms: t.created_ms,
+    }
+}
+
 fn snapshot_message(s: SnapshotInfo) -> api::Snapshot {
     api::Snapshot {
         pg: s.pg,
@@ -619,6 +629,50 @@ impl Admin for AdminService {
             .await
             .map_err(|e| status(&e))?;
         Ok(Response::new(api::RevokeCredentialResponse {}))
+    }
+
+    async fn create_tenant_token(
+        &self,
+        req: Request<api::CreateTenantTokenRequest>,
+    ) -> Result<Response<api::CreateTenantTokenResponse>, Status> {
+        self.require_operator(&req, "create tenant tokens")?;
+        let (token, info) = self
+            .core
+            .create_tenant_token(&req.get_ref().tenant)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(api::CreateTenantTokenResponse {
+            token,
+            info: Some(token_message(info)),
+        }))
+    }
+
+    async fn list_tokens(
+        &self,
+        req: Request<api::ListTokensRequest>,
+    ) -> Result<Response<api::ListTokensResponse>, Status> {
+        self.require_operator(&req, "list tokens")?;
+        let tenant = req.get_ref().tenant.as_str();
+        let tokens = self
+            .core
+            .list_tokens((!tenant.is_empty()).then_some(tenant))
+            .map_err(|e| status(&e))?
+            .into_iter()
+            .map(token_message)
+            .collect();
+        Ok(Response::new(api::ListTokensResponse { tokens }))
+    }
+
+    async fn revoke_tenant_token(
+        &self,
+        req: Request<api::RevokeTenantTokenRequest>,
+    ) -> Result<Response<api::RevokeTenantTokenResponse>, Status> {
+        self.require_operator(&req, "revoke tenant tokens")?;
+        self.core
+            .revoke_tenant_token(&req.get_ref().id)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(api::RevokeTenantTokenResponse {}))
     }
 
     async fn create_bucket(

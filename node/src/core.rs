@@ -290,11 +290,11 @@ impl std::str::FromStr for JoinToken {
     }
 }
 
-fn sha256(bytes: &[u8]) -> Vec<u8> {
+pub(crate) fn sha256(bytes: &[u8]) -> Vec<u8> {
     Sha256::digest(bytes).to_vec()
 }
 
-fn random_hex(bytes: usize) -> String {
+pub(crate) fn random_hex(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
     rand::rngs::OsRng.fill_bytes(&mut buf);
     hex::encode(buf)
@@ -1556,7 +1556,10 @@ impl NodeCore {
     /// replica has applied it, so that what the caller reads next from the
     /// local catalog includes it (a follower learns the commit a round trip
     /// after the leader).
-    async fn propose_catalog(&self, kind: pb::command::Kind) -> NodeResult<(LogIndex, Applied)> {
+    pub(crate) async fn propose_catalog(
+        &self,
+        kind: pb::command::Kind,
+    ) -> NodeResult<(LogIndex, Applied)> {
         let catalog = self.catalog_group()?;
         let (index, applied) = catalog.propose(kind).await?;
         catalog.wait_applied_index(index, LEADERSHIP_WAIT).await?;

@@ -30,6 +30,8 @@ pub enum NodeError {
     PgNotFound(String),
     #[error("snapshot {0} does not exist")]
     SnapshotNotFound(String),
+    #[error("no tenant token has id {0}")]
+    TokenNotFound(String),
     #[error("snapshot {snapshot} is locked until {until}")]
     SnapshotLocked { snapshot: String, until: String },
     #[error(transparent)]
@@ -95,6 +97,7 @@ impl NodeError {
             NodeError::CredentialNotFound(_) => "node.credential_not_found",
             NodeError::PgNotFound(_) => "node.pg_not_found",
             NodeError::SnapshotNotFound(_) => "node.snapshot_not_found",
+            NodeError::TokenNotFound(_) => "node.token_not_found",
             NodeError::SnapshotLocked { .. } => "node.snapshot_locked",
             NodeError::RestorePoint(_) => "node.bad_restore_point",
             NodeError::BeforeHistory { .. } => "node.before_history",

@@ -20,6 +20,7 @@ pub mod nbd;
 pub mod pki;
 pub mod s3;
 pub mod server;
+pub mod tokens;
 pub mod volume_io;
 
 pub use config::NodeConfig;

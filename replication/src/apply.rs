@@ -168,6 +168,7 @@ impl<'a> ApplyContext<'a> {
                 | Kind::UnbindBucketName(_)
                 | Kind::CreateCredential(_)
                 | Kind::RevokeCredential(_)
+                | Kind::RevokeToken(_)
         );
         if is_catalog_command != (self.pg == PgId::CATALOG) {
             return Ok(Err(Rejection::WrongGroup { pg: self.pg.0 }));
@@ -211,6 +212,7 @@ impl<'a> ApplyContext<'a> {
             Kind::UnbindBucketName(u) => self.apply_unbind_bucket_name(u),
             Kind::CreateCredential(c) => self.apply_create_credential(c, cmd.stamp_ms),
             Kind::RevokeCredential(r) => self.apply_revoke_credential(r),
+            Kind::RevokeToken(r) => self.apply_revoke_token(r),
         }
     }
 
@@ -511,6 +513,15 @@ impl<'a> ApplyContext<'a> {
                 created_ms: stamp_ms,
             },
         );
+        Ok(Ok(Applied::Done))
+    }
+
+    fn apply_revoke_token(&mut self, r: &pb::RevokeToken) -> io::Result<Outcome> {
+        let key = catalog::token_key(&r.token_sha256);
+        if self.catalog_get::<pb::TokenRecord>(&key)?.is_none() {
+            return Ok(Err(Rejection::TokenNotFound));
+        }
+        self.catalog_delete(key);
         Ok(Ok(Applied::Done))
     }
 

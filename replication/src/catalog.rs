@@ -247,4 +247,18 @@ impl Catalog {
     pub fn token(&self, sha256: &[u8]) -> io::Result<Option<pb::TokenRecord>> {
         self.get(&token_key(sha256))
     }
+
+    /// Every admin token, as (lower-case hex SHA-256, record).
+    pub fn tokens(&self) -> io::Result<Vec<(String, pb::TokenRecord)>> {
+        let prefix = b"token/".as_slice();
+        self.db
+            .scan(Cf::Catalog, prefix, prefix, usize::MAX)
+            .map_err(io::Error::other)?
+            .into_iter()
+            .map(|(k, v)| {
+                let sha = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+                decode(&k, &v).map(|r| (sha, r))
+            })
+            .collect()
+    }
 }

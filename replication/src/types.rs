@@ -60,6 +60,7 @@ impl fmt::Display for Command {
             Some(Kind::CreateSnapshot(_)) => "create_snapshot",
             Some(Kind::DeleteSnapshot(_)) => "delete_snapshot",
             Some(Kind::LockSnapshot(_)) => "lock_snapshot",
+            Some(Kind::RevokeToken(_)) => "revoke_token",
             Some(Kind::CreateBucket(_)) => "create_bucket",
             Some(Kind::DeleteBucket(_)) => "delete_bucket",
             Some(Kind::DeleteObject(_)) => "delete_object",
@@ -244,6 +245,8 @@ pub enum Rejection {
     CredentialExists { access_key: String },
     #[error("access key {access_key} does not exist")]
     CredentialNotFound { access_key: String },
+    #[error("no such token")]
+    TokenNotFound,
     #[error("snapshot {name} already exists")]
     SnapshotExists { name: String },
     #[error("snapshot {name} does not exist")]

@@ -4,6 +4,7 @@
 mod cluster;
 mod durability;
 mod full_disk;
+mod history;
 mod lost_updates;
 mod partition;
 mod s3;

@@ -1,0 +1,135 @@
+//! History across a two-site cluster, through the CLI: a department's own
+//! token makes and locks snapshots but cannot delete them early; every
+//! replica, the DR node's included, reads a snapshot byte for byte alike.
+
+use std::time::{Duration, Instant};
+
+use lifeboat_chaos_tests::data::pseudo_random;
+use lifeboat_chaos_tests::harness::TestNode;
+use lifeboat_chaos_tests::nbd_client::NbdClient;
+
+use crate::cluster::Cluster;
+
+const PATTERN_BYTES: usize = 1 << 20;
+
+/// The first PATTERN_BYTES of an export.
+async fn head(node: &TestNode, export: &str) -> anyhow::Result<Vec<u8>> {
+    let client = NbdClient::connect(node.nbd, export).await?;
+    let mut out = Vec::with_capacity(PATTERN_BYTES);
+    for i in 0..(PATTERN_BYTES >> 20) as u64 {
+        let data = client
+            .read(i << 20, 1 << 20)
+            .await?
+            .map_err(|e| anyhow::anyhow!("read: {e:?}"))?;
+        out.extend_from_slice(&data);
+    }
+    Ok(out)
+}
+
+/// The CLI as tenant `t`'s token, expecting failure: its stderr.
+fn must_fail(node: &TestNode, token: &str, args: &[&str]) -> String {
+    let out = node.cli_as(token, args);
+    assert!(
+        !out.status.success(),
+        "lifeboat {args:?} succeeded with a tenant token:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_snapshots_are_locked_and_every_replica_reads_them_alike() {
+    let c = Cluster::start(3, 1);
+    let primary = &c.nodes[0];
+    let created: serde_json::Value = serde_json::from_str(
+        &primary.must_cli(&["--output", "json", "tenant", "token", "create", "t"]),
+    )
+    .unwrap();
+    let tenant_token = created["token"].as_str().unwrap().to_owned();
+    let token_id = created["id"].as_str().unwrap().to_owned();
+    let as_tenant = |args: &[&str]| {
+        let out = primary.cli_as(&tenant_token, args);
+        assert!(
+            out.status.success(),
+            "lifeboat {args:?} as tenant failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+
+    let client = NbdClient::connect(primary.nbd, "t/v").await.unwrap();
+    let pattern = pseudo_random(11, PATTERN_BYTES);
+    client.write(0, &pattern, true).await.unwrap().unwrap();
+    assert!(head(primary, "t/v").await.unwrap() == pattern);
+    as_tenant(&[
+        "snapshot",
+        "create",
+        "t/main",
+        "--name",
+        "before",
+        "--lock-until",
+        "+1d",
+    ]);
+    client
+        .write(0, &pseudo_random(12, PATTERN_BYTES), true)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(head(primary, "t/v").await.unwrap() != pattern);
+    let listed = as_tenant(&["snapshot", "list", "t/main"]);
+    assert!(listed.contains("t/main@before"), "{listed}");
+
+    // The tenant cannot delete it or shorten its lock; it may extend it.
+    let e = must_fail(
+        primary,
+        &tenant_token,
+        &["snapshot", "delete", "t/main@before"],
+    );
+    assert!(e.contains("locked until"), "{e}");
+    let e = must_fail(
+        primary,
+        &tenant_token,
+        &["snapshot", "lock", "t/main@before", "--until", "+1h"],
+    );
+    assert!(e.contains("locked until"), "{e}");
+    as_tenant(&["snapshot", "lock", "t/main@before", "--until", "+2d"]);
+    // Tenant tokens manage nothing but their tenant's things.
+    let e = must_fail(primary, &tenant_token, &["tenant", "token", "list"]);
+    assert!(e.contains("may not"), "{e}");
+
+    // Every replica reads the snapshot alike: voters, and the DR learner
+    // from its own copy (`:stale`), once it has applied the snapshot.
+    for node in &c.nodes {
+        let export = if node.site == "dr" {
+            "t/v@before:stale"
+        } else {
+            "t/v@before"
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let read = loop {
+            match head(node, export).await {
+                Ok(read) => break read,
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("node {} never served {export}: {e:#}", node.node_id),
+            }
+        };
+        assert!(
+            read == pattern,
+            "node {} ({}) reads another snapshot",
+            node.node_id,
+            node.site
+        );
+    }
+
+    // The operator can, and the override is reported.
+    primary.must_cli(&["snapshot", "delete", "t/main@before"]);
+    let events = primary.must_cli(&["events"]);
+    assert!(events.contains("snapshot_lock_overridden"), "{events}");
+
+    // A revoked token is refused.
+    primary.must_cli(&["tenant", "token", "revoke", &token_id]);
+    let e = must_fail(primary, &tenant_token, &["snapshot", "list", "t/main"]);
+    assert!(e.contains("token"), "{e}");
+}
