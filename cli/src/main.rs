@@ -301,6 +301,22 @@ fn split_snapshot_ref(text: &str) -> anyhow::Result<api::SnapshotRef> {
 
 #[derive(Subcommand)]
 enum VolumeCommand {
+    /// Clone SOURCE as NEW (same tenant and protection group) at a restore
+    /// point: writable, copy-on-write, ready at once whatever the size.
+    Clone {
+        source: String,
+        new: String,
+        /// RFC 3339 (2026-11-28T10:13:00Z) or relative (-15m).
+        #[arg(
+            long,
+            conflicts_with = "snapshot",
+            required_unless_present = "snapshot"
+        )]
+        at: Option<String>,
+        /// A snapshot of the source's protection group.
+        #[arg(long)]
+        snapshot: Option<String>,
+    },
     /// Create TENANT/VOLUME of SIZE (like 10GiB).
     Create {
         name: String,
@@ -644,6 +660,21 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                 pg,
             });
             let v = client.api().create_volume(req).await?.into_inner();
+            print_volumes(out, vec![v]);
+        }
+        Command::Volume(VolumeCommand::Clone {
+            source,
+            new,
+            at,
+            snapshot,
+        }) => {
+            let req = client.request(api::CloneVolumeRequest {
+                source,
+                name: new,
+                at: at.unwrap_or_default(),
+                snapshot: snapshot.unwrap_or_default(),
+            });
+            let v = client.api().clone_volume(req).await?.into_inner();
             print_volumes(out, vec![v]);
         }
         Command::Volume(VolumeCommand::List { tenant }) => {

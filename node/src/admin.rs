@@ -511,6 +511,20 @@ impl Admin for AdminService {
         Ok(Response::new(volume_message(v)))
     }
 
+    async fn clone_volume(
+        &self,
+        req: Request<api::CloneVolumeRequest>,
+    ) -> Result<Response<api::Volume>, Status> {
+        let r = req.get_ref();
+        self.require_tenant(&req, tenant_of(&r.source)?, "clone volumes of this tenant")?;
+        let v = self
+            .core
+            .clone_volume(&r.source, &r.name, &r.at, &r.snapshot)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(volume_message(v)))
+    }
+
     async fn list_volumes(
         &self,
         req: Request<api::ListVolumesRequest>,

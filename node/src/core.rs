@@ -1148,8 +1148,20 @@ impl NodeCore {
         size_bytes: u64,
         pg_name: &str,
     ) -> NodeResult<VolumeInfo> {
-        let (tenant, volume_name) = names::split_volume_name(full_name)?;
         names::validate_volume_size(size_bytes)?;
+        self.create_volume_with_base(full_name, size_bytes, pg_name, None)
+            .await
+    }
+
+    /// Creates a volume, or with `base` a clone reading through to it.
+    pub(crate) async fn create_volume_with_base(
+        &self,
+        full_name: &str,
+        size_bytes: u64,
+        pg_name: &str,
+        base: Option<pb::VolumeBase>,
+    ) -> NodeResult<VolumeInfo> {
+        let (tenant, volume_name) = names::split_volume_name(full_name)?;
         let pg_name = if pg_name.is_empty() { MAIN_PG } else { pg_name };
         names::validate_name("protection group", pg_name)?;
         self.tenant(tenant)?;
@@ -1171,6 +1183,7 @@ impl NodeCore {
                 volume,
                 name: volume_name.to_owned(),
                 size_bytes,
+                base,
             }))
             .await;
         let (index, _) = match created {

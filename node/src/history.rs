@@ -13,8 +13,11 @@ use lifeboat_store::history::{SnapshotRecord, TimeIndex};
 use lifeboat_store::{LogIndex, PgId};
 use time::OffsetDateTime;
 
-use crate::core::{NodeCore, Role};
+use lifeboat_store::volumes::VolumeState;
+
+use crate::core::{NodeCore, Role, VolumeInfo};
 use crate::error::{NodeError, NodeResult};
+use crate::names;
 
 /// A snapshot as the admin API reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -253,6 +256,70 @@ impl NodeCore {
             pg: pg_name,
             name: name.to_owned(),
         })
+    }
+
+    /// Clones volume `source` as `new` (same tenant and PG) at a restore
+    /// point: a snapshot name, or `at` (RFC 3339 or relative). O(1): the
+    /// clone reads through to the source at that index until it writes.
+    pub async fn clone_volume(
+        &self,
+        source: &str,
+        new: &str,
+        at: &str,
+        snapshot: &str,
+    ) -> NodeResult<VolumeInfo> {
+        let (source_tenant, _) = names::split_volume_name(source)?;
+        let (new_tenant, _) = names::split_volume_name(new)?;
+        if source_tenant != new_tenant {
+            return Err(NodeError::InvalidName {
+                what: "clone",
+                name: new.to_owned(),
+                reason: format!("a clone stays in its source's tenant, {source_tenant}"),
+            });
+        }
+        let point = match (at.is_empty(), snapshot.is_empty()) {
+            (true, false) => {
+                points::validate_snapshot_name(snapshot)?;
+                RestorePoint::Snapshot(snapshot.to_owned())
+            }
+            (false, true) => points::parse_at(at, self.now())?,
+            _ => {
+                return Err(NodeError::InvalidName {
+                    what: "restore point",
+                    name: format!("at={at:?} snapshot={snapshot:?}"),
+                    reason: "give exactly one of --at and --snapshot".into(),
+                });
+            }
+        };
+        let loc = self.locate_volume(source)?;
+        let p = self.resolve_point(&loc.group, &point, false).await?;
+        let record = self
+            .volumes
+            .volume_at(loc.group.pg(), loc.volume, p.index)?
+            .map(|(_, r)| r)
+            .filter(|r| r.state == VolumeState::Active)
+            .ok_or_else(|| {
+                NodeError::VolumeNotFound(format!("{source} at {}", points::format_ms(p.at_ms)))
+            })?;
+        let pg_name = self
+            .catalog
+            .pg_by_id(loc.group.pg().0)
+            .map_err(NodeError::io("read catalog"))?
+            .ok_or_else(|| NodeError::PgNotFound(self.pg_display_name(loc.group.pg())))?
+            .name;
+        let info = self
+            .create_volume_with_base(
+                new,
+                record.size_bytes,
+                &pg_name,
+                Some(pb::VolumeBase {
+                    volume: loc.volume.0,
+                    index: p.index.0,
+                }),
+            )
+            .await?;
+        tracing::info!(source, clone = new, index = p.index.0, "volume cloned");
+        Ok(info)
     }
 
     fn audit_lock_override(&self, pg: PgId, message: String) {

@@ -18,8 +18,8 @@ use lifeboat_proto::raft as pb;
 use lifeboat_snapshot::RestorePoint;
 use lifeboat_store::frame::{FrameAad, FrameError};
 use lifeboat_store::keyring::TenantKeys;
-use lifeboat_store::volumes::{self, BlockContent, VolumeState};
-use lifeboat_store::{BLOCK_BYTES, BlockNo, LogIndex, PgId, TenantId};
+use lifeboat_store::volumes::{self, BlockContent, Layer, VolumeState};
+use lifeboat_store::{BLOCK_BYTES, BlockNo, LogIndex, PgId, TenantId, VolumeId};
 
 use crate::core::{NodeCore, VolumeLocation};
 use crate::error::NodeError;
@@ -125,6 +125,11 @@ impl ExportProvider for VolumeExports {
                 (record.size_bytes, Some(at.index))
             }
         };
+        let layers = self
+            .core
+            .volumes
+            .layers(loc.group.pg(), loc.volume, at)
+            .map_err(|e| open_error(e.into()))?;
         Ok(VolumeExport {
             inner: Arc::new(ExportState {
                 core: self.core.clone(),
@@ -132,6 +137,7 @@ impl ExportProvider for VolumeExports {
                 loc,
                 stale_reads,
                 at,
+                layers,
             }),
         })
     }
@@ -149,6 +155,9 @@ struct ExportState {
     /// A read-only export of the volume at this index (`VOLUME@SNAPSHOT`,
     /// `VOLUME@TIME`); `None`: the live volume.
     at: Option<LogIndex>,
+    /// What reads see: the volume's own blocks (at `at`), then, for a
+    /// clone, each base at the index it was cloned from.
+    layers: Vec<Layer>,
 }
 
 /// Appended to an export name to read this node's replica as it is.
@@ -171,11 +180,13 @@ impl ExportState {
         self.loc.group.pg()
     }
 
-    fn aad(&self, block: BlockNo) -> FrameAad {
+    /// What a frame of `block` stored under `volume` is bound to (the
+    /// export's own volume, or for a clone, the base it reads through to).
+    fn aad(&self, volume: VolumeId, block: BlockNo) -> FrameAad {
         FrameAad::Block {
             tenant: TenantId(self.loc.tenant_id.0),
             pg: self.pg(),
-            volume: self.loc.volume,
+            volume,
             block,
         }
     }
@@ -225,7 +236,11 @@ impl ExportState {
                 Ok(())
             }
             BlockContent::Frame(frame) => {
-                match self.core.codec.decode(keys, &self.aad(block), frame) {
+                match self
+                    .core
+                    .codec
+                    .decode(keys, &self.aad(stored.volume, block), frame)
+                {
                     Ok(plain) if plain.len() == BLOCK_BYTES => {
                         out.copy_from_slice(&plain);
                         Ok(())
@@ -241,7 +256,7 @@ impl ExportState {
 
     fn corrupt(&self, block: BlockNo, stored: &volumes::StoredBlock, cause: FrameError) -> Errno {
         self.core.metrics.corrupt_frames.inc();
-        let e = volumes::corrupt_block(self.pg(), self.loc.volume, block, stored.index, cause);
+        let e = volumes::corrupt_block(self.pg(), stored.volume, block, stored.index, cause);
         tracing::error!(
             code = e.code(),
             tenant = self.loc.tenant,
@@ -255,11 +270,11 @@ impl ExportState {
         let frame = if plain.iter().all(|b| *b == 0) {
             Bytes::new()
         } else {
-            Bytes::from(
-                self.core
-                    .codec
-                    .encode(keys.current(), &self.aad(block), plain),
-            )
+            Bytes::from(self.core.codec.encode(
+                keys.current(),
+                &self.aad(self.loc.volume, block),
+                plain,
+            ))
         };
         pb::BlockWrite {
             block: block.0,
@@ -392,17 +407,24 @@ impl ExportState {
             self.read_point().await?;
             let mut merged = Vec::with_capacity(partial.len());
             for p in &partial {
-                let stored = self
-                    .core
-                    .volumes
+                let read_err = |e: lifeboat_store::Error| self.fail("read for merge", &e.into());
+                let volumes = &self.core.volumes;
+                let own = volumes
                     .latest_blocks(self.pg(), self.loc.volume, p.block, 1)
-                    .map_err(|e| self.fail("read for merge", &e.into()))?;
+                    .map_err(read_err)?;
+                // A clone's block it never wrote comes from its base.
+                let visible = match &own[0] {
+                    None if self.layers.len() > 1 => volumes
+                        .visible_blocks(self.pg(), &self.layers, p.block, 1)
+                        .map_err(read_err)?,
+                    _ => own.clone(),
+                };
                 let mut plain = vec![0u8; BLOCK_BYTES];
-                self.decode_block(&keys, p.block, stored[0].as_ref(), &mut plain)?;
+                self.decode_block(&keys, p.block, visible[0].as_ref(), &mut plain)?;
                 plain[p.offset_in_block..p.offset_in_block + p.bytes.len()]
                     .copy_from_slice(&p.bytes);
                 let mut write = self.encode_block(&keys, p.block, &plain);
-                write.expect_latest = Some(stored[0].as_ref().map_or(0, |s| s.index.0));
+                write.expect_latest = Some(own[0].as_ref().map_or(0, |s| s.index.0));
                 merged.push(write);
             }
             let kind = pb::command::Kind::WriteBlocks(pb::WriteBlocks {
@@ -437,16 +459,15 @@ impl ExportState {
         let first = offset / BLOCK;
         let last = (end - 1) / BLOCK;
         let count = last - first + 1;
-        let volumes = &self.core.volumes;
-        let stored = match self.at {
-            // History never changes: no read point needed.
-            Some(at) => volumes.blocks_at(self.pg(), self.loc.volume, BlockNo(first), count, at),
-            None => {
-                self.read_point().await?;
-                volumes.latest_blocks(self.pg(), self.loc.volume, BlockNo(first), count)
-            }
+        // History never changes: reads of the past need no read point.
+        if self.at.is_none() {
+            self.read_point().await?;
         }
-        .map_err(|e| self.fail("read", &e.into()))?;
+        let stored = self
+            .core
+            .volumes
+            .visible_blocks(self.pg(), &self.layers, BlockNo(first), count)
+            .map_err(|e| self.fail("read", &e.into()))?;
         let keys = self.keys()?;
         let this = self.clone();
         let decode_all = move || -> Result<Vec<u8>, Errno> {

@@ -13,7 +13,7 @@ use lifeboat_store::db::{Batch, Cf, Db};
 use lifeboat_store::history::SnapshotRecord;
 use lifeboat_store::objects::{self, BucketRecord, BucketState, ObjectVersion, Objects};
 use lifeboat_store::uploads::{PartRecord, UploadRecord};
-use lifeboat_store::volumes::{self, BlockContent, VolumeRecord, VolumeState, Volumes};
+use lifeboat_store::volumes::{self, BlockContent, VolumeBase, VolumeRecord, VolumeState, Volumes};
 use lifeboat_store::{BLOCK_BYTES, BlockNo, BucketId, ChunkId, LogIndex, PgId, VolumeId};
 use prost::Message;
 
@@ -272,13 +272,61 @@ impl<'a> ApplyContext<'a> {
         if self.volume(VolumeId(c.volume))?.is_some() {
             return Ok(Err(Rejection::VolumeExists { volume: c.volume }));
         }
+        let base = match &c.base {
+            None => None,
+            Some(b) => match self.check_clone_base(index, b)? {
+                Ok(base) => Some(base),
+                Err(rejection) => return Ok(Err(rejection)),
+            },
+        };
         let record = VolumeRecord {
             name: c.name.clone(),
             size_bytes: c.size_bytes,
             state: VolumeState::Active,
+            base,
         };
         self.put_volume(VolumeId(c.volume), index, record);
         Ok(Ok(Applied::Done))
+    }
+
+    /// A clone's base must be a volume of this PG that was live at an
+    /// index before this one, in a chain short enough to read.
+    fn check_clone_base(
+        &self,
+        index: LogIndex,
+        b: &pb::VolumeBase,
+    ) -> io::Result<Result<VolumeBase, Rejection>> {
+        if b.index == 0 || b.index >= index.0 {
+            return Ok(Err(Rejection::IndexOutOfHistory {
+                index: b.index,
+                oldest: 1,
+                newest: index.0 - 1,
+            }));
+        }
+        let volumes = Volumes::new(self.db.clone());
+        let live = volumes
+            .volume_at(self.pg, VolumeId(b.volume), LogIndex(b.index))
+            .map_err(io::Error::other)?
+            .is_some_and(|(_, r)| r.state == VolumeState::Active);
+        if !live {
+            return Ok(Err(Rejection::VolumeNotFound { volume: b.volume }));
+        }
+        let depth = volumes
+            .layers(self.pg, VolumeId(b.volume), Some(LogIndex(b.index)))
+            .map_err(io::Error::other)?
+            .len();
+        if depth >= volumes::CLONE_DEPTH_MAX {
+            return Ok(Err(Rejection::Malformed {
+                reason: format!(
+                    "clones may be nested at most {} deep",
+                    volumes::CLONE_DEPTH_MAX
+                ),
+            }));
+        }
+        Ok(Ok(VolumeBase {
+            volume: VolumeId(b.volume),
+            index: LogIndex(b.index),
+        }))
     }
 
     fn apply_resize_volume(

@@ -48,6 +48,9 @@ impl<'a> BlockContent<'a> {
 /// One stored version of a block.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredBlock {
+    /// The volume it is stored under: a clone reads its base's blocks,
+    /// whose frames are bound to the base.
+    pub volume: VolumeId,
     pub index: LogIndex,
     /// Empty for a zero marker, else a frame.
     pub value: Vec<u8>,
@@ -67,6 +70,14 @@ pub enum VolumeState {
     Deleted = 2,
 }
 
+/// Where a clone reads the blocks it has not written: another volume of
+/// the same PG at an index. Set at creation and never changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VolumeBase {
+    pub volume: VolumeId,
+    pub index: LogIndex,
+}
+
 /// A volume's record at one version.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VolumeRecord {
@@ -74,39 +85,73 @@ pub struct VolumeRecord {
     pub name: String,
     pub size_bytes: u64,
     pub state: VolumeState,
+    /// `Some` for a clone.
+    pub base: Option<VolumeBase>,
 }
 
 /// Record layout, version 1 (see [`encode_named_record`]):
 /// ```text
 /// version u8 | state u8 | size_bytes u64 BE | name_len u16 BE | name (UTF-8)
 /// ```
+/// Version 2 (a clone) appends `base volume u64 BE | base index u64 BE`.
 const VOLUME_RECORD_VERSION: u8 = 1;
+const CLONE_RECORD_VERSION: u8 = 2;
 
 impl VolumeRecord {
     pub fn encode(&self) -> Vec<u8> {
-        encode_named_record(
-            VOLUME_RECORD_VERSION,
-            self.state as u8,
-            self.size_bytes,
-            &self.name,
-        )
+        let version = match self.base {
+            None => VOLUME_RECORD_VERSION,
+            Some(_) => CLONE_RECORD_VERSION,
+        };
+        let mut out = encode_named_record(version, self.state as u8, self.size_bytes, &self.name);
+        if let Some(base) = self.base {
+            out.extend_from_slice(&base.volume.0.to_be_bytes());
+            out.extend_from_slice(&base.index.0.to_be_bytes());
+        }
+        out
     }
 
     pub fn decode(bytes: &[u8]) -> std::result::Result<VolumeRecord, String> {
-        let (state, size_bytes, name) =
-            decode_named_record(bytes, VOLUME_RECORD_VERSION, "volume")?;
+        let version = match bytes.first() {
+            Some(&CLONE_RECORD_VERSION) => CLONE_RECORD_VERSION,
+            _ => VOLUME_RECORD_VERSION,
+        };
+        let (state, size_bytes, name) = decode_named_record(bytes, version, "volume")?;
         let state = match state {
             1 => VolumeState::Active,
             2 => VolumeState::Deleted,
             other => return Err(format!("unknown volume state {other}")),
         };
+        let rest = &bytes[NAMED_RECORD_HEADER_BYTES + name.len()..];
+        let base = match (version, rest.len()) {
+            (VOLUME_RECORD_VERSION, 0) => None,
+            (CLONE_RECORD_VERSION, 16) => Some(VolumeBase {
+                volume: VolumeId(u64::from_be_bytes(rest[..8].try_into().expect("8 bytes"))),
+                index: LogIndex(u64::from_be_bytes(rest[8..].try_into().expect("8 bytes"))),
+            }),
+            (_, n) => return Err(format!("volume record has {n} unexpected trailing bytes")),
+        };
         Ok(VolumeRecord {
             name,
             size_bytes,
             state,
+            base,
         })
     }
 }
+
+/// One layer of what a volume reads: its own blocks (at an index, or the
+/// newest), then each base in turn at the index it was cloned from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layer {
+    pub volume: VolumeId,
+    /// `None`: the newest versions (through `latest`).
+    pub at: Option<LogIndex>,
+}
+
+/// Clones of clones this deep are refused (and a longer chain in storage
+/// is corrupt): every read walks the chain.
+pub const CLONE_DEPTH_MAX: usize = 16;
 
 const NAMED_RECORD_HEADER_BYTES: usize = 1 + 1 + 8 + 2;
 
@@ -200,6 +245,17 @@ pub fn corrupt_block(
     }
 }
 
+/// A block version from its `blocks` row.
+fn decode_stored(key: &[u8], value: Vec<u8>) -> Result<StoredBlock> {
+    let (_, volume, _, index) = keys::decode_block_key(key)
+        .ok_or_else(|| Error::corrupt_record(Cf::Blocks.name(), key, "malformed block key"))?;
+    Ok(StoredBlock {
+        volume,
+        index,
+        value,
+    })
+}
+
 /// Reads of versioned volumes.
 #[derive(Clone, Debug)]
 pub struct Volumes {
@@ -255,7 +311,11 @@ impl Volumes {
                 let Some(index) = index else { return Ok(None) };
                 let key = keys_iter.next().expect("one block key per found index");
                 match values.next().flatten() {
-                    Some(value) => Ok(Some(StoredBlock { index, value })),
+                    Some(value) => Ok(Some(StoredBlock {
+                        volume,
+                        index,
+                        value,
+                    })),
                     None => Err(Error::corrupt_record(
                         Cf::Blocks.name(),
                         key,
@@ -276,45 +336,94 @@ impl Volumes {
     ) -> Result<Option<StoredBlock>> {
         let prefix = keys::latest_key(pg, volume, block);
         let start = keys::block_key(pg, volume, block, at);
-        let Some((key, value)) = self.db.seek(Cf::Blocks, &prefix, &start)? else {
-            return Ok(None);
-        };
-        let (_, _, _, index) = keys::decode_block_key(&key)
-            .ok_or_else(|| Error::corrupt_record(Cf::Blocks.name(), &key, "malformed block key"))?;
-        Ok(Some(StoredBlock { index, value }))
+        self.db
+            .seek(Cf::Blocks, &prefix, &start)?
+            .map(|(key, value)| decode_stored(&key, value))
+            .transpose()
     }
 
-    /// The versions of `count` consecutive blocks from `first` visible at
-    /// `at`: one seek per block over one iterator.
-    pub fn blocks_at(
+    /// The layers `volume` reads at `at` (`None`: the newest), its own
+    /// first. Empty if the volume does not exist then.
+    pub fn layers(&self, pg: PgId, volume: VolumeId, at: Option<LogIndex>) -> Result<Vec<Layer>> {
+        let Some((_, mut record)) = self.volume_at(pg, volume, at.unwrap_or(LogIndex(u64::MAX)))?
+        else {
+            return Ok(Vec::new());
+        };
+        let mut layers = vec![Layer { volume, at }];
+        while let Some(base) = record.base {
+            if layers.len() > CLONE_DEPTH_MAX {
+                return Err(Error::corrupt_record(
+                    Cf::PgMeta.name(),
+                    &keys::pg_meta_prefix(pg, MetaKind::Volume, volume.0),
+                    format!("clone chain longer than {CLONE_DEPTH_MAX}"),
+                ));
+            }
+            layers.push(Layer {
+                volume: base.volume,
+                at: Some(base.index),
+            });
+            record = match self.volume_at(pg, base.volume, base.index)? {
+                Some((_, r)) => r,
+                None => {
+                    return Err(Error::corrupt_record(
+                        Cf::PgMeta.name(),
+                        &keys::pg_meta_prefix(pg, MetaKind::Volume, base.volume.0),
+                        format!("clone base did not exist at index {}", base.index),
+                    ));
+                }
+            };
+        }
+        Ok(layers)
+    }
+
+    /// The versions of `count` consecutive blocks from `first` that a
+    /// volume with these layers reads: each block from the first layer
+    /// that has a version of it (a zero marker counts: a trimmed block of
+    /// a clone hides its base's data).
+    pub fn visible_blocks(
         &self,
         pg: PgId,
-        volume: VolumeId,
+        layers: &[Layer],
         first: BlockNo,
         count: u64,
-        at: LogIndex,
     ) -> Result<Vec<Option<StoredBlock>>> {
-        let seeks: Vec<(Vec<u8>, Vec<u8>)> = (first.0..first.0 + count)
-            .map(|b| {
-                (
-                    keys::latest_key(pg, volume, BlockNo(b)).to_vec(),
-                    keys::block_key(pg, volume, BlockNo(b), at).to_vec(),
-                )
-            })
-            .collect();
-        self.db
-            .seek_each(Cf::Blocks, &seeks)?
-            .into_iter()
-            .map(|found| {
-                let Some((key, value)) = found else {
-                    return Ok(None);
-                };
-                let (_, _, _, index) = keys::decode_block_key(&key).ok_or_else(|| {
-                    Error::corrupt_record(Cf::Blocks.name(), &key, "malformed block key")
-                })?;
-                Ok(Some(StoredBlock { index, value }))
-            })
-            .collect()
+        let mut out: Vec<Option<StoredBlock>> = vec![None; count as usize];
+        let mut missing: Vec<u64> = (0..count).collect();
+        for layer in layers {
+            if missing.is_empty() {
+                break;
+            }
+            let found = match layer.at {
+                None if missing.len() as u64 == count => {
+                    self.latest_blocks(pg, layer.volume, first, count)?
+                }
+                at => {
+                    let at = at.unwrap_or(LogIndex(u64::MAX));
+                    let seeks: Vec<(Vec<u8>, Vec<u8>)> = missing
+                        .iter()
+                        .map(|i| {
+                            let b = BlockNo(first.0 + i);
+                            (
+                                keys::latest_key(pg, layer.volume, b).to_vec(),
+                                keys::block_key(pg, layer.volume, b, at).to_vec(),
+                            )
+                        })
+                        .collect();
+                    let mut found = vec![None; count as usize];
+                    for (i, hit) in missing.iter().zip(self.db.seek_each(Cf::Blocks, &seeks)?) {
+                        found[*i as usize] = hit.map(|(k, v)| decode_stored(&k, v)).transpose()?;
+                    }
+                    found
+                }
+            };
+            missing.retain(|i| {
+                let hit = found[*i as usize].clone();
+                let keep = hit.is_none();
+                out[*i as usize] = hit;
+                keep
+            });
+        }
+        Ok(out)
     }
 
     /// Every version of a block, newest first (tests and tools).
@@ -328,12 +437,7 @@ impl Volumes {
         self.db
             .scan(Cf::Blocks, &prefix, &prefix, usize::MAX)?
             .into_iter()
-            .map(|(key, value)| {
-                let (_, _, _, index) = keys::decode_block_key(&key).ok_or_else(|| {
-                    Error::corrupt_record(Cf::Blocks.name(), &key, "malformed block key")
-                })?;
-                Ok(StoredBlock { index, value })
-            })
+            .map(|(key, value)| decode_stored(&key, value))
             .collect()
     }
 
@@ -464,6 +568,7 @@ mod tests {
             name: "disk0".into(),
             size_bytes: size,
             state,
+            base: None,
         };
         for (index, size, state) in [
             (3, 10, VolumeState::Active),
@@ -522,12 +627,116 @@ mod tests {
         assert!(v.volumes(PgId(2)).unwrap().is_empty());
     }
 
+    /// A clone reads its own blocks first (zero markers included), then its
+    /// base at the base's index, then the base's base.
+    #[test]
+    fn clones_read_through_their_bases_at_the_cloned_index() {
+        let (_dir, db) = must_open();
+        let pg = PgId(1);
+        let active = |size, base| VolumeRecord {
+            name: "v".into(),
+            size_bytes: size,
+            state: VolumeState::Active,
+            base,
+        };
+        let mut b = db.new_batch();
+        let block = |b: &mut Batch, vol: u64, block: u64, index: u64, byte: u8| {
+            stage_block(
+                b,
+                pg,
+                VolumeId(vol),
+                BlockNo(block),
+                LogIndex(index),
+                BlockContent::Frame(&[byte]),
+            );
+        };
+        stage_volume(&mut b, pg, VolumeId(1), LogIndex(1), &active(16384, None));
+        block(&mut b, 1, 0, 2, b'a');
+        block(&mut b, 1, 1, 2, b'a');
+        block(&mut b, 1, 2, 2, b'a');
+        // Volume 2 is cloned from 1 at index 3; 1 moves on at index 4.
+        let base1 = VolumeBase {
+            volume: VolumeId(1),
+            index: LogIndex(3),
+        };
+        stage_volume(
+            &mut b,
+            pg,
+            VolumeId(2),
+            LogIndex(3),
+            &active(16384, Some(base1)),
+        );
+        block(&mut b, 1, 0, 4, b'b');
+        block(&mut b, 2, 1, 5, b'c');
+        // Volume 3 is cloned from 2 at index 6 and trims block 2.
+        let base2 = VolumeBase {
+            volume: VolumeId(2),
+            index: LogIndex(6),
+        };
+        stage_volume(
+            &mut b,
+            pg,
+            VolumeId(3),
+            LogIndex(6),
+            &active(16384, Some(base2)),
+        );
+        stage_block(
+            &mut b,
+            pg,
+            VolumeId(3),
+            BlockNo(2),
+            LogIndex(7),
+            BlockContent::Zero,
+        );
+        db.write(b, Durability::Buffered).unwrap();
+
+        let v = Volumes::new(db);
+        let read = |vol: u64, at: Option<u64>| -> Vec<Option<(u64, Vec<u8>)>> {
+            let layers = v.layers(pg, VolumeId(vol), at.map(LogIndex)).unwrap();
+            v.visible_blocks(pg, &layers, BlockNo(0), 4)
+                .unwrap()
+                .into_iter()
+                .map(|s| s.map(|s| (s.index.0, s.value)))
+                .collect()
+        };
+        let f = |i: u64, byte: u8| Some((i, vec![byte]));
+        assert_eq!(
+            read(1, None),
+            vec![f(4, b'b'), f(2, b'a'), f(2, b'a'), None]
+        );
+        assert_eq!(
+            read(2, None),
+            vec![f(2, b'a'), f(5, b'c'), f(2, b'a'), None]
+        );
+        assert_eq!(
+            read(2, Some(4)),
+            vec![f(2, b'a'), f(2, b'a'), f(2, b'a'), None]
+        );
+        let three = read(3, None);
+        assert_eq!(three[..2], [f(2, b'a'), f(5, b'c')]);
+        assert_eq!(
+            three[2].as_ref().map(|s| s.0),
+            Some(7),
+            "the trim hides the base"
+        );
+        assert_eq!(v.layers(pg, VolumeId(3), None).unwrap().len(), 3);
+        assert!(
+            v.layers(pg, VolumeId(3), Some(LogIndex(5)))
+                .unwrap()
+                .is_empty()
+        );
+    }
+
     #[test]
     fn volume_record_decode_rejects_garbage() {
         let good = VolumeRecord {
             name: "x".into(),
             size_bytes: 4096,
             state: VolumeState::Active,
+            base: Some(VolumeBase {
+                volume: VolumeId(3),
+                index: LogIndex(77),
+            }),
         }
         .encode();
         assert!(VolumeRecord::decode(&good).is_ok());

@@ -332,3 +332,98 @@ async fn no_restore_point_shows_a_write_without_the_one_before_it() {
     );
     node.stop().await;
 }
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Clones: writable, copy-on-write, isolated both ways, nested, and
+/// readable whatever later happens to their source or its snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clones_are_isolated_and_outlive_their_source() {
+    let node = must_start().await;
+    let core = node.running().core.clone();
+    let addr = node.nbd();
+    let source = node.client().await;
+    let mut at_snapshot = vec![0u8; VOLUME_BYTES as usize];
+    let a = pseudo_random(21, 2 << 20);
+    at_snapshot[..a.len()].copy_from_slice(&a);
+    source.write(0, &a, true).await.unwrap().unwrap();
+    core.create_snapshot("demo/main", "s", "", "")
+        .await
+        .unwrap();
+    let mut source_model = at_snapshot.clone();
+    let b = pseudo_random(22, 1 << 20);
+    source_model[..b.len()].copy_from_slice(&b);
+    source.write(0, &b, true).await.unwrap().unwrap();
+
+    let info = core.clone_volume(VOLUME, "demo/c1", "", "s").await.unwrap();
+    assert_eq!(info.size_bytes, VOLUME_BYTES);
+    assert_eq!(
+        export_sha256(addr, "demo/c1").await,
+        sha256_hex(&at_snapshot)
+    );
+    let before_clone_writes = moment_between().await;
+
+    // Writes to the clone: whole blocks, a sub-block write over a block
+    // only the base has, and a trim of base data.
+    let c1 = NbdClient::connect(addr, "demo/c1").await.unwrap();
+    let mut c1_model = at_snapshot.clone();
+    let c = pseudo_random(23, 1 << 20);
+    c1_model[512 << 10..(512 << 10) + c.len()].copy_from_slice(&c);
+    c1.write(512 << 10, &c, true).await.unwrap().unwrap();
+    let small = pseudo_random(24, 100);
+    let off = (1600 << 10) + 7;
+    c1_model[off..off + small.len()].copy_from_slice(&small);
+    c1.write(off as u64, &small, true).await.unwrap().unwrap();
+    c1_model[1800 << 10..1900 << 10].fill(0);
+    c1.trim(1800 << 10, 100 << 10).await.unwrap().unwrap();
+    assert_eq!(whole_export_sha256(&c1).await, sha256_hex(&c1_model));
+    // Neither the source nor its snapshot moved; the clone's past did not
+    // either.
+    assert_eq!(export_sha256(addr, VOLUME).await, sha256_hex(&source_model));
+    assert_eq!(
+        export_sha256(addr, &format!("{VOLUME}@s")).await,
+        sha256_hex(&at_snapshot)
+    );
+    assert_eq!(
+        export_sha256(addr, &format!("demo/c1@{before_clone_writes}")).await,
+        sha256_hex(&at_snapshot)
+    );
+
+    // A clone of the clone, now; its writes stay its own.
+    core.clone_volume("demo/c1", "demo/c2", "-0s", "")
+        .await
+        .unwrap();
+    let c2 = NbdClient::connect(addr, "demo/c2").await.unwrap();
+    assert_eq!(whole_export_sha256(&c2).await, sha256_hex(&c1_model));
+    let mut c2_model = c1_model.clone();
+    c2_model[..4096].fill(0xee);
+    c2.write(0, &[0xee; 4096], true).await.unwrap().unwrap();
+    assert_eq!(whole_export_sha256(&c2).await, sha256_hex(&c2_model));
+    assert_eq!(whole_export_sha256(&c1).await, sha256_hex(&c1_model));
+
+    // The source and its snapshot go; the clones read on.
+    core.delete_snapshot("demo/main", "s", &Role::Operator)
+        .await
+        .unwrap();
+    core.delete_volume(VOLUME).await.unwrap();
+    assert_eq!(export_sha256(addr, "demo/c1").await, sha256_hex(&c1_model));
+    assert_eq!(export_sha256(addr, "demo/c2").await, sha256_hex(&c2_model));
+
+    // Bad requests.
+    fn err<T>(r: Result<T, NodeError>) -> String {
+        r.map(|_| ()).expect_err("refused").to_string()
+    }
+    let e = err(core.clone_volume("demo/c1", "demo/c3", "-1s", "s").await);
+    assert!(e.contains("exactly one of --at and --snapshot"), "{e}");
+    let e = err(core.clone_volume("demo/c1", "demo/c3", "", "").await);
+    assert!(e.contains("exactly one of --at and --snapshot"), "{e}");
+    let e = err(core.clone_volume("demo/c1", "demo/c3", "", "gone").await);
+    assert!(e.contains("snapshot demo/main@gone does not exist"), "{e}");
+    let e = err(core.clone_volume("demo/c1", "other/c3", "-0s", "").await);
+    assert!(e.contains("stays in its source's tenant"), "{e}");
+    let e = err(core.clone_volume("demo/c1", "demo/c2", "-0s", "").await);
+    assert!(e.contains("taken"), "{e}");
+    node.stop().await;
+}

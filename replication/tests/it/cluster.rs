@@ -191,6 +191,7 @@ fn create_disk0() -> pb::command::Kind {
         volume: 1,
         name: "disk0".into(),
         size_bytes: 64 * 4096,
+        base: None,
     })
 }
 

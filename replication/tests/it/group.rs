@@ -87,6 +87,7 @@ async fn commands_apply_at_their_index_and_survive_restart() {
             volume: 9,
             name: "disk0".into(),
             size_bytes: 8 * 4096,
+            base: None,
         }))
         .await
         .unwrap();
@@ -394,6 +395,7 @@ async fn a_merged_block_is_refused_when_its_block_changed() {
         volume: 1,
         name: "d".into(),
         size_bytes: 4 * 4096,
+        base: None,
     }))
     .await
     .unwrap();
