@@ -264,7 +264,7 @@ enum SnapshotCommand {
         name: String,
         /// A past moment instead of now: RFC 3339 (2026-11-28T10:13:00Z)
         /// or relative (-15m, -2h).
-        #[arg(long, default_value = "")]
+        #[arg(long, default_value = "", allow_hyphen_values = true)]
         at: String,
         /// Lock it against deletion until then: RFC 3339 or +30d.
         #[arg(long, default_value = "")]
@@ -310,7 +310,8 @@ enum VolumeCommand {
         #[arg(
             long,
             conflicts_with = "snapshot",
-            required_unless_present = "snapshot"
+            required_unless_present = "snapshot",
+            allow_hyphen_values = true
         )]
         at: Option<String>,
         /// A snapshot of the source's protection group.
