@@ -299,6 +299,23 @@ fn split_snapshot_ref(text: &str) -> anyhow::Result<api::SnapshotRef> {
     }
 }
 
+/// The restore point a clone starts from: exactly one of a time and a
+/// snapshot.
+#[derive(clap::Args)]
+struct ClonePoint {
+    /// RFC 3339 (2026-11-28T10:13:00Z) or relative (-15m).
+    #[arg(
+        long,
+        conflicts_with = "snapshot",
+        required_unless_present = "snapshot",
+        allow_hyphen_values = true
+    )]
+    at: Option<String>,
+    /// A snapshot of the source's protection group.
+    #[arg(long)]
+    snapshot: Option<String>,
+}
+
 #[derive(Subcommand)]
 enum VolumeCommand {
     /// Clone SOURCE as NEW (same tenant and protection group) at a restore
@@ -306,17 +323,8 @@ enum VolumeCommand {
     Clone {
         source: String,
         new: String,
-        /// RFC 3339 (2026-11-28T10:13:00Z) or relative (-15m).
-        #[arg(
-            long,
-            conflicts_with = "snapshot",
-            required_unless_present = "snapshot",
-            allow_hyphen_values = true
-        )]
-        at: Option<String>,
-        /// A snapshot of the source's protection group.
-        #[arg(long)]
-        snapshot: Option<String>,
+        #[command(flatten)]
+        point: ClonePoint,
     },
     /// Create TENANT/VOLUME of SIZE (like 10GiB).
     Create {
@@ -357,6 +365,17 @@ enum BucketCommand {
     },
     /// Delete an empty bucket (refused while it holds objects).
     Delete { name: String },
+    /// A read-only clone NEW of SOURCE (both TENANT/BUCKET) as it was at a
+    /// restore point: S3 reads and lists show that moment's objects.
+    Clone {
+        source: String,
+        new: String,
+        #[command(flatten)]
+        point: ClonePoint,
+        /// Required: writable bucket clones are not available yet.
+        #[arg(long)]
+        read_only: bool,
+    },
 }
 
 /// An error that carries its exit code.
@@ -413,8 +432,17 @@ fn main() -> ExitCode {
             let code = exit_code_of(&e);
             if let Some(status) = e.downcast_ref::<tonic::Status>() {
                 eprintln!("error: {}", status.message());
-            } else if e.downcast_ref::<Exit>().is_none() {
-                eprintln!("error: {e:#}");
+            } else {
+                // An Exit carries only the code; its context says why (a
+                // bare Exit has already said it).
+                let why: Vec<String> = e
+                    .chain()
+                    .filter(|c| c.downcast_ref::<Exit>().is_none())
+                    .map(|c| c.to_string())
+                    .collect();
+                if !why.is_empty() {
+                    eprintln!("error: {}", why.join(": "));
+                }
             }
             ExitCode::from(code)
         }
@@ -663,17 +691,12 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
             let v = client.api().create_volume(req).await?.into_inner();
             print_volumes(out, vec![v]);
         }
-        Command::Volume(VolumeCommand::Clone {
-            source,
-            new,
-            at,
-            snapshot,
-        }) => {
+        Command::Volume(VolumeCommand::Clone { source, new, point }) => {
             let req = client.request(api::CloneVolumeRequest {
                 source,
                 name: new,
-                at: at.unwrap_or_default(),
-                snapshot: snapshot.unwrap_or_default(),
+                at: point.at.unwrap_or_default(),
+                snapshot: point.snapshot.unwrap_or_default(),
             });
             let v = client.api().clone_volume(req).await?.into_inner();
             print_volumes(out, vec![v]);
@@ -686,6 +709,22 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
         Command::Bucket(BucketCommand::Create { name, pg }) => {
             let req = client.request(api::CreateBucketRequest { name, pg });
             let b = client.api().create_bucket(req).await?.into_inner();
+            print_buckets(out, vec![b]);
+        }
+        Command::Bucket(BucketCommand::Clone {
+            source,
+            new,
+            point,
+            read_only,
+        }) => {
+            let req = client.request(api::CloneBucketRequest {
+                source,
+                name: new,
+                at: point.at.unwrap_or_default(),
+                snapshot: point.snapshot.unwrap_or_default(),
+                read_only,
+            });
+            let b = client.api().clone_bucket(req).await?.into_inner();
             print_buckets(out, vec![b]);
         }
         Command::Bucket(BucketCommand::List { tenant }) => {
@@ -1330,6 +1369,7 @@ fn print_buckets(out: &Output, buckets: Vec<api::Bucket>) {
                 .map(|b| {
                     serde_json::json!({
                         "name": b.name, "pg": b.pg, "id": b.id, "created_ms": b.created_ms,
+                        "clone_of": b.clone_of, "clone_index": b.clone_index,
                     })
                 })
                 .collect(),

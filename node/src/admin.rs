@@ -64,7 +64,7 @@ pub fn status(e: &NodeError) -> Status {
                 | J::ChunkExists { .. }
                 | J::UploadExists { .. }
                 | J::CredentialExists { .. } => Code::AlreadyExists,
-                J::JoinToken { .. } => Code::PermissionDenied,
+                J::JoinToken { .. } | J::BucketReadOnly { .. } => Code::PermissionDenied,
                 J::NodeNotFound { .. }
                 | J::PgIdNotFound { .. }
                 | J::BucketNotFound { .. }
@@ -367,6 +367,8 @@ fn bucket_message(b: BucketInfo) -> api::Bucket {
         pg: format!("{}/{}", b.tenant, b.pg_name),
         id: b.bucket.0,
         created_ms: b.created_ms,
+        clone_of: b.base.map_or(0, |v| v.bucket.0),
+        clone_index: b.base.map_or(0, |v| v.index.0),
     }
 }
 
@@ -687,6 +689,24 @@ impl Admin for AdminService {
             .await
             .map_err(|e| status(&e))?;
         Ok(Response::new(api::RevokeTenantTokenResponse {}))
+    }
+
+    async fn clone_bucket(
+        &self,
+        req: Request<api::CloneBucketRequest>,
+    ) -> Result<Response<api::Bucket>, Status> {
+        let r = req.get_ref();
+        self.require_tenant(
+            &req,
+            bucket_tenant_of(&r.source)?,
+            "clone buckets of this tenant",
+        )?;
+        let b = self
+            .core
+            .clone_bucket(&r.source, &r.name, &r.at, &r.snapshot, r.read_only)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(bucket_message(b)))
     }
 
     async fn create_bucket(

@@ -88,6 +88,8 @@ pub struct BucketInfo {
     pub pg: PgId,
     pub bucket: BucketId,
     pub created_ms: u64,
+    /// `Some` for a read-only clone: what it shows.
+    pub base: Option<lifeboat_store::objects::BucketBase>,
 }
 
 /// What an S3 credential may do.
@@ -1392,6 +1394,16 @@ impl NodeCore {
     /// are unique in the cluster), then the bucket is created in its PG; a
     /// failure of the second step gives the name back.
     pub async fn create_bucket(&self, full_name: &str, pg_name: &str) -> NodeResult<BucketInfo> {
+        self.create_bucket_with_base(full_name, pg_name, None).await
+    }
+
+    /// Creates a bucket, or with `base` a read-only clone showing it.
+    pub(crate) async fn create_bucket_with_base(
+        &self,
+        full_name: &str,
+        pg_name: &str,
+        base: Option<pb::BucketBase>,
+    ) -> NodeResult<BucketInfo> {
         let (tenant, bucket_name) = names::split_bucket_name(full_name)?;
         let pg_name = if pg_name.is_empty() { MAIN_PG } else { pg_name };
         names::validate_name("protection group", pg_name)?;
@@ -1412,6 +1424,7 @@ impl NodeCore {
             .propose(pb::command::Kind::CreateBucket(pb::CreateBucket {
                 bucket,
                 name: bucket_name.to_owned(),
+                base,
             }))
             .await;
         // Read back from this node's replica, which may apply the entry a
@@ -1492,6 +1505,7 @@ impl NodeCore {
             pg: PgId(bound.pg),
             bucket: BucketId(bound.bucket),
             created_ms: record.created_ms,
+            base: record.base,
         }))
     }
 

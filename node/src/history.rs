@@ -15,7 +15,9 @@ use time::OffsetDateTime;
 
 use lifeboat_store::volumes::VolumeState;
 
-use crate::core::{NodeCore, Role, VolumeInfo};
+use lifeboat_store::objects::BucketState;
+
+use crate::core::{BucketInfo, NodeCore, Role, VolumeInfo};
 use crate::error::{NodeError, NodeResult};
 use crate::names;
 
@@ -277,20 +279,7 @@ impl NodeCore {
                 reason: format!("a clone stays in its source's tenant, {source_tenant}"),
             });
         }
-        let point = match (at.is_empty(), snapshot.is_empty()) {
-            (true, false) => {
-                points::validate_snapshot_name(snapshot)?;
-                RestorePoint::Snapshot(snapshot.to_owned())
-            }
-            (false, true) => points::parse_at(at, self.now())?,
-            _ => {
-                return Err(NodeError::InvalidName {
-                    what: "restore point",
-                    name: format!("at={at:?} snapshot={snapshot:?}"),
-                    reason: "give exactly one of --at and --snapshot".into(),
-                });
-            }
-        };
+        let point = restore_point(at, snapshot, self.now())?;
         let loc = self.locate_volume(source)?;
         let p = self.resolve_point(&loc.group, &point, false).await?;
         let record = self
@@ -322,6 +311,82 @@ impl NodeCore {
         Ok(info)
     }
 
+    /// A read-only clone `new` of bucket `source` (both TENANT/BUCKET, same
+    /// tenant) as it was at a restore point: S3 reads and lists show the
+    /// source's objects of that moment; every write is refused. O(1).
+    /// Writable bucket clones are not built yet.
+    pub async fn clone_bucket(
+        &self,
+        source: &str,
+        new: &str,
+        at: &str,
+        snapshot: &str,
+        read_only: bool,
+    ) -> NodeResult<BucketInfo> {
+        let (source_tenant, source_name) = names::split_bucket_name(source)?;
+        let (new_tenant, _) = names::split_bucket_name(new)?;
+        if source_tenant != new_tenant {
+            return Err(NodeError::InvalidName {
+                what: "clone",
+                name: new.to_owned(),
+                reason: format!("a clone stays in its source's tenant, {source_tenant}"),
+            });
+        }
+        if !read_only {
+            return Err(NodeError::InvalidName {
+                what: "clone",
+                name: new.to_owned(),
+                reason: "bucket clones are read-only for now: add --read-only".into(),
+            });
+        }
+        let point = restore_point(at, snapshot, self.now())?;
+        let bound = self
+            .bucket_binding(source_name)?
+            .filter(|b| {
+                self.tenant(source_tenant)
+                    .is_ok_and(|t| t.id == b.tenant_id)
+            })
+            .ok_or_else(|| NodeError::BucketNotFound(source.to_owned()))?;
+        let info = self
+            .bucket_info_of(source_tenant, source_name, &bound)?
+            .ok_or_else(|| NodeError::BucketNotFound(source.to_owned()))?;
+        let group = self.running_group(info.pg.0)?;
+        let p = self.resolve_point(&group, &point, false).await?;
+        // A clone of a clone shows what its source shows.
+        let base = match info.base {
+            Some(view) => pb::BucketBase {
+                bucket: view.bucket.0,
+                index: view.index.0,
+            },
+            None => {
+                let existed = self
+                    .objects
+                    .bucket_at(info.pg, info.bucket, p.index)?
+                    .is_some_and(|(_, r)| r.state == BucketState::Active);
+                if !existed {
+                    return Err(NodeError::BucketNotFound(format!(
+                        "{source} at {}",
+                        points::format_ms(p.at_ms)
+                    )));
+                }
+                pb::BucketBase {
+                    bucket: info.bucket.0,
+                    index: p.index.0,
+                }
+            }
+        };
+        let clone = self
+            .create_bucket_with_base(new, &info.pg_name, Some(base))
+            .await?;
+        tracing::info!(
+            source,
+            clone = new,
+            index = base.index,
+            "bucket cloned (read-only)"
+        );
+        Ok(clone)
+    }
+
     fn audit_lock_override(&self, pg: PgId, message: String) {
         use lifeboat_replication::ack::EventSink;
         self.events.event(pg, "snapshot_lock_overridden", message);
@@ -349,5 +414,21 @@ impl NodeCore {
             },
             other => other.into(),
         }
+    }
+}
+
+/// The restore point of a clone: exactly one of a time and a snapshot.
+fn restore_point(at: &str, snapshot: &str, now: OffsetDateTime) -> NodeResult<RestorePoint> {
+    match (at.is_empty(), snapshot.is_empty()) {
+        (true, false) => {
+            points::validate_snapshot_name(snapshot)?;
+            Ok(RestorePoint::Snapshot(snapshot.to_owned()))
+        }
+        (false, true) => Ok(points::parse_at(at, now)?),
+        _ => Err(NodeError::InvalidName {
+            what: "restore point",
+            name: format!("at={at:?} snapshot={snapshot:?}"),
+            reason: "give exactly one of --at and --snapshot".into(),
+        }),
     }
 }

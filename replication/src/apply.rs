@@ -11,7 +11,9 @@ use std::io;
 use lifeboat_proto::raft as pb;
 use lifeboat_store::db::{Batch, Cf, Db};
 use lifeboat_store::history::SnapshotRecord;
-use lifeboat_store::objects::{self, BucketRecord, BucketState, ObjectVersion, Objects};
+use lifeboat_store::objects::{
+    self, BucketBase, BucketRecord, BucketState, ObjectVersion, Objects,
+};
 use lifeboat_store::uploads::{PartRecord, UploadRecord};
 use lifeboat_store::volumes::{self, BlockContent, VolumeBase, VolumeRecord, VolumeState, Volumes};
 use lifeboat_store::{BLOCK_BYTES, BlockNo, BucketId, ChunkId, LogIndex, PgId, VolumeId};
@@ -630,6 +632,14 @@ impl ApplyContext<'_> {
         })
     }
 
+    /// A bucket that takes writes: live and not a read-only clone.
+    fn writable_bucket(&self, bucket: u64) -> io::Result<Result<BucketRecord, Rejection>> {
+        Ok(match self.active_bucket(bucket)? {
+            Ok(r) if r.base.is_some() => Err(Rejection::BucketReadOnly { bucket }),
+            other => other,
+        })
+    }
+
     fn put_bucket(&mut self, bucket: BucketId, index: LogIndex, record: BucketRecord) {
         objects::stage_bucket(&mut self.batch, self.pg, bucket, index, &record);
         self.bucket_overlay.insert(bucket, record);
@@ -707,10 +717,28 @@ impl ApplyContext<'_> {
         if self.volume(VolumeId(c.bucket))?.is_some() {
             return Ok(Err(Rejection::VolumeExists { volume: c.bucket }));
         }
+        let base = match &c.base {
+            None => None,
+            Some(b) => {
+                let live_then = self
+                    .objects()
+                    .bucket_at(self.pg, BucketId(b.bucket), LogIndex(b.index))
+                    .map_err(io::Error::other)?
+                    .is_some_and(|(_, r)| r.state == BucketState::Active && r.base.is_none());
+                if b.index == 0 || b.index >= index.0 || !live_then {
+                    return Ok(Err(Rejection::BucketNotFound { bucket: b.bucket }));
+                }
+                Some(BucketBase {
+                    bucket: BucketId(b.bucket),
+                    index: LogIndex(b.index),
+                })
+            }
+        };
         let record = BucketRecord {
             name: c.name.clone(),
             state: BucketState::Active,
             created_ms: stamp_ms,
+            base,
         };
         self.put_bucket(bucket, index, record);
         Ok(Ok(Applied::Done))
@@ -737,7 +765,7 @@ impl ApplyContext<'_> {
 
     fn apply_put_object(&mut self, index: LogIndex, p: &pb::PutObject) -> io::Result<Outcome> {
         let bucket = BucketId(p.bucket);
-        if let Err(rejection) = self.active_bucket(p.bucket)? {
+        if let Err(rejection) = self.writable_bucket(p.bucket)? {
             return Ok(Err(rejection));
         }
         if let Err(rejection) = uploads::check_key(&p.key) {
@@ -767,7 +795,7 @@ impl ApplyContext<'_> {
         d: &pb::DeleteObject,
     ) -> io::Result<Outcome> {
         let bucket = BucketId(d.bucket);
-        if let Err(rejection) = self.active_bucket(d.bucket)? {
+        if let Err(rejection) = self.writable_bucket(d.bucket)? {
             return Ok(Err(rejection));
         }
         if self.object_latest(bucket, &d.key)?.is_none() {
@@ -817,7 +845,7 @@ impl ApplyContext<'_> {
         d: &pb::DeleteObjectVersion,
     ) -> io::Result<Outcome> {
         let bucket = BucketId(d.bucket);
-        if let Err(rejection) = self.active_bucket(d.bucket)? {
+        if let Err(rejection) = self.writable_bucket(d.bucket)? {
             return Ok(Err(rejection));
         }
         let mut versions = self.versions_of(bucket, &d.key)?;
@@ -1204,6 +1232,7 @@ mod tests {
         let create = cmd(pb::command::Kind::CreateBucket(pb::CreateBucket {
             bucket: 5,
             name: "b".into(),
+            base: None,
         }));
         assert_eq!(apply(&mut cx, create.clone()), Ok(Applied::Done));
         assert_eq!(

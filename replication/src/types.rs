@@ -219,6 +219,8 @@ pub enum Rejection {
     BucketNotFound { bucket: u64 },
     #[error("bucket {bucket} already exists")]
     BucketExists { bucket: u64 },
+    #[error("bucket {bucket} is a read-only clone")]
+    BucketReadOnly { bucket: u64 },
     #[error("bucket {bucket} is not empty")]
     BucketNotEmpty { bucket: u64 },
     #[error("bucket name {bucket} is taken")]

@@ -23,7 +23,7 @@
 use crate::db::{Batch, Cf, Db, prefix_successor};
 use crate::error::{Error, Result};
 use crate::keys::{self, ChunkPart, MetaKind};
-use crate::volumes::{decode_named_record, encode_named_record};
+use crate::volumes::{decode_based_record, encode_based_record};
 use crate::{BucketId, ChunkId, LogIndex, PgId};
 
 /// The longest object key S3 allows, in bytes.
@@ -46,27 +46,39 @@ pub struct BucketRecord {
     /// When it was created, in milliseconds since the Unix epoch (the
     /// creating entry's stamp).
     pub created_ms: u64,
+    /// `Some` for a read-only clone: it shows `base.bucket` as it was at
+    /// `base.index`, and takes no writes.
+    pub base: Option<BucketBase>,
+}
+
+/// What a bucket clone shows: another bucket of the PG at an index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BucketBase {
+    pub bucket: BucketId,
+    pub index: LogIndex,
 }
 
 /// Record layout, version 1 (the volumes' named-record layout):
 /// ```text
 /// version u8 | state u8 | created_ms u64 BE | name_len u16 BE | name (UTF-8)
 /// ```
+/// Version 2 (a clone) appends its base, as volumes do.
 const BUCKET_RECORD_VERSION: u8 = 1;
 
 impl BucketRecord {
     pub fn encode(&self) -> Vec<u8> {
-        encode_named_record(
+        encode_based_record(
             BUCKET_RECORD_VERSION,
             self.state as u8,
             self.created_ms,
             &self.name,
+            self.base.map(|b| (b.bucket.0, b.index.0)),
         )
     }
 
     pub fn decode(bytes: &[u8]) -> std::result::Result<BucketRecord, String> {
-        let (state, created_ms, name) =
-            decode_named_record(bytes, BUCKET_RECORD_VERSION, "bucket")?;
+        let (state, created_ms, name, base) =
+            decode_based_record(bytes, BUCKET_RECORD_VERSION, "bucket")?;
         let state = match state {
             1 => BucketState::Active,
             2 => BucketState::Deleted,
@@ -76,6 +88,10 @@ impl BucketRecord {
             name,
             state,
             created_ms,
+            base: base.map(|(bucket, index)| BucketBase {
+                bucket: BucketId(bucket),
+                index: LogIndex(index),
+            }),
         })
     }
 }
@@ -331,6 +347,49 @@ pub struct ListQuery<'a> {
     pub limit: usize,
 }
 
+/// (object key, index) of an `objects` row's key.
+fn version_key_of(k: &[u8]) -> Result<(Vec<u8>, LogIndex)> {
+    keys::decode_object_version_key(k)
+        .ok_or_else(|| Error::corrupt_record(Cf::Objects.name(), k, "malformed object key"))
+}
+
+/// Where a listing's keys lie (the bucket's keys under `q.prefix`) and
+/// where its page starts.
+fn list_start(pg: PgId, bucket: BucketId, q: &ListQuery<'_>) -> (Vec<u8>, Vec<u8>) {
+    let mut range = keys::bucket_prefix(pg, bucket).to_vec();
+    range.extend_from_slice(&keys::escape_object_key(q.prefix));
+    let position = match (q.resume, q.start_after) {
+        (Some(resume), _) => resume.to_vec(),
+        (None, Some(after)) => {
+            // The smallest key above `after`'s: its `latest` key plus 0x00.
+            let mut k = keys::object_latest_key(pg, bucket, after);
+            k.push(0);
+            k
+        }
+        (None, None) => range.clone(),
+    };
+    let position = position.max(range.clone());
+    (range, position)
+}
+
+/// The common prefix `key` rolls up into under `q`'s delimiter, if any.
+fn rolled_up(q: &ListQuery<'_>, key: &[u8]) -> Option<Vec<u8>> {
+    let d = q.delimiter.filter(|d| !d.is_empty())?;
+    let rest = &key[q.prefix.len()..];
+    find(rest, d).map(|at| key[..q.prefix.len() + at + d.len()].to_vec())
+}
+
+/// The first position past every key that begins with `common`.
+fn past_prefix(bucket_prefix: &[u8], common: &[u8]) -> Vec<u8> {
+    let mut escaped = bucket_prefix.to_vec();
+    escaped.extend_from_slice(&keys::escape_object_key(common));
+    prefix_successor(&escaped).unwrap_or_else(|| {
+        let mut end = escaped.clone();
+        end.push(0xFF);
+        end
+    })
+}
+
 /// Reads of buckets and objects.
 #[derive(Clone, Debug)]
 pub struct Objects {
@@ -420,9 +479,118 @@ impl Objects {
         let Some((k, v)) = self.db.seek(Cf::Objects, &prefix, &start)? else {
             return Ok(None);
         };
-        let (_, index) = keys::decode_object_version_key(&k)
-            .ok_or_else(|| Error::corrupt_record(Cf::Objects.name(), &k, "malformed object key"))?;
+        let (_, index) = version_key_of(&k)?;
         Ok(Some((index, decode_version(&k, &v)?)))
+    }
+
+    /// The live object version of `key` as it was at `at`: the newest
+    /// version at or below it, skipping versions deleted by id at or
+    /// before `at` (later deletions did not exist yet). `None` when the
+    /// key had no live version then (never written, or a delete marker).
+    pub fn visible_at(
+        &self,
+        pg: PgId,
+        bucket: BucketId,
+        key: &[u8],
+        at: LogIndex,
+    ) -> Result<Option<(LogIndex, ObjectVersion)>> {
+        let mut below = at;
+        loop {
+            let Some((index, version)) = self.version_at(pg, bucket, key, below)? else {
+                return Ok(None);
+            };
+            match version {
+                ObjectVersion::Object { .. } => return Ok(Some((index, version))),
+                ObjectVersion::DeleteMarker => return Ok(None),
+                ObjectVersion::Removed {
+                    at: removed,
+                    original,
+                } if removed > at => {
+                    return Ok(match *original {
+                        ObjectVersion::Object { .. } => Some((index, *original)),
+                        _ => None,
+                    });
+                }
+                ObjectVersion::Removed { .. } if index.0 == 0 => return Ok(None),
+                ObjectVersion::Removed { .. } => below = LogIndex(index.0 - 1),
+            }
+        }
+    }
+
+    /// One page of the bucket's live objects as they were at `at`, in key
+    /// order (what a read-only clone lists). It walks the versions, so its
+    /// cost grows with the history of the keys it passes; live listings
+    /// use [`Objects::list`].
+    pub fn list_at(
+        &self,
+        pg: PgId,
+        bucket: BucketId,
+        q: &ListQuery<'_>,
+        at: LogIndex,
+    ) -> Result<Listing> {
+        let bucket_prefix = keys::bucket_prefix(pg, bucket);
+        let (range, mut position) = list_start(pg, bucket, q);
+        let limit = q.limit.max(1);
+        let mut listing = Listing::default();
+        loop {
+            let Some((k, _)) = self.db.seek(Cf::Objects, &range, &position)? else {
+                return Ok(listing);
+            };
+            let (key, _) = version_key_of(&k)?;
+            let key_start = keys::object_latest_key(pg, bucket, &key);
+            let (entry, next) = match rolled_up(q, &key) {
+                Some(common) => {
+                    let past = past_prefix(&bucket_prefix, &common);
+                    let shown = self.any_visible(pg, bucket, &key_start, &past, at)?;
+                    let entry = shown.then_some(Listed::CommonPrefix(common));
+                    (entry, past)
+                }
+                None => {
+                    let past = prefix_successor(&key_start).expect("keys end in 0x00");
+                    let entry = self
+                        .visible_at(pg, bucket, &key, at)?
+                        .map(|(index, _)| Listed::Object { key, index });
+                    (entry, past)
+                }
+            };
+            if let Some(entry) = entry {
+                if listing.entries.len() == limit {
+                    listing.resume = Some(position);
+                    return Ok(listing);
+                }
+                listing.entries.push(entry);
+            }
+            position = next;
+        }
+    }
+
+    /// Whether any key from `from` (a key's `latest` key) up to `until` had
+    /// a live version at `at`.
+    fn any_visible(
+        &self,
+        pg: PgId,
+        bucket: BucketId,
+        from: &[u8],
+        until: &[u8],
+        at: LogIndex,
+    ) -> Result<bool> {
+        let bucket_prefix = keys::bucket_prefix(pg, bucket);
+        let mut position = from.to_vec();
+        while position.as_slice() < until {
+            let Some((k, _)) = self.db.seek(Cf::Objects, &bucket_prefix, &position)? else {
+                return Ok(false);
+            };
+            if k.as_slice() >= until {
+                return Ok(false);
+            }
+            let (key, _) = version_key_of(&k)?;
+            if self.visible_at(pg, bucket, &key, at)?.is_some() {
+                return Ok(true);
+            }
+            position = prefix_successor(&keys::object_latest_key(pg, bucket, &key))
+                .expect("keys end in 0x00");
+        }
+        Ok(false)
     }
 
     /// Every stored version of `key`, newest first.
@@ -437,9 +605,7 @@ impl Objects {
             .scan(Cf::Objects, &prefix, &prefix, usize::MAX)?
             .into_iter()
             .map(|(k, v)| {
-                let (_, index) = keys::decode_object_version_key(&k).ok_or_else(|| {
-                    Error::corrupt_record(Cf::Objects.name(), &k, "malformed object key")
-                })?;
+                let (_, index) = version_key_of(&k)?;
                 Ok((index, decode_version(&k, &v)?))
             })
             .collect()
@@ -450,21 +616,7 @@ impl Objects {
     /// prefix costs one seek past all the keys it rolls up.
     pub fn list(&self, pg: PgId, bucket: BucketId, q: &ListQuery<'_>) -> Result<Listing> {
         let bucket_prefix = keys::bucket_prefix(pg, bucket);
-        let mut range = bucket_prefix.to_vec();
-        range.extend_from_slice(&keys::escape_object_key(q.prefix));
-        let mut position = match (q.resume, q.start_after) {
-            (Some(resume), _) => resume.to_vec(),
-            (None, Some(after)) => {
-                // The smallest key above `after`'s: its `latest` key plus 0x00.
-                let mut k = keys::object_latest_key(pg, bucket, after);
-                k.push(0);
-                k
-            }
-            (None, None) => range.clone(),
-        };
-        if position < range {
-            position = range.clone();
-        }
+        let (range, mut position) = list_start(pg, bucket, q);
         let limit = q.limit.max(1);
         let mut listing = Listing::default();
         loop {
@@ -478,20 +630,9 @@ impl Objects {
                 listing.resume = Some(position);
                 return Ok(listing);
             }
-            let rolled = q.delimiter.filter(|d| !d.is_empty()).and_then(|d| {
-                let rest = &key[q.prefix.len()..];
-                find(rest, d).map(|at| key[..q.prefix.len() + at + d.len()].to_vec())
-            });
-            match rolled {
+            match rolled_up(q, &key) {
                 Some(common) => {
-                    // Past every key that begins with `common`.
-                    let mut escaped = bucket_prefix.to_vec();
-                    escaped.extend_from_slice(&keys::escape_object_key(&common));
-                    position = prefix_successor(&escaped).unwrap_or_else(|| {
-                        let mut end = escaped.clone();
-                        end.push(0xFF);
-                        end
-                    });
+                    position = past_prefix(&bucket_prefix, &common);
                     listing.entries.push(Listed::CommonPrefix(common));
                 }
                 None => {
@@ -551,9 +692,7 @@ impl Objects {
             let Some((k, v)) = self.db.seek(Cf::Objects, &range, &position)? else {
                 return Ok(listing);
             };
-            let (key, index) = keys::decode_object_version_key(&k).ok_or_else(|| {
-                Error::corrupt_record(Cf::Objects.name(), &k, "malformed object key")
-            })?;
+            let (key, index) = version_key_of(&k)?;
             if listing.entries.len() == limit {
                 listing.truncated = true;
                 return Ok(listing);
@@ -677,6 +816,7 @@ mod tests {
             name: "payroll-backups".into(),
             state: BucketState::Active,
             created_ms: 1_790_000_000_000,
+            base: None,
         };
         assert_eq!(BucketRecord::decode(&r.encode()).unwrap(), r);
         for v in [
@@ -983,6 +1123,7 @@ mod tests {
             name: "b1".into(),
             state: BucketState::Active,
             created_ms: 5,
+            base: None,
         };
         stage_bucket(&mut b, PG, B, LogIndex(3), &live);
         let gone = BucketRecord {

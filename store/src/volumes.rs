@@ -93,49 +93,36 @@ pub struct VolumeRecord {
 /// ```text
 /// version u8 | state u8 | size_bytes u64 BE | name_len u16 BE | name (UTF-8)
 /// ```
-/// Version 2 (a clone) appends `base volume u64 BE | base index u64 BE`.
+/// Version 2 (a clone) appends its base (see [`encode_based_record`]).
 const VOLUME_RECORD_VERSION: u8 = 1;
-const CLONE_RECORD_VERSION: u8 = 2;
 
 impl VolumeRecord {
     pub fn encode(&self) -> Vec<u8> {
-        let version = match self.base {
-            None => VOLUME_RECORD_VERSION,
-            Some(_) => CLONE_RECORD_VERSION,
-        };
-        let mut out = encode_named_record(version, self.state as u8, self.size_bytes, &self.name);
-        if let Some(base) = self.base {
-            out.extend_from_slice(&base.volume.0.to_be_bytes());
-            out.extend_from_slice(&base.index.0.to_be_bytes());
-        }
-        out
+        encode_based_record(
+            VOLUME_RECORD_VERSION,
+            self.state as u8,
+            self.size_bytes,
+            &self.name,
+            self.base.map(|b| (b.volume.0, b.index.0)),
+        )
     }
 
     pub fn decode(bytes: &[u8]) -> std::result::Result<VolumeRecord, String> {
-        let version = match bytes.first() {
-            Some(&CLONE_RECORD_VERSION) => CLONE_RECORD_VERSION,
-            _ => VOLUME_RECORD_VERSION,
-        };
-        let (state, size_bytes, name) = decode_named_record(bytes, version, "volume")?;
+        let (state, size_bytes, name, base) =
+            decode_based_record(bytes, VOLUME_RECORD_VERSION, "volume")?;
         let state = match state {
             1 => VolumeState::Active,
             2 => VolumeState::Deleted,
             other => return Err(format!("unknown volume state {other}")),
         };
-        let rest = &bytes[NAMED_RECORD_HEADER_BYTES + name.len()..];
-        let base = match (version, rest.len()) {
-            (VOLUME_RECORD_VERSION, 0) => None,
-            (CLONE_RECORD_VERSION, 16) => Some(VolumeBase {
-                volume: VolumeId(u64::from_be_bytes(rest[..8].try_into().expect("8 bytes"))),
-                index: LogIndex(u64::from_be_bytes(rest[8..].try_into().expect("8 bytes"))),
-            }),
-            (_, n) => return Err(format!("volume record has {n} unexpected trailing bytes")),
-        };
         Ok(VolumeRecord {
             name,
             size_bytes,
             state,
-            base,
+            base: base.map(|(volume, index)| VolumeBase {
+                volume: VolumeId(volume),
+                index: LogIndex(index),
+            }),
         })
     }
 }
@@ -167,6 +154,49 @@ pub(crate) fn encode_named_record(version: u8, state: u8, value: u64, name: &str
     out.extend_from_slice(&(name.len() as u16).to_be_bytes());
     out.extend_from_slice(name);
     out
+}
+
+/// A named record that may have a base (a clone of a volume or bucket):
+/// version `plain_version` without one, `plain_version + 1` with one,
+/// followed by `base id u64 BE | base index u64 BE`.
+pub(crate) fn encode_based_record(
+    plain_version: u8,
+    state: u8,
+    value: u64,
+    name: &str,
+    base: Option<(u64, u64)>,
+) -> Vec<u8> {
+    let version = plain_version + u8::from(base.is_some());
+    let mut out = encode_named_record(version, state, value, name);
+    if let Some((id, index)) = base {
+        out.extend_from_slice(&id.to_be_bytes());
+        out.extend_from_slice(&index.to_be_bytes());
+    }
+    out
+}
+
+/// (state, value, name, base as (id, index)) of a based record.
+pub(crate) type BasedRecord = (u8, u64, String, Option<(u64, u64)>);
+
+/// (state, value, name, base) of a record [`encode_based_record`] made.
+pub(crate) fn decode_based_record(
+    bytes: &[u8],
+    plain_version: u8,
+    what: &str,
+) -> std::result::Result<BasedRecord, String> {
+    let based = bytes.first() == Some(&(plain_version + 1));
+    let version = plain_version + u8::from(based);
+    let (state, value, name) = decode_named_record(bytes, version, what)?;
+    let rest = &bytes[NAMED_RECORD_HEADER_BYTES + name.len()..];
+    let base = match (based, rest.len()) {
+        (false, 0) => None,
+        (true, 16) => Some((
+            u64::from_be_bytes(rest[..8].try_into().expect("8 bytes")),
+            u64::from_be_bytes(rest[8..].try_into().expect("8 bytes")),
+        )),
+        (_, n) => return Err(format!("{what} record has {n} unexpected trailing bytes")),
+    };
+    Ok((state, value, name, base))
 }
 
 /// (state, value, name) of a record [`encode_named_record`] made with

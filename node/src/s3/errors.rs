@@ -30,6 +30,10 @@ pub fn from_node(e: NodeError) -> S3Error {
             J::BucketNotEmpty { .. } => (C::BucketNotEmpty, rejection.to_string()),
             J::BucketNameTaken { .. } => (C::BucketAlreadyExists, rejection.to_string()),
             J::KeyTooLong { .. } => (C::KeyTooLongError, rejection.to_string()),
+            J::BucketReadOnly { .. } => (
+                C::AccessDenied,
+                "this bucket is a read-only clone of another bucket's past".into(),
+            ),
             J::UploadNotFound { .. } => (C::NoSuchUpload, rejection.to_string()),
             J::InvalidPart { .. } => (C::InvalidPart, rejection.to_string()),
             // An append-only credential tried to replace an object.

@@ -146,6 +146,7 @@ impl Gateway {
             pg: info.pg,
             id: info.bucket,
             group,
+            view: info.base,
         })
     }
 
@@ -448,7 +449,7 @@ fn decode_token(bucket: &BucketRef, token: &str) -> S3Result<Vec<u8>> {
     let rest = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(token)
         .map_err(|_| s3_error!(InvalidArgument, "invalid continuation token"))?;
-    let mut position = lifeboat_store::keys::bucket_prefix(bucket.pg, bucket.id).to_vec();
+    let mut position = lifeboat_store::keys::bucket_prefix(bucket.pg, bucket.read_id()).to_vec();
     position.extend_from_slice(&rest);
     Ok(position)
 }
@@ -515,21 +516,19 @@ impl Gateway {
         if limit == 0 {
             return Ok(page);
         }
-        let listing = self
-            .core()
-            .objects
-            .list(
-                bucket.pg,
-                bucket.id,
-                &ListQuery {
-                    prefix: prefix.as_bytes(),
-                    delimiter,
-                    start_after: start_after.map(str::as_bytes),
-                    resume,
-                    limit,
-                },
-            )
-            .map_err(|e| from_node(e.into()))?;
+        let query = ListQuery {
+            prefix: prefix.as_bytes(),
+            delimiter,
+            start_after: start_after.map(str::as_bytes),
+            resume,
+            limit,
+        };
+        let objects = &self.core().objects;
+        let listing = match bucket.view {
+            None => objects.list(bucket.pg, bucket.id, &query),
+            Some(view) => objects.list_at(bucket.pg, view.bucket, &query, view.index),
+        }
+        .map_err(|e| from_node(e.into()))?;
         for entry in listing.entries {
             match entry {
                 Listed::CommonPrefix(p) => {
@@ -1189,6 +1188,13 @@ impl S3 for Gateway {
         let caller = self.caller(&req)?;
         let input = req.input;
         let bucket = self.bucket_for_read(&caller, &input.bucket).await?;
+        if bucket.view.is_some() {
+            return Err(s3_error!(
+                NotImplemented,
+                "bucket {} is a read-only clone of one moment: list its objects (ListObjectsV2)",
+                input.bucket
+            ));
+        }
         let url = wants_url(input.encoding_type.as_ref())?;
         let limit = max_keys(input.max_keys)?;
         let prefix = input.prefix.clone().unwrap_or_default();

@@ -18,7 +18,7 @@ use lifeboat_proto::raft as pb;
 use lifeboat_replication::ProtectionGroup;
 use lifeboat_store::frame::{FrameAad, frame_key_id};
 use lifeboat_store::keyring::TenantKeys;
-use lifeboat_store::objects::ObjectVersion;
+use lifeboat_store::objects::{BucketBase, ObjectVersion};
 use lifeboat_store::{BucketId, ChunkId, LogIndex, PgId, TenantId};
 use prost::Message;
 use s3s::S3Error;
@@ -40,14 +40,22 @@ pub struct BucketRef {
     pub pg: PgId,
     pub id: BucketId,
     pub group: ProtectionGroup,
+    /// A read-only clone shows another bucket as it was at an index:
+    /// reads go there, writes (to `id`) are refused by apply.
+    pub view: Option<BucketBase>,
 }
 
 impl BucketRef {
+    /// The bucket whose objects reads see.
+    pub fn read_id(&self) -> BucketId {
+        self.view.map_or(self.id, |v| v.bucket)
+    }
+
     fn record_aad(&self) -> FrameAad {
         FrameAad::Record {
             tenant: self.tenant_id,
             pg: self.pg,
-            bucket: self.id.0,
+            bucket: self.read_id().0,
         }
     }
 
@@ -186,10 +194,16 @@ impl ObjectStore {
         version: Option<LogIndex>,
     ) -> Result<Option<Found>, S3Error> {
         let objects = &self.core.objects;
-        let found = match version {
-            None => objects.latest(bucket.pg, bucket.id, key),
-            Some(at) => objects
-                .version_at(bucket.pg, bucket.id, key, at)
+        let id = bucket.read_id();
+        let found = match (version, bucket.view) {
+            (None, None) => objects.latest(bucket.pg, id, key),
+            (None, Some(view)) => objects.visible_at(bucket.pg, id, key, view.index),
+            // A clone shows only versions that were visible at its index.
+            (Some(at), Some(view)) => objects
+                .visible_at(bucket.pg, id, key, view.index)
+                .map(|v| v.filter(|(index, _)| *index == at)),
+            (Some(at), None) => objects
+                .version_at(bucket.pg, id, key, at)
                 .map(|v| v.filter(|(index, _)| *index == at)),
         }
         .map_err(|e| from_node(e.into()))?;

@@ -903,3 +903,175 @@ async fn the_rust_sdk_drives_every_operation() {
     );
     s3.node.stop().await;
 }
+
+/// Objects through time: a read-only bucket clone at a snapshot or a time
+/// lists and reads exactly that moment's objects (overwritten, deleted,
+/// deleted by version id or created later alike), and refuses writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_bucket_clones_show_exactly_one_moment() {
+    use aws_sdk_s3::primitives::ByteStream;
+
+    let s3 = must_start_s3().await;
+    let core = s3.node.running().core.clone();
+    let c = lifeboat_chaos_tests::s3_client::client(&s3.endpoint, &s3.full.0, &s3.full.1);
+    let put = |key: &'static str, body: Vec<u8>| {
+        let c = c.clone();
+        async move {
+            c.put_object()
+                .bucket(BUCKET)
+                .key(key)
+                .body(ByteStream::from(body))
+                .send()
+                .await
+                .unwrap()
+                .version_id()
+                .unwrap()
+                .to_owned()
+        }
+    };
+    let get = |bucket: &'static str, key: &'static str| {
+        let c = c.clone();
+        async move {
+            let out = c.get_object().bucket(bucket).key(key).send().await.unwrap();
+            out.body.collect().await.unwrap().into_bytes().to_vec()
+        }
+    };
+    let list = |bucket: &'static str, delimiter: Option<&'static str>| {
+        let c = c.clone();
+        async move {
+            let mut keys = Vec::new();
+            let mut token = None;
+            loop {
+                let out = c
+                    .list_objects_v2()
+                    .bucket(bucket)
+                    .max_keys(2)
+                    .set_delimiter(delimiter.map(str::to_owned))
+                    .set_continuation_token(token)
+                    .send()
+                    .await
+                    .unwrap();
+                keys.extend(out.contents().iter().map(|o| o.key().unwrap().to_owned()));
+                keys.extend(
+                    out.common_prefixes()
+                        .iter()
+                        .map(|p| p.prefix().unwrap().to_owned()),
+                );
+                token = out.next_continuation_token().map(str::to_owned);
+                if token.is_none() {
+                    break;
+                }
+            }
+            keys.sort();
+            keys
+        }
+    };
+
+    // The moment: a (1.5 MiB, two chunks), dir/b, dir/c, e.
+    let a_then = pseudo_random(31, 3 << 19);
+    put("a", a_then.clone()).await;
+    put("dir/b", b"b then".to_vec()).await;
+    let c_version = put("dir/c", b"c then".to_vec()).await;
+    put("e", b"e then".to_vec()).await;
+    core.create_snapshot("demo/main", "moment", "", "")
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    let moment = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    // Afterwards: a overwritten, dir/b deleted, dir/c's version removed by
+    // id, e deleted, f created.
+    put("a", b"a later".to_vec()).await;
+    c.delete_object()
+        .bucket(BUCKET)
+        .key("dir/b")
+        .send()
+        .await
+        .unwrap();
+    c.delete_object()
+        .bucket(BUCKET)
+        .key("dir/c")
+        .version_id(&c_version)
+        .send()
+        .await
+        .unwrap();
+    c.delete_object()
+        .bucket(BUCKET)
+        .key("e")
+        .send()
+        .await
+        .unwrap();
+    put("f", b"f later".to_vec()).await;
+
+    for (clone, at, snapshot) in [
+        ("demo/then-snap", "", "moment"),
+        ("demo/then-time", moment.as_str(), ""),
+    ] {
+        core.clone_bucket(&format!("demo/{BUCKET}"), clone, at, snapshot, true)
+            .await
+            .unwrap();
+    }
+    for bucket in ["then-snap", "then-time"] {
+        assert_eq!(list(bucket, None).await, ["a", "dir/b", "dir/c", "e"]);
+        assert_eq!(list(bucket, Some("/")).await, ["a", "dir/", "e"]);
+        assert!(get(bucket, "a").await == a_then, "{bucket}: a as it was");
+        assert_eq!(get(bucket, "dir/c").await, b"c then");
+        assert_eq!(get(bucket, "e").await, b"e then");
+        assert_eq!(get_error(&c, bucket, "f").await, "NoSuchKey");
+        // Read-only: writes and deletes are refused, versions not listed.
+        let e = c
+            .put_object()
+            .bucket(bucket)
+            .key("x")
+            .body(ByteStream::from_static(b"x"))
+            .send()
+            .await
+            .unwrap_err();
+        assert_eq!(code(&e), "AccessDenied");
+        let e = c
+            .delete_object()
+            .bucket(bucket)
+            .key("a")
+            .send()
+            .await
+            .unwrap_err();
+        assert_eq!(code(&e), "AccessDenied");
+        let e = c
+            .list_object_versions()
+            .bucket(bucket)
+            .send()
+            .await
+            .unwrap_err();
+        assert_eq!(code(&e), "NotImplemented");
+    }
+    // The source is as it is now.
+    assert_eq!(list(BUCKET, None).await, ["a", "f"]);
+    assert_eq!(get(BUCKET, "a").await, b"a later");
+    // A clone of the clone shows the same moment.
+    core.clone_bucket("demo/then-snap", "demo/then-again", "-0s", "", true)
+        .await
+        .unwrap();
+    assert_eq!(list("then-again", None).await, ["a", "dir/b", "dir/c", "e"]);
+    // Refusals: not read-only, another tenant, no such snapshot.
+    for (new, at, snapshot, read_only, says) in [
+        ("demo/xx-1", "-0s", "", false, "read-only for now"),
+        (
+            "other/xx-2",
+            "-0s",
+            "",
+            true,
+            "stays in its source's tenant",
+        ),
+        ("demo/xx-3", "", "nope", true, "does not exist"),
+    ] {
+        let e = core
+            .clone_bucket(&format!("demo/{BUCKET}"), new, at, snapshot, read_only)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(says), "{e}");
+    }
+    s3.node.stop().await;
+}

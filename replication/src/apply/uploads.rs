@@ -201,7 +201,7 @@ impl ApplyContext<'_> {
         stamp_ms: u64,
     ) -> io::Result<Outcome> {
         let bucket = BucketId(c.bucket);
-        if let Err(rejection) = self.active_bucket(c.bucket)? {
+        if let Err(rejection) = self.writable_bucket(c.bucket)? {
             return Ok(Err(rejection));
         }
         if let Err(rejection) = check_key(&c.key) {
@@ -222,7 +222,7 @@ impl ApplyContext<'_> {
 
     pub(super) fn apply_put_part(&mut self, p: &pb::PutPart) -> io::Result<Outcome> {
         let bucket = BucketId(p.bucket);
-        if let Err(rejection) = self.active_bucket(p.bucket)? {
+        if let Err(rejection) = self.writable_bucket(p.bucket)? {
             return Ok(Err(rejection));
         }
         if self.upload(bucket, p.upload)?.is_none() {
@@ -253,7 +253,7 @@ impl ApplyContext<'_> {
         c: &pb::CompleteUpload,
     ) -> io::Result<Outcome> {
         let bucket = BucketId(c.bucket);
-        if let Err(rejection) = self.active_bucket(c.bucket)? {
+        if let Err(rejection) = self.writable_bucket(c.bucket)? {
             return Ok(Err(rejection));
         }
         let Some(upload) = self.upload(bucket, c.upload)? else {

@@ -479,6 +479,7 @@ async fn buckets_and_objects_apply_at_their_index() {
     let create = pb::command::Kind::CreateBucket(pb::CreateBucket {
         bucket: 21,
         name: "payroll-backups".into(),
+        base: None,
     });
     g.propose(create.clone()).await.unwrap();
     assert_eq!(
@@ -666,6 +667,7 @@ async fn streams_and_multipart_uploads_keep_chunk_counts_exact() {
     g.propose(Kind::CreateBucket(pb::CreateBucket {
         bucket: 21,
         name: "b".into(),
+        base: None,
     }))
     .await
     .unwrap();
