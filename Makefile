@@ -26,7 +26,7 @@ DEBIAN_PACKAGES := libclang-dev clang g++ make qemu-utils libnbd-bin nbdkit fio 
 #   command-or-module:package
 TOOL_PACKAGES := aws:awscli python3:python3 boto3:python3-boto3
 
-.PHONY: run test verify fix deps build bench bench-codec bench-nbd bench-replicated bench-pgs bench-etcd bench-s3 clean-data
+.PHONY: run test verify fix deps build bench bench-codec bench-nbd bench-replicated bench-pgs bench-etcd bench-s3 bench-history clean-data
 
 # Installs the Debian packages in the shell variable $missing, if any,
 # saying so.
@@ -87,7 +87,7 @@ fix:
 	cargo fmt --all
 	cargo clippy $(CARGO_ALL) --fix --allow-dirty
 
-bench: bench-codec bench-nbd bench-replicated bench-pgs bench-etcd bench-s3
+bench: bench-codec bench-nbd bench-replicated bench-pgs bench-etcd bench-s3 bench-history
 
 bench-codec: build
 	cargo bench --profile $(PROFILE) --workspace --bench codec
@@ -110,6 +110,11 @@ bench-s3: build
 	@command -v s3s-fs >/dev/null || { echo "make: installing s3s-fs 0.14.1 (cargo install)"; \
 	  cargo install s3s-fs@0.14.1 --locked --features binary; }
 	LIFEBOAT_BIN=$(BIN) $(CARGO_TARGET_DIR)/$(PROFILE)/s3-load --seconds 8
+
+# Snapshot creation against data size, clone to first read, reads after
+# ten overwrites (read amplification), on one node.
+bench-history: build
+	LIFEBOAT_BIN=$(BIN) $(CARGO_TARGET_DIR)/$(PROFILE)/history
 
 bench-replicated: build
 	LIFEBOAT_BIN=$(BIN) $(CARGO_TARGET_DIR)/$(PROFILE)/nbd-load --replicated --seconds 8 --size-mib 512 --lag-seconds 20

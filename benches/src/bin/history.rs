@@ -1,0 +1,233 @@
+//! The cost of history, on one node:
+//!
+//! - snapshot creation in a PG holding a 1 GiB volume beside one holding a
+//!   16 GiB volume, both written in full (the same, within noise, if a
+//!   snapshot is O(1) in the data);
+//! - from `volume clone --snapshot` to the clone's first NBD read;
+//! - reads of a volume whose every block was overwritten 10 times, at the
+//!   latest state and at a snapshot of the first pass, beside a volume
+//!   written once (read amplification).
+//!
+//! Volumes are filled with compressible log-like data so 17 GiB of writes
+//! fit the disk; the write path still encodes and replicates every block.
+//!
+//! ```text
+//! history [--big-gib 16] [--rounds 20] [--amp-mib 256] [--seconds 5]
+//! ```
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use lifeboat_benches::cluster::Cluster;
+use lifeboat_benches::{DataKind, data};
+use lifeboat_chaos_tests::harness::TestNode;
+use lifeboat_chaos_tests::nbd_client::NbdClient;
+
+#[derive(Parser)]
+struct Args {
+    /// Size of the big volume (the small one is 1 GiB).
+    #[arg(long, default_value_t = 16)]
+    big_gib: u64,
+    /// Snapshots created per volume.
+    #[arg(long, default_value_t = 20)]
+    rounds: usize,
+    /// Size of the read-amplification volumes.
+    #[arg(long, default_value_t = 256)]
+    amp_mib: u64,
+    /// Seconds per read phase.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+}
+
+const WRITE_BYTES: usize = 4 << 20;
+/// Fill requests in flight.
+const WRITERS: u64 = 4;
+
+/// Writes `bytes` of compressible data from offset 0 through `client`, in
+/// 4 MiB requests, four in flight; returns MB/s.
+async fn fill(client: &Arc<NbdClient>, bytes: u64, pass: u8) -> Result<f64> {
+    let mut chunk = data(DataKind::Compressible, WRITE_BYTES);
+    // Each pass writes different bytes, so every block gets a new version.
+    chunk[0] = pass;
+    let chunk = Arc::new(chunk);
+    let started = Instant::now();
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let (client, chunk) = (client.clone(), chunk.clone());
+            tokio::spawn(async move {
+                let mut offset = w * WRITE_BYTES as u64;
+                while offset < bytes {
+                    client
+                        .write(offset, &chunk, false)
+                        .await?
+                        .map_err(|e| anyhow::anyhow!("write at {offset}: {e:?}"))?;
+                    offset += WRITERS * WRITE_BYTES as u64;
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await??;
+    }
+    Ok(bytes as f64 / started.elapsed().as_secs_f64() / 1e6)
+}
+
+fn cli_ms(node: &TestNode, args: &[&str]) -> Result<f64> {
+    let started = Instant::now();
+    let out = node.cli(args);
+    let ms = started.elapsed().as_secs_f64() * 1e3;
+    anyhow::ensure!(
+        out.status.success(),
+        "lifeboat {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(ms)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Random 4 KiB reads at QD1 and 1 MiB sequential reads of `export` for
+/// `seconds` each: (4 KiB reads/s, 1 MiB MB/s).
+async fn read_rates(node: &TestNode, export: &str, bytes: u64, seconds: u64) -> Result<(f64, f64)> {
+    let client = NbdClient::connect(node.nbd, export).await?;
+    let blocks = bytes / 4096;
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    let started = Instant::now();
+    let mut reads = 0u64;
+    while started.elapsed() < Duration::from_secs(seconds) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        client
+            .read((x % blocks) * 4096, 4096)
+            .await?
+            .map_err(|e| anyhow::anyhow!("read: {e:?}"))?;
+        reads += 1;
+    }
+    let iops = reads as f64 / started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    let mut read_bytes = 0u64;
+    let mut offset = 0;
+    while started.elapsed() < Duration::from_secs(seconds) {
+        client
+            .read(offset, 1 << 20)
+            .await?
+            .map_err(|e| anyhow::anyhow!("read: {e:?}"))?;
+        read_bytes += 1 << 20;
+        offset = (offset + (1 << 20)) % bytes;
+    }
+    Ok((
+        iops,
+        read_bytes as f64 / started.elapsed().as_secs_f64() / 1e6,
+    ))
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let work = lifeboat_benches::default_work_dir().join("history");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    let mut cluster = Cluster::start(&work, &["primary"], 64)?;
+    let node = &cluster.nodes[0];
+    let big = args.big_gib << 30;
+    for (pg, volume, bytes) in [
+        ("bench/small", "bench/small-v", 1u64 << 30),
+        ("bench/big", "bench/big-v", big),
+    ] {
+        node.must_cli(&["pg", "create", pg]);
+        let pg_name = pg.split_once('/').context("pg name")?.1;
+        node.must_cli(&[
+            "volume",
+            "create",
+            volume,
+            "--size",
+            &format!("{bytes}"),
+            "--pg",
+            pg_name,
+        ]);
+        let client = Arc::new(NbdClient::connect(node.nbd, volume).await?);
+        let mb_s = fill(&client, bytes, 1).await?;
+        println!("filled {volume} ({} GiB) at {mb_s:.0} MB/s", bytes >> 30);
+    }
+
+    // Snapshot creation, interleaved so drift hits both alike.
+    let (mut small, mut big_ms) = (Vec::new(), Vec::new());
+    for i in 0..args.rounds {
+        let name = format!("s{i}");
+        small.push(cli_ms(
+            node,
+            &["snapshot", "create", "bench/small", "--name", &name],
+        )?);
+        big_ms.push(cli_ms(
+            node,
+            &["snapshot", "create", "bench/big", "--name", &name],
+        )?);
+    }
+    let (small_ms, big_med) = (median(&mut small), median(&mut big_ms));
+    println!(
+        "snapshot create (CLI round trip, median of {}): 1 GiB PG {small_ms:.1} ms, {} GiB PG {big_med:.1} ms, ratio {:.2}",
+        args.rounds,
+        args.big_gib,
+        big_med / small_ms
+    );
+
+    // From clone to first read, at a far block of the big volume.
+    let mut first_read = Vec::new();
+    for i in 0..5 {
+        let clone = format!("bench/big-c{i}");
+        let started = Instant::now();
+        node.must_cli(&["volume", "clone", "bench/big-v", &clone, "--snapshot", "s0"]);
+        let client = NbdClient::connect(node.nbd, &clone).await?;
+        client
+            .read(big - (1 << 20), 4096)
+            .await?
+            .map_err(|e| anyhow::anyhow!("read: {e:?}"))?;
+        first_read.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    println!(
+        "volume clone --snapshot to first NBD read ({} GiB volume, median of 5): {:.1} ms",
+        args.big_gib,
+        median(&mut first_read)
+    );
+
+    // Read amplification: written once, beside overwritten 10 times.
+    let amp = args.amp_mib << 20;
+    for volume in ["bench/once", "bench/ten"] {
+        node.must_cli(&["volume", "create", volume, "--size", &format!("{amp}")]);
+    }
+    let once = Arc::new(NbdClient::connect(node.nbd, "bench/once").await?);
+    fill(&once, amp, 1).await?;
+    let ten = Arc::new(NbdClient::connect(node.nbd, "bench/ten").await?);
+    fill(&ten, amp, 1).await?;
+    node.must_cli(&["snapshot", "create", "bench/main", "--name", "first-pass"]);
+    for pass in 2..=10 {
+        fill(&ten, amp, pass).await?;
+    }
+    let (once_iops, once_mb) = read_rates(node, "bench/once", amp, args.seconds).await?;
+    let (ten_iops, ten_mb) = read_rates(node, "bench/ten", amp, args.seconds).await?;
+    let (old_iops, old_mb) = read_rates(node, "bench/ten@first-pass", amp, args.seconds).await?;
+    println!(
+        "reads of {} MiB (4 KiB random QD1 reads/s, 1 MiB sequential MB/s):",
+        args.amp_mib
+    );
+    println!("  written once                 {once_iops:>8.0}  {once_mb:>7.0}");
+    println!(
+        "  overwritten 10x, latest      {ten_iops:>8.0}  {ten_mb:>7.0}   ({:.2}x, {:.2}x of once)",
+        ten_iops / once_iops,
+        ten_mb / once_mb
+    );
+    println!(
+        "  overwritten 10x, first pass  {old_iops:>8.0}  {old_mb:>7.0}   ({:.2}x, {:.2}x of once)",
+        old_iops / once_iops,
+        old_mb / once_mb
+    );
+    cluster.stop()?;
+    Ok(())
+}
