@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use lifeboat_chaos_tests::nbd_client::{NbdClient, NbdErrno};
 use lifeboat_node::NodeError;
-use lifeboat_node::core::Role;
+use lifeboat_node::core::{CredentialMode, Role};
 use sha2::{Digest, Sha256};
 
 use crate::{VOLUME, VOLUME_BYTES, must_run, must_start, pseudo_random};
@@ -241,9 +241,10 @@ async fn locks_hold_against_tenants_and_bad_points_are_explained() {
     node.stop().await;
 }
 
-/// Crash consistency across a PG: Y (on another volume) is written only
-/// after X is acknowledged, so no restore point — any time, any snapshot
-/// taken while writes run — shows Y without X.
+/// Crash consistency across a PG: Y (on another volume, and as an object
+/// in a bucket) is written only after X is acknowledged, so no restore
+/// point — any time, any snapshot taken while writes run — shows Y
+/// without X.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_restore_point_shows_a_write_without_the_one_before_it() {
     const ROUNDS: u64 = 40;
@@ -252,6 +253,16 @@ async fn no_restore_point_shows_a_write_without_the_one_before_it() {
     core.create_volume("demo/disk1", VOLUME_BYTES, "")
         .await
         .unwrap();
+    core.create_bucket("demo/y-objects", "").await.unwrap();
+    let (credential, secret) = core
+        .create_credential("demo", CredentialMode::Full, None)
+        .await
+        .unwrap();
+    let s3 = lifeboat_chaos_tests::s3_client::client(
+        &format!("http://{}", node.running().s3_addr),
+        &credential.access_key,
+        &secret,
+    );
     let addr = node.nbd();
     let x_volume = node.client().await;
     let y_volume = NbdClient::connect(addr, "demo/disk1").await.unwrap();
@@ -286,6 +297,13 @@ async fn no_restore_point_shows_a_write_without_the_one_before_it() {
             .await
             .unwrap()
             .unwrap();
+        s3.put_object()
+            .bucket("y-objects")
+            .key(format!("y/{round:03}"))
+            .body(block(b'Y', round).into())
+            .send()
+            .await
+            .unwrap();
         moments.push(
             time::OffsetDateTime::now_utc()
                 .format(&time::format_description::well_known::Rfc3339)
@@ -299,7 +317,35 @@ async fn no_restore_point_shows_a_write_without_the_one_before_it() {
     points.extend((0..8).map(|i| format!("during-{i}")));
     let len = (ROUNDS * 4096) as u32;
     let mut progress = Vec::new();
-    for point in &points {
+    for (i, point) in points.iter().enumerate() {
+        // The bucket as it was then, through a read-only clone.
+        let (at, snapshot) = match point.strip_prefix("during-") {
+            Some(_) => ("", point.as_str()),
+            None => (point.as_str(), ""),
+        };
+        let then = format!("y-then-{i}");
+        core.clone_bucket(
+            "demo/y-objects",
+            &format!("demo/{then}"),
+            at,
+            snapshot,
+            true,
+        )
+        .await
+        .unwrap();
+        let listed = s3.list_objects_v2().bucket(&then).send().await.unwrap();
+        let objects: Vec<u64> = listed
+            .contents()
+            .iter()
+            .map(|o| o.key().unwrap()[2..].parse().unwrap())
+            .collect();
+        if i < ROUNDS as usize {
+            assert!(
+                objects.len() > i,
+                "moment after round {i} lists {} objects",
+                objects.len()
+            );
+        }
         let x = NbdClient::connect(addr, &format!("{VOLUME}@{point}"))
             .await
             .unwrap();
@@ -314,6 +360,11 @@ async fn no_restore_point_shows_a_write_without_the_one_before_it() {
             let has_x = xs[r.clone()] == block(b'X', round)[..];
             let has_y = ys[r.clone()] == block(b'Y', round)[..];
             assert!(!has_y || has_x, "{point}: round {round} shows Y without X");
+            let has_object = objects.contains(&round);
+            assert!(
+                !has_object || has_y,
+                "{point}: round {round} shows its object without Y"
+            );
             ys_seen += u64::from(has_y);
         }
         progress.push(ys_seen);
