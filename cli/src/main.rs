@@ -279,6 +279,27 @@ enum SnapshotCommand {
     Show { snapshot: String },
     /// Delete TENANT/PG@NAME (refused while locked, but to an operator).
     Delete { snapshot: String },
+    /// Snapshot TENANT/PG every period (named auto-YYYYMMDD-HHMMSS) and
+    /// keep the scheduled snapshots restic's rules keep; --off stops it.
+    Schedule {
+        /// TENANT/PG
+        pg: String,
+        /// Like 1h, 30m, 1d.
+        #[arg(long, conflicts_with = "off", required_unless_present = "off")]
+        every: Option<String>,
+        #[arg(long)]
+        off: bool,
+        #[arg(long, default_value_t = 0)]
+        keep_last: u32,
+        #[arg(long, default_value_t = 0)]
+        keep_hourly: u32,
+        #[arg(long, default_value_t = 0)]
+        keep_daily: u32,
+        #[arg(long, default_value_t = 0)]
+        keep_weekly: u32,
+        #[arg(long, default_value_t = 0)]
+        keep_monthly: u32,
+    },
     /// Lock TENANT/PG@NAME until a date (RFC 3339 or +30d). Anyone may
     /// extend a lock; only an operator may shorten one that holds.
     Lock {
@@ -964,13 +985,14 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                 }
                 if let Some(s) = &status {
                     println!(
-                        "history: restorable from {} · {} snapshot(s)",
+                        "history: restorable from {} · {} snapshot(s) · {}",
                         if s.oldest_restorable_ms == 0 {
                             "-".into()
                         } else {
                             format_time_ms(s.oldest_restorable_ms)
                         },
-                        s.snapshots
+                        s.snapshots,
+                        describe_schedule(&s.schedule.unwrap_or_default())
                     );
                 }
             }
@@ -989,6 +1011,35 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
             });
             let s = client.api().create_snapshot(req).await?.into_inner();
             print_snapshots(out, vec![s]);
+        }
+        Command::Snapshot(SnapshotCommand::Schedule {
+            pg,
+            every,
+            off: _,
+            keep_last,
+            keep_hourly,
+            keep_daily,
+            keep_weekly,
+            keep_monthly,
+        }) => {
+            let req = client.request(api::SetSnapshotScheduleRequest {
+                pg: pg.clone(),
+                every: every.unwrap_or_default(),
+                retention: Some(api::SnapshotSchedule {
+                    every_ms: 0,
+                    keep_last,
+                    keep_hourly,
+                    keep_daily,
+                    keep_weekly,
+                    keep_monthly,
+                }),
+            });
+            let s = client.api().set_snapshot_schedule(req).await?.into_inner();
+            if out.json {
+                out.json_value(&schedule_json(&s));
+            } else {
+                println!("{pg}: {}", describe_schedule(&s));
+            }
         }
         Command::Snapshot(SnapshotCommand::List { pg }) => {
             let req = client.request(api::ListSnapshotsRequest { pg });
@@ -1096,6 +1147,7 @@ fn pg_status_json(p: &api::PgStatus) -> serde_json::Value {
         "ack": p.ack, "ack_degraded": p.ack_degraded,
         "ack_degradations": p.ack_degradations,
         "oldest_restorable_ms": p.oldest_restorable_ms, "snapshots": p.snapshots,
+        "schedule": p.schedule.as_ref().map(schedule_json),
         "lag": p.lag.iter().map(|l| serde_json::json!({
             "member": l.member_id, "node": l.node_id, "site": l.site,
             "voter": l.voter, "matched_index": l.matched_index,
@@ -1391,6 +1443,29 @@ fn print_buckets(out: &Output, buckets: Vec<api::Bucket>) {
 /// Milliseconds since the Unix epoch as RFC 3339 UTC.
 fn format_time_ms(ms: u64) -> String {
     lifeboat_snapshot::format_ms(ms)
+}
+
+fn schedule_json(s: &api::SnapshotSchedule) -> serde_json::Value {
+    serde_json::json!({
+        "every_ms": s.every_ms, "keep_last": s.keep_last, "keep_hourly": s.keep_hourly,
+        "keep_daily": s.keep_daily, "keep_weekly": s.keep_weekly,
+        "keep_monthly": s.keep_monthly,
+    })
+}
+
+fn describe_schedule(s: &api::SnapshotSchedule) -> String {
+    if s.every_ms == 0 {
+        return "no snapshot schedule".into();
+    }
+    format!(
+        "a snapshot every {} s; keep last {}, hourly {}, daily {}, weekly {}, monthly {}",
+        s.every_ms / 1000,
+        s.keep_last,
+        s.keep_hourly,
+        s.keep_daily,
+        s.keep_weekly,
+        s.keep_monthly
+    )
 }
 
 fn print_snapshots(out: &Output, snapshots: Vec<api::Snapshot>) {

@@ -14,6 +14,7 @@ use crate::core::{BucketInfo, CredentialInfo, CredentialMode, NodeCore, Role, Vo
 use crate::error::NodeError;
 use crate::history::SnapshotInfo;
 use crate::tokens::TokenInfo;
+use lifeboat_store::history::ScheduleRecord;
 
 /// Maps a node error to a gRPC status whose message starts with the stable
 /// error code, so the CLI can show both.
@@ -260,6 +261,12 @@ pub fn pg_status(core: &NodeCore, g: &ProtectionGroup) -> api::PgStatus {
         ack_degradations: ack.degradations,
         oldest_restorable_ms: core.history.oldest_ms(g.pg()).ok().flatten().unwrap_or(0),
         snapshots: core.history.snapshots(g.pg()).map_or(0, |s| s.len() as u64),
+        schedule: core
+            .history
+            .schedule(g.pg())
+            .ok()
+            .flatten()
+            .map(schedule_message),
     }
 }
 
@@ -369,6 +376,17 @@ fn bucket_message(b: BucketInfo) -> api::Bucket {
         created_ms: b.created_ms,
         clone_of: b.base.map_or(0, |v| v.bucket.0),
         clone_index: b.base.map_or(0, |v| v.index.0),
+    }
+}
+
+fn schedule_message(s: ScheduleRecord) -> api::SnapshotSchedule {
+    api::SnapshotSchedule {
+        every_ms: s.interval_ms,
+        keep_last: s.keep_last,
+        keep_hourly: s.keep_hourly,
+        keep_daily: s.keep_daily,
+        keep_weekly: s.keep_weekly,
+        keep_monthly: s.keep_monthly,
     }
 }
 
@@ -1022,6 +1040,34 @@ impl Admin for AdminService {
             .await
             .map_err(|e| status(&e))?;
         Ok(Response::new(snapshot_message(info)))
+    }
+
+    async fn set_snapshot_schedule(
+        &self,
+        req: Request<api::SetSnapshotScheduleRequest>,
+    ) -> Result<Response<api::SnapshotSchedule>, Status> {
+        self.require_pg_tenant(
+            &req,
+            &req.get_ref().pg,
+            "schedule snapshots of this protection group",
+        )?;
+        let r = req.get_ref();
+        let k = r.retention.unwrap_or_default();
+        let retention = lifeboat_snapshot::Retention {
+            last: k.keep_last,
+            hourly: k.keep_hourly,
+            daily: k.keep_daily,
+            weekly: k.keep_weekly,
+            monthly: k.keep_monthly,
+        };
+        let schedule = self
+            .core
+            .set_schedule(&r.pg, &r.every, retention)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(
+            schedule.map(schedule_message).unwrap_or_default(),
+        ))
     }
 
     async fn set_pg_ack(

@@ -539,8 +539,12 @@ impl NodeCore {
             Duration::from_millis(self.config.s3.sweep_interval_ms),
             |core| async move { crate::s3::sweep::sweep_once(&core).await },
         );
+        let schedules = self.every(
+            Duration::from_millis(crate::schedules::SCHEDULE_CHECK_MS),
+            |core| async move { crate::schedules::run_once(&core).await },
+        );
         let mut background = self.background.lock().expect("background lock");
-        background.extend([reconciler, retention, sweep]);
+        background.extend([reconciler, retention, sweep, schedules]);
         if let Some(liveness) = self.liveness.clone() {
             background.push(self.every(liveness.interval(), move |core| {
                 let liveness = liveness.clone();

@@ -8,8 +8,8 @@
 
 use lifeboat_proto::raft as pb;
 use lifeboat_replication::{Applied, ProtectionGroup};
-use lifeboat_snapshot::{self as points, RestorePoint};
-use lifeboat_store::history::{SnapshotRecord, TimeIndex};
+use lifeboat_snapshot::{self as points, RestorePoint, Retention};
+use lifeboat_store::history::{ScheduleRecord, SnapshotRecord, TimeIndex};
 use lifeboat_store::{LogIndex, PgId};
 use time::OffsetDateTime;
 
@@ -44,6 +44,39 @@ impl NodeCore {
     pub fn now(&self) -> OffsetDateTime {
         OffsetDateTime::from_unix_timestamp_nanos(i128::from(self.clock.now_ms()) * 1_000_000)
             .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+    }
+
+    /// Now on that clock, in ms since the epoch.
+    pub fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    /// Sets (or with `every` empty, removes) the snapshot schedule of PG
+    /// `TENANT/NAME`.
+    pub async fn set_schedule(
+        &self,
+        pg_full_name: &str,
+        every: &str,
+        retention: Retention,
+    ) -> NodeResult<Option<ScheduleRecord>> {
+        let (_, group) = self.history_group(pg_full_name)?;
+        let interval_ms = if every.is_empty() {
+            0
+        } else {
+            points::parse_every(every)?
+        };
+        group
+            .propose(pb::command::Kind::SetSchedule(pb::SetSchedule {
+                interval_ms,
+                keep_last: retention.last,
+                keep_hourly: retention.hourly,
+                keep_daily: retention.daily,
+                keep_weekly: retention.weekly,
+                keep_monthly: retention.monthly,
+            }))
+            .await?;
+        group.read_barrier().await?;
+        Ok(self.history.schedule(group.pg())?)
     }
 
     /// The PG `TENANT/NAME` and its member on this node.

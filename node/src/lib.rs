@@ -19,6 +19,7 @@ pub mod names;
 pub mod nbd;
 pub mod pki;
 pub mod s3;
+pub mod schedules;
 pub mod server;
 pub mod tokens;
 pub mod volume_io;

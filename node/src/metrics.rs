@@ -56,6 +56,10 @@ pub struct Metrics {
     /// Streams of chunks written ahead and never named, released by the
     /// sweep (an upload whose client or node died midway).
     pub s3_streams_released: Counter,
+    /// Snapshots made by PG schedules, and scheduled ones their retention
+    /// deleted.
+    pub scheduled_snapshots: Counter,
+    pub scheduled_snapshots_pruned: Counter,
     nbd_requests: Family<OpLabels, Gauge>,
     nbd_errors: Family<ErrnoLabels, Gauge>,
     nbd_bytes_read: Gauge,
@@ -86,6 +90,8 @@ impl Metrics {
             writes_refused_no_space: Counter::default(),
             s3_uploads_expired: Counter::default(),
             s3_streams_released: Counter::default(),
+            scheduled_snapshots: Counter::default(),
+            scheduled_snapshots_pruned: Counter::default(),
             nbd_requests: Family::default(),
             nbd_errors: Family::default(),
             nbd_bytes_read: Gauge::default(),
@@ -121,6 +127,16 @@ impl Metrics {
             "s3_streams_released",
             "Object data written ahead and never named (a dead upload), released by the sweep",
             m.s3_streams_released.clone(),
+        );
+        registry.register(
+            "scheduled_snapshots",
+            "Snapshots made by protection groups' schedules (on their leaders)",
+            m.scheduled_snapshots.clone(),
+        );
+        registry.register(
+            "scheduled_snapshots_pruned",
+            "Scheduled snapshots deleted by their schedule's retention",
+            m.scheduled_snapshots_pruned.clone(),
         );
         registry.register(
             "nbd_requests",

@@ -198,6 +198,7 @@ impl<'a> ApplyContext<'a> {
             Kind::CreateSnapshot(c) => self.apply_create_snapshot(index, c, cmd.stamp_ms),
             Kind::DeleteSnapshot(d) => self.apply_delete_snapshot(d, cmd.stamp_ms),
             Kind::LockSnapshot(l) => self.apply_lock_snapshot(l, cmd.stamp_ms),
+            Kind::SetSchedule(s) => self.apply_set_schedule(s),
             Kind::InitCatalog(i) => self.apply_init_catalog(i, cmd.stamp_ms),
             Kind::CreateTenant(t) => self.apply_create_tenant(t, cmd.stamp_ms),
             Kind::RotateDek(r) => self.apply_rotate_dek(r),

@@ -34,6 +34,8 @@ pub enum RestorePointError {
         "{text:?} is not a snapshot name: use 1 to 63 letters, digits, '-', '_' and '.', starting with a letter or digit"
     )]
     BadSnapshotName { text: String },
+    #[error("{text:?} is not a period: use a number and s, m, h or d (at least 1s)")]
+    BadPeriod { text: String },
     #[error("{text:?} is not in the future: a lock runs until a later time")]
     NotFuture { text: String },
 }
@@ -112,6 +114,80 @@ pub fn parse_until(text: &str, now: OffsetDateTime) -> Result<u64, RestorePointE
     }
     u64::try_from(moment.unix_timestamp_nanos() / 1_000_000).map_err(|_| bad())
 }
+
+/// Parses a schedule's period: `N{s,m,h,d}` (at least one second).
+/// Returns milliseconds.
+pub fn parse_every(text: &str) -> Result<u64, RestorePointError> {
+    let bad = || RestorePointError::BadPeriod {
+        text: text.to_owned(),
+    };
+    let span = relative_span(text.trim()).ok_or_else(bad)?;
+    let ms = u64::try_from(span.whole_milliseconds()).map_err(|_| bad())?;
+    if ms < 1000 {
+        return Err(bad());
+    }
+    Ok(ms)
+}
+
+/// Which scheduled snapshots to keep, as restic's `forget` decides: the
+/// newest `last`, and the newest one in each of the newest `hourly`
+/// hours, `daily` days, `weekly` ISO weeks and `monthly` months (UTC)
+/// that have one. A snapshot kept by any rule is kept.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Retention {
+    pub last: u32,
+    pub hourly: u32,
+    pub daily: u32,
+    pub weekly: u32,
+    pub monthly: u32,
+}
+
+impl Retention {
+    /// The indexes (into `times_ms`) of the snapshots to keep.
+    pub fn keep(&self, times_ms: &[u64]) -> std::collections::BTreeSet<usize> {
+        let mut order: Vec<usize> = (0..times_ms.len()).collect();
+        order.sort_by_key(|i| std::cmp::Reverse(times_ms[*i]));
+        let mut kept: std::collections::BTreeSet<usize> =
+            order.iter().take(self.last as usize).copied().collect();
+        let period = |ms: u64, rule: u8| -> (i32, u32) {
+            let t = OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+                .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+            match rule {
+                0 => (0, (ms / 3_600_000) as u32),
+                1 => (t.year(), u32::from(t.ordinal())),
+                2 => {
+                    let (year, week, _) = t.to_iso_week_date();
+                    (year, u32::from(week))
+                }
+                _ => (t.year(), u32::from(u8::from(t.month()))),
+            }
+        };
+        for (rule, count) in [self.hourly, self.daily, self.weekly, self.monthly]
+            .into_iter()
+            .enumerate()
+        {
+            let mut seen = std::collections::BTreeSet::new();
+            for &i in &order {
+                if seen.len() == count as usize {
+                    break;
+                }
+                if seen.insert(period(times_ms[i], rule as u8)) {
+                    kept.insert(i);
+                }
+            }
+        }
+        kept
+    }
+}
+
+/// The name of a snapshot the schedule makes (`auto-20261128-101300`).
+pub fn scheduled_snapshot_name(now: OffsetDateTime) -> String {
+    default_snapshot_name(now).replacen("snap-", SCHEDULED_PREFIX, 1)
+}
+
+/// What the names of scheduled snapshots begin with: retention applies to
+/// these only, never to snapshots people made.
+pub const SCHEDULED_PREFIX: &str = "auto-";
 
 /// `N{s,m,h,d}` as a span.
 fn relative_span(rel: &str) -> Option<Duration> {
@@ -239,6 +315,67 @@ mod tests {
         assert!(parse_export_name("demo/disk0@", now()).is_err());
         assert!(parse_export_name("demo/disk0@a b", now()).is_err());
         assert!(parse_export_name("demo/disk0@-x", now()).is_err());
+    }
+
+    #[test]
+    fn retention_keeps_what_restic_would() {
+        let ms = |t: &str| ms(t) as u64;
+        let times = [
+            ms("2026-11-28T10:30:00Z"), // 0: newest
+            ms("2026-11-28T10:10:00Z"), // 1: same hour as 0
+            ms("2026-11-28T09:50:00Z"), // 2: previous hour
+            ms("2026-11-27T23:00:00Z"), // 3: previous day
+            ms("2026-11-20T12:00:00Z"), // 4: previous ISO week
+            ms("2026-10-15T12:00:00Z"), // 5: previous month
+        ];
+        let keep = |r: Retention| r.keep(&times).into_iter().collect::<Vec<_>>();
+        assert_eq!(keep(Retention::default()), Vec::<usize>::new());
+        assert_eq!(
+            keep(Retention {
+                last: 2,
+                ..Default::default()
+            }),
+            [0, 1]
+        );
+        assert_eq!(
+            keep(Retention {
+                hourly: 2,
+                ..Default::default()
+            }),
+            [0, 2]
+        );
+        assert_eq!(
+            keep(Retention {
+                daily: 3,
+                ..Default::default()
+            }),
+            [0, 3, 4]
+        );
+        assert_eq!(
+            keep(Retention {
+                weekly: 2,
+                ..Default::default()
+            }),
+            [0, 4]
+        );
+        assert_eq!(
+            keep(Retention {
+                monthly: 9,
+                ..Default::default()
+            }),
+            [0, 5]
+        );
+        assert_eq!(
+            keep(Retention {
+                last: 1,
+                monthly: 2,
+                ..Default::default()
+            }),
+            [0, 5]
+        );
+        assert_eq!(parse_every("1h"), Ok(3_600_000));
+        assert!(parse_every("500ms").is_err() && parse_every("0s").is_err());
+        assert_eq!(scheduled_snapshot_name(now()), "auto-20261128-103000");
     }
 
     #[test]

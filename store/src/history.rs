@@ -107,6 +107,66 @@ pub fn stage_snapshot_removal(batch: &mut Batch, pg: PgId, name: &str) {
     batch.delete(Cf::PgMeta, &keys::snapshot_key(pg, name));
 }
 
+/// A PG's snapshot schedule: a snapshot every `interval_ms`, and which of
+/// the scheduled ones to keep (restic-style counts; see
+/// `lifeboat_snapshot::Retention`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ScheduleRecord {
+    pub interval_ms: u64,
+    pub keep_last: u32,
+    pub keep_hourly: u32,
+    pub keep_daily: u32,
+    pub keep_weekly: u32,
+    pub keep_monthly: u32,
+}
+
+const SCHEDULE_RECORD_VERSION: u8 = 1;
+const SCHEDULE_RECORD_BYTES: usize = 1 + 8 + 5 * 4;
+
+impl ScheduleRecord {
+    /// `version u8 | interval_ms u64 | last, hourly, daily, weekly,
+    /// monthly u32`, big-endian.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(SCHEDULE_RECORD_BYTES);
+        out.push(SCHEDULE_RECORD_VERSION);
+        out.extend_from_slice(&self.interval_ms.to_be_bytes());
+        for n in [
+            self.keep_last,
+            self.keep_hourly,
+            self.keep_daily,
+            self.keep_weekly,
+            self.keep_monthly,
+        ] {
+            out.extend_from_slice(&n.to_be_bytes());
+        }
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> std::result::Result<ScheduleRecord, String> {
+        if bytes.len() != SCHEDULE_RECORD_BYTES || bytes[0] != SCHEDULE_RECORD_VERSION {
+            return Err(format!("schedule record of {} bytes", bytes.len()));
+        }
+        let n = |i: usize| u32::from_be_bytes(bytes[9 + 4 * i..13 + 4 * i].try_into().unwrap());
+        Ok(ScheduleRecord {
+            interval_ms: u64::from_be_bytes(bytes[1..9].try_into().unwrap()),
+            keep_last: n(0),
+            keep_hourly: n(1),
+            keep_daily: n(2),
+            keep_weekly: n(3),
+            keep_monthly: n(4),
+        })
+    }
+}
+
+/// Sets the PG's schedule; `None` removes it.
+pub fn stage_schedule(batch: &mut Batch, pg: PgId, schedule: Option<&ScheduleRecord>) {
+    let key = keys::pg_meta_kind_prefix(pg, MetaKind::Schedule);
+    match schedule {
+        Some(s) => batch.put(Cf::PgMeta, &key, &s.encode()),
+        None => batch.delete(Cf::PgMeta, &key),
+    }
+}
+
 /// Reads of the timeline and of snapshots.
 #[derive(Clone, Debug)]
 pub struct History {
@@ -184,6 +244,18 @@ impl History {
             .get(Cf::PgMeta, &key)?
             .map(|v| {
                 SnapshotRecord::decode(&v)
+                    .map_err(|reason| Error::corrupt_record(Cf::PgMeta.name(), &key, reason))
+            })
+            .transpose()
+    }
+
+    /// The PG's snapshot schedule, if it has one.
+    pub fn schedule(&self, pg: PgId) -> Result<Option<ScheduleRecord>> {
+        let key = keys::pg_meta_kind_prefix(pg, MetaKind::Schedule);
+        self.db
+            .get(Cf::PgMeta, &key)?
+            .map(|v| {
+                ScheduleRecord::decode(&v)
                     .map_err(|reason| Error::corrupt_record(Cf::PgMeta.name(), &key, reason))
             })
             .transpose()
@@ -281,6 +353,20 @@ mod tests {
         db.write(batch, Durability::Sync).unwrap();
         assert_eq!(h.snapshots(PgId(3)).unwrap().len(), 1);
         assert!(SnapshotRecord::decode(&[1, 2, 3]).is_err());
+        // The schedule row sits beside the snapshots and is not one.
+        let schedule = ScheduleRecord {
+            interval_ms: 3_600_000,
+            keep_last: 3,
+            keep_daily: 7,
+            ..Default::default()
+        };
+        let mut batch = db.new_batch();
+        stage_schedule(&mut batch, PgId(3), Some(&schedule));
+        db.write(batch, Durability::Sync).unwrap();
+        assert_eq!(h.schedule(PgId(3)).unwrap(), Some(schedule));
+        assert_eq!(h.schedule(PgId(4)).unwrap(), None);
+        assert_eq!(h.snapshots(PgId(3)).unwrap().len(), 1);
+        assert!(ScheduleRecord::decode(&schedule.encode()[1..]).is_err());
         let mut bad = rec(1).encode();
         bad[0] = 9;
         assert!(SnapshotRecord::decode(&bad).is_err());

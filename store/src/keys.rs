@@ -77,6 +77,8 @@ pub enum MetaKind {
     StreamChunk = 5,
     /// A named snapshot of the PG: `pg | kind | name`, unversioned.
     Snapshot = 6,
+    /// The PG's snapshot schedule: `pg | kind`, one row, unversioned.
+    Schedule = 7,
 }
 
 /// The two rows of a chunk in `chunks`.

@@ -478,3 +478,78 @@ async fn clones_are_isolated_and_outlive_their_source() {
     assert!(e.contains("taken"), "{e}");
     node.stop().await;
 }
+
+/// A schedule makes snapshots on the PG's leader every period and prunes
+/// the scheduled ones by its retention, leaving people's snapshots and
+/// locked ones alone; removing it stops both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schedules_snapshot_and_prune_only_their_own() {
+    use lifeboat_snapshot::Retention;
+    let node = must_start().await;
+    let core = node.running().core.clone();
+    core.create_snapshot("demo/main", "mine", "", "")
+        .await
+        .unwrap();
+    let keep_two = Retention {
+        last: 2,
+        ..Default::default()
+    };
+    let set = core
+        .set_schedule("demo/main", "1s", keep_two)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((set.interval_ms, set.keep_last), (1000, 2));
+    let scheduled = || async {
+        core.list_snapshots("demo/main")
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|s| s.name.starts_with("auto-"))
+            .collect::<Vec<_>>()
+    };
+    // Wait for the first, lock it, then let more come and go.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let first = loop {
+        if let Some(s) = scheduled().await.first() {
+            break s.name.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no scheduled snapshot"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    core.lock_snapshot("demo/main", &first, "+1h", &Role::Operator)
+        .await
+        .unwrap();
+    while core.metrics.scheduled_snapshots_pruned.get() < 2 {
+        assert!(std::time::Instant::now() < deadline, "nothing pruned");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let now = scheduled().await;
+    let names: Vec<&str> = now.iter().map(|s| s.name.as_str()).collect();
+    // The two newest, plus the locked first one.
+    assert!(
+        names.len() <= 3 && names.contains(&first.as_str()),
+        "{names:?}"
+    );
+    assert!(core.show_snapshot("demo/main", "mine").await.is_ok());
+
+    assert_eq!(
+        core.set_schedule("demo/main", "", Retention::default())
+            .await
+            .unwrap(),
+        None
+    );
+    let made = core.metrics.scheduled_snapshots.get();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(core.metrics.scheduled_snapshots.get(), made, "schedule off");
+    let e = core
+        .set_schedule("demo/main", "10ms", keep_two)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("is not a period"), "{e}");
+    node.stop().await;
+}

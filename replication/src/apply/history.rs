@@ -9,7 +9,7 @@ use std::io;
 
 use lifeboat_proto::raft as pb;
 use lifeboat_store::LogIndex;
-use lifeboat_store::history::{self, History, SnapshotRecord};
+use lifeboat_store::history::{self, History, ScheduleRecord, SnapshotRecord};
 
 use super::{ApplyContext, Outcome};
 use crate::types::{Applied, Rejection};
@@ -141,5 +141,18 @@ impl ApplyContext<'_> {
         Ok(Ok(Applied::SnapshotChanged {
             lock_overridden: overrides,
         }))
+    }
+
+    pub(super) fn apply_set_schedule(&mut self, s: &pb::SetSchedule) -> io::Result<Outcome> {
+        let record = (s.interval_ms > 0).then_some(ScheduleRecord {
+            interval_ms: s.interval_ms,
+            keep_last: s.keep_last,
+            keep_hourly: s.keep_hourly,
+            keep_daily: s.keep_daily,
+            keep_weekly: s.keep_weekly,
+            keep_monthly: s.keep_monthly,
+        });
+        history::stage_schedule(&mut self.batch, self.pg, record.as_ref());
+        Ok(Ok(Applied::Done))
     }
 }
