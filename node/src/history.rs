@@ -1,5 +1,6 @@
 //! A PG's history as operators and tenants use it: restore points resolved
-//! to log indexes, and snapshots (create, list, show, delete, lock).
+//! to log indexes, snapshots (create, list, show, delete, lock), their
+//! schedule, and clones of volumes and buckets.
 //!
 //! Every change goes through the PG's log (`lifeboat_replication` applies
 //! it), so every replica, the DR site's included, keeps the same snapshots.
@@ -10,12 +11,10 @@ use lifeboat_proto::raft as pb;
 use lifeboat_replication::{Applied, ProtectionGroup};
 use lifeboat_snapshot::{self as points, RestorePoint, Retention};
 use lifeboat_store::history::{ScheduleRecord, SnapshotRecord, TimeIndex};
+use lifeboat_store::objects::BucketState;
+use lifeboat_store::volumes::VolumeState;
 use lifeboat_store::{LogIndex, PgId};
 use time::OffsetDateTime;
-
-use lifeboat_store::volumes::VolumeState;
-
-use lifeboat_store::objects::BucketState;
 
 use crate::core::{BucketInfo, NodeCore, Role, VolumeInfo};
 use crate::error::{NodeError, NodeResult};
@@ -42,7 +41,7 @@ pub struct PointInTime {
 impl NodeCore {
     /// Now, on the clock that stamps this node's entries.
     pub fn now(&self) -> OffsetDateTime {
-        OffsetDateTime::from_unix_timestamp_nanos(i128::from(self.clock.now_ms()) * 1_000_000)
+        OffsetDateTime::from_unix_timestamp_nanos(i128::from(self.now_ms()) * 1_000_000)
             .unwrap_or(OffsetDateTime::UNIX_EPOCH)
     }
 

@@ -9,7 +9,10 @@
 //! so FLUSH and FUA have nothing left to do.
 //!
 //! Reads wait for a linearizable read point, then read `latest` (two batched
-//! lookups per request, whatever the history's length) and decode.
+//! lookups per request, whatever the history's length) and decode. A
+//! clone's blocks it never wrote come from its base at the cloned index
+//! (one seek each). Exports of the past (`VOLUME@SNAPSHOT`, `VOLUME@TIME`)
+//! are read-only, read at a fixed index and need no read point.
 
 use std::sync::Arc;
 
