@@ -339,6 +339,11 @@ struct ClonePoint {
 
 #[derive(Subcommand)]
 enum VolumeCommand {
+    /// Bring back the most recently deleted volume TENANT/VOLUME, with its
+    /// data and history (its name must be free).
+    Undelete {
+        name: String,
+    },
     /// Clone SOURCE as NEW (same tenant and protection group) at a restore
     /// point: writable, copy-on-write, ready at once whatever the size.
     Clone {
@@ -710,6 +715,11 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                 pg,
             });
             let v = client.api().create_volume(req).await?.into_inner();
+            print_volumes(out, vec![v]);
+        }
+        Command::Volume(VolumeCommand::Undelete { name }) => {
+            let req = client.request(api::UndeleteVolumeRequest { name });
+            let v = client.api().undelete_volume(req).await?.into_inner();
             print_volumes(out, vec![v]);
         }
         Command::Volume(VolumeCommand::Clone { source, new, point }) => {

@@ -531,6 +531,20 @@ impl Admin for AdminService {
         Ok(Response::new(volume_message(v)))
     }
 
+    async fn undelete_volume(
+        &self,
+        req: Request<api::UndeleteVolumeRequest>,
+    ) -> Result<Response<api::Volume>, Status> {
+        let r = req.get_ref();
+        self.require_tenant(&req, tenant_of(&r.name)?, "undelete volumes of this tenant")?;
+        let v = self
+            .core
+            .undelete_volume(&r.name)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(volume_message(v)))
+    }
+
     async fn clone_volume(
         &self,
         req: Request<api::CloneVolumeRequest>,

@@ -1178,6 +1178,7 @@ impl NodeCore {
                 tenant: tenant.to_owned(),
                 volume_name: volume_name.to_owned(),
                 pg_name: pg_name.to_owned(),
+                existing_volume: None,
             }))
             .await?;
         let Applied::VolumeNameBound { pg, volume } = applied else {

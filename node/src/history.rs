@@ -419,6 +419,75 @@ impl NodeCore {
         Ok(clone)
     }
 
+    /// Brings back the most recently deleted volume named `full_name`
+    /// (TENANT/VOLUME), with its data and history, under that name. Every
+    /// version is still held (no history is reclaimed yet), so a deleted
+    /// volume can always come back while its name is free.
+    pub async fn undelete_volume(&self, full_name: &str) -> NodeResult<VolumeInfo> {
+        let (tenant, volume_name) = names::split_volume_name(full_name)?;
+        let tenant_record = self.tenant(tenant)?;
+        if self
+            .catalog
+            .volume_name(tenant, volume_name)
+            .map_err(NodeError::io("read catalog"))?
+            .is_some()
+        {
+            return Err(NodeError::InvalidName {
+                what: "volume",
+                name: full_name.to_owned(),
+                reason: "a live volume has this name: delete or rename it first".into(),
+            });
+        }
+        // The newest deletion of that name among the tenant's PGs here.
+        let mut found: Option<(LogIndex, pb::PgRecord, lifeboat_store::VolumeId)> = None;
+        for pg in self.pg_records(Some(tenant))? {
+            if self.group(PgId(pg.id)).is_none() {
+                continue;
+            }
+            for (volume, index, record) in self.volumes.volumes(PgId(pg.id))? {
+                let newer = found.as_ref().is_none_or(|(i, _, _)| index > *i);
+                if record.name == volume_name && record.state == VolumeState::Deleted && newer {
+                    found = Some((index, pg.clone(), volume));
+                }
+            }
+        }
+        let Some((_, pg, volume)) = found else {
+            return Err(NodeError::VolumeNotFound(format!("{full_name} (deleted)")));
+        };
+        debug_assert_eq!(pg.tenant_id, tenant_record.id);
+        let group = self.running_group(pg.id)?;
+        let (index, _) = group
+            .propose(pb::command::Kind::UndeleteVolume(pb::UndeleteVolume {
+                volume: volume.0,
+            }))
+            .await?;
+        let bound = self
+            .propose_catalog(pb::command::Kind::BindVolumeName(pb::BindVolumeName {
+                tenant: tenant.to_owned(),
+                volume_name: volume_name.to_owned(),
+                pg_name: pg.name.clone(),
+                existing_volume: Some(volume.0),
+            }))
+            .await;
+        if let Err(e) = bound {
+            // Someone took the name meanwhile: delete the volume again so
+            // that it does not live on without a name.
+            let again = pb::command::Kind::DeleteVolume(pb::DeleteVolume { volume: volume.0 });
+            if let Err(undo) = group.propose(again).await {
+                tracing::error!(volume = full_name, error = %undo, "could not delete again a volume whose undelete failed");
+            }
+            return Err(e);
+        }
+        group
+            .wait_applied_index(index, std::time::Duration::from_secs(30))
+            .await?;
+        tracing::info!(volume = full_name, "volume undeleted");
+        self.list_volumes(tenant)?
+            .into_iter()
+            .find(|v| v.name == volume_name)
+            .ok_or_else(|| NodeError::VolumeNotFound(full_name.to_owned()))
+    }
+
     fn audit_lock_override(&self, pg: PgId, message: String) {
         use lifeboat_replication::ack::EventSink;
         self.events.event(pg, "snapshot_lock_overridden", message);

@@ -184,6 +184,7 @@ impl<'a> ApplyContext<'a> {
             Kind::CreateVolume(c) => self.apply_create_volume(index, c),
             Kind::ResizeVolume(r) => self.apply_resize_volume(index, r),
             Kind::DeleteVolume(d) => self.apply_delete_volume(index, d),
+            Kind::UndeleteVolume(u) => self.apply_undelete_volume(index, u),
             Kind::CreateBucket(c) => self.apply_create_bucket(index, c, cmd.stamp_ms),
             Kind::DeleteBucket(d) => self.apply_delete_bucket(index, d),
             Kind::PutObject(p) => self.apply_put_object(index, p),
@@ -289,6 +290,20 @@ impl<'a> ApplyContext<'a> {
             base,
         };
         self.put_volume(VolumeId(c.volume), index, record);
+        Ok(Ok(Applied::Done))
+    }
+
+    fn apply_undelete_volume(
+        &mut self,
+        index: LogIndex,
+        u: &pb::UndeleteVolume,
+    ) -> io::Result<Outcome> {
+        let mut record = match self.volume(VolumeId(u.volume))? {
+            Some(r) if r.state == VolumeState::Deleted => r,
+            _ => return Ok(Err(Rejection::VolumeNotFound { volume: u.volume })),
+        };
+        record.state = VolumeState::Active;
+        self.put_volume(VolumeId(u.volume), index, record);
         Ok(Ok(Applied::Done))
     }
 
@@ -591,7 +606,10 @@ impl<'a> ApplyContext<'a> {
                 pg: b.pg_name.clone(),
             }));
         };
-        let volume = self.next_id(Counter::Volume)?;
+        let volume = match b.existing_volume {
+            Some(volume) => volume,
+            None => self.next_id(Counter::Volume)?,
+        };
         self.catalog_put(key, &pb::VolumeNameRecord { pg: pg.id, volume });
         Ok(Ok(Applied::VolumeNameBound { pg: pg.id, volume }))
     }

@@ -62,6 +62,7 @@ impl fmt::Display for Command {
             Some(Kind::LockSnapshot(_)) => "lock_snapshot",
             Some(Kind::RevokeToken(_)) => "revoke_token",
             Some(Kind::SetSchedule(_)) => "set_schedule",
+            Some(Kind::UndeleteVolume(_)) => "undelete_volume",
             Some(Kind::CreateBucket(_)) => "create_bucket",
             Some(Kind::DeleteBucket(_)) => "delete_bucket",
             Some(Kind::DeleteObject(_)) => "delete_object",

@@ -462,10 +462,23 @@ async fn clones_are_isolated_and_outlive_their_source() {
     assert_eq!(export_sha256(addr, "demo/c1").await, sha256_hex(&c1_model));
     assert_eq!(export_sha256(addr, "demo/c2").await, sha256_hex(&c2_model));
 
+    // The source comes back whole, under its name, beside its clones.
+    let back = core.undelete_volume(VOLUME).await.unwrap();
+    assert_eq!(back.size_bytes, VOLUME_BYTES);
+    assert_eq!(export_sha256(addr, VOLUME).await, sha256_hex(&source_model));
+    assert_eq!(export_sha256(addr, "demo/c1").await, sha256_hex(&c1_model));
+
     // Bad requests.
     fn err<T>(r: Result<T, NodeError>) -> String {
         r.map(|_| ()).expect_err("refused").to_string()
     }
+    let e = err(core.undelete_volume(VOLUME).await);
+    assert!(e.contains("a live volume has this name"), "{e}");
+    let e = err(core.undelete_volume("demo/never").await);
+    assert!(
+        e.contains("volume demo/never (deleted) does not exist"),
+        "{e}"
+    );
     let e = err(core.clone_volume("demo/c1", "demo/c3", "-1s", "s").await);
     assert!(e.contains("exactly one of --at and --snapshot"), "{e}");
     let e = err(core.clone_volume("demo/c1", "demo/c3", "", "").await);

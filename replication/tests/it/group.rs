@@ -248,6 +248,7 @@ async fn catalog_allocates_ids_and_refuses_duplicates() {
             tenant: "alpha".into(),
             volume_name: name.into(),
             pg_name: "main".into(),
+            existing_volume: None,
         })
     };
     let (_, v1) = g.propose(bind("disk0")).await.unwrap();
