@@ -1412,4 +1412,71 @@ mod tests {
         );
         assert_eq!(apply(&mut cx, 30_000, delete("b", false)), changed(false));
     }
+
+    /// A clone's base must have existed at an earlier index, and chains
+    /// stop at CLONE_DEPTH_MAX.
+    #[test]
+    fn clone_bases_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), &DbOptions::default()).unwrap();
+        let mut cx = ApplyContext::new(&db, PgId(2));
+        let at = std::cell::Cell::new(0u64);
+        let apply = |cx: &mut ApplyContext<'_>, volume: u64, base: Option<(u64, u64)>| {
+            at.set(at.get() + 1);
+            let c = cmd(pb::command::Kind::CreateVolume(pb::CreateVolume {
+                volume,
+                name: format!("v{volume}"),
+                size_bytes: 4096,
+                base: base.map(|(volume, index)| pb::VolumeBase { volume, index }),
+            }));
+            cx.apply_command(LogIndex(at.get()), &c).unwrap()
+        };
+        assert_eq!(apply(&mut cx, 1, None), Ok(Applied::Done));
+        // Volume 1 exists from index 1; nothing before it or after now.
+        assert_eq!(
+            apply(&mut cx, 9, Some((1, 0))),
+            Err(Rejection::IndexOutOfHistory {
+                index: 0,
+                oldest: 1,
+                newest: 1
+            })
+        );
+        assert_eq!(
+            apply(&mut cx, 9, Some((1, 3))),
+            Err(Rejection::IndexOutOfHistory {
+                index: 3,
+                oldest: 1,
+                newest: 2
+            })
+        );
+        assert_eq!(
+            apply(&mut cx, 9, Some((7, 1))),
+            Err(Rejection::VolumeNotFound { volume: 7 })
+        );
+        db.write(
+            std::mem::replace(&mut cx.batch, db.new_batch()),
+            Durability::Buffered,
+        )
+        .unwrap();
+        // A chain: each clone of the one before, each in its own batch
+        // (the base is read from the store).
+        let mut volume = 1;
+        loop {
+            let mut cx = ApplyContext::new(&db, PgId(2));
+            let base_index = at.get();
+            let next = volume + 1;
+            let outcome = apply(&mut cx, next, Some((volume, base_index)));
+            db.write(cx.batch, Durability::Buffered).unwrap();
+            if next as usize <= volumes::CLONE_DEPTH_MAX {
+                assert_eq!(outcome, Ok(Applied::Done), "clone {next}");
+                volume = next;
+            } else {
+                assert!(
+                    matches!(outcome, Err(Rejection::Malformed { .. })),
+                    "{outcome:?}"
+                );
+                break;
+            }
+        }
+    }
 }

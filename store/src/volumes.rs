@@ -417,13 +417,17 @@ impl Volumes {
         first: BlockNo,
         count: u64,
     ) -> Result<Vec<Option<StoredBlock>>> {
+        // A volume that is not a clone, read at its newest: `latest` only.
+        if let [Layer { volume, at: None }] = layers {
+            return self.latest_blocks(pg, *volume, first, count);
+        }
         let mut out: Vec<Option<StoredBlock>> = vec![None; count as usize];
         let mut missing: Vec<u64> = (0..count).collect();
         for layer in layers {
             if missing.is_empty() {
                 break;
             }
-            let found = match layer.at {
+            let mut found = match layer.at {
                 None if missing.len() as u64 == count => {
                     self.latest_blocks(pg, layer.volume, first, count)?
                 }
@@ -446,8 +450,9 @@ impl Volumes {
                     found
                 }
             };
+            // Moved, not copied: a hit is a whole frame.
             missing.retain(|i| {
-                let hit = found[*i as usize].clone();
+                let hit = found[*i as usize].take();
                 let keep = hit.is_none();
                 out[*i as usize] = hit;
                 keep

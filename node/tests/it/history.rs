@@ -217,6 +217,8 @@ async fn locks_hold_against_tenants_and_bad_points_are_explained() {
     assert!(e.contains("snapshot demo/main@nope does not exist"), "{e}");
     let e = err(core.delete_snapshot("demo/main", "nope", &tenant).await);
     assert!(e.contains("snapshot demo/main@nope does not exist"), "{e}");
+    let e = err(core.revoke_tenant_token("0123456789ab").await);
+    assert!(e.contains("no tenant token has id 0123456789ab"), "{e}");
     core.create_snapshot("demo/main", "twice", "", "")
         .await
         .unwrap();
