@@ -89,6 +89,11 @@ enum Command {
     /// bucket at one moment, kept until deleted, lockable until a date.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// Roll every volume and bucket of a protection group back to a restore
+    /// point, in place: one log entry whatever the data size, nothing
+    /// deleted, undone by `restore TENANT/PG --undo`. Shows the plan and
+    /// asks before it acts.
+    Restore(RestoreArgs),
     /// What this node has reported to operators (ack policy degradations,
     /// …), oldest first.
     Events,
@@ -307,6 +312,27 @@ enum SnapshotCommand {
         #[arg(long)]
         until: String,
     },
+}
+
+#[derive(clap::Args)]
+struct RestoreArgs {
+    /// TENANT/PG
+    pg: String,
+    /// RFC 3339 (2026-11-28T10:13:00Z) or relative (-15m).
+    #[arg(long, allow_hyphen_values = true, required_unless_present_any = ["snapshot", "undo"], conflicts_with_all = ["snapshot", "undo"])]
+    at: Option<String>,
+    /// A snapshot of the PG (its name, without TENANT/PG@).
+    #[arg(long, conflicts_with = "undo")]
+    snapshot: Option<String>,
+    /// Undo the newest restore (back to the state just before it).
+    #[arg(long)]
+    undo: bool,
+    /// Show what would change, and change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Do not ask for confirmation.
+    #[arg(long, short = 'y')]
+    yes: bool,
 }
 
 /// `TENANT/PG@NAME` as (TENANT/PG, NAME).
@@ -1090,6 +1116,39 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
             let pgs = client.api().list_pgs(req).await?.into_inner().pgs;
             print_sites(out, &nodes, &pgs);
         }
+        Command::Restore(args) => {
+            let mut req = api::RestorePgRequest {
+                pg: args.pg.clone(),
+                at: args.at.unwrap_or_default(),
+                snapshot: args.snapshot.unwrap_or_default(),
+                undo: args.undo,
+                dry_run: true,
+            };
+            let ask = client.request(req.clone());
+            let plan = client.api().restore_pg(ask).await?.into_inner();
+            if args.dry_run {
+                print_restore_plan(out, &plan);
+                return Ok(());
+            }
+            if !args.yes {
+                print_restore_plan(out, &plan);
+                confirm_restore(&plan)?;
+            }
+            req.dry_run = false;
+            let go = client.request(req);
+            let done = client.api().restore_pg(go).await?.into_inner();
+            if out.json {
+                print_restore_plan(out, &done);
+            } else {
+                println!(
+                    "{} restored in place to {} (index {}); undo with: lifeboat restore {} --undo",
+                    done.pg,
+                    format_time_ms(done.to_ms),
+                    done.to_index,
+                    done.pg
+                );
+            }
+        }
         Command::Events => {
             let req = client.request(api::ListEventsRequest {});
             let r = client.api().list_events(req).await?.into_inner();
@@ -1476,6 +1535,94 @@ fn describe_schedule(s: &api::SnapshotSchedule) -> String {
         s.keep_weekly,
         s.keep_monthly
     )
+}
+
+fn print_restore_plan(out: &Output, plan: &api::RestorePlan) {
+    if out.json {
+        out.json_value(&serde_json::json!({
+            "pg": plan.pg, "to_index": plan.to_index, "to_ms": plan.to_ms,
+            "to": format_time_ms(plan.to_ms), "undoes_index": plan.undoes_index,
+            "applied": plan.applied, "lock_overridden": plan.lock_overridden,
+            "items": plan.items.iter().map(|i| serde_json::json!({
+                "kind": i.kind, "name": i.name, "action": i.action, "state": i.state,
+                "size_then": i.size_then, "size_now": i.size_now, "changed": i.changed,
+            })).collect::<Vec<_>>(),
+        }));
+        return;
+    }
+    if plan.undoes_index != 0 {
+        println!(
+            "{}: undo the restore at index {}: back to the state just before it (index {})",
+            plan.pg, plan.undoes_index, plan.to_index
+        );
+    } else {
+        println!(
+            "{}: restore in place to {} (index {})",
+            plan.pg,
+            format_time_ms(plan.to_ms),
+            plan.to_index
+        );
+    }
+    let mut table = Table::new(&[
+        "KIND",
+        "NAME",
+        "ACTION",
+        "STATE",
+        "SIZE THEN",
+        "SIZE NOW",
+        "WRITTEN SINCE",
+    ]);
+    for i in &plan.items {
+        let sizes = i.kind == "volume";
+        table.row(vec![
+            i.kind.clone(),
+            i.name.clone(),
+            match i.action.as_str() {
+                "restore" => "goes back".into(),
+                "new" => "created since: left as is".into(),
+                other => other.to_owned(),
+            },
+            i.state.clone(),
+            if sizes {
+                size::format_size(i.size_then)
+            } else {
+                "-".into()
+            },
+            if sizes {
+                size::format_size(i.size_now)
+            } else {
+                "-".into()
+            },
+            format!("{} {}", i.changed, if sizes { "blocks" } else { "keys" }),
+        ]);
+    }
+    if table.is_empty() {
+        println!("(no volumes or buckets)");
+    } else {
+        table.print();
+    }
+}
+
+/// Asks on the terminal; without one, refuses (scripts pass --yes).
+fn confirm_restore(plan: &api::RestorePlan) -> anyhow::Result<()> {
+    use std::io::{BufRead, IsTerminal, Write};
+    if !std::io::stdin().is_terminal() {
+        anyhow::bail!(
+            "not restoring {} without confirmation: run it in a terminal, or pass --yes",
+            plan.pg
+        );
+    }
+    print!(
+        "Writes to {} since then will be hidden (kept in the history; --undo brings them back). Type the PG name to go on: ",
+        plan.pg
+    );
+    std::io::stdout().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    if answer.trim() != plan.pg {
+        anyhow::bail!("not restored: the answer was not {}", plan.pg);
+    }
+    Ok(())
 }
 
 fn print_snapshots(out: &Output, snapshots: Vec<api::Snapshot>) {

@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status};
 use crate::core::{BucketInfo, CredentialInfo, CredentialMode, NodeCore, Role, VolumeInfo};
 use crate::error::NodeError;
 use crate::history::SnapshotInfo;
+use crate::restore::RestorePlan;
 use crate::tokens::TokenInfo;
 use lifeboat_store::history::ScheduleRecord;
 
@@ -28,7 +29,9 @@ pub fn status(e: &NodeError) -> Status {
         | NodeError::InvalidSize { .. }
         | NodeError::RestorePoint(_) => Code::InvalidArgument,
         NodeError::BeforeHistory { .. } => Code::OutOfRange,
-        NodeError::SnapshotLocked { .. } => Code::FailedPrecondition,
+        NodeError::SnapshotLocked { .. }
+        | NodeError::RestorePastLock { .. }
+        | NodeError::NothingToUndo(_) => Code::FailedPrecondition,
         NodeError::TenantNotFound(_)
         | NodeError::VolumeNotFound(_)
         | NodeError::BucketNotFound(_)
@@ -74,7 +77,9 @@ pub fn status(e: &NodeError) -> Status {
                 | J::UploadNotFound { .. }
                 | J::VersionNotFound { .. }
                 | J::CredentialNotFound { .. } => Code::NotFound,
-                J::BucketNotEmpty { .. } | J::SnapshotLocked { .. } => Code::FailedPrecondition,
+                J::BucketNotEmpty { .. } | J::SnapshotLocked { .. } | J::NothingToUndo => {
+                    Code::FailedPrecondition
+                }
                 J::SnapshotExists { .. } => Code::AlreadyExists,
                 J::SnapshotNotFound { .. } | J::TokenNotFound => Code::NotFound,
                 J::IndexOutOfHistory { .. } => Code::OutOfRange,
@@ -406,6 +411,39 @@ fn snapshot_message(s: SnapshotInfo) -> api::Snapshot {
         at_ms: s.record.at_ms,
         created_ms: s.record.created_ms,
         locked_until_ms: s.record.locked_until_ms,
+    }
+}
+
+fn restore_message(plan: RestorePlan) -> api::RestorePlan {
+    use crate::restore::{RestoreAction, RestoreKind};
+    api::RestorePlan {
+        pg: plan.pg,
+        to_index: plan.to.0,
+        to_ms: plan.to_ms,
+        undoes_index: plan.undoes.map_or(0, |i| i.0),
+        items: plan
+            .items
+            .into_iter()
+            .map(|i| api::RestoreItem {
+                kind: match i.kind {
+                    RestoreKind::Volume => "volume",
+                    RestoreKind::Bucket => "bucket",
+                }
+                .into(),
+                name: i.name,
+                action: match i.action {
+                    RestoreAction::Restore => "restore",
+                    RestoreAction::LeftNew => "new",
+                }
+                .into(),
+                state: if i.deleted { "deleted" } else { "live" }.into(),
+                size_then: i.size_then,
+                size_now: i.size_now,
+                changed: i.changed,
+            })
+            .collect(),
+        applied: plan.applied,
+        lock_overridden: plan.lock_overridden,
     }
 }
 
@@ -1054,6 +1092,21 @@ impl Admin for AdminService {
             .await
             .map_err(|e| status(&e))?;
         Ok(Response::new(snapshot_message(info)))
+    }
+
+    async fn restore_pg(
+        &self,
+        req: Request<api::RestorePgRequest>,
+    ) -> Result<Response<api::RestorePlan>, Status> {
+        let role =
+            self.require_pg_tenant(&req, &req.get_ref().pg, "restore this protection group")?;
+        let r = req.get_ref();
+        let plan = self
+            .core
+            .restore_pg(&r.pg, &r.at, &r.snapshot, r.undo, r.dry_run, &role)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(restore_message(plan)))
     }
 
     async fn set_snapshot_schedule(

@@ -34,6 +34,12 @@ pub enum NodeError {
     TokenNotFound(String),
     #[error("snapshot {snapshot} is locked until {until}")]
     SnapshotLocked { snapshot: String, until: String },
+    #[error(
+        "snapshot {snapshot} is locked until {until}: restoring to before it is refused but to an operator token"
+    )]
+    RestorePastLock { snapshot: String, until: String },
+    #[error("nothing to undo: {0} was never restored")]
+    NothingToUndo(String),
     #[error(transparent)]
     RestorePoint(#[from] lifeboat_snapshot::RestorePointError),
     #[error("{asked} is before the oldest restorable time of {pg}{}", match oldest {
@@ -98,7 +104,10 @@ impl NodeError {
             NodeError::PgNotFound(_) => "node.pg_not_found",
             NodeError::SnapshotNotFound(_) => "node.snapshot_not_found",
             NodeError::TokenNotFound(_) => "node.token_not_found",
-            NodeError::SnapshotLocked { .. } => "node.snapshot_locked",
+            NodeError::SnapshotLocked { .. } | NodeError::RestorePastLock { .. } => {
+                "node.snapshot_locked"
+            }
+            NodeError::NothingToUndo(_) => "node.nothing_to_undo",
             NodeError::RestorePoint(_) => "node.bad_restore_point",
             NodeError::BeforeHistory { .. } => "node.before_history",
             NodeError::Unauthenticated => "node.unauthenticated",

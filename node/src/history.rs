@@ -79,7 +79,10 @@ impl NodeCore {
     }
 
     /// The PG `TENANT/NAME` and its member on this node.
-    fn history_group(&self, pg_full_name: &str) -> NodeResult<(String, ProtectionGroup)> {
+    pub(crate) fn history_group(
+        &self,
+        pg_full_name: &str,
+    ) -> NodeResult<(String, ProtectionGroup)> {
         let record = self.pg_named(pg_full_name)?;
         let group = self.running_group(record.id)?;
         Ok((format!("{}/{}", record.tenant, record.name), group))
@@ -519,7 +522,11 @@ impl NodeCore {
 }
 
 /// The restore point of a clone: exactly one of a time and a snapshot.
-fn restore_point(at: &str, snapshot: &str, now: OffsetDateTime) -> NodeResult<RestorePoint> {
+pub(crate) fn restore_point(
+    at: &str,
+    snapshot: &str,
+    now: OffsetDateTime,
+) -> NodeResult<RestorePoint> {
     match (at.is_empty(), snapshot.is_empty()) {
         (true, false) => {
             points::validate_snapshot_name(snapshot)?;

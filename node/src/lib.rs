@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod names;
 pub mod nbd;
 pub mod pki;
+pub mod restore;
 pub mod s3;
 pub mod schedules;
 pub mod server;

@@ -128,10 +128,11 @@ impl ExportProvider for VolumeExports {
                 (record.size_bytes, Some(at.index))
             }
         };
+        let loc_pg = loc.group.pg();
         let layers = self
             .core
             .volumes
-            .layers(loc.group.pg(), loc.volume, at)
+            .layers(loc_pg, loc.volume, at)
             .map_err(|e| open_error(e.into()))?;
         Ok(VolumeExport {
             inner: Arc::new(ExportState {
@@ -140,7 +141,11 @@ impl ExportProvider for VolumeExports {
                 loc,
                 stale_reads,
                 at,
-                layers,
+                layers: std::sync::Mutex::new(LayerCache {
+                    newest_mask: lifeboat_store::masks::newest_mask(&self.core.db, loc_pg)
+                        .map_err(|e| open_error(e.into()))?,
+                    layers: Arc::new(layers),
+                }),
             }),
         })
     }
@@ -159,8 +164,16 @@ struct ExportState {
     /// `VOLUME@TIME`); `None`: the live volume.
     at: Option<LogIndex>,
     /// What reads see: the volume's own blocks (at `at`), then, for a
-    /// clone, each base at the index it was cloned from.
-    layers: Vec<Layer>,
+    /// clone, each base at the index it was cloned from; after a restore in
+    /// place, its own blocks as they were restored to in between.
+    layers: std::sync::Mutex<LayerCache>,
+}
+
+/// A live export's layers and the PG's newest rollback mask they were
+/// worked out under: a restore (a newer mask) makes them stale.
+struct LayerCache {
+    newest_mask: Option<LogIndex>,
+    layers: Arc<Vec<Layer>>,
 }
 
 /// Appended to an export name to read this node's replica as it is.
@@ -286,6 +299,31 @@ impl ExportState {
         }
     }
 
+    /// What reads see now. A past export never changes (a mask is always
+    /// newer than the point it was opened at); a live one checks the PG's
+    /// newest mask, one seek, and works its layers out again after a
+    /// restore.
+    fn layers(&self) -> Result<Arc<Vec<Layer>>, Errno> {
+        let mut cache = self.layers.lock().expect("layer cache lock");
+        if self.at.is_some() {
+            return Ok(cache.layers.clone());
+        }
+        let newest = lifeboat_store::masks::newest_mask(&self.core.db, self.pg())
+            .map_err(|e| self.fail("read masks", &e.into()))?;
+        if newest != cache.newest_mask {
+            let layers = self
+                .core
+                .volumes
+                .layers(self.pg(), self.loc.volume, None)
+                .map_err(|e| self.fail("read layers", &e.into()))?;
+            *cache = LayerCache {
+                newest_mask: newest,
+                layers: Arc::new(layers),
+            };
+        }
+        Ok(cache.layers.clone())
+    }
+
     /// Waits for a linearizable read point: at the leader, or on this
     /// member once it has applied the leader's read index.
     async fn read_point(&self) -> Result<(), Errno> {
@@ -408,6 +446,8 @@ impl ExportState {
             .await;
         for attempt in 1..=MERGE_ATTEMPTS_MAX {
             self.read_point().await?;
+            let layers = self.layers()?;
+            let plain = layers.as_slice() == [Layer::latest(self.loc.volume)];
             let mut merged = Vec::with_capacity(partial.len());
             for p in &partial {
                 let read_err = |e: lifeboat_store::Error| self.fail("read for merge", &e.into());
@@ -415,12 +455,14 @@ impl ExportState {
                 let own = volumes
                     .latest_blocks(self.pg(), self.loc.volume, p.block, 1)
                     .map_err(read_err)?;
-                // A clone's block it never wrote comes from its base.
-                let visible = match &own[0] {
-                    None if self.layers.len() > 1 => volumes
-                        .visible_blocks(self.pg(), &self.layers, p.block, 1)
-                        .map_err(read_err)?,
-                    _ => own.clone(),
+                // A clone's block it never wrote comes from its base; a
+                // restored volume's from the state it was restored to.
+                let visible = if plain {
+                    own.clone()
+                } else {
+                    volumes
+                        .visible_blocks(self.pg(), &layers, p.block, 1)
+                        .map_err(read_err)?
                 };
                 let mut plain = vec![0u8; BLOCK_BYTES];
                 self.decode_block(&keys, p.block, visible[0].as_ref(), &mut plain)?;
@@ -466,10 +508,11 @@ impl ExportState {
         if self.at.is_none() {
             self.read_point().await?;
         }
+        let layers = self.layers()?;
         let stored = self
             .core
             .volumes
-            .visible_blocks(self.pg(), &self.layers, BlockNo(first), count)
+            .visible_blocks(self.pg(), &layers, BlockNo(first), count)
             .map_err(|e| self.fail("read", &e.into()))?;
         let keys = self.keys()?;
         let this = self.clone();

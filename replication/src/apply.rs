@@ -11,6 +11,7 @@ use std::io;
 use lifeboat_proto::raft as pb;
 use lifeboat_store::db::{Batch, Cf, Db};
 use lifeboat_store::history::SnapshotRecord;
+use lifeboat_store::masks::{self, RollbackMask, Span};
 use lifeboat_store::objects::{
     self, BucketBase, BucketRecord, BucketState, ObjectVersion, Objects,
 };
@@ -52,6 +53,9 @@ pub(crate) struct ApplyContext<'a> {
     snapshot_overlay: HashMap<String, Option<SnapshotRecord>>,
     /// The PG's newest timeline bucket once read (`Some(None)`: none yet).
     timeline_newest: Option<Option<u64>>,
+    /// The PG's rollback masks, newest first, once read. They cannot
+    /// change within one context: a restore is applied in a batch alone.
+    masks: std::cell::OnceCell<Vec<RollbackMask>>,
 }
 
 type Outcome = Result<Applied, Rejection>;
@@ -74,6 +78,7 @@ impl<'a> ApplyContext<'a> {
             version_overlay: HashMap::new(),
             snapshot_overlay: HashMap::new(),
             timeline_newest: None,
+            masks: std::cell::OnceCell::new(),
         }
     }
 
@@ -200,6 +205,7 @@ impl<'a> ApplyContext<'a> {
             Kind::DeleteSnapshot(d) => self.apply_delete_snapshot(d, cmd.stamp_ms),
             Kind::LockSnapshot(l) => self.apply_lock_snapshot(l, cmd.stamp_ms),
             Kind::SetSchedule(s) => self.apply_set_schedule(s),
+            Kind::RestorePg(r) => self.apply_restore_pg(index, r, cmd.stamp_ms),
             Kind::InitCatalog(i) => self.apply_init_catalog(i, cmd.stamp_ms),
             Kind::CreateTenant(t) => self.apply_create_tenant(t, cmd.stamp_ms),
             Kind::RotateDek(r) => self.apply_rotate_dek(r),
@@ -664,16 +670,32 @@ impl ApplyContext<'_> {
         self.bucket_overlay.insert(bucket, record);
     }
 
-    /// The index of the newest live version of an object.
+    /// What reads of a bucket at its newest go through: one plain span
+    /// unless a restore masked it.
+    fn bucket_spans(&self, bucket: BucketId) -> io::Result<Vec<Span>> {
+        let masks = match self.masks.get() {
+            Some(m) => m,
+            None => {
+                let loaded = masks::masks(self.db, self.pg).map_err(io::Error::other)?;
+                self.masks.get_or_init(|| loaded)
+            }
+        };
+        Ok(masks::spans(masks, |m| m.covers_bucket(bucket), None))
+    }
+
+    /// The index of the newest live version of an object, as reads see it
+    /// (through a restore's mask).
     fn object_latest(&self, bucket: BucketId, key: &[u8]) -> io::Result<Option<u64>> {
+        // Staged in this batch: newer than any mask.
         if let Some(staged) = self.object_overlay.get(&(bucket, key.to_vec())) {
             return Ok(*staged);
         }
+        let spans = self.bucket_spans(bucket)?;
         Ok(self
             .objects()
-            .latest_index(self.pg, bucket, key)
+            .find(self.pg, bucket, key, &spans)
             .map_err(io::Error::other)?
-            .map(|i| i.0))
+            .map(|(i, _)| i.0))
     }
 
     fn chunk_refs(&self, chunk: ChunkId) -> io::Result<u64> {
@@ -694,13 +716,15 @@ impl ApplyContext<'_> {
             return Ok(false);
         }
         // Live rows of the database, less those this batch deleted.
+        let spans = self.bucket_spans(bucket)?;
         let mut resume: Option<Vec<u8>> = None;
         loop {
             let page = self
                 .objects()
-                .list(
+                .list_view(
                     self.pg,
                     bucket,
+                    &spans,
                     &objects::ListQuery {
                         resume: resume.as_deref(),
                         limit: 64,
@@ -901,8 +925,21 @@ impl ApplyContext<'_> {
             original,
             new_latest,
         );
+        // What later entries of this batch see: through the bucket's mask.
+        let spans = self.bucket_spans(bucket)?;
+        let visible = match spans.as_slice() {
+            [span] if *span == Span::plain(None) => new_latest,
+            spans => {
+                let newest_first: Vec<(LogIndex, ObjectVersion)> = versions
+                    .iter()
+                    .rev()
+                    .map(|(i, v)| (LogIndex(*i), v.clone()))
+                    .collect();
+                objects::visible_version(&newest_first, spans).map(|(i, _)| i)
+            }
+        };
         self.object_overlay
-            .insert((bucket, d.key.to_vec()), new_latest.map(|i| i.0));
+            .insert((bucket, d.key.to_vec()), visible.map(|i| i.0));
         self.version_overlay
             .insert((bucket, d.key.to_vec()), versions);
         Ok(Ok(Applied::VersionDeleted {
@@ -1411,6 +1448,190 @@ mod tests {
             Err(Rejection::SnapshotNotFound { name: "a".into() })
         );
         assert_eq!(apply(&mut cx, 30_000, delete("b", false)), changed(false));
+    }
+
+    /// A restore masks what came after its point for every volume and
+    /// bucket live then (sizes go back too), later commands see objects
+    /// through the mask, a lock refuses tenants, and undo undoes.
+    #[test]
+    fn restores_mask_the_pg_obey_locks_and_undo() {
+        use lifeboat_store::masks::{self, Span};
+        use pb::command::Kind;
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), &DbOptions::default()).unwrap();
+        let pg = PgId(2);
+        let at = std::cell::Cell::new(0u64);
+        let apply = |cx: &mut ApplyContext<'_>, c: pb::Command| {
+            at.set(at.get() + 1);
+            cx.apply_command(LogIndex(at.get()), &c).unwrap()
+        };
+        // As the state machine does: a restore in a batch of its own.
+        let alone = |c: pb::Command| {
+            let mut cx = ApplyContext::new(&db, pg);
+            let outcome = apply(&mut cx, c);
+            db.write(cx.batch, Durability::Buffered).unwrap();
+            outcome
+        };
+        let restore = |to_index: u64, undo: bool, operator: bool| {
+            cmd(Kind::RestorePg(pb::RestorePg {
+                to_index,
+                to_ms: 7,
+                undo,
+                operator,
+            }))
+        };
+        assert_eq!(
+            alone(restore(0, true, false)),
+            Err(Rejection::NothingToUndo)
+        );
+        let mut cx = ApplyContext::new(&db, pg);
+        let create_bucket = Kind::CreateBucket(pb::CreateBucket {
+            bucket: 5,
+            name: "b".into(),
+            base: None,
+        });
+        let create_volume = Kind::CreateVolume(pb::CreateVolume {
+            volume: 6,
+            name: "v".into(),
+            size_bytes: 4096,
+            base: None,
+        });
+        for c in [
+            cmd(create_bucket),
+            cmd(create_volume),
+            put("k", 1, false),
+            put("gone", 2, false),
+        ] {
+            assert_eq!(apply(&mut cx, c), Ok(Applied::Done));
+        }
+        // The restore point is index 5 (a refused entry, all the same).
+        assert!(apply(&mut cx, put("k", 1, false)).is_err());
+        let point = at.get();
+        let delete = |key: &str| {
+            cmd(Kind::DeleteObject(pb::DeleteObject {
+                bucket: 5,
+                key: key.as_bytes().to_vec().into(),
+            }))
+        };
+        let grow = cmd(Kind::ResizeVolume(pb::ResizeVolume {
+            volume: 6,
+            size_bytes: 8192,
+        }));
+        let snapshot = cmd(Kind::CreateSnapshot(pb::CreateSnapshot {
+            name: "locked".into(),
+            at_index: None,
+            at_ms: 0,
+            locked_until_ms: 50_000,
+        }));
+        for c in [
+            put("k", 3, false),
+            delete("gone"),
+            put("new", 4, false),
+            grow,
+        ] {
+            assert_eq!(apply(&mut cx, c), Ok(Applied::Done));
+        }
+        assert!(matches!(
+            apply(&mut cx, snapshot),
+            Ok(Applied::SnapshotCreated { .. })
+        ));
+        db.write(
+            std::mem::replace(&mut cx.batch, db.new_batch()),
+            Durability::Buffered,
+        )
+        .unwrap();
+
+        let locked = Err(Rejection::SnapshotLocked {
+            name: "locked".into(),
+            until_ms: 50_000,
+        });
+        assert_eq!(alone(restore(point, false, false)), locked);
+        // The entry's own index is no restore point.
+        let own = at.get() + 1;
+        assert_eq!(
+            alone(restore(own, false, true)),
+            Err(Rejection::IndexOutOfHistory {
+                index: own,
+                oldest: 1,
+                newest: own - 1
+            })
+        );
+        let restored = Ok(Applied::Restored {
+            to_index: point,
+            volumes: 1,
+            buckets: 1,
+            lock_overridden: true,
+        });
+        assert_eq!(alone(restore(point, false, true)), restored);
+        let restore_index = at.get();
+
+        let objects = Objects::new(db.clone());
+        let bucket_spans = || {
+            let all = masks::masks(&db, pg).unwrap();
+            masks::spans(&all, |m| m.covers_bucket(BucketId(5)), None)
+        };
+        let spans = bucket_spans();
+        let shown = |key: &str, spans: &[Span]| {
+            objects
+                .find(pg, BucketId(5), key.as_bytes(), spans)
+                .unwrap()
+                .map(|(_, v)| v.chunks().to_vec())
+        };
+        assert_eq!(shown("k", &spans), Some(vec![ChunkId(1)]));
+        assert_eq!(shown("gone", &spans), Some(vec![ChunkId(2)]));
+        assert_eq!(shown("new", &spans), None);
+        let volumes = Volumes::new(db.clone());
+        assert_eq!(
+            volumes
+                .volume(pg, VolumeId(6))
+                .unwrap()
+                .unwrap()
+                .1
+                .size_bytes,
+            4096
+        );
+
+        // Later commands see the objects through the mask.
+        let mut cx = ApplyContext::new(&db, pg);
+        assert_eq!(apply(&mut cx, put("new", 5, true)), Ok(Applied::Done));
+        assert_eq!(
+            apply(&mut cx, put("gone", 6, true)),
+            Err(Rejection::ObjectExists)
+        );
+        assert_eq!(apply(&mut cx, delete("k")), Ok(Applied::Done));
+        db.write(cx.batch, Durability::Buffered).unwrap();
+        assert_eq!(
+            shown("k", &spans),
+            None,
+            "a delete after the restore counts"
+        );
+        assert_eq!(shown("new", &spans), Some(vec![ChunkId(5)]));
+
+        // Undo: back to just before the restore (the writes since are
+        // hidden with it), sizes too; undoing again redoes.
+        assert_eq!(
+            alone(restore(0, true, false)),
+            Ok(Applied::Restored {
+                to_index: restore_index - 1,
+                volumes: 1,
+                buckets: 1,
+                // The locked snapshot is older than the undo's point.
+                lock_overridden: false,
+            })
+        );
+        let spans = bucket_spans();
+        assert_eq!(shown("k", &spans), Some(vec![ChunkId(3)]));
+        assert_eq!(shown("gone", &spans), None);
+        assert_eq!(shown("new", &spans), Some(vec![ChunkId(4)]));
+        assert_eq!(
+            volumes
+                .volume(pg, VolumeId(6))
+                .unwrap()
+                .unwrap()
+                .1
+                .size_bytes,
+            8192
+        );
     }
 
     /// A clone's base must have existed at an earlier index, and chains

@@ -18,6 +18,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use futures::{Stream, TryStreamExt};
+use lifeboat_proto::raft as pb;
 use lifeboat_store::db::{Batch, Cf, Db, Durability};
 use lifeboat_store::keys::{self, RaftStateKind};
 use lifeboat_store::{LogIndex, PgId, raft_snapshot};
@@ -110,6 +111,34 @@ impl StateMachine {
             );
         }
         Ok(())
+    }
+
+    /// Writes what `ctx` staged (with the applied log id and a changed
+    /// membership) and leaves it fresh for the entries after.
+    async fn flush_apply<'a>(
+        &'a self,
+        ctx: &mut ApplyContext<'a>,
+        applied: Option<&LogId>,
+        membership: &mut Option<StoredMembership>,
+    ) -> io::Result<()> {
+        let done = std::mem::replace(ctx, ApplyContext::new(&self.db, self.pg));
+        self.write_applied(done.batch, applied, membership.take().as_ref())
+            .await
+    }
+
+    /// Writes an apply batch with the applied log id (and membership, if
+    /// it changed) that it brings the PG to.
+    async fn write_applied(
+        &self,
+        mut batch: Batch,
+        applied: Option<&LogId>,
+        membership: Option<&StoredMembership>,
+    ) -> io::Result<()> {
+        self.stage_applied(&mut batch, applied, membership)?;
+        let db = self.db.clone();
+        // No WAL: the log these entries came from is already fsynced, and
+        // last_applied rides in the same batch, so a lost batch is re-applied.
+        blocking(move || db.write(batch, Durability::Replayable).map_err(io_other)).await
     }
 
     fn snapshot_path(&self, meta: &SnapshotMeta) -> PathBuf {
@@ -224,6 +253,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut responses = Vec::new();
         while let Some((entry, responder)) = entries.try_next().await? {
             let index = LogIndex(entry.log_id.index);
+            // A restore changes what every later read sees, and the apply
+            // overlays do not know masks: it goes in a batch of its own.
+            let alone = matches!(
+                &entry.payload,
+                EntryPayload::Normal(cmd) if matches!(cmd.0.kind, Some(pb::command::Kind::RestorePg(_)))
+            );
+            if alone && last_applied.is_some() {
+                self.flush_apply(&mut ctx, last_applied.as_ref(), &mut last_membership)
+                    .await?;
+            }
             let outcome = match &entry.payload {
                 EntryPayload::Blank => None,
                 EntryPayload::Normal(cmd) => Some(ctx.apply_command(index, &cmd.0)?),
@@ -236,13 +275,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             if let Some(r) = responder {
                 responses.push((r, CommandResponse { outcome }));
             }
+            if alone {
+                self.flush_apply(&mut ctx, last_applied.as_ref(), &mut last_membership)
+                    .await?;
+            }
         }
-        let mut batch = ctx.batch;
-        self.stage_applied(&mut batch, last_applied.as_ref(), last_membership.as_ref())?;
-        let db = self.db.clone();
-        // No WAL: the log these entries came from is already fsynced, and
-        // last_applied rides in the same batch, so a lost batch is re-applied.
-        blocking(move || db.write(batch, Durability::Replayable).map_err(io_other)).await?;
+        self.write_applied(ctx.batch, last_applied.as_ref(), last_membership.as_ref())
+            .await?;
         for (responder, response) in responses {
             responder.send(response);
         }

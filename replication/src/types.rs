@@ -63,6 +63,7 @@ impl fmt::Display for Command {
             Some(Kind::RevokeToken(_)) => "revoke_token",
             Some(Kind::SetSchedule(_)) => "set_schedule",
             Some(Kind::UndeleteVolume(_)) => "undelete_volume",
+            Some(Kind::RestorePg(_)) => "restore_pg",
             Some(Kind::CreateBucket(_)) => "create_bucket",
             Some(Kind::DeleteBucket(_)) => "delete_bucket",
             Some(Kind::DeleteObject(_)) => "delete_object",
@@ -257,6 +258,8 @@ pub enum Rejection {
     SnapshotNotFound { name: String },
     #[error("snapshot {name} is locked until {until_ms} ms since the epoch")]
     SnapshotLocked { name: String, until_ms: u64 },
+    #[error("nothing to undo: the group was never restored")]
+    NothingToUndo,
     #[error("index {index} is outside the history this group holds ({oldest}..={newest})")]
     IndexOutOfHistory {
         index: u64,
@@ -299,6 +302,15 @@ pub enum Applied {
     /// A snapshot now pins `index`.
     SnapshotCreated {
         index: u64,
+    },
+    /// A restore in place (or its undo) masked everything after
+    /// `to_index` for this many volumes and buckets; an operator's token
+    /// rolled back past a locked snapshot (the node audits that).
+    Restored {
+        to_index: u64,
+        volumes: u32,
+        buckets: u32,
+        lock_overridden: bool,
     },
     /// A version was removed by its id; it was a delete marker or not.
     VersionDeleted {

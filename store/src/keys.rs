@@ -79,6 +79,9 @@ pub enum MetaKind {
     Snapshot = 6,
     /// The PG's snapshot schedule: `pg | kind`, one row, unversioned.
     Schedule = 7,
+    /// A rollback mask: `pg | kind | 0 | !index`, newest first (see
+    /// `crate::masks`).
+    Mask = 8,
 }
 
 /// The two rows of a chunk in `chunks`.

@@ -16,6 +16,7 @@ pub mod history;
 pub mod ids;
 pub mod keyring;
 pub mod keys;
+pub mod masks;
 pub mod objects;
 pub mod raft_snapshot;
 pub mod uploads;

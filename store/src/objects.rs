@@ -23,6 +23,7 @@
 use crate::db::{Batch, Cf, Db, prefix_successor};
 use crate::error::{Error, Result};
 use crate::keys::{self, ChunkPart, MetaKind};
+use crate::masks::Span;
 use crate::volumes::{decode_based_record, encode_based_record};
 use crate::{BucketId, ChunkId, LogIndex, PgId};
 
@@ -390,6 +391,39 @@ fn past_prefix(bucket_prefix: &[u8], common: &[u8]) -> Vec<u8> {
     })
 }
 
+/// The live version a read through `spans` (newest first) sees among a
+/// key's stored versions (newest first): the newest version in the first
+/// span that holds one, unless that is a delete marker, which hides the
+/// key. A version removed by id counts as removed only when its removal
+/// lies in one of the spans: a removal after a past read point, or one a
+/// rollback mask hides, had not happened for that read.
+pub fn visible_version(
+    versions: &[(LogIndex, ObjectVersion)],
+    spans: &[Span],
+) -> Option<(LogIndex, ObjectVersion)> {
+    let removal_seen = |at: LogIndex| spans.iter().any(|s| s.holds(at));
+    for span in spans {
+        let in_reach = versions
+            .iter()
+            .filter(|(index, _)| span.at.is_none_or(|at| *index <= at));
+        for (index, version) in in_reach {
+            if span.above.is_some_and(|above| *index <= above) {
+                break;
+            }
+            let live = match version {
+                ObjectVersion::Removed { at, .. } if removal_seen(*at) => continue,
+                ObjectVersion::Removed { original, .. } => original.as_ref(),
+                v => v,
+            };
+            return match live {
+                ObjectVersion::Object { .. } => Some((*index, live.clone())),
+                _ => None,
+            };
+        }
+    }
+    None
+}
+
 /// Reads of buckets and objects.
 #[derive(Clone, Debug)]
 pub struct Objects {
@@ -483,51 +517,65 @@ impl Objects {
         Ok(Some((index, decode_version(&k, &v)?)))
     }
 
-    /// The live object version of `key` as it was at `at`: the newest
-    /// version at or below it, skipping versions deleted by id at or
-    /// before `at` (later deletions did not exist yet). `None` when the
-    /// key had no live version then (never written, or a delete marker).
-    pub fn visible_at(
+    /// The live version of `key` that a read through `spans` sees (see
+    /// [`visible_version`]). The newest, unmasked, is one point read of
+    /// `latest` and one of `objects`, whatever the length of its history;
+    /// other reads walk the key's versions from the first span's index.
+    pub fn find(
         &self,
         pg: PgId,
         bucket: BucketId,
         key: &[u8],
-        at: LogIndex,
+        spans: &[Span],
     ) -> Result<Option<(LogIndex, ObjectVersion)>> {
-        let mut below = at;
-        loop {
-            let Some((index, version)) = self.version_at(pg, bucket, key, below)? else {
-                return Ok(None);
-            };
-            match version {
-                ObjectVersion::Object { .. } => return Ok(Some((index, version))),
-                ObjectVersion::DeleteMarker => return Ok(None),
-                ObjectVersion::Removed {
-                    at: removed,
-                    original,
-                } if removed > at => {
-                    return Ok(match *original {
-                        ObjectVersion::Object { .. } => Some((index, *original)),
-                        _ => None,
-                    });
-                }
-                ObjectVersion::Removed { .. } if index.0 == 0 => return Ok(None),
-                ObjectVersion::Removed { .. } => below = LogIndex(index.0 - 1),
-            }
+        if let [
+            Span {
+                at: None,
+                above: None,
+            },
+        ] = spans
+        {
+            return self.latest(pg, bucket, key);
         }
+        let Some(first) = spans.first() else {
+            return Ok(None);
+        };
+        let prefix = keys::object_latest_key(pg, bucket, key);
+        let start =
+            keys::object_version_key(pg, bucket, key, first.at.unwrap_or(LogIndex(u64::MAX)));
+        let versions = self
+            .db
+            .scan(Cf::Objects, &prefix, &start, usize::MAX)?
+            .into_iter()
+            .map(|(k, v)| {
+                let (_, index) = version_key_of(&k)?;
+                Ok((index, decode_version(&k, &v)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(visible_version(&versions, spans))
     }
 
-    /// One page of the bucket's live objects as they were at `at`, in key
-    /// order (what a read-only clone lists). It walks the versions, so its
-    /// cost grows with the history of the keys it passes; live listings
-    /// use [`Objects::list`].
-    pub fn list_at(
+    /// One page of the bucket's live objects as a read through `spans`
+    /// sees them, in key order. Unmasked and at the newest, this is
+    /// [`Objects::list`]; otherwise (a read-only clone, a restored bucket)
+    /// it walks the versions, so its cost grows with the history of the
+    /// keys it passes.
+    pub fn list_view(
         &self,
         pg: PgId,
         bucket: BucketId,
+        spans: &[Span],
         q: &ListQuery<'_>,
-        at: LogIndex,
     ) -> Result<Listing> {
+        if let [
+            Span {
+                at: None,
+                above: None,
+            },
+        ] = spans
+        {
+            return self.list(pg, bucket, q);
+        }
         let bucket_prefix = keys::bucket_prefix(pg, bucket);
         let (range, mut position) = list_start(pg, bucket, q);
         let limit = q.limit.max(1);
@@ -541,14 +589,14 @@ impl Objects {
             let (entry, next) = match rolled_up(q, &key) {
                 Some(common) => {
                     let past = past_prefix(&bucket_prefix, &common);
-                    let shown = self.any_visible(pg, bucket, &key_start, &past, at)?;
+                    let shown = self.any_visible(pg, bucket, &key_start, &past, spans)?;
                     let entry = shown.then_some(Listed::CommonPrefix(common));
                     (entry, past)
                 }
                 None => {
                     let past = prefix_successor(&key_start).expect("keys end in 0x00");
                     let entry = self
-                        .visible_at(pg, bucket, &key, at)?
+                        .find(pg, bucket, &key, spans)?
                         .map(|(index, _)| Listed::Object { key, index });
                     (entry, past)
                 }
@@ -564,15 +612,15 @@ impl Objects {
         }
     }
 
-    /// Whether any key from `from` (a key's `latest` key) up to `until` had
-    /// a live version at `at`.
+    /// Whether any key from `from` (a key's `latest` key) up to `until` has
+    /// a live version through `spans`.
     fn any_visible(
         &self,
         pg: PgId,
         bucket: BucketId,
         from: &[u8],
         until: &[u8],
-        at: LogIndex,
+        spans: &[Span],
     ) -> Result<bool> {
         let bucket_prefix = keys::bucket_prefix(pg, bucket);
         let mut position = from.to_vec();
@@ -584,13 +632,35 @@ impl Objects {
                 return Ok(false);
             }
             let (key, _) = version_key_of(&k)?;
-            if self.visible_at(pg, bucket, &key, at)?.is_some() {
+            if self.find(pg, bucket, &key, spans)?.is_some() {
                 return Ok(true);
             }
             position = prefix_successor(&keys::object_latest_key(pg, bucket, &key))
                 .expect("keys end in 0x00");
         }
         Ok(false)
+    }
+
+    /// How many of a bucket's keys have a version (or delete marker) newer
+    /// than `index`: one pass over its versions (what a restore's dry run
+    /// reports).
+    pub fn keys_written_since(&self, pg: PgId, bucket: BucketId, index: LogIndex) -> Result<u64> {
+        let mut count = 0;
+        let mut last_key: Option<Vec<u8>> = None;
+        self.db.read_view().for_each_with_prefix(
+            Cf::Objects,
+            &keys::bucket_prefix(pg, bucket),
+            |k, _| {
+                let (key, version) = version_key_of(k)?;
+                // Versions of a key sort newest first: its first row decides.
+                if last_key.as_deref() != Some(key.as_slice()) {
+                    count += u64::from(version > index);
+                    last_key = Some(key);
+                }
+                Ok(())
+            },
+        )?;
+        Ok(count)
     }
 
     /// Every stored version of `key`, newest first.
@@ -1112,6 +1182,59 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(page(&under_b, None).0, ["b/x@2*", "b/y@3*"]);
+    }
+
+    #[test]
+    fn visibility_through_spans_follows_masks_and_removals() {
+        use crate::masks::Span;
+        let obj = |c: u64| object(&[c], b"r");
+        let removed = |at: u64, original: ObjectVersion| ObjectVersion::Removed {
+            at: LogIndex(at),
+            original: Box::new(original),
+        };
+        let span = |at: Option<u64>, above: Option<u64>| Span {
+            at: at.map(LogIndex),
+            above: above.map(LogIndex),
+        };
+        let seen = |versions: &[(u64, ObjectVersion)], spans: &[Span]| {
+            let versions: Vec<(LogIndex, ObjectVersion)> = versions
+                .iter()
+                .map(|(i, v)| (LogIndex(*i), v.clone()))
+                .collect();
+            visible_version(&versions, spans).map(|(i, _)| i.0)
+        };
+        let latest = [span(None, None)];
+        // Restored at 20 to 10: above 20, else as at 10.
+        let restored = [span(None, Some(20)), span(Some(10), None)];
+        // Written at 5, overwritten at 15: the restore shows 5.
+        let h = [(15, obj(2)), (5, obj(1))];
+        assert_eq!(seen(&h, &latest), Some(15));
+        assert_eq!(seen(&h, &restored), Some(5));
+        // Deleted at 15 (a marker): the restore brings it back.
+        let h = [(15, ObjectVersion::DeleteMarker), (5, obj(1))];
+        assert_eq!(seen(&h, &latest), None);
+        assert_eq!(seen(&h, &restored), Some(5));
+        // Created at 15: the restore hides it; written again at 25: shown.
+        assert_eq!(seen(&[(15, obj(1))], &restored), None);
+        assert_eq!(seen(&[(25, obj(2)), (15, obj(1))], &restored), Some(25));
+        // Deleted after the restore: gone.
+        let h = [(25, ObjectVersion::DeleteMarker), (5, obj(1))];
+        assert_eq!(seen(&h, &restored), None);
+        // Version 5 removed by id at 15 (inside the masked stretch): the
+        // removal did not happen for the restored state.
+        let h = [(5, removed(15, obj(1)))];
+        assert_eq!(seen(&h, &latest), None);
+        assert_eq!(seen(&h, &restored), Some(5));
+        // Removed by id at 25, after the restore: gone.
+        assert_eq!(seen(&[(5, removed(25, obj(1)))], &restored), None);
+        // Removed at 8, before the restore point: gone both ways, and the
+        // older version shows.
+        let h = [(6, removed(8, obj(2))), (3, obj(1))];
+        assert_eq!(seen(&h, &restored), Some(3));
+        // A read of the past (a read-only clone at 7) does not see a
+        // removal made after it.
+        assert_eq!(seen(&h, &[span(Some(7), None)]), Some(6));
+        assert_eq!(seen(&[], &restored), None);
     }
 
     #[test]

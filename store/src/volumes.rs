@@ -16,6 +16,7 @@ use crate::db::{Batch, Cf, Db};
 use crate::error::{Error, Result};
 use crate::frame::FrameError;
 use crate::keys::{self, MetaKind};
+use crate::masks;
 use crate::{BlockNo, LogIndex, PgId, VolumeId};
 
 /// What a block holds at one version.
@@ -128,12 +129,28 @@ impl VolumeRecord {
 }
 
 /// One layer of what a volume reads: its own blocks (at an index, or the
-/// newest), then each base in turn at the index it was cloned from.
+/// newest; after a restore in place, only those above the restore's mask,
+/// then its own as they were restored to), then each base in turn at the
+/// index it was cloned from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Layer {
     pub volume: VolumeId,
     /// `None`: the newest versions (through `latest`).
     pub at: Option<LogIndex>,
+    /// Only versions above this index count in this layer (a rollback
+    /// mask hides those below it); `None`: all.
+    pub above: Option<LogIndex>,
+}
+
+impl Layer {
+    /// The newest versions of a volume, unmasked.
+    pub fn latest(volume: VolumeId) -> Layer {
+        Layer {
+            volume,
+            at: None,
+            above: None,
+        }
+    }
 }
 
 /// Clones of clones this deep are refused (and a longer chain in storage
@@ -373,35 +390,45 @@ impl Volumes {
     }
 
     /// The layers `volume` reads at `at` (`None`: the newest), its own
-    /// first. Empty if the volume does not exist then.
+    /// first, through the PG's rollback masks. Empty if the volume does
+    /// not exist then.
     pub fn layers(&self, pg: PgId, volume: VolumeId, at: Option<LogIndex>) -> Result<Vec<Layer>> {
-        let Some((_, mut record)) = self.volume_at(pg, volume, at.unwrap_or(LogIndex(u64::MAX)))?
-        else {
-            return Ok(Vec::new());
-        };
-        let mut layers = vec![Layer { volume, at }];
-        while let Some(base) = record.base {
-            if layers.len() > CLONE_DEPTH_MAX {
+        let masks = masks::masks(&self.db, pg)?;
+        let mut layers = Vec::new();
+        let mut next = Some((volume, at));
+        let mut depth = 0;
+        while let Some((v, at)) = next {
+            let record = match self.volume_at(pg, v, at.unwrap_or(LogIndex(u64::MAX)))? {
+                Some((_, r)) => r,
+                None if v == volume => return Ok(Vec::new()),
+                None => {
+                    return Err(Error::corrupt_record(
+                        Cf::PgMeta.name(),
+                        &keys::pg_meta_prefix(pg, MetaKind::Volume, v.0),
+                        format!(
+                            "clone base did not exist at index {}",
+                            at.unwrap_or_default()
+                        ),
+                    ));
+                }
+            };
+            depth += 1;
+            if depth > CLONE_DEPTH_MAX + 1 {
                 return Err(Error::corrupt_record(
                     Cf::PgMeta.name(),
                     &keys::pg_meta_prefix(pg, MetaKind::Volume, volume.0),
                     format!("clone chain longer than {CLONE_DEPTH_MAX}"),
                 ));
             }
-            layers.push(Layer {
-                volume: base.volume,
-                at: Some(base.index),
-            });
-            record = match self.volume_at(pg, base.volume, base.index)? {
-                Some((_, r)) => r,
-                None => {
-                    return Err(Error::corrupt_record(
-                        Cf::PgMeta.name(),
-                        &keys::pg_meta_prefix(pg, MetaKind::Volume, base.volume.0),
-                        format!("clone base did not exist at index {}", base.index),
-                    ));
-                }
-            };
+            for span in masks::spans(&masks, |m| m.covers_volume(v), at) {
+                layers.push(Layer {
+                    volume: v,
+                    at: span.at,
+                    above: span.above,
+                });
+            }
+            // A base never changes, so the newest record names it.
+            next = record.base.map(|b| (b.volume, Some(b.index)));
         }
         Ok(layers)
     }
@@ -418,7 +445,14 @@ impl Volumes {
         count: u64,
     ) -> Result<Vec<Option<StoredBlock>>> {
         // A volume that is not a clone, read at its newest: `latest` only.
-        if let [Layer { volume, at: None }] = layers {
+        if let [
+            Layer {
+                volume,
+                at: None,
+                above: None,
+            },
+        ] = layers
+        {
             return self.latest_blocks(pg, *volume, first, count);
         }
         let mut out: Vec<Option<StoredBlock>> = vec![None; count as usize];
@@ -450,15 +484,37 @@ impl Volumes {
                     found
                 }
             };
-            // Moved, not copied: a hit is a whole frame.
+            // Moved, not copied: a hit is a whole frame. A version the
+            // layer's mask hides is no hit: the next layer decides.
             missing.retain(|i| {
-                let hit = found[*i as usize].take();
+                let hit = found[*i as usize]
+                    .take()
+                    .filter(|b| layer.above.is_none_or(|above| b.index > above));
                 let keep = hit.is_none();
                 out[*i as usize] = hit;
                 keep
             });
         }
         Ok(out)
+    }
+
+    /// How many of a volume's own blocks were written (or trimmed) after
+    /// `index`: one pass over its `latest` rows (what a restore's dry run
+    /// reports).
+    pub fn blocks_written_since(&self, pg: PgId, volume: VolumeId, index: LogIndex) -> Result<u64> {
+        let mut count = 0;
+        self.db.read_view().for_each_with_prefix(
+            Cf::Latest,
+            &keys::volume_prefix(pg, volume),
+            |key, value| {
+                let newest: [u8; 8] = value.try_into().map_err(|_| {
+                    Error::corrupt_record(Cf::Latest.name(), key, "index is not 8 bytes")
+                })?;
+                count += u64::from(u64::from_be_bytes(newest) > index.0);
+                Ok(())
+            },
+        )?;
+        Ok(count)
     }
 
     /// Every version of a block, newest first (tests and tools).
@@ -759,6 +815,95 @@ mod tests {
             v.layers(pg, VolumeId(3), Some(LogIndex(5)))
                 .unwrap()
                 .is_empty()
+        );
+    }
+
+    #[test]
+    fn masks_roll_volumes_back_and_undo_brings_them_forward() {
+        use crate::masks::{RollbackMask, stage_mask};
+        let (_dir, db) = must_open();
+        let pg = PgId(1);
+        let rec = |base| VolumeRecord {
+            name: "v".into(),
+            size_bytes: 16384,
+            state: VolumeState::Active,
+            base,
+        };
+        let block = |b: &mut Batch, vol: u64, block: u64, index: u64, byte: u8| {
+            stage_block(
+                b,
+                pg,
+                VolumeId(vol),
+                BlockNo(block),
+                LogIndex(index),
+                BlockContent::Frame(&[byte]),
+            );
+        };
+        let mask = |index: u64, to: u64, undoes: Option<u64>| RollbackMask {
+            index: LogIndex(index),
+            to: LogIndex(to),
+            to_ms: 0,
+            created_ms: 0,
+            undoes: undoes.map(LogIndex),
+            volumes: vec![VolumeId(1), VolumeId(2)],
+            buckets: vec![],
+        };
+        let mut b = db.new_batch();
+        stage_volume(&mut b, pg, VolumeId(1), LogIndex(1), &rec(None));
+        block(&mut b, 1, 0, 2, b'a');
+        block(&mut b, 1, 1, 3, b'a');
+        // The restore point: index 3. Then block 0 is overwritten, block 2
+        // written for the first time, and a clone taken at 6.
+        block(&mut b, 1, 0, 4, b'x');
+        block(&mut b, 1, 2, 5, b'x');
+        let base = VolumeBase {
+            volume: VolumeId(1),
+            index: LogIndex(6),
+        };
+        stage_volume(&mut b, pg, VolumeId(9), LogIndex(6), &rec(Some(base)));
+        // Restored at 10 to 3; then block 1 is written.
+        stage_mask(&mut b, pg, &mask(10, 3, None));
+        block(&mut b, 1, 1, 11, b'n');
+        db.write(b, Durability::Buffered).unwrap();
+
+        let v = Volumes::new(db.clone());
+        let read = |vol: u64, at: Option<u64>| -> Vec<Option<(u64, Vec<u8>)>> {
+            let layers = v.layers(pg, VolumeId(vol), at.map(LogIndex)).unwrap();
+            v.visible_blocks(pg, &layers, BlockNo(0), 3)
+                .unwrap()
+                .into_iter()
+                .map(|s| s.map(|s| (s.index.0, s.value)))
+                .collect()
+        };
+        let f = |i: u64, byte: u8| Some((i, vec![byte]));
+        // Now: block 0 as at 3, block 1 written after the restore, block 2
+        // (first written after 3) gone.
+        assert_eq!(read(1, None), vec![f(2, b'a'), f(11, b'n'), None]);
+        // The past before the restore is untouched, and so is the clone.
+        assert_eq!(read(1, Some(9)), vec![f(4, b'x'), f(3, b'a'), f(5, b'x')]);
+        assert_eq!(read(9, None), vec![f(4, b'x'), f(3, b'a'), f(5, b'x')]);
+        assert_eq!(read(1, Some(10)), vec![f(2, b'a'), f(3, b'a'), None]);
+        assert_eq!(
+            v.blocks_written_since(pg, VolumeId(1), LogIndex(3))
+                .unwrap(),
+            3
+        );
+
+        // Undo at 12 (back to 9): as before the restore; the write at 11
+        // was made after it and is hidden with it.
+        let mut b = db.new_batch();
+        stage_mask(&mut b, pg, &mask(12, 9, Some(10)));
+        db.write(b, Durability::Buffered).unwrap();
+        assert_eq!(read(1, None), vec![f(4, b'x'), f(3, b'a'), f(5, b'x')]);
+        // Undoing the undo: the restored state with the write at 11.
+        let mut b = db.new_batch();
+        stage_mask(&mut b, pg, &mask(13, 11, Some(12)));
+        db.write(b, Durability::Buffered).unwrap();
+        assert_eq!(read(1, None), vec![f(2, b'a'), f(11, b'n'), None]);
+        // A volume no mask covers reads plainly.
+        assert_eq!(
+            v.layers(pg, VolumeId(9), None).unwrap()[0],
+            Layer::latest(VolumeId(9))
         );
     }
 

@@ -1,6 +1,8 @@
 //! History across a two-site cluster, through the CLI: a department's own
-//! token makes and locks snapshots but cannot delete them early; every
-//! replica, the DR node's included, reads a snapshot byte for byte alike.
+//! token makes and locks snapshots but cannot delete them early, restores
+//! its PG in place and undoes it but cannot roll back past a lock; every
+//! replica, the DR node's included, reads snapshots and restored volumes
+//! byte for byte alike.
 
 use std::time::{Duration, Instant};
 
@@ -61,6 +63,16 @@ async fn tenant_snapshots_are_locked_and_every_replica_reads_them_alike() {
     let pattern = pseudo_random(11, PATTERN_BYTES);
     client.write(0, &pattern, true).await.unwrap().unwrap();
     assert!(head(primary, "t/v").await.unwrap() == pattern);
+    // A moment after the pattern and before the snapshot (other 10 ms
+    // timeline buckets on both sides).
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let before_snapshot = lifeboat_snapshot::format_ms(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64,
+    );
+    tokio::time::sleep(Duration::from_millis(30)).await;
     as_tenant(&[
         "snapshot",
         "create",
@@ -122,6 +134,61 @@ async fn tenant_snapshots_are_locked_and_every_replica_reads_them_alike() {
             node.site
         );
     }
+
+    // Restore in place, through the tenant's own token. The dry run shows
+    // the plan; without a terminal the CLI will not act unasked.
+    let plan = as_tenant(&["restore", "t/main", "--snapshot", "before", "--dry-run"]);
+    assert!(plan.contains("t/main: restore in place to"), "{plan}");
+    assert!(
+        plan.contains("goes back") && plan.contains("256 blocks"),
+        "{plan}"
+    );
+    let e = must_fail(
+        primary,
+        &tenant_token,
+        &["restore", "t/main", "--snapshot", "before"],
+    );
+    assert!(e.contains("without confirmation"), "{e}");
+    assert!(head(primary, "t/v").await.unwrap() != pattern);
+    as_tenant(&["restore", "t/main", "--snapshot", "before", "--yes"]);
+    // Rolling back to before the locked snapshot is refused to the tenant.
+    let e = must_fail(
+        primary,
+        &tenant_token,
+        &["restore", "t/main", "--at", &before_snapshot, "--yes"],
+    );
+    assert!(e.contains("locked until"), "{e}");
+    let restored = head(primary, "t/v").await.unwrap();
+    assert!(restored == pattern, "the volume is back at the snapshot");
+    let after = pseudo_random(13, PATTERN_BYTES);
+    client.write(0, &after, true).await.unwrap().unwrap();
+    // Every replica agrees: same masks, same versions.
+    for node in &c.nodes {
+        let export = if node.site == "dr" {
+            "t/v:stale"
+        } else {
+            "t/v"
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let read = head(node, export).await.ok();
+            if read.as_deref() == Some(&after[..]) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {} ({}) never showed the write after the restore",
+                node.node_id,
+                node.site
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    as_tenant(&["restore", "t/main", "--undo", "--yes"]);
+    assert!(
+        head(primary, "t/v").await.unwrap() == pseudo_random(12, PATTERN_BYTES),
+        "undo is back to just before the restore"
+    );
 
     // The operator can, and the override is reported.
     primary.must_cli(&["snapshot", "delete", "t/main@before"]);

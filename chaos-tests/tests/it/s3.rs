@@ -278,7 +278,8 @@ fn peak_rss(node: &TestNode) -> u64 {
 /// Bodies stream: once the node's own buffers (RocksDB's memtables,
 /// bounded by its config) have filled with a first large object, a 512 MiB
 /// object goes up in one PUT and comes back in one GET with the node's
-/// peak memory almost unchanged: a few chunks in flight, never the body.
+/// peak memory growing by far less than the body: a few chunks in flight,
+/// never the body.
 #[test]
 fn a_large_object_streams_through_bounded_memory() {
     let dir = tempfile::tempdir().unwrap();
@@ -322,9 +323,13 @@ fn a_large_object_streams_through_bounded_memory() {
         back.to_str().unwrap(),
     ]);
     assert_eq!(md5_hex(&back), md5_hex(&large));
+    // A buffered body would add at least its own 512 MiB. What does grow is
+    // the allocator's and RocksDB's working set (compaction buffers, malloc
+    // arenas per worker thread): 40-90 MiB on this machine from run to run,
+    // so the bound is a quarter of the body, far below a buffered one.
     let grown = peak_rss(&node).saturating_sub(baseline);
     assert!(
-        grown < 64 << 20,
+        grown < 128 << 20,
         "peak memory grew by {} MiB for a 512 MiB object",
         grown >> 20
     );

@@ -139,7 +139,7 @@ impl Gateway {
             .bucket_info_of(&caller.credential.tenant, name, &bound)
             .map_err(from_node)?
             .ok_or_else(|| no_such_bucket(name))?;
-        Ok(BucketRef {
+        let mut bucket = BucketRef {
             tenant: caller.credential.tenant.clone(),
             tenant_id: lifeboat_store::TenantId(caller.tenant_id),
             name: name.to_owned(),
@@ -147,14 +147,23 @@ impl Gateway {
             id: info.bucket,
             group,
             view: info.base,
-        })
+            spans: Vec::new(),
+        };
+        bucket
+            .read_spans(&core.db)
+            .map_err(|e| from_node(e.into()))?;
+        Ok(bucket)
     }
 
     /// A bucket read at a linearizable point.
     async fn bucket_for_read(&self, caller: &Caller, name: &str) -> S3Result<BucketRef> {
         // Every mode may read its tenant's buckets.
-        let bucket = self.bucket(caller, name)?;
+        let mut bucket = self.bucket(caller, name)?;
         self.store.read_point(&bucket).await?;
+        // A restore applied up to the read point changes what reads see.
+        bucket
+            .read_spans(&self.core().db)
+            .map_err(|e| from_node(e.into()))?;
         Ok(bucket)
     }
 
@@ -524,11 +533,9 @@ impl Gateway {
             limit,
         };
         let objects = &self.core().objects;
-        let listing = match bucket.view {
-            None => objects.list(bucket.pg, bucket.id, &query),
-            Some(view) => objects.list_at(bucket.pg, view.bucket, &query, view.index),
-        }
-        .map_err(|e| from_node(e.into()))?;
+        let listing = objects
+            .list_view(bucket.pg, bucket.read_id(), &bucket.spans, &query)
+            .map_err(|e| from_node(e.into()))?;
         for entry in listing.entries {
             match entry {
                 Listed::CommonPrefix(p) => {

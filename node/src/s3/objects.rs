@@ -18,6 +18,7 @@ use lifeboat_proto::raft as pb;
 use lifeboat_replication::ProtectionGroup;
 use lifeboat_store::frame::{FrameAad, frame_key_id};
 use lifeboat_store::keyring::TenantKeys;
+use lifeboat_store::masks::{self, Span};
 use lifeboat_store::objects::{BucketBase, ObjectVersion};
 use lifeboat_store::{BucketId, ChunkId, LogIndex, PgId, TenantId};
 use prost::Message;
@@ -43,9 +44,22 @@ pub struct BucketRef {
     /// A read-only clone shows another bucket as it was at an index:
     /// reads go there, writes (to `id`) are refused by apply.
     pub view: Option<BucketBase>,
+    /// What reads of [`BucketRef::read_id`] go through: one plain span,
+    /// unless the bucket is a clone of a moment or a restore masked it.
+    pub spans: Vec<Span>,
 }
 
 impl BucketRef {
+    /// Works out [`BucketRef::spans`] from the PG's masks as they are now.
+    pub fn read_spans(&mut self, db: &lifeboat_store::db::Db) -> lifeboat_store::Result<()> {
+        let all = masks::masks(db, self.pg)?;
+        self.spans = match self.view {
+            Some(view) => masks::spans(&all, |m| m.covers_bucket(view.bucket), Some(view.index)),
+            None => masks::spans(&all, |m| m.covers_bucket(self.id), None),
+        };
+        Ok(())
+    }
+
     /// The bucket whose objects reads see.
     pub fn read_id(&self) -> BucketId {
         self.view.map_or(self.id, |v| v.bucket)
@@ -196,12 +210,12 @@ impl ObjectStore {
         let objects = &self.core.objects;
         let id = bucket.read_id();
         let found = match (version, bucket.view) {
-            (None, None) => objects.latest(bucket.pg, id, key),
-            (None, Some(view)) => objects.visible_at(bucket.pg, id, key, view.index),
+            (None, _) => objects.find(bucket.pg, id, key, &bucket.spans),
             // A clone shows only versions that were visible at its index.
-            (Some(at), Some(view)) => objects
-                .visible_at(bucket.pg, id, key, view.index)
+            (Some(at), Some(_)) => objects
+                .find(bucket.pg, id, key, &bucket.spans)
                 .map(|v| v.filter(|(index, _)| *index == at)),
+            // Any version of the history by its id, masked or not.
             (Some(at), None) => objects
                 .version_at(bucket.pg, id, key, at)
                 .map(|v| v.filter(|(index, _)| *index == at)),

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use lifeboat_chaos_tests::nbd_client::{NbdClient, NbdErrno};
 use lifeboat_node::NodeError;
-use lifeboat_node::core::{CredentialMode, Role};
+use lifeboat_node::core::Role;
 use sha2::{Digest, Sha256};
 
 use crate::{VOLUME, VOLUME_BYTES, must_run, must_start, pseudo_random};
@@ -25,7 +25,7 @@ async fn whole_export_sha256(client: &NbdClient) -> String {
     hex::encode(hash.finalize())
 }
 
-async fn export_sha256(addr: std::net::SocketAddr, export: &str) -> String {
+pub async fn export_sha256(addr: std::net::SocketAddr, export: &str) -> String {
     let client = NbdClient::connect(addr, export)
         .await
         .unwrap_or_else(|e| panic!("open {export}: {e:#}"));
@@ -35,7 +35,7 @@ async fn export_sha256(addr: std::net::SocketAddr, export: &str) -> String {
 /// A moment strictly between two writes, as RFC 3339 with milliseconds:
 /// waits so that the writes before and after it land in other 10 ms
 /// timeline buckets.
-async fn moment_between() -> String {
+pub async fn moment_between() -> String {
     tokio::time::sleep(Duration::from_millis(30)).await;
     let now = time::OffsetDateTime::now_utc();
     tokio::time::sleep(Duration::from_millis(30)).await;
@@ -256,15 +256,7 @@ async fn no_restore_point_shows_a_write_without_the_one_before_it() {
         .await
         .unwrap();
     core.create_bucket("demo/y-objects", "").await.unwrap();
-    let (credential, secret) = core
-        .create_credential("demo", CredentialMode::Full, None)
-        .await
-        .unwrap();
-    let s3 = lifeboat_chaos_tests::s3_client::client(
-        &format!("http://{}", node.running().s3_addr),
-        &credential.access_key,
-        &secret,
-    );
+    let s3 = crate::demo_s3(&node).await;
     let addr = node.nbd();
     let x_volume = node.client().await;
     let y_volume = NbdClient::connect(addr, "demo/disk1").await.unwrap();

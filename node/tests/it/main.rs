@@ -12,6 +12,7 @@ mod integrity;
 mod membership;
 mod pgs;
 mod real_clients;
+mod restore;
 mod s3;
 mod tls;
 
@@ -164,6 +165,21 @@ pub async fn must_start_with(adjust: impl FnOnce(&mut NodeConfig, &std::path::Pa
 
 /// Panics with a clear message unless `program` (installed by `make test`)
 /// is on the PATH.
+/// An S3 client with a new full credential of tenant `demo`.
+pub async fn demo_s3(node: &TestNode) -> aws_sdk_s3::Client {
+    let (credential, secret) = node
+        .running()
+        .core
+        .create_credential("demo", lifeboat_node::core::CredentialMode::Full, None)
+        .await
+        .expect("create credential");
+    lifeboat_chaos_tests::s3_client::client(
+        &format!("http://{}", node.running().s3_addr),
+        &credential.access_key,
+        &secret,
+    )
+}
+
 pub fn must_have(program: &str) {
     lifeboat_chaos_tests::harness::must_have_tool(program);
 }

@@ -2,14 +2,19 @@
 //! the snapshots that pin restore points (layout in
 //! `lifeboat_store::history`).
 //!
+//! Restores in place write rollback masks (`lifeboat_store::masks`).
+//!
 //! Locks are judged at the entry's stamp, never at a replica's clock, so
 //! every replica refuses the same deletes.
 
 use std::io;
 
 use lifeboat_proto::raft as pb;
-use lifeboat_store::LogIndex;
 use lifeboat_store::history::{self, History, ScheduleRecord, SnapshotRecord};
+use lifeboat_store::masks::{self, RollbackMask};
+use lifeboat_store::objects::{BucketState, Objects};
+use lifeboat_store::volumes::{VolumeState, Volumes};
+use lifeboat_store::{BucketId, LogIndex, VolumeId};
 
 use super::{ApplyContext, Outcome};
 use crate::types::{Applied, Rejection};
@@ -141,6 +146,126 @@ impl ApplyContext<'_> {
         Ok(Ok(Applied::SnapshotChanged {
             lock_overridden: overrides,
         }))
+    }
+
+    /// Restores every volume and bucket of the PG that existed at the
+    /// restore point to its state then, with one rollback mask; or undoes
+    /// the newest mask. Sizes go back too (a new volume record where the
+    /// size differs), so a volume grown since shows its old size. The state
+    /// machine applies this entry in a batch of its own, so every entry
+    /// after it reads through the mask.
+    pub(super) fn apply_restore_pg(
+        &mut self,
+        index: LogIndex,
+        r: &pb::RestorePg,
+        stamp_ms: u64,
+    ) -> io::Result<Outcome> {
+        let newest = masks::masks(self.db, self.pg)
+            .map_err(io::Error::other)?
+            .into_iter()
+            .next();
+        let (to, to_ms, undoes, volumes, buckets) = if r.undo {
+            let Some(last) = newest else {
+                return Ok(Err(Rejection::NothingToUndo));
+            };
+            // Back to just before the mask: what reads saw then.
+            let to = LogIndex(last.index.0 - 1);
+            (
+                to,
+                last.created_ms,
+                Some(last.index),
+                last.volumes,
+                last.buckets,
+            )
+        } else {
+            if r.to_index == 0 || r.to_index >= index.0 {
+                return Ok(Err(Rejection::IndexOutOfHistory {
+                    index: r.to_index,
+                    oldest: 1,
+                    newest: index.0 - 1,
+                }));
+            }
+            let to = LogIndex(r.to_index);
+            let (volumes, buckets) = self.restorable_at(to)?;
+            (to, r.to_ms, None, volumes, buckets)
+        };
+        // A locked snapshot taken after the restore point is not lost by a
+        // restore (it still reads what it pinned), but rolling the live
+        // state back past it is what a lock forbids to tenants.
+        let locked = History::new(self.db.clone())
+            .snapshots(self.pg)
+            .map_err(io::Error::other)?
+            .into_iter()
+            .filter(|(name, _)| !self.snapshot_overlay.contains_key(name))
+            .chain(
+                self.snapshot_overlay
+                    .iter()
+                    .filter_map(|(n, r)| r.clone().map(|r| (n.clone(), r))),
+            )
+            .filter(|(_, s)| s.index > to && s.is_locked_at(stamp_ms))
+            .max_by_key(|(_, s)| s.locked_until_ms);
+        if let Some((name, snapshot)) = &locked
+            && !r.operator
+        {
+            return Ok(Err(Rejection::SnapshotLocked {
+                name: name.clone(),
+                until_ms: snapshot.locked_until_ms,
+            }));
+        }
+        let reader = Volumes::new(self.db.clone());
+        for volume in &volumes {
+            let then = reader
+                .volume_at(self.pg, *volume, to)
+                .map_err(io::Error::other)?;
+            if let (Some((_, then)), Some(mut now)) = (then, self.volume(*volume)?)
+                && then.size_bytes != now.size_bytes
+            {
+                now.size_bytes = then.size_bytes;
+                self.put_volume(*volume, index, now);
+            }
+        }
+        let mask = RollbackMask {
+            index,
+            to,
+            to_ms,
+            created_ms: stamp_ms,
+            undoes,
+            volumes,
+            buckets,
+        };
+        masks::stage_mask(&mut self.batch, self.pg, &mask);
+        Ok(Ok(Applied::Restored {
+            to_index: to.0,
+            volumes: mask.volumes.len() as u32,
+            buckets: mask.buckets.len() as u32,
+            lock_overridden: locked.is_some(),
+        }))
+    }
+
+    /// The volumes and buckets a restore to `to` covers: those live then
+    /// (read-only bucket clones show one moment and are left alone).
+    fn restorable_at(&self, to: LogIndex) -> io::Result<(Vec<VolumeId>, Vec<BucketId>)> {
+        let volumes = Volumes::new(self.db.clone());
+        let mut live_volumes = Vec::new();
+        for (volume, _, _) in volumes.volumes(self.pg).map_err(io::Error::other)? {
+            let then = volumes
+                .volume_at(self.pg, volume, to)
+                .map_err(io::Error::other)?;
+            if then.is_some_and(|(_, r)| r.state == VolumeState::Active) {
+                live_volumes.push(volume);
+            }
+        }
+        let objects = Objects::new(self.db.clone());
+        let mut live_buckets = Vec::new();
+        for (bucket, _, _) in objects.buckets(self.pg).map_err(io::Error::other)? {
+            let then = objects
+                .bucket_at(self.pg, bucket, to)
+                .map_err(io::Error::other)?;
+            if then.is_some_and(|(_, r)| r.state == BucketState::Active && r.base.is_none()) {
+                live_buckets.push(bucket);
+            }
+        }
+        Ok((live_volumes, live_buckets))
     }
 
     pub(super) fn apply_set_schedule(&mut self, s: &pb::SetSchedule) -> io::Result<Outcome> {
