@@ -250,6 +250,9 @@ enum PgCommand {
     },
     /// One protection group: members, ack policy, and its progress here.
     Show { name: String },
+    /// Set how far back every moment stays restorable (like 24h, 7d);
+    /// older versions that no snapshot, clone or restore needs are deleted.
+    SetWindow { name: String, window: String },
     /// Change a protection group's ack policy.
     SetAck {
         name: String,
@@ -1021,12 +1024,13 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                 }
                 if let Some(s) = &status {
                     println!(
-                        "history: restorable from {} · {} snapshot(s) · {}",
+                        "history: restorable from {} · window {} · {} snapshot(s) · {}",
                         if s.oldest_restorable_ms == 0 {
                             "-".into()
                         } else {
                             format_time_ms(s.oldest_restorable_ms)
                         },
+                        describe_ms(s.window_ms),
                         s.snapshots,
                         describe_schedule(&s.schedule.unwrap_or_default())
                     );
@@ -1103,6 +1107,11 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
             });
             let s = client.api().lock_snapshot(req).await?.into_inner();
             print_snapshots(out, vec![s]);
+        }
+        Command::Pg(PgCommand::SetWindow { name, window }) => {
+            let req = client.request(api::SetPgWindowRequest { name, window });
+            let p = client.api().set_pg_window(req).await?.into_inner();
+            print_pgs(out, vec![p]);
         }
         Command::Pg(PgCommand::SetAck { name, ack }) => {
             let req = client.request(api::SetPgAckRequest { name, ack });
@@ -1216,6 +1225,7 @@ fn pg_status_json(p: &api::PgStatus) -> serde_json::Value {
         "ack": p.ack, "ack_degraded": p.ack_degraded,
         "ack_degradations": p.ack_degradations,
         "oldest_restorable_ms": p.oldest_restorable_ms, "snapshots": p.snapshots,
+        "window_ms": p.window_ms, "horizon_index": p.horizon_index,
         "schedule": p.schedule.as_ref().map(schedule_json),
         "lag": p.lag.iter().map(|l| serde_json::json!({
             "member": l.member_id, "node": l.node_id, "site": l.site,
@@ -1512,6 +1522,18 @@ fn print_buckets(out: &Output, buckets: Vec<api::Bucket>) {
 /// Milliseconds since the Unix epoch as RFC 3339 UTC.
 fn format_time_ms(ms: u64) -> String {
     lifeboat_snapshot::format_ms(ms)
+}
+
+/// A duration in ms the way people write it: 24h, 90m, 2s.
+fn describe_ms(ms: u64) -> String {
+    match ms {
+        0 => "-".into(),
+        ms if ms % 86_400_000 == 0 => format!("{}d", ms / 86_400_000),
+        ms if ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
+        ms if ms % 60_000 == 0 => format!("{}m", ms / 60_000),
+        ms if ms % 1000 == 0 => format!("{}s", ms / 1000),
+        ms => format!("{ms}ms"),
+    }
 }
 
 fn schedule_json(s: &api::SnapshotSchedule) -> serde_json::Value {

@@ -272,6 +272,14 @@ pub fn pg_status(core: &NodeCore, g: &ProtectionGroup) -> api::PgStatus {
             .ok()
             .flatten()
             .map(schedule_message),
+        window_ms: lifeboat_store::gc::window(&core.db, g.pg())
+            .ok()
+            .flatten()
+            .unwrap_or(core.config.history.window_ms),
+        horizon_index: lifeboat_store::gc::horizon(&core.db, g.pg())
+            .ok()
+            .flatten()
+            .map_or(0, |h| h.index.0),
     }
 }
 
@@ -1147,6 +1155,20 @@ impl Admin for AdminService {
         let record = self
             .core
             .set_pg_ack(&r.name, ack)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pg_message(&self.core, record)))
+    }
+
+    async fn set_pg_window(
+        &self,
+        req: Request<api::SetPgWindowRequest>,
+    ) -> Result<Response<api::Pg>, Status> {
+        self.require_operator(&req, "change protection windows")?;
+        let r = req.get_ref();
+        let record = self
+            .core
+            .set_pg_window(&r.name, &r.window)
             .await
             .map_err(|e| status(&e))?;
         Ok(Response::new(pg_message(&self.core, record)))

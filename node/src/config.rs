@@ -19,6 +19,7 @@ pub struct NodeConfig {
     pub http: HttpConfig,
     pub s3: S3Config,
     pub store: StoreConfig,
+    pub history: HistoryConfig,
     pub raft: RaftConfig,
 }
 
@@ -89,6 +90,21 @@ pub struct StoreConfig {
     pub block_cache_bytes: usize,
 }
 
+/// The continuous-protection window and its GC (see `lifeboat_store::gc`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HistoryConfig {
+    /// Every moment this recent stays restorable, for PGs that did not
+    /// set their own window (`pg set-window`).
+    pub window_ms: u64,
+    /// How often PG leaders move their horizon and run the scanner.
+    pub gc_interval_ms: u64,
+    /// Version rows one scanner step reads (one log entry each).
+    pub gc_step_rows: u32,
+    /// Pause between scanner steps, so that writes always get through.
+    pub gc_step_pause_ms: u64,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RaftConfig {
@@ -133,6 +149,7 @@ impl Default for NodeConfig {
             http: HttpConfig::default(),
             s3: S3Config::default(),
             store: StoreConfig::default(),
+            history: HistoryConfig::default(),
             raft: RaftConfig::default(),
         }
     }
@@ -187,6 +204,17 @@ impl Default for StoreConfig {
             zstd_level: 1,
             reserve_bytes: 256 << 20,
             block_cache_bytes: 256 << 20,
+        }
+    }
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        HistoryConfig {
+            window_ms: lifeboat_store::gc::DEFAULT_WINDOW_MS,
+            gc_interval_ms: 2_000,
+            gc_step_rows: 4096,
+            gc_step_pause_ms: 20,
         }
     }
 }

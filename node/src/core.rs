@@ -543,8 +543,12 @@ impl NodeCore {
             Duration::from_millis(crate::schedules::SCHEDULE_CHECK_MS),
             |core| async move { crate::schedules::run_once(&core).await },
         );
+        let history_gc = self.every(
+            Duration::from_millis(self.config.history.gc_interval_ms),
+            |core| async move { crate::gc::run_once(&core).await },
+        );
         let mut background = self.background.lock().expect("background lock");
-        background.extend([reconciler, retention, sweep, schedules]);
+        background.extend([reconciler, retention, sweep, schedules, history_gc]);
         if let Some(liveness) = self.liveness.clone() {
             background.push(self.every(liveness.interval(), move |core| {
                 let liveness = liveness.clone();

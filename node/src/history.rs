@@ -78,6 +78,24 @@ impl NodeCore {
         Ok(self.history.schedule(group.pg())?)
     }
 
+    /// Sets PG `TENANT/NAME`'s continuous-protection window (like 24h).
+    /// A shorter window lets the next GC pass delete more; a longer one
+    /// keeps what is still there (what was deleted stays deleted).
+    pub async fn set_pg_window(
+        &self,
+        pg_full_name: &str,
+        window: &str,
+    ) -> NodeResult<pb::PgRecord> {
+        let record = self.pg_named(pg_full_name)?;
+        let group = self.running_group(record.id)?;
+        let window_ms = points::parse_every(window)?;
+        group
+            .propose(pb::command::Kind::SetWindow(pb::SetWindow { window_ms }))
+            .await?;
+        tracing::info!(pg = pg_full_name, window_ms, "protection window set");
+        Ok(record)
+    }
+
     /// The PG `TENANT/NAME` and its member on this node.
     pub(crate) fn history_group(
         &self,

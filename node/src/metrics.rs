@@ -60,6 +60,10 @@ pub struct Metrics {
     /// deleted.
     pub scheduled_snapshots: Counter,
     pub scheduled_snapshots_pruned: Counter,
+    /// Versions and bytes the history's GC deleted (on PG leaders' steps;
+    /// every replica deletes the same).
+    pub gc_versions_reclaimed: Counter,
+    pub gc_bytes_reclaimed: Counter,
     nbd_requests: Family<OpLabels, Gauge>,
     nbd_errors: Family<ErrnoLabels, Gauge>,
     nbd_bytes_read: Gauge,
@@ -92,6 +96,8 @@ impl Metrics {
             s3_streams_released: Counter::default(),
             scheduled_snapshots: Counter::default(),
             scheduled_snapshots_pruned: Counter::default(),
+            gc_versions_reclaimed: Counter::default(),
+            gc_bytes_reclaimed: Counter::default(),
             nbd_requests: Family::default(),
             nbd_errors: Family::default(),
             nbd_bytes_read: Gauge::default(),
@@ -137,6 +143,16 @@ impl Metrics {
             "scheduled_snapshots_pruned",
             "Scheduled snapshots deleted by their schedule's retention",
             m.scheduled_snapshots_pruned.clone(),
+        );
+        registry.register(
+            "gc_versions_reclaimed",
+            "Versions the history's GC deleted (past the window, unpinned), counted on PG leaders",
+            m.gc_versions_reclaimed.clone(),
+        );
+        registry.register(
+            "gc_bytes_reclaimed",
+            "Bytes of versions and chunks the history's GC deleted, counted on PG leaders",
+            m.gc_bytes_reclaimed.clone(),
         );
         registry.register(
             "nbd_requests",

@@ -10,6 +10,7 @@ use std::io;
 
 use lifeboat_proto::raft as pb;
 use lifeboat_store::db::{Batch, Cf, Db};
+use lifeboat_store::gc;
 use lifeboat_store::history::SnapshotRecord;
 use lifeboat_store::masks::{self, RollbackMask, Span};
 use lifeboat_store::objects::{
@@ -23,6 +24,8 @@ use prost::Message;
 use crate::catalog::{self, Counter};
 use crate::types::{Applied, Rejection};
 
+#[cfg(test)]
+mod gc_model_test;
 mod history;
 mod uploads;
 
@@ -206,6 +209,9 @@ impl<'a> ApplyContext<'a> {
             Kind::LockSnapshot(l) => self.apply_lock_snapshot(l, cmd.stamp_ms),
             Kind::SetSchedule(s) => self.apply_set_schedule(s),
             Kind::RestorePg(r) => self.apply_restore_pg(index, r, cmd.stamp_ms),
+            Kind::SetWindow(w) => self.apply_set_window(w),
+            Kind::AdvanceHorizon(a) => self.apply_advance_horizon(index, a),
+            Kind::CollectGarbage(c) => self.apply_collect_garbage(c),
             Kind::InitCatalog(i) => self.apply_init_catalog(i, cmd.stamp_ms),
             Kind::CreateTenant(t) => self.apply_create_tenant(t, cmd.stamp_ms),
             Kind::RotateDek(r) => self.apply_rotate_dek(r),
@@ -308,6 +314,21 @@ impl<'a> ApplyContext<'a> {
             Some(r) if r.state == VolumeState::Deleted => r,
             _ => return Ok(Err(Rejection::VolumeNotFound { volume: u.volume })),
         };
+        // Deleted at or behind the horizon: its data may be gone (pins
+        // keep only moments when it was live).
+        let deleted_at = Volumes::new(self.db.clone())
+            .volume(self.pg, VolumeId(u.volume))
+            .map_err(io::Error::other)?
+            .map_or(index, |(at, _)| at);
+        if let Some(h) = gc::horizon(self.db, self.pg).map_err(io::Error::other)?
+            && deleted_at <= h.index
+        {
+            return Ok(Err(Rejection::IndexOutOfHistory {
+                index: deleted_at.0,
+                oldest: h.index.0 + 1,
+                newest: index.0 - 1,
+            }));
+        }
         record.state = VolumeState::Active;
         self.put_volume(VolumeId(u.volume), index, record);
         Ok(Ok(Applied::Done))
@@ -326,6 +347,9 @@ impl<'a> ApplyContext<'a> {
                 oldest: 1,
                 newest: index.0 - 1,
             }));
+        }
+        if let Some(rejection) = self.check_held(b.index, LogIndex(index.0 - 1))? {
+            return Ok(Err(rejection));
         }
         let volumes = Volumes::new(self.db.clone());
         let live = volumes
@@ -770,6 +794,9 @@ impl ApplyContext<'_> {
                     .is_some_and(|(_, r)| r.state == BucketState::Active && r.base.is_none());
                 if b.index == 0 || b.index >= index.0 || !live_then {
                     return Ok(Err(Rejection::BucketNotFound { bucket: b.bucket }));
+                }
+                if let Some(rejection) = self.check_held(b.index, LogIndex(index.0 - 1))? {
+                    return Ok(Err(rejection));
                 }
                 Some(BucketBase {
                     bucket: BucketId(b.bucket),

@@ -254,10 +254,19 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         while let Some((entry, responder)) = entries.try_next().await? {
             let index = LogIndex(entry.log_id.index);
             // A restore changes what every later read sees, and the apply
-            // overlays do not know masks: it goes in a batch of its own.
+            // overlays do not know masks; the horizon and the GC read the
+            // store as it is, which must not depend on where batches
+            // split: each goes in a batch of its own.
             let alone = matches!(
                 &entry.payload,
-                EntryPayload::Normal(cmd) if matches!(cmd.0.kind, Some(pb::command::Kind::RestorePg(_)))
+                EntryPayload::Normal(cmd) if matches!(
+                    cmd.0.kind,
+                    Some(
+                        pb::command::Kind::RestorePg(_)
+                            | pb::command::Kind::AdvanceHorizon(_)
+                            | pb::command::Kind::CollectGarbage(_)
+                    )
+                )
             );
             if alone && last_applied.is_some() {
                 self.flush_apply(&mut ctx, last_applied.as_ref(), &mut last_membership)

@@ -64,6 +64,9 @@ impl fmt::Display for Command {
             Some(Kind::SetSchedule(_)) => "set_schedule",
             Some(Kind::UndeleteVolume(_)) => "undelete_volume",
             Some(Kind::RestorePg(_)) => "restore_pg",
+            Some(Kind::SetWindow(_)) => "set_window",
+            Some(Kind::AdvanceHorizon(_)) => "advance_horizon",
+            Some(Kind::CollectGarbage(_)) => "collect_garbage",
             Some(Kind::CreateBucket(_)) => "create_bucket",
             Some(Kind::DeleteBucket(_)) => "delete_bucket",
             Some(Kind::DeleteObject(_)) => "delete_object",
@@ -311,6 +314,16 @@ pub enum Applied {
         volumes: u32,
         buckets: u32,
         lock_overridden: bool,
+    },
+    /// One step of the history's GC; `done` once its pass is over.
+    Collected {
+        versions: u64,
+        bytes: u64,
+        done: bool,
+    },
+    /// The horizon is now the state at this index.
+    HorizonMoved {
+        index: u64,
     },
     /// A version was removed by its id; it was a delete marker or not.
     VersionDeleted {

@@ -170,6 +170,10 @@ impl Db {
                 cf_opts.set_enable_blob_files(true);
                 cf_opts.set_min_blob_size(options.blob_value_bytes_min);
                 cf_opts.set_enable_blob_gc(true);
+                // Blob files whose values the history's GC deleted: once
+                // half of the oldest quarter is garbage, compaction
+                // rewrites them, so the space comes back on its own.
+                cf_opts.set_blob_gc_force_threshold(0.5);
             }
             ColumnFamilyDescriptor::new(cf.name(), cf_opts)
         });
@@ -308,6 +312,25 @@ impl Db {
     pub fn compact_range(&self, cf: Cf, from: &[u8], to: &[u8]) {
         self.inner
             .compact_range_cf(self.cf(cf), Some(from), Some(to));
+    }
+
+    /// Compacts a column family's range and rewrites every blob file it
+    /// references, so that values deleted since are off the disk when it
+    /// returns (normal compactions get there too, oldest files first).
+    pub fn compact_reclaiming(&self, cf: Cf, from: &[u8], to: &[u8]) -> Result<()> {
+        let handle = self.cf(cf);
+        if cf.holds_large_values() {
+            self.inner
+                .set_options_cf(&handle, &[("blob_garbage_collection_age_cutoff", "1.0")])
+                .map_err(rocks("set blob GC cutoff"))?;
+        }
+        self.inner.compact_range_cf(&handle, Some(from), Some(to));
+        if cf.holds_large_values() {
+            self.inner
+                .set_options_cf(&handle, &[("blob_garbage_collection_age_cutoff", "0.25")])
+                .map_err(rocks("set blob GC cutoff"))?;
+        }
+        Ok(())
     }
 
     /// Writes every memtable to table files, atomically across column

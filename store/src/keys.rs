@@ -82,6 +82,12 @@ pub enum MetaKind {
     /// A rollback mask: `pg | kind | 0 | !index`, newest first (see
     /// `crate::masks`).
     Mask = 8,
+    /// The PG's GC horizon: `pg | kind`, one row (see `crate::gc`).
+    Horizon = 9,
+    /// Where the GC scanner is: `pg | kind`, one row.
+    GcCursor = 10,
+    /// The PG's continuous-protection window: `pg | kind`, one row.
+    Window = 11,
 }
 
 /// The two rows of a chunk in `chunks`.

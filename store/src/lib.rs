@@ -12,6 +12,7 @@
 pub mod db;
 pub mod error;
 pub mod frame;
+pub mod gc;
 pub mod history;
 pub mod ids;
 pub mod keyring;

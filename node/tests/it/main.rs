@@ -7,6 +7,7 @@ mod bad_input;
 mod buckets;
 mod confidentiality;
 mod credentials;
+mod gc;
 mod history;
 mod integrity;
 mod membership;
@@ -163,8 +164,6 @@ pub async fn must_start_with(adjust: impl FnOnce(&mut NodeConfig, &std::path::Pa
     }
 }
 
-/// Panics with a clear message unless `program` (installed by `make test`)
-/// is on the PATH.
 /// An S3 client with a new full credential of tenant `demo`.
 pub async fn demo_s3(node: &TestNode) -> aws_sdk_s3::Client {
     let (credential, secret) = node
@@ -180,6 +179,8 @@ pub async fn demo_s3(node: &TestNode) -> aws_sdk_s3::Client {
     )
 }
 
+/// Panics with a clear message unless `program` (installed by `make test`)
+/// is on the PATH.
 pub fn must_have(program: &str) {
     lifeboat_chaos_tests::harness::must_have_tool(program);
 }

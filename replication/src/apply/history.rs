@@ -10,6 +10,7 @@
 use std::io;
 
 use lifeboat_proto::raft as pb;
+use lifeboat_store::gc;
 use lifeboat_store::history::{self, History, ScheduleRecord, SnapshotRecord};
 use lifeboat_store::masks::{self, RollbackMask};
 use lifeboat_store::objects::{BucketState, Objects};
@@ -75,11 +76,15 @@ impl ApplyContext<'_> {
                 name: c.name.clone(),
             }));
         }
-        // No version is reclaimed yet (the history GC is to come), so every
-        // index from the first is still whole.
+        // A past index must still be whole: inside the window, or pinned.
         let (pinned, at_ms) = match c.at_index {
             None => (index, stamp_ms),
-            Some(at) if (1..=index.0).contains(&at) => (LogIndex(at), c.at_ms),
+            Some(at) if (1..=index.0).contains(&at) => {
+                if let Some(rejection) = self.check_held(at, index)? {
+                    return Ok(Err(rejection));
+                }
+                (LogIndex(at), c.at_ms)
+            }
             Some(at) => {
                 return Ok(Err(Rejection::IndexOutOfHistory {
                     index: at,
@@ -170,6 +175,9 @@ impl ApplyContext<'_> {
             };
             // Back to just before the mask: what reads saw then.
             let to = LogIndex(last.index.0 - 1);
+            if let Some(rejection) = self.check_held(to.0, LogIndex(index.0 - 1))? {
+                return Ok(Err(rejection));
+            }
             (
                 to,
                 last.created_ms,
@@ -186,22 +194,18 @@ impl ApplyContext<'_> {
                 }));
             }
             let to = LogIndex(r.to_index);
+            if let Some(rejection) = self.check_held(to.0, LogIndex(index.0 - 1))? {
+                return Ok(Err(rejection));
+            }
             let (volumes, buckets) = self.restorable_at(to)?;
             (to, r.to_ms, None, volumes, buckets)
         };
         // A locked snapshot taken after the restore point is not lost by a
         // restore (it still reads what it pinned), but rolling the live
         // state back past it is what a lock forbids to tenants.
-        let locked = History::new(self.db.clone())
-            .snapshots(self.pg)
-            .map_err(io::Error::other)?
+        let locked = self
+            .snapshots_staged()?
             .into_iter()
-            .filter(|(name, _)| !self.snapshot_overlay.contains_key(name))
-            .chain(
-                self.snapshot_overlay
-                    .iter()
-                    .filter_map(|(n, r)| r.clone().map(|r| (n.clone(), r))),
-            )
             .filter(|(_, s)| s.index > to && s.is_locked_at(stamp_ms))
             .max_by_key(|(_, s)| s.locked_until_ms);
         if let Some((name, snapshot)) = &locked
@@ -266,6 +270,105 @@ impl ApplyContext<'_> {
             }
         }
         Ok((live_volumes, live_buckets))
+    }
+
+    /// What the PG keeps below its horizon (the store as written: the
+    /// commands that need it run in a batch of their own, or check
+    /// indexes this batch cannot have changed).
+    fn retained(&self) -> io::Result<gc::Retained> {
+        // Snapshots this batch made or deleted count as they are staged,
+        // so the answer does not depend on where batches split.
+        let snapshots = self.snapshots_staged()?;
+        gc::Retained::gather_with(
+            self.db,
+            self.pg,
+            snapshots.into_iter().map(|(_, s)| s.index),
+        )
+        .map_err(io::Error::other)
+    }
+
+    /// Every snapshot of the PG, this batch's changes included.
+    fn snapshots_staged(&self) -> io::Result<Vec<(String, SnapshotRecord)>> {
+        Ok(History::new(self.db.clone())
+            .snapshots(self.pg)
+            .map_err(io::Error::other)?
+            .into_iter()
+            .filter(|(name, _)| !self.snapshot_overlay.contains_key(name))
+            .chain(
+                self.snapshot_overlay
+                    .iter()
+                    .filter_map(|(n, r)| r.clone().map(|r| (n.clone(), r))),
+            )
+            .collect())
+    }
+
+    /// Refuses a restore point the history no longer holds whole.
+    pub(super) fn check_held(&self, index: u64, newest: LogIndex) -> io::Result<Option<Rejection>> {
+        let retained = self.retained()?;
+        Ok(
+            (!retained.holds(LogIndex(index))).then(|| Rejection::IndexOutOfHistory {
+                index,
+                oldest: retained.horizon.map_or(1, |h| h.0),
+                newest: newest.0,
+            }),
+        )
+    }
+
+    pub(super) fn apply_set_window(&mut self, w: &pb::SetWindow) -> io::Result<Outcome> {
+        if w.window_ms == 0 {
+            return Ok(Err(Rejection::Malformed {
+                reason: "a window of 0 ms".into(),
+            }));
+        }
+        gc::stage_window(&mut self.batch, self.pg, w.window_ms);
+        Ok(Ok(Applied::Done))
+    }
+
+    /// Moves the horizon to the state at `at_ms` on this PG's timeline:
+    /// forward only, and never past the entry itself.
+    pub(super) fn apply_advance_horizon(
+        &mut self,
+        index: LogIndex,
+        a: &pb::AdvanceHorizon,
+    ) -> io::Result<Outcome> {
+        let target = match History::new(self.db.clone())
+            .index_at(self.pg, a.at_ms)
+            .map_err(io::Error::other)?
+        {
+            history::TimeIndex::At(i) => i,
+            history::TimeIndex::Latest => LogIndex(index.0 - 1),
+            history::TimeIndex::BeforeHistory { .. } => return Ok(Ok(Applied::Done)),
+        };
+        let current = gc::horizon(self.db, self.pg).map_err(io::Error::other)?;
+        if target.0 == 0 || current.is_some_and(|h| h.index >= target) {
+            return Ok(Ok(Applied::Done));
+        }
+        gc::stage_horizon(
+            &mut self.batch,
+            self.pg,
+            gc::Horizon {
+                index: target,
+                at_ms: a.at_ms,
+            },
+        );
+        Ok(Ok(Applied::HorizonMoved { index: target.0 }))
+    }
+
+    pub(super) fn apply_collect_garbage(&mut self, c: &pb::CollectGarbage) -> io::Result<Outcome> {
+        let retained = self.retained()?;
+        let step = gc::collect_step(
+            self.db,
+            &mut self.batch,
+            self.pg,
+            &retained,
+            c.max_rows as usize,
+        )
+        .map_err(io::Error::other)?;
+        Ok(Ok(Applied::Collected {
+            versions: step.versions_removed,
+            bytes: step.bytes_removed,
+            done: step.done,
+        }))
     }
 
     pub(super) fn apply_set_schedule(&mut self, s: &pb::SetSchedule) -> io::Result<Outcome> {

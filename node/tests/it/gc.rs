@@ -1,0 +1,235 @@
+//! The continuous-protection window: once versions leave it, the history's
+//! GC deletes those nothing pins and the space really comes back, while
+//! the latest state, snapshots and every moment still inside the window
+//! read exactly as before; restore points outside it are refused by name.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use lifeboat_node::NodeError;
+use lifeboat_store::PgId;
+use lifeboat_store::db::Cf;
+use lifeboat_store::gc::{self, Cursor};
+
+use crate::history::export_sha256;
+use crate::{VOLUME, demo_s3, must_start_with, pseudo_random};
+
+const BUCKET: &str = "g-objects";
+const PATTERN_BYTES: usize = 8 << 20;
+
+/// Bytes of RocksDB's table and blob files under `dir`.
+fn stored_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.ends_with(".sst") || name.ends_with(".blob")
+        })
+        .map(|e| e.metadata().unwrap().len())
+        .sum()
+}
+
+/// Flushes and compacts every column family that holds data.
+fn compact(core: &lifeboat_node::core::NodeCore) {
+    core.db.flush().unwrap();
+    for cf in [
+        Cf::Blocks,
+        Cf::Objects,
+        Cf::Chunks,
+        Cf::Latest,
+        Cf::PgMeta,
+        Cf::Timeline,
+    ] {
+        core.db.compact_reclaiming(cf, &[], &[0xFF; 32]).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_reclaims_what_left_the_window_and_keeps_what_is_pinned() {
+    let node = must_start_with(|c, _| {
+        c.history.gc_interval_ms = 100;
+        c.history.gc_step_rows = 512;
+        c.history.gc_step_pause_ms = 1;
+    })
+    .await;
+    let core = node.running().core.clone();
+    let pg = PgId(core.pg_named("demo/main").unwrap().id);
+    let client = node.client().await;
+    core.create_bucket(&format!("demo/{BUCKET}"), "")
+        .await
+        .unwrap();
+    let s3 = demo_s3(&node).await;
+    let put = |key: &'static str, seed: u64| {
+        let s3 = s3.clone();
+        async move {
+            s3.put_object()
+                .bucket(BUCKET)
+                .key(key)
+                .body(pseudo_random(seed, 1 << 20).into())
+                .send()
+                .await
+                .unwrap();
+        }
+    };
+
+    // Four versions of 8 MiB; the first one pinned by a snapshot.
+    let write = |seed: u64| {
+        let client = &client;
+        async move {
+            client
+                .write(0, &pseudo_random(seed, PATTERN_BYTES), true)
+                .await
+                .unwrap()
+                .unwrap();
+        }
+    };
+    write(1).await;
+    let first = export_sha256(node.nbd(), VOLUME).await;
+    core.create_snapshot("demo/main", "keep", "", "")
+        .await
+        .unwrap();
+    write(2).await;
+    let middle_ms = core.now_ms();
+    let middle = lifeboat_snapshot::format_ms(middle_ms);
+    write(3).await;
+    write(4).await;
+    let latest = export_sha256(node.nbd(), VOLUME).await;
+    // Objects overwritten and deleted; a volume deleted with its data.
+    for seed in [10, 11, 12] {
+        put("o", seed).await;
+    }
+    put("gone", 13).await;
+    s3.delete_object()
+        .bucket(BUCKET)
+        .key("gone")
+        .send()
+        .await
+        .unwrap();
+    core.create_volume("demo/scratch", 4 << 20, "")
+        .await
+        .unwrap();
+    let scratch = lifeboat_chaos_tests::nbd_client::NbdClient::connect(node.nbd(), "demo/scratch")
+        .await
+        .unwrap();
+    scratch
+        .write(0, &pseudo_random(20, 4 << 20), true)
+        .await
+        .unwrap()
+        .unwrap();
+    drop(scratch);
+    core.delete_volume("demo/scratch").await.unwrap();
+    let last_write = core.group(pg).unwrap().metrics().applied_index;
+    compact(&core);
+    let before = stored_bytes(&node.data_dir().join("db"));
+    assert_eq!(
+        gc::horizon(&core.db, pg).unwrap(),
+        None,
+        "a day's window keeps everything"
+    );
+
+    // A window of one second: everything written so far leaves it.
+    core.set_pg_window("demo/main", "1s").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let horizon = gc::horizon(&core.db, pg).unwrap();
+        let passed = horizon.is_some_and(|h| h.index >= last_write);
+        if passed && gc::cursor(&core.db, pg).unwrap() == Cursor::Done {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "GC never got past {last_write}: {horizon:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Versions 2 and 3 (2 × 2048 blocks) and the deleted volume's 1024.
+    let reclaimed = core.metrics.gc_versions_reclaimed.get();
+    assert!(
+        reclaimed >= 2 * 2048 + 1024 + 2,
+        "{reclaimed} versions reclaimed"
+    );
+
+    // What is needed reads exactly as before.
+    assert_eq!(export_sha256(node.nbd(), VOLUME).await, latest);
+    assert_eq!(
+        export_sha256(node.nbd(), &format!("{VOLUME}@keep")).await,
+        first
+    );
+    let body = s3
+        .get_object()
+        .bucket(BUCKET)
+        .key("o")
+        .send()
+        .await
+        .unwrap();
+    assert!(body.body.collect().await.unwrap().into_bytes() == pseudo_random(12, 1 << 20));
+    assert!(
+        s3.get_object()
+            .bucket(BUCKET)
+            .key("gone")
+            .send()
+            .await
+            .is_err()
+    );
+    let versions = s3
+        .list_object_versions()
+        .bucket(BUCKET)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        versions.versions().len(),
+        1,
+        "only the newest version of o is left"
+    );
+    assert!(
+        versions.delete_markers().is_empty(),
+        "a marker over nothing is gone too"
+    );
+
+    // Moments outside the window are refused, naming the oldest left.
+    let e = core
+        .restore_pg(
+            "demo/main",
+            &middle,
+            "",
+            false,
+            true,
+            &lifeboat_node::core::Role::Operator,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            NodeError::BeforeHistory {
+                oldest: Some(_),
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(core.undelete_volume("demo/scratch").await.is_err());
+    // The oldest restorable time moved with the horizon (which goes on
+    // moving: a second's window).
+    let oldest = core.history.oldest_ms(pg).unwrap().unwrap();
+    let h = gc::horizon(&core.db, pg).unwrap().unwrap();
+    assert!(
+        oldest > middle_ms && oldest <= h.at_ms,
+        "{oldest} vs {middle_ms}..{}",
+        h.at_ms
+    );
+
+    // And the space really comes back.
+    compact(&core);
+    let after = stored_bytes(&node.data_dir().join("db"));
+    assert!(
+        after + (16 << 20) < before,
+        "{} MiB stored before GC, {} MiB after",
+        before >> 20,
+        after >> 20
+    );
+    node.stop().await;
+}
