@@ -250,6 +250,9 @@ enum PgCommand {
     },
     /// One protection group: members, ack policy, and its progress here.
     Show { name: String },
+    /// A digest of this node's replica of a protection group: replicas at
+    /// the same applied index must print the same.
+    Digest { name: String },
     /// Set how far back every moment stays restorable (like 24h, 7d);
     /// older versions that no snapshot, clone or restore needs are deleted.
     SetWindow { name: String, window: String },
@@ -1107,6 +1110,25 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
             });
             let s = client.api().lock_snapshot(req).await?.into_inner();
             print_snapshots(out, vec![s]);
+        }
+        Command::Pg(PgCommand::Digest { name }) => {
+            let req = client.request(api::PgDigestRequest { name: name.clone() });
+            let d = client.api().pg_digest(req).await?.into_inner();
+            if out.json {
+                out.json_value(&serde_json::json!({
+                    "pg": name, "applied_index": d.applied_index, "quiet": d.quiet,
+                    "rows": d.rows, "versions": d.versions, "sha256": d.sha256,
+                }));
+            } else {
+                println!(
+                    "{name}: applied index {}{} · {} rows · {} versions · sha256 {}",
+                    d.applied_index,
+                    if d.quiet { "" } else { " (moving)" },
+                    d.rows,
+                    d.versions,
+                    d.sha256
+                );
+            }
         }
         Command::Pg(PgCommand::SetWindow { name, window }) => {
             let req = client.request(api::SetPgWindowRequest { name, window });

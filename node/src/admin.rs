@@ -1160,6 +1160,34 @@ impl Admin for AdminService {
         Ok(Response::new(pg_message(&self.core, record)))
     }
 
+    async fn pg_digest(
+        &self,
+        req: Request<api::PgDigestRequest>,
+    ) -> Result<Response<api::PgDigestResponse>, Status> {
+        self.require_operator(&req, "read replica digests")?;
+        let record = self
+            .core
+            .pg_named(&req.get_ref().name)
+            .map_err(|e| status(&e))?;
+        let group = self.core.running_group(record.id).map_err(|e| status(&e))?;
+        let before = group.metrics().applied_index;
+        let db = self.core.db.clone();
+        let pg = group.pg();
+        let digest =
+            tokio::task::spawn_blocking(move || lifeboat_store::raft_snapshot::pg_digest(&db, pg))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e| status(&e.into()))?;
+        let after = group.metrics().applied_index;
+        Ok(Response::new(api::PgDigestResponse {
+            applied_index: after.0,
+            quiet: before == after,
+            rows: digest.rows,
+            versions: digest.versions,
+            sha256: hex::encode(digest.sha256),
+        }))
+    }
+
     async fn set_pg_window(
         &self,
         req: Request<api::SetPgWindowRequest>,
