@@ -6,13 +6,17 @@
 //! - from `volume clone --snapshot` to the clone's first NBD read;
 //! - reads of a volume whose every block was overwritten 10 times, at the
 //!   latest state and at a snapshot of the first pass, beside a volume
-//!   written once (read amplification).
+//!   written once (read amplification);
+//! - the history's GC: versions and bytes reclaimed per second once a
+//!   volume overwritten four times leaves the window, and the write
+//!   throughput of another PG on the node while GC runs, beside the same
+//!   writes with no GC (measured first).
 //!
 //! Volumes are filled with compressible log-like data so 17 GiB of writes
 //! fit the disk; the write path still encodes and replicates every block.
 //!
 //! ```text
-//! history [--big-gib 16] [--rounds 20] [--amp-mib 256] [--seconds 5]
+//! history [--big-gib 16] [--rounds 20] [--amp-mib 256] [--seconds 5] [--gc-mib 256] [--only-gc]
 //! ```
 
 use std::sync::Arc;
@@ -39,6 +43,12 @@ struct Args {
     /// Seconds per read phase.
     #[arg(long, default_value_t = 5)]
     seconds: u64,
+    /// Size of the volume whose old versions GC reclaims (0: skip).
+    #[arg(long, default_value_t = 256)]
+    gc_mib: u64,
+    /// Run the GC phase only.
+    #[arg(long)]
+    only_gc: bool,
 }
 
 const WRITE_BYTES: usize = 4 << 20;
@@ -136,6 +146,137 @@ async fn main() -> Result<()> {
     std::fs::create_dir_all(&work)?;
     let mut cluster = Cluster::start(&work, &["primary"], 64)?;
     let node = &cluster.nodes[0];
+    if !args.only_gc {
+        snapshots_clones_and_reads(node, &args).await?;
+    }
+    if args.gc_mib > 0 {
+        gc_phase(node, &args).await?;
+    }
+    cluster.stop()?;
+    Ok(())
+}
+
+/// A counter from the node's /metrics (0 when absent).
+fn metric(http: std::net::SocketAddr, name: &str) -> Result<f64> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(http)?;
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    Ok(text
+        .lines()
+        .find_map(|l| {
+            let (key, value) = l.split_once(' ')?;
+            (key == name).then(|| value.trim().parse().ok()).flatten()
+        })
+        .unwrap_or(0.0))
+}
+
+/// Writes through `client` over `bytes` for at least `seconds` and until
+/// `until` says stop; returns MB/s.
+async fn write_load(
+    client: &Arc<NbdClient>,
+    bytes: u64,
+    seconds: u64,
+    mut until: impl FnMut() -> bool,
+) -> Result<f64> {
+    let started = Instant::now();
+    let mut written = 0u64;
+    let mut pass = 1u8;
+    while started.elapsed() < Duration::from_secs(seconds) || !until() {
+        pass = pass.wrapping_add(1);
+        let mb_s = fill(client, bytes, pass).await?;
+        written += bytes;
+        let _ = mb_s;
+    }
+    Ok(written as f64 / started.elapsed().as_secs_f64() / 1e6)
+}
+
+async fn gc_phase(node: &TestNode, args: &Args) -> Result<()> {
+    let bytes = args.gc_mib << 20;
+    let blocks = bytes / 4096;
+    node.must_cli(&["pg", "create", "bench/old"]);
+    node.must_cli(&["pg", "create", "bench/live"]);
+    for (volume, pg) in [("bench/old-v", "old"), ("bench/live-v", "live")] {
+        node.must_cli(&[
+            "volume",
+            "create",
+            volume,
+            "--size",
+            &format!("{bytes}"),
+            "--pg",
+            pg,
+        ]);
+    }
+    let old = Arc::new(NbdClient::connect(node.nbd, "bench/old-v").await?);
+    for pass in 1..=5 {
+        fill(&old, bytes, pass).await?;
+    }
+    let live = Arc::new(NbdClient::connect(node.nbd, "bench/live-v").await?);
+    fill(&live, bytes, 1).await?;
+    let seconds = args.seconds.max(5);
+    let baseline = write_load(&live, bytes, seconds, || true).await?;
+    println!("writes to another PG, no GC: {baseline:.0} MB/s");
+
+    // Four of the five passes leave the window; GC reclaims them while
+    // the other PG takes the same writes.
+    node.must_cli(&["pg", "set-window", "bench/old", "1s"]);
+    let expected = 4 * blocks;
+    // A poller notes when the counters first and last moved.
+    let http = node.http;
+    let poller = tokio::task::spawn_blocking(move || -> Result<(f64, f64, f64)> {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        let mut first: Option<Instant> = None;
+        let (mut last_at, mut versions, mut gc_bytes) = (Instant::now(), 0.0, 0.0);
+        while versions < expected as f64 {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "GC reclaimed only {versions} versions"
+            );
+            let v = metric(http, "lifeboat_gc_versions_reclaimed_total")?;
+            if v > versions {
+                let now = Instant::now();
+                first.get_or_insert(now);
+                last_at = now;
+                versions = v;
+                gc_bytes = metric(http, "lifeboat_gc_bytes_reclaimed_total")?;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let secs = last_at.duration_since(first.expect("moved")).as_secs_f64();
+        Ok((versions, gc_bytes, secs.max(0.05)))
+    });
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writes = {
+        let (live, done) = (live.clone(), done.clone());
+        tokio::spawn(async move {
+            write_load(&live, bytes, 0, || {
+                done.load(std::sync::atomic::Ordering::SeqCst)
+            })
+            .await
+        })
+    };
+    let (versions, gc_bytes, secs) = poller.await??;
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let during = writes.await??;
+    println!(
+        "GC of {} MiB x 4 old passes: {versions:.0} versions, {:.1} MB reclaimed in {secs:.1} s: {:.0} versions/s, {:.1} MB/s",
+        args.gc_mib,
+        gc_bytes / 1e6,
+        versions / secs,
+        gc_bytes / secs / 1e6
+    );
+    println!(
+        "writes to another PG while GC runs: {during:.0} MB/s ({:.2}x of no GC)",
+        during / baseline
+    );
+    Ok(())
+}
+
+async fn snapshots_clones_and_reads(node: &TestNode, args: &Args) -> Result<()> {
     let big = args.big_gib << 30;
     for (pg, volume, bytes) in [
         ("bench/small", "bench/small-v", 1u64 << 30),
@@ -228,6 +369,5 @@ async fn main() -> Result<()> {
         old_iops / once_iops,
         old_mb / once_mb
     );
-    cluster.stop()?;
     Ok(())
 }
