@@ -74,6 +74,7 @@ pub struct Metrics {
     pg_is_leader: Family<PgLabels, Gauge>,
     pg_ack_degraded: Family<PgLabels, Gauge>,
     pg_ack_degradations: Family<PgLabels, Gauge>,
+    pg_oldest_restorable_seconds: Family<PgLabels, Gauge>,
     replication_lag_entries: Family<LagLabels, Gauge>,
     replication_lag_bytes: Family<LagLabels, Gauge>,
     replication_lag_seconds: Family<LagLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
@@ -108,6 +109,7 @@ impl Metrics {
             pg_is_leader: Family::default(),
             pg_ack_degraded: Family::default(),
             pg_ack_degradations: Family::default(),
+            pg_oldest_restorable_seconds: Family::default(),
             replication_lag_entries: Family::default(),
             replication_lag_bytes: Family::default(),
             replication_lag_seconds: Family::default(),
@@ -188,6 +190,11 @@ impl Metrics {
             "pg_last_log_index",
             "Last log index in this node's log of each protection group",
             m.pg_last_log_index.clone(),
+        );
+        registry.register(
+            "pg_oldest_restorable_seconds",
+            "Oldest moment this node's replica of each PG can still restore to (Unix seconds; 0: none yet)",
+            m.pg_oldest_restorable_seconds.clone(),
         );
         registry.register(
             "pg_is_leader",
@@ -275,6 +282,10 @@ impl Metrics {
             self.pg_ack_degradations
                 .get_or_create(&labels)
                 .set(ack.degradations as i64);
+            let oldest_ms = core.history.oldest_ms(g.pg()).ok().flatten().unwrap_or(0);
+            self.pg_oldest_restorable_seconds
+                .get_or_create(&labels)
+                .set((oldest_ms / 1000) as i64);
         }
         // Only leaders know lag: series of PGs this node no longer leads go.
         self.replication_lag_entries.clear();

@@ -221,6 +221,16 @@ async fn gc_reclaims_what_left_the_window_and_keeps_what_is_pinned() {
         "{oldest} vs {middle_ms}..{}",
         h.at_ms
     );
+    let (_, text) =
+        lifeboat_chaos_tests::harness::http_get(node.running().http_addr, "/metrics").unwrap();
+    let series = format!("lifeboat_pg_oldest_restorable_seconds{{pg=\"{}\"}} ", pg.0);
+    let exported: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+        .parse()
+        .unwrap();
+    assert!(exported * 1000 + 1000 > middle_ms, "{exported} s exported");
 
     // And the space really comes back.
     compact(&core);
