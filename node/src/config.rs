@@ -103,6 +103,22 @@ pub struct HistoryConfig {
     pub gc_step_rows: u32,
     /// Pause between scanner steps, so that writes always get through.
     pub gc_step_pause_ms: u64,
+    /// Free space counts as short at or below the store's reserve plus
+    /// this: the node raises `space_short` and follows `when_space_short`.
+    pub space_short_bytes: u64,
+    /// What to do when space runs short: keep every window and let writes
+    /// stop at the reserve ("refuse-writes"), or halve the windows of the
+    /// PGs this node leads, down to `window_min_ms`, each with an event
+    /// ("shrink-windows"). Windows never shrink otherwise.
+    pub when_space_short: SpaceShortPolicy,
+    pub window_min_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SpaceShortPolicy {
+    RefuseWrites,
+    ShrinkWindows,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -215,6 +231,9 @@ impl Default for HistoryConfig {
             gc_interval_ms: 2_000,
             gc_step_rows: 4096,
             gc_step_pause_ms: 20,
+            space_short_bytes: 1 << 30,
+            when_space_short: SpaceShortPolicy::RefuseWrites,
+            window_min_ms: 3_600_000,
         }
     }
 }

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use lifeboat_proto::admin as api;
@@ -205,6 +205,10 @@ pub struct NodeCore {
     membership_changes: tokio::sync::Mutex<()>,
     stopping: CancellationToken,
     pub events: Arc<EventLog>,
+    /// Free space was short at the last check (see `crate::gc`).
+    pub space_short: std::sync::atomic::AtomicBool,
+    /// When windows were last shrunk for space.
+    pub last_window_shrink: Mutex<Option<std::time::Instant>>,
     /// This node's certificate, and the Raft port's TLS built from it;
     /// `None` until the node initialises or joins a cluster.
     tls: RwLock<Option<ActiveTls>>,
@@ -344,6 +348,8 @@ impl NodeCore {
             stopping: CancellationToken::new(),
             background: std::sync::Mutex::new(Vec::new()),
             events: Arc::new(EventLog::new(|| SystemClock.now_ms())),
+            space_short: std::sync::atomic::AtomicBool::new(false),
+            last_window_shrink: Mutex::new(None),
             tls: RwLock::new(None),
             config,
             db,

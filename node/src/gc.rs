@@ -13,6 +13,7 @@ use lifeboat_replication::{Applied, ProtectionGroup};
 use lifeboat_store::gc::{self, Cursor};
 use lifeboat_store::{PgId, history};
 
+use crate::config::SpaceShortPolicy;
 use crate::core::NodeCore;
 use crate::error::NodeResult;
 
@@ -22,8 +23,15 @@ fn horizon_step_ms(window_ms: u64) -> u64 {
     (window_ms / 20).max(100)
 }
 
+/// Shrinking windows again waits this long, so that GC can free space
+/// first.
+const SHRINK_AGAIN_AFTER: Duration = Duration::from_secs(60);
+
 /// One pass over every PG this node leads.
 pub async fn run_once(core: &Arc<NodeCore>) {
+    if let Err(e) = check_space(core).await {
+        tracing::warn!(code = e.code(), error = %e, "history: space check failed");
+    }
     for group in core.groups() {
         let pg = group.pg();
         if pg == PgId::CATALOG || !group.leadership().is_leader {
@@ -74,6 +82,83 @@ async fn collect(core: &Arc<NodeCore>, group: &ProtectionGroup) -> NodeResult<()
             }
         }
         tokio::time::sleep(Duration::from_millis(config.gc_step_pause_ms)).await;
+    }
+    Ok(())
+}
+
+/// Raises `space_short` (and `space_recovered`) on each change, and under
+/// the shrink-windows policy halves the windows of the PGs led here.
+async fn check_space(core: &Arc<NodeCore>) -> NodeResult<()> {
+    use lifeboat_replication::ack::EventSink;
+    let config = &core.config.history;
+    let free = lifeboat_store::db::free_bytes(core.db.path())?;
+    let threshold = core
+        .config
+        .store
+        .reserve_bytes
+        .saturating_add(config.space_short_bytes);
+    let short = free <= threshold;
+    let was_short = core
+        .space_short
+        .swap(short, std::sync::atomic::Ordering::SeqCst);
+    let policy = match config.when_space_short {
+        SpaceShortPolicy::RefuseWrites => {
+            "refuse-writes: windows are kept, writes stop at the reserve"
+        }
+        SpaceShortPolicy::ShrinkWindows => "shrink-windows: windows are halved",
+    };
+    if short && !was_short {
+        core.events.event(
+            PgId::CATALOG,
+            "space_short",
+            format!(
+                "{} MiB free, at or below {} MiB; history.when_space_short = {policy}",
+                free >> 20,
+                threshold >> 20
+            ),
+        );
+    } else if !short && was_short {
+        core.events.event(
+            PgId::CATALOG,
+            "space_recovered",
+            format!("{} MiB free, above {} MiB", free >> 20, threshold >> 20),
+        );
+    }
+    if !short || config.when_space_short != SpaceShortPolicy::ShrinkWindows {
+        return Ok(());
+    }
+    {
+        let mut last = core.last_window_shrink.lock().expect("shrink lock");
+        if last.is_some_and(|at| at.elapsed() < SHRINK_AGAIN_AFTER) {
+            return Ok(());
+        }
+        *last = Some(std::time::Instant::now());
+    }
+    for group in core.groups() {
+        let pg = group.pg();
+        if pg == PgId::CATALOG || !group.leadership().is_leader {
+            continue;
+        }
+        let window_ms = gc::window(&core.db, pg)?.unwrap_or(config.window_ms);
+        let shrunk = (window_ms / 2).max(config.window_min_ms);
+        if shrunk >= window_ms {
+            continue;
+        }
+        group
+            .propose(pb::command::Kind::SetWindow(pb::SetWindow {
+                window_ms: shrunk,
+            }))
+            .await?;
+        core.events.event(
+            pg,
+            "window_shrunk",
+            format!(
+                "{}: protection window {} s -> {} s because free space is short (history.when_space_short = shrink-windows)",
+                core.pg_display_name(pg),
+                window_ms / 1000,
+                shrunk / 1000
+            ),
+        );
     }
     Ok(())
 }

@@ -243,3 +243,54 @@ async fn gc_reclaims_what_left_the_window_and_keeps_what_is_pinned() {
     );
     node.stop().await;
 }
+
+/// Waits for an event of `kind`; its message.
+async fn event(core: &lifeboat_node::core::NodeCore, kind: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(e) = core.events.list().into_iter().find(|e| e.kind == kind) {
+            return e.message;
+        }
+        assert!(Instant::now() < deadline, "no {kind} event");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// When space runs short the node says so, and the window shrinks only
+/// under the policy that says it may — with an event naming the PG.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_space_is_announced_and_windows_shrink_only_by_policy() {
+    use lifeboat_node::config::SpaceShortPolicy;
+    for policy in [
+        SpaceShortPolicy::RefuseWrites,
+        SpaceShortPolicy::ShrinkWindows,
+    ] {
+        let node = must_start_with(|c, _| {
+            c.history.gc_interval_ms = 100;
+            // Any free space is short.
+            c.history.space_short_bytes = u64::MAX / 4;
+            c.history.when_space_short = policy;
+        })
+        .await;
+        let core = node.running().core.clone();
+        let pg = PgId(core.pg_named("demo/main").unwrap().id);
+        let short = event(&core, "space_short").await;
+        assert!(short.contains("when_space_short"), "{short}");
+        match policy {
+            SpaceShortPolicy::RefuseWrites => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                assert_eq!(gc::window(&core.db, pg).unwrap(), None, "kept as it was");
+                assert!(core.events.list().iter().all(|e| e.kind != "window_shrunk"));
+            }
+            SpaceShortPolicy::ShrinkWindows => {
+                let shrunk = event(&core, "window_shrunk").await;
+                assert!(
+                    shrunk.contains("demo/main") && shrunk.contains("86400 s -> 43200 s"),
+                    "{shrunk}"
+                );
+                assert_eq!(gc::window(&core.db, pg).unwrap(), Some(43_200_000));
+            }
+        }
+        node.stop().await;
+    }
+}
