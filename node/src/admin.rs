@@ -77,9 +77,10 @@ pub fn status(e: &NodeError) -> Status {
                 | J::UploadNotFound { .. }
                 | J::VersionNotFound { .. }
                 | J::CredentialNotFound { .. } => Code::NotFound,
-                J::BucketNotEmpty { .. } | J::SnapshotLocked { .. } | J::NothingToUndo => {
-                    Code::FailedPrecondition
-                }
+                J::BucketNotEmpty { .. }
+                | J::SnapshotLocked { .. }
+                | J::NothingToUndo
+                | J::RestoreChanged { .. } => Code::FailedPrecondition,
                 J::SnapshotExists { .. } => Code::AlreadyExists,
                 J::SnapshotNotFound { .. } | J::TokenNotFound => Code::NotFound,
                 J::IndexOutOfHistory { .. } => Code::OutOfRange,

@@ -46,7 +46,20 @@ pub async fn run_once(core: &Arc<NodeCore>) {
 async fn collect(core: &Arc<NodeCore>, group: &ProtectionGroup) -> NodeResult<()> {
     let pg = group.pg();
     let config = &core.config.history;
-    let window_ms = gc::window(&core.db, pg)?.unwrap_or(config.window_ms);
+    // The window is the PG's, in its log, so that every leader (and apply,
+    // which caps the horizon by it) goes by the same one: a PG that never
+    // set one takes this node's default once.
+    let window_ms = match gc::window(&core.db, pg)? {
+        Some(w) => w,
+        None => {
+            group
+                .propose(pb::command::Kind::SetWindow(pb::SetWindow {
+                    window_ms: config.window_ms,
+                }))
+                .await?;
+            config.window_ms
+        }
+    };
     let target_ms = core.now_ms().saturating_sub(window_ms);
     let horizon = gc::horizon(&core.db, pg)?;
     let behind = horizon.is_none_or(|h| target_ms >= h.at_ms + horizon_step_ms(window_ms));
@@ -139,7 +152,20 @@ async fn check_space(core: &Arc<NodeCore>) -> NodeResult<()> {
         if pg == PgId::CATALOG || !group.leadership().is_leader {
             continue;
         }
-        let window_ms = gc::window(&core.db, pg)?.unwrap_or(config.window_ms);
+        // The window is the PG's, in its log, so that every leader (and apply,
+        // which caps the horizon by it) goes by the same one: a PG that never
+        // set one takes this node's default once.
+        let window_ms = match gc::window(&core.db, pg)? {
+            Some(w) => w,
+            None => {
+                group
+                    .propose(pb::command::Kind::SetWindow(pb::SetWindow {
+                        window_ms: config.window_ms,
+                    }))
+                    .await?;
+                config.window_ms
+            }
+        };
         let shrunk = (window_ms / 2).max(config.window_min_ms);
         if shrunk >= window_ms {
             continue;

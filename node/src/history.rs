@@ -149,6 +149,17 @@ impl NodeCore {
                         });
                     }
                 };
+                // The timeline is trimmed at the end of a GC pass; until
+                // then the horizon says what is still whole.
+                if let Some(h) = lifeboat_store::gc::horizon(&self.db, pg)?
+                    && index < h.index
+                {
+                    return Err(NodeError::BeforeHistory {
+                        pg: self.pg_display_name(pg),
+                        asked: points::format_ms(asked),
+                        oldest: Some(points::format_ms(h.at_ms)),
+                    });
+                }
                 Ok(PointInTime {
                     index,
                     at_ms: asked,

@@ -103,6 +103,7 @@ impl ExportProvider for VolumeExports {
         let (volume, point) = lifeboat_snapshot::parse_export_name(volume, self.core.now())
             .map_err(|e| open_error(e.into()))?;
         let loc = self.core.locate_volume(volume).map_err(open_error)?;
+        let pinned = matches!(point, RestorePoint::Snapshot(_));
         let (size_bytes, at) = match point {
             RestorePoint::Latest => (loc.record.size_bytes, None),
             point => {
@@ -141,6 +142,7 @@ impl ExportProvider for VolumeExports {
                 loc,
                 stale_reads,
                 at,
+                pinned,
                 layers: std::sync::Mutex::new(LayerCache {
                     newest_mask: lifeboat_store::masks::newest_mask(&self.core.db, loc_pg)
                         .map_err(|e| open_error(e.into()))?,
@@ -163,6 +165,9 @@ struct ExportState {
     /// A read-only export of the volume at this index (`VOLUME@SNAPSHOT`,
     /// `VOLUME@TIME`); `None`: the live volume.
     at: Option<LogIndex>,
+    /// `at` is a snapshot's, which GC keeps; a past time is kept only
+    /// while it is inside the PG's window.
+    pinned: bool,
     /// What reads see: the volume's own blocks (at `at`), then, for a
     /// clone, each base at the index it was cloned from; after a restore in
     /// place, its own blocks as they were restored to in between.
@@ -304,9 +309,15 @@ impl ExportState {
     /// newest mask, one seek, and works its layers out again after a
     /// restore.
     fn layers(&self) -> Result<Arc<Vec<Layer>>, Errno> {
+        self.layers_and_mask().map(|(layers, _)| layers)
+    }
+
+    /// [`ExportState::layers`] and the newest mask they were worked out
+    /// under.
+    fn layers_and_mask(&self) -> Result<(Arc<Vec<Layer>>, Option<LogIndex>), Errno> {
         let mut cache = self.layers.lock().expect("layer cache lock");
         if self.at.is_some() {
-            return Ok(cache.layers.clone());
+            return Ok((cache.layers.clone(), cache.newest_mask));
         }
         let newest = lifeboat_store::masks::newest_mask(&self.core.db, self.pg())
             .map_err(|e| self.fail("read masks", &e.into()))?;
@@ -321,7 +332,7 @@ impl ExportState {
                 layers: Arc::new(layers),
             };
         }
-        Ok(cache.layers.clone())
+        Ok((cache.layers.clone(), cache.newest_mask))
     }
 
     /// Waits for a linearizable read point: at the leader, or on this
@@ -348,6 +359,7 @@ impl ExportState {
             let kind = pb::command::Kind::WriteBlocks(pb::WriteBlocks {
                 volume: self.loc.volume.0,
                 blocks: chunk,
+                newest_mask: None,
             });
             pending.push(self.propose_once(kind));
         }
@@ -446,7 +458,7 @@ impl ExportState {
             .await;
         for attempt in 1..=MERGE_ATTEMPTS_MAX {
             self.read_point().await?;
-            let layers = self.layers()?;
+            let (layers, newest_mask) = self.layers_and_mask()?;
             let plain = layers.as_slice() == [Layer::latest(self.loc.volume)];
             let mut merged = Vec::with_capacity(partial.len());
             for p in &partial {
@@ -475,6 +487,7 @@ impl ExportState {
             let kind = pb::command::Kind::WriteBlocks(pb::WriteBlocks {
                 volume: self.loc.volume.0,
                 blocks: merged,
+                newest_mask: Some(newest_mask.map_or(0, |i| i.0)),
             });
             match self.loc.group.propose(kind).await {
                 Ok(_) => return Ok(()),
@@ -504,9 +517,23 @@ impl ExportState {
         let first = offset / BLOCK;
         let last = (end - 1) / BLOCK;
         let count = last - first + 1;
-        // History never changes: reads of the past need no read point.
-        if self.at.is_none() {
-            self.read_point().await?;
+        // History never changes: reads of the past need no read point,
+        // only a check that GC has not passed them since the export opened.
+        match self.at {
+            None => self.read_point().await?,
+            Some(at) if !self.pinned => {
+                let horizon = lifeboat_store::gc::horizon(&self.core.db, self.pg())
+                    .map_err(|e| self.fail("read horizon", &e.into()))?;
+                if horizon.is_some_and(|h| at < h.index) {
+                    tracing::warn!(
+                        volume = self.loc.volume_name,
+                        index = at.0,
+                        "a past export's moment has left the protection window"
+                    );
+                    return Err(Errno::Io);
+                }
+            }
+            Some(_) => {}
         }
         let layers = self.layers()?;
         let stored = self

@@ -36,6 +36,8 @@ pub(crate) struct ApplyContext<'a> {
     /// Catalog keys staged in this batch: `None` for a staged delete.
     catalog_overlay: HashMap<Vec<u8>, Option<Vec<u8>>>,
     volume_overlay: HashMap<VolumeId, VolumeRecord>,
+    /// The index of each volume record staged in this batch.
+    volume_index_overlay: HashMap<VolumeId, LogIndex>,
     /// Latest index of blocks staged in this batch, by (volume, block).
     block_overlay: HashMap<(u64, u64), u64>,
     bucket_overlay: HashMap<BucketId, BucketRecord>,
@@ -71,6 +73,7 @@ impl<'a> ApplyContext<'a> {
             pg,
             catalog_overlay: HashMap::new(),
             volume_overlay: HashMap::new(),
+            volume_index_overlay: HashMap::new(),
             block_overlay: HashMap::new(),
             bucket_overlay: HashMap::new(),
             object_overlay: HashMap::new(),
@@ -138,6 +141,7 @@ impl<'a> ApplyContext<'a> {
     fn put_volume(&mut self, volume: VolumeId, index: LogIndex, record: VolumeRecord) {
         volumes::stage_volume(&mut self.batch, self.pg, volume, index, &record);
         self.volume_overlay.insert(volume, record);
+        self.volume_index_overlay.insert(volume, index);
     }
 
     fn active_volume(&self, volume: u64) -> io::Result<Result<VolumeRecord, Rejection>> {
@@ -210,7 +214,7 @@ impl<'a> ApplyContext<'a> {
             Kind::SetSchedule(s) => self.apply_set_schedule(s),
             Kind::RestorePg(r) => self.apply_restore_pg(index, r, cmd.stamp_ms),
             Kind::SetWindow(w) => self.apply_set_window(w),
-            Kind::AdvanceHorizon(a) => self.apply_advance_horizon(index, a),
+            Kind::AdvanceHorizon(a) => self.apply_advance_horizon(index, a, cmd.stamp_ms),
             Kind::CollectGarbage(c) => self.apply_collect_garbage(c),
             Kind::InitCatalog(i) => self.apply_init_catalog(i, cmd.stamp_ms),
             Kind::CreateTenant(t) => self.apply_create_tenant(t, cmd.stamp_ms),
@@ -255,6 +259,16 @@ impl<'a> ApplyContext<'a> {
                 block: bad.block,
                 blocks,
             }));
+        }
+        if let Some(read_through) = w.newest_mask {
+            // Masks change only in batches of their own: the store has them.
+            let newest = masks::newest_mask(self.db, self.pg).map_err(io::Error::other)?;
+            if newest.map_or(0, |i| i.0) != read_through {
+                return Ok(Err(Rejection::BlockChanged {
+                    volume: w.volume,
+                    block: w.blocks.first().map_or(0, |b| b.block),
+                }));
+            }
         }
         for b in &w.blocks {
             if let Some(expected) = b.expect_latest
@@ -316,10 +330,13 @@ impl<'a> ApplyContext<'a> {
         };
         // Deleted at or behind the horizon: its data may be gone (pins
         // keep only moments when it was live).
-        let deleted_at = Volumes::new(self.db.clone())
-            .volume(self.pg, VolumeId(u.volume))
-            .map_err(io::Error::other)?
-            .map_or(index, |(at, _)| at);
+        let deleted_at = match self.volume_index_overlay.get(&VolumeId(u.volume)) {
+            Some(at) => *at,
+            None => Volumes::new(self.db.clone())
+                .volume(self.pg, VolumeId(u.volume))
+                .map_err(io::Error::other)?
+                .map_or(index, |(at, _)| at),
+        };
         if let Some(h) = gc::horizon(self.db, self.pg).map_err(io::Error::other)?
             && deleted_at <= h.index
         {
@@ -359,9 +376,14 @@ impl<'a> ApplyContext<'a> {
         if !live {
             return Ok(Err(Rejection::VolumeNotFound { volume: b.volume }));
         }
+        // Layers repeat a volume once per restore it went through: the
+        // depth is the number of volumes in the chain.
         let depth = volumes
             .layers(self.pg, VolumeId(b.volume), Some(LogIndex(b.index)))
             .map_err(io::Error::other)?
+            .iter()
+            .map(|l| l.volume)
+            .collect::<std::collections::HashSet<_>>()
             .len();
         if depth >= volumes::CLONE_DEPTH_MAX {
             return Ok(Err(Rejection::Malformed {
@@ -1637,7 +1659,7 @@ mod tests {
         // Undo: back to just before the restore (the writes since are
         // hidden with it), sizes too; undoing again redoes.
         assert_eq!(
-            alone(restore(0, true, false)),
+            alone(restore(restore_index - 1, true, false)),
             Ok(Applied::Restored {
                 to_index: restore_index - 1,
                 volumes: 1,
@@ -1658,6 +1680,13 @@ mod tests {
                 .1
                 .size_bytes,
             8192
+        );
+        // The same undo again (a retry) names a restore that is no longer
+        // the newest: refused, so it cannot undo the undo.
+        let undo_index = at.get();
+        assert_eq!(
+            alone(restore(restore_index - 1, true, false)),
+            Err(Rejection::RestoreChanged { newest: undo_index })
         );
     }
 

@@ -263,6 +263,8 @@ pub enum Rejection {
     SnapshotLocked { name: String, until_ms: u64 },
     #[error("nothing to undo: the group was never restored")]
     NothingToUndo,
+    #[error("the newest restore is now the one at index {newest}: look again before undoing")]
+    RestoreChanged { newest: u64 },
     #[error("index {index} is outside the history this group holds ({oldest}..={newest})")]
     IndexOutOfHistory {
         index: u64,

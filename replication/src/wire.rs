@@ -87,6 +87,7 @@ mod tests {
                     frame: vec![1, 2, 3].into(),
                     expect_latest: Some(4),
                 }],
+                newest_mask: None,
             })),
         });
         let entries = [

@@ -455,10 +455,8 @@ fn collect_objects(
             .collect::<Result<Vec<_>>>()?;
         let view: Vec<(LogIndex, &ObjectVersion)> = decoded.iter().map(|(i, v)| (*i, v)).collect();
         let keep = needed_object_rows(&view, recent, &points);
-        let mut live_kept = false;
         for (((k, v), (_, version)), kept) in rows.iter().zip(&decoded).zip(&keep) {
             if *kept {
-                live_kept |= !matches!(version, ObjectVersion::Removed { .. });
                 continue;
             }
             batch.delete(Cf::Objects, k);
@@ -477,9 +475,16 @@ fn collect_objects(
                 objects::stage_chunk_refs(batch, pg, *chunk, left);
             }
         }
-        // `latest` names the newest live version, which is always kept
-        // while the bucket lives; a key with nothing left has no row.
-        if !live_kept {
+        // `latest` names the newest row not removed by id, when that is an
+        // object: kept while the bucket lives, but with it gone (a bucket
+        // deleted behind the horizon) the key has no `latest` row.
+        let named = decoded
+            .iter()
+            .position(|(_, v)| !matches!(v, ObjectVersion::Removed { .. }));
+        if let Some(at) = named
+            && matches!(decoded[at].1, ObjectVersion::Object { .. })
+            && !keep[at]
+        {
             let prefix = &rows[0].0[..rows[0].0.len() - 8];
             batch.delete(Cf::Latest, prefix);
         }

@@ -107,6 +107,10 @@ impl Harness {
         });
         assert_eq!(h.apply(bucket), Ok(Applied::Done));
         h.states.push(h.now().clone());
+        // A window of 1 ms: the horizon may go anywhere the test sends it.
+        let window = pb::command::Kind::SetWindow(pb::SetWindow { window_ms: 1 });
+        assert_eq!(h.apply(window), Ok(Applied::Done));
+        h.states.push(h.now().clone());
         for _ in 0..2 {
             h.create_volume(None);
         }
@@ -215,6 +219,7 @@ impl Harness {
                         frame: frame.into(),
                         expect_latest: None,
                     }],
+                    newest_mask: None,
                 }))
             }
             Op::Put { key, byte } => {

@@ -173,6 +173,13 @@ impl ApplyContext<'_> {
             let Some(last) = newest else {
                 return Ok(Err(Rejection::NothingToUndo));
             };
+            // The node names the restore it saw as the newest: a retried or
+            // concurrent undo must not undo the undo.
+            if r.to_index != 0 && r.to_index != last.index.0 - 1 {
+                return Ok(Err(Rejection::RestoreChanged {
+                    newest: last.index.0,
+                }));
+            }
             // Back to just before the mask: what reads saw then.
             let to = LogIndex(last.index.0 - 1);
             if let Some(rejection) = self.check_held(to.0, LogIndex(index.0 - 1))? {
@@ -221,8 +228,11 @@ impl ApplyContext<'_> {
             let then = reader
                 .volume_at(self.pg, *volume, to)
                 .map_err(io::Error::other)?;
+            // A deleted volume keeps its record (and so the index it was
+            // deleted at, which GC and undelete go by).
             if let (Some((_, then)), Some(mut now)) = (then, self.volume(*volume)?)
                 && then.size_bytes != now.size_bytes
+                && now.state == VolumeState::Active
             {
                 now.size_bytes = then.size_bytes;
                 self.put_volume(*volume, index, now);
@@ -330,9 +340,15 @@ impl ApplyContext<'_> {
         &mut self,
         index: LogIndex,
         a: &pb::AdvanceHorizon,
+        stamp_ms: u64,
     ) -> io::Result<Outcome> {
+        // Never past the PG's own window, whoever proposes.
+        let window_ms = gc::window(self.db, self.pg)
+            .map_err(io::Error::other)?
+            .unwrap_or(gc::DEFAULT_WINDOW_MS);
+        let at_ms = a.at_ms.min(stamp_ms.saturating_sub(window_ms));
         let target = match History::new(self.db.clone())
-            .index_at(self.pg, a.at_ms)
+            .index_at(self.pg, at_ms)
             .map_err(io::Error::other)?
         {
             history::TimeIndex::At(i) => i,
@@ -348,7 +364,7 @@ impl ApplyContext<'_> {
             self.pg,
             gc::Horizon {
                 index: target,
-                at_ms: a.at_ms,
+                at_ms,
             },
         );
         Ok(Ok(Applied::HorizonMoved { index: target.0 }))

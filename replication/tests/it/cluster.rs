@@ -203,6 +203,7 @@ fn write(block: u64, frame: &[u8]) -> pb::command::Kind {
             frame: frame.to_vec().into(),
             expect_latest: None,
         }],
+        newest_mask: None,
     })
 }
 

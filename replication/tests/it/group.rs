@@ -74,6 +74,7 @@ fn write(volume: u64, block: u64, frame: &[u8]) -> pb::command::Kind {
             frame: frame.to_vec().into(),
             expect_latest: None,
         }],
+        newest_mask: None,
     })
 }
 
@@ -408,6 +409,7 @@ async fn a_merged_block_is_refused_when_its_block_changed() {
                 frame: frame.to_vec().into(),
                 expect_latest: Some(expect),
             }],
+            newest_mask: None,
         })
     };
     // Never written: the merge read "nothing" (0).
