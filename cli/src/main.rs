@@ -423,6 +423,10 @@ enum BucketCommand {
     },
     /// Delete an empty bucket (refused while it holds objects).
     Delete { name: String },
+    /// Bring back the most recently deleted bucket TENANT/BUCKET with its
+    /// history (its name must be free): clone or restore it at a time
+    /// before its objects were deleted to see them again.
+    Undelete { name: String },
     /// A read-only clone NEW of SOURCE (both TENANT/BUCKET) as it was at a
     /// restore point: S3 reads and lists show that moment's objects.
     Clone {
@@ -794,6 +798,11 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
             let req = client.request(api::ListBucketsRequest { tenant });
             let r = client.api().list_buckets(req).await?.into_inner();
             print_buckets(out, r.buckets);
+        }
+        Command::Bucket(BucketCommand::Undelete { name }) => {
+            let req = client.request(api::UndeleteBucketRequest { name });
+            let b = client.api().undelete_bucket(req).await?.into_inner();
+            print_buckets(out, vec![b]);
         }
         Command::Bucket(BucketCommand::Delete { name }) => {
             let req = client.request(api::DeleteBucketRequest { name: name.clone() });

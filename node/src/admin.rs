@@ -770,6 +770,24 @@ impl Admin for AdminService {
         Ok(Response::new(api::RevokeTenantTokenResponse {}))
     }
 
+    async fn undelete_bucket(
+        &self,
+        req: Request<api::UndeleteBucketRequest>,
+    ) -> Result<Response<api::Bucket>, Status> {
+        let r = req.get_ref();
+        self.require_tenant(
+            &req,
+            bucket_tenant_of(&r.name)?,
+            "undelete buckets of this tenant",
+        )?;
+        let b = self
+            .core
+            .undelete_bucket(&r.name)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(bucket_message(b)))
+    }
+
     async fn clone_bucket(
         &self,
         req: Request<api::CloneBucketRequest>,

@@ -1429,6 +1429,7 @@ impl NodeCore {
                 tenant: tenant.to_owned(),
                 bucket_name: bucket_name.to_owned(),
                 pg_name: pg_name.to_owned(),
+                existing_bucket: None,
             }))
             .await?;
         let Applied::BucketNameBound { pg, bucket } = applied else {
@@ -1469,7 +1470,11 @@ impl NodeCore {
     /// The bucket named `bucket_name`, if `tenant` owns it and it is live;
     /// `NotHostedHere` (naming the nodes that do) when this node has no
     /// replica of its PG to tell.
-    fn bucket_info(&self, tenant: &str, bucket_name: &str) -> NodeResult<Option<BucketInfo>> {
+    pub(crate) fn bucket_info(
+        &self,
+        tenant: &str,
+        bucket_name: &str,
+    ) -> NodeResult<Option<BucketInfo>> {
         let tenant_record = self.tenant(tenant)?;
         let Some(bound) = self
             .catalog

@@ -487,37 +487,96 @@ impl NodeCore {
             return Err(NodeError::VolumeNotFound(format!("{full_name} (deleted)")));
         };
         debug_assert_eq!(pg.tenant_id, tenant_record.id);
-        let group = self.running_group(pg.id)?;
-        let (index, _) = group
-            .propose(pb::command::Kind::UndeleteVolume(pb::UndeleteVolume {
-                volume: volume.0,
-            }))
-            .await?;
-        let bound = self
-            .propose_catalog(pb::command::Kind::BindVolumeName(pb::BindVolumeName {
+        self.bring_back(
+            pg.id,
+            full_name,
+            pb::command::Kind::UndeleteVolume(pb::UndeleteVolume { volume: volume.0 }),
+            pb::command::Kind::BindVolumeName(pb::BindVolumeName {
                 tenant: tenant.to_owned(),
                 volume_name: volume_name.to_owned(),
                 pg_name: pg.name.clone(),
                 existing_volume: Some(volume.0),
-            }))
-            .await;
-        if let Err(e) = bound {
-            // Someone took the name meanwhile: delete the volume again so
-            // that it does not live on without a name.
-            let again = pb::command::Kind::DeleteVolume(pb::DeleteVolume { volume: volume.0 });
-            if let Err(undo) = group.propose(again).await {
-                tracing::error!(volume = full_name, error = %undo, "could not delete again a volume whose undelete failed");
+            }),
+            pb::command::Kind::DeleteVolume(pb::DeleteVolume { volume: volume.0 }),
+        )
+        .await?;
+        self.list_volumes(tenant)?
+            .into_iter()
+            .find(|v| v.name == volume_name)
+            .ok_or_else(|| NodeError::VolumeNotFound(full_name.to_owned()))
+    }
+
+    /// Brings back the most recently deleted bucket named `full_name`
+    /// (TENANT/BUCKET) under that name, with its history: it is empty, as
+    /// S3 deletes only empty buckets, but a clone or restore at a time
+    /// before its objects were deleted shows them again.
+    pub async fn undelete_bucket(&self, full_name: &str) -> NodeResult<BucketInfo> {
+        let (tenant, bucket_name) = names::split_bucket_name(full_name)?;
+        self.tenant(tenant)?;
+        if self.bucket_binding(bucket_name)?.is_some() {
+            return Err(NodeError::InvalidName {
+                what: "bucket",
+                name: full_name.to_owned(),
+                reason: "a live bucket has this name (bucket names are unique in the cluster)"
+                    .into(),
+            });
+        }
+        let mut found: Option<(LogIndex, pb::PgRecord, lifeboat_store::BucketId)> = None;
+        for pg in self.pg_records(Some(tenant))? {
+            if self.group(PgId(pg.id)).is_none() {
+                continue;
+            }
+            for (bucket, index, record) in self.objects.buckets(PgId(pg.id))? {
+                let newer = found.as_ref().is_none_or(|(i, _, _)| index > *i);
+                if record.name == bucket_name && record.state == BucketState::Deleted && newer {
+                    found = Some((index, pg.clone(), bucket));
+                }
+            }
+        }
+        let Some((_, pg, bucket)) = found else {
+            return Err(NodeError::BucketNotFound(format!("{full_name} (deleted)")));
+        };
+        self.bring_back(
+            pg.id,
+            full_name,
+            pb::command::Kind::UndeleteBucket(pb::UndeleteBucket { bucket: bucket.0 }),
+            pb::command::Kind::BindBucketName(pb::BindBucketName {
+                tenant: tenant.to_owned(),
+                bucket_name: bucket_name.to_owned(),
+                pg_name: pg.name.clone(),
+                existing_bucket: Some(bucket.0),
+            }),
+            pb::command::Kind::DeleteBucket(pb::DeleteBucket { bucket: bucket.0 }),
+        )
+        .await?;
+        self.bucket_info(tenant, bucket_name)?
+            .ok_or_else(|| NodeError::BucketNotFound(full_name.to_owned()))
+    }
+
+    /// An undelete: `undelete` in the PG, then `bind` of the name in the
+    /// catalog; if someone took the name meanwhile, `delete` again so that
+    /// nothing lives on without a name.
+    async fn bring_back(
+        &self,
+        pg: u64,
+        full_name: &str,
+        undelete: pb::command::Kind,
+        bind: pb::command::Kind,
+        delete: pb::command::Kind,
+    ) -> NodeResult<()> {
+        let group = self.running_group(pg)?;
+        let (index, _) = group.propose(undelete).await?;
+        if let Err(e) = self.propose_catalog(bind).await {
+            if let Err(undo) = group.propose(delete).await {
+                tracing::error!(name = full_name, error = %undo, "could not delete again what an undelete brought back");
             }
             return Err(e);
         }
         group
             .wait_applied_index(index, std::time::Duration::from_secs(30))
             .await?;
-        tracing::info!(volume = full_name, "volume undeleted");
-        self.list_volumes(tenant)?
-            .into_iter()
-            .find(|v| v.name == volume_name)
-            .ok_or_else(|| NodeError::VolumeNotFound(full_name.to_owned()))
+        tracing::info!(name = full_name, "undeleted");
+        Ok(())
     }
 
     fn audit_lock_override(&self, pg: PgId, message: String) {

@@ -41,6 +41,8 @@ pub(crate) struct ApplyContext<'a> {
     /// Latest index of blocks staged in this batch, by (volume, block).
     block_overlay: HashMap<(u64, u64), u64>,
     bucket_overlay: HashMap<BucketId, BucketRecord>,
+    /// The index of each bucket record staged in this batch.
+    bucket_index_overlay: HashMap<BucketId, LogIndex>,
     /// Latest live index of objects staged in this batch, by (bucket, key):
     /// `None` once deleted.
     object_overlay: HashMap<(BucketId, Vec<u8>), Option<u64>>,
@@ -76,6 +78,7 @@ impl<'a> ApplyContext<'a> {
             volume_index_overlay: HashMap::new(),
             block_overlay: HashMap::new(),
             bucket_overlay: HashMap::new(),
+            bucket_index_overlay: HashMap::new(),
             object_overlay: HashMap::new(),
             chunk_overlay: HashMap::new(),
             upload_overlay: HashMap::new(),
@@ -216,6 +219,7 @@ impl<'a> ApplyContext<'a> {
             Kind::SetWindow(w) => self.apply_set_window(w),
             Kind::AdvanceHorizon(a) => self.apply_advance_horizon(index, a, cmd.stamp_ms),
             Kind::CollectGarbage(c) => self.apply_collect_garbage(c),
+            Kind::UndeleteBucket(u) => self.apply_undelete_bucket(index, u),
             Kind::InitCatalog(i) => self.apply_init_catalog(i, cmd.stamp_ms),
             Kind::CreateTenant(t) => self.apply_create_tenant(t, cmd.stamp_ms),
             Kind::RotateDek(r) => self.apply_rotate_dek(r),
@@ -328,8 +332,6 @@ impl<'a> ApplyContext<'a> {
             Some(r) if r.state == VolumeState::Deleted => r,
             _ => return Ok(Err(Rejection::VolumeNotFound { volume: u.volume })),
         };
-        // Deleted at or behind the horizon: its data may be gone (pins
-        // keep only moments when it was live).
         let deleted_at = match self.volume_index_overlay.get(&VolumeId(u.volume)) {
             Some(at) => *at,
             None => Volumes::new(self.db.clone())
@@ -337,17 +339,54 @@ impl<'a> ApplyContext<'a> {
                 .map_err(io::Error::other)?
                 .map_or(index, |(at, _)| at),
         };
-        if let Some(h) = gc::horizon(self.db, self.pg).map_err(io::Error::other)?
-            && deleted_at <= h.index
-        {
-            return Ok(Err(Rejection::IndexOutOfHistory {
-                index: deleted_at.0,
-                oldest: h.index.0 + 1,
-                newest: index.0 - 1,
-            }));
+        if let Some(rejection) = self.check_deleted_in_window(deleted_at, index)? {
+            return Ok(Err(rejection));
         }
         record.state = VolumeState::Active;
         self.put_volume(VolumeId(u.volume), index, record);
+        Ok(Ok(Applied::Done))
+    }
+
+    /// Refuses to bring back what was deleted at or behind the horizon:
+    /// its data may be gone (pins keep only moments when it was live).
+    fn check_deleted_in_window(
+        &self,
+        deleted_at: LogIndex,
+        index: LogIndex,
+    ) -> io::Result<Option<Rejection>> {
+        Ok(gc::horizon(self.db, self.pg)
+            .map_err(io::Error::other)?
+            .filter(|h| deleted_at <= h.index)
+            .map(|h| Rejection::IndexOutOfHistory {
+                index: deleted_at.0,
+                oldest: h.index.0 + 1,
+                newest: index.0 - 1,
+            }))
+    }
+
+    fn apply_undelete_bucket(
+        &mut self,
+        index: LogIndex,
+        u: &pb::UndeleteBucket,
+    ) -> io::Result<Outcome> {
+        let bucket = BucketId(u.bucket);
+        let mut record = match self.bucket(bucket)? {
+            Some(r) if r.state == BucketState::Deleted => r,
+            _ => return Ok(Err(Rejection::BucketNotFound { bucket: u.bucket })),
+        };
+        let deleted_at = match self.bucket_index_overlay.get(&bucket) {
+            Some(at) => *at,
+            None => self
+                .objects()
+                .bucket(self.pg, bucket)
+                .map_err(io::Error::other)?
+                .map_or(index, |(at, _)| at),
+        };
+        if let Some(rejection) = self.check_deleted_in_window(deleted_at, index)? {
+            return Ok(Err(rejection));
+        }
+        record.state = BucketState::Active;
+        self.put_bucket(bucket, index, record);
         Ok(Ok(Applied::Done))
     }
 
@@ -714,6 +753,7 @@ impl ApplyContext<'_> {
     fn put_bucket(&mut self, bucket: BucketId, index: LogIndex, record: BucketRecord) {
         objects::stage_bucket(&mut self.batch, self.pg, bucket, index, &record);
         self.bucket_overlay.insert(bucket, record);
+        self.bucket_index_overlay.insert(bucket, index);
     }
 
     /// What reads of a bucket at its newest go through: one plain span
@@ -1010,7 +1050,10 @@ impl ApplyContext<'_> {
                 pg: b.pg_name.clone(),
             }));
         };
-        let bucket = self.next_id(Counter::Volume)?;
+        let bucket = match b.existing_bucket {
+            Some(bucket) => bucket,
+            None => self.next_id(Counter::Volume)?,
+        };
         self.catalog_put(
             key,
             &pb::BucketNameRecord {

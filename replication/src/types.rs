@@ -67,6 +67,7 @@ impl fmt::Display for Command {
             Some(Kind::SetWindow(_)) => "set_window",
             Some(Kind::AdvanceHorizon(_)) => "advance_horizon",
             Some(Kind::CollectGarbage(_)) => "collect_garbage",
+            Some(Kind::UndeleteBucket(_)) => "undelete_bucket",
             Some(Kind::CreateBucket(_)) => "create_bucket",
             Some(Kind::DeleteBucket(_)) => "delete_bucket",
             Some(Kind::DeleteObject(_)) => "delete_object",

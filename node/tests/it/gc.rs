@@ -120,6 +120,8 @@ async fn gc_reclaims_what_left_the_window_and_keeps_what_is_pinned() {
         .unwrap();
     drop(scratch);
     core.delete_volume("demo/scratch").await.unwrap();
+    core.create_bucket("demo/g-gone", "").await.unwrap();
+    core.delete_bucket("demo/g-gone").await.unwrap();
     let last_write = core.group(pg).unwrap().metrics().applied_index;
     compact(&core);
     let before = stored_bytes(&node.data_dir().join("db"));
@@ -212,6 +214,8 @@ async fn gc_reclaims_what_left_the_window_and_keeps_what_is_pinned() {
         "{e}"
     );
     assert!(core.undelete_volume("demo/scratch").await.is_err());
+    let e = core.undelete_bucket("demo/g-gone").await.unwrap_err();
+    assert!(e.to_string().contains("outside the history"), "{e}");
     // The oldest restorable time moved with the horizon (which goes on
     // moving: a second's window).
     let oldest = core.history.oldest_ms(pg).unwrap().unwrap();

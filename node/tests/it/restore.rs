@@ -312,3 +312,61 @@ async fn restores_past_a_lock_are_refused_to_tenants_and_bad_requests_explained(
     assert!(matches!(e, NodeError::PgNotFound(_)), "{e}");
     node.stop().await;
 }
+
+/// A deleted bucket comes back under its name, empty as it was deleted,
+/// and a read-only clone of a moment before its objects were deleted
+/// shows them; a taken name or nothing to bring back is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_buckets_come_back_with_their_history() {
+    let node = must_start().await;
+    let core = node.running().core.clone();
+    core.create_bucket(&format!("demo/{BUCKET}"), "")
+        .await
+        .unwrap();
+    let s3 = crate::demo_s3(&node).await;
+    put(&s3, "a", b"a1").await;
+    put(&s3, "b", b"b1").await;
+    let before = moment_between().await;
+    for key in ["a", "b"] {
+        s3.delete_object()
+            .bucket(BUCKET)
+            .key(key)
+            .send()
+            .await
+            .unwrap();
+    }
+    s3.delete_bucket().bucket(BUCKET).send().await.unwrap();
+    assert!(s3.head_bucket().bucket(BUCKET).send().await.is_err());
+
+    let back = core
+        .undelete_bucket(&format!("demo/{BUCKET}"))
+        .await
+        .unwrap();
+    assert_eq!(back.name, BUCKET);
+    assert!(
+        bucket_contents(&s3).await.is_empty(),
+        "empty, as it was deleted"
+    );
+    put(&s3, "c", b"c1").await;
+    core.clone_bucket(&format!("demo/{BUCKET}"), "demo/r-then", &before, "", true)
+        .await
+        .unwrap();
+    let then = s3.list_objects_v2().bucket("r-then").send().await.unwrap();
+    let keys: Vec<&str> = then.contents().iter().filter_map(|o| o.key()).collect();
+    assert_eq!(keys, ["a", "b"]);
+
+    // Nothing deleted by that name any more; a name taken since.
+    let e = core
+        .undelete_bucket(&format!("demo/{BUCKET}"))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("live bucket has this name"), "{e}");
+    core.create_bucket("demo/r-other", "").await.unwrap();
+    core.delete_bucket("demo/r-other").await.unwrap();
+    core.create_bucket("demo/r-other", "").await.unwrap();
+    let e = core.undelete_bucket("demo/r-other").await.unwrap_err();
+    assert!(e.to_string().contains("live bucket has this name"), "{e}");
+    let e = core.undelete_bucket("demo/r-never").await.unwrap_err();
+    assert!(matches!(e, NodeError::BucketNotFound(_)), "{e}");
+    node.stop().await;
+}
