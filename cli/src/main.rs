@@ -1179,6 +1179,11 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
             let done = client.api().restore_pg(go).await?.into_inner();
             if out.json {
                 print_restore_plan(out, &done);
+            } else if done.undoes_index != 0 {
+                println!(
+                    "{}: undid the restore at index {}, back to the state just before it (index {}); undo this with: lifeboat restore {} --undo",
+                    done.pg, done.undoes_index, done.to_index, done.pg
+                );
             } else {
                 println!(
                     "{} restored in place to {} (index {}); undo with: lifeboat restore {} --undo",
@@ -1646,7 +1651,12 @@ fn print_restore_plan(out: &Output, plan: &api::RestorePlan) {
             } else {
                 "-".into()
             },
-            format!("{} {}", i.changed, if sizes { "blocks" } else { "keys" }),
+            format!(
+                "{} {}{}",
+                i.changed,
+                if sizes { "block" } else { "key" },
+                if i.changed == 1 { "" } else { "s" }
+            ),
         ]);
     }
     if table.is_empty() {
