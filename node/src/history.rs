@@ -1,6 +1,8 @@
 //! A PG's history as operators and tenants use it: restore points resolved
 //! to log indexes, snapshots (create, list, show, delete, lock), their
-//! schedule, and clones of volumes and buckets.
+//! schedule, the PG's window, clones of volumes and buckets, and undeletes.
+//! Restores in place are in `crate::restore`; the GC that keeps the window
+//! in `crate::gc`.
 //!
 //! Every change goes through the PG's log (`lifeboat_replication` applies
 //! it), so every replica, the DR site's included, keeps the same snapshots.
@@ -452,9 +454,9 @@ impl NodeCore {
     }
 
     /// Brings back the most recently deleted volume named `full_name`
-    /// (TENANT/VOLUME), with its data and history, under that name. Every
-    /// version is still held (no history is reclaimed yet), so a deleted
-    /// volume can always come back while its name is free.
+    /// (TENANT/VOLUME), with its data and history, under that name, while
+    /// its name is free and its deletion is inside the PG's window (after
+    /// that GC may have taken its data, and apply refuses).
     pub async fn undelete_volume(&self, full_name: &str) -> NodeResult<VolumeInfo> {
         let (tenant, volume_name) = names::split_volume_name(full_name)?;
         let tenant_record = self.tenant(tenant)?;

@@ -721,12 +721,16 @@ impl Objects {
     /// a key. `q.start_after` is a key marker (every version of it is
     /// skipped) unless `version_after` names a version of it, when the page
     /// starts at the next older version of that key. `q.resume` is not used.
+    /// With `at` (a read-only clone's moment), only the versions that
+    /// existed then are listed, and a version removed by id after it shows
+    /// as it was.
     pub fn list_versions(
         &self,
         pg: PgId,
         bucket: BucketId,
         q: &ListQuery<'_>,
         version_after: Option<LogIndex>,
+        at: Option<LogIndex>,
     ) -> Result<VersionListing> {
         let bucket_prefix = keys::bucket_prefix(pg, bucket);
         let mut range = bucket_prefix.to_vec();
@@ -780,8 +784,16 @@ impl Objects {
             }
             let mut next = k.clone();
             next.push(0);
-            let version = decode_version(&k, &v)?;
-            if matches!(version, ObjectVersion::Removed { .. }) {
+            let version = match decode_version(&k, &v)? {
+                // Removed after the moment listed: as it was then.
+                ObjectVersion::Removed {
+                    at: removed,
+                    original,
+                } if at.is_some_and(|at| removed > at) => *original,
+                version => version,
+            };
+            let later = at.is_some_and(|at| index > at);
+            if later || matches!(version, ObjectVersion::Removed { .. }) {
                 // Gone from listings; a resume inside this key stays inside.
                 position = next;
                 continue;
@@ -1114,7 +1126,7 @@ mod tests {
         must_put(&db, "c", 5, &object(&[5], b"c5"));
         let page = |q: &ListQuery<'_>, after: Option<u64>| {
             let listing = objects
-                .list_versions(PG, B, q, after.map(LogIndex))
+                .list_versions(PG, B, q, after.map(LogIndex), None)
                 .unwrap();
             let entries: Vec<String> = listing
                 .entries

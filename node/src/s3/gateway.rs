@@ -1195,13 +1195,6 @@ impl S3 for Gateway {
         let caller = self.caller(&req)?;
         let input = req.input;
         let bucket = self.bucket_for_read(&caller, &input.bucket).await?;
-        if bucket.view.is_some() {
-            return Err(s3_error!(
-                NotImplemented,
-                "bucket {} is a read-only clone of one moment: list its objects (ListObjectsV2)",
-                input.bucket
-            ));
-        }
         let url = wants_url(input.encoding_type.as_ref())?;
         let limit = max_keys(input.max_keys)?;
         let prefix = input.prefix.clone().unwrap_or_default();
@@ -1217,7 +1210,7 @@ impl S3 for Gateway {
                 .objects
                 .list_versions(
                     bucket.pg,
-                    bucket.id,
+                    bucket.read_id(),
                     &ListQuery {
                         prefix: prefix.as_bytes(),
                         delimiter: delimiter(input.delimiter.as_ref()),
@@ -1226,6 +1219,8 @@ impl S3 for Gateway {
                         limit,
                     },
                     version_after,
+                    // A read-only clone lists the versions of its moment.
+                    bucket.view.map(|v| v.index),
                 )
                 .map_err(|e| from_node(e.into()))?
         };

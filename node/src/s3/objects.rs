@@ -211,10 +211,21 @@ impl ObjectStore {
         let id = bucket.read_id();
         let found = match (version, bucket.view) {
             (None, _) => objects.find(bucket.pg, id, key, &bucket.spans),
-            // A clone shows only versions that were visible at its index.
-            (Some(at), Some(_)) => objects
-                .find(bucket.pg, id, key, &bucket.spans)
-                .map(|v| v.filter(|(index, _)| *index == at)),
+            // A clone shows the versions that existed at its index, as
+            // they were then (one removed by id since is still there).
+            (Some(at), Some(view)) if at <= view.index => {
+                objects.version_at(bucket.pg, id, key, at).map(|v| {
+                    v.filter(|(index, _)| *index == at)
+                        .map(|(index, version)| match version {
+                            ObjectVersion::Removed {
+                                at: removed,
+                                original,
+                            } if removed > view.index => (index, *original),
+                            version => (index, version),
+                        })
+                })
+            }
+            (Some(_), Some(_)) => Ok(None),
             // Any version of the history by its id, masked or not.
             (Some(at), None) => objects
                 .version_at(bucket.pg, id, key, at)

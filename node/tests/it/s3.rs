@@ -1020,7 +1020,7 @@ async fn read_only_bucket_clones_show_exactly_one_moment() {
         assert_eq!(get(bucket, "dir/c").await, b"c then");
         assert_eq!(get(bucket, "e").await, b"e then");
         assert_eq!(get_error(&c, bucket, "f").await, "NoSuchKey");
-        // Read-only: writes and deletes are refused, versions not listed.
+        // Read-only: writes and deletes are refused.
         let e = c
             .put_object()
             .bucket(bucket)
@@ -1038,13 +1038,34 @@ async fn read_only_bucket_clones_show_exactly_one_moment() {
             .await
             .unwrap_err();
         assert_eq!(code(&e), "AccessDenied");
-        let e = c
+        // Its versions are those of the moment: one per key, each the
+        // latest, dir/c's as it was before its removal by id.
+        let versions = c
             .list_object_versions()
             .bucket(bucket)
             .send()
             .await
-            .unwrap_err();
-        assert_eq!(code(&e), "NotImplemented");
+            .unwrap();
+        let listed: Vec<(&str, bool)> = versions
+            .versions()
+            .iter()
+            .map(|v| (v.key().unwrap(), v.is_latest().unwrap_or(false)))
+            .collect();
+        assert_eq!(
+            listed,
+            [("a", true), ("dir/b", true), ("dir/c", true), ("e", true)],
+            "{bucket}"
+        );
+        assert!(versions.delete_markers().is_empty(), "{bucket}");
+        let by_id = c
+            .get_object()
+            .bucket(bucket)
+            .key("dir/c")
+            .version_id(&c_version)
+            .send()
+            .await
+            .unwrap();
+        assert!(by_id.body.collect().await.unwrap().into_bytes() == b"c then".as_slice());
     }
     // The source is as it is now.
     assert_eq!(list(BUCKET, None).await, ["a", "f"]);
