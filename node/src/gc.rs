@@ -43,23 +43,24 @@ pub async fn run_once(core: &Arc<NodeCore>) {
     }
 }
 
+/// The PG's window. It is the PG's, in its log, so that every leader (and
+/// apply, which caps the horizon by it) goes by the same one: a PG that
+/// never set one takes this node's default once.
+async fn pg_window(core: &Arc<NodeCore>, group: &ProtectionGroup) -> NodeResult<u64> {
+    if let Some(w) = gc::window(&core.db, group.pg())? {
+        return Ok(w);
+    }
+    let window_ms = core.config.history.window_ms;
+    group
+        .propose(pb::command::Kind::SetWindow(pb::SetWindow { window_ms }))
+        .await?;
+    Ok(window_ms)
+}
+
 async fn collect(core: &Arc<NodeCore>, group: &ProtectionGroup) -> NodeResult<()> {
     let pg = group.pg();
     let config = &core.config.history;
-    // The window is the PG's, in its log, so that every leader (and apply,
-    // which caps the horizon by it) goes by the same one: a PG that never
-    // set one takes this node's default once.
-    let window_ms = match gc::window(&core.db, pg)? {
-        Some(w) => w,
-        None => {
-            group
-                .propose(pb::command::Kind::SetWindow(pb::SetWindow {
-                    window_ms: config.window_ms,
-                }))
-                .await?;
-            config.window_ms
-        }
-    };
+    let window_ms = pg_window(core, group).await?;
     let target_ms = core.now_ms().saturating_sub(window_ms);
     let horizon = gc::horizon(&core.db, pg)?;
     let behind = horizon.is_none_or(|h| target_ms >= h.at_ms + horizon_step_ms(window_ms));
@@ -152,20 +153,7 @@ async fn check_space(core: &Arc<NodeCore>) -> NodeResult<()> {
         if pg == PgId::CATALOG || !group.leadership().is_leader {
             continue;
         }
-        // The window is the PG's, in its log, so that every leader (and apply,
-        // which caps the horizon by it) goes by the same one: a PG that never
-        // set one takes this node's default once.
-        let window_ms = match gc::window(&core.db, pg)? {
-            Some(w) => w,
-            None => {
-                group
-                    .propose(pb::command::Kind::SetWindow(pb::SetWindow {
-                        window_ms: config.window_ms,
-                    }))
-                    .await?;
-                config.window_ms
-            }
-        };
+        let window_ms = pg_window(core, &group).await?;
         let shrunk = (window_ms / 2).max(config.window_min_ms);
         if shrunk >= window_ms {
             continue;

@@ -472,20 +472,16 @@ impl NodeCore {
                 reason: "a live volume has this name: delete or rename it first".into(),
             });
         }
-        // The newest deletion of that name among the tenant's PGs here.
-        let mut found: Option<(LogIndex, pb::PgRecord, lifeboat_store::VolumeId)> = None;
-        for pg in self.pg_records(Some(tenant))? {
-            if self.group(PgId(pg.id)).is_none() {
-                continue;
-            }
-            for (volume, index, record) in self.volumes.volumes(PgId(pg.id))? {
-                let newer = found.as_ref().is_none_or(|(i, _, _)| index > *i);
-                if record.name == volume_name && record.state == VolumeState::Deleted && newer {
-                    found = Some((index, pg.clone(), volume));
-                }
-            }
-        }
-        let Some((_, pg, volume)) = found else {
+        let found = self.newest_deleted(tenant, |pg| {
+            Ok(self
+                .volumes
+                .volumes(pg)?
+                .into_iter()
+                .filter(|(_, _, r)| r.name == volume_name && r.state == VolumeState::Deleted)
+                .map(|(id, index, _)| (id, index))
+                .collect())
+        })?;
+        let Some((pg, volume)) = found else {
             return Err(NodeError::VolumeNotFound(format!("{full_name} (deleted)")));
         };
         debug_assert_eq!(pg.tenant_id, tenant_record.id);
@@ -523,19 +519,16 @@ impl NodeCore {
                     .into(),
             });
         }
-        let mut found: Option<(LogIndex, pb::PgRecord, lifeboat_store::BucketId)> = None;
-        for pg in self.pg_records(Some(tenant))? {
-            if self.group(PgId(pg.id)).is_none() {
-                continue;
-            }
-            for (bucket, index, record) in self.objects.buckets(PgId(pg.id))? {
-                let newer = found.as_ref().is_none_or(|(i, _, _)| index > *i);
-                if record.name == bucket_name && record.state == BucketState::Deleted && newer {
-                    found = Some((index, pg.clone(), bucket));
-                }
-            }
-        }
-        let Some((_, pg, bucket)) = found else {
+        let found = self.newest_deleted(tenant, |pg| {
+            Ok(self
+                .objects
+                .buckets(pg)?
+                .into_iter()
+                .filter(|(_, _, r)| r.name == bucket_name && r.state == BucketState::Deleted)
+                .map(|(id, index, _)| (id, index))
+                .collect())
+        })?;
+        let Some((pg, bucket)) = found else {
             return Err(NodeError::BucketNotFound(format!("{full_name} (deleted)")));
         };
         self.bring_back(
@@ -553,6 +546,27 @@ impl NodeCore {
         .await?;
         self.bucket_info(tenant, bucket_name)?
             .ok_or_else(|| NodeError::BucketNotFound(full_name.to_owned()))
+    }
+
+    /// Among the tenant's PGs hosted here, the one whose `deleted` (ids
+    /// with the index they were deleted at) holds the newest deletion.
+    fn newest_deleted<I>(
+        &self,
+        tenant: &str,
+        deleted: impl Fn(PgId) -> NodeResult<Vec<(I, LogIndex)>>,
+    ) -> NodeResult<Option<(pb::PgRecord, I)>> {
+        let mut found: Option<(LogIndex, pb::PgRecord, I)> = None;
+        for pg in self.pg_records(Some(tenant))? {
+            if self.group(PgId(pg.id)).is_none() {
+                continue;
+            }
+            for (id, index) in deleted(PgId(pg.id))? {
+                if found.as_ref().is_none_or(|(i, _, _)| index > *i) {
+                    found = Some((index, pg.clone(), id));
+                }
+            }
+        }
+        Ok(found.map(|(_, pg, id)| (pg, id)))
     }
 
     /// An undelete: `undelete` in the PG, then `bind` of the name in the

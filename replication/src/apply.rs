@@ -35,14 +35,12 @@ pub(crate) struct ApplyContext<'a> {
     pg: PgId,
     /// Catalog keys staged in this batch: `None` for a staged delete.
     catalog_overlay: HashMap<Vec<u8>, Option<Vec<u8>>>,
-    volume_overlay: HashMap<VolumeId, VolumeRecord>,
-    /// The index of each volume record staged in this batch.
-    volume_index_overlay: HashMap<VolumeId, LogIndex>,
+    /// Volume records staged in this batch, with their index.
+    volume_overlay: HashMap<VolumeId, (LogIndex, VolumeRecord)>,
     /// Latest index of blocks staged in this batch, by (volume, block).
     block_overlay: HashMap<(u64, u64), u64>,
-    bucket_overlay: HashMap<BucketId, BucketRecord>,
-    /// The index of each bucket record staged in this batch.
-    bucket_index_overlay: HashMap<BucketId, LogIndex>,
+    /// Bucket records staged in this batch, with their index.
+    bucket_overlay: HashMap<BucketId, (LogIndex, BucketRecord)>,
     /// Latest live index of objects staged in this batch, by (bucket, key):
     /// `None` once deleted.
     object_overlay: HashMap<(BucketId, Vec<u8>), Option<u64>>,
@@ -75,10 +73,8 @@ impl<'a> ApplyContext<'a> {
             pg,
             catalog_overlay: HashMap::new(),
             volume_overlay: HashMap::new(),
-            volume_index_overlay: HashMap::new(),
             block_overlay: HashMap::new(),
             bucket_overlay: HashMap::new(),
-            bucket_index_overlay: HashMap::new(),
             object_overlay: HashMap::new(),
             chunk_overlay: HashMap::new(),
             upload_overlay: HashMap::new(),
@@ -132,19 +128,22 @@ impl<'a> ApplyContext<'a> {
     }
 
     fn volume(&self, volume: VolumeId) -> io::Result<Option<VolumeRecord>> {
-        if let Some(r) = self.volume_overlay.get(&volume) {
-            return Ok(Some(r.clone()));
+        Ok(self.volume_row(volume)?.map(|(_, r)| r))
+    }
+
+    /// A volume's newest record and the index it was written at.
+    fn volume_row(&self, volume: VolumeId) -> io::Result<Option<(LogIndex, VolumeRecord)>> {
+        if let Some(row) = self.volume_overlay.get(&volume) {
+            return Ok(Some(row.clone()));
         }
-        Ok(Volumes::new(self.db.clone())
+        Volumes::new(self.db.clone())
             .volume(self.pg, volume)
-            .map_err(io::Error::other)?
-            .map(|(_, r)| r))
+            .map_err(io::Error::other)
     }
 
     fn put_volume(&mut self, volume: VolumeId, index: LogIndex, record: VolumeRecord) {
         volumes::stage_volume(&mut self.batch, self.pg, volume, index, &record);
-        self.volume_overlay.insert(volume, record);
-        self.volume_index_overlay.insert(volume, index);
+        self.volume_overlay.insert(volume, (index, record));
     }
 
     fn active_volume(&self, volume: u64) -> io::Result<Result<VolumeRecord, Rejection>> {
@@ -328,16 +327,10 @@ impl<'a> ApplyContext<'a> {
         index: LogIndex,
         u: &pb::UndeleteVolume,
     ) -> io::Result<Outcome> {
-        let mut record = match self.volume(VolumeId(u.volume))? {
-            Some(r) if r.state == VolumeState::Deleted => r,
+        // A deleted volume's newest record is its deletion.
+        let (deleted_at, mut record) = match self.volume_row(VolumeId(u.volume))? {
+            Some((at, r)) if r.state == VolumeState::Deleted => (at, r),
             _ => return Ok(Err(Rejection::VolumeNotFound { volume: u.volume })),
-        };
-        let deleted_at = match self.volume_index_overlay.get(&VolumeId(u.volume)) {
-            Some(at) => *at,
-            None => Volumes::new(self.db.clone())
-                .volume(self.pg, VolumeId(u.volume))
-                .map_err(io::Error::other)?
-                .map_or(index, |(at, _)| at),
         };
         if let Some(rejection) = self.check_deleted_in_window(deleted_at, index)? {
             return Ok(Err(rejection));
@@ -370,17 +363,9 @@ impl<'a> ApplyContext<'a> {
         u: &pb::UndeleteBucket,
     ) -> io::Result<Outcome> {
         let bucket = BucketId(u.bucket);
-        let mut record = match self.bucket(bucket)? {
-            Some(r) if r.state == BucketState::Deleted => r,
+        let (deleted_at, mut record) = match self.bucket_row(bucket)? {
+            Some((at, r)) if r.state == BucketState::Deleted => (at, r),
             _ => return Ok(Err(Rejection::BucketNotFound { bucket: u.bucket })),
-        };
-        let deleted_at = match self.bucket_index_overlay.get(&bucket) {
-            Some(at) => *at,
-            None => self
-                .objects()
-                .bucket(self.pg, bucket)
-                .map_err(io::Error::other)?
-                .map_or(index, |(at, _)| at),
         };
         if let Some(rejection) = self.check_deleted_in_window(deleted_at, index)? {
             return Ok(Err(rejection));
@@ -725,14 +710,17 @@ impl ApplyContext<'_> {
     }
 
     fn bucket(&self, bucket: BucketId) -> io::Result<Option<BucketRecord>> {
-        if let Some(r) = self.bucket_overlay.get(&bucket) {
-            return Ok(Some(r.clone()));
+        Ok(self.bucket_row(bucket)?.map(|(_, r)| r))
+    }
+
+    /// A bucket's newest record and the index it was written at.
+    fn bucket_row(&self, bucket: BucketId) -> io::Result<Option<(LogIndex, BucketRecord)>> {
+        if let Some(row) = self.bucket_overlay.get(&bucket) {
+            return Ok(Some(row.clone()));
         }
-        Ok(self
-            .objects()
+        self.objects()
             .bucket(self.pg, bucket)
-            .map_err(io::Error::other)?
-            .map(|(_, r)| r))
+            .map_err(io::Error::other)
     }
 
     fn active_bucket(&self, bucket: u64) -> io::Result<Result<BucketRecord, Rejection>> {
@@ -752,8 +740,7 @@ impl ApplyContext<'_> {
 
     fn put_bucket(&mut self, bucket: BucketId, index: LogIndex, record: BucketRecord) {
         objects::stage_bucket(&mut self.batch, self.pg, bucket, index, &record);
-        self.bucket_overlay.insert(bucket, record);
-        self.bucket_index_overlay.insert(bucket, index);
+        self.bucket_overlay.insert(bucket, (index, record));
     }
 
     /// What reads of a bucket at its newest go through: one plain span
@@ -777,11 +764,15 @@ impl ApplyContext<'_> {
             return Ok(*staged);
         }
         let spans = self.bucket_spans(bucket)?;
-        Ok(self
-            .objects()
-            .find(self.pg, bucket, key, &spans)
-            .map_err(io::Error::other)?
-            .map(|(i, _)| i.0))
+        let found = if spans == [Span::plain(None)] {
+            // Unmasked: one point read of `latest`, as before restores.
+            self.objects().latest_index(self.pg, bucket, key)
+        } else {
+            self.objects()
+                .find(self.pg, bucket, key, &spans)
+                .map(|v| v.map(|(i, _)| i))
+        };
+        Ok(found.map_err(io::Error::other)?.map(|i| i.0))
     }
 
     fn chunk_refs(&self, chunk: ChunkId) -> io::Result<u64> {
@@ -1656,6 +1647,27 @@ mod tests {
         });
         assert_eq!(alone(restore(point, false, true)), restored);
         let restore_index = at.get();
+        // A merged write read through the masks before this restore: it
+        // merges again; one that read through it goes in.
+        let merged = |newest_mask: u64| {
+            cmd(Kind::WriteBlocks(pb::WriteBlocks {
+                volume: 6,
+                blocks: vec![pb::BlockWrite {
+                    block: 0,
+                    frame: b"merged".to_vec().into(),
+                    expect_latest: Some(0),
+                }],
+                newest_mask: Some(newest_mask),
+            }))
+        };
+        assert_eq!(
+            alone(merged(0)),
+            Err(Rejection::BlockChanged {
+                volume: 6,
+                block: 0
+            })
+        );
+        assert_eq!(alone(merged(restore_index)), Ok(Applied::Done));
 
         let objects = Objects::new(db.clone());
         let bucket_spans = || {

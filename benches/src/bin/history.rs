@@ -195,22 +195,20 @@ async fn write_load(
     Ok(written as f64 / started.elapsed().as_secs_f64() / 1e6)
 }
 
+/// Creates PG `pg` (TENANT/NAME) and volume `volume` of `bytes` in it.
+fn create_in_new_pg(node: &TestNode, pg: &str, volume: &str, bytes: u64) -> Result<()> {
+    node.must_cli(&["pg", "create", pg]);
+    let pg_name = pg.split_once('/').context("pg name")?.1;
+    let size = bytes.to_string();
+    node.must_cli(&["volume", "create", volume, "--size", &size, "--pg", pg_name]);
+    Ok(())
+}
+
 async fn gc_phase(node: &TestNode, args: &Args) -> Result<()> {
     let bytes = args.gc_mib << 20;
     let blocks = bytes / 4096;
-    node.must_cli(&["pg", "create", "bench/old"]);
-    node.must_cli(&["pg", "create", "bench/live"]);
-    for (volume, pg) in [("bench/old-v", "old"), ("bench/live-v", "live")] {
-        node.must_cli(&[
-            "volume",
-            "create",
-            volume,
-            "--size",
-            &format!("{bytes}"),
-            "--pg",
-            pg,
-        ]);
-    }
+    create_in_new_pg(node, "bench/old", "bench/old-v", bytes)?;
+    create_in_new_pg(node, "bench/live", "bench/live-v", bytes)?;
     let old = Arc::new(NbdClient::connect(node.nbd, "bench/old-v").await?);
     for pass in 1..=5 {
         fill(&old, bytes, pass).await?;
@@ -282,17 +280,7 @@ async fn snapshots_clones_and_reads(node: &TestNode, args: &Args) -> Result<()> 
         ("bench/small", "bench/small-v", 1u64 << 30),
         ("bench/big", "bench/big-v", big),
     ] {
-        node.must_cli(&["pg", "create", pg]);
-        let pg_name = pg.split_once('/').context("pg name")?.1;
-        node.must_cli(&[
-            "volume",
-            "create",
-            volume,
-            "--size",
-            &format!("{bytes}"),
-            "--pg",
-            pg_name,
-        ]);
+        create_in_new_pg(node, pg, volume, bytes)?;
         let client = Arc::new(NbdClient::connect(node.nbd, volume).await?);
         let mb_s = fill(&client, bytes, 1).await?;
         println!("filled {volume} ({} GiB) at {mb_s:.0} MB/s", bytes >> 30);
