@@ -1018,7 +1018,7 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                 print_pgs(out, vec![p]);
                 match &status {
                     Some(s) => println!(
-                        "here: {} · leader node {} · applied {} · log {}..{} ({}) · raft snapshot {}{}",
+                        "here: {} · leader node {} · applied {} · log {}..{} ({}) · raft snapshot {} ({} installed from a leader){}",
                         if s.role.is_empty() { "-" } else { &s.role },
                         s.leader_node,
                         s.applied_index,
@@ -1026,6 +1026,7 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                         s.last_log_index,
                         size::format_size(s.log_bytes),
                         s.snapshot_index,
+                        s.snapshots_installed,
                         if s.ack_degraded {
                             format!(" · ack degraded {} time(s)", s.ack_degradations)
                         } else {
@@ -1258,6 +1259,7 @@ fn pg_status_json(p: &api::PgStatus) -> serde_json::Value {
         "generation": p.generation, "active_site": p.active_site,
         "volumes": p.volumes, "log_first_index": p.log_first_index,
         "log_bytes": p.log_bytes, "snapshot_index": p.snapshot_index,
+        "snapshots_installed": p.snapshots_installed,
         "ack": p.ack, "ack_degraded": p.ack_degraded,
         "ack_degradations": p.ack_degradations,
         "oldest_restorable_ms": p.oldest_restorable_ms, "snapshots": p.snapshots,

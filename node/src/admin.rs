@@ -245,6 +245,7 @@ pub fn pg_status(core: &NodeCore, g: &ProtectionGroup) -> api::PgStatus {
             span: None,
             snapshot_index: None,
             purged_index: None,
+            snapshots_installed: 0,
         }
     });
     api::PgStatus {
@@ -262,6 +263,7 @@ pub fn pg_status(core: &NodeCore, g: &ProtectionGroup) -> api::PgStatus {
         log_first_index: log.span.map_or(0, |s| s.first),
         log_bytes: log.span.map_or(0, |s| s.bytes),
         snapshot_index: log.snapshot_index.map_or(0, |i| i.0),
+        snapshots_installed: log.snapshots_installed,
         ack: ack.policy.as_str().into(),
         ack_degraded: ack.degraded,
         ack_degradations: ack.degradations,

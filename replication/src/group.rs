@@ -167,6 +167,8 @@ pub struct LogStatus {
     pub span: Option<LogSpan>,
     pub snapshot_index: Option<LogIndex>,
     pub purged_index: Option<LogIndex>,
+    /// Raft snapshots received from a leader and installed since start.
+    pub snapshots_installed: u64,
 }
 
 /// As the leader `me` sees it: the member at another site than its own
@@ -225,6 +227,8 @@ pub struct ProtectionGroup {
     last_stamp_ms: Arc<AtomicU64>,
     ack: AckState,
     heartbeats: Heartbeats,
+    /// Raft snapshots installed from a leader since start.
+    snapshot_installs: Arc<AtomicU64>,
 }
 
 /// Who leads a group as one member sees it, read without copying the
@@ -304,6 +308,7 @@ impl ProtectionGroup {
         let log = LogStore::new(args.db.clone(), pg, args.syncer);
         let sm = StateMachine::open(args.db, pg, args.snapshot_root)
             .map_err(|source| Error::Storage { pg: pg.0, source })?;
+        let snapshot_installs = sm.installs();
         let route = GroupRoute {
             identity: args.identity,
             pg,
@@ -331,6 +336,7 @@ impl ProtectionGroup {
             last_stamp_ms: Arc::new(AtomicU64::new(0)),
             ack: AckState::new(args.events),
             heartbeats: args.heartbeats,
+            snapshot_installs,
         })
     }
 
@@ -996,6 +1002,7 @@ impl ProtectionGroup {
             span,
             snapshot_index: m.snapshot.as_ref().map(|l| LogIndex(l.index)),
             purged_index: m.purged.as_ref().map(|l| LogIndex(l.index)),
+            snapshots_installed: self.snapshot_installs.load(Ordering::Relaxed),
         })
     }
 

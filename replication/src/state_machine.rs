@@ -16,6 +16,8 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::{Stream, TryStreamExt};
 use lifeboat_proto::raft as pb;
@@ -50,6 +52,10 @@ pub struct StateMachine {
     db: Db,
     pg: PgId,
     snapshot_dir: PathBuf,
+    /// Raft snapshots received from a leader and installed since this
+    /// process started (a member's own snapshots, built to keep its log
+    /// short, are not counted).
+    installs: Arc<AtomicU64>,
 }
 
 impl StateMachine {
@@ -62,6 +68,7 @@ impl StateMachine {
             db,
             pg,
             snapshot_dir,
+            installs: Arc::new(AtomicU64::new(0)),
         };
         if let Some(path) = raft_snapshot::interrupted_install(&sm.db, pg).map_err(io_other)? {
             tracing::warn!(pg = pg.0, path = %path.display(), "finishing an interrupted raft snapshot install");
@@ -72,6 +79,11 @@ impl StateMachine {
 
     pub fn pg(&self) -> PgId {
         self.pg
+    }
+
+    /// The count of installed snapshots, shared with whoever reports it.
+    pub fn installs(&self) -> Arc<AtomicU64> {
+        self.installs.clone()
     }
 
     fn read_applied(&self) -> io::Result<(Option<LogId>, StoredMembership)> {
@@ -334,7 +346,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     "raft snapshot file does not match its metadata",
                 ));
             }
-            this.remove_other_snapshots(&target)
+            this.remove_other_snapshots(&target)?;
+            this.installs.fetch_add(1, Ordering::Relaxed);
+            Ok(())
         })
         .await
     }
