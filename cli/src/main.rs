@@ -171,6 +171,19 @@ enum TenantCommand {
     RotateDek {
         name: String,
     },
+    /// Cap what a tenant's PGs may store together (live data, history and
+    /// snapshots all count). At the quota, writes that add data are
+    /// refused (NBD ENOSPC, S3 QuotaExceeded); history is never dropped
+    /// to make room.
+    Quota {
+        name: String,
+        /// The quota, e.g. 500GiB or 2TiB.
+        #[arg(long, value_parser = size::parse_size, required_unless_present = "none")]
+        bytes: Option<u64>,
+        /// Remove the quota.
+        #[arg(long, conflicts_with = "bytes")]
+        none: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -670,6 +683,16 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                     "VOLUMES",
                     "RESTORABLE FROM",
                 ]);
+                let mut usage = Table::new(&[
+                    "PG",
+                    "STORED",
+                    "VERSIONS",
+                    "LIVE",
+                    "HISTORY",
+                    "PINNED",
+                    "COUNTED AT",
+                ]);
+                let mut tenants: std::collections::BTreeMap<String, u64> = Default::default();
                 let mut lag = Table::new(&[
                     "PG",
                     "MEMBER",
@@ -682,6 +705,31 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                     "LAG SECONDS",
                 ]);
                 for p in s.pgs {
+                    if p.id != 0 {
+                        let tenant = p.name.split('/').next().unwrap_or_default().to_string();
+                        *tenants.entry(tenant).or_default() += p.stored_bytes;
+                        let counted = p.census_ms != 0;
+                        let census = |bytes: u64| {
+                            if counted {
+                                size::format_size(bytes)
+                            } else {
+                                "-".into()
+                            }
+                        };
+                        usage.row(vec![
+                            p.name.clone(),
+                            size::format_size(p.stored_bytes),
+                            p.versions.to_string(),
+                            census(p.live_bytes),
+                            census(p.history_bytes),
+                            census(p.pinned_bytes),
+                            if counted {
+                                format_time_ms(p.census_ms)
+                            } else {
+                                "not yet".into()
+                            },
+                        ]);
+                    }
                     for l in &p.lag {
                         lag.row(vec![
                             p.name.clone(),
@@ -722,6 +770,19 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                     ]);
                 }
                 t.print();
+                if !usage.is_empty() {
+                    println!();
+                    println!(
+                        "data of the PGs here (stored: exact, what quotas count; live, history and pinned: as last counted):"
+                    );
+                    usage.print();
+                    for (tenant, stored) in &tenants {
+                        println!(
+                            "tenant {tenant}: {} stored in the PGs here",
+                            size::format_size(*stored)
+                        );
+                    }
+                }
                 if !lag.is_empty() {
                     println!();
                     println!("replication lag of the PGs this node leads (the live RPO):");
@@ -738,6 +799,15 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
             let req = client.request(api::ListTenantsRequest {});
             let r = client.api().list_tenants(req).await?.into_inner();
             print_tenants(out, r.tenants);
+        }
+        Command::Tenant(TenantCommand::Quota { name, bytes, none }) => {
+            let quota_bytes = if none { 0 } else { bytes.unwrap_or(0) };
+            let req = client.request(api::SetTenantQuotaRequest {
+                tenant: name,
+                quota_bytes,
+            });
+            let t = client.api().set_tenant_quota(req).await?.into_inner();
+            print_tenants(out, vec![t]);
         }
         Command::Tenant(TenantCommand::RotateDek { name }) => {
             let req = client.request(api::RotateDekRequest { tenant: name });
@@ -1260,6 +1330,9 @@ fn pg_status_json(p: &api::PgStatus) -> serde_json::Value {
         "volumes": p.volumes, "log_first_index": p.log_first_index,
         "log_bytes": p.log_bytes, "snapshot_index": p.snapshot_index,
         "snapshots_installed": p.snapshots_installed,
+        "stored_bytes": p.stored_bytes, "versions": p.versions,
+        "live_bytes": p.live_bytes, "history_bytes": p.history_bytes,
+        "pinned_bytes": p.pinned_bytes, "census_ms": p.census_ms,
         "ack": p.ack, "ack_degraded": p.ack_degraded,
         "ack_degradations": p.ack_degradations,
         "oldest_restorable_ms": p.oldest_restorable_ms, "snapshots": p.snapshots,
@@ -1449,13 +1522,22 @@ fn print_tenants(out: &Output, tenants: Vec<api::Tenant>) {
                     serde_json::json!({
                         "name": t.name, "id": t.id, "current_key_id": t.current_key_id,
                         "key_count": t.key_count, "pgs": t.pgs,
+                        "stored_bytes": t.stored_bytes, "quota_bytes": t.quota_bytes,
                     })
                 })
                 .collect(),
         ));
         return;
     }
-    let mut table = Table::new(&["TENANT", "ID", "KEY ID", "KEYS", "PROTECTION GROUPS"]);
+    let mut table = Table::new(&[
+        "TENANT",
+        "ID",
+        "KEY ID",
+        "KEYS",
+        "PROTECTION GROUPS",
+        "STORED",
+        "QUOTA",
+    ]);
     for t in tenants {
         table.row(vec![
             t.name,
@@ -1463,6 +1545,16 @@ fn print_tenants(out: &Output, tenants: Vec<api::Tenant>) {
             t.current_key_id.to_string(),
             t.key_count.to_string(),
             t.pgs.join(","),
+            size::format_size(t.stored_bytes),
+            if t.quota_bytes == 0 {
+                "-".into()
+            } else {
+                format!(
+                    "{} ({}%)",
+                    size::format_size(t.quota_bytes),
+                    t.stored_bytes * 100 / t.quota_bytes
+                )
+            },
         ]);
     }
     table.print();

@@ -49,24 +49,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 }
 
 /// Formats bytes with the largest binary unit that keeps it readable.
-pub fn format_size(bytes: u64) -> String {
-    const UNITS: [(&str, u64); 4] = [
-        ("TiB", 1 << 40),
-        ("GiB", 1 << 30),
-        ("MiB", 1 << 20),
-        ("KiB", 1 << 10),
-    ];
-    for (name, size) in UNITS {
-        if bytes >= size {
-            return if bytes.is_multiple_of(size) {
-                format!("{} {name}", bytes / size)
-            } else {
-                format!("{:.1} {name}", bytes as f64 / size as f64)
-            };
-        }
-    }
-    format!("{bytes} B")
-}
+pub use lifeboat_node::quota::format_bytes as format_size;
 
 #[cfg(test)]
 mod tests {

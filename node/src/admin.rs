@@ -42,7 +42,8 @@ pub fn status(e: &NodeError) -> Status {
         NodeError::Unauthenticated => Code::Unauthenticated,
         NodeError::PermissionDenied { .. } => Code::PermissionDenied,
         NodeError::MasterKeyInsideDataDir { .. } => Code::FailedPrecondition,
-        NodeError::Store(lifeboat_store::Error::NoSpace { .. }) => Code::ResourceExhausted,
+        NodeError::Store(lifeboat_store::Error::NoSpace { .. })
+        | NodeError::QuotaExceeded { .. } => Code::ResourceExhausted,
         NodeError::Replication(R::Rejected { rejection, .. }) => {
             use lifeboat_replication::Rejection as J;
             match rejection {
@@ -199,6 +200,12 @@ impl AdminService {
                 .into_iter()
                 .map(|p| format!("{}/{p}", t.name))
                 .collect(),
+            stored_bytes: self
+                .core
+                .tenant_usage(&t.name)
+                .map_err(|e| status(&e))?
+                .stored_bytes,
+            quota_bytes: t.quota_bytes,
         })
     }
 }
@@ -248,6 +255,11 @@ pub fn pg_status(core: &NodeCore, g: &ProtectionGroup) -> api::PgStatus {
             snapshots_installed: 0,
         }
     });
+    let usage = lifeboat_store::usage::usage(&core.db, g.pg()).unwrap_or_else(|e| {
+        tracing::warn!(pg = g.pg().0, error = %e, "cannot read the PG's usage");
+        Default::default()
+    });
+    let census = usage.census.unwrap_or_default();
     api::PgStatus {
         name: core.pg_display_name(g.pg()),
         id: g.pg().0,
@@ -264,6 +276,12 @@ pub fn pg_status(core: &NodeCore, g: &ProtectionGroup) -> api::PgStatus {
         log_bytes: log.span.map_or(0, |s| s.bytes),
         snapshot_index: log.snapshot_index.map_or(0, |i| i.0),
         snapshots_installed: log.snapshots_installed,
+        stored_bytes: usage.stored_bytes,
+        versions: usage.versions,
+        live_bytes: census.live_bytes,
+        history_bytes: census.history_bytes,
+        pinned_bytes: census.pinned_bytes,
+        census_ms: census.at_ms,
         ack: ack.policy.as_str().into(),
         ack_degraded: ack.degraded,
         ack_degradations: ack.degradations,
@@ -563,6 +581,25 @@ impl Admin for AdminService {
             .rotate_dek(&req.get_ref().tenant)
             .await
             .map_err(|e| status(&e))?;
+        Ok(Response::new(self.tenant_message(&t)?))
+    }
+
+    async fn set_tenant_quota(
+        &self,
+        req: Request<api::SetTenantQuotaRequest>,
+    ) -> Result<Response<api::Tenant>, Status> {
+        self.require_operator(&req, "set quotas")?;
+        let r = req.get_ref();
+        self.core
+            .set_tenant_quota(&r.tenant, (r.quota_bytes > 0).then_some(r.quota_bytes))
+            .await
+            .map_err(|e| status(&e))?;
+        let t = self
+            .core
+            .catalog
+            .tenant(&r.tenant)
+            .map_err(|e| status(&NodeError::io("read catalog")(e)))?
+            .ok_or_else(|| status(&NodeError::TenantNotFound(r.tenant.clone())))?;
         Ok(Response::new(self.tenant_message(&t)?))
     }
 

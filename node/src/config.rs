@@ -103,6 +103,14 @@ pub struct HistoryConfig {
     pub gc_step_rows: u32,
     /// Pause between scanner steps, so that writes always get through.
     pub gc_step_pause_ms: u64,
+    /// A PG written to since its last census gets a new scanner pass (which
+    /// counts its live, history and pinned bytes) at most this often.
+    pub census_interval_ms: u64,
+    /// A PG leader reports its stored bytes to the catalog (how nodes
+    /// that do not host a PG count it against its tenant's quota) when
+    /// they have moved by 16 MiB, or moved at all and the last report is
+    /// this old.
+    pub usage_report_interval_ms: u64,
     /// Free space counts as short at or below the store's reserve plus
     /// this: the node raises `space_short` and follows `when_space_short`.
     pub space_short_bytes: u64,
@@ -231,6 +239,8 @@ impl Default for HistoryConfig {
             gc_interval_ms: 2_000,
             gc_step_rows: 4096,
             gc_step_pause_ms: 20,
+            census_interval_ms: 600_000,
+            usage_report_interval_ms: 30_000,
             space_short_bytes: 1 << 30,
             when_space_short: SpaceShortPolicy::RefuseWrites,
             window_min_ms: 3_600_000,

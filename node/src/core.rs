@@ -209,6 +209,8 @@ pub struct NodeCore {
     pub space_short: std::sync::atomic::AtomicBool,
     /// When windows were last shrunk for space.
     pub last_window_shrink: Mutex<Option<std::time::Instant>>,
+    /// Recent quota verdicts per PG (see `crate::quota`).
+    pub quotas: crate::quota::Quotas,
     /// This node's certificate, and the Raft port's TLS built from it;
     /// `None` until the node initialises or joins a cluster.
     tls: RwLock<Option<ActiveTls>>,
@@ -350,6 +352,7 @@ impl NodeCore {
             events: Arc::new(EventLog::new(|| SystemClock.now_ms())),
             space_short: std::sync::atomic::AtomicBool::new(false),
             last_window_shrink: Mutex::new(None),
+            quotas: Default::default(),
             tls: RwLock::new(None),
             config,
             db,

@@ -40,6 +40,14 @@ pub enum NodeError {
     RestorePastLock { snapshot: String, until: String },
     #[error("nothing to undo: {0} was never restored")]
     NothingToUndo(String),
+    #[error(
+        "tenant {tenant} is at its quota: {stored} stored of {quota} (live data, history and snapshots all count); writes that add data are refused until snapshots are deleted, the window is shortened or the quota is raised"
+    )]
+    QuotaExceeded {
+        tenant: String,
+        stored: String,
+        quota: String,
+    },
     #[error(transparent)]
     RestorePoint(#[from] lifeboat_snapshot::RestorePointError),
     #[error("{asked} is before the oldest restorable time of {pg}{}", match oldest {
@@ -108,6 +116,7 @@ impl NodeError {
                 "node.snapshot_locked"
             }
             NodeError::NothingToUndo(_) => "node.nothing_to_undo",
+            NodeError::QuotaExceeded { .. } => "node.quota_exceeded",
             NodeError::RestorePoint(_) => "node.bad_restore_point",
             NodeError::BeforeHistory { .. } => "node.before_history",
             NodeError::Unauthenticated => "node.unauthenticated",

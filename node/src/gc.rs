@@ -3,7 +3,9 @@
 //! proposes scanner steps, one bounded `CollectGarbage` entry at a time
 //! with a pause between them, until the pass is over. Apply does the
 //! deleting (`lifeboat_store::gc`), so every replica deletes the same
-//! versions; a new leader carries on from the cursor in the PG.
+//! versions; a new leader carries on from the cursor in the PG. A pass also
+//! takes the PG's census (`lifeboat_store::usage`): when one is due, a
+//! leader starts a pass even though the horizon has not moved.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +13,7 @@ use std::time::Duration;
 use lifeboat_proto::raft as pb;
 use lifeboat_replication::{Applied, ProtectionGroup};
 use lifeboat_store::gc::{self, Cursor};
-use lifeboat_store::{PgId, history};
+use lifeboat_store::{PgId, history, usage};
 
 use crate::config::SpaceShortPolicy;
 use crate::core::NodeCore;
@@ -39,6 +41,9 @@ pub async fn run_once(core: &Arc<NodeCore>) {
         }
         if let Err(e) = collect(core, &group).await {
             tracing::warn!(pg = core.pg_display_name(pg), code = e.code(), error = %e, "history GC step failed");
+        }
+        if let Err(e) = core.report_pg_usage(pg).await {
+            tracing::warn!(pg = core.pg_display_name(pg), code = e.code(), error = %e, "could not report the PG's usage");
         }
     }
 }
@@ -74,13 +79,21 @@ async fn collect(core: &Arc<NodeCore>, group: &ProtectionGroup) -> NodeResult<()
             }))
             .await?;
     }
-    while gc::cursor(&core.db, pg)? != Cursor::Done {
+    // A census is due when there is none, or when the PG has had entries
+    // since the last one and it is older than the interval.
+    let census = usage::usage(&core.db, pg)?.census;
+    let mut new_pass = census.is_none_or(|c| {
+        group.metrics().applied_index > c.index
+            && core.now_ms() >= c.at_ms + config.census_interval_ms
+    });
+    while new_pass || gc::cursor(&core.db, pg)? != Cursor::Done {
         if !group.leadership().is_leader {
             return Ok(());
         }
         let (_, applied) = group
             .propose(pb::command::Kind::CollectGarbage(pb::CollectGarbage {
                 max_rows: config.gc_step_rows,
+                new_pass: std::mem::take(&mut new_pass),
             }))
             .await?;
         if let Applied::Collected {

@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod names;
 pub mod nbd;
 pub mod pki;
+pub mod quota;
 pub mod restore;
 pub mod s3;
 pub mod schedules;

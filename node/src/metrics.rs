@@ -35,6 +35,16 @@ pub struct LagLabels {
     pub site: String,
 }
 
+/// One kind of a PG's bytes (see `lifeboat_store::usage`): "stored"
+/// (exact), or "live", "history" and "pinned" from its last census.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PgBytesLabels {
+    pub pg: String,
+    /// TENANT/NAME, so that a tenant's bytes sum by label.
+    pub name: String,
+    pub kind: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OpLabels {
     pub op: String,
@@ -51,6 +61,7 @@ pub struct Metrics {
     pub corrupt_frames: Counter,
     /// Writes refused because free space reached the reserve.
     pub writes_refused_no_space: Counter,
+    pub writes_refused_quota: Counter,
     /// Multipart uploads aborted by the sweep for their age.
     pub s3_uploads_expired: Counter,
     /// Streams of chunks written ahead and never named, released by the
@@ -75,6 +86,8 @@ pub struct Metrics {
     pg_ack_degraded: Family<PgLabels, Gauge>,
     pg_ack_degradations: Family<PgLabels, Gauge>,
     pg_oldest_restorable_seconds: Family<PgLabels, Gauge>,
+    pg_bytes: Family<PgBytesLabels, Gauge>,
+    pg_versions: Family<PgLabels, Gauge>,
     replication_lag_entries: Family<LagLabels, Gauge>,
     replication_lag_bytes: Family<LagLabels, Gauge>,
     replication_lag_seconds: Family<LagLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
@@ -93,6 +106,7 @@ impl Metrics {
         let m = Metrics {
             corrupt_frames: Counter::default(),
             writes_refused_no_space: Counter::default(),
+            writes_refused_quota: Counter::default(),
             s3_uploads_expired: Counter::default(),
             s3_streams_released: Counter::default(),
             scheduled_snapshots: Counter::default(),
@@ -110,6 +124,8 @@ impl Metrics {
             pg_ack_degraded: Family::default(),
             pg_ack_degradations: Family::default(),
             pg_oldest_restorable_seconds: Family::default(),
+            pg_bytes: Family::default(),
+            pg_versions: Family::default(),
             replication_lag_entries: Family::default(),
             replication_lag_bytes: Family::default(),
             replication_lag_seconds: Family::default(),
@@ -125,6 +141,11 @@ impl Metrics {
             "writes_refused_no_space",
             "Writes refused because free space reached the configured reserve",
             m.writes_refused_no_space.clone(),
+        );
+        registry.register(
+            "writes_refused_quota",
+            "Writes refused because their tenant was at its quota",
+            m.writes_refused_quota.clone(),
         );
         registry.register(
             "s3_uploads_expired",
@@ -195,6 +216,16 @@ impl Metrics {
             "pg_oldest_restorable_seconds",
             "Oldest moment this node's replica of each PG can still restore to (Unix seconds; 0: none yet)",
             m.pg_oldest_restorable_seconds.clone(),
+        );
+        registry.register(
+            "pg_bytes",
+            "Bytes of each PG's data on this replica: kind=stored is exact (every block version and chunk frame kept, what tenant quotas count); live, history and pinned are its last census",
+            m.pg_bytes.clone(),
+        );
+        registry.register(
+            "pg_versions",
+            "Block and object version rows each PG keeps",
+            m.pg_versions.clone(),
         );
         registry.register(
             "pg_is_leader",
@@ -286,6 +317,27 @@ impl Metrics {
             self.pg_oldest_restorable_seconds
                 .get_or_create(&labels)
                 .set((oldest_ms / 1000) as i64);
+            if let Ok(u) = lifeboat_store::usage::usage(&core.db, g.pg()) {
+                let name = core.pg_display_name(g.pg());
+                let census = u.census.unwrap_or_default();
+                for (kind, bytes) in [
+                    ("stored", u.stored_bytes),
+                    ("live", census.live_bytes),
+                    ("history", census.history_bytes),
+                    ("pinned", census.pinned_bytes),
+                ] {
+                    self.pg_bytes
+                        .get_or_create(&PgBytesLabels {
+                            pg: labels.pg.clone(),
+                            name: name.clone(),
+                            kind: kind.into(),
+                        })
+                        .set(bytes as i64);
+                }
+                self.pg_versions
+                    .get_or_create(&labels)
+                    .set(u.versions as i64);
+            }
         }
         // Only leaders know lag: series of PGs this node no longer leads go.
         self.replication_lag_entries.clear();

@@ -222,6 +222,13 @@ impl ExportState {
     fn fail(&self, what: &str, e: &NodeError) -> Errno {
         let errno = crate::nbd::errno::from_node_error(e);
         match errno {
+            Errno::NoSpc if matches!(e, NodeError::QuotaExceeded { .. }) => {
+                tracing::info!(
+                    code = e.code(),
+                    volume = self.loc.volume_name,
+                    "{what}: {e}"
+                );
+            }
             Errno::NoSpc => {
                 self.core.metrics.writes_refused_no_space.inc();
                 tracing::warn!(
@@ -394,6 +401,13 @@ impl ExportState {
         data: Option<Bytes>,
     ) -> Result<(), Errno> {
         self.check_space()?;
+        if data.is_some() {
+            // Zeros, trims and deletes store nothing: they pass a full
+            // quota, so a tenant can always make room.
+            self.core
+                .check_quota(self.loc.group.pg())
+                .map_err(|e| self.fail("write", &e))?;
+        }
         let end = offset + len;
         let first = offset / BLOCK;
         let last = (end - 1) / BLOCK;

@@ -14,9 +14,10 @@ use lifeboat_store::gc;
 use lifeboat_store::history::SnapshotRecord;
 use lifeboat_store::masks::{self, RollbackMask, Span};
 use lifeboat_store::objects::{
-    self, BucketBase, BucketRecord, BucketState, ObjectVersion, Objects,
+    self, BucketBase, BucketRecord, BucketState, ChunkState, ObjectVersion, Objects,
 };
 use lifeboat_store::uploads::{PartRecord, UploadRecord};
+use lifeboat_store::usage::{self, Usage};
 use lifeboat_store::volumes::{self, BlockContent, VolumeBase, VolumeRecord, VolumeState, Volumes};
 use lifeboat_store::{BLOCK_BYTES, BlockNo, BucketId, ChunkId, LogIndex, PgId, VolumeId};
 use prost::Message;
@@ -45,7 +46,7 @@ pub(crate) struct ApplyContext<'a> {
     /// `None` once deleted.
     object_overlay: HashMap<(BucketId, Vec<u8>), Option<u64>>,
     /// Reference counts of chunks staged in this batch.
-    chunk_overlay: HashMap<ChunkId, u64>,
+    chunk_overlay: HashMap<ChunkId, ChunkState>,
     /// Uploads staged in this batch (`None`: removed).
     upload_overlay: HashMap<(BucketId, u64), Option<UploadRecord>>,
     /// Parts staged in this batch, by (upload, part) (`None`: removed).
@@ -61,6 +62,8 @@ pub(crate) struct ApplyContext<'a> {
     /// The PG's rollback masks, newest first, once read. They cannot
     /// change within one context: a restore is applied in a batch alone.
     masks: std::cell::OnceCell<Vec<RollbackMask>>,
+    /// The PG's usage as this batch leaves it, once read.
+    usage: Option<Usage>,
 }
 
 type Outcome = Result<Applied, Rejection>;
@@ -84,6 +87,7 @@ impl<'a> ApplyContext<'a> {
             snapshot_overlay: HashMap::new(),
             timeline_newest: None,
             masks: std::cell::OnceCell::new(),
+            usage: None,
         }
     }
 
@@ -185,6 +189,8 @@ impl<'a> ApplyContext<'a> {
                 | Kind::CreateCredential(_)
                 | Kind::RevokeCredential(_)
                 | Kind::RevokeToken(_)
+                | Kind::SetTenantQuota(_)
+                | Kind::ReportPgUsage(_)
         );
         if is_catalog_command != (self.pg == PgId::CATALOG) {
             return Ok(Err(Rejection::WrongGroup { pg: self.pg.0 }));
@@ -217,7 +223,7 @@ impl<'a> ApplyContext<'a> {
             Kind::RestorePg(r) => self.apply_restore_pg(index, r, cmd.stamp_ms),
             Kind::SetWindow(w) => self.apply_set_window(w),
             Kind::AdvanceHorizon(a) => self.apply_advance_horizon(index, a, cmd.stamp_ms),
-            Kind::CollectGarbage(c) => self.apply_collect_garbage(c),
+            Kind::CollectGarbage(c) => self.apply_collect_garbage(index, c, cmd.stamp_ms),
             Kind::UndeleteBucket(u) => self.apply_undelete_bucket(index, u),
             Kind::InitCatalog(i) => self.apply_init_catalog(i, cmd.stamp_ms),
             Kind::CreateTenant(t) => self.apply_create_tenant(t, cmd.stamp_ms),
@@ -236,6 +242,8 @@ impl<'a> ApplyContext<'a> {
             Kind::CreateCredential(c) => self.apply_create_credential(c, cmd.stamp_ms),
             Kind::RevokeCredential(r) => self.apply_revoke_credential(r),
             Kind::RevokeToken(r) => self.apply_revoke_token(r),
+            Kind::SetTenantQuota(q) => self.apply_set_tenant_quota(q),
+            Kind::ReportPgUsage(r) => self.apply_report_pg_usage(r, cmd.stamp_ms),
         }
     }
 
@@ -283,6 +291,22 @@ impl<'a> ApplyContext<'a> {
                 }));
             }
         }
+        if w.blocks.len() > 1 {
+            // One version per block and index: a block named twice would
+            // overwrite its own row (and be counted twice).
+            let mut seen = std::collections::HashSet::with_capacity(w.blocks.len());
+            if let Some(twice) = w.blocks.iter().find(|b| !seen.insert(b.block)) {
+                return Ok(Err(Rejection::Malformed {
+                    reason: format!("block {} is written twice in one entry", twice.block),
+                }));
+            }
+        }
+        let bytes: u64 = w.blocks.iter().map(|b| b.frame.len() as u64).sum();
+        let count = w.blocks.len() as u64;
+        self.count_usage(|u| {
+            u.versions += count;
+            u.stored_bytes += bytes;
+        })?;
         for b in &w.blocks {
             self.block_overlay.insert((w.volume, b.block), index.0);
             volumes::stage_block(
@@ -535,6 +559,7 @@ impl<'a> ApplyContext<'a> {
             current_key_id: 1,
             wrapped_deks: [(1, t.wrapped_dek.clone())].into_iter().collect(),
             created_ms: stamp_ms,
+            quota_bytes: 0,
         };
         self.catalog_put(key, &record);
         let main_pg = self.stage_new_pg(
@@ -621,6 +646,37 @@ impl<'a> ApplyContext<'a> {
             }));
         };
         record.ack = a.ack;
+        self.put_pg_record(&record);
+        Ok(Ok(Applied::Done))
+    }
+
+    fn apply_set_tenant_quota(&mut self, q: &pb::SetTenantQuota) -> io::Result<Outcome> {
+        let key = catalog::tenant_key(&q.tenant);
+        let Some(mut record) = self.catalog_get::<pb::TenantRecord>(&key)? else {
+            return Ok(Err(Rejection::TenantNotFound {
+                tenant: q.tenant.clone(),
+            }));
+        };
+        record.quota_bytes = q.quota_bytes;
+        self.catalog_put(key, &record);
+        Ok(Ok(Applied::Done))
+    }
+
+    fn apply_report_pg_usage(
+        &mut self,
+        r: &pb::ReportPgUsage,
+        stamp_ms: u64,
+    ) -> io::Result<Outcome> {
+        let Some(mut record) =
+            self.catalog_get::<pb::PgRecord>(&catalog::pg_key(&r.tenant, &r.name))?
+        else {
+            return Ok(Err(Rejection::PgNotFound {
+                tenant: r.tenant.clone(),
+                pg: r.name.clone(),
+            }));
+        };
+        record.stored_bytes = r.stored_bytes;
+        record.usage_ms = stamp_ms;
         self.put_pg_record(&record);
         Ok(Ok(Applied::Done))
     }
@@ -776,12 +832,28 @@ impl ApplyContext<'_> {
     }
 
     fn chunk_refs(&self, chunk: ChunkId) -> io::Result<u64> {
-        if let Some(refs) = self.chunk_overlay.get(&chunk) {
-            return Ok(*refs);
+        Ok(self.chunk_state(chunk)?.refs)
+    }
+
+    fn chunk_state(&self, chunk: ChunkId) -> io::Result<ChunkState> {
+        if let Some(state) = self.chunk_overlay.get(&chunk) {
+            return Ok(*state);
         }
         self.objects()
-            .chunk_refs(self.pg, chunk)
+            .chunk_state(self.pg, chunk)
             .map_err(io::Error::other)
+    }
+
+    /// Changes the PG's usage row (staged with the batch).
+    fn count_usage(&mut self, change: impl FnOnce(&mut Usage)) -> io::Result<()> {
+        let mut now = match self.usage {
+            Some(u) => u,
+            None => usage::usage(self.db, self.pg).map_err(io::Error::other)?,
+        };
+        change(&mut now);
+        usage::stage_usage(&mut self.batch, self.pg, &now);
+        self.usage = Some(now);
+        Ok(())
     }
 
     fn bucket_is_empty(&self, bucket: BucketId) -> io::Result<bool> {
@@ -906,7 +978,7 @@ impl ApplyContext<'_> {
             chunks: p.chunks.iter().map(|c| ChunkId(*c)).collect(),
             record: p.record.to_vec(),
         };
-        self.stage_version(bucket, &p.key, index, version);
+        self.stage_version(bucket, &p.key, index, version)?;
         // The stream's references pass to the version staged above.
         self.release_stream(p.stream)?;
         Ok(Ok(Applied::Done))
@@ -924,13 +996,27 @@ impl ApplyContext<'_> {
         if self.object_latest(bucket, &d.key)?.is_none() {
             return Ok(Ok(Applied::Done));
         }
-        self.stage_version(bucket, &d.key, index, ObjectVersion::DeleteMarker);
+        self.stage_version(bucket, &d.key, index, ObjectVersion::DeleteMarker)?;
         Ok(Ok(Applied::Done))
     }
 
     /// Stages a new version of `key` (object or delete marker) and moves
     /// `latest` with it.
-    fn stage_version(&mut self, bucket: BucketId, key: &[u8], index: LogIndex, v: ObjectVersion) {
+    fn stage_version(
+        &mut self,
+        bucket: BucketId,
+        key: &[u8],
+        index: LogIndex,
+        v: ObjectVersion,
+    ) -> io::Result<()> {
+        let replaces = self
+            .version_overlay
+            .get(&(bucket, key.to_vec()))
+            .is_some_and(|staged| staged.contains_key(&index.0));
+        if !replaces {
+            // The row's bytes are its chunks', counted as they are written.
+            self.count_usage(|u| u.versions += 1)?;
+        }
         objects::stage_object_version(&mut self.batch, self.pg, bucket, key, index, &v);
         let live = matches!(v, ObjectVersion::Object { .. }).then_some(index.0);
         self.object_overlay.insert((bucket, key.to_vec()), live);
@@ -938,6 +1024,7 @@ impl ApplyContext<'_> {
             .entry((bucket, key.to_vec()))
             .or_default()
             .insert(index.0, v);
+        Ok(())
     }
 
     /// Every version of `key`, this batch's included, by index.

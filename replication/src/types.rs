@@ -68,6 +68,8 @@ impl fmt::Display for Command {
             Some(Kind::AdvanceHorizon(_)) => "advance_horizon",
             Some(Kind::CollectGarbage(_)) => "collect_garbage",
             Some(Kind::UndeleteBucket(_)) => "undelete_bucket",
+            Some(Kind::SetTenantQuota(_)) => "set_tenant_quota",
+            Some(Kind::ReportPgUsage(_)) => "report_pg_usage",
             Some(Kind::CreateBucket(_)) => "create_bucket",
             Some(Kind::DeleteBucket(_)) => "delete_bucket",
             Some(Kind::DeleteObject(_)) => "delete_object",

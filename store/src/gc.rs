@@ -27,8 +27,9 @@ use crate::db::{Batch, Cf, Db, prefix_successor};
 use crate::error::{Error, Result};
 use crate::history::{self, History};
 use crate::keys::{self, MetaKind};
-use crate::masks;
-use crate::objects::{self, ObjectVersion, Objects};
+use crate::masks::{self, Span};
+use crate::objects::{self, ChunkState, ObjectVersion, Objects};
+use crate::usage::{Census, Kept};
 use crate::volumes::{VolumeState, Volumes};
 use crate::{ChunkId, LogIndex, PgId};
 
@@ -61,10 +62,13 @@ pub enum Cursor {
 pub struct Step {
     pub rows_scanned: u64,
     pub versions_removed: u64,
-    /// Bytes of removed version rows and of chunks no version names any
-    /// more.
+    /// Stored bytes freed (as `crate::usage` counts them): removed block
+    /// versions and chunks no version names any more.
     pub bytes_removed: u64,
+    /// Nothing is left of the pass.
     pub done: bool,
+    /// This step ended a pass (so its census is whole).
+    pub finished_pass: bool,
 }
 
 fn horizon_key(pg: PgId) -> [u8; 9] {
@@ -158,6 +162,8 @@ pub struct Retained {
     /// Volume and bucket ids (they share one id space) deleted at an
     /// index, and not back.
     pub ended: HashMap<u64, LogIndex>,
+    /// The PG's rollback masks, newest first: what a read now sees.
+    pub masks: Vec<masks::RollbackMask>,
 }
 
 impl Retained {
@@ -175,7 +181,8 @@ impl Retained {
         snapshots: impl IntoIterator<Item = LogIndex>,
     ) -> Result<Retained> {
         let mut pins: Vec<LogIndex> = snapshots.into_iter().collect();
-        pins.extend(masks::masks(db, pg)?.into_iter().map(|m| m.to));
+        let masks = masks::masks(db, pg)?;
+        pins.extend(masks.iter().map(|m| m.to));
         let mut ended = HashMap::new();
         for (id, index, record) in Volumes::new(db.clone()).volumes(pg)? {
             pins.extend(record.base.map(|b| b.index));
@@ -195,12 +202,26 @@ impl Retained {
             horizon: horizon(db, pg)?.map(|h| h.index),
             pins,
             ended,
+            masks,
         })
     }
 
     /// Whether a restore point at `index` can still be read whole.
     pub fn holds(&self, index: LogIndex) -> bool {
         self.horizon.is_none_or(|h| index >= h) || self.pins.contains(&index)
+    }
+
+    /// The spans a read now of a volume or bucket goes through; none when
+    /// it is deleted (nothing of it is live).
+    fn now_spans(&self, id: u64) -> Vec<Span> {
+        if self.ended.contains_key(&id) {
+            return Vec::new();
+        }
+        masks::spans(
+            &self.masks,
+            |m| m.volumes.iter().any(|v| v.0 == id) || m.buckets.iter().any(|b| b.0 == id),
+            None,
+        )
     }
 
     /// For one volume or bucket: versions above this index are kept
@@ -283,20 +304,68 @@ pub fn needed_object_rows(
     keep
 }
 
+/// Which of one block's versions (newest first) a read through `spans`
+/// lands on.
+pub fn visible_block(indexes: &[LogIndex], spans: &[Span]) -> Option<usize> {
+    for span in spans {
+        let Some(at) = indexes
+            .iter()
+            .position(|i| span.at.is_none_or(|limit| *i <= limit))
+        else {
+            continue;
+        };
+        if span.above.is_none_or(|above| indexes[at] > above) {
+            return Some(at);
+        }
+    }
+    None
+}
+
+/// How a census counts each of a group's rows that GC keeps: live if a
+/// read now lands on it, history if the window keeps it, pinned if only a
+/// pin does. `None` for rows GC removes.
+fn census_of(keep: &[bool], by_window: &[bool], live: Option<usize>) -> Vec<Option<Kept>> {
+    keep.iter()
+        .zip(by_window)
+        .enumerate()
+        .map(|(at, (kept, windowed))| {
+            kept.then_some(if live == Some(at) {
+                Kept::Live
+            } else if *windowed {
+                Kept::History
+            } else {
+                Kept::Pinned
+            })
+        })
+        .collect()
+}
+
 /// One bounded step of the scanner: about `max_rows` version rows from
 /// where the last step stopped, their garbage staged for deletion in
-/// `batch` (with the cursor). Reads the database as it is: the caller
-/// (apply) runs it on a batch of its own.
+/// `batch` (with the cursor), and the bytes of the rows kept counted into
+/// `census` (reset when a pass starts). With `new_pass`, a finished pass
+/// starts over (a census, or garbage that a deleted snapshot left, without
+/// the horizon moving). Reads the database as it is: the caller (apply)
+/// runs it on a batch of its own.
 pub fn collect_step(
     db: &Db,
     batch: &mut Batch,
     pg: PgId,
     retained: &Retained,
     max_rows: usize,
+    new_pass: bool,
+    census: &mut Census,
 ) -> Result<Step> {
     let mut step = Step::default();
     let max_rows = max_rows.max(1);
-    let cursor = cursor(db, pg)?;
+    let start = keys::pg_prefix(pg).to_vec();
+    let cursor = match cursor(db, pg)? {
+        Cursor::Done if new_pass => Cursor::Blocks(start.clone()),
+        c => c,
+    };
+    if cursor == Cursor::Blocks(start) {
+        *census = Census::default();
+    }
     let next = match cursor {
         Cursor::Done => {
             step.done = true;
@@ -312,18 +381,18 @@ pub fn collect_step(
                 keys::LATEST_KEY_BYTES,
             )? {
                 (groups, Some(next)) => {
-                    collect_blocks(batch, retained, &groups, &mut step)?;
+                    collect_blocks(batch, retained, &groups, &mut step, census)?;
                     Cursor::Blocks(next)
                 }
                 (groups, None) => {
-                    collect_blocks(batch, retained, &groups, &mut step)?;
+                    collect_blocks(batch, retained, &groups, &mut step, census)?;
                     Cursor::Objects(keys::pg_prefix(pg).to_vec())
                 }
             }
         }
         Cursor::Objects(position) => {
             let (groups, next) = scan_groups(db, Cf::Objects, pg, &position, max_rows, 0)?;
-            collect_objects(db, batch, pg, retained, &groups, &mut step)?;
+            collect_objects(db, batch, pg, retained, &groups, &mut step, census)?;
             match next {
                 Some(next) => Cursor::Objects(next),
                 None => Cursor::Timeline,
@@ -332,6 +401,7 @@ pub fn collect_step(
         Cursor::Timeline => {
             trim_timeline(db, batch, pg)?;
             step.done = true;
+            step.finished_pass = true;
             Cursor::Done
         }
     };
@@ -407,20 +477,29 @@ fn collect_blocks(
     retained: &Retained,
     groups: &[Group],
     step: &mut Step,
+    census: &mut Census,
 ) -> Result<()> {
+    let mut spans_of: HashMap<u64, Vec<Span>> = HashMap::new();
     for rows in groups {
         step.rows_scanned += rows.len() as u64;
-        let (recent, points) = retained.reads_of(id_of(&rows[0].0));
+        let id = id_of(&rows[0].0);
+        let (recent, points) = retained.reads_of(id);
         let indexes = rows
             .iter()
             .map(|(k, _)| index_of(Cf::Blocks, k))
             .collect::<Result<Vec<_>>>()?;
         let keep = needed_versions(&indexes, recent, &points);
-        for ((k, v), kept) in rows.iter().zip(&keep) {
-            if !kept {
-                batch.delete(Cf::Blocks, k);
-                step.versions_removed += 1;
-                step.bytes_removed += (k.len() + v.len()) as u64;
+        let by_window = needed_versions(&indexes, recent, recent.as_slice());
+        let spans = spans_of.entry(id).or_insert_with(|| retained.now_spans(id));
+        let counted = census_of(&keep, &by_window, visible_block(&indexes, spans));
+        for ((k, v), counted) in rows.iter().zip(counted) {
+            match counted {
+                Some(kept) => census.add(kept, v.len() as u64),
+                None => {
+                    batch.delete(Cf::Blocks, k);
+                    step.versions_removed += 1;
+                    step.bytes_removed += v.len() as u64;
+                }
             }
         }
         // `latest` names the newest version: with it gone (a volume
@@ -439,12 +518,24 @@ fn collect_objects(
     retained: &Retained,
     groups: &[Group],
     step: &mut Step,
+    census: &mut Census,
 ) -> Result<()> {
     let objects = Objects::new(db.clone());
-    let mut refs: HashMap<ChunkId, u64> = HashMap::new();
+    // Counts as this step leaves them. A chunk's frame size never changes.
+    let mut chunks: HashMap<ChunkId, ChunkState> = HashMap::new();
+    let state_of = |chunks: &mut HashMap<ChunkId, ChunkState>, chunk: ChunkId| {
+        if let Some(s) = chunks.get(&chunk) {
+            return Ok::<_, Error>(*s);
+        }
+        let s = objects.chunk_state(pg, chunk)?;
+        chunks.insert(chunk, s);
+        Ok(s)
+    };
+    let mut spans_of: HashMap<u64, Vec<Span>> = HashMap::new();
     for rows in groups {
         step.rows_scanned += rows.len() as u64;
-        let (recent, points) = retained.reads_of(id_of(&rows[0].0));
+        let id = id_of(&rows[0].0);
+        let (recent, points) = retained.reads_of(id);
         let decoded = rows
             .iter()
             .map(|(k, v)| {
@@ -455,24 +546,30 @@ fn collect_objects(
             .collect::<Result<Vec<_>>>()?;
         let view: Vec<(LogIndex, &ObjectVersion)> = decoded.iter().map(|(i, v)| (*i, v)).collect();
         let keep = needed_object_rows(&view, recent, &points);
-        for (((k, v), (_, version)), kept) in rows.iter().zip(&decoded).zip(&keep) {
-            if *kept {
+        let by_window = needed_object_rows(&view, recent, recent.as_slice());
+        let spans = spans_of.entry(id).or_insert_with(|| retained.now_spans(id));
+        let live = objects::visible_version(&decoded, spans)
+            .and_then(|(index, _)| decoded.iter().position(|(i, _)| *i == index));
+        let counted = census_of(&keep, &by_window, live);
+        for (((k, _), (_, version)), counted) in rows.iter().zip(&decoded).zip(counted) {
+            if let Some(kept) = counted {
+                let mut bytes = 0;
+                for chunk in version.chunks() {
+                    bytes += state_of(&mut chunks, *chunk)?.frame_bytes;
+                }
+                census.add(kept, bytes);
                 continue;
             }
             batch.delete(Cf::Objects, k);
             step.versions_removed += 1;
-            step.bytes_removed += (k.len() + v.len()) as u64;
             for chunk in version.chunks() {
-                let count = match refs.get(chunk) {
-                    Some(n) => *n,
-                    None => objects.chunk_refs(pg, *chunk)?,
-                };
-                let left = count.saturating_sub(1);
-                refs.insert(*chunk, left);
-                if left == 0 {
-                    step.bytes_removed += objects.chunk(pg, *chunk)?.map_or(0, |f| f.len() as u64);
+                let mut state = state_of(&mut chunks, *chunk)?;
+                state.refs = state.refs.saturating_sub(1);
+                chunks.insert(*chunk, state);
+                if state.refs == 0 {
+                    step.bytes_removed += state.frame_bytes;
                 }
-                objects::stage_chunk_refs(batch, pg, *chunk, left);
+                objects::stage_chunk_refs(batch, pg, *chunk, state);
             }
         }
         // `latest` names the newest row not removed by id, when that is an

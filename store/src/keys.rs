@@ -88,6 +88,9 @@ pub enum MetaKind {
     GcCursor = 10,
     /// The PG's continuous-protection window: `pg | kind`, one row.
     Window = 11,
+    /// What the PG's data occupies: `pg | kind`, one row (see
+    /// `crate::usage`).
+    Usage = 12,
 }
 
 /// The two rows of a chunk in `chunks`.

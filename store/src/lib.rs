@@ -21,6 +21,7 @@ pub mod masks;
 pub mod objects;
 pub mod raft_snapshot;
 pub mod uploads;
+pub mod usage;
 pub mod volumes;
 
 pub use error::{Error, Result};

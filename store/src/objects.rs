@@ -283,14 +283,26 @@ pub fn stage_chunk(batch: &mut Batch, pg: PgId, chunk: ChunkId, frame: &[u8]) {
     );
 }
 
-/// Stages a chunk's reference count; at zero the chunk goes, data and all.
-pub fn stage_chunk_refs(batch: &mut Batch, pg: PgId, chunk: ChunkId, refs: u64) {
+/// A chunk's reference count and the size of its frame, kept together in
+/// its refs row so that freeing a chunk never reads its frame.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ChunkState {
+    /// How many object versions (and streams) name the chunk.
+    pub refs: u64,
+    pub frame_bytes: u64,
+}
+
+/// Stages a chunk's reference count (`refs | frame bytes`, u64 BE each);
+/// at zero the chunk goes, data and all.
+pub fn stage_chunk_refs(batch: &mut Batch, pg: PgId, chunk: ChunkId, state: ChunkState) {
     let refs_key = keys::chunk_key(pg, chunk, ChunkPart::Refs);
-    if refs == 0 {
+    if state.refs == 0 {
         batch.delete(Cf::Chunks, &refs_key);
         batch.delete(Cf::Chunks, &keys::chunk_key(pg, chunk, ChunkPart::Data));
     } else {
-        batch.put(Cf::Chunks, &refs_key, &refs.to_be_bytes());
+        let mut v = state.refs.to_be_bytes().to_vec();
+        v.extend_from_slice(&state.frame_bytes.to_be_bytes());
+        batch.put(Cf::Chunks, &refs_key, &v);
     }
 }
 
@@ -822,10 +834,30 @@ impl Objects {
     /// How many stored object versions name the chunk (0 if it does not
     /// exist).
     pub fn chunk_refs(&self, pg: PgId, chunk: ChunkId) -> Result<u64> {
+        Ok(self.chunk_state(pg, chunk)?.refs)
+    }
+
+    /// The chunk's count and frame size (all zero if it does not exist).
+    pub fn chunk_state(&self, pg: PgId, chunk: ChunkId) -> Result<ChunkState> {
         let key = keys::chunk_key(pg, chunk, ChunkPart::Refs);
-        match self.db.get(Cf::Chunks, &key)? {
-            None => Ok(0),
-            Some(v) => decode_index(&key, &v).map(|refs| refs.0),
+        let Some(v) = self.db.get(Cf::Chunks, &key)? else {
+            return Ok(ChunkState::default());
+        };
+        match v.len() {
+            16 => Ok(ChunkState {
+                refs: decode_index(&key, &v[..8])?.0,
+                frame_bytes: decode_index(&key, &v[8..])?.0,
+            }),
+            // Written before the frame's size was kept beside the count.
+            8 => Ok(ChunkState {
+                refs: decode_index(&key, &v)?.0,
+                frame_bytes: self.chunk(pg, chunk)?.map_or(0, |f| f.len() as u64),
+            }),
+            _ => Err(Error::corrupt_record(
+                Cf::Chunks.name(),
+                &key,
+                "chunk count is neither 8 nor 16 bytes",
+            )),
         }
     }
 }
@@ -1272,7 +1304,15 @@ mod tests {
         };
         stage_bucket(&mut b, PG, BucketId(11), LogIndex(4), &other);
         stage_chunk(&mut b, PG, ChunkId(77), b"frame");
-        stage_chunk_refs(&mut b, PG, ChunkId(77), 2);
+        stage_chunk_refs(
+            &mut b,
+            PG,
+            ChunkId(77),
+            ChunkState {
+                refs: 2,
+                frame_bytes: 5,
+            },
+        );
         db.write(b, Durability::Buffered).unwrap();
 
         assert_eq!(
@@ -1297,10 +1337,27 @@ mod tests {
             Some(&b"frame"[..])
         );
         assert_eq!(objects.chunk_refs(PG, ChunkId(77)).unwrap(), 2);
+        assert_eq!(objects.chunk_state(PG, ChunkId(77)).unwrap().frame_bytes, 5);
         assert_eq!(objects.chunk_refs(PG, ChunkId(78)).unwrap(), 0);
+        // A count written before the frame's size was kept beside it.
+        let mut b = db.new_batch();
+        stage_chunk(&mut b, PG, ChunkId(79), b"old-frame");
+        b.put(
+            Cf::Chunks,
+            &keys::chunk_key(PG, ChunkId(79), ChunkPart::Refs),
+            &3u64.to_be_bytes(),
+        );
+        db.write(b, Durability::Buffered).unwrap();
+        assert_eq!(
+            objects.chunk_state(PG, ChunkId(79)).unwrap(),
+            ChunkState {
+                refs: 3,
+                frame_bytes: 9
+            }
+        );
         // At zero references the chunk goes.
         let mut b = db.new_batch();
-        stage_chunk_refs(&mut b, PG, ChunkId(77), 0);
+        stage_chunk_refs(&mut b, PG, ChunkId(77), ChunkState::default());
         db.write(b, Durability::Buffered).unwrap();
         assert_eq!(objects.chunk(PG, ChunkId(77)).unwrap(), None);
         assert_eq!(objects.chunk_refs(PG, ChunkId(77)).unwrap(), 0);

@@ -185,8 +185,8 @@ impl OpenError {
 
 /// The errno a client sees for a failure of the daemon's volume backend.
 ///
-/// Out of space (the free-space reserve) is `ENOSPC`, so clients report a
-/// full device; a write past the end that apply refused is `ENOSPC` too (the
+/// Out of space (the free-space reserve) and a tenant at its quota are
+/// `ENOSPC`, so clients report a full device; a write past the end that apply refused is `ENOSPC` too (the
 /// spec's answer for writes beyond the size); a node shutting down or a
 /// group without a leader is `ESHUTDOWN`, so a client reconnects rather than
 /// treating it as media failure; everything else — a corrupt frame, a
@@ -195,7 +195,8 @@ pub fn from_node_error(e: &crate::error::NodeError) -> Errno {
     use crate::error::NodeError;
     use lifeboat_replication::{Error as R, Rejection};
     match e {
-        NodeError::Store(lifeboat_store::Error::NoSpace { .. }) => Errno::NoSpc,
+        NodeError::Store(lifeboat_store::Error::NoSpace { .. })
+        | NodeError::QuotaExceeded { .. } => Errno::NoSpc,
         NodeError::Replication(R::Rejected {
             rejection: Rejection::BlockOutOfRange { .. },
             ..

@@ -19,6 +19,13 @@ pub fn from_node(e: NodeError) -> S3Error {
                 "the node is out of space: writes are refused at its reserve"
             );
         }
+        // As Ceph's gateway answers a full quota: 403 QuotaExceeded, which
+        // clients do not retry.
+        NodeError::QuotaExceeded { .. } => {
+            let mut err = S3Error::with_message(C::Custom("QuotaExceeded".into()), e.to_string());
+            err.set_status_code(hyper::StatusCode::FORBIDDEN);
+            return err;
+        }
         NodeError::BucketNotFound(_) => (C::NoSuchBucket, e.to_string()),
         NodeError::InvalidName { .. } => (C::InvalidArgument, e.to_string()),
         NodeError::NotHostedHere { .. } => (C::ServiceUnavailable, e.to_string()),

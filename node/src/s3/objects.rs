@@ -282,6 +282,9 @@ impl ObjectStore {
             .db
             .check_reserve(self.core.config.store.reserve_bytes)
             .map_err(|e| from_node(e.into()))?;
+        self.core
+            .check_quota(bucket.group.pg())
+            .map_err(from_node)?;
         let stream = rand::random::<u64>() | 1;
         let mut writer = BodyWriter {
             store: self,

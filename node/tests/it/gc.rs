@@ -7,9 +7,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use lifeboat_node::NodeError;
-use lifeboat_store::PgId;
 use lifeboat_store::db::Cf;
 use lifeboat_store::gc::{self, Cursor};
+use lifeboat_store::{PgId, usage};
 
 use crate::history::export_sha256;
 use crate::{VOLUME, demo_s3, must_start_with, pseudo_random};
@@ -46,21 +46,53 @@ fn compact(core: &lifeboat_node::core::NodeCore) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn gc_reclaims_what_left_the_window_and_keeps_what_is_pinned() {
-    let node = must_start_with(|c, _| {
-        c.history.gc_interval_ms = 100;
-        c.history.gc_step_rows = 512;
-        c.history.gc_step_pause_ms = 1;
-    })
-    .await;
+/// The value of one series of the node's metrics.
+pub(crate) fn metric(node: &crate::TestNode, series: &str) -> u64 {
+    let (_, text) =
+        lifeboat_chaos_tests::harness::http_get(node.running().http_addr, "/metrics").unwrap();
+    let prefix = format!("{series} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+/// A node as `adjust` configures it, with bucket `bucket` of tenant demo:
+/// the node, its core, PG demo/main, an NBD client of the demo volume and
+/// an S3 client.
+pub(crate) async fn demo_node_with_bucket(
+    adjust: impl FnOnce(&mut lifeboat_node::config::NodeConfig, &Path),
+    bucket: &str,
+) -> (
+    crate::TestNode,
+    std::sync::Arc<lifeboat_node::core::NodeCore>,
+    PgId,
+    lifeboat_chaos_tests::nbd_client::NbdClient,
+    aws_sdk_s3::Client,
+) {
+    let node = must_start_with(adjust).await;
     let core = node.running().core.clone();
     let pg = PgId(core.pg_named("demo/main").unwrap().id);
     let client = node.client().await;
-    core.create_bucket(&format!("demo/{BUCKET}"), "")
+    core.create_bucket(&format!("demo/{bucket}"), "")
         .await
         .unwrap();
     let s3 = demo_s3(&node).await;
+    (node, core, pg, client, s3)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_reclaims_what_left_the_window_and_keeps_what_is_pinned() {
+    let (node, core, pg, client, s3) = demo_node_with_bucket(
+        |c, _| {
+            c.history.gc_interval_ms = 100;
+            c.history.gc_step_rows = 512;
+            c.history.gc_step_pause_ms = 1;
+        },
+        BUCKET,
+    )
+    .await;
     let put = |key: &'static str, seed: u64| {
         let s3 = s3.clone();
         async move {
@@ -153,6 +185,27 @@ async fn gc_reclaims_what_left_the_window_and_keeps_what_is_pinned() {
         "{reclaimed} versions reclaimed"
     );
 
+    // The PG's own accounting: stored bytes and versions exact, and the
+    // census of a pass over the settled PG: the latest pattern and object
+    // live, the snapshot's pattern pinned, nothing left inside a second's
+    // window (random data does not compress: each is its size, give or
+    // take the frames' headers).
+    let u = usage::usage(&core.db, pg).unwrap();
+    assert_eq!(
+        (u.stored_bytes, u.versions),
+        usage::recount(&core.db, pg).unwrap()
+    );
+    let census = u.census.expect("a pass has counted");
+    assert!(census.index > last_write, "{census:?} after {last_write}");
+    let about = |bytes: u64, want: usize| bytes >= want as u64 && bytes < want as u64 * 21 / 20;
+    assert!(
+        about(census.live_bytes, PATTERN_BYTES + (1 << 20)),
+        "{census:?}"
+    );
+    assert!(about(census.pinned_bytes, PATTERN_BYTES), "{census:?}");
+    assert_eq!(census.history_bytes, 0, "{census:?}");
+    assert_eq!(census.total(), u.stored_bytes, "{census:?} vs {u:?}");
+
     // What is needed reads exactly as before.
     assert_eq!(export_sha256(node.nbd(), VOLUME).await, latest);
     assert_eq!(
@@ -225,15 +278,8 @@ async fn gc_reclaims_what_left_the_window_and_keeps_what_is_pinned() {
         "{oldest} vs {middle_ms}..{}",
         h.at_ms
     );
-    let (_, text) =
-        lifeboat_chaos_tests::harness::http_get(node.running().http_addr, "/metrics").unwrap();
-    let series = format!("lifeboat_pg_oldest_restorable_seconds{{pg=\"{}\"}} ", pg.0);
-    let exported: u64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix(&series))
-        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
-        .parse()
-        .unwrap();
+    let series = format!("lifeboat_pg_oldest_restorable_seconds{{pg=\"{}\"}}", pg.0);
+    let exported = metric(&node, &series);
     assert!(exported * 1000 + 1000 > middle_ms, "{exported} s exported");
 
     // And the space really comes back.

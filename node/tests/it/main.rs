@@ -12,6 +12,7 @@ mod history;
 mod integrity;
 mod membership;
 mod pgs;
+mod quota;
 mod real_clients;
 mod restore;
 mod s3;

@@ -4,7 +4,9 @@
 //! copy of the PG's state after every entry. Every moment inside the
 //! window, every snapshot and every clone base must read exactly as the
 //! model says, before and after every GC run, and GC must never leave a
-//! version nothing can read.
+//! version nothing can read. The usage kept in apply must match a recount
+//! after every entry, and each GC pass's census must sort exactly the
+//! stored bytes, live ones as a read now finds them.
 
 use std::collections::BTreeMap;
 
@@ -13,7 +15,7 @@ use lifeboat_store::db::{Db, DbOptions, Durability};
 use lifeboat_store::masks::{self, Span};
 use lifeboat_store::objects::{ObjectVersion, Objects};
 use lifeboat_store::volumes::Volumes;
-use lifeboat_store::{BlockNo, BucketId, LogIndex, PgId, VolumeId, gc};
+use lifeboat_store::{BlockNo, BucketId, LogIndex, PgId, VolumeId, gc, usage};
 use proptest::prelude::*;
 
 use super::ApplyContext;
@@ -350,8 +352,10 @@ impl Harness {
             Op::Gc { max_rows } => {
                 let mut steps = 0;
                 loop {
+                    // Each run is a whole pass, which also takes a census.
                     let outcome = self.apply(Kind::CollectGarbage(pb::CollectGarbage {
                         max_rows: u32::from(*max_rows),
+                        new_pass: steps == 0,
                     }));
                     self.states.push(next.clone());
                     steps += 1;
@@ -459,6 +463,50 @@ impl Harness {
         count
     }
 
+    /// The PG's usage row says what its rows hold, and after a whole GC
+    /// pass with no write in it, its census sorts exactly those bytes, with
+    /// live ones as a read now finds them.
+    fn check_usage(&self, after_gc: bool) {
+        let u = usage::usage(&self.db, PG).unwrap();
+        assert_eq!(
+            (u.stored_bytes, u.versions),
+            usage::recount(&self.db, PG).unwrap(),
+            "usage kept in apply against a recount"
+        );
+        if !after_gc {
+            return;
+        }
+        let census = u.census.expect("a whole pass leaves a census");
+        assert_eq!(
+            census.index,
+            LogIndex(self.index()),
+            "census of the last GC step"
+        );
+        assert_eq!(census.total(), u.stored_bytes, "census {census:?}");
+        let volumes = Volumes::new(self.db.clone());
+        let mut live = 0;
+        for (id, (deleted, _)) in &self.now().volumes {
+            if *deleted {
+                continue;
+            }
+            let layers = volumes.layers(PG, VolumeId(*id), None).unwrap();
+            for b in volumes
+                .visible_blocks(PG, &layers, BlockNo(0), BLOCKS)
+                .unwrap()
+                .into_iter()
+                .flatten()
+            {
+                // A clone's blocks read from its base are the base's.
+                if b.volume == VolumeId(*id) {
+                    live += b.value.len() as u64;
+                }
+            }
+        }
+        // Each put is one chunk of a 3-byte frame.
+        live += 3 * self.now().objects.len() as u64;
+        assert_eq!(census.live_bytes, live, "live bytes in {census:?}");
+    }
+
     /// Every held moment, every snapshot and every clone base reads as
     /// the model says.
     fn check(&self, when: &str) {
@@ -529,12 +577,14 @@ proptest! {
             if gc {
                 h.check("after GC");
             }
+            h.check_usage(gc);
         }
         // A last horizon move and GC over everything.
         h.run(&Op::Advance { back: 3 });
         h.check("before the last GC");
         h.run(&Op::Gc { max_rows: 4 });
         h.check("after the last GC");
+        h.check_usage(true);
         // Exactly what is needed is left.
         prop_assert_eq!(h.stored_block_versions(), h.needed_block_versions());
         prop_assert_eq!(gc::cursor(&h.db, PG).unwrap(), gc::Cursor::Done);

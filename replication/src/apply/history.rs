@@ -14,6 +14,7 @@ use lifeboat_store::gc;
 use lifeboat_store::history::{self, History, ScheduleRecord, SnapshotRecord};
 use lifeboat_store::masks::{self, RollbackMask};
 use lifeboat_store::objects::{BucketState, Objects};
+use lifeboat_store::usage;
 use lifeboat_store::volumes::{VolumeState, Volumes};
 use lifeboat_store::{BucketId, LogIndex, VolumeId};
 
@@ -370,16 +371,32 @@ impl ApplyContext<'_> {
         Ok(Ok(Applied::HorizonMoved { index: target.0 }))
     }
 
-    pub(super) fn apply_collect_garbage(&mut self, c: &pb::CollectGarbage) -> io::Result<Outcome> {
+    pub(super) fn apply_collect_garbage(
+        &mut self,
+        index: LogIndex,
+        c: &pb::CollectGarbage,
+        stamp_ms: u64,
+    ) -> io::Result<Outcome> {
         let retained = self.retained()?;
+        // Alone in its batch (as every GC step is): the store's usage row
+        // is this batch's.
+        let mut now = usage::usage(self.db, self.pg).map_err(io::Error::other)?;
         let step = gc::collect_step(
             self.db,
             &mut self.batch,
             self.pg,
             &retained,
             c.max_rows as usize,
+            c.new_pass,
+            &mut now.counting,
         )
         .map_err(io::Error::other)?;
+        now.remove(step.versions_removed, step.bytes_removed);
+        if step.finished_pass {
+            now.finish_census(index, stamp_ms);
+        }
+        usage::stage_usage(&mut self.batch, self.pg, &now);
+        self.usage = Some(now);
         Ok(Ok(Applied::Collected {
             versions: step.versions_removed,
             bytes: step.bytes_removed,

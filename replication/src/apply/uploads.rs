@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::io;
 
 use lifeboat_proto::raft as pb;
-use lifeboat_store::objects::{self, ObjectVersion};
+use lifeboat_store::objects::{self, ChunkState, ObjectVersion};
 use lifeboat_store::uploads::{self, PartRecord, UploadRecord, Uploads};
 use lifeboat_store::{BucketId, ChunkId, LogIndex};
 
@@ -72,21 +72,26 @@ impl ApplyContext<'_> {
     }
 
     fn add_chunk_ref(&mut self, chunk: ChunkId) -> io::Result<()> {
-        let refs = self.chunk_refs(chunk)? + 1;
-        objects::stage_chunk_refs(&mut self.batch, self.pg, chunk, refs);
-        self.chunk_overlay.insert(chunk, refs);
+        let mut state = self.chunk_state(chunk)?;
+        state.refs += 1;
+        objects::stage_chunk_refs(&mut self.batch, self.pg, chunk, state);
+        self.chunk_overlay.insert(chunk, state);
         Ok(())
     }
 
     fn drop_chunk_ref(&mut self, chunk: ChunkId) -> io::Result<()> {
-        let refs = self.chunk_refs(chunk)?.checked_sub(1).ok_or_else(|| {
+        let mut state = self.chunk_state(chunk)?;
+        state.refs = state.refs.checked_sub(1).ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("chunk {} lost a reference it did not have", chunk.0),
             )
         })?;
-        objects::stage_chunk_refs(&mut self.batch, self.pg, chunk, refs);
-        self.chunk_overlay.insert(chunk, refs);
+        objects::stage_chunk_refs(&mut self.batch, self.pg, chunk, state);
+        self.chunk_overlay.insert(chunk, state);
+        if state.refs == 0 {
+            self.count_usage(|u| u.remove(0, state.frame_bytes))?;
+        }
         Ok(())
     }
 
@@ -135,17 +140,28 @@ impl ApplyContext<'_> {
 
     /// Stages checked new chunks' frames (their counts start at zero: the
     /// caller adds the references that hold them).
-    fn stage_new_chunks(&mut self, new: &[pb::ChunkWrite]) {
+    fn stage_new_chunks(&mut self, new: &[pb::ChunkWrite]) -> io::Result<()> {
         for c in new {
             objects::stage_chunk(&mut self.batch, self.pg, ChunkId(c.chunk), &c.frame);
+            // Known to this batch with no references yet: the refs row is
+            // written by the first reference taken.
+            self.chunk_overlay.insert(
+                ChunkId(c.chunk),
+                ChunkState {
+                    refs: 0,
+                    frame_bytes: c.frame.len() as u64,
+                },
+            );
         }
+        let bytes: u64 = new.iter().map(|c| c.frame.len() as u64).sum();
+        self.count_usage(|u| u.add_chunk(bytes))
     }
 
     /// Stages the chunks [`Self::check_chunks`] passed: `new` written and
     /// one reference per mention in `named` (a chunk named twice is counted
     /// twice, and dropped twice when its holder goes).
     pub(super) fn take_chunks(&mut self, named: &[u64], new: &[pb::ChunkWrite]) -> io::Result<()> {
-        self.stage_new_chunks(new);
+        self.stage_new_chunks(new)?;
         for &c in named {
             self.add_chunk_ref(ChunkId(c))?;
         }
@@ -178,7 +194,7 @@ impl ApplyContext<'_> {
         if let Err(rejection) = self.check_new_chunks(&w.chunks, None)? {
             return Ok(Err(rejection));
         }
-        self.stage_new_chunks(&w.chunks);
+        self.stage_new_chunks(&w.chunks)?;
         let mut held = self.stream_chunks(w.stream)?;
         for c in &w.chunks {
             let chunk = ChunkId(c.chunk);
@@ -287,7 +303,7 @@ impl ApplyContext<'_> {
             chunks,
             record: c.record.to_vec(),
         };
-        self.stage_version(bucket, &upload.key, index, version);
+        self.stage_version(bucket, &upload.key, index, version)?;
         self.drop_upload(bucket, c.upload, parts)?;
         Ok(Ok(Applied::Done))
     }
