@@ -178,7 +178,7 @@ enum TenantCommand {
     Quota {
         name: String,
         /// The quota, e.g. 500GiB or 2TiB.
-        #[arg(long, value_parser = size::parse_size, required_unless_present = "none")]
+        #[arg(long, value_parser = parse_quota, required_unless_present = "none")]
         bytes: Option<u64>,
         /// Remove the quota.
         #[arg(long, conflicts_with = "bytes")]
@@ -1511,6 +1511,14 @@ fn print_nodes(out: &Output, nodes: Vec<api::Node>) {
         ]);
     }
     table.print();
+}
+
+/// A quota: a size above zero (0 would refuse every write).
+fn parse_quota(text: &str) -> Result<u64, String> {
+    match size::parse_size(text)? {
+        0 => Err("a quota of 0 would refuse every write; use --none to remove the quota".into()),
+        bytes => Ok(bytes),
+    }
 }
 
 fn print_tenants(out: &Output, tenants: Vec<api::Tenant>) {

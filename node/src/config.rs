@@ -104,7 +104,8 @@ pub struct HistoryConfig {
     /// Pause between scanner steps, so that writes always get through.
     pub gc_step_pause_ms: u64,
     /// A PG written to since its last census gets a new scanner pass (which
-    /// counts its live, history and pinned bytes) at most this often.
+    /// counts its live, history and pinned bytes) this often, or sooner
+    /// when its stored bytes drift by an eighth from the last census.
     pub census_interval_ms: u64,
     /// A PG leader reports its stored bytes to the catalog (how nodes
     /// that do not host a PG count it against its tenant's quota) when

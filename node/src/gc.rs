@@ -80,11 +80,15 @@ async fn collect(core: &Arc<NodeCore>, group: &ProtectionGroup) -> NodeResult<()
             .await?;
     }
     // A census is due when there is none, or when the PG has had entries
-    // since the last one and it is older than the interval.
-    let census = usage::usage(&core.db, pg)?.census;
-    let mut new_pass = census.is_none_or(|c| {
+    // since the last one and it is older than the interval or its bytes
+    // have drifted by an eighth from what it counted (so a pass costs at
+    // most eight times the rows written since the last, and a small PG's
+    // figures follow its writes).
+    let usage = usage::usage(&core.db, pg)?;
+    let mut new_pass = usage.census.is_none_or(|c| {
+        let drift = usage.stored_bytes.abs_diff(c.total());
         group.metrics().applied_index > c.index
-            && core.now_ms() >= c.at_ms + config.census_interval_ms
+            && (core.now_ms() >= c.at_ms + config.census_interval_ms || drift > c.total() / 8)
     });
     while new_pass || gc::cursor(&core.db, pg)? != Cursor::Done {
         if !group.leadership().is_leader {
