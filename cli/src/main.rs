@@ -1117,6 +1117,22 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                         s.snapshots,
                         describe_schedule(&s.schedule.unwrap_or_default())
                     );
+                    println!(
+                        "data: {} stored in {} versions · {}",
+                        size::format_size(s.stored_bytes),
+                        s.versions,
+                        if s.census_ms == 0 {
+                            "not counted yet".to_string()
+                        } else {
+                            format!(
+                                "live {}, history {}, pinned {} as counted at {}",
+                                size::format_size(s.live_bytes),
+                                size::format_size(s.history_bytes),
+                                size::format_size(s.pinned_bytes),
+                                format_time_ms(s.census_ms)
+                            )
+                        }
+                    );
                 }
             }
         }

@@ -294,6 +294,69 @@ async fn gc_reclaims_what_left_the_window_and_keeps_what_is_pinned() {
     node.stop().await;
 }
 
+/// A past export whose moment leaves the window fails its reads with EIO
+/// (GC may have deleted what it showed) rather than showing a mix of
+/// times, while a snapshot export stays whole; a new export of that moment
+/// is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_past_export_fails_once_its_moment_leaves_the_window() {
+    use lifeboat_chaos_tests::nbd_client::{NbdClient, NbdErrno};
+    let (node, core, pg, client, _s3) = demo_node_with_bucket(
+        |c, _| {
+            c.history.gc_interval_ms = 100;
+            c.history.gc_step_pause_ms = 1;
+        },
+        "p-past",
+    )
+    .await;
+    client
+        .write(0, &pseudo_random(1, 1 << 20), true)
+        .await
+        .unwrap()
+        .unwrap();
+    core.create_snapshot("demo/main", "kept", "", "")
+        .await
+        .unwrap();
+    let moment = crate::history::moment_between().await;
+    client
+        .write(0, &pseudo_random(2, 1 << 20), true)
+        .await
+        .unwrap()
+        .unwrap();
+    let past = NbdClient::connect(node.nbd(), &format!("{VOLUME}@{moment}"))
+        .await
+        .unwrap();
+    let kept = NbdClient::connect(node.nbd(), &format!("{VOLUME}@kept"))
+        .await
+        .unwrap();
+    let first = pseudo_random(1, 1 << 20);
+    assert!(past.read(0, 1 << 20).await.unwrap().unwrap() == first);
+    let last_write = core.group(pg).unwrap().metrics().applied_index;
+
+    core.set_pg_window("demo/main", "1s").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while gc::horizon(&core.db, pg)
+        .unwrap()
+        .is_none_or(|h| h.index <= last_write)
+    {
+        assert!(Instant::now() < deadline, "the horizon never passed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        past.read(0, 4096).await.unwrap(),
+        Err(NbdErrno::EIO),
+        "a read of a moment behind the horizon"
+    );
+    assert!(kept.read(0, 1 << 20).await.unwrap().unwrap() == first);
+    assert!(
+        NbdClient::connect(node.nbd(), &format!("{VOLUME}@{moment}"))
+            .await
+            .is_err(),
+        "a new export of a moment behind the horizon is refused"
+    );
+    node.stop().await;
+}
+
 /// Waits for an event of `kind`; its message.
 async fn event(core: &lifeboat_node::core::NodeCore, kind: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
