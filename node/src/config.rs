@@ -104,8 +104,8 @@ pub struct HistoryConfig {
     /// Pause between scanner steps, so that writes always get through.
     pub gc_step_pause_ms: u64,
     /// A PG written to since its last census gets a new scanner pass (which
-    /// counts its live, history and pinned bytes) this often, or sooner
-    /// when its stored bytes drift by an eighth from the last census.
+    /// counts its live, history and pinned bytes, reading every version it
+    /// keeps) this often; passes that the horizon's moves start count too.
     pub census_interval_ms: u64,
     /// A PG leader reports its stored bytes to the catalog (how nodes
     /// that do not host a PG count it against its tenant's quota) when
@@ -240,7 +240,7 @@ impl Default for HistoryConfig {
             gc_interval_ms: 2_000,
             gc_step_rows: 4096,
             gc_step_pause_ms: 20,
-            census_interval_ms: 600_000,
+            census_interval_ms: 3_600_000,
             usage_report_interval_ms: 30_000,
             space_short_bytes: 1 << 30,
             when_space_short: SpaceShortPolicy::RefuseWrites,
