@@ -584,13 +584,36 @@ async fn standby_catches_up_from_the_log_and_a_lost_one_through_a_snapshot() {
         "the purge keeps the log within its limit: {purged}"
     );
 
-    // DR node 2 is down while ~70 KiB (under half the limit) is written.
+    // DR node 2 is down while what fits in the leader's log is written:
+    // a log past its limit is cut to half whoever lags (the snapshot path
+    // below), so keep to two thirds of the room the log has left.
+    let mut nudge = 200;
+    let (room, per_entry) = loop {
+        let within = wait_main_status(&c.nodes[0], "the leader's log within its limit", |s| {
+            s["log_bytes"].as_u64().is_some_and(|b| b <= 262_144)
+        })
+        .await;
+        let bytes = within["log_bytes"].as_u64().unwrap();
+        let entries = within["last_log_index"].as_u64().unwrap() + 1
+            - within["log_first_index"].as_u64().unwrap();
+        let per_entry = (bytes / entries.max(1)).max(1);
+        if 262_144 - bytes >= 3 * per_entry {
+            break (262_144 - bytes, per_entry);
+        }
+        // Too little room: one more write takes the log past its limit,
+        // and the leader cuts it to half (node 2 is up and keeps up).
+        write_blocks(&client, &ledger, nudge..nudge + 1, 5_000).await;
+        nudge += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let down_blocks = (room * 2 / 3 / per_entry).clamp(1, 16);
+    let leader_applied = main_status_of(&c.nodes[0]).unwrap()["applied_index"].as_u64();
     wait_main_status(&c.nodes[1], "dr node 2 applies", |s| {
-        s["applied_index"].as_u64() >= purged["applied_index"].as_u64()
+        s["applied_index"].as_u64() >= leader_applied
     })
     .await;
     c.nodes[1].kill9();
-    write_blocks(&client, &ledger, 0..16, 10_000).await;
+    write_blocks(&client, &ledger, 0..down_blocks, 10_000).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let leader = main_status_of(&c.nodes[0]).unwrap();
     let matched2 = matched_index_of(&leader, 2);

@@ -378,9 +378,12 @@ impl ApplyContext<'_> {
         stamp_ms: u64,
     ) -> io::Result<Outcome> {
         let retained = self.retained()?;
-        // Alone in its batch (as every GC step is): the store's usage row
-        // is this batch's.
-        let mut now = usage::usage(self.db, self.pg).map_err(io::Error::other)?;
+        // Every GC step is applied alone in its batch, so the store's row is
+        // current; one staged earlier in this context would still win.
+        let mut now = match self.usage {
+            Some(staged) => staged,
+            None => usage::usage(self.db, self.pg).map_err(io::Error::other)?,
+        };
         let step = gc::collect_step(
             self.db,
             &mut self.batch,
