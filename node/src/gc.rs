@@ -80,12 +80,11 @@ async fn collect(core: &Arc<NodeCore>, group: &ProtectionGroup) -> NodeResult<()
             .await?;
     }
     // A census is due when there is none, or when the PG has had entries
-    // since the last one and it is older than the interval. A pass reads
-    // every version the PG keeps, values included: under a steady write
-    // load, passes that follow the writes (an earlier version started one
-    // whenever the bytes drifted by an eighth) cost 10–25% of 4 KiB write
-    // IOPS, so the census waits for its interval.
-    // A PG's first data gets counted at once (its census had nothing).
+    // since the last one and it is older than the interval, or it counted
+    // nothing and the PG now holds data. A pass reads every version the PG
+    // keeps, values included: passes that followed a write load (one per
+    // eighth of drift) cost 10–25% of 4 KiB write IOPS, so the census
+    // otherwise waits for its interval.
     let usage = usage::usage(&core.db, pg)?;
     let mut new_pass = usage.census.is_none_or(|c| {
         group.metrics().applied_index > c.index

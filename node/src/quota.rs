@@ -93,9 +93,17 @@ impl NodeCore {
         let over = match cached {
             Some(over) => over,
             None => {
-                let over = match self.catalog.pg_by_id(pg.0) {
-                    Ok(Some(record)) if !record.tenant.is_empty() => {
-                        Some(self.tenant_usage(&record.tenant)?).filter(TenantUsage::over)
+                // Most tenants have no quota: one catalog read, no sum.
+                let tenant = match self.catalog.pg_by_id(pg.0) {
+                    Ok(Some(record)) if !record.tenant.is_empty() => self
+                        .catalog
+                        .tenant(&record.tenant)
+                        .map_err(NodeError::io("read catalog"))?,
+                    _ => None,
+                };
+                let over = match tenant {
+                    Some(t) if t.quota_bytes > 0 => {
+                        Some(self.tenant_usage(&t.name)?).filter(TenantUsage::over)
                     }
                     _ => None,
                 };

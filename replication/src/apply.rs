@@ -1442,6 +1442,57 @@ mod tests {
         }))
     }
 
+    /// A block named twice in one entry is refused whole: its second frame
+    /// would replace the first at the same index (and count twice in the
+    /// PG's usage).
+    #[test]
+    fn a_block_written_twice_in_one_entry_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), &DbOptions::default()).unwrap();
+        let mut cx = ApplyContext::new(&db, PgId(2));
+        let create = cmd(pb::command::Kind::CreateVolume(pb::CreateVolume {
+            volume: 1,
+            name: "v".into(),
+            size_bytes: 1 << 20,
+            base: None,
+        }));
+        assert_eq!(
+            cx.apply_command(LogIndex(1), &create).unwrap(),
+            Ok(Applied::Done)
+        );
+        let block = |block: u64| pb::BlockWrite {
+            block,
+            frame: b"frame".to_vec().into(),
+            expect_latest: None,
+        };
+        let write = |blocks: Vec<pb::BlockWrite>| {
+            cmd(pb::command::Kind::WriteBlocks(pb::WriteBlocks {
+                volume: 1,
+                blocks,
+                newest_mask: None,
+            }))
+        };
+        let twice = cx
+            .apply_command(LogIndex(2), &write(vec![block(3), block(4), block(3)]))
+            .unwrap();
+        assert!(
+            matches!(&twice, Err(Rejection::Malformed { reason }) if reason.contains("block 3")),
+            "{twice:?}"
+        );
+        assert_eq!(
+            cx.apply_command(LogIndex(3), &write(vec![block(3), block(4)]))
+                .unwrap(),
+            Ok(Applied::Done)
+        );
+        db.write(cx.batch, Durability::Buffered).unwrap();
+        let u = usage::usage(&db, PgId(2)).unwrap();
+        assert_eq!(
+            (u.stored_bytes, u.versions),
+            (10, 2),
+            "only the second entry counts"
+        );
+    }
+
     /// Commands applied in one batch see each other through the overlays,
     /// exactly as if each had been written before the next.
     #[test]
