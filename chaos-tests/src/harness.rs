@@ -5,6 +5,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -26,12 +27,34 @@ pub fn lifeboat_bin() -> PathBuf {
     profile_dir.join("lifeboat")
 }
 
-/// A loopback port that was free a moment ago.
+/// A loopback port for a test node to listen on, free a moment ago.
+///
+/// Ports come from below the kernel's ephemeral range (32768–60999 on
+/// Debian). A port in that range can become the local end of any outgoing
+/// connection, so while a node is down its own port could be taken and its
+/// restart fail with "Address already in use" (seen in CI: a node killed,
+/// then started again, never came up). A process-wide counter keeps the tests
+/// of one binary from being handed the same port; the chaos tests' `lifeboat
+/// up` port offsets put its ports at 27700 and above, past this range.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral port")
+    const FIRST: u32 = 11_000;
+    const SPAN: u32 = 16_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    // Each test binary starts somewhere else in the range, so ports of nodes
+    // a previous binary left behind are not the first ones tried.
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7919) % SPAN,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..SPAN {
+        let port = (FIRST + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {FIRST}..{}", FIRST + SPAN);
 }
 
 /// Whether a Debian tool is installed (tests that need it say so and fail
@@ -179,6 +202,20 @@ impl TestNode {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Wipes the node's data and starts it as a node that never ran: a new
+    /// machine given an old node's id. It gets new ports (its old ones may
+    /// be taken while it was down) and is waited for like a new node.
+    pub fn start_wiped(&mut self) -> Result<()> {
+        assert!(self.child.is_none(), "node still running");
+        let data_dir = &self.config_base.0;
+        if data_dir.exists() {
+            std::fs::remove_dir_all(data_dir)?;
+        }
+        self.ever_started = false;
+        self.write_config()?;
+        self.start()
     }
 
     /// Starts the node process without waiting: a node of a cluster that is

@@ -471,8 +471,7 @@ async fn whole_cluster_sigkill_then_a_dr_node_is_replaced() {
     assert_eq!(by_id(6)["catalog_role"], "learner", "{nodes}");
     // A removed node's id is never reused: node 5 coming back wiped, under
     // the same id, is refused.
-    std::fs::remove_dir_all(c.dir.path().join("n4/data")).unwrap();
-    c.nodes[4].spawn().unwrap();
+    c.nodes[4].start_wiped().unwrap();
     let started = Instant::now();
     loop {
         let again = c.nodes[0].cli(&["node", "add", &c.nodes[4].endpoint()]);
@@ -483,8 +482,9 @@ async fn whole_cluster_sigkill_then_a_dr_node_is_replaced() {
         }
         assert!(
             started.elapsed() < Duration::from_secs(20),
-            "re-adding node 5: {:?} {err}",
-            again.status
+            "re-adding node 5: {:?} {err}\nits log:\n{}",
+            again.status,
+            c.nodes[4].log_tail()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
