@@ -440,14 +440,16 @@ enum BucketCommand {
     /// history (its name must be free): clone or restore it at a time
     /// before its objects were deleted to see them again.
     Undelete { name: String },
-    /// A read-only clone NEW of SOURCE (both TENANT/BUCKET) as it was at a
-    /// restore point: S3 reads and lists show that moment's objects.
+    /// A clone NEW of SOURCE (both TENANT/BUCKET) as it was at a restore
+    /// point, ready at once whatever its size: S3 reads and lists show that
+    /// moment's objects. It takes writes and deletes of its own
+    /// (copy-on-write) that never touch SOURCE, unless --read-only.
     Clone {
         source: String,
         new: String,
         #[command(flatten)]
         point: ClonePoint,
-        /// Required: writable bucket clones are not available yet.
+        /// Refuse every write and delete through S3.
         #[arg(long)]
         read_only: bool,
     },
@@ -1655,19 +1657,26 @@ fn print_buckets(out: &Output, buckets: Vec<api::Bucket>) {
                     serde_json::json!({
                         "name": b.name, "pg": b.pg, "id": b.id, "created_ms": b.created_ms,
                         "clone_of": b.clone_of, "clone_index": b.clone_index,
+                        "clone_writable": b.clone_writable,
                     })
                 })
                 .collect(),
         ));
         return;
     }
-    let mut table = Table::new(&["BUCKET", "PROTECTION GROUP", "ID", "CREATED"]);
+    let mut table = Table::new(&["BUCKET", "PROTECTION GROUP", "ID", "CREATED", "CLONE OF"]);
     for b in buckets {
+        let clone = match (b.clone_of, b.clone_writable) {
+            (0, _) => "-".to_owned(),
+            (of, true) => format!("{of} at index {}", b.clone_index),
+            (of, false) => format!("{of} at index {} (read-only)", b.clone_index),
+        };
         table.row(vec![
             b.name,
             b.pg,
             b.id.to_string(),
             format_time_ms(b.created_ms),
+            clone,
         ]);
     }
     table.print();

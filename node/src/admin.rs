@@ -410,6 +410,7 @@ fn bucket_message(b: BucketInfo) -> api::Bucket {
         created_ms: b.created_ms,
         clone_of: b.base.map_or(0, |v| v.bucket.0),
         clone_index: b.base.map_or(0, |v| v.index.0),
+        clone_writable: b.base.is_some_and(|v| v.writable),
     }
 }
 

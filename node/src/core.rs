@@ -88,7 +88,7 @@ pub struct BucketInfo {
     pub pg: PgId,
     pub bucket: BucketId,
     pub created_ms: u64,
-    /// `Some` for a read-only clone: what it shows.
+    /// `Some` for a clone: what it shows (under its own writes if writable).
     pub base: Option<lifeboat_store::objects::BucketBase>,
 }
 
@@ -1415,7 +1415,7 @@ impl NodeCore {
         self.create_bucket_with_base(full_name, pg_name, None).await
     }
 
-    /// Creates a bucket, or with `base` a read-only clone showing it.
+    /// Creates a bucket, or with `base` a clone showing it.
     pub(crate) async fn create_bucket_with_base(
         &self,
         full_name: &str,

@@ -377,10 +377,12 @@ impl NodeCore {
         Ok(info)
     }
 
-    /// A read-only clone `new` of bucket `source` (both TENANT/BUCKET, same
-    /// tenant) as it was at a restore point: S3 reads and lists show the
-    /// source's objects of that moment; every write is refused. O(1).
-    /// Writable bucket clones are not built yet.
+    /// A clone `new` of bucket `source` (both TENANT/BUCKET, same tenant)
+    /// as it was at a restore point, in O(1): S3 reads and lists show the
+    /// source's objects of that moment. A read-only clone refuses every
+    /// write; a writable one keeps its writes (and delete markers) in its
+    /// own key space, over the moment, which no later change to the source
+    /// touches (the base is a pin).
     pub async fn clone_bucket(
         &self,
         source: &str,
@@ -398,13 +400,6 @@ impl NodeCore {
                 reason: format!("a clone stays in its source's tenant, {source_tenant}"),
             });
         }
-        if !read_only {
-            return Err(NodeError::InvalidName {
-                what: "clone",
-                name: new.to_owned(),
-                reason: "bucket clones are read-only for now: add --read-only".into(),
-            });
-        }
         let point = restore_point(at, snapshot, self.now())?;
         let bound = self
             .bucket_binding(source_name)?
@@ -418,11 +413,13 @@ impl NodeCore {
             .ok_or_else(|| NodeError::BucketNotFound(source.to_owned()))?;
         let group = self.running_group(info.pg.0)?;
         let p = self.resolve_point(&group, &point, false).await?;
-        // A clone of a clone shows what its source shows.
-        let base = match info.base {
+        // A clone of a read-only clone shows what its source shows; a
+        // writable clone, or a plain bucket, is a base as it was then.
+        let base = match info.base.filter(|b| !b.writable) {
             Some(view) => pb::BucketBase {
                 bucket: view.bucket.0,
                 index: view.index.0,
+                writable: !read_only,
             },
             None => {
                 let existed = self
@@ -438,6 +435,7 @@ impl NodeCore {
                 pb::BucketBase {
                     bucket: info.bucket.0,
                     index: p.index.0,
+                    writable: !read_only,
                 }
             }
         };
@@ -448,7 +446,8 @@ impl NodeCore {
             source,
             clone = new,
             index = base.index,
-            "bucket cloned (read-only)"
+            read_only,
+            "bucket cloned"
         );
         Ok(clone)
     }

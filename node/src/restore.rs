@@ -201,7 +201,7 @@ impl NodeCore {
         }
         for (bucket, _, now) in self.objects.buckets(pg)? {
             // A read-only clone shows one moment: nothing to restore.
-            if now.base.is_some() {
+            if now.is_read_only() {
                 continue;
             }
             let then = self

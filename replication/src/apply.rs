@@ -789,7 +789,7 @@ impl ApplyContext<'_> {
     /// A bucket that takes writes: live and not a read-only clone.
     fn writable_bucket(&self, bucket: u64) -> io::Result<Result<BucketRecord, Rejection>> {
         Ok(match self.active_bucket(bucket)? {
-            Ok(r) if r.base.is_some() => Err(Rejection::BucketReadOnly { bucket }),
+            Ok(r) if r.is_read_only() => Err(Rejection::BucketReadOnly { bucket }),
             other => other,
         })
     }
@@ -799,22 +799,34 @@ impl ApplyContext<'_> {
         self.bucket_overlay.insert(bucket, (index, record));
     }
 
-    /// What reads of a bucket at its newest go through: one plain span
-    /// unless a restore masked it.
-    fn bucket_spans(&self, bucket: BucketId) -> io::Result<Vec<Span>> {
-        let masks = match self.masks.get() {
+    /// The PG's rollback masks, newest first (read once per batch).
+    fn pg_masks(&self) -> io::Result<&[masks::RollbackMask]> {
+        Ok(match self.masks.get() {
             Some(m) => m,
             None => {
                 let loaded = masks::masks(self.db, self.pg).map_err(io::Error::other)?;
                 self.masks.get_or_init(|| loaded)
             }
-        };
-        Ok(masks::spans(masks, |m| m.covers_bucket(bucket), None))
+        })
+    }
+
+    /// What reads of a bucket at its newest go through: one plain span
+    /// unless a restore masked it.
+    fn bucket_spans(&self, bucket: BucketId) -> io::Result<Vec<Span>> {
+        Ok(masks::spans(
+            self.pg_masks()?,
+            |m| m.covers_bucket(bucket),
+            None,
+        ))
     }
 
     /// The index of the newest live version of an object, as reads see it
-    /// (through a restore's mask).
+    /// (through a restore's mask, and in a writable clone through its own
+    /// versions to its base's).
     fn object_latest(&self, bucket: BucketId, key: &[u8]) -> io::Result<Option<u64>> {
+        if let Some(base) = self.bucket(bucket)?.and_then(|r| r.base) {
+            return self.clone_object_latest(bucket, base, key);
+        }
         // Staged in this batch: newer than any mask.
         if let Some(staged) = self.object_overlay.get(&(bucket, key.to_vec())) {
             return Ok(*staged);
@@ -829,6 +841,36 @@ impl ApplyContext<'_> {
                 .map(|v| v.map(|(i, _)| i))
         };
         Ok(found.map_err(io::Error::other)?.map(|i| i.0))
+    }
+
+    /// [`Self::object_latest`] in a clone: its own versions (this batch's
+    /// included) decide the key unless none is in reach; then its base at
+    /// the cloned index does, which no entry after that index changes.
+    fn clone_object_latest(
+        &self,
+        bucket: BucketId,
+        base: BucketBase,
+        key: &[u8],
+    ) -> io::Result<Option<u64>> {
+        let newest_first: Vec<(LogIndex, ObjectVersion)> = self
+            .versions_of(bucket, key)?
+            .into_iter()
+            .rev()
+            .map(|(i, v)| (LogIndex(i), v))
+            .collect();
+        match objects::seen_version(&newest_first, &self.bucket_spans(bucket)?) {
+            objects::Seen::Live(index, _) => return Ok(Some(index.0)),
+            objects::Seen::Hidden => return Ok(None),
+            objects::Seen::Absent => {}
+        }
+        let objects = self.objects();
+        let layers = objects
+            .layers(self.pg, base.bucket, Some(base.index), self.pg_masks()?)
+            .map_err(io::Error::other)?;
+        Ok(objects
+            .find_layered(self.pg, &layers, key)
+            .map_err(io::Error::other)?
+            .map(|(_, index, _)| index.0))
     }
 
     fn chunk_refs(&self, chunk: ChunkId) -> io::Result<u64> {
@@ -912,20 +954,37 @@ impl ApplyContext<'_> {
         let base = match &c.base {
             None => None,
             Some(b) => {
+                // A clone of a read-only clone names that clone's base
+                // (the node does so): only a bucket with data of its own,
+                // a plain one or a writable clone, is a base.
                 let live_then = self
                     .objects()
                     .bucket_at(self.pg, BucketId(b.bucket), LogIndex(b.index))
                     .map_err(io::Error::other)?
-                    .is_some_and(|(_, r)| r.state == BucketState::Active && r.base.is_none());
+                    .is_some_and(|(_, r)| r.state == BucketState::Active && !r.is_read_only());
                 if b.index == 0 || b.index >= index.0 || !live_then {
                     return Ok(Err(Rejection::BucketNotFound { bucket: b.bucket }));
                 }
                 if let Some(rejection) = self.check_held(b.index, LogIndex(index.0 - 1))? {
                     return Ok(Err(rejection));
                 }
+                let depth = self
+                    .objects()
+                    .layers(self.pg, BucketId(b.bucket), Some(LogIndex(b.index)), &[])
+                    .map_err(io::Error::other)?
+                    .len();
+                if depth >= objects::CLONE_DEPTH_MAX {
+                    return Ok(Err(Rejection::Malformed {
+                        reason: format!(
+                            "clones may be nested at most {} deep",
+                            objects::CLONE_DEPTH_MAX
+                        ),
+                    }));
+                }
                 Some(BucketBase {
                     bucket: BucketId(b.bucket),
                     index: LogIndex(b.index),
+                    writable: b.writable,
                 })
             }
         };
@@ -1428,8 +1487,12 @@ mod tests {
     }
 
     fn put(key: &str, chunk: u64, if_absent: bool) -> pb::Command {
+        put_in(5, key, chunk, if_absent)
+    }
+
+    fn put_in(bucket: u64, key: &str, chunk: u64, if_absent: bool) -> pb::Command {
         cmd(pb::command::Kind::PutObject(pb::PutObject {
-            bucket: 5,
+            bucket,
             key: key.as_bytes().to_vec().into(),
             chunks: vec![chunk],
             new_chunks: vec![pb::ChunkWrite {
@@ -1561,6 +1624,139 @@ mod tests {
             apply(&mut cx, put("late", 4, false)),
             Err(Rejection::BucketNotFound { bucket: 5 })
         );
+    }
+
+    /// A writable clone takes writes over its base's moment: `if_absent`
+    /// and deletes see the base's objects, the base never changes; a
+    /// read-only clone takes none and is no base, and chains are bounded.
+    #[test]
+    fn writable_bucket_clones_write_over_their_base() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), &DbOptions::default()).unwrap();
+        let pg = PgId(2);
+        let objects = Objects::new(db.clone());
+        let at = std::cell::Cell::new(0u64);
+        let apply = |cx: &mut ApplyContext<'_>, c: pb::Command| {
+            at.set(at.get() + 1);
+            let index = LogIndex(at.get());
+            (index, cx.apply_command(index, &c).unwrap())
+        };
+        let create = |bucket: u64, base: Option<(u64, u64, bool)>| {
+            cmd(pb::command::Kind::CreateBucket(pb::CreateBucket {
+                bucket,
+                name: format!("b{bucket}"),
+                base: base.map(|(bucket, index, writable)| pb::BucketBase {
+                    bucket,
+                    index,
+                    writable,
+                }),
+            }))
+        };
+        let delete = |bucket: u64, key: &str| {
+            cmd(pb::command::Kind::DeleteObject(pb::DeleteObject {
+                bucket,
+                key: key.as_bytes().to_vec().into(),
+            }))
+        };
+        let commit = |cx: ApplyContext<'_>| db.write(cx.batch, Durability::Buffered).unwrap();
+
+        let mut cx = ApplyContext::new(&db, pg);
+        assert_eq!(apply(&mut cx, create(5, None)).1, Ok(Applied::Done));
+        let (k_index, _) = apply(&mut cx, put("k", 1, false));
+        let (moment, _) = apply(&mut cx, put("gone", 2, false));
+        commit(cx);
+
+        let mut cx = ApplyContext::new(&db, pg);
+        assert_eq!(
+            apply(&mut cx, create(6, Some((5, moment.0, true)))).1,
+            Ok(Applied::Done)
+        );
+        // The base's "k" is there for if_absent; a new key is not.
+        assert_eq!(
+            apply(&mut cx, put_in(6, "k", 3, true)).1,
+            Err(Rejection::ObjectExists)
+        );
+        assert_eq!(
+            apply(&mut cx, put_in(6, "new", 4, true)).1,
+            Ok(Applied::Done)
+        );
+        // Deleting a key only the base has leaves a marker in the clone,
+        // which this batch's next entry already sees.
+        let (marker, _) = apply(&mut cx, delete(6, "k"));
+        assert_eq!(apply(&mut cx, put_in(6, "k", 5, true)).1, Ok(Applied::Done));
+        // The source moves on; the clone's moment does not.
+        assert_eq!(apply(&mut cx, delete(5, "gone")).1, Ok(Applied::Done));
+        commit(cx);
+        assert_eq!(
+            objects.latest_index(pg, BucketId(5), b"k").unwrap(),
+            Some(k_index),
+            "the base is untouched"
+        );
+        assert_eq!(
+            objects.version_at(pg, BucketId(6), b"k", marker).unwrap(),
+            Some((marker, ObjectVersion::DeleteMarker))
+        );
+        let layers = objects.layers(pg, BucketId(6), None, &[]).unwrap();
+        let found = |key: &str| {
+            objects
+                .find_layered(pg, &layers, key.as_bytes())
+                .unwrap()
+                .map(|(bucket, index, _)| (bucket.0, index))
+        };
+        assert_eq!(found("k"), Some((6, LogIndex(marker.0 + 1))));
+        assert_eq!(
+            found("gone"),
+            Some((5, moment)),
+            "deleted in the source later"
+        );
+
+        // A read-only clone of the clone takes no writes, and is no base.
+        let mut cx = ApplyContext::new(&db, pg);
+        let now = at.get();
+        assert_eq!(
+            apply(&mut cx, create(7, Some((6, now, false)))).1,
+            Ok(Applied::Done)
+        );
+        commit(cx);
+        let mut cx = ApplyContext::new(&db, pg);
+        assert_eq!(
+            apply(&mut cx, put_in(7, "x", 6, false)).1,
+            Err(Rejection::BucketReadOnly { bucket: 7 })
+        );
+        assert_eq!(
+            apply(&mut cx, delete(7, "k")).1,
+            Err(Rejection::BucketReadOnly { bucket: 7 })
+        );
+        let now = at.get();
+        assert_eq!(
+            apply(&mut cx, create(8, Some((7, now, true)))).1,
+            Err(Rejection::BucketNotFound { bucket: 7 })
+        );
+        commit(cx);
+
+        // Clones of clones, until the chain is as deep as reads allow.
+        let mut base = 6;
+        let mut refused = None;
+        for bucket in 20..40 {
+            let mut cx = ApplyContext::new(&db, pg);
+            let now = at.get();
+            let (_, outcome) = apply(&mut cx, create(bucket, Some((base, now, true))));
+            commit(cx);
+            match outcome {
+                Ok(Applied::Done) => base = bucket,
+                other => {
+                    refused = Some((bucket, other));
+                    break;
+                }
+            }
+        }
+        let (bucket, outcome) = refused.expect("a chain too deep is refused");
+        assert!(
+            matches!(&outcome, Err(Rejection::Malformed { reason }) if reason.contains("nested")),
+            "{outcome:?}"
+        );
+        // Buckets 5 and 6, then 20.. : the chain holds CLONE_DEPTH_MAX.
+        assert_eq!(bucket as usize, 20 + objects::CLONE_DEPTH_MAX - 2);
     }
 
     /// Locks are judged at the entry's stamp; the timeline only moves

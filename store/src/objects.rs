@@ -23,8 +23,8 @@
 use crate::db::{Batch, Cf, Db, prefix_successor};
 use crate::error::{Error, Result};
 use crate::keys::{self, ChunkPart, MetaKind};
-use crate::masks::Span;
-use crate::volumes::{decode_based_record, encode_based_record};
+use crate::masks::{self, RollbackMask, Span};
+use crate::volumes::{decode_based_record, encode_based_record, follow_clone_chain};
 use crate::{BucketId, ChunkId, LogIndex, PgId};
 
 /// The longest object key S3 allows, in bytes.
@@ -47,9 +47,16 @@ pub struct BucketRecord {
     /// When it was created, in milliseconds since the Unix epoch (the
     /// creating entry's stamp).
     pub created_ms: u64,
-    /// `Some` for a read-only clone: it shows `base.bucket` as it was at
-    /// `base.index`, and takes no writes.
+    /// `Some` for a clone: it shows `base.bucket` as it was at
+    /// `base.index`, under its own writes if it is writable.
     pub base: Option<BucketBase>,
+}
+
+impl BucketRecord {
+    /// A read-only clone: it takes no writes.
+    pub fn is_read_only(&self) -> bool {
+        self.base.is_some_and(|b| !b.writable)
+    }
 }
 
 /// What a bucket clone shows: another bucket of the PG at an index.
@@ -57,29 +64,51 @@ pub struct BucketRecord {
 pub struct BucketBase {
     pub bucket: BucketId,
     pub index: LogIndex,
+    /// The clone takes writes, kept in its own key space and read over
+    /// the base (copy-on-write); otherwise it shows the base and nothing
+    /// else.
+    pub writable: bool,
 }
 
 /// Record layout, version 1 (the volumes' named-record layout):
 /// ```text
 /// version u8 | state u8 | created_ms u64 BE | name_len u16 BE | name (UTF-8)
 /// ```
-/// Version 2 (a clone) appends its base, as volumes do.
+/// Version 2 (a read-only clone) appends its base, as volumes do; version 3
+/// (a writable clone) is laid out as version 2.
 const BUCKET_RECORD_VERSION: u8 = 1;
+const WRITABLE_CLONE_RECORD_VERSION: u8 = 3;
 
 impl BucketRecord {
     pub fn encode(&self) -> Vec<u8> {
-        encode_based_record(
+        let mut out = encode_based_record(
             BUCKET_RECORD_VERSION,
             self.state as u8,
             self.created_ms,
             &self.name,
             self.base.map(|b| (b.bucket.0, b.index.0)),
-        )
+        );
+        if self.base.is_some_and(|b| b.writable) {
+            out[0] = WRITABLE_CLONE_RECORD_VERSION;
+        }
+        out
     }
 
     pub fn decode(bytes: &[u8]) -> std::result::Result<BucketRecord, String> {
+        let writable = bytes.first() == Some(&WRITABLE_CLONE_RECORD_VERSION);
+        let mut as_read_only;
+        let bytes = if writable {
+            as_read_only = bytes.to_vec();
+            as_read_only[0] = BUCKET_RECORD_VERSION + 1;
+            as_read_only.as_slice()
+        } else {
+            bytes
+        };
         let (state, created_ms, name, base) =
             decode_based_record(bytes, BUCKET_RECORD_VERSION, "bucket")?;
+        if writable && base.is_none() {
+            return Err("writable clone record without its base".into());
+        }
         let state = match state {
             1 => BucketState::Active,
             2 => BucketState::Deleted,
@@ -92,6 +121,7 @@ impl BucketRecord {
             base: base.map(|(bucket, index)| BucketBase {
                 bucket: BucketId(bucket),
                 index: LogIndex(index),
+                writable,
             }),
         })
     }
@@ -330,6 +360,9 @@ pub struct Listing {
 pub enum ListedVersion {
     Version {
         key: Vec<u8>,
+        /// The bucket the version is stored in (a clone's base, for
+        /// versions from before the clone): its record is bound to it.
+        bucket: BucketId,
         index: LogIndex,
         version: ObjectVersion,
         /// The newest version of its key (possibly a delete marker).
@@ -403,16 +436,25 @@ fn past_prefix(bucket_prefix: &[u8], common: &[u8]) -> Vec<u8> {
     })
 }
 
-/// The live version a read through `spans` (newest first) sees among a
-/// key's stored versions (newest first): the newest version in the first
-/// span that holds one, unless that is a delete marker, which hides the
-/// key. A version removed by id counts as removed only when its removal
-/// lies in one of the spans: a removal after a past read point, or one a
-/// rollback mask hides, had not happened for that read.
-pub fn visible_version(
-    versions: &[(LogIndex, ObjectVersion)],
-    spans: &[Span],
-) -> Option<(LogIndex, ObjectVersion)> {
+/// What one bucket's versions of a key say to a read through its spans.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Seen {
+    /// No version in reach: the key is not there, or (in a writable
+    /// clone) its base decides.
+    Absent,
+    /// A delete marker hides the key (and, in a clone, its base's).
+    Hidden,
+    /// The live version and its index.
+    Live(LogIndex, ObjectVersion),
+}
+
+/// What a read through `spans` (newest first) sees among a key's stored
+/// versions (newest first): the newest version in the first span that
+/// holds one, unless that is a delete marker, which hides the key. A
+/// version removed by id counts as removed only when its removal lies in
+/// one of the spans: a removal after a past read point, or one a rollback
+/// mask hides, had not happened for that read.
+pub fn seen_version(versions: &[(LogIndex, ObjectVersion)], spans: &[Span]) -> Seen {
     let removal_seen = |at: LogIndex| spans.iter().any(|s| s.holds(at));
     for span in spans {
         let in_reach = versions
@@ -428,13 +470,51 @@ pub fn visible_version(
                 v => v,
             };
             return match live {
-                ObjectVersion::Object { .. } => Some((*index, live.clone())),
-                _ => None,
+                ObjectVersion::Object { .. } => Seen::Live(*index, live.clone()),
+                _ => Seen::Hidden,
             };
         }
     }
-    None
+    Seen::Absent
 }
+
+/// The live version a read through `spans` sees (see [`seen_version`]).
+pub fn visible_version(
+    versions: &[(LogIndex, ObjectVersion)],
+    spans: &[Span],
+) -> Option<(LogIndex, ObjectVersion)> {
+    match seen_version(versions, spans) {
+        Seen::Live(index, version) => Some((index, version)),
+        Seen::Absent | Seen::Hidden => None,
+    }
+}
+
+/// One bucket that reads of a bucket go through, and the spans of its
+/// versions they see. A plain bucket reads one layer, itself; a writable
+/// clone reads itself, then its base at the cloned index (and that base's
+/// base, for a clone of a clone); a read-only clone reads only its base.
+/// Each key is decided by the first layer with a version of it in reach:
+/// a delete marker in a clone hides its base's object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BucketLayer {
+    pub bucket: BucketId,
+    pub spans: Vec<Span>,
+}
+
+impl BucketLayer {
+    /// The newest index the layer shows (`None`: its newest).
+    pub fn at(&self) -> Option<LogIndex> {
+        self.spans.first().and_then(|s| s.at)
+    }
+
+    fn is_plain_newest(&self) -> bool {
+        self.spans == [Span::plain(None)]
+    }
+}
+
+/// How deep clones of clones may nest: every level is one more read for
+/// keys the clones above it do not have.
+pub const CLONE_DEPTH_MAX: usize = crate::volumes::CLONE_DEPTH_MAX;
 
 /// Reads of buckets and objects.
 #[derive(Clone, Debug)]
@@ -529,6 +609,104 @@ impl Objects {
         Ok(Some((index, decode_version(&k, &v)?)))
     }
 
+    /// The layers reads of `bucket` at `at` (`None`: the newest) go
+    /// through, given the PG's masks (see [`BucketLayer`]). Empty if the
+    /// bucket did not exist then.
+    pub fn layers(
+        &self,
+        pg: PgId,
+        bucket: BucketId,
+        at: Option<LogIndex>,
+        masks: &[RollbackMask],
+    ) -> Result<Vec<BucketLayer>> {
+        let mut layers = Vec::new();
+        let existed = follow_clone_chain(pg, MetaKind::Bucket, bucket.0, at, |b, at| {
+            let Some((_, record)) =
+                self.bucket_at(pg, BucketId(b), at.unwrap_or(LogIndex(u64::MAX)))?
+            else {
+                return Ok(None);
+            };
+            // A read-only clone has nothing of its own to read.
+            if !record.is_read_only() {
+                layers.push(BucketLayer {
+                    bucket: BucketId(b),
+                    spans: masks::spans(masks, |m| m.covers_bucket(BucketId(b)), at),
+                });
+            }
+            Ok(Some(record.base.map(|base| (base.bucket.0, base.index))))
+        })?;
+        if !existed {
+            layers.clear();
+        }
+        Ok(layers)
+    }
+
+    /// What `layer`'s versions of `key` say (see [`Seen`]). Unmasked and
+    /// at the newest, a live key is one point read of `latest` and one of
+    /// `objects`; a key without a live version costs a seek more.
+    pub fn seen(&self, pg: PgId, layer: &BucketLayer, key: &[u8]) -> Result<Seen> {
+        if layer.is_plain_newest()
+            && let Some((index, version)) = self.latest(pg, layer.bucket, key)?
+        {
+            return Ok(Seen::Live(index, version));
+        }
+        let Some(first) = layer.spans.first() else {
+            return Ok(Seen::Absent);
+        };
+        let versions = self.versions_from(pg, layer.bucket, key, first.at)?;
+        Ok(seen_version(&versions, &layer.spans))
+    }
+
+    /// The live version of `key` a read through `layers` sees, and the
+    /// bucket it is stored in (whose id its sealed record is bound to).
+    pub fn find_layered(
+        &self,
+        pg: PgId,
+        layers: &[BucketLayer],
+        key: &[u8],
+    ) -> Result<Option<(BucketId, LogIndex, ObjectVersion)>> {
+        if let [layer] = layers {
+            return Ok(self
+                .find(pg, layer.bucket, key, &layer.spans)?
+                .map(|(index, version)| (layer.bucket, index, version)));
+        }
+        for layer in layers {
+            match self.seen(pg, layer, key)? {
+                Seen::Absent => continue,
+                Seen::Hidden => return Ok(None),
+                Seen::Live(index, version) => return Ok(Some((layer.bucket, index, version))),
+            }
+        }
+        Ok(None)
+    }
+
+    /// The smallest object key at or after `position` under `range` in any
+    /// of `layers`' buckets (both relative: what follows a bucket's
+    /// 16-byte key prefix), with the key's relative `latest` key.
+    fn next_key(
+        &self,
+        pg: PgId,
+        layers: &[BucketLayer],
+        range: &[u8],
+        position: &[u8],
+    ) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+        let mut best: Option<(Vec<u8>, Vec<u8>)> = None;
+        for layer in layers {
+            let prefix = keys::bucket_prefix(pg, layer.bucket);
+            let under = [prefix.as_slice(), range].concat();
+            let start = [prefix.as_slice(), position].concat();
+            if let Some((k, _)) = self.db.seek(Cf::Objects, &under, &start)? {
+                let (key, _) = version_key_of(&k)?;
+                let relative =
+                    keys::object_latest_key(pg, layer.bucket, &key)[prefix.len()..].to_vec();
+                if best.as_ref().is_none_or(|(_, b)| relative < *b) {
+                    best = Some((key, relative));
+                }
+            }
+        }
+        Ok(best)
+    }
+
     /// The live version of `key` that a read through `spans` sees (see
     /// [`visible_version`]). The newest, unmasked, is one point read of
     /// `latest` and one of `objects`, whatever the length of its history;
@@ -552,26 +730,12 @@ impl Objects {
         let Some(first) = spans.first() else {
             return Ok(None);
         };
-        let prefix = keys::object_latest_key(pg, bucket, key);
-        let start =
-            keys::object_version_key(pg, bucket, key, first.at.unwrap_or(LogIndex(u64::MAX)));
-        let versions = self
-            .db
-            .scan(Cf::Objects, &prefix, &start, usize::MAX)?
-            .into_iter()
-            .map(|(k, v)| {
-                let (_, index) = version_key_of(&k)?;
-                Ok((index, decode_version(&k, &v)?))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let versions = self.versions_from(pg, bucket, key, first.at)?;
         Ok(visible_version(&versions, spans))
     }
 
     /// One page of the bucket's live objects as a read through `spans`
-    /// sees them, in key order. Unmasked and at the newest, this is
-    /// [`Objects::list`]; otherwise (a read-only clone, a restored bucket)
-    /// it walks the versions, so its cost grows with the history of the
-    /// keys it passes.
+    /// sees them (see [`Objects::list_layered`]).
     pub fn list_view(
         &self,
         pg: PgId,
@@ -579,37 +743,58 @@ impl Objects {
         spans: &[Span],
         q: &ListQuery<'_>,
     ) -> Result<Listing> {
-        if let [
-            Span {
-                at: None,
-                above: None,
-            },
-        ] = spans
+        let layer = BucketLayer {
+            bucket,
+            spans: spans.to_vec(),
+        };
+        self.list_layered(pg, std::slice::from_ref(&layer), q)
+    }
+
+    /// One page of the live objects a read through `layers` sees, in key
+    /// order; positions are in the first layer's key space. One plain
+    /// layer is [`Objects::list`]; otherwise (a clone, a restored bucket)
+    /// it walks the versions of every layer, so its cost grows with the
+    /// history of the keys it passes.
+    pub fn list_layered(
+        &self,
+        pg: PgId,
+        layers: &[BucketLayer],
+        q: &ListQuery<'_>,
+    ) -> Result<Listing> {
+        let Some(top) = layers.first() else {
+            return Ok(Listing::default());
+        };
+        if let [layer] = layers
+            && layer.is_plain_newest()
         {
-            return self.list(pg, bucket, q);
+            return self.list(pg, layer.bucket, q);
         }
-        let bucket_prefix = keys::bucket_prefix(pg, bucket);
-        let (range, mut position) = list_start(pg, bucket, q);
+        let bucket_prefix = keys::bucket_prefix(pg, top.bucket);
+        let skip = bucket_prefix.len();
+        let (range, mut position) = list_start(pg, top.bucket, q);
         let limit = q.limit.max(1);
         let mut listing = Listing::default();
         loop {
-            let Some((k, _)) = self.db.seek(Cf::Objects, &range, &position)? else {
+            let Some((key, _)) = self.next_key(pg, layers, &range[skip..], &position[skip..])?
+            else {
                 return Ok(listing);
             };
-            let (key, _) = version_key_of(&k)?;
-            let key_start = keys::object_latest_key(pg, bucket, &key);
+            let key_start = keys::object_latest_key(pg, top.bucket, &key);
             let (entry, next) = match rolled_up(q, &key) {
                 Some(common) => {
                     let past = past_prefix(&bucket_prefix, &common);
-                    let shown = self.any_visible(pg, bucket, &key_start, &past, spans)?;
+                    let shown =
+                        self.any_key(pg, layers, &key_start[skip..], &past[skip..], |key| {
+                            Ok(self.find_layered(pg, layers, key)?.is_some())
+                        })?;
                     let entry = shown.then_some(Listed::CommonPrefix(common));
                     (entry, past)
                 }
                 None => {
                     let past = prefix_successor(&key_start).expect("keys end in 0x00");
                     let entry = self
-                        .find(pg, bucket, &key, spans)?
-                        .map(|(index, _)| Listed::Object { key, index });
+                        .find_layered(pg, layers, &key)?
+                        .map(|(_, index, _)| Listed::Object { key, index });
                     (entry, past)
                 }
             };
@@ -624,31 +809,28 @@ impl Objects {
         }
     }
 
-    /// Whether any key from `from` (a key's `latest` key) up to `until` has
-    /// a live version through `spans`.
-    fn any_visible(
+    /// Whether `shown` holds for any key from `from` up to `until`
+    /// (relative `latest` keys) in `layers`.
+    fn any_key(
         &self,
         pg: PgId,
-        bucket: BucketId,
+        layers: &[BucketLayer],
         from: &[u8],
         until: &[u8],
-        spans: &[Span],
+        mut shown: impl FnMut(&[u8]) -> Result<bool>,
     ) -> Result<bool> {
-        let bucket_prefix = keys::bucket_prefix(pg, bucket);
         let mut position = from.to_vec();
         while position.as_slice() < until {
-            let Some((k, _)) = self.db.seek(Cf::Objects, &bucket_prefix, &position)? else {
+            let Some((key, relative)) = self.next_key(pg, layers, &[], &position)? else {
                 return Ok(false);
             };
-            if k.as_slice() >= until {
+            if relative.as_slice() >= until {
                 return Ok(false);
             }
-            let (key, _) = version_key_of(&k)?;
-            if self.find(pg, bucket, &key, spans)?.is_some() {
+            if shown(&key)? {
                 return Ok(true);
             }
-            position = prefix_successor(&keys::object_latest_key(pg, bucket, &key))
-                .expect("keys end in 0x00");
+            position = prefix_successor(&relative).expect("keys end in 0x00");
         }
         Ok(false)
     }
@@ -682,9 +864,22 @@ impl Objects {
         bucket: BucketId,
         key: &[u8],
     ) -> Result<Vec<(LogIndex, ObjectVersion)>> {
+        self.versions_from(pg, bucket, key, None)
+    }
+
+    /// The stored versions of `key` at or below `at` (`None`: all),
+    /// newest first.
+    fn versions_from(
+        &self,
+        pg: PgId,
+        bucket: BucketId,
+        key: &[u8],
+        at: Option<LogIndex>,
+    ) -> Result<Vec<(LogIndex, ObjectVersion)>> {
         let prefix = keys::object_latest_key(pg, bucket, key);
+        let start = keys::object_version_key(pg, bucket, key, at.unwrap_or(LogIndex(u64::MAX)));
         self.db
-            .scan(Cf::Objects, &prefix, &prefix, usize::MAX)?
+            .scan(Cf::Objects, &prefix, &start, usize::MAX)?
             .into_iter()
             .map(|(k, v)| {
                 let (_, index) = version_key_of(&k)?;
@@ -728,101 +923,126 @@ impl Objects {
         }
     }
 
-    /// One page of every stored version (delete markers included) of the
-    /// bucket's keys under `q.prefix`, in key order and newest first within
-    /// a key. `q.start_after` is a key marker (every version of it is
-    /// skipped) unless `version_after` names a version of it, when the page
-    /// starts at the next older version of that key. `q.resume` is not used.
-    /// With `at` (a read-only clone's moment), only the versions that
-    /// existed then are listed, and a version removed by id after it shows
-    /// as it was.
+    /// One page of every version (delete markers included) of the keys
+    /// under `q.prefix` that a read through `layers` can name, in key order
+    /// and newest first within a key: a clone lists its own versions, then
+    /// its base's of the cloned moment (a version removed by id after that
+    /// moment shows as it was; later ones are not listed). Masks do not
+    /// hide versions here: a version id reads any of them. `q.start_after`
+    /// is a key marker (every version of it is skipped) unless
+    /// `version_after` names a version of it, when the page starts at the
+    /// next older version of that key. `q.resume` is not used.
     pub fn list_versions(
         &self,
         pg: PgId,
-        bucket: BucketId,
+        layers: &[BucketLayer],
         q: &ListQuery<'_>,
         version_after: Option<LogIndex>,
-        at: Option<LogIndex>,
     ) -> Result<VersionListing> {
-        let bucket_prefix = keys::bucket_prefix(pg, bucket);
-        let mut range = bucket_prefix.to_vec();
-        range.extend_from_slice(&keys::escape_object_key(q.prefix));
-        let past = |latest_key: &[u8]| {
-            prefix_successor(latest_key).unwrap_or_else(|| {
-                let mut end = latest_key.to_vec();
+        let Some(top) = layers.first() else {
+            return Ok(VersionListing::default());
+        };
+        let skip = keys::bucket_prefix(pg, top.bucket).len();
+        let relative = |key: &[u8]| keys::object_latest_key(pg, top.bucket, key)[skip..].to_vec();
+        let range = keys::escape_object_key(q.prefix);
+        let past = |relative_start: &[u8]| {
+            prefix_successor(relative_start).unwrap_or_else(|| {
+                let mut end = relative_start.to_vec();
                 end.push(0xFF);
                 end
             })
         };
         let mut position = match (q.start_after, version_after) {
-            (Some(key), Some(index)) => {
-                let mut k = keys::object_version_key(pg, bucket, key, index);
-                k.push(0);
-                k
-            }
-            (Some(key), None) => past(&keys::object_latest_key(pg, bucket, key)),
+            (Some(key), Some(_)) => relative(key),
+            (Some(key), None) => past(&relative(key)),
             (None, _) => range.clone(),
         };
         if position < range {
             position = range.clone();
         }
-        // Whether the row at `position` is its key's newest: true at a key
-        // boundary, false when resuming inside a key.
-        let mut resumed_inside: Option<Vec<u8>> = match (q.start_after, version_after) {
-            (Some(key), Some(_)) => Some(key.to_vec()),
-            _ => None,
-        };
+        // Resuming inside a key: its versions from `version_after` down.
+        let mut resumed_inside: Option<(Vec<u8>, LogIndex)> = q
+            .start_after
+            .zip(version_after)
+            .map(|(k, v)| (k.to_vec(), v));
         let limit = q.limit.max(1);
         let mut listing = VersionListing::default();
         loop {
-            let Some((k, v)) = self.db.seek(Cf::Objects, &range, &position)? else {
+            let Some((key, key_start)) = self.next_key(pg, layers, &range, &position)? else {
                 return Ok(listing);
             };
-            let (key, index) = version_key_of(&k)?;
-            if listing.entries.len() == limit {
-                listing.truncated = true;
-                return Ok(listing);
-            }
             let rolled = q.delimiter.filter(|d| !d.is_empty()).and_then(|d| {
                 let rest = &key[q.prefix.len()..];
                 find(rest, d).map(|at| key[..q.prefix.len() + at + d.len()].to_vec())
             });
             if let Some(common) = rolled {
-                let mut escaped = bucket_prefix.to_vec();
-                escaped.extend_from_slice(&keys::escape_object_key(&common));
-                position = past(&escaped);
-                listing.entries.push(ListedVersion::CommonPrefix(common));
+                let end = past(&keys::escape_object_key(&common));
+                let listed = self.any_key(pg, layers, &key_start, &end, |key| {
+                    Ok(!self.listed_versions_of(pg, layers, key)?.is_empty())
+                })?;
+                if listed {
+                    if listing.entries.len() == limit {
+                        listing.truncated = true;
+                        return Ok(listing);
+                    }
+                    listing.entries.push(ListedVersion::CommonPrefix(common));
+                }
+                position = end;
                 continue;
             }
-            let mut next = k.clone();
-            next.push(0);
-            let version = match decode_version(&k, &v)? {
-                // Removed after the moment listed: as it was then.
-                ObjectVersion::Removed {
-                    at: removed,
-                    original,
-                } if at.is_some_and(|at| removed > at) => *original,
-                version => version,
-            };
-            let later = at.is_some_and(|at| index > at);
-            if later || matches!(version, ObjectVersion::Removed { .. }) {
-                // Gone from listings; a resume inside this key stays inside.
-                position = next;
-                continue;
-            }
-            let is_latest = resumed_inside.take().is_none_or(|inside| inside != key)
-                && listing.entries.last().is_none_or(|e| match e {
-                    ListedVersion::Version { key: last, .. } => *last != key,
-                    ListedVersion::CommonPrefix(_) => true,
+            position = past(&key_start);
+            let below = resumed_inside
+                .take()
+                .filter(|(inside, _)| *inside == key)
+                .map(|(_, after)| after);
+            for (n, (bucket, index, version)) in self
+                .listed_versions_of(pg, layers, &key)?
+                .into_iter()
+                .enumerate()
+            {
+                if below.is_some_and(|after| index >= after) {
+                    continue;
+                }
+                if listing.entries.len() == limit {
+                    listing.truncated = true;
+                    return Ok(listing);
+                }
+                listing.entries.push(ListedVersion::Version {
+                    key: key.clone(),
+                    bucket,
+                    index,
+                    version,
+                    is_latest: n == 0,
                 });
-            position = next;
-            listing.entries.push(ListedVersion::Version {
-                key,
-                index,
-                version,
-                is_latest,
-            });
+            }
         }
+    }
+
+    /// The versions of `key` a version listing through `layers` shows,
+    /// newest first, with the bucket each is stored in.
+    fn listed_versions_of(
+        &self,
+        pg: PgId,
+        layers: &[BucketLayer],
+        key: &[u8],
+    ) -> Result<Vec<(BucketId, LogIndex, ObjectVersion)>> {
+        let mut out = Vec::new();
+        for layer in layers {
+            let at = layer.at();
+            for (index, version) in self.versions_from(pg, layer.bucket, key, at)? {
+                let version = match version {
+                    // Removed after the moment listed: as it was then.
+                    ObjectVersion::Removed {
+                        at: removed,
+                        original,
+                    } if at.is_some_and(|at| removed > at) => *original,
+                    ObjectVersion::Removed { .. } => continue,
+                    version => version,
+                };
+                out.push((layer.bucket, index, version));
+            }
+        }
+        Ok(out)
     }
 
     /// A chunk's frame.
@@ -894,6 +1114,13 @@ mod tests {
     const PG: PgId = PgId(3);
     const B: BucketId = BucketId(9);
 
+    fn plain_layer(bucket: BucketId) -> BucketLayer {
+        BucketLayer {
+            bucket,
+            spans: vec![Span::plain(None)],
+        }
+    }
+
     fn must_open() -> (tempfile::TempDir, Db) {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(dir.path(), &DbOptions::default()).unwrap();
@@ -911,6 +1138,40 @@ mod tests {
         let mut b = db.new_batch();
         stage_object_version(&mut b, PG, B, key.as_bytes(), LogIndex(index), version);
         db.write(b, Durability::Buffered).unwrap();
+    }
+
+    /// A version listing as `key@[bucket.]index`, `x` for a delete marker
+    /// and `*` for the latest.
+    fn described(listing: &VersionListing, stored_in: bool) -> Vec<String> {
+        listing
+            .entries
+            .iter()
+            .map(|e| match e {
+                ListedVersion::Version {
+                    key,
+                    bucket,
+                    index,
+                    version,
+                    is_latest,
+                } => format!(
+                    "{}@{}{}{}{}",
+                    String::from_utf8_lossy(key),
+                    if stored_in {
+                        format!("{}.", bucket.0)
+                    } else {
+                        String::new()
+                    },
+                    index.0,
+                    if *version == ObjectVersion::DeleteMarker {
+                        "x"
+                    } else {
+                        ""
+                    },
+                    if *is_latest { "*" } else { "" }
+                ),
+                ListedVersion::CommonPrefix(p) => String::from_utf8_lossy(p).into_owned(),
+            })
+            .collect()
     }
 
     fn keys_of(listing: &Listing) -> Vec<String> {
@@ -933,6 +1194,22 @@ mod tests {
             base: None,
         };
         assert_eq!(BucketRecord::decode(&r.encode()).unwrap(), r);
+        for writable in [false, true] {
+            let clone = BucketRecord {
+                base: Some(BucketBase {
+                    bucket: BucketId(4),
+                    index: LogIndex(77),
+                    writable,
+                }),
+                ..r.clone()
+            };
+            assert_eq!(BucketRecord::decode(&clone.encode()).unwrap(), clone);
+            assert_eq!(clone.is_read_only(), !writable);
+        }
+        // A writable clone's layout without its base.
+        let mut baseless = r.encode();
+        baseless[0] = WRITABLE_CLONE_RECORD_VERSION;
+        assert!(BucketRecord::decode(&baseless).is_err());
         for v in [
             object(&[1, u64::MAX], b"sealed"),
             object(&[], b""),
@@ -1146,6 +1423,191 @@ mod tests {
         );
     }
 
+    /// A writable clone C of B at index 10, and a clone D of C at 20:
+    /// each key is decided by the first layer with a version of it.
+    #[test]
+    fn clones_layer_their_own_versions_over_their_bases_moment() {
+        const C: BucketId = BucketId(11);
+        const D: BucketId = BucketId(12);
+        let (_dir, db) = must_open();
+        let objects = Objects::new(db.clone());
+        let put = |bucket: BucketId, key: &str, index: u64, version: ObjectVersion| {
+            let mut b = db.new_batch();
+            stage_object_version(
+                &mut b,
+                PG,
+                bucket,
+                key.as_bytes(),
+                LogIndex(index),
+                &version,
+            );
+            db.write(b, Durability::Buffered).unwrap();
+        };
+        let bucket = |id: BucketId, index: u64, base: Option<(BucketId, u64, bool)>| {
+            let mut b = db.new_batch();
+            let record = BucketRecord {
+                name: format!("b{}", id.0),
+                state: BucketState::Active,
+                created_ms: 1,
+                base: base.map(|(bucket, index, writable)| BucketBase {
+                    bucket,
+                    index: LogIndex(index),
+                    writable,
+                }),
+            };
+            stage_bucket(&mut b, PG, id, LogIndex(index), &record);
+            db.write(b, Durability::Buffered).unwrap();
+        };
+        bucket(B, 1, None);
+        put(B, "a", 2, object(&[1], b"a2"));
+        put(B, "d/x", 3, object(&[2], b"x3"));
+        put(B, "d/y", 4, object(&[3], b"y4"));
+        put(B, "gone", 5, object(&[4], b"g5"));
+        put(B, "gone", 6, ObjectVersion::DeleteMarker);
+        // After the clone's moment: not seen through it.
+        put(B, "a", 12, object(&[5], b"a12"));
+        put(B, "late", 13, object(&[6], b"l13"));
+        bucket(C, 11, Some((B, 10, true)));
+        put(C, "a", 14, object(&[7], b"a14"));
+        put(C, "d/x", 15, ObjectVersion::DeleteMarker);
+        put(C, "new", 16, object(&[8], b"n16"));
+        // A removal by id of the clone's only version of a key: its base's
+        // shows again.
+        put(C, "d/y", 17, object(&[9], b"y17"));
+        let mut b = db.new_batch();
+        stage_version_removal(
+            &mut b,
+            PG,
+            C,
+            b"d/y",
+            LogIndex(17),
+            LogIndex(18),
+            object(&[9], b"y17"),
+            None,
+        );
+        db.write(b, Durability::Buffered).unwrap();
+        let layers = objects.layers(PG, C, None, &[]).unwrap();
+        assert_eq!(
+            layers,
+            [
+                plain_layer(C),
+                BucketLayer {
+                    bucket: B,
+                    spans: vec![Span::plain(Some(LogIndex(10)))],
+                }
+            ]
+        );
+        let find = |layers: &[BucketLayer], key: &str| {
+            objects
+                .find_layered(PG, layers, key.as_bytes())
+                .unwrap()
+                .map(|(bucket, index, _)| (bucket.0, index.0))
+        };
+        assert_eq!(find(&layers, "a"), Some((C.0, 14)));
+        assert_eq!(find(&layers, "d/x"), None, "a marker hides the base's");
+        assert_eq!(find(&layers, "d/y"), Some((B.0, 4)));
+        assert_eq!(find(&layers, "gone"), None);
+        assert_eq!(find(&layers, "late"), None);
+        assert_eq!(find(&layers, "new"), Some((C.0, 16)));
+        let list = |layers: &[BucketLayer], delimiter: Option<&'static [u8]>, limit: usize| {
+            let mut all = Vec::new();
+            let mut resume: Option<Vec<u8>> = None;
+            loop {
+                let page = objects
+                    .list_layered(
+                        PG,
+                        layers,
+                        &ListQuery {
+                            delimiter,
+                            resume: resume.as_deref(),
+                            limit,
+                            ..Default::default()
+                        },
+                    )
+                    .unwrap();
+                all.extend(keys_of(&page));
+                match page.resume {
+                    Some(r) => resume = Some(r),
+                    None => return all,
+                }
+            }
+        };
+        for limit in [1, 2, 100] {
+            assert_eq!(list(&layers, None, limit), ["a", "d/y", "new"], "{limit}");
+            assert_eq!(list(&layers, Some(b"/"), limit), ["a", "d/*", "new"]);
+        }
+        // The base is as it is now.
+        assert_eq!(
+            list(&[plain_layer(B)], None, 100),
+            ["a", "d/x", "d/y", "late"]
+        );
+
+        // D, a clone of C at 17 (before the removal by id at 18), with a
+        // write of its own.
+        bucket(D, 19, Some((C, 17, true)));
+        put(D, "late", 20, object(&[10], b"l20"));
+        let deep = objects.layers(PG, D, None, &[]).unwrap();
+        assert_eq!(
+            deep.iter()
+                .map(|l| (l.bucket.0, l.at().map(|i| i.0)))
+                .collect::<Vec<_>>(),
+            [(D.0, None), (C.0, Some(17)), (B.0, Some(10))]
+        );
+        assert_eq!(find(&deep, "d/y"), Some((C.0, 17)), "removed only after 17");
+        assert_eq!(list(&deep, None, 1), ["a", "d/y", "late", "new"]);
+        // A read-only clone of C reads only C and its base.
+        bucket(BucketId(13), 21, Some((C, 17, false)));
+        let read_only = objects.layers(PG, BucketId(13), None, &[]).unwrap();
+        assert_eq!(read_only, deep[1..]);
+        // A bucket that does not exist has no layers.
+        assert!(
+            objects
+                .layers(PG, BucketId(99), None, &[])
+                .unwrap()
+                .is_empty()
+        );
+
+        // Versions: the clone's own, then its base's of the moment.
+        let versions =
+            |layers: &[BucketLayer], start_after: Option<&[u8]>, after: Option<u64>, limit| {
+                let listing = objects
+                    .list_versions(
+                        PG,
+                        layers,
+                        &ListQuery {
+                            start_after,
+                            limit,
+                            ..Default::default()
+                        },
+                        after.map(LogIndex),
+                    )
+                    .unwrap();
+                (described(&listing, true), listing.truncated)
+            };
+        assert_eq!(
+            versions(&layers, None, None, 100).0,
+            [
+                "a@11.14*",
+                "a@9.2",
+                "d/x@11.15x*",
+                "d/x@9.3",
+                "d/y@9.4*",
+                "gone@9.6x*",
+                "gone@9.5",
+                "new@11.16*"
+            ]
+        );
+        // Paged inside "a", across the layers.
+        assert_eq!(
+            versions(&layers, None, None, 1),
+            (vec!["a@11.14*".into()], true)
+        );
+        assert_eq!(
+            versions(&layers, Some(b"a"), Some(14), 2),
+            (vec!["a@9.2".into(), "d/x@11.15x*".into()], true)
+        );
+    }
+
     #[test]
     fn version_listing_pages_newest_first_with_markers_and_prefixes() {
         let (_dir, db) = must_open();
@@ -1158,32 +1620,9 @@ mod tests {
         must_put(&db, "c", 5, &object(&[5], b"c5"));
         let page = |q: &ListQuery<'_>, after: Option<u64>| {
             let listing = objects
-                .list_versions(PG, B, q, after.map(LogIndex), None)
+                .list_versions(PG, &[plain_layer(B)], q, after.map(LogIndex))
                 .unwrap();
-            let entries: Vec<String> = listing
-                .entries
-                .iter()
-                .map(|e| match e {
-                    ListedVersion::Version {
-                        key,
-                        index,
-                        version,
-                        is_latest,
-                    } => format!(
-                        "{}@{}{}{}",
-                        String::from_utf8_lossy(key),
-                        index.0,
-                        if *version == ObjectVersion::DeleteMarker {
-                            "x"
-                        } else {
-                            ""
-                        },
-                        if *is_latest { "*" } else { "" }
-                    ),
-                    ListedVersion::CommonPrefix(p) => String::from_utf8_lossy(p).into_owned(),
-                })
-                .collect();
-            (entries, listing.truncated)
+            (described(&listing, false), listing.truncated)
         };
         let all = ListQuery {
             limit: 100,

@@ -192,6 +192,48 @@ pub(crate) fn encode_based_record(
     out
 }
 
+/// Follows a clone chain (of volumes or buckets, `kind`) from `first` read
+/// at `at` (`None`: the newest): `link(id, at)` reads one record, returning
+/// `None` if it did not exist then, else its base as (id, index). A base
+/// never changes, so each link's newest record names it. `Ok(false)` if
+/// `first` did not exist; a missing base, or a chain longer than
+/// [`CLONE_DEPTH_MAX`], is a corrupt record.
+pub(crate) fn follow_clone_chain(
+    pg: PgId,
+    kind: MetaKind,
+    first: u64,
+    at: Option<LogIndex>,
+    mut link: impl FnMut(u64, Option<LogIndex>) -> Result<Option<Option<(u64, LogIndex)>>>,
+) -> Result<bool> {
+    let mut next = Some((first, at));
+    let mut depth = 0;
+    while let Some((id, at)) = next {
+        let Some(base) = link(id, at)? else {
+            if id == first {
+                return Ok(false);
+            }
+            return Err(Error::corrupt_record(
+                Cf::PgMeta.name(),
+                &keys::pg_meta_prefix(pg, kind, id),
+                format!(
+                    "clone base did not exist at index {}",
+                    at.unwrap_or_default()
+                ),
+            ));
+        };
+        depth += 1;
+        if depth > CLONE_DEPTH_MAX + 1 {
+            return Err(Error::corrupt_record(
+                Cf::PgMeta.name(),
+                &keys::pg_meta_prefix(pg, kind, first),
+                format!("clone chain longer than {CLONE_DEPTH_MAX}"),
+            ));
+        }
+        next = base.map(|(id, index)| (id, Some(index)));
+    }
+    Ok(true)
+}
+
 /// (state, value, name, base as (id, index)) of a based record.
 pub(crate) type BasedRecord = (u8, u64, String, Option<(u64, u64)>);
 
@@ -395,40 +437,23 @@ impl Volumes {
     pub fn layers(&self, pg: PgId, volume: VolumeId, at: Option<LogIndex>) -> Result<Vec<Layer>> {
         let masks = masks::masks(&self.db, pg)?;
         let mut layers = Vec::new();
-        let mut next = Some((volume, at));
-        let mut depth = 0;
-        while let Some((v, at)) = next {
-            let record = match self.volume_at(pg, v, at.unwrap_or(LogIndex(u64::MAX)))? {
-                Some((_, r)) => r,
-                None if v == volume => return Ok(Vec::new()),
-                None => {
-                    return Err(Error::corrupt_record(
-                        Cf::PgMeta.name(),
-                        &keys::pg_meta_prefix(pg, MetaKind::Volume, v.0),
-                        format!(
-                            "clone base did not exist at index {}",
-                            at.unwrap_or_default()
-                        ),
-                    ));
-                }
+        let existed = follow_clone_chain(pg, MetaKind::Volume, volume.0, at, |v, at| {
+            let Some((_, record)) =
+                self.volume_at(pg, VolumeId(v), at.unwrap_or(LogIndex(u64::MAX)))?
+            else {
+                return Ok(None);
             };
-            depth += 1;
-            if depth > CLONE_DEPTH_MAX + 1 {
-                return Err(Error::corrupt_record(
-                    Cf::PgMeta.name(),
-                    &keys::pg_meta_prefix(pg, MetaKind::Volume, volume.0),
-                    format!("clone chain longer than {CLONE_DEPTH_MAX}"),
-                ));
-            }
-            for span in masks::spans(&masks, |m| m.covers_volume(v), at) {
+            for span in masks::spans(&masks, |m| m.covers_volume(VolumeId(v)), at) {
                 layers.push(Layer {
-                    volume: v,
+                    volume: VolumeId(v),
                     at: span.at,
                     above: span.above,
                 });
             }
-            // A base never changes, so the newest record names it.
-            next = record.base.map(|b| (b.volume, Some(b.index)));
+            Ok(Some(record.base.map(|b| (b.volume.0, b.index))))
+        })?;
+        if !existed {
+            layers.clear();
         }
         Ok(layers)
     }

@@ -146,12 +146,10 @@ impl Gateway {
             pg: info.pg,
             id: info.bucket,
             group,
-            view: info.base,
-            spans: Vec::new(),
+            base: info.base,
+            layers: Vec::new(),
         };
-        bucket
-            .read_spans(&core.db)
-            .map_err(|e| from_node(e.into()))?;
+        bucket.read_layers(core).map_err(|e| from_node(e.into()))?;
         Ok(bucket)
     }
 
@@ -162,7 +160,7 @@ impl Gateway {
         self.store.read_point(&bucket).await?;
         // A restore applied up to the read point changes what reads see.
         bucket
-            .read_spans(&self.core().db)
+            .read_layers(self.core())
             .map_err(|e| from_node(e.into()))?;
         Ok(bucket)
     }
@@ -534,7 +532,7 @@ impl Gateway {
         };
         let objects = &self.core().objects;
         let listing = objects
-            .list_view(bucket.pg, bucket.read_id(), &bucket.spans, &query)
+            .list_layered(bucket.pg, &bucket.layers, &query)
             .map_err(|e| from_node(e.into()))?;
         for entry in listing.entries {
             match entry {
@@ -1210,7 +1208,7 @@ impl S3 for Gateway {
                 .objects
                 .list_versions(
                     bucket.pg,
-                    bucket.read_id(),
+                    &bucket.layers,
                     &ListQuery {
                         prefix: prefix.as_bytes(),
                         delimiter: delimiter(input.delimiter.as_ref()),
@@ -1219,8 +1217,6 @@ impl S3 for Gateway {
                         limit,
                     },
                     version_after,
-                    // A read-only clone lists the versions of its moment.
-                    bucket.view.map(|v| v.index),
                 )
                 .map_err(|e| from_node(e.into()))?
         };
@@ -1238,6 +1234,7 @@ impl S3 for Gateway {
                 }
                 ListedVersion::Version {
                     key,
+                    bucket: stored_in,
                     index,
                     version,
                     is_latest,
@@ -1257,8 +1254,9 @@ impl S3 for Gateway {
                             version_id: Some(version_id(index)),
                         }),
                         ObjectVersion::Object { record, .. } => {
-                            let r: rec::ObjectRecord = self.store.open(
+                            let r: rec::ObjectRecord = self.store.open_from(
                                 &bucket,
+                                stored_in,
                                 &record,
                                 &key,
                                 |r: &rec::ObjectRecord| &r.key,
@@ -1363,6 +1361,16 @@ impl Gateway {
         version: Option<&str>,
     ) -> S3Result<DeleteObjectOutput> {
         if let Some(index) = parse_version(version)? {
+            if let Some(base) = bucket.writable_base()
+                && index <= base.index
+            {
+                return Err(access_denied(format!(
+                    "version {} of {key:?} is part of the bucket this clone was made from, \
+                     which the clone cannot change; delete the key without a version id \
+                     to hide it in the clone",
+                    version_id(index)
+                )));
+            }
             let kind = pb::command::Kind::DeleteObjectVersion(pb::DeleteObjectVersion {
                 bucket: bucket.id.0,
                 key: key.as_bytes().to_vec().into(),

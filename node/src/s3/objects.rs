@@ -18,8 +18,8 @@ use lifeboat_proto::raft as pb;
 use lifeboat_replication::ProtectionGroup;
 use lifeboat_store::frame::{FrameAad, frame_key_id};
 use lifeboat_store::keyring::TenantKeys;
-use lifeboat_store::masks::{self, Span};
-use lifeboat_store::objects::{BucketBase, ObjectVersion};
+use lifeboat_store::masks;
+use lifeboat_store::objects::{BucketBase, BucketLayer, ObjectVersion};
 use lifeboat_store::{BucketId, ChunkId, LogIndex, PgId, TenantId};
 use prost::Message;
 use s3s::S3Error;
@@ -41,35 +41,39 @@ pub struct BucketRef {
     pub pg: PgId,
     pub id: BucketId,
     pub group: ProtectionGroup,
-    /// A read-only clone shows another bucket as it was at an index:
-    /// reads go there, writes (to `id`) are refused by apply.
-    pub view: Option<BucketBase>,
-    /// What reads of [`BucketRef::read_id`] go through: one plain span,
-    /// unless the bucket is a clone of a moment or a restore masked it.
-    pub spans: Vec<Span>,
+    /// A clone shows another bucket as it was at an index: a read-only
+    /// one nothing else (apply refuses writes to `id`), a writable one
+    /// its own writes over it.
+    pub base: Option<BucketBase>,
+    /// What reads go through: the bucket itself, unmasked, unless it is a
+    /// clone or a restore masked it (see [`BucketLayer`]).
+    pub layers: Vec<BucketLayer>,
 }
 
 impl BucketRef {
-    /// Works out [`BucketRef::spans`] from the PG's masks as they are now.
-    pub fn read_spans(&mut self, db: &lifeboat_store::db::Db) -> lifeboat_store::Result<()> {
-        let all = masks::masks(db, self.pg)?;
-        self.spans = match self.view {
-            Some(view) => masks::spans(&all, |m| m.covers_bucket(view.bucket), Some(view.index)),
-            None => masks::spans(&all, |m| m.covers_bucket(self.id), None),
-        };
+    /// Works out [`BucketRef::layers`] from the PG's masks as they are now.
+    pub fn read_layers(&mut self, core: &NodeCore) -> lifeboat_store::Result<()> {
+        let all = masks::masks(&core.db, self.pg)?;
+        self.layers = core.objects.layers(self.pg, self.id, None, &all)?;
         Ok(())
     }
 
-    /// The bucket whose objects reads see.
+    /// The bucket whose key space listing positions are in.
     pub fn read_id(&self) -> BucketId {
-        self.view.map_or(self.id, |v| v.bucket)
+        self.layers.first().map_or(self.id, |l| l.bucket)
     }
 
-    fn record_aad(&self) -> FrameAad {
+    /// A writable clone's base, whose versions the clone cannot change.
+    pub fn writable_base(&self) -> Option<BucketBase> {
+        self.base.filter(|b| b.writable)
+    }
+
+    /// Records stored in bucket `stored_in` are bound to it.
+    fn record_aad(&self, stored_in: BucketId) -> FrameAad {
         FrameAad::Record {
             tenant: self.tenant_id,
             pg: self.pg,
-            bucket: self.read_id().0,
+            bucket: stored_in.0,
         }
     }
 
@@ -84,6 +88,9 @@ impl BucketRef {
 
 /// An object version found by a read.
 pub struct Found {
+    /// The bucket it is stored in (a clone's base, for one from before the
+    /// clone).
+    pub bucket: BucketId,
     pub index: LogIndex,
     pub chunks: Vec<ChunkId>,
     pub record: rec::ObjectRecord,
@@ -148,21 +155,34 @@ impl ObjectStore {
             .map_err(from_node)
     }
 
-    /// Seals a record for `bucket` (object, upload or part).
+    /// Seals a record to be stored in `bucket` (object, upload or part).
     pub fn seal(&self, bucket: &BucketRef, record: &impl Message) -> Result<Bytes, S3Error> {
         let keys = self.keys(bucket, None)?;
         let plain = record.encode_to_vec();
         Ok(Bytes::from(self.core.codec.encode(
             keys.current(),
-            &bucket.record_aad(),
+            &bucket.record_aad(bucket.id),
             &plain,
         )))
     }
 
-    /// Opens a sealed record of `bucket` and checks it names `key`.
+    /// Opens a sealed record stored in `bucket` and checks it names `key`.
     pub fn open<M: Message + Default>(
         &self,
         bucket: &BucketRef,
+        sealed: &[u8],
+        key: &[u8],
+        key_of: impl Fn(&M) -> &[u8],
+    ) -> Result<M, S3Error> {
+        self.open_from(bucket, bucket.id, sealed, key, key_of)
+    }
+
+    /// Opens a sealed record that a read of `bucket` found stored in
+    /// `stored_in` (itself, or a base of a clone).
+    pub fn open_from<M: Message + Default>(
+        &self,
+        bucket: &BucketRef,
+        stored_in: BucketId,
         sealed: &[u8],
         key: &[u8],
         key_of: impl Fn(&M) -> &[u8],
@@ -171,7 +191,7 @@ impl ObjectStore {
         let plain = self
             .core
             .codec
-            .decode(&keys, &bucket.record_aad(), sealed)
+            .decode(&keys, &bucket.record_aad(stored_in), sealed)
             .map_err(|e| {
                 self.core.metrics.corrupt_frames.inc();
                 internal("a stored object record does not open", e)
@@ -199,8 +219,8 @@ impl ObjectStore {
     }
 
     /// The live version of `key` (at `version` when given, which may name
-    /// an older version; `None` if that version is a delete marker or does
-    /// not exist).
+    /// an older version, or in a clone one of its base's; `None` if that
+    /// version is a delete marker or does not exist).
     pub fn find(
         &self,
         bucket: &BucketRef,
@@ -208,39 +228,57 @@ impl ObjectStore {
         version: Option<LogIndex>,
     ) -> Result<Option<Found>, S3Error> {
         let objects = &self.core.objects;
-        let id = bucket.read_id();
-        let found = match (version, bucket.view) {
-            (None, _) => objects.find(bucket.pg, id, key, &bucket.spans),
-            // A clone shows the versions that existed at its index, as
-            // they were then (one removed by id since is still there).
-            (Some(at), Some(view)) if at <= view.index => {
-                objects.version_at(bucket.pg, id, key, at).map(|v| {
-                    v.filter(|(index, _)| *index == at)
-                        .map(|(index, version)| match version {
-                            ObjectVersion::Removed {
-                                at: removed,
-                                original,
-                            } if removed > view.index => (index, *original),
-                            version => (index, version),
-                        })
-                })
-            }
-            (Some(_), Some(_)) => Ok(None),
-            // Any version of the history by its id, masked or not.
-            (Some(at), None) => objects
-                .version_at(bucket.pg, id, key, at)
-                .map(|v| v.filter(|(index, _)| *index == at)),
+        let found = match version {
+            None => objects.find_layered(bucket.pg, &bucket.layers, key),
+            Some(wanted) => self.version_by_id(bucket, key, wanted),
         }
         .map_err(|e| from_node(e.into()))?;
-        let Some((index, ObjectVersion::Object { chunks, record })) = found else {
+        let Some((stored_in, index, ObjectVersion::Object { chunks, record })) = found else {
             return Ok(None);
         };
-        let record = self.open(bucket, &record, key, |r: &rec::ObjectRecord| &r.key)?;
+        let record = self.open_from(bucket, stored_in, &record, key, |r: &rec::ObjectRecord| {
+            &r.key
+        })?;
         Ok(Some(Found {
+            bucket: stored_in,
             index,
             chunks,
             record,
         }))
+    }
+
+    /// The version of `key` whose id is `wanted`, in the layer that holds
+    /// it: any version of the bucket's own history, masked or not; in a
+    /// base, only those of the cloned moment, as they were then (one
+    /// removed by id since is still there).
+    fn version_by_id(
+        &self,
+        bucket: &BucketRef,
+        key: &[u8],
+        wanted: LogIndex,
+    ) -> lifeboat_store::Result<Option<(BucketId, LogIndex, ObjectVersion)>> {
+        for layer in &bucket.layers {
+            let at = layer.at();
+            if at.is_some_and(|at| wanted > at) {
+                continue;
+            }
+            let found = self
+                .core
+                .objects
+                .version_at(bucket.pg, layer.bucket, key, wanted)?
+                .filter(|(index, _)| *index == wanted);
+            if let Some((index, version)) = found {
+                let version = match version {
+                    ObjectVersion::Removed {
+                        at: removed,
+                        original,
+                    } if at.is_some_and(|at| removed > at) => *original,
+                    version => version,
+                };
+                return Ok(Some((layer.bucket, index, version)));
+            }
+        }
+        Ok(None)
     }
 
     /// Proposes in the bucket's PG.

@@ -506,6 +506,55 @@ fn code<E: aws_sdk_s3::error::ProvideErrorMetadata>(e: &E) -> String {
     e.code().unwrap_or("(no code)").to_owned()
 }
 
+/// Puts `body` as `key`; its version id.
+async fn put_body(c: &aws_sdk_s3::Client, bucket: &str, key: &str, body: Vec<u8>) -> String {
+    c.put_object()
+        .bucket(bucket)
+        .key(key)
+        .body(aws_sdk_s3::primitives::ByteStream::from(body))
+        .send()
+        .await
+        .unwrap()
+        .version_id()
+        .unwrap()
+        .to_owned()
+}
+
+async fn get_body(c: &aws_sdk_s3::Client, bucket: &str, key: &str) -> Vec<u8> {
+    let out = c.get_object().bucket(bucket).key(key).send().await.unwrap();
+    out.body.collect().await.unwrap().into_bytes().to_vec()
+}
+
+/// Every key and common prefix of a ListObjectsV2 walk two at a time,
+/// sorted.
+async fn list_keys(c: &aws_sdk_s3::Client, bucket: &str, delimiter: Option<&str>) -> Vec<String> {
+    let mut keys = Vec::new();
+    let mut token = None;
+    loop {
+        let out = c
+            .list_objects_v2()
+            .bucket(bucket)
+            .max_keys(2)
+            .set_delimiter(delimiter.map(str::to_owned))
+            .set_continuation_token(token)
+            .send()
+            .await
+            .unwrap();
+        keys.extend(out.contents().iter().map(|o| o.key().unwrap().to_owned()));
+        keys.extend(
+            out.common_prefixes()
+                .iter()
+                .map(|p| p.prefix().unwrap().to_owned()),
+        );
+        token = out.next_continuation_token().map(str::to_owned);
+        if token.is_none() {
+            break;
+        }
+    }
+    keys.sort();
+    keys
+}
+
 /// The error code a GET of `key` fails with.
 async fn get_error(c: &aws_sdk_s3::Client, bucket: &str, key: &str) -> String {
     let e = c
@@ -914,58 +963,10 @@ async fn read_only_bucket_clones_show_exactly_one_moment() {
     let s3 = must_start_s3().await;
     let core = s3.node.running().core.clone();
     let c = lifeboat_chaos_tests::s3_client::client(&s3.endpoint, &s3.full.0, &s3.full.1);
-    let put = |key: &'static str, body: Vec<u8>| {
-        let c = c.clone();
-        async move {
-            c.put_object()
-                .bucket(BUCKET)
-                .key(key)
-                .body(ByteStream::from(body))
-                .send()
-                .await
-                .unwrap()
-                .version_id()
-                .unwrap()
-                .to_owned()
-        }
-    };
-    let get = |bucket: &'static str, key: &'static str| {
-        let c = c.clone();
-        async move {
-            let out = c.get_object().bucket(bucket).key(key).send().await.unwrap();
-            out.body.collect().await.unwrap().into_bytes().to_vec()
-        }
-    };
-    let list = |bucket: &'static str, delimiter: Option<&'static str>| {
-        let c = c.clone();
-        async move {
-            let mut keys = Vec::new();
-            let mut token = None;
-            loop {
-                let out = c
-                    .list_objects_v2()
-                    .bucket(bucket)
-                    .max_keys(2)
-                    .set_delimiter(delimiter.map(str::to_owned))
-                    .set_continuation_token(token)
-                    .send()
-                    .await
-                    .unwrap();
-                keys.extend(out.contents().iter().map(|o| o.key().unwrap().to_owned()));
-                keys.extend(
-                    out.common_prefixes()
-                        .iter()
-                        .map(|p| p.prefix().unwrap().to_owned()),
-                );
-                token = out.next_continuation_token().map(str::to_owned);
-                if token.is_none() {
-                    break;
-                }
-            }
-            keys.sort();
-            keys
-        }
-    };
+    let put = |key: &'static str, body: Vec<u8>| put_body(&c, BUCKET, key, body);
+    let get = |bucket: &'static str, key: &'static str| get_body(&c, bucket, key);
+    let list =
+        |bucket: &'static str, delimiter: Option<&'static str>| list_keys(&c, bucket, delimiter);
 
     // The moment: a (1.5 MiB, two chunks), dir/b, dir/c, e.
     let a_then = pseudo_random(31, 3 << 19);
@@ -1075,9 +1076,8 @@ async fn read_only_bucket_clones_show_exactly_one_moment() {
         .await
         .unwrap();
     assert_eq!(list("then-again", None).await, ["a", "dir/b", "dir/c", "e"]);
-    // Refusals: not read-only, another tenant, no such snapshot.
+    // Refusals: another tenant, no such snapshot.
     for (new, at, snapshot, read_only, says) in [
-        ("demo/xx-1", "-0s", "", false, "read-only for now"),
         (
             "other/xx-2",
             "-0s",
@@ -1094,5 +1094,237 @@ async fn read_only_bucket_clones_show_exactly_one_moment() {
             .to_string();
         assert!(e.contains(says), "{e}");
     }
+    s3.node.stop().await;
+}
+
+/// A writable bucket clone: it shows its moment, takes writes, overwrites,
+/// copies and deletes of its own that never reach its source (nor do the
+/// source's later changes reach it), lists its versions over its base's,
+/// and refuses to change its base's versions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writable_bucket_clones_write_over_their_moment() {
+    let s3 = must_start_s3().await;
+    let core = s3.node.running().core.clone();
+    let c = lifeboat_chaos_tests::s3_client::client(&s3.endpoint, &s3.full.0, &s3.full.1);
+    let append_only =
+        lifeboat_chaos_tests::s3_client::client(&s3.endpoint, &s3.append_only.0, &s3.append_only.1);
+    let a_then = pseudo_random(41, 3 << 19);
+    let a_version = put_body(&c, BUCKET, "a", a_then.clone()).await;
+    put_body(&c, BUCKET, "dir/b", b"b then".to_vec()).await;
+    let c_version = put_body(&c, BUCKET, "dir/c", b"c then".to_vec()).await;
+    core.create_snapshot("demo/main", "moment", "", "")
+        .await
+        .unwrap();
+    put_body(&c, BUCKET, "a", b"a later".to_vec()).await;
+    c.delete_object()
+        .bucket(BUCKET)
+        .key("dir/b")
+        .send()
+        .await
+        .unwrap();
+    put_body(&c, BUCKET, "f", b"f later".to_vec()).await;
+
+    let clone = core
+        .clone_bucket(&format!("demo/{BUCKET}"), "demo/drill", "", "moment", false)
+        .await
+        .unwrap();
+    assert!(clone.base.is_some_and(|b| b.writable), "{clone:?}");
+    const DRILL: &str = "drill";
+    assert_eq!(list_keys(&c, DRILL, None).await, ["a", "dir/b", "dir/c"]);
+    assert!(get_body(&c, DRILL, "a").await == a_then);
+
+    // Writes of its own: a new key, an overwrite, a copy of a base object,
+    // a delete of a key only the base has.
+    let g_version = put_body(&c, DRILL, "g", b"g in the clone".to_vec()).await;
+    put_body(&c, DRILL, "a", b"a in the clone".to_vec()).await;
+    c.copy_object()
+        .bucket(DRILL)
+        .key("dir/b2")
+        .copy_source(format!("{DRILL}/dir/b"))
+        .send()
+        .await
+        .unwrap();
+    let removed = c
+        .delete_object()
+        .bucket(DRILL)
+        .key("dir/c")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(removed.delete_marker(), Some(true));
+    assert_eq!(
+        list_keys(&c, DRILL, None).await,
+        ["a", "dir/b", "dir/b2", "g"]
+    );
+    assert_eq!(list_keys(&c, DRILL, Some("/")).await, ["a", "dir/", "g"]);
+    assert_eq!(get_body(&c, DRILL, "a").await, b"a in the clone");
+    assert_eq!(get_body(&c, DRILL, "dir/b2").await, b"b then");
+    assert_eq!(get_error(&c, DRILL, "dir/c").await, "NoSuchKey");
+    assert_eq!(get_error(&c, DRILL, "f").await, "NoSuchKey");
+    // The source is as it was left, and the clone's base stays its moment.
+    assert_eq!(list_keys(&c, BUCKET, None).await, ["a", "dir/c", "f"]);
+    assert_eq!(get_body(&c, BUCKET, "a").await, b"a later");
+    put_body(&c, BUCKET, "dir/c", b"c even later".to_vec()).await;
+    assert_eq!(get_error(&c, DRILL, "dir/c").await, "NoSuchKey");
+    assert_eq!(get_body(&c, DRILL, "dir/b").await, b"b then");
+
+    // An append-only credential cannot overwrite what the clone shows
+    // from its base either.
+    let e = append_only
+        .put_object()
+        .bucket(DRILL)
+        .key("dir/b")
+        .body(aws_sdk_s3::primitives::ByteStream::from_static(b"x"))
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "AccessDenied");
+
+    // Versions: the clone's own, then the base's of the moment.
+    let versions = c
+        .list_object_versions()
+        .bucket(DRILL)
+        .prefix("a")
+        .send()
+        .await
+        .unwrap();
+    let listed: Vec<(&str, bool)> = versions
+        .versions()
+        .iter()
+        .map(|v| (v.version_id().unwrap(), v.is_latest().unwrap_or(false)))
+        .collect();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert!(listed[0].1 && !listed[1].1, "{listed:?}");
+    assert_eq!(listed[1].0, a_version);
+    let then = c
+        .get_object()
+        .bucket(DRILL)
+        .key("a")
+        .version_id(&a_version)
+        .send()
+        .await
+        .unwrap();
+    assert!(then.body.collect().await.unwrap().into_bytes() == a_then.as_slice());
+    let markers = c
+        .list_object_versions()
+        .bucket(DRILL)
+        .prefix("dir/c")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(markers.delete_markers().len(), 1);
+    assert_eq!(markers.delete_markers()[0].is_latest(), Some(true));
+    assert_eq!(markers.versions()[0].version_id(), Some(c_version.as_str()));
+    // The base's versions are not the clone's to remove; its own are.
+    let e = c
+        .delete_object()
+        .bucket(DRILL)
+        .key("a")
+        .version_id(&a_version)
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "AccessDenied");
+    c.delete_object()
+        .bucket(DRILL)
+        .key("g")
+        .version_id(&g_version)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(get_error(&c, DRILL, "g").await, "NoSuchKey");
+
+    // A clone is empty once nothing of its own is live: deleting it drops
+    // its writes and never its base.
+    let e = c.delete_bucket().bucket(DRILL).send().await.unwrap_err();
+    assert_eq!(code(&e), "BucketNotEmpty");
+    for key in ["a", "dir/b2"] {
+        c.delete_object()
+            .bucket(DRILL)
+            .key(key)
+            .send()
+            .await
+            .unwrap();
+    }
+    c.delete_bucket().bucket(DRILL).send().await.unwrap();
+    assert_eq!(list_keys(&c, BUCKET, None).await, ["a", "dir/c", "f"]);
+    s3.node.stop().await;
+}
+
+/// The drill the clones are for: a restic repository is wiped out; a
+/// writable clone of its bucket at a snapshot from before is a whole
+/// repository again, which restic checks, restores from and backs up to
+/// (its locks and new data land in the clone), while the wiped bucket
+/// stays as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restic_works_on_a_writable_clone_of_a_wiped_repository() {
+    let s3 = must_start_s3().await;
+    let core = s3.node.running().core.clone();
+    let dir = s3.node.dir.path().to_owned();
+    let (endpoint, full) = (s3.endpoint.clone(), s3.full.clone());
+    let source = dir.join("source");
+    std::fs::create_dir_all(source.join("sub")).unwrap();
+    std::fs::write(source.join("ledger.bin"), pseudo_random(7, 3 << 20)).unwrap();
+    std::fs::write(source.join("sub/notes.txt"), "before the attack\n").unwrap();
+    let restic = {
+        let (dir, endpoint, full) = (dir.clone(), endpoint.clone(), full.clone());
+        move |bucket: &str, args: &[&str]| {
+            let mut c = aws_env("restic", &endpoint, &full);
+            c.env("RESTIC_PASSWORD", "correct horse battery staple")
+                .env("RESTIC_CACHE_DIR", dir.join(format!("cache-{bucket}")))
+                .args(["-r", &format!("s3:{endpoint}/{bucket}")])
+                .args(["-o", "s3.bucket-lookup=path", "--quiet"])
+                .args(args);
+            must_succeed(c)
+        }
+    };
+    {
+        let (restic, source) = (restic.clone(), source.clone());
+        blocking(move || {
+            restic(BUCKET, &["init"]);
+            restic(BUCKET, &["backup", source.to_str().unwrap()]);
+        })
+        .await;
+    }
+    core.create_snapshot("demo/main", "before-attack", "", "")
+        .await
+        .unwrap();
+    // The attack: every object of the repository deleted.
+    let mut rm = aws_env("aws", &endpoint, &full);
+    rm.args(["s3", "rm", "--recursive", &format!("s3://{BUCKET}/")]);
+    blocking(move || must_succeed(rm)).await;
+
+    core.clone_bucket(
+        &format!("demo/{BUCKET}"),
+        "demo/drill-restic",
+        "",
+        "before-attack",
+        false,
+    )
+    .await
+    .unwrap();
+    blocking(move || {
+        let snapshots = restic("drill-restic", &["snapshots", "--json"]);
+        assert_eq!(snapshots.matches("\"short_id\"").count(), 1, "{snapshots}");
+        restic("drill-restic", &["check", "--read-data"]);
+        let target = dir.join("restored");
+        restic(
+            "drill-restic",
+            &["restore", "latest", "--target", target.to_str().unwrap()],
+        );
+        diff_trees(&source, &target.join(source.strip_prefix("/").unwrap()));
+        // The drill goes on writing into the clone.
+        std::fs::write(source.join("sub/notes.txt"), "during the drill\n").unwrap();
+        restic("drill-restic", &["backup", source.to_str().unwrap()]);
+        restic("drill-restic", &["check"]);
+        let snapshots = restic("drill-restic", &["snapshots", "--json"]);
+        assert_eq!(snapshots.matches("\"short_id\"").count(), 2, "{snapshots}");
+    })
+    .await;
+    let c = lifeboat_chaos_tests::s3_client::client(&s3.endpoint, &s3.full.0, &s3.full.1);
+    assert!(
+        list_keys(&c, BUCKET, None).await.is_empty(),
+        "the wiped bucket is as it was left"
+    );
     s3.node.stop().await;
 }

@@ -258,7 +258,8 @@ impl ApplyContext<'_> {
     }
 
     /// The volumes and buckets a restore to `to` covers: those live then
-    /// (read-only bucket clones show one moment and are left alone).
+    /// (read-only bucket clones show one moment and are left alone; a
+    /// writable clone's own writes roll back over its unchanging base).
     fn restorable_at(&self, to: LogIndex) -> io::Result<(Vec<VolumeId>, Vec<BucketId>)> {
         let volumes = Volumes::new(self.db.clone());
         let mut live_volumes = Vec::new();
@@ -276,7 +277,7 @@ impl ApplyContext<'_> {
             let then = objects
                 .bucket_at(self.pg, bucket, to)
                 .map_err(io::Error::other)?;
-            if then.is_some_and(|(_, r)| r.state == BucketState::Active && r.base.is_none()) {
+            if then.is_some_and(|(_, r)| r.state == BucketState::Active && !r.is_read_only()) {
                 live_buckets.push(bucket);
             }
         }
