@@ -75,6 +75,19 @@ impl S3Env {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Downloads `key` of `bucket` to `to`.
+    fn must_get(&self, bucket: &str, key: &str, to: &Path) {
+        self.must(&[
+            "s3api",
+            "get-object",
+            "--bucket",
+            bucket,
+            "--key",
+            key,
+            to.to_str().unwrap(),
+        ]);
+    }
+
     /// The object's ETag, or `None` if it does not exist.
     fn etag(&self, key: &str) -> Option<String> {
         let out = self
@@ -148,7 +161,8 @@ fn md5_hex(path: &Path) -> String {
 
 /// An object written through any node — a primary follower, the leader or
 /// a DR node (forwarded to the leader) — reads back identical through
-/// every node of both sites, and every node lists it.
+/// every node of both sites, and every node lists it; so does a writable
+/// clone made and written at the DR site.
 #[test]
 fn every_node_of_both_sites_serves_the_same_objects() {
     let c = Cluster::start(3, 1);
@@ -182,15 +196,7 @@ fn every_node_of_both_sites_serves_the_same_objects() {
                 "node {j} lists no {key}: {listed}"
             );
             let back = dir.path().join(format!("{key}.via-{j}"));
-            here.must(&[
-                "s3api",
-                "get-object",
-                "--bucket",
-                BUCKET,
-                "--key",
-                key,
-                back.to_str().unwrap(),
-            ]);
+            here.must_get(BUCKET, key, &back);
             assert_eq!(
                 &md5_hex(&back),
                 md5,
@@ -199,6 +205,44 @@ fn every_node_of_both_sites_serves_the_same_objects() {
             );
         }
     }
+
+    // A drill team at the DR site clones the bucket as it is now and
+    // writes into the clone: every node serves the clone at once, and the
+    // source never sees its writes.
+    let dr = c.nodes.last().unwrap();
+    dr.must_cli(&[
+        "bucket",
+        "clone",
+        &format!("t/{BUCKET}"),
+        "t/crash-drill",
+        "--at",
+        "-0s",
+    ]);
+    let drill = dir.path().join("drill");
+    std::fs::write(&drill, b"written during the drill").unwrap();
+    s3.at(dr).must(&[
+        "s3api",
+        "put-object",
+        "--bucket",
+        "crash-drill",
+        "--key",
+        "from-0",
+        "--body",
+        drill.to_str().unwrap(),
+    ]);
+    for (j, node) in c.nodes.iter().enumerate() {
+        let here = s3.at(node);
+        let listed = here.must(&["s3", "ls", "s3://crash-drill/"]);
+        for (key, _) in &written {
+            assert!(listed.contains(key.as_str()), "node {j}: {listed}");
+        }
+        let back = dir.path().join(format!("drill.via-{j}"));
+        here.must_get("crash-drill", "from-0", &back);
+        assert_eq!(std::fs::read(&back).unwrap(), b"written during the drill");
+    }
+    let source = dir.path().join("from-0.after-drill");
+    s3.must_get(BUCKET, "from-0", &source);
+    assert_eq!(md5_hex(&source), written[0].1, "the source is untouched");
 }
 
 #[test]
@@ -313,15 +357,7 @@ fn a_large_object_streams_through_bounded_memory() {
     let large = write("large.bin", 512);
     put("large", &large);
     let back = dir.path().join("large.back");
-    s3.must(&[
-        "s3api",
-        "get-object",
-        "--bucket",
-        BUCKET,
-        "--key",
-        "large",
-        back.to_str().unwrap(),
-    ]);
+    s3.must_get(BUCKET, "large", &back);
     assert_eq!(md5_hex(&back), md5_hex(&large));
     // A buffered body would add at least its own 512 MiB. What does grow is
     // the allocator's and RocksDB's working set (compaction buffers, malloc

@@ -122,8 +122,34 @@ impl Gateway {
     }
 
     /// The caller's bucket `name`: `NoSuchBucket` if nobody has it,
-    /// `AccessDenied` if another tenant does.
-    pub(super) fn bucket(&self, caller: &Caller, name: &str) -> S3Result<BucketRef> {
+    /// `AccessDenied` if another tenant does. A bucket this node's replicas
+    /// do not show yet (just created, or cloned, through another node) is
+    /// looked for again once they have caught up with their leaders, so a
+    /// client that created it elsewhere finds it here at once.
+    pub(super) async fn bucket(&self, caller: &Caller, name: &str) -> S3Result<BucketRef> {
+        match self.bucket_here(caller, name) {
+            Err(e) if *e.code() == S3ErrorCode::NoSuchBucket => {
+                let core = self.core();
+                let catalog = core.catalog_group().map_err(from_node)?;
+                catalog
+                    .read_barrier()
+                    .await
+                    .map_err(|e| from_node(e.into()))?;
+                if let Some(bound) = core.bucket_binding(name).map_err(from_node)? {
+                    core.running_group(bound.pg)
+                        .map_err(from_node)?
+                        .read_barrier()
+                        .await
+                        .map_err(|e| from_node(e.into()))?;
+                }
+                self.bucket_here(caller, name)
+            }
+            found => found,
+        }
+    }
+
+    /// [`Gateway::bucket`] as this node's replicas show it now.
+    fn bucket_here(&self, caller: &Caller, name: &str) -> S3Result<BucketRef> {
         let core = self.core();
         let bound = core
             .bucket_binding(name)
@@ -156,7 +182,7 @@ impl Gateway {
     /// A bucket read at a linearizable point.
     async fn bucket_for_read(&self, caller: &Caller, name: &str) -> S3Result<BucketRef> {
         // Every mode may read its tenant's buckets.
-        let mut bucket = self.bucket(caller, name)?;
+        let mut bucket = self.bucket(caller, name).await?;
         self.store.read_point(&bucket).await?;
         // A restore applied up to the read point changes what reads see.
         bucket
@@ -680,7 +706,7 @@ impl S3 for Gateway {
         req: S3Request<HeadBucketInput>,
     ) -> S3Result<S3Response<HeadBucketOutput>> {
         let caller = self.caller(&req)?;
-        self.bucket(&caller, &req.input.bucket)?;
+        self.bucket(&caller, &req.input.bucket).await?;
         Ok(S3Response::new(HeadBucketOutput {
             bucket_region: Some(self.core().config.s3.region.clone()),
             ..Default::default()
@@ -720,7 +746,7 @@ impl S3 for Gateway {
         let caller = self.caller(&req)?;
         caller.may_delete_buckets()?;
         let name = &req.input.bucket;
-        self.bucket(&caller, name)?;
+        self.bucket(&caller, name).await?;
         self.core()
             .delete_bucket(&format!("{}/{name}", caller.credential.tenant))
             .await
@@ -733,7 +759,7 @@ impl S3 for Gateway {
         req: S3Request<GetBucketLocationInput>,
     ) -> S3Result<S3Response<GetBucketLocationOutput>> {
         let caller = self.caller(&req)?;
-        self.bucket(&caller, &req.input.bucket)?;
+        self.bucket(&caller, &req.input.bucket).await?;
         let region = &self.core().config.s3.region;
         // S3 reports its default region as no constraint.
         let location_constraint =
@@ -748,7 +774,7 @@ impl S3 for Gateway {
         req: S3Request<GetBucketVersioningInput>,
     ) -> S3Result<S3Response<GetBucketVersioningOutput>> {
         let caller = self.caller(&req)?;
-        self.bucket(&caller, &req.input.bucket)?;
+        self.bucket(&caller, &req.input.bucket).await?;
         // Every version is kept at its log index: versioning is always on.
         Ok(S3Response::new(GetBucketVersioningOutput {
             status: Some(BucketVersioningStatus::from_static(
@@ -781,7 +807,7 @@ impl S3 for Gateway {
                 "If-Match on PUT is not supported"
             ));
         }
-        let bucket = self.bucket(&caller, &input.bucket)?;
+        let bucket = self.bucket(&caller, &input.bucket).await?;
         let sent = sent_checksums!(input);
         let wanted = wanted_checksums(&req.headers, &sent);
         let body = self
@@ -990,7 +1016,7 @@ impl S3 for Gateway {
         let caller = self.caller(&req)?;
         let input = req.input;
         caller.may_delete(&input.key)?;
-        let bucket = self.bucket(&caller, &input.bucket)?;
+        let bucket = self.bucket(&caller, &input.bucket).await?;
         let deleted = self
             .delete_one(&bucket, &input.key, input.version_id.as_deref())
             .await?;
@@ -1003,7 +1029,7 @@ impl S3 for Gateway {
     ) -> S3Result<S3Response<DeleteObjectsOutput>> {
         let caller = self.caller(&req)?;
         let input = req.input;
-        let bucket = self.bucket(&caller, &input.bucket)?;
+        let bucket = self.bucket(&caller, &input.bucket).await?;
         let quiet = input.delete.quiet.unwrap_or(false);
         let mut deleted = Vec::new();
         let mut errors = Vec::new();
@@ -1051,7 +1077,7 @@ impl S3 for Gateway {
         let caller = self.caller(&req)?;
         let input = req.input;
         let create_only = caller.may_put(&input.key)?;
-        let dest = self.bucket(&caller, &input.bucket)?;
+        let dest = self.bucket(&caller, &input.bucket).await?;
         let (src_bucket, src) = self.copy_source(&caller, &input.copy_source).await?;
         check_copy_preconditions!(&src.record, input)?;
         let replace = input

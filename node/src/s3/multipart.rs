@@ -88,7 +88,7 @@ impl Gateway {
         // An append-only credential may start one anywhere: completing it
         // is what may not replace an object.
         caller.may_put(&input.key)?;
-        let bucket = self.bucket(&caller, &input.bucket)?;
+        let bucket = self.bucket(&caller, &input.bucket).await?;
         let record = new_record(
             &input.key,
             input.content_type,
@@ -158,7 +158,7 @@ impl Gateway {
         let input = &mut req.input;
         caller.may_put(&input.key)?;
         let part = check_part_number(input.part_number)?;
-        let bucket = self.bucket(&caller, &input.bucket)?;
+        let bucket = self.bucket(&caller, &input.bucket).await?;
         self.store.read_point(&bucket).await?;
         let (upload, _) = self.upload_record(&bucket, &input.upload_id, &input.key)?;
         let sent = sent_checksums!(input);
@@ -201,7 +201,7 @@ impl Gateway {
         let input = req.input;
         caller.may_put(&input.key)?;
         let part = check_part_number(input.part_number)?;
-        let bucket = self.bucket(&caller, &input.bucket)?;
+        let bucket = self.bucket(&caller, &input.bucket).await?;
         let (src_bucket, src) = self.copy_source(&caller, &input.copy_source).await?;
         self.store.read_point(&bucket).await?;
         let (upload, _) = self.upload_record(&bucket, &input.upload_id, &input.key)?;
@@ -242,7 +242,7 @@ impl Gateway {
                 ));
             }
         };
-        let bucket = self.bucket(&caller, &input.bucket)?;
+        let bucket = self.bucket(&caller, &input.bucket).await?;
         self.store.read_point(&bucket).await?;
         let (upload, mut record) = self.upload_record(&bucket, &input.upload_id, &input.key)?;
         let named = input
@@ -336,7 +336,7 @@ impl Gateway {
         let caller = self.caller(&req)?;
         let input = req.input;
         caller.may_put(&input.key)?;
-        let bucket = self.bucket(&caller, &input.bucket)?;
+        let bucket = self.bucket(&caller, &input.bucket).await?;
         self.store.read_point(&bucket).await?;
         let (upload, _) = self.upload_record(&bucket, &input.upload_id, &input.key)?;
         let kind = pb::command::Kind::AbortUpload(pb::AbortUpload {
@@ -353,7 +353,7 @@ impl Gateway {
     ) -> S3Result<S3Response<ListMultipartUploadsOutput>> {
         let caller = self.caller(&req)?;
         let input = req.input;
-        let bucket = self.bucket(&caller, &input.bucket)?;
+        let bucket = self.bucket(&caller, &input.bucket).await?;
         self.store.read_point(&bucket).await?;
         let url = input
             .encoding_type
@@ -418,7 +418,7 @@ impl Gateway {
     ) -> S3Result<S3Response<ListPartsOutput>> {
         let caller = self.caller(&req)?;
         let input = req.input;
-        let bucket = self.bucket(&caller, &input.bucket)?;
+        let bucket = self.bucket(&caller, &input.bucket).await?;
         self.store.read_point(&bucket).await?;
         let (upload, _) = self.upload_record(&bucket, &input.upload_id, &input.key)?;
         let limit = input

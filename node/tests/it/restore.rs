@@ -14,9 +14,13 @@ const BUCKET: &str = "r-objects";
 
 /// The bucket's keys and bodies, in key order.
 async fn bucket_contents(s3: &Client) -> Vec<(String, Vec<u8>)> {
+    contents_of(s3, BUCKET).await
+}
+
+async fn contents_of(s3: &Client, bucket: &str) -> Vec<(String, Vec<u8>)> {
     let listed = s3
         .list_objects_v2()
-        .bucket(BUCKET)
+        .bucket(bucket)
         .send()
         .await
         .expect("list");
@@ -25,7 +29,7 @@ async fn bucket_contents(s3: &Client) -> Vec<(String, Vec<u8>)> {
         let key = object.key().unwrap().to_owned();
         let body = s3
             .get_object()
-            .bucket(BUCKET)
+            .bucket(bucket)
             .key(&key)
             .send()
             .await
@@ -42,13 +46,34 @@ async fn bucket_contents(s3: &Client) -> Vec<(String, Vec<u8>)> {
 }
 
 async fn put(s3: &Client, key: &str, body: &[u8]) {
+    put_in(s3, BUCKET, key, body).await
+}
+
+async fn put_in(s3: &Client, bucket: &str, key: &str, body: &[u8]) {
     s3.put_object()
-        .bucket(BUCKET)
+        .bucket(bucket)
         .key(key)
         .body(body.to_vec().into())
         .send()
         .await
         .unwrap_or_else(|e| panic!("put {key}: {e:?}"));
+}
+
+/// A node whose bucket holds "a" (a1) and "b" (b1).
+async fn node_with_a_and_b() -> (
+    crate::TestNode,
+    std::sync::Arc<lifeboat_node::core::NodeCore>,
+    Client,
+) {
+    let node = must_start().await;
+    let core = node.running().core.clone();
+    core.create_bucket(&format!("demo/{BUCKET}"), "")
+        .await
+        .unwrap();
+    let s3 = crate::demo_s3(&node).await;
+    put(&s3, "a", b"a1").await;
+    put(&s3, "b", b"b1").await;
+    (node, core, s3)
 }
 
 fn owned(pairs: &[(&str, &[u8])]) -> Vec<(String, Vec<u8>)> {
@@ -208,6 +233,68 @@ async fn restore_rolls_volumes_and_buckets_back_together_and_undo_returns() {
     node.stop().await;
 }
 
+/// A restore rolls a writable bucket clone's own writes back, over a base
+/// that no restore changes (it is the source at the cloned moment), and
+/// `--undo` brings them back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_rolls_a_writable_clone_back_over_its_base() {
+    const DRILL: &str = "r-drill";
+    let (node, core, s3) = node_with_a_and_b().await;
+    let tenant = Role::Tenant("demo".into());
+    core.clone_bucket(
+        &format!("demo/{BUCKET}"),
+        &format!("demo/{DRILL}"),
+        "-0s",
+        "",
+        false,
+    )
+    .await
+    .unwrap();
+    put(&s3, "a", b"a2").await;
+    put_in(&s3, DRILL, "c", b"c in the clone").await;
+    s3.delete_object()
+        .bucket(DRILL)
+        .key("b")
+        .send()
+        .await
+        .unwrap();
+    let point = moment_between().await;
+    let at_point = contents_of(&s3, DRILL).await;
+    assert_eq!(at_point, owned(&[("a", b"a1"), ("c", b"c in the clone")]));
+    put_in(&s3, DRILL, "a", b"a in the clone").await;
+    put_in(&s3, DRILL, "d", b"d in the clone").await;
+    let latest = contents_of(&s3, DRILL).await;
+
+    let plan = core
+        .restore_pg("demo/main", &point, "", false, true, &tenant)
+        .await
+        .unwrap();
+    let drill = plan
+        .items
+        .iter()
+        .find(|i| i.name == DRILL)
+        .unwrap_or_else(|| panic!("the clone is not in {:?}", plan.items));
+    assert_eq!(
+        (drill.action, drill.changed),
+        (RestoreAction::Restore, 2),
+        "a and d were written in the clone since"
+    );
+    core.restore_pg("demo/main", &point, "", false, false, &tenant)
+        .await
+        .unwrap();
+    assert_eq!(contents_of(&s3, DRILL).await, at_point);
+    assert_eq!(
+        bucket_contents(&s3).await,
+        owned(&[("a", b"a2"), ("b", b"b1")]),
+        "the source at the point"
+    );
+    core.restore_pg("demo/main", "", "", true, false, &tenant)
+        .await
+        .unwrap();
+    assert_eq!(contents_of(&s3, DRILL).await, latest);
+    node.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restores_past_a_lock_are_refused_to_tenants_and_bad_requests_explained() {
     let node = must_start().await;
@@ -318,14 +405,7 @@ async fn restores_past_a_lock_are_refused_to_tenants_and_bad_requests_explained(
 /// shows them; a taken name or nothing to bring back is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleted_buckets_come_back_with_their_history() {
-    let node = must_start().await;
-    let core = node.running().core.clone();
-    core.create_bucket(&format!("demo/{BUCKET}"), "")
-        .await
-        .unwrap();
-    let s3 = crate::demo_s3(&node).await;
-    put(&s3, "a", b"a1").await;
-    put(&s3, "b", b"b1").await;
+    let (node, core, s3) = node_with_a_and_b().await;
     let before = moment_between().await;
     for key in ["a", "b"] {
         s3.delete_object()
