@@ -35,10 +35,10 @@ pub fn lifeboat_bin() -> PathBuf {
 /// restart fail with "Address already in use" (seen in CI: a node killed,
 /// then started again, never came up). A process-wide counter keeps the tests
 /// of one binary from being handed the same port; the chaos tests' `lifeboat
-/// up` port offsets put its ports at 27700 and above, past this range.
+/// up` port offsets put its ports at 24700 and above, past this range.
 pub fn free_port() -> u16 {
     const FIRST: u32 = 11_000;
-    const SPAN: u32 = 16_000;
+    const SPAN: u32 = 13_000;
     static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
     // Each test binary starts somewhere else in the range, so ports of nodes
     // a previous binary left behind are not the first ones tried.

@@ -69,6 +69,14 @@ fn interrupt_and_wait(up: &mut Child) {
     }
 }
 
+/// A port offset away from `make run`'s defaults, from the harness's
+/// ports (below 24000) and from the kernel's ephemeral range (32768 and
+/// up, where an outgoing connection can hold a port while `up` starts):
+/// `up`'s ports, 7700 to 10812 plus the offset, stay in 24700..32768.
+fn up_port_offset() -> u16 {
+    17_000 + (std::process::id() % 4_000) as u16
+}
+
 fn pid_alive(pid: &str) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
@@ -76,8 +84,7 @@ fn pid_alive(pid: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_serves_demo_disk_and_resumes_after_ctrl_c() {
     let dir = tempfile::tempdir().unwrap();
-    // A port range away from `make run`'s defaults.
-    let offset = 20_000 + (std::process::id() % 5_000) as u16;
+    let offset = up_port_offset();
     let mut up = start_up(dir.path(), offset);
     let env = wait_env(dir.path(), &mut up, None);
     for key in [

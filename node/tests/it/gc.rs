@@ -164,20 +164,7 @@ async fn gc_reclaims_what_left_the_window_and_keeps_what_is_pinned() {
     );
 
     // A window of one second: everything written so far leaves it.
-    core.set_pg_window("demo/main", "1s").await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let horizon = gc::horizon(&core.db, pg).unwrap();
-        let passed = horizon.is_some_and(|h| h.index >= last_write);
-        if passed && gc::cursor(&core.db, pg).unwrap() == Cursor::Done {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "GC never got past {last_write}: {horizon:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    collect_all_before(&core, pg, last_write).await;
     // Versions 2 and 3 (2 × 2048 blocks) and the deleted volume's 1024.
     let reclaimed = core.metrics.gc_versions_reclaimed.get();
     assert!(
@@ -290,6 +277,129 @@ async fn gc_reclaims_what_left_the_window_and_keeps_what_is_pinned() {
         "{} MiB stored before GC, {} MiB after",
         before >> 20,
         after >> 20
+    );
+    node.stop().await;
+}
+
+/// Sets PG demo/main's window to one second and waits until the horizon
+/// has passed `last_write` and a GC pass behind it has ended.
+async fn collect_all_before(
+    core: &lifeboat_node::core::NodeCore,
+    pg: PgId,
+    last_write: lifeboat_store::LogIndex,
+) {
+    core.set_pg_window("demo/main", "1s").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let horizon = gc::horizon(&core.db, pg).unwrap();
+        let passed = horizon.is_some_and(|h| h.index >= last_write);
+        if passed && gc::cursor(&core.db, pg).unwrap() == Cursor::Done {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "GC never got past {last_write}: {horizon:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Clone isolation through GC: a writable bucket clone made at a snapshot
+/// reads its moment and its own writes after its source's objects, the
+/// source bucket and the snapshot are all deleted and GC has collected
+/// everything else behind a second's window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writable_bucket_clone_outlives_its_source_and_snapshot_through_gc() {
+    const SOURCE: &str = "g-source";
+    const CLONE: &str = "g-clone";
+    let (node, core, pg, _client, s3) = demo_node_with_bucket(
+        |c, _| {
+            c.history.gc_interval_ms = 100;
+            c.history.gc_step_pause_ms = 1;
+        },
+        SOURCE,
+    )
+    .await;
+    let put = |bucket: &'static str, key: &'static str, seed: u64| {
+        let s3 = s3.clone();
+        async move {
+            s3.put_object()
+                .bucket(bucket)
+                .key(key)
+                .body(pseudo_random(seed, 300_000).into())
+                .send()
+                .await
+                .unwrap();
+        }
+    };
+    let delete = |bucket: &'static str, key: &'static str| {
+        let s3 = s3.clone();
+        async move {
+            s3.delete_object()
+                .bucket(bucket)
+                .key(key)
+                .send()
+                .await
+                .unwrap();
+        }
+    };
+    put(SOURCE, "o", 1).await;
+    put(SOURCE, "p", 2).await;
+    core.create_snapshot("demo/main", "moment", "", "")
+        .await
+        .unwrap();
+    core.clone_bucket(
+        &format!("demo/{SOURCE}"),
+        &format!("demo/{CLONE}"),
+        "",
+        "moment",
+        false,
+    )
+    .await
+    .unwrap();
+    put(CLONE, "p", 3).await;
+    put(CLONE, "q", 4).await;
+    // The source moves on, then goes, and so does the snapshot.
+    put(SOURCE, "o", 5).await;
+    delete(SOURCE, "o").await;
+    delete(SOURCE, "p").await;
+    core.delete_bucket(&format!("demo/{SOURCE}")).await.unwrap();
+    core.delete_snapshot("demo/main", "moment", &lifeboat_node::core::Role::Operator)
+        .await
+        .unwrap();
+    let last_write = core.group(pg).unwrap().metrics().applied_index;
+    collect_all_before(&core, pg, last_write).await;
+    assert!(
+        core.metrics.gc_versions_reclaimed.get() >= 1,
+        "the source's own later version of o is gone"
+    );
+
+    let body = |key: &'static str| {
+        let s3 = s3.clone();
+        async move {
+            let out = s3.get_object().bucket(CLONE).key(key).send().await.unwrap();
+            out.body.collect().await.unwrap().into_bytes().to_vec()
+        }
+    };
+    assert!(
+        body("o").await == pseudo_random(1, 300_000),
+        "o of the moment"
+    );
+    assert!(
+        body("p").await == pseudo_random(3, 300_000),
+        "the clone's p"
+    );
+    assert!(
+        body("q").await == pseudo_random(4, 300_000),
+        "the clone's q"
+    );
+    let listed = s3.list_objects_v2().bucket(CLONE).send().await.unwrap();
+    let keys: Vec<&str> = listed.contents().iter().filter_map(|o| o.key()).collect();
+    assert_eq!(keys, ["o", "p", "q"]);
+    let u = usage::usage(&core.db, pg).unwrap();
+    assert_eq!(
+        (u.stored_bytes, u.versions),
+        usage::recount(&core.db, pg).unwrap()
     );
     node.stop().await;
 }
