@@ -43,13 +43,35 @@ fn wait_env(
                 return env;
             }
         }
-        assert!(up.try_wait().unwrap().is_none(), "lifeboat up exited early");
+        if up.try_wait().unwrap().is_some() {
+            panic!("lifeboat up exited early; {}", node_logs(dir));
+        }
         assert!(
             started.elapsed() < Duration::from_secs(120),
             "up.env not written"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The last lines of every node's log under `dir` (they go with the
+/// temporary directory when the test fails).
+fn node_logs(dir: &std::path::Path) -> String {
+    let mut out = String::new();
+    for entry in std::fs::read_dir(dir.join("nodes"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let log = std::fs::read_to_string(entry.path().join("node.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        out.push_str(&format!(
+            "\n--- {}:\n{}",
+            entry.path().display(),
+            lines[lines.len().saturating_sub(20)..].join("\n")
+        ));
+    }
+    out
 }
 
 fn interrupt_and_wait(up: &mut Child) {
