@@ -111,7 +111,8 @@ bench-s3: build
 	  cargo install s3s-fs@0.14.1 --locked --features binary; }
 	LIFEBOAT_BIN=$(BIN) $(CARGO_TARGET_DIR)/$(PROFILE)/s3-load --seconds 8
 
-# Snapshot creation against data size, clone to first read, reads after
+# Snapshot creation against data size, volume and bucket clones to first
+# read, reads after
 # ten overwrites (read amplification), on one node.
 bench-history: build
 	LIFEBOAT_BIN=$(BIN) $(CARGO_TARGET_DIR)/$(PROFILE)/history

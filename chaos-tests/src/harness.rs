@@ -339,6 +339,26 @@ impl TestNode {
         cmd.output().expect("run lifeboat")
     }
 
+    /// A new full S3 credential of `tenant`: (access key, secret).
+    pub fn must_create_credential(&self, tenant: &str) -> (String, String) {
+        let created: serde_json::Value = serde_json::from_str(&self.must_cli(&[
+            "--output",
+            "json",
+            "tenant",
+            "credential",
+            "create",
+            tenant,
+        ]))
+        .expect("credential create prints JSON");
+        let field = |name: &str| {
+            created[name]
+                .as_str()
+                .unwrap_or_else(|| panic!("no {name} in {created}"))
+                .to_owned()
+        };
+        (field("access_key"), field("secret_key"))
+    }
+
     /// Runs the CLI and panics with its output unless it succeeds.
     pub fn must_cli(&self, args: &[&str]) -> String {
         let out = self.cli(args);

@@ -117,7 +117,9 @@ pub async fn start(config: NodeConfig) -> NodeResult<RunningNode> {
             let served = tonic::transport::Server::builder()
                 .add_service(admin)
                 .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(admin_listener),
+                    no_delay(tokio_stream::wrappers::TcpListenerStream::new(
+                        admin_listener,
+                    )),
                     shutdown.cancelled_owned(),
                 )
                 .await;
@@ -302,4 +304,21 @@ pub async fn run(config: NodeConfig, shutdown: Shutdown) -> NodeResult<()> {
     tracing::info!("shutting down");
     node.stop().await;
     Ok(())
+}
+
+/// Admin connections with Nagle's algorithm off: HTTP/2 writes a reply's
+/// headers, data and trailers separately, and a small reply would wait for
+/// the client's delayed ACK (~40 ms on Linux) between them.
+fn no_delay(
+    incoming: tokio_stream::wrappers::TcpListenerStream,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt as _;
+    incoming.map(|accepted| {
+        if let Ok(tcp) = &accepted
+            && let Err(e) = tcp.set_nodelay(true)
+        {
+            tracing::debug!(error = %e, "admin: TCP_NODELAY not set");
+        }
+        accepted
+    })
 }

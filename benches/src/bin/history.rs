@@ -4,6 +4,9 @@
 //!   16 GiB volume, both written in full (the same, within noise, if a
 //!   snapshot is O(1) in the data);
 //! - from `volume clone --snapshot` to the clone's first NBD read;
+//! - from `bucket clone --snapshot` to the clone's first GET, for a bucket
+//!   of one object beside one of many, and a full listing of the big
+//!   bucket beside one of its clone (which reads through to the source);
 //! - reads of a volume whose every block was overwritten 10 times, at the
 //!   latest state and at a snapshot of the first pass, beside a volume
 //!   written once (read amplification);
@@ -16,7 +19,8 @@
 //! fit the disk; the write path still encodes and replicates every block.
 //!
 //! ```text
-//! history [--big-gib 16] [--rounds 20] [--amp-mib 256] [--seconds 5] [--gc-mib 256] [--only-gc]
+//! history [--big-gib 16] [--rounds 20] [--amp-mib 256] [--seconds 5] [--gc-mib 256]
+//!         [--objects 20000] [--only-gc] [--only-buckets]
 //! ```
 
 use std::sync::Arc;
@@ -46,9 +50,15 @@ struct Args {
     /// Size of the volume whose old versions GC reclaims (0: skip).
     #[arg(long, default_value_t = 256)]
     gc_mib: u64,
+    /// Objects in the big bucket of the bucket-clone phase (0: skip).
+    #[arg(long, default_value_t = 20_000)]
+    objects: usize,
     /// Run the GC phase only.
     #[arg(long)]
     only_gc: bool,
+    /// Run the bucket-clone phase only.
+    #[arg(long)]
+    only_buckets: bool,
 }
 
 const WRITE_BYTES: usize = 4 << 20;
@@ -146,13 +156,112 @@ async fn main() -> Result<()> {
     std::fs::create_dir_all(&work)?;
     let mut cluster = Cluster::start(&work, &["primary"], 64)?;
     let node = &cluster.nodes[0];
-    if !args.only_gc {
+    if !args.only_gc && !args.only_buckets {
         snapshots_clones_and_reads(node, &args).await?;
     }
-    if args.gc_mib > 0 {
+    if args.objects > 0 && !args.only_gc {
+        bucket_clones(node, args.objects).await?;
+    }
+    if args.gc_mib > 0 && !args.only_buckets {
         gc_phase(node, &args).await?;
     }
     cluster.stop()?;
+    Ok(())
+}
+
+/// Bucket clones against data size: from `bucket clone --snapshot` to the
+/// clone's first GET, for a bucket of one object beside one of `objects`
+/// (interleaved, median of 5), then a full ListObjectsV2 walk of the big
+/// bucket beside one of a clone of it.
+async fn bucket_clones(node: &TestNode, objects: usize) -> Result<()> {
+    for bucket in ["bench/one-object", "bench/many-objects"] {
+        node.must_cli(&["bucket", "create", bucket]);
+    }
+    let (key, secret) = node.must_create_credential("bench");
+    let s3 = lifeboat_chaos_tests::s3_client::client(&format!("http://{}", node.s3), &key, &secret);
+    let body = data(DataKind::Compressible, 1000);
+    s3.put_object()
+        .bucket("one-object")
+        .key("k/0")
+        .body(body.clone().into())
+        .send()
+        .await?;
+    let started = Instant::now();
+    let keys = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let putters: Vec<_> = (0..8)
+        .map(|_| {
+            let (s3, body, keys) = (s3.clone(), body.clone(), keys.clone());
+            tokio::spawn(async move {
+                loop {
+                    let k = keys.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if k >= objects {
+                        return anyhow::Ok(());
+                    }
+                    s3.put_object()
+                        .bucket("many-objects")
+                        .key(format!("k/{k}"))
+                        .body(body.clone().into())
+                        .send()
+                        .await?;
+                }
+            })
+        })
+        .collect();
+    for p in putters {
+        p.await??;
+    }
+    println!(
+        "put {objects} objects of 1000 B in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    node.must_cli(&["snapshot", "create", "bench/main", "--name", "objects"]);
+    let (mut one, mut many) = (Vec::new(), Vec::new());
+    for i in 0..5 {
+        for (source, times) in [("one-object", &mut one), ("many-objects", &mut many)] {
+            let clone = format!("{source}-c{i}");
+            let started = Instant::now();
+            node.must_cli(&[
+                "bucket",
+                "clone",
+                &format!("bench/{source}"),
+                &format!("bench/{clone}"),
+                "--snapshot",
+                "objects",
+            ]);
+            let cloned = started.elapsed().as_secs_f64() * 1e3;
+            s3.get_object()
+                .bucket(&clone)
+                .key("k/0")
+                .send()
+                .await?
+                .body
+                .collect()
+                .await?;
+            times.push((cloned, started.elapsed().as_secs_f64() * 1e3));
+        }
+    }
+    for (what, times) in [("1 object", one), (&format!("{objects} objects"), many)] {
+        let mut cloned: Vec<f64> = times.iter().map(|t| t.0).collect();
+        let mut first_get: Vec<f64> = times.iter().map(|t| t.1).collect();
+        println!(
+            "bucket clone --snapshot of {what} (median of 5): CLI done {:.1} ms, first GET served {:.1} ms",
+            median(&mut cloned),
+            median(&mut first_get)
+        );
+    }
+    for bucket in ["many-objects", "many-objects-c0"] {
+        let started = Instant::now();
+        let mut listed = 0;
+        let mut pages = s3.list_objects_v2().bucket(bucket).into_paginator().send();
+        while let Some(page) = pages.next().await {
+            listed += page?.contents().len();
+        }
+        anyhow::ensure!(listed == objects, "{bucket} listed {listed} of {objects}");
+        println!(
+            "ListObjectsV2 of {bucket} ({listed} keys, pages of 1000): {:.0} ms",
+            started.elapsed().as_secs_f64() * 1e3
+        );
+    }
     Ok(())
 }
 

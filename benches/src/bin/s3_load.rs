@@ -171,19 +171,12 @@ fn lifeboat(dir: &std::path::Path, name: &str, sites: &[&str]) -> Result<(Cluste
     let cluster = Cluster::start(dir, sites, 64)?;
     let leader = cluster.leader()?;
     leader.must_cli(&["bucket", "create", "bench/bench-bucket"]);
-    let created: serde_json::Value = serde_json::from_str(&leader.must_cli(&[
-        "--output",
-        "json",
-        "tenant",
-        "credential",
-        "create",
-        "bench",
-    ]))?;
+    let (key, secret) = leader.must_create_credential("bench");
     let target = Target {
         name: name.into(),
         endpoint: format!("http://{}", leader.s3),
-        key: created["access_key"].as_str().context("access key")?.into(),
-        secret: created["secret_key"].as_str().context("secret")?.into(),
+        key,
+        secret,
         bucket: "bench-bucket".into(),
     };
     Ok((cluster, target))

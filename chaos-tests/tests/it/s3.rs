@@ -23,19 +23,11 @@ struct S3Env {
 /// made through `node`.
 fn bucket_and_credential(node: &TestNode) -> S3Env {
     node.must_cli(&["bucket", "create", &format!("t/{BUCKET}")]);
-    let created: serde_json::Value = serde_json::from_str(&node.must_cli(&[
-        "--output",
-        "json",
-        "tenant",
-        "credential",
-        "create",
-        "t",
-    ]))
-    .unwrap();
+    let (key, secret) = node.must_create_credential("t");
     S3Env {
         endpoint: format!("http://{}", node.s3),
-        key: created["access_key"].as_str().unwrap().to_owned(),
-        secret: created["secret_key"].as_str().unwrap().to_owned(),
+        key,
+        secret,
     }
 }
 

@@ -113,6 +113,12 @@ pub async fn serve(
                 }
             },
         };
+        // hyper writes a response's head and its body separately: with
+        // Nagle's algorithm on, a small body waits for the client's delayed
+        // ACK of the head (~40 ms on Linux).
+        if let Err(e) = socket.set_nodelay(true) {
+            tracing::debug!(%peer, error = %e, "S3: TCP_NODELAY not set");
+        }
         let service = service.clone();
         let shutdown = shutdown.clone();
         let tls = tls.clone();
