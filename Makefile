@@ -112,8 +112,7 @@ bench-s3: build
 	LIFEBOAT_BIN=$(BIN) $(CARGO_TARGET_DIR)/$(PROFILE)/s3-load --seconds 8
 
 # Snapshot creation against data size, volume and bucket clones to first
-# read, reads after
-# ten overwrites (read amplification), on one node.
+# read, reads after ten overwrites (read amplification), GC, on one node.
 bench-history: build
 	LIFEBOAT_BIN=$(BIN) $(CARGO_TARGET_DIR)/$(PROFILE)/history
 
