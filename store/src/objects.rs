@@ -927,8 +927,9 @@ impl Objects {
     /// under `q.prefix` that a read through `layers` can name, in key order
     /// and newest first within a key: a clone lists its own versions, then
     /// its base's of the cloned moment (a version removed by id after that
-    /// moment shows as it was; later ones are not listed). Masks do not
-    /// hide versions here: a version id reads any of them. `q.start_after`
+    /// moment shows as it was; later ones are not listed). Versions a
+    /// restore's mask hides are not listed either (a version id still
+    /// reads them, and `restore --undo` lists them again). `q.start_after`
     /// is a key marker (every version of it is skipped) unless
     /// `version_after` names a version of it, when the page starts at the
     /// next older version of that key. `q.resume` is not used.
@@ -1028,14 +1029,20 @@ impl Objects {
     ) -> Result<Vec<(BucketId, LogIndex, ObjectVersion)>> {
         let mut out = Vec::new();
         for layer in layers {
-            let at = layer.at();
-            for (index, version) in self.versions_from(pg, layer.bucket, key, at)? {
+            let in_spans = |index: LogIndex| layer.spans.iter().any(|s| s.holds(index));
+            for (index, version) in self.versions_from(pg, layer.bucket, key, layer.at())? {
+                // A version a rollback mask hides is not listed, so the
+                // listing agrees with plain reads on which is the latest.
+                if !in_spans(index) {
+                    continue;
+                }
                 let version = match version {
-                    // Removed after the moment listed: as it was then.
+                    // A removal the listing's spans do not see (after the
+                    // moment listed, or hidden by a mask): as it was then.
                     ObjectVersion::Removed {
                         at: removed,
                         original,
-                    } if at.is_some_and(|at| removed > at) => *original,
+                    } if !in_spans(removed) => *original,
                     ObjectVersion::Removed { .. } => continue,
                     version => version,
                 };
@@ -1606,6 +1613,61 @@ mod tests {
             versions(&layers, Some(b"a"), Some(14), 2),
             (vec!["a@9.2".into(), "d/x@11.15x*".into()], true)
         );
+    }
+
+    /// After a restore masked (5, 8], a version listing agrees with reads:
+    /// the versions written in the masked span are not listed, and a
+    /// removal there has not happened.
+    #[test]
+    fn version_listing_follows_a_restores_mask() {
+        let (_dir, db) = must_open();
+        let objects = Objects::new(db.clone());
+        must_put(&db, "a", 2, &object(&[1], b"a2"));
+        must_put(&db, "a", 6, &object(&[2], b"a6"));
+        must_put(&db, "b", 3, &object(&[3], b"b3"));
+        let mut batch = db.new_batch();
+        stage_version_removal(
+            &mut batch,
+            PG,
+            B,
+            b"b",
+            LogIndex(3),
+            LogIndex(7),
+            object(&[3], b"b3"),
+            None,
+        );
+        db.write(batch, Durability::Buffered).unwrap();
+        must_put(&db, "a", 10, &object(&[4], b"a10"));
+        let masked = BucketLayer {
+            bucket: B,
+            spans: vec![
+                Span {
+                    at: None,
+                    above: Some(LogIndex(8)),
+                },
+                Span::plain(Some(LogIndex(5))),
+            ],
+        };
+        let all = ListQuery {
+            limit: 100,
+            ..Default::default()
+        };
+        let listed = objects
+            .list_versions(PG, std::slice::from_ref(&masked), &all, None)
+            .unwrap();
+        assert_eq!(described(&listed, false), ["a@10*", "a@2", "b@3*"]);
+        let read = |key: &str| {
+            objects
+                .find_layered(PG, std::slice::from_ref(&masked), key.as_bytes())
+                .unwrap()
+                .map(|(_, index, _)| index.0)
+        };
+        assert_eq!((read("a"), read("b")), (Some(10), Some(3)));
+        // Unmasked, the same rows list as written.
+        let plain = objects
+            .list_versions(PG, &[plain_layer(B)], &all, None)
+            .unwrap();
+        assert_eq!(described(&plain, false), ["a@10*", "a@6", "a@2"]);
     }
 
     #[test]
