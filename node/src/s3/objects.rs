@@ -52,9 +52,17 @@ pub struct BucketRef {
 
 impl BucketRef {
     /// Works out [`BucketRef::layers`] from the PG's masks as they are now.
+    /// A bucket that is no clone is its own only layer: its record, just
+    /// read, is not read again on every request.
     pub fn read_layers(&mut self, core: &NodeCore) -> lifeboat_store::Result<()> {
         let all = masks::masks(&core.db, self.pg)?;
-        self.layers = core.objects.layers(self.pg, self.id, None, &all)?;
+        self.layers = match self.base {
+            None => vec![BucketLayer {
+                bucket: self.id,
+                spans: masks::spans(&all, |m| m.covers_bucket(self.id), None),
+            }],
+            Some(_) => core.objects.layers(self.pg, self.id, None, &all)?,
+        };
         Ok(())
     }
 
