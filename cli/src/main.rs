@@ -94,6 +94,11 @@ enum Command {
     /// deleted, undone by `restore TENANT/PG --undo`. Shows the plan and
     /// asks before it acts.
     Restore(RestoreArgs),
+    /// Move protection groups' voters and leadership to another site.
+    /// `--planned` is the switchover of a healthy cluster: nothing
+    /// acknowledged is lost (RPO 0) and clients see a pause, not errors.
+    /// Waits until every PG is led from the target site.
+    Failover(FailoverArgs),
     /// What this node has reported to operators (ack policy degradations,
     /// …), oldest first.
     Events,
@@ -331,6 +336,23 @@ enum SnapshotCommand {
         #[arg(long)]
         until: String,
     },
+}
+
+#[derive(clap::Args)]
+struct FailoverArgs {
+    /// A planned switchover: both sites are up (required: the forced
+    /// failover of a lost site is another command).
+    #[arg(long, required = true)]
+    planned: bool,
+    /// The site that takes the PGs over.
+    #[arg(long)]
+    to: String,
+    /// TENANT/PG to move (repeatable; default: every PG).
+    #[arg(long = "pg")]
+    pgs: Vec<String>,
+    /// Seconds to wait for every PG to be led from the target site.
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
 }
 
 #[derive(clap::Args)]
@@ -1280,6 +1302,47 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                     format_time_ms(done.to_ms),
                     done.to_index,
                     done.pg
+                );
+            }
+        }
+        Command::Failover(args) => {
+            let req = client.request(api::SwitchoverRequest {
+                to_site: args.to,
+                pgs: args.pgs,
+                timeout_ms: args.timeout.saturating_mul(1000),
+            });
+            let r = client.api().switchover(req).await?.into_inner();
+            if out.json {
+                out.json_value(&serde_json::json!({
+                    "took_ms": r.took_ms,
+                    "pgs": r.pgs.iter().map(|p| serde_json::json!({
+                        "name": p.name, "from_site": p.from_site, "to_site": p.to_site,
+                        "leader_node": p.leader_node, "last_index": p.last_index,
+                        "took_ms": p.took_ms, "already": p.already,
+                    })).collect::<Vec<_>>(),
+                }));
+            } else {
+                let mut table =
+                    Table::new(&["PG", "FROM", "TO", "LEADER NODE", "LAST INDEX", "TOOK"]);
+                for p in &r.pgs {
+                    table.row(vec![
+                        p.name.clone(),
+                        if p.already {
+                            "(already there)".into()
+                        } else {
+                            p.from_site.clone()
+                        },
+                        p.to_site.clone(),
+                        p.leader_node.to_string(),
+                        p.last_index.to_string(),
+                        format!("{} ms", p.took_ms),
+                    ]);
+                }
+                table.print();
+                println!(
+                    "{} PGs led from their new site after {} ms",
+                    r.pgs.len(),
+                    r.took_ms
                 );
             }
         }

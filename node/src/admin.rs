@@ -85,11 +85,14 @@ pub fn status(e: &NodeError) -> Status {
                 J::SnapshotExists { .. } => Code::AlreadyExists,
                 J::SnapshotNotFound { .. } | J::TokenNotFound => Code::NotFound,
                 J::IndexOutOfHistory { .. } => Code::OutOfRange,
+                J::NoMembersAtSite { .. } => Code::FailedPrecondition,
                 J::KeyTooLong { .. } | J::InvalidPart { .. } => Code::InvalidArgument,
             }
         }
         NodeError::Replication(R::NotLeader { .. } | R::NoLeader { .. }) => Code::Unavailable,
-        NodeError::NodeNotFound(_) => Code::NotFound,
+        NodeError::NodeNotFound(_) | NodeError::SiteNotFound(_) => Code::NotFound,
+        NodeError::NoMembersAtSite { .. } => Code::FailedPrecondition,
+        NodeError::SwitchoverTimeout { .. } => Code::DeadlineExceeded,
         NodeError::Peer { .. } | NodeError::NotHostedHere { .. } => Code::FailedPrecondition,
         NodeError::JoinToken { .. } => Code::PermissionDenied,
         NodeError::PeerRefused { code, .. } => *code,
@@ -1259,6 +1262,39 @@ impl Admin for AdminService {
             .await
             .map_err(|e| status(&e))?;
         Ok(Response::new(pg_message(&self.core, record)))
+    }
+
+    async fn switchover(
+        &self,
+        req: Request<api::SwitchoverRequest>,
+    ) -> Result<Response<api::SwitchoverResponse>, Status> {
+        self.require_operator(&req, "move protection groups between sites")?;
+        let r = req.get_ref();
+        let started = std::time::Instant::now();
+        let timeout = match r.timeout_ms {
+            0 => crate::failover::SWITCHOVER_WAIT,
+            ms => std::time::Duration::from_millis(ms),
+        };
+        let switched = self
+            .core
+            .switchover(&r.to_site, &r.pgs, timeout)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(api::SwitchoverResponse {
+            pgs: switched
+                .into_iter()
+                .map(|s| api::PgSwitch {
+                    name: s.name,
+                    from_site: s.from_site,
+                    to_site: s.to_site,
+                    leader_node: s.leader_node,
+                    last_index: s.last_index,
+                    took_ms: s.took.as_millis() as u64,
+                    already: s.already,
+                })
+                .collect(),
+            took_ms: started.elapsed().as_millis() as u64,
+        }))
     }
 
     async fn list_events(

@@ -232,6 +232,9 @@ const CAMPAIGN_RETRY: Duration = Duration::from_millis(250);
 /// How often a node compares the catalog's placement with the members it
 /// runs, and the PGs it leads with their Raft membership.
 const RECONCILE_INTERVAL: Duration = Duration::from_millis(300);
+/// Membership steps one reconcile pass may take in one PG (add learners,
+/// change voters, transfer leadership, remove members).
+const MEMBERSHIP_STEPS_PER_PASS: usize = 4;
 
 /// This node's certificate and the server TLS configurations made from it.
 struct ActiveTls {
@@ -585,7 +588,14 @@ impl NodeCore {
                     _ = tokio::time::sleep(interval) => {}
                 }
                 let Some(core) = weak.upgrade() else { return };
-                pass(core).await;
+                // A pass may wait on a quorum that is gone (a membership
+                // change, a proposal): stopping must not wait for it.
+                // Dropped mid-way, a pass leaves nothing half done that
+                // the next start does not redo.
+                tokio::select! {
+                    _ = stopping.cancelled() => return,
+                    _ = pass(core) => {}
+                }
             }
         })
     }
@@ -705,10 +715,20 @@ impl NodeCore {
                 // with production timers): `pg create` and `tenant create`
                 // wait for the new group's leader.
                 group.campaign().await;
-            } else if metrics.is_leader
-                && let Err(e) = group.sync_membership(&desired).await
-            {
-                tracing::info!(pg = rec.id, error = %e, "membership change not made yet");
+            } else if metrics.is_leader {
+                // Step by step (learners, voters, leadership, removals),
+                // without waiting a pass between steps: a switchover is
+                // learners → voters → leadership in one pass.
+                for _ in 0..MEMBERSHIP_STEPS_PER_PASS {
+                    match group.sync_membership(&desired).await {
+                        Ok(true) => continue,
+                        Ok(false) => break,
+                        Err(e) => {
+                            tracing::info!(pg = rec.id, error = %e, "membership change not made yet");
+                            break;
+                        }
+                    }
+                }
             }
         }
         if self

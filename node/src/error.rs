@@ -77,6 +77,17 @@ pub enum NodeError {
     Peer { addr: String, reason: String },
     #[error("node {0} does not exist")]
     NodeNotFound(u64),
+    #[error("site {0} has no node")]
+    SiteNotFound(String),
+    #[error("protection group {pg} has no member at site {site} to take it over")]
+    NoMembersAtSite { pg: String, site: String },
+    #[error("protection group {pg} is not led from site {site} after {waited_ms} ms ({seen})")]
+    SwitchoverTimeout {
+        pg: String,
+        site: String,
+        waited_ms: u64,
+        seen: String,
+    },
     #[error("protection group {pg} is not hosted on this node; its members are on nodes {nodes:?}")]
     NotHostedHere { pg: u64, nodes: Vec<u64> },
     #[error("certificates: {reason}")]
@@ -128,6 +139,9 @@ impl NodeError {
             NodeError::Io { .. } => "node.io",
             NodeError::Peer { .. } => "node.peer",
             NodeError::NodeNotFound(_) => "node.node_not_found",
+            NodeError::SiteNotFound(_) => "node.site_not_found",
+            NodeError::NoMembersAtSite { .. } => "node.no_members_at_site",
+            NodeError::SwitchoverTimeout { .. } => "node.switchover_timeout",
             NodeError::NotHostedHere { .. } => "node.not_hosted_here",
             NodeError::Pki { .. } => "node.pki",
             NodeError::JoinToken { .. } => "node.join_token",

@@ -12,6 +12,7 @@ pub mod config;
 pub mod core;
 pub mod error;
 pub mod events;
+pub mod failover;
 pub mod gc;
 pub mod history;
 pub mod locks;

@@ -191,6 +191,7 @@ impl<'a> ApplyContext<'a> {
                 | Kind::RevokeToken(_)
                 | Kind::SetTenantQuota(_)
                 | Kind::ReportPgUsage(_)
+                | Kind::SwitchActiveSite(_)
         );
         if is_catalog_command != (self.pg == PgId::CATALOG) {
             return Ok(Err(Rejection::WrongGroup { pg: self.pg.0 }));
@@ -244,6 +245,7 @@ impl<'a> ApplyContext<'a> {
             Kind::RevokeToken(r) => self.apply_revoke_token(r),
             Kind::SetTenantQuota(q) => self.apply_set_tenant_quota(q),
             Kind::ReportPgUsage(r) => self.apply_report_pg_usage(r, cmd.stamp_ms),
+            Kind::SwitchActiveSite(w) => self.apply_switch_active_site(w),
         }
     }
 
@@ -647,6 +649,50 @@ impl<'a> ApplyContext<'a> {
         };
         record.ack = a.ack;
         self.put_pg_record(&record);
+        Ok(Ok(Applied::Done))
+    }
+
+    /// Makes `to_site` the active site of every PG named: its members there
+    /// become the voters, every other member a learner. All or none: a PG
+    /// that does not exist, is the catalog, or has no member at `to_site`
+    /// refuses the whole command.
+    fn apply_switch_active_site(&mut self, w: &pb::SwitchActiveSite) -> io::Result<Outcome> {
+        let mut records = Vec::with_capacity(w.pgs.len());
+        for &id in &w.pgs {
+            if id == 0 {
+                return Ok(Err(Rejection::Malformed {
+                    reason: "the catalog's placement does not follow a switchover".into(),
+                }));
+            }
+            let Some(pg) = self.catalog_get::<pb::PgRecord>(&catalog::pg_id_key(id))? else {
+                return Ok(Err(Rejection::PgIdNotFound { pg: id }));
+            };
+            records.push(pg);
+        }
+        for pg in &mut records {
+            if pg.active_site == w.to_site {
+                continue;
+            }
+            let mut at_target = 0;
+            for m in &mut pg.members {
+                let site = self
+                    .catalog_get::<pb::NodeRecord>(&catalog::node_key(m.node_id))?
+                    .filter(|n| !n.removed)
+                    .map(|n| n.site);
+                m.voter = site.as_deref() == Some(w.to_site.as_str());
+                at_target += usize::from(m.voter);
+            }
+            if at_target == 0 {
+                return Ok(Err(Rejection::NoMembersAtSite {
+                    pg: pg.id,
+                    site: w.to_site.clone(),
+                }));
+            }
+            pg.active_site = w.to_site.clone();
+        }
+        for pg in &records {
+            self.put_pg_record(pg);
+        }
         Ok(Ok(Applied::Done))
     }
 
@@ -2144,5 +2190,95 @@ mod tests {
                 break;
             }
         }
+    }
+
+    /// A switchover makes the target site's members the voters and every
+    /// other member a learner, refuses a PG with nobody at the target
+    /// (without touching the others), and leaves a PG already there alone.
+    #[test]
+    fn a_switchover_moves_the_voters_to_the_target_site() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), &DbOptions::default()).unwrap();
+        let mut cx = ApplyContext::new(&db, PgId::CATALOG);
+        for (id, site) in [(1, "primary"), (2, "primary"), (3, "dr"), (4, "dr")] {
+            let node = pb::NodeRecord {
+                id,
+                site: site.into(),
+                ..Default::default()
+            };
+            cx.catalog_put(catalog::node_key(id), &node);
+        }
+        let member = |member_id, node_id, voter| pb::PgMember {
+            member_id,
+            node_id,
+            voter,
+        };
+        let pg = |id, members| pb::PgRecord {
+            id,
+            tenant: "t".into(),
+            name: format!("pg{id}"),
+            active_site: "primary".into(),
+            members,
+            ..Default::default()
+        };
+        cx.put_pg_record(&pg(
+            1,
+            vec![
+                member(10, 1, true),
+                member(11, 2, true),
+                member(12, 3, false),
+                member(13, 4, false),
+            ],
+        ));
+        cx.put_pg_record(&pg(2, vec![member(20, 1, true), member(21, 2, true)]));
+        let switch = |pgs: Vec<u64>| {
+            cmd(pb::command::Kind::SwitchActiveSite(pb::SwitchActiveSite {
+                pgs,
+                to_site: "dr".into(),
+            }))
+        };
+        let voters = |cx: &ApplyContext, id| {
+            let r: pb::PgRecord = cx.catalog_get(&catalog::pg_id_key(id)).unwrap().unwrap();
+            let v: Vec<(u64, bool)> = r.members.iter().map(|m| (m.member_id, m.voter)).collect();
+            (r.active_site, v)
+        };
+        assert_eq!(
+            cx.apply_command(LogIndex(1), &switch(vec![1, 2])).unwrap(),
+            Err(Rejection::NoMembersAtSite {
+                pg: 2,
+                site: "dr".into()
+            })
+        );
+        assert_eq!(voters(&cx, 1).0, "primary", "all or none");
+        assert_eq!(
+            cx.apply_command(LogIndex(2), &switch(vec![0])).unwrap(),
+            Err(Rejection::Malformed {
+                reason: "the catalog's placement does not follow a switchover".into()
+            })
+        );
+        assert_eq!(
+            cx.apply_command(LogIndex(3), &switch(vec![9])).unwrap(),
+            Err(Rejection::PgIdNotFound { pg: 9 })
+        );
+        assert_eq!(
+            cx.apply_command(LogIndex(4), &switch(vec![1])).unwrap(),
+            Ok(Applied::Done)
+        );
+        let moved = (
+            "dr".to_owned(),
+            vec![(10, false), (11, false), (12, true), (13, true)],
+        );
+        assert_eq!(voters(&cx, 1), moved);
+        let by_name: pb::PgRecord = cx
+            .catalog_get(&catalog::pg_key("t", "pg1"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(by_name.active_site, "dr", "both keys of the record move");
+        // Again: nothing changes.
+        assert_eq!(
+            cx.apply_command(LogIndex(5), &switch(vec![1])).unwrap(),
+            Ok(Applied::Done)
+        );
+        assert_eq!(voters(&cx, 1), moved);
     }
 }

@@ -140,6 +140,26 @@ pub struct GroupMetrics {
     pub nodes: BTreeMap<u64, MemberNode>,
 }
 
+impl GroupMetrics {
+    /// Who leads and where, as this member sees it (the transport's
+    /// `GroupView` answer).
+    pub fn view(&self) -> pb::GroupViewReply {
+        let leader = self.leader.and_then(|l| self.nodes.get(&l));
+        pb::GroupViewReply {
+            leader_node: leader.map_or(0, |n| n.node_id),
+            leader_site: leader.map(|n| n.site.clone()).unwrap_or_default(),
+            voter_sites: self
+                .voters
+                .iter()
+                .filter_map(|v| self.nodes.get(v))
+                .map(|n| n.site.clone())
+                .collect(),
+            last_log_index: self.last_log_index.0,
+            term: self.term,
+        }
+    }
+}
+
 /// How far one member is behind the leader (reported by the leader).
 #[derive(Clone, Debug, PartialEq)]
 pub struct MemberLag {
@@ -874,7 +894,8 @@ impl ProtectionGroup {
 
     /// Moves the group's membership one step towards `desired`, if this
     /// member leads: first adds missing members as learners, then sets the
-    /// voters, then removes members no longer wanted. One step per call
+    /// voters, then (a leader that is no longer a voter) hands leadership
+    /// to a voter, then removes members no longer wanted. One step per call
     /// (each is a committed membership change); call again until it returns
     /// `Ok(false)`. Returns whether it changed anything.
     pub async fn sync_membership(&self, desired: &[DesiredMember]) -> Result<bool> {
@@ -906,6 +927,26 @@ impl ProtectionGroup {
             .map_err(|e| self.raft_err(e))?;
             return Ok(true);
         }
+        if !m.voters.contains(&self.member.0)
+            && let Some(to) = self.most_caught_up_voter()
+        {
+            // A leader kept as a learner (a switchover to another site)
+            // goes on leading: openraft steps down only a leader removed
+            // altogether. Hand over to the new voter that needs the least
+            // catching up; openraft's TransferLeader makes it campaign at
+            // once, and the others grant it their vote.
+            tracing::info!(
+                pg = self.pg.0,
+                to,
+                "no longer a voter: transferring leadership"
+            );
+            self.raft
+                .trigger()
+                .transfer_leader(to)
+                .await
+                .map_err(|e| self.raft_err(e))?;
+            return Ok(true);
+        }
         let wanted: BTreeSet<u64> = desired.iter().map(|d| d.member.0).collect();
         let unwanted: BTreeSet<u64> = m
             .nodes
@@ -924,6 +965,16 @@ impl ProtectionGroup {
             return Ok(true);
         }
         Ok(false)
+    }
+
+    /// As the leader sees it: the voter with the highest matched log id.
+    fn most_caught_up_voter(&self) -> Option<u64> {
+        let m = self.raft.metrics().borrow_watched().clone();
+        let replication = m.replication.as_ref()?;
+        m.membership_config
+            .membership()
+            .voter_ids()
+            .max_by_key(|id| replication.get(id).cloned().flatten())
     }
 
     /// Keeps the log within `max_bytes`: once it holds more, purges it

@@ -27,7 +27,8 @@ use openraft::RaftNetworkV2;
 use openraft::error::{RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
@@ -208,6 +209,25 @@ impl GroupRoute {
     }
 }
 
+/// How the member of PG `pg` on the node at `raft_addr` sees its group.
+pub async fn group_view(
+    peers: &Peers,
+    identity: &Arc<Identity>,
+    raft_addr: &str,
+    pg: PgId,
+    generation: Generation,
+) -> Result<pb::GroupViewReply, Status> {
+    let route = GroupRoute {
+        identity: identity.clone(),
+        pg,
+        generation,
+    };
+    let req = pb::GroupViewRequest {
+        route: Some(route.to(MemberId(0))),
+    };
+    Ok(peers.client(raft_addr)?.group_view(req).await?.into_inner())
+}
+
 /// openraft's network factory for one group.
 #[derive(Clone)]
 pub struct GroupNetwork {
@@ -309,6 +329,24 @@ impl RaftNetworkV2<TypeConfig> for PeerLink {
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         // Implemented, not defaulted: openraft's default grants every pre-vote.
         self.vote_rpc(rpc, true, option).await
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        rpc: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let result = async {
+            let mut req = Request::new(pb::TransferLeaderRpc {
+                route: Some(self.route.clone()),
+                request_json: json(&rpc)?.into(),
+            });
+            req.set_timeout(option.hard_ttl());
+            let reply = self.client()?.transfer_leader(req).await?.into_inner();
+            from_json(&reply.response_json, "transfer leader response")
+        }
+        .await;
+        result.map_err(|s| RPCError::Unreachable(self.unreachable(&s)))
     }
 
     async fn full_snapshot(
@@ -523,6 +561,32 @@ impl<H: Host> RaftTransport for TransportService<H> {
         Ok(Response::new(pb::RaftReply {
             response_json: json(&resp)?.into(),
         }))
+    }
+
+    async fn transfer_leader(
+        &self,
+        req: Request<pb::TransferLeaderRpc>,
+    ) -> Result<Response<pb::RaftReply>, Status> {
+        let req = req.into_inner();
+        let group = self.route(req.route.as_ref())?;
+        let rpc: TransferLeaderRequest<TypeConfig> =
+            from_json(&req.request_json, "transfer leader request")?;
+        let resp = group
+            .raft()
+            .handle_transfer_leader(rpc)
+            .await
+            .map_err(|e| fatal(group.pg(), e))?;
+        Ok(Response::new(pb::RaftReply {
+            response_json: json(&resp)?.into(),
+        }))
+    }
+
+    async fn group_view(
+        &self,
+        req: Request<pb::GroupViewRequest>,
+    ) -> Result<Response<pb::GroupViewReply>, Status> {
+        let group = self.route(req.get_ref().route.as_ref())?;
+        Ok(Response::new(group.metrics().view()))
     }
 
     async fn install_snapshot(

@@ -113,6 +113,7 @@ impl fmt::Display for Command {
             Some(Kind::SetPgMembers(_)) => "set_pg_members",
             Some(Kind::CreatePg(_)) => "create_pg",
             Some(Kind::SetPgAck(_)) => "set_pg_ack",
+            Some(Kind::SwitchActiveSite(_)) => "switch_active_site",
             Some(Kind::CreateJoinToken(_)) => "create_join_token",
             None => "empty",
         };
@@ -268,6 +269,8 @@ pub enum Rejection {
     NothingToUndo,
     #[error("the newest restore is now the one at index {newest}: look again before undoing")]
     RestoreChanged { newest: u64 },
+    #[error("protection group {pg} has no member at site {site}")]
+    NoMembersAtSite { pg: u64, site: String },
     #[error("index {index} is outside the history this group holds ({oldest}..={newest})")]
     IndexOutOfHistory {
         index: u64,

@@ -196,7 +196,7 @@ pub(crate) async fn spawn_writers(
     ledger: &Ledger,
     stop: &Arc<AtomicBool>,
     seed: u64,
-) -> Vec<tokio::task::JoinHandle<(u64, u64)>> {
+) -> Vec<tokio::task::JoinHandle<WriterStats>> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut tasks = Vec::new();
     for id in 0..WRITERS {
@@ -214,35 +214,48 @@ pub(crate) async fn spawn_writers(
     tasks
 }
 
+/// What one [`writer`] saw.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct WriterStats {
+    pub(crate) acked: u64,
+    /// Writes answered with an error.
+    pub(crate) failed: u64,
+    /// The longest any one write took to be answered: the pause a client
+    /// saw.
+    pub(crate) longest: Duration,
+}
+
 pub(crate) async fn writer(
     client: NbdClient,
     id: u64,
     ledger: Ledger,
     stop: Arc<AtomicBool>,
     seed: u64,
-) -> (u64, u64) {
+) -> WriterStats {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let (mut acked, mut failed) = (0, 0);
+    let mut stats = WriterStats::default();
     let mut seq = id << 40;
     while !stop.load(Ordering::Relaxed) {
         let block = id * (BLOCKS / WRITERS) + rng.gen_range(0..BLOCKS / WRITERS);
         ledger.sending(block, seq);
-        match client
+        let sent = Instant::now();
+        let answer = client
             .write(block * 4096, &block_content(block, seq, 4096), false)
-            .await
-        {
+            .await;
+        stats.longest = stats.longest.max(sent.elapsed());
+        match answer {
             Ok(Ok(())) => {
                 ledger.acked(block, seq);
-                acked += 1;
+                stats.acked += 1;
             }
             // An error reply is not an acknowledgement; the write may or
             // may not have landed, so it stays in flight.
-            Ok(Err(_)) => failed += 1,
+            Ok(Err(_)) => stats.failed += 1,
             Err(e) => panic!("writer {id}: NBD connection lost: {e}"),
         }
         seq += 1;
     }
-    (acked, failed)
+    stats
 }
 
 /// Reads every block of the ledger through `node`'s NBD server.
@@ -305,7 +318,7 @@ async fn leader_killed_under_load_loses_nothing_and_replicas_agree() {
     stop.store(true, Ordering::Relaxed);
     let mut acked = 0;
     for t in tasks {
-        acked += t.await.unwrap().0;
+        acked += t.await.unwrap().acked;
     }
     assert!(acked > 0 && ledger.acked_blocks() > 0);
     eprintln!("writes acknowledged: {acked}; writes resumed {resumed_after:?} after the kill");

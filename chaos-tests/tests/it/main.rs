@@ -3,6 +3,7 @@
 
 mod cluster;
 mod durability;
+mod failover;
 mod full_disk;
 mod history;
 mod lost_updates;

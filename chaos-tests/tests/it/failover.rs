@@ -1,0 +1,162 @@
+//! Moving a PG between sites under a write load (DESIGN.md "Failover"):
+//! a planned switchover to the DR site and back loses no acknowledged write
+//! (the ledger is the recorded history), the writers see a pause and no
+//! error, and every replica at both sites ends identical.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use lifeboat_chaos_tests::ledger::Ledger;
+
+use crate::cluster::{
+    Cluster, WriterStats, check_against_ledger, pg_status_of, read_all, spawn_writers,
+    wait_pg_status,
+};
+
+/// `lifeboat failover --planned --to SITE` through `node`, as JSON.
+fn switch_over(c: &Cluster, via: usize, site: &str) -> serde_json::Value {
+    let out = c.nodes[via].must_cli(&["failover", "--planned", "--to", site, "--output", "json"]);
+    serde_json::from_str(&out).unwrap()
+}
+
+/// The node ids at `site`.
+fn nodes_at(c: &Cluster, site: &str) -> Vec<u64> {
+    c.nodes
+        .iter()
+        .filter(|n| n.site == site)
+        .map(|n| n.node_id)
+        .collect()
+}
+
+/// Checks that PG `t/main` is led from `site`, with voters only there, as
+/// its leader reports it.
+async fn assert_led_from(c: &Cluster, site: &str) {
+    let here = nodes_at(c, site);
+    let probe = c.nodes.iter().position(|n| n.site == site).unwrap();
+    let status = wait_pg_status(&c.nodes[probe], "t/main", "a leader at the site", |s| {
+        s["leader_node"].as_u64().is_some_and(|l| here.contains(&l))
+    })
+    .await;
+    let leader = status["leader_node"].as_u64().unwrap();
+    let leader_idx = c.nodes.iter().position(|n| n.node_id == leader).unwrap();
+    let at_leader = wait_pg_status(&c.nodes[leader_idx], "t/main", "lag of every member", |s| {
+        s["lag"]
+            .as_array()
+            .is_some_and(|l| l.len() == c.nodes.len() - 1)
+    })
+    .await;
+    for l in at_leader["lag"].as_array().unwrap() {
+        let voter = l["voter"].as_bool().unwrap();
+        assert_eq!(
+            voter,
+            l["site"] == site,
+            "after the switchover to {site}, only members there vote: {l}"
+        );
+    }
+    let show = c.nodes[0].must_cli(&["pg", "show", "t/main", "--output", "json"]);
+    let show: serde_json::Value = serde_json::from_str(&show).unwrap();
+    assert_eq!(show["active_site"], site, "{show}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planned_switchover_under_load_loses_nothing_and_goes_back() {
+    let c = Cluster::start(3, 2);
+    // Refusals first: a site with no node, a PG that does not exist.
+    let nowhere = c.nodes[0].cli(&["failover", "--planned", "--to", "elsewhere"]);
+    assert!(!nowhere.status.success());
+    let err = String::from_utf8_lossy(&nowhere.stderr);
+    assert!(err.contains("site elsewhere has no node"), "{err}");
+    let no_pg = c.nodes[0].cli(&["failover", "--planned", "--to", "dr", "--pg", "t/nope"]);
+    assert!(!no_pg.status.success());
+    let err = String::from_utf8_lossy(&no_pg.stderr);
+    assert!(err.contains("t/nope"), "{err}");
+
+    let ledger = Ledger::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    // Through a primary node: its writes are forwarded to whichever node
+    // leads, first at the primary site, then at DR, then back.
+    let tasks = spawn_writers(&c.nodes[1], &ledger, &stop, 0x5_1c40).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let before = ledger.acked_blocks();
+    assert!(before > 0, "writes were acknowledged before the switchover");
+
+    let to_dr = switch_over(&c, 0, "dr");
+    let pgs = to_dr["pgs"].as_array().unwrap();
+    assert_eq!(pgs.len(), 1, "{to_dr}");
+    assert_eq!(pgs[0]["name"], "t/main");
+    assert_eq!(pgs[0]["from_site"], "primary");
+    assert_eq!(pgs[0]["already"], false);
+    let dr_nodes = nodes_at(&c, "dr");
+    assert!(
+        dr_nodes.contains(&pgs[0]["leader_node"].as_u64().unwrap()),
+        "{to_dr}"
+    );
+    assert_led_from(&c, "dr").await;
+    // Writes go on at the new site.
+    let acked_after_switch = ledger.acked_seqs();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_ne!(
+        ledger.acked_seqs(),
+        acked_after_switch,
+        "writes are acknowledged while DR leads"
+    );
+    // Again: nothing to do, and it says so.
+    let again = switch_over(&c, 3, "dr");
+    assert_eq!(again["pgs"][0]["already"], true, "{again}");
+
+    let back = switch_over(&c, 4, "primary");
+    assert_eq!(back["pgs"][0]["from_site"], "dr", "{back}");
+    assert_led_from(&c, "primary").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut total = WriterStats::default();
+    for t in tasks {
+        let s = t.await.unwrap();
+        total.acked += s.acked;
+        total.failed += s.failed;
+        total.longest = total.longest.max(s.longest);
+    }
+    eprintln!(
+        "switchover to dr: {} ms, back: {} ms; {} writes acknowledged, {} failed, longest write {:?}",
+        to_dr["took_ms"], back["took_ms"], total.acked, total.failed, total.longest
+    );
+    assert_eq!(
+        total.failed, 0,
+        "clients see a pause, not errors, during a planned switchover"
+    );
+
+    // Nothing acknowledged is lost, and every replica agrees once the
+    // last writes have reached every member.
+    let leader = pg_status_of(&c.nodes[0], "t/main").unwrap()["leader_node"]
+        .as_u64()
+        .unwrap();
+    let leader_idx = c.nodes.iter().position(|n| n.node_id == leader).unwrap();
+    let last = pg_status_of(&c.nodes[leader_idx], "t/main").unwrap()["last_log_index"]
+        .as_u64()
+        .unwrap();
+    for n in &c.nodes {
+        wait_pg_status(n, "t/main", "catch-up", |s| {
+            s["applied_index"].as_u64() >= Some(last)
+        })
+        .await;
+    }
+    let reference = read_all(&c.nodes[0]).await;
+    check_against_ledger(&reference, &ledger, c.nodes[0].node_id);
+    for n in &c.nodes[1..] {
+        assert!(read_all(n).await == reference, "node {} differs", n.node_id);
+    }
+    // Node 0 ran the switchover to DR: its steps are its events.
+    let events = c.nodes[0].must_cli(&["events", "--output", "json"]);
+    let events: serde_json::Value = serde_json::from_str(&events).unwrap();
+    let kinds: Vec<&str> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["kind"].as_str())
+        .collect();
+    assert!(
+        kinds.contains(&"switchover_started") && kinds.contains(&"switchover_done"),
+        "{events}"
+    );
+}
