@@ -155,8 +155,14 @@ impl TestNode {
 
     fn write_config_file(&self) -> Result<()> {
         let (data_dir, master_key_file, extra) = &self.config_base;
+        // By this harness's convention a node at site `witness` is one.
+        let role = if self.site == "witness" {
+            "witness"
+        } else {
+            "data"
+        };
         let config = format!(
-            "node_id = {}\nsite = {:?}\ndata_dir = {:?}\nmaster_key_file = {:?}\n\
+            "node_id = {}\nsite = {:?}\nrole = {role:?}\ndata_dir = {:?}\nmaster_key_file = {:?}\n\
              [raft]\nlisten = \"{}\"\n[admin]\nlisten = \"{}\"\n[nbd]\nlisten = \"{}\"\n\
              [http]\nlisten = \"{}\"\n[s3]\nlisten = \"{}\"\n{extra}\n",
             self.node_id,

@@ -112,6 +112,10 @@ enum NodeCommand {
     Start {
         #[arg(long)]
         config: PathBuf,
+        /// `witness`: only vote in the catalog from a third location (no
+        /// data, no keys, no clients); overrides the config's `role`.
+        #[arg(long, value_parser = ["data", "witness"])]
+        role: Option<String>,
     },
     /// Add a started node that is in no cluster yet: makes a join token
     /// here and tells the new node (at its admin endpoint) to join with it.
@@ -602,7 +606,7 @@ async fn run(cli: Cli) -> Result<()> {
     let out = Output::new(cli.global.output == OutputFormat::Json);
     match cli.command {
         Command::Up(args) => up::run(args).await,
-        Command::Node(NodeCommand::Start { config }) => node_start(config).await,
+        Command::Node(NodeCommand::Start { config, role }) => node_start(config, role).await,
         command => {
             let token = read_token(&cli.global)?;
             let mut client = Client::connect(&cli.global.endpoint, token).await?;
@@ -611,8 +615,13 @@ async fn run(cli: Cli) -> Result<()> {
     }
 }
 
-async fn node_start(config_path: PathBuf) -> Result<()> {
-    let config = lifeboat_node::NodeConfig::load(&config_path)?;
+async fn node_start(config_path: PathBuf, role: Option<String>) -> Result<()> {
+    let mut config = lifeboat_node::NodeConfig::load(&config_path)?;
+    match role.as_deref() {
+        Some("witness") => config.role = lifeboat_node::config::NodeRole::Witness,
+        Some("data") => config.role = lifeboat_node::config::NodeRole::Data,
+        _ => {}
+    }
     let shutdown = tokio_util_shutdown();
     lifeboat_node::server::run(config, shutdown).await?;
     Ok(())
@@ -1552,6 +1561,7 @@ fn print_nodes(out: &Output, nodes: Vec<api::Node>) {
                         "admin_addr": n.admin_addr, "nbd_addr": n.nbd_addr,
                         "removed": n.removed, "catalog_role": n.catalog_role,
                         "reachable": n.reachable, "pg_members": n.pg_members,
+                        "role": n.role,
                     })
                 })
                 .collect(),
@@ -1561,6 +1571,7 @@ fn print_nodes(out: &Output, nodes: Vec<api::Node>) {
     let mut table = Table::new(&[
         "NODE",
         "SITE",
+        "ROLE",
         "RAFT",
         "ADMIN",
         "NBD",
@@ -1579,6 +1590,7 @@ fn print_nodes(out: &Output, nodes: Vec<api::Node>) {
         table.row(vec![
             n.id.to_string(),
             n.site,
+            n.role,
             n.raft_addr,
             n.admin_addr,
             n.nbd_addr,

@@ -1,8 +1,10 @@
 //! `lifeboat up`: a local cluster on loopback for trying Lifeboat out and
 //! for tests: `--primary N` nodes at site `primary` and `--dr M` at site
-//! `dr` (three and two by default), each its own process. Node 0 initialises
-//! the cluster and adds the others; the demo tenant's PG then has its voters
-//! at `primary` and learners at `dr`. Layout under `--data-dir DIR`:
+//! `dr` (three and two by default), and last a witness at site `witness`
+//! (unless `--no-witness`), each its own process. Node 0 initialises the
+//! cluster and adds the others; the demo tenant's PG then has its voters at
+//! `primary` and learners at `dr`, and the catalog's voters are two nodes of
+//! each site and the witness. Layout under `--data-dir DIR`:
 //!
 //! ```text
 //! DIR/nodes/i/node.toml   node i's config (made once, then reused)
@@ -48,6 +50,11 @@ pub struct UpArgs {
     /// Nodes at site `dr` (the disaster-recovery site).
     #[arg(long, default_value_t = 2)]
     dr: u16,
+    /// Start no witness. By default the last node is a witness at site
+    /// `witness`: it votes in the catalog, so that losing either site
+    /// leaves the catalog a quorum.
+    #[arg(long)]
+    no_witness: bool,
     /// Start, set up and print, then exit and leave the nodes running
     /// (stop them with `kill $PID_0 $PID_1 …`).
     #[arg(long)]
@@ -80,10 +87,22 @@ struct NodeProcess {
     endpoint: String,
 }
 
+impl UpArgs {
+    fn nodes(&self) -> u16 {
+        self.primary + self.dr + u16::from(!self.no_witness)
+    }
+
+    fn is_witness(&self, index: u16) -> bool {
+        !self.no_witness && index == self.primary + self.dr
+    }
+}
+
 fn node_config(index: u16, args: &UpArgs) -> NodeConfig {
     let port =
         |base: u16| std::net::SocketAddr::from(([127, 0, 0, 1], base + args.port_offset + index));
-    let site = if index < args.primary {
+    let site = if args.is_witness(index) {
+        "witness"
+    } else if index < args.primary {
         "primary"
     } else {
         "dr"
@@ -91,6 +110,11 @@ fn node_config(index: u16, args: &UpArgs) -> NodeConfig {
     let mut c = NodeConfig {
         node_id: u64::from(index) + 1,
         site: site.into(),
+        role: if args.is_witness(index) {
+            lifeboat_node::config::NodeRole::Witness
+        } else {
+            lifeboat_node::config::NodeRole::Data
+        },
         data_dir: PathBuf::from("."),
         master_key_file: PathBuf::from("../../keys/master.key"),
         ..NodeConfig::default()
@@ -333,7 +357,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
         .with_context(|| format!("create {}", dir.display()))?;
     let dir = std::fs::canonicalize(dir)?;
     let mut nodes = Vec::new();
-    for i in 0..args.primary + args.dr {
+    for i in 0..args.nodes() {
         match start_node(&dir, i, &args) {
             Ok(n) => nodes.push(n),
             Err(e) => {
@@ -377,12 +401,18 @@ pub async fn run(args: UpArgs) -> Result<()> {
     ];
     for n in &nodes {
         let i = n.index;
+        let witness = n.config.role.is_witness();
         env.push((format!("SITE_{i}"), n.config.site.clone()));
-        env.push((format!("ROLE_{i}"), "data".into()));
+        env.push((
+            format!("ROLE_{i}"),
+            if witness { "witness" } else { "data" }.into(),
+        ));
         env.push((format!("PID_{i}"), n.child.id().to_string()));
         env.push((format!("LIFEBOAT_ENDPOINT_{i}"), n.endpoint.clone()));
-        env.push((format!("NBD_URI_{i}"), nbd_uri(n)));
-        env.push((format!("S3_ENDPOINT_{i}"), s3_url(n)));
+        if !witness {
+            env.push((format!("NBD_URI_{i}"), nbd_uri(n)));
+            env.push((format!("S3_ENDPOINT_{i}"), s3_url(n)));
+        }
         env.push((
             format!("METRICS_URL_{i}"),
             format!("http://{}/metrics", n.config.http.listen),
@@ -393,10 +423,23 @@ pub async fn run(args: UpArgs) -> Result<()> {
     write_secret(&env_path, env_text.trim_end())?;
 
     println!(
-        "Lifeboat is up: {} node(s) at site primary, {} at site dr",
-        args.primary, args.dr
+        "Lifeboat is up: {} node(s) at site primary, {} at site dr{}",
+        args.primary,
+        args.dr,
+        if args.no_witness {
+            ""
+        } else {
+            ", a witness at site witness"
+        }
     );
     for n in &nodes {
+        if n.config.role.is_witness() {
+            println!(
+                "  node {} (witness) admin {}   catalog votes only   metrics http://{}/metrics",
+                n.index, n.endpoint, n.config.http.listen
+            );
+            continue;
+        }
         println!(
             "  node {} ({:<7}) admin {}   NBD {}   S3 {}   metrics http://{}/metrics",
             n.index,

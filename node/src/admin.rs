@@ -91,7 +91,7 @@ pub fn status(e: &NodeError) -> Status {
         }
         NodeError::Replication(R::NotLeader { .. } | R::NoLeader { .. }) => Code::Unavailable,
         NodeError::NodeNotFound(_) | NodeError::SiteNotFound(_) => Code::NotFound,
-        NodeError::NoMembersAtSite { .. } => Code::FailedPrecondition,
+        NodeError::NoMembersAtSite { .. } | NodeError::Witness { .. } => Code::FailedPrecondition,
         NodeError::SwitchoverTimeout { .. } => Code::DeadlineExceeded,
         NodeError::Peer { .. } | NodeError::NotHostedHere { .. } => Code::FailedPrecondition,
         NodeError::JoinToken { .. } => Code::PermissionDenied,
@@ -358,6 +358,10 @@ fn pg_message(core: &NodeCore, r: lifeboat_proto::raft::PgRecord) -> api::Pg {
     }
 }
 
+fn node_role(witness: bool) -> &'static str {
+    if witness { "witness" } else { "data" }
+}
+
 fn node_message(core: &NodeCore, n: lifeboat_proto::raft::NodeRecord) -> api::Node {
     let placement = core.catalog.catalog_placement().ok().flatten();
     let catalog_role = placement
@@ -382,6 +386,7 @@ fn node_message(core: &NodeCore, n: lifeboat_proto::raft::NodeRecord) -> api::No
         catalog_role: catalog_role.into(),
         reachable: false,
         pg_members,
+        role: node_role(n.witness).into(),
     }
 }
 
@@ -947,6 +952,7 @@ impl Admin for AdminService {
             catalog_role: String::new(),
             reachable: true,
             pg_members: 0,
+            role: node_role(node.witness).into(),
         }))
     }
 

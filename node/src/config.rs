@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 pub struct NodeConfig {
     pub node_id: u64,
     pub site: String,
+    pub role: NodeRole,
     pub data_dir: PathBuf,
     pub master_key_file: PathBuf,
     pub admin: AdminConfig,
@@ -21,6 +22,22 @@ pub struct NodeConfig {
     pub store: StoreConfig,
     pub history: HistoryConfig,
     pub raft: RaftConfig,
+}
+
+/// What a node is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NodeRole {
+    /// Stores volumes and buckets, serves NBD and S3.
+    Data,
+    /// Votes in the catalog only: no data, no keys, no clients.
+    Witness,
+}
+
+impl NodeRole {
+    pub fn is_witness(self) -> bool {
+        self == NodeRole::Witness
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -167,6 +184,7 @@ impl Default for NodeConfig {
         NodeConfig {
             node_id: 1,
             site: "primary".into(),
+            role: NodeRole::Data,
             data_dir: PathBuf::from("data"),
             master_key_file: PathBuf::from("keys/master.key"),
             admin: AdminConfig::default(),

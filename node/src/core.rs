@@ -376,6 +376,11 @@ impl NodeCore {
     /// Loads the master key if its file exists; a data node without it
     /// replicates but cannot serve volumes.
     fn load_master_key_if_present(&self) -> NodeResult<()> {
+        if self.config.role.is_witness() {
+            // A witness holds no keys: it could not open a tenant's data
+            // even if its disk were taken.
+            return Ok(());
+        }
         let path = &self.config.master_key_file;
         if !path.exists() {
             tracing::warn!(path = %path.display(), "no master key file: this node replicates but cannot serve volumes until it has one");
@@ -735,8 +740,46 @@ impl NodeCore {
             .group(PgId::CATALOG)
             .is_some_and(|g| g.metrics().is_leader)
         {
+            self.place_catalog_voters(&records, &nodes).await?;
             self.place_missing_members(&records, &nodes).await?;
         }
+        Ok(())
+    }
+
+    /// On the catalog leader: proposes the catalog's voters when they are
+    /// not where [`placement::catalog_voters`] wants them (a witness joined
+    /// or left, a voter's node was removed).
+    async fn place_catalog_voters(
+        &self,
+        records: &[pb::PgRecord],
+        nodes: &[pb::NodeRecord],
+    ) -> NodeResult<()> {
+        let Some(p0) = records.iter().find(|r| r.id == 0) else {
+            return Ok(());
+        };
+        let Some(cluster) = self
+            .catalog
+            .cluster()
+            .map_err(NodeError::io("read catalog"))?
+        else {
+            return Ok(());
+        };
+        let want = placement::catalog_voters(&cluster.site, &p0.members, nodes);
+        let have: std::collections::BTreeSet<u64> = p0
+            .members
+            .iter()
+            .filter(|m| m.voter)
+            .map(|m| m.member_id)
+            .collect();
+        if want.is_empty() || want == have {
+            return Ok(());
+        }
+        tracing::info!(voters = ?want, was = ?have, "placing catalog voters");
+        self.catalog_group()?
+            .propose(pb::command::Kind::SetCatalogVoters(pb::SetCatalogVoters {
+                voters: want.into_iter().collect(),
+            }))
+            .await?;
         Ok(())
     }
 
@@ -793,11 +836,21 @@ impl NodeCore {
         }
     }
 
+    /// Whether this node can take admin requests: it has the master key
+    /// (a witness, which never has one, once it is in a cluster).
     pub fn is_initialized(&self) -> bool {
+        if self.config.role.is_witness() {
+            return self.identity.cluster_id().is_some();
+        }
         self.master_key.read().expect("master key lock").is_some()
     }
 
     fn master_key(&self) -> NodeResult<Arc<MasterKey>> {
+        if self.config.role.is_witness() {
+            return Err(NodeError::Witness {
+                action: "use tenant keys or the cluster CA".into(),
+            });
+        }
         self.master_key
             .read()
             .expect("master key lock")
@@ -834,6 +887,12 @@ impl NodeCore {
     pub async fn cluster_init(&self, site: &str) -> NodeResult<(String, String)> {
         if let Some(cluster_id) = self.identity.cluster_id() {
             return Err(NodeError::AlreadyInitialized { cluster_id });
+        }
+        if self.config.role.is_witness() {
+            return Err(NodeError::Witness {
+                action: "start a cluster (start it on a data node, then `node add` the witness)"
+                    .into(),
+            });
         }
         if site != self.config.site {
             return Err(NodeError::InvalidName {
@@ -1704,6 +1763,7 @@ impl NodeCore {
                 addrs: Some(addrs.clone()),
                 join_token_sha256: token_sha256.clone().into(),
                 node_key_sha256: node_key_sha256.clone().into(),
+                witness: req.witness,
             }))
             .await;
         let catalog_member = match added {
@@ -1803,6 +1863,7 @@ impl NodeCore {
                 site: self.config.site.clone(),
                 addrs: Some(self.addrs()),
                 csr_pem,
+                witness: self.config.role.is_witness(),
             })
             .await
             .map_err(|s| match s.code() {
@@ -1849,6 +1910,7 @@ impl NodeCore {
             addrs: Some(self.addrs()),
             added_ms: SystemClock.now_ms(),
             removed: false,
+            witness: self.config.role.is_witness(),
         })
     }
 

@@ -77,6 +77,8 @@ pub enum NodeError {
     Peer { addr: String, reason: String },
     #[error("node {0} does not exist")]
     NodeNotFound(u64),
+    #[error("this node is a witness: it cannot {action}")]
+    Witness { action: String },
     #[error("site {0} has no node")]
     SiteNotFound(String),
     #[error("protection group {pg} has no member at site {site} to take it over")]
@@ -140,6 +142,7 @@ impl NodeError {
             NodeError::Peer { .. } => "node.peer",
             NodeError::NodeNotFound(_) => "node.node_not_found",
             NodeError::SiteNotFound(_) => "node.site_not_found",
+            NodeError::Witness { .. } => "node.witness",
             NodeError::NoMembersAtSite { .. } => "node.no_members_at_site",
             NodeError::SwitchoverTimeout { .. } => "node.switchover_timeout",
             NodeError::NotHostedHere { .. } => "node.not_hosted_here",

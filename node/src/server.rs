@@ -65,25 +65,40 @@ impl RunningNode {
 
 /// Opens the node and starts serving; returns once every listener is bound.
 pub async fn start(config: NodeConfig) -> NodeResult<RunningNode> {
+    // A witness serves no clients: it binds no NBD or S3 port.
+    let serves_clients = !config.role.is_witness();
     let raft_listener = bind("Raft", config.raft.listen).await?;
     let admin_listener = bind("admin", config.admin.listen).await?;
-    let nbd_listener = bind("NBD", config.nbd.listen).await?;
+    let nbd_listener = match serves_clients {
+        true => Some(bind("NBD", config.nbd.listen).await?),
+        false => None,
+    };
     let http_listener = bind("HTTP", config.http.listen).await?;
-    let s3_listener = bind("S3", config.s3.listen).await?;
+    let s3_listener = match serves_clients {
+        true => Some(bind("S3", config.s3.listen).await?),
+        false => None,
+    };
     let local = |l: &TcpListener| l.local_addr().map_err(NodeError::io("read bound address"));
+    let local_or = |l: &Option<TcpListener>, configured: SocketAddr| match l {
+        Some(l) => local(l),
+        None => Ok(configured),
+    };
     let (raft_addr, admin_addr, nbd_addr, http_addr, s3_addr) = (
         local(&raft_listener)?,
         local(&admin_listener)?,
-        local(&nbd_listener)?,
+        local_or(&nbd_listener, config.nbd.listen)?,
         local(&http_listener)?,
-        local(&s3_listener)?,
+        local_or(&s3_listener, config.s3.listen)?,
     );
 
     let core = NodeCore::open(config.clone()).await?;
     core.set_addrs(lifeboat_proto::raft::NodeAddrs {
         raft: raft_addr.to_string(),
         admin: admin_addr.to_string(),
-        nbd: nbd_addr.to_string(),
+        nbd: match serves_clients {
+            true => nbd_addr.to_string(),
+            false => String::new(),
+        },
         http: http_addr.to_string(),
     });
     let nbd_stats = Arc::new(NbdStats::default());
@@ -134,28 +149,31 @@ pub async fn start(config: NodeConfig) -> NodeResult<RunningNode> {
         request_bytes_max: config.nbd.request_bytes_max,
         ..NbdServerConfig::default()
     };
-    let nbd_task = tokio::spawn({
-        let tls_core = core.clone();
-        let required = match config.nbd.tls_required {
-            crate::config::NbdTlsRequired::OffLoopback => nbd::TlsRequired::OffLoopback,
-            crate::config::NbdTlsRequired::Always => nbd::TlsRequired::Always,
-        };
-        let served = nbd::serve_with_tls(
-            nbd_listener,
-            Arc::new(VolumeExports::new(core.clone())),
-            nbd_config,
-            nbd::NbdTls::new(move || tls_core.nbd_tls(), required),
-            nbd_stats.clone(),
-            shutdown.clone(),
-        );
-        async move {
-            if let Err(e) = served.await {
-                tracing::error!(error = %e, "NBD server stopped");
+    let mut tasks = vec![raft_task, admin_task];
+    if let Some(nbd_listener) = nbd_listener {
+        tasks.push(tokio::spawn({
+            let tls_core = core.clone();
+            let required = match config.nbd.tls_required {
+                crate::config::NbdTlsRequired::OffLoopback => nbd::TlsRequired::OffLoopback,
+                crate::config::NbdTlsRequired::Always => nbd::TlsRequired::Always,
+            };
+            let served = nbd::serve_with_tls(
+                nbd_listener,
+                Arc::new(VolumeExports::new(core.clone())),
+                nbd_config,
+                nbd::NbdTls::new(move || tls_core.nbd_tls(), required),
+                nbd_stats.clone(),
+                shutdown.clone(),
+            );
+            async move {
+                if let Err(e) = served.await {
+                    tracing::error!(error = %e, "NBD server stopped");
+                }
             }
-        }
-    });
+        }));
+    }
 
-    let http_task = tokio::spawn({
+    tasks.push(tokio::spawn({
         let shutdown = shutdown.clone();
         let router = crate::metrics::router(core.clone(), nbd_stats.clone());
         async move {
@@ -166,22 +184,25 @@ pub async fn start(config: NodeConfig) -> NodeResult<RunningNode> {
                 tracing::error!(error = %e, "HTTP server stopped");
             }
         }
-    });
+    }));
 
     let s3_tls = match (&config.s3.tls_cert_file, &config.s3.tls_key_file) {
         (Some(cert), Some(key)) => Some(crate::pki::public_server_config(cert, key)?),
         _ => None,
     };
-    let s3_task = tokio::spawn(crate::s3::serve(
-        s3_listener,
-        core.clone(),
-        s3_tls,
-        shutdown.clone(),
-    ));
+    if let Some(s3_listener) = s3_listener {
+        tasks.push(tokio::spawn(crate::s3::serve(
+            s3_listener,
+            core.clone(),
+            s3_tls,
+            shutdown.clone(),
+        )));
+    }
 
     tracing::info!(
         node_id = config.node_id,
         site = config.site,
+        role = ?config.role,
         raft = %raft_addr,
         admin = %admin_addr,
         nbd = %nbd_addr,
@@ -199,7 +220,7 @@ pub async fn start(config: NodeConfig) -> NodeResult<RunningNode> {
         s3_addr,
         nbd_stats,
         shutdown,
-        tasks: vec![raft_task, admin_task, nbd_task, http_task, s3_task],
+        tasks,
     })
 }
 

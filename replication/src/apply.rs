@@ -192,6 +192,7 @@ impl<'a> ApplyContext<'a> {
                 | Kind::SetTenantQuota(_)
                 | Kind::ReportPgUsage(_)
                 | Kind::SwitchActiveSite(_)
+                | Kind::SetCatalogVoters(_)
         );
         if is_catalog_command != (self.pg == PgId::CATALOG) {
             return Ok(Err(Rejection::WrongGroup { pg: self.pg.0 }));
@@ -246,6 +247,7 @@ impl<'a> ApplyContext<'a> {
             Kind::SetTenantQuota(q) => self.apply_set_tenant_quota(q),
             Kind::ReportPgUsage(r) => self.apply_report_pg_usage(r, cmd.stamp_ms),
             Kind::SwitchActiveSite(w) => self.apply_switch_active_site(w),
+            Kind::SetCatalogVoters(v) => self.apply_set_catalog_voters(v),
         }
     }
 
@@ -508,6 +510,7 @@ impl<'a> ApplyContext<'a> {
                 addrs: i.addrs.clone(),
                 added_ms: stamp_ms,
                 removed: false,
+                witness: false,
             },
         );
         // Member 1 is the first node's catalog member (the catalog could not
@@ -1437,13 +1440,16 @@ impl ApplyContext<'_> {
                 addrs: a.addrs.clone(),
                 added_ms: stamp_ms,
                 removed: false,
+                witness: a.witness,
             },
         );
         // Catalog voters: up to CATALOG_VOTERS, all at the cluster's own
         // site, so that a cut WAN never stops a healthy primary; every
-        // other node follows the catalog as a learner.
+        // other node follows the catalog as a learner. A witness joins as
+        // a learner too; the catalog leader's placement then spreads the
+        // voters across the sites and the witness (SetCatalogVoters).
         let voters = pg0.members.iter().filter(|m| m.voter).count();
-        let voter = a.site == cluster.site && voters < catalog::CATALOG_VOTERS;
+        let voter = !a.witness && a.site == cluster.site && voters < catalog::CATALOG_VOTERS;
         let member = self.next_id(Counter::Member)?;
         pg0.members.push(pb::PgMember {
             member_id: member,
@@ -1478,6 +1484,32 @@ impl ApplyContext<'_> {
                 self.put_pg_record(&pg);
             }
         }
+        Ok(Ok(Applied::Done))
+    }
+
+    fn apply_set_catalog_voters(&mut self, v: &pb::SetCatalogVoters) -> io::Result<Outcome> {
+        let Some(mut pg0) = self.catalog_get::<pb::PgRecord>(&catalog::pg_id_key(0))? else {
+            return Ok(Err(Rejection::PgIdNotFound { pg: 0 }));
+        };
+        if v.voters.is_empty() {
+            return Ok(Err(Rejection::Malformed {
+                reason: "the catalog needs at least one voter".into(),
+            }));
+        }
+        for id in &v.voters {
+            let Some(m) = pg0.members.iter().find(|m| m.member_id == *id) else {
+                return Ok(Err(Rejection::Malformed {
+                    reason: format!("member {id} is not a catalog member"),
+                }));
+            };
+            if !self.node_is_live(m.node_id)? {
+                return Ok(Err(Rejection::NodeNotFound { node: m.node_id }));
+            }
+        }
+        for m in &mut pg0.members {
+            m.voter = v.voters.contains(&m.member_id);
+        }
+        self.put_pg_record(&pg0);
         Ok(Ok(Applied::Done))
     }
 

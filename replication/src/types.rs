@@ -114,6 +114,7 @@ impl fmt::Display for Command {
             Some(Kind::CreatePg(_)) => "create_pg",
             Some(Kind::SetPgAck(_)) => "set_pg_ack",
             Some(Kind::SwitchActiveSite(_)) => "switch_active_site",
+            Some(Kind::SetCatalogVoters(_)) => "set_catalog_voters",
             Some(Kind::CreateJoinToken(_)) => "create_join_token",
             None => "empty",
         };

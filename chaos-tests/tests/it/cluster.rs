@@ -76,6 +76,24 @@ impl Cluster {
         (c.form(), links)
     }
 
+    /// Like [`Cluster::start`], and last a witness (site `witness`).
+    pub(crate) fn start_with_witness(primary: u64, dr: u64) -> Cluster {
+        let mut c = Cluster::processes(primary, dr, "");
+        let dir = c.dir.path().join(format!("n{}", c.nodes.len()));
+        let mut witness = TestNode::member(
+            &dir,
+            &dir.join("data"),
+            c.nodes.len() as u64 + 1,
+            "witness",
+            &c.dir.path().join("keys/master.key"),
+            &c.extra,
+        )
+        .unwrap();
+        witness.start().unwrap();
+        c.nodes.push(witness);
+        c.form()
+    }
+
     /// Starts the node processes, in no cluster yet.
     fn processes(primary: u64, dr: u64, extra: &str) -> Cluster {
         let extra = format!("{FAST_RAFT}{extra}");

@@ -160,3 +160,92 @@ async fn planned_switchover_under_load_loses_nothing_and_goes_back() {
         "{events}"
     );
 }
+
+/// With a witness the catalog's voters are two primary nodes, two DR nodes
+/// and the witness, so that it keeps a quorum when the whole primary site
+/// is lost; the witness is never placed in a PG and holds no keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_witness_keeps_the_catalog_when_the_primary_site_is_lost() {
+    let mut c = Cluster::start_with_witness(3, 2);
+    let witness = c.nodes.len() - 1;
+    let started = std::time::Instant::now();
+    loop {
+        let list = c.nodes[0].must_cli(&["node", "list", "--output", "json"]);
+        let nodes: serde_json::Value = serde_json::from_str(&list).unwrap();
+        let voters_at = |site: &str| {
+            nodes
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|n| n["site"] == site && n["catalog_role"] == "voter")
+                .count()
+        };
+        // The witness's own replica must have become a Raft voter too.
+        let status = c.nodes[witness].must_cli(&["status", "--output", "json"]);
+        let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+        let pgs = status["pgs"].as_array().unwrap();
+        let witness_votes = pgs.len() == 1 && pgs[0]["id"] == 0 && pgs[0]["role"] == "voter";
+        if (voters_at("primary"), voters_at("dr"), voters_at("witness")) == (2, 2, 1)
+            && witness_votes
+        {
+            assert!(
+                nodes
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|n| n["site"] == "witness" && n["role"] == "witness"),
+                "{nodes}"
+            );
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "catalog voters never spread: {nodes}\nwitness status: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let show = c.nodes[0].must_cli(&["pg", "show", "t/main", "--output", "json"]);
+    let show: serde_json::Value = serde_json::from_str(&show).unwrap();
+    let witness_id = c.nodes[witness].node_id;
+    assert!(
+        show["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["node"] != witness_id),
+        "a witness holds no PG: {show}"
+    );
+    let refused = c.nodes[witness].cli(&["tenant", "create", "x"]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("this node is a witness"), "{err}");
+
+    // The primary site is lost; the catalog answers at DR.
+    for n in &mut c.nodes[..3] {
+        n.kill9();
+    }
+    let lost = std::time::Instant::now();
+    loop {
+        let out = c.nodes[3].cli(&["node", "join-token", "--site", "dr"]);
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            lost.elapsed() < Duration::from_secs(30),
+            "the catalog never answered at DR: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    eprintln!(
+        "catalog write at DR {:?} after losing the primary site",
+        lost.elapsed()
+    );
+    let list = c.nodes[4].must_cli(&["node", "list", "--output", "json"]);
+    let nodes: serde_json::Value = serde_json::from_str(&list).unwrap();
+    for n in nodes.as_array().unwrap() {
+        assert_eq!(n["reachable"], n["site"] != "primary", "{n}");
+    }
+    for n in &mut c.nodes[3..] {
+        assert!(n.stop().unwrap(), "node {} exits cleanly", n.node_id);
+    }
+}

@@ -122,6 +122,13 @@ async fn up_serves_demo_disk_and_resumes_after_ctrl_c() {
         assert!(env.contains_key(key), "up.env lacks {key}: {env:?}");
     }
     assert_eq!(env["ROLE_0"], "data");
+    // Three primary and two DR nodes, then the witness, last.
+    assert_eq!(env["ROLE_5"], "witness");
+    assert_eq!(env["SITE_5"], "witness");
+    assert!(
+        !env.contains_key("NBD_URI_5") && !env.contains_key("ROLE_6"),
+        "the witness is last and serves no volumes: {env:?}"
+    );
     assert!(
         env["NBD_URI"].ends_with("/demo/disk0"),
         "{}",

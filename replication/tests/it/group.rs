@@ -323,6 +323,7 @@ async fn catalog_allocates_ids_and_refuses_duplicates() {
             addrs: None,
             join_token_sha256: vec![token; 32].into(),
             node_key_sha256: vec![id as u8; 32].into(),
+            witness: false,
         })
     };
     let refused = async |cmd| match g.propose(cmd).await.unwrap_err() {
