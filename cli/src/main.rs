@@ -679,6 +679,8 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                     "data_dir_free_bytes": s.data_dir_free_bytes,
                     "reserve_bytes": s.reserve_bytes,
                     "writes_refused": s.writes_refused,
+                    "lease_remaining_ms": s.lease_remaining_ms,
+                    "lease_pgs": s.lease_pgs,
                     "pgs": s.pgs.iter().map(pg_status_json).collect::<Vec<_>>(),
                 }));
             } else {
@@ -702,6 +704,15 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                     } else {
                         ""
                     }
+                );
+                println!(
+                    "site lease: {} · covers {} PG(s)",
+                    if s.lease_remaining_ms == 0 {
+                        "NONE (this node's PG leaders acknowledge nothing)".to_owned()
+                    } else {
+                        format!("{:.1} s left", s.lease_remaining_ms as f64 / 1000.0)
+                    },
+                    s.lease_pgs
                 );
                 let mut t = Table::new(&[
                     "PG",

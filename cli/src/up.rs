@@ -127,6 +127,9 @@ fn node_config(index: u16, args: &UpArgs) -> NodeConfig {
     c.raft.heartbeat_interval_ms = args.heartbeat_ms;
     c.raft.election_timeout_min_ms = args.heartbeat_ms * 4;
     c.raft.election_timeout_max_ms = args.heartbeat_ms * 8;
+    // Leases of four heartbeats (2 s at the default): a cut-off site stops
+    // acknowledging, and a forced failover can serve, that soon.
+    c.raft.lease_ms = args.heartbeat_ms * 4;
     c
 }
 

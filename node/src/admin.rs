@@ -89,7 +89,9 @@ pub fn status(e: &NodeError) -> Status {
                 J::KeyTooLong { .. } | J::InvalidPart { .. } => Code::InvalidArgument,
             }
         }
-        NodeError::Replication(R::NotLeader { .. } | R::NoLeader { .. }) => Code::Unavailable,
+        NodeError::Replication(R::NotLeader { .. } | R::NoLeader { .. } | R::NoLease { .. }) => {
+            Code::Unavailable
+        }
         NodeError::NodeNotFound(_) | NodeError::SiteNotFound(_) => Code::NotFound,
         NodeError::NoMembersAtSite { .. } | NodeError::Witness { .. } => Code::FailedPrecondition,
         NodeError::SwitchoverTimeout { .. } => Code::DeadlineExceeded,
@@ -548,6 +550,12 @@ impl Admin for AdminService {
             data_dir_free_bytes: free,
             reserve_bytes: reserve,
             writes_refused: self.core.db.check_reserve(reserve).is_err(),
+            lease_remaining_ms: self
+                .core
+                .leases
+                .remaining(std::time::Instant::now())
+                .as_millis() as u64,
+            lease_pgs: self.core.leases.pgs().len() as u32,
         }))
     }
 

@@ -173,6 +173,12 @@ pub struct RaftConfig {
     /// 0.1% of a core per member; kept for comparison and as a fallback).
     /// The catalog always uses its own.
     pub node_heartbeats: bool,
+    /// The site lease this node grants while it leads the catalog: a PG
+    /// leader acknowledges only under one, so a site cut off from the
+    /// catalog stops acknowledging within this long, and a forced failover
+    /// waits this long (plus 1% for clock drift) before the new site
+    /// serves. Renewed every quarter of it.
+    pub lease_ms: u64,
 }
 
 fn loopback(port: u16) -> SocketAddr {
@@ -281,6 +287,7 @@ impl Default for RaftConfig {
             remote_timeout_ms: 5000,
             dial: Default::default(),
             node_heartbeats: true,
+            lease_ms: 4000,
         }
     }
 }

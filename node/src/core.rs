@@ -11,6 +11,7 @@ use lifeboat_proto::admin as api;
 use lifeboat_proto::raft as pb;
 use lifeboat_replication::ack::AckPolicy;
 use lifeboat_replication::catalog::{self, Catalog, MAIN_PG};
+use lifeboat_replication::lease::LeaseTable;
 use lifeboat_replication::liveness::Liveness;
 use lifeboat_replication::log_store::WalSyncer;
 use lifeboat_replication::members::{self, LocalMember};
@@ -203,8 +204,12 @@ pub struct NodeCore {
     addrs: RwLock<pb::NodeAddrs>,
     /// Serialises starting and stopping members.
     membership_changes: tokio::sync::Mutex<()>,
-    stopping: CancellationToken,
+    pub(crate) stopping: CancellationToken,
     pub events: Arc<EventLog>,
+    /// This node's site lease (see `crate::leases`).
+    pub leases: Arc<LeaseTable>,
+    /// A lapse of the lease was reported and its return not yet.
+    pub(crate) lease_lapsed: std::sync::atomic::AtomicBool,
     /// Free space was short at the last check (see `crate::gc`).
     pub space_short: std::sync::atomic::AtomicBool,
     /// When windows were last shrunk for space.
@@ -353,6 +358,8 @@ impl NodeCore {
             stopping: CancellationToken::new(),
             background: std::sync::Mutex::new(Vec::new()),
             events: Arc::new(EventLog::new(|| SystemClock.now_ms())),
+            leases: Arc::new(LeaseTable::enforced()),
+            lease_lapsed: std::sync::atomic::AtomicBool::new(false),
             space_short: std::sync::atomic::AtomicBool::new(false),
             last_window_shrink: Mutex::new(None),
             quotas: Default::default(),
@@ -512,6 +519,7 @@ impl NodeCore {
             peers: self.peers.clone(),
             identity: self.identity.clone(),
             events: self.events.clone(),
+            leases: self.leases.clone(),
         })
         .await?;
         if let Some(record) = self
@@ -564,8 +572,10 @@ impl NodeCore {
             Duration::from_millis(self.config.history.gc_interval_ms),
             |core| async move { crate::gc::run_once(&core).await },
         );
+        let leases = self.start_lease_task();
         let mut background = self.background.lock().expect("background lock");
         background.extend([reconciler, retention, sweep, schedules, history_gc]);
+        background.extend(leases);
         if let Some(liveness) = self.liveness.clone() {
             background.push(self.every(liveness.interval(), move |core| {
                 let liveness = liveness.clone();

@@ -12,9 +12,14 @@
 //! so clients see a pause. The node running the command waits until every
 //! PG is led from the target site and reports how long each took.
 //!
-//! Not yet: site leases. A switchover needs none to be safe (Raft's own
-//! membership change moves the quorum), but the forced failover that comes
-//! with them will also hand the lease over here.
+//! Site leases follow the same catalog entry: from it on, the catalog
+//! grants the PGs' lease to the target site's nodes and no longer to the
+//! old site's. The planned switchover does not wait the old lease out:
+//! Raft's own membership change moves the quorum, so the old leader cannot
+//! commit without the new voters, and it acknowledges under the lease it
+//! still holds until it hands leadership over; the new leader asks for its
+//! lease at once. Waiting leases out is the forced failover's fence, where
+//! the old site may still have a quorum of its own.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

@@ -15,6 +15,7 @@ pub mod events;
 pub mod failover;
 pub mod gc;
 pub mod history;
+pub mod leases;
 pub mod locks;
 pub mod metrics;
 pub mod names;

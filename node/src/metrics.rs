@@ -92,6 +92,7 @@ pub struct Metrics {
     replication_lag_bytes: Family<LagLabels, Gauge>,
     replication_lag_seconds: Family<LagLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     data_dir_free_bytes: Gauge,
+    lease_remaining_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -130,6 +131,7 @@ impl Metrics {
             replication_lag_bytes: Family::default(),
             replication_lag_seconds: Family::default(),
             data_dir_free_bytes: Gauge::default(),
+            lease_remaining_seconds: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -262,6 +264,11 @@ impl Metrics {
             "Free bytes on the data directory's filesystem",
             m.data_dir_free_bytes.clone(),
         );
+        registry.register(
+            "lease_remaining_seconds",
+            "How long this node's site lease has left: its PG leaders acknowledge only while it is above 0",
+            m.lease_remaining_seconds.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -364,6 +371,11 @@ impl Metrics {
         if let Ok(free) = lifeboat_store::db::free_bytes(core.db.path()) {
             self.data_dir_free_bytes.set(free as i64);
         }
+        self.lease_remaining_seconds.set(
+            core.leases
+                .remaining(std::time::Instant::now())
+                .as_secs_f64(),
+        );
     }
 
     pub fn render(&self, core: &NodeCore, nbd: &NbdStats) -> String {

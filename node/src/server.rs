@@ -316,6 +316,10 @@ impl Host for RaftHost {
     fn liveness(&self) -> Option<&Liveness> {
         self.0.liveness.as_deref()
     }
+
+    fn grant_lease(&self, from_node: u64) -> lifeboat_replication::transport::LeaseGrant<'_> {
+        Box::pin(self.0.grant_lease(from_node))
+    }
 }
 
 /// Serves until `shutdown` is cancelled.

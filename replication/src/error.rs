@@ -20,6 +20,11 @@ pub enum Error {
     #[error("protection group {pg}: raft: {reason}")]
     Raft { pg: u64, reason: String },
 
+    #[error(
+        "protection group {pg}: this node holds no site lease for it at generation {generation} (cut off from the catalog, or the PG is active at another site)"
+    )]
+    NoLease { pg: u64, generation: u64 },
+
     #[error("protection group {pg}: no leader answered within {waited_ms} ms (last: {last})")]
     NoLeader {
         pg: u64,
@@ -37,6 +42,7 @@ impl Error {
             Error::Rejected { .. } => "replication.rejected",
             Error::Raft { .. } => "replication.raft",
             Error::NoLeader { .. } => "replication.no_leader",
+            Error::NoLease { .. } => "replication.no_lease",
         }
     }
 }

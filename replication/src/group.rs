@@ -21,6 +21,7 @@ use tonic::{Code, Request, Status};
 
 use crate::ack::{AckState, EventSink};
 use crate::error::{Error, Result};
+use crate::lease::LeaseTable;
 use crate::log_store::{Lag, LogSpan, LogStore, WalSyncer};
 use crate::state_machine::StateMachine;
 use crate::transport::{GroupNetwork, GroupRoute, Identity, Peers};
@@ -120,6 +121,10 @@ const ACK_RESTORE_LAG_ENTRIES: u64 = 64;
 /// How long a proposal or a read barrier keeps looking for a leader (an
 /// election, a leader change, a forwarded request in flight) before failing.
 pub const LEADER_WAIT: Duration = Duration::from_secs(15);
+
+/// How long a leader without a site lease waits for its node to get one
+/// before it refuses a proposal.
+pub const LEASE_WAIT: Duration = Duration::from_secs(1);
 
 /// Progress of a group as this node sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -229,6 +234,9 @@ pub struct GroupStart<'a> {
     pub peers: Arc<Peers>,
     pub identity: Arc<Identity>,
     pub events: Arc<dyn EventSink>,
+    /// This node's site lease: the leader proposes and acknowledges only
+    /// while it covers the PG at this generation.
+    pub leases: Arc<LeaseTable>,
 }
 
 /// One protection group member on this node. Cheap to clone.
@@ -249,6 +257,7 @@ pub struct ProtectionGroup {
     heartbeats: Heartbeats,
     /// Raft snapshots installed from a leader since start.
     snapshot_installs: Arc<AtomicU64>,
+    leases: Arc<LeaseTable>,
 }
 
 /// Who leads a group as one member sees it, read without copying the
@@ -357,6 +366,7 @@ impl ProtectionGroup {
             ack: AckState::new(args.events),
             heartbeats: args.heartbeats,
             snapshot_installs,
+            leases: args.leases,
         })
     }
 
@@ -519,6 +529,11 @@ impl ProtectionGroup {
                     }
                     None => "no leader known".to_owned(),
                 },
+                // This node leads but holds no site lease for the PG (yet,
+                // or any more: the PG is moving to another site, or this
+                // site is cut off from the catalog). Look again: the
+                // leader may move, or the lease come.
+                Err(e @ Error::NoLease { .. }) => e.to_string(),
                 Err(e) => return Err(e),
             };
             retry.pause(self.pg, why).await?;
@@ -585,6 +600,16 @@ impl ProtectionGroup {
         &self,
         kind: pb::command::Kind,
     ) -> Result<(LogIndex, std::result::Result<Applied, Rejection>)> {
+        // Only a leader proposes, and only a leader needs a lease: a
+        // follower answers "not the leader" without waiting for one.
+        if self.raft.metrics().borrow_watched().current_leader == Some(self.member.0)
+            && !self
+                .leases
+                .wait_covered(self.pg, self.generation, LEASE_WAIT)
+                .await
+        {
+            return Err(self.no_lease());
+        }
         let cmd = Command(pb::Command {
             stamp_ms: self.next_stamp_ms(),
             kind: Some(kind),
@@ -605,6 +630,12 @@ impl ProtectionGroup {
         if self.ack.waits_for_remote() {
             self.wait_for_standby(index).await;
         }
+        // Checked again before the acknowledgement: a site cut off from
+        // the catalog stops acknowledging when its lease runs out, even a
+        // write that its own quorum committed (it is then not
+        // acknowledged, and after a forced failover it is in the old
+        // site's divergence, never silently kept or lost).
+        self.check_lease()?;
         match resp.data.outcome {
             Some(outcome) => Ok((index, outcome)),
             None => Err(self.raft_err("a command entry was applied without an outcome")),
@@ -632,7 +663,10 @@ impl ProtectionGroup {
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))
                 if f.reason == ForwardReason::LeaseExpired =>
             {
-                match self.read_index_local().await {
+                // Raft's own quorum lease, not the site lease: a leader
+                // must still change membership (a switchover moving the PG
+                // away) after its site stopped holding the PG's lease.
+                match self.raft_read_index().await {
                     Ok(_) => op().await,
                     Err(e) => {
                         tracing::debug!(pg = self.pg.0, error = %e, "could not renew the quorum lease");
@@ -732,6 +766,11 @@ impl ProtectionGroup {
                     },
                     None => "no leader known".to_owned(),
                 },
+                // This node leads but holds no site lease for the PG (yet,
+                // or any more: the PG is moving to another site, or this
+                // site is cut off from the catalog). Look again: the
+                // leader may move, or the lease come.
+                Err(e @ Error::NoLease { .. }) => e.to_string(),
                 Err(e) => return Err(e),
             };
             retry.pause(self.pg, why).await?;
@@ -778,6 +817,28 @@ impl ProtectionGroup {
     /// this leader within the lease, and no other can be elected before it
     /// runs out), else by confirming leadership with a quorum (ReadIndex).
     pub async fn read_index_local(&self) -> Result<LogIndex> {
+        let index = self.raft_read_index().await?;
+        // A leader without a site lease serves no reads either: after a
+        // failover another site serves newer data.
+        self.check_lease()?;
+        Ok(index)
+    }
+
+    fn check_lease(&self) -> Result<()> {
+        match self.leases.covers(self.pg, self.generation, Instant::now()) {
+            true => Ok(()),
+            false => Err(self.no_lease()),
+        }
+    }
+
+    fn no_lease(&self) -> Error {
+        Error::NoLease {
+            pg: self.pg.0,
+            generation: self.generation.0,
+        }
+    }
+
+    async fn raft_read_index(&self) -> Result<LogIndex> {
         match self.raft.ensure_linearizable(ReadPolicy::LeaseRead).await {
             Ok(read) => return Ok(LogIndex(read.index())),
             Err(RaftError::APIError(openraft::error::LinearizableReadError::QuorumNotEnough(

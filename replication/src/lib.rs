@@ -10,6 +10,7 @@ pub(crate) mod apply;
 pub mod catalog;
 pub mod error;
 pub mod group;
+pub mod lease;
 pub mod liveness;
 pub mod log_store;
 pub mod members;

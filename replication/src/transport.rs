@@ -423,6 +423,29 @@ pub trait Host: Send + Sync + 'static {
     fn liveness(&self) -> Option<&Liveness> {
         None
     }
+    /// Grants node `from_node` its site lease, if this node leads the
+    /// catalog.
+    fn grant_lease(&self, from_node: u64) -> LeaseGrant<'_>;
+}
+
+/// A lease being granted (an async answer from a [`Host`]).
+pub type LeaseGrant<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<pb::LeaseReply, Status>> + Send + 'a>,
+>;
+
+/// Asks the catalog leader at `raft_addr` for this node's site lease.
+pub async fn request_lease(
+    peers: &Peers,
+    identity: &Identity,
+    raft_addr: &str,
+    timeout: Duration,
+) -> Result<pb::LeaseReply, Status> {
+    let mut req = Request::new(pb::LeaseRequest {
+        cluster_id: identity.cluster_id().unwrap_or_default(),
+        from_node: identity.node_id().0,
+    });
+    req.set_timeout(timeout);
+    Ok(peers.client(raft_addr)?.lease(req).await?.into_inner())
 }
 
 /// The gRPC service on the Raft port.
@@ -579,6 +602,15 @@ impl<H: Host> RaftTransport for TransportService<H> {
         Ok(Response::new(pb::RaftReply {
             response_json: json(&resp)?.into(),
         }))
+    }
+
+    async fn lease(
+        &self,
+        req: Request<pb::LeaseRequest>,
+    ) -> Result<Response<pb::LeaseReply>, Status> {
+        let req = req.into_inner();
+        check_cluster(self.host.identity(), &req.cluster_id, req.from_node)?;
+        Ok(Response::new(self.host.grant_lease(req.from_node).await?))
     }
 
     async fn group_view(

@@ -42,7 +42,23 @@ impl Cluster {
     /// Like [`Cluster::start_with`], but every node dials every other
     /// through its own [`LinkProxy`], so that a test can cut links.
     pub(crate) async fn start_linked(primary: u64, dr: u64, extra: &str) -> (Cluster, Links) {
+        Cluster::link(Cluster::processes(primary, dr, extra)).await
+    }
+
+    /// Like [`Cluster::start_linked`], and last a witness (site `witness`).
+    pub(crate) async fn start_linked_with_witness(
+        primary: u64,
+        dr: u64,
+        extra: &str,
+    ) -> (Cluster, Links) {
         let mut c = Cluster::processes(primary, dr, extra);
+        c.add_witness_process();
+        Cluster::link(c).await
+    }
+
+    /// Restarts every node of `c` dialling every other through a proxy,
+    /// then forms the cluster.
+    async fn link(mut c: Cluster) -> (Cluster, Links) {
         // The nodes have run once, so their ports are final: build the
         // proxies to them, then restart every node dialling through them.
         let mut links = Links {
@@ -79,19 +95,24 @@ impl Cluster {
     /// Like [`Cluster::start`], and last a witness (site `witness`).
     pub(crate) fn start_with_witness(primary: u64, dr: u64) -> Cluster {
         let mut c = Cluster::processes(primary, dr, "");
-        let dir = c.dir.path().join(format!("n{}", c.nodes.len()));
+        c.add_witness_process();
+        c.form()
+    }
+
+    /// Starts a witness process (site `witness`) after the others.
+    fn add_witness_process(&mut self) {
+        let dir = self.dir.path().join(format!("n{}", self.nodes.len()));
         let mut witness = TestNode::member(
             &dir,
             &dir.join("data"),
-            c.nodes.len() as u64 + 1,
+            self.nodes.len() as u64 + 1,
             "witness",
-            &c.dir.path().join("keys/master.key"),
-            &c.extra,
+            &self.dir.path().join("keys/master.key"),
+            &self.extra,
         )
         .unwrap();
         witness.start().unwrap();
-        c.nodes.push(witness);
-        c.form()
+        self.nodes.push(witness);
     }
 
     /// Starts the node processes, in no cluster yet.

@@ -5,8 +5,9 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use lifeboat_chaos_tests::harness::http_get;
 use lifeboat_chaos_tests::ledger::Ledger;
 
 use crate::cluster::{
@@ -168,7 +169,59 @@ async fn planned_switchover_under_load_loses_nothing_and_goes_back() {
 async fn a_witness_keeps_the_catalog_when_the_primary_site_is_lost() {
     let mut c = Cluster::start_with_witness(3, 2);
     let witness = c.nodes.len() - 1;
-    let started = std::time::Instant::now();
+    wait_catalog_spread(&c).await;
+    let show = c.nodes[0].must_cli(&["pg", "show", "t/main", "--output", "json"]);
+    let show: serde_json::Value = serde_json::from_str(&show).unwrap();
+    let witness_id = c.nodes[witness].node_id;
+    assert!(
+        show["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["node"] != witness_id),
+        "a witness holds no PG: {show}"
+    );
+    let refused = c.nodes[witness].cli(&["tenant", "create", "x"]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("this node is a witness"), "{err}");
+
+    // The primary site is lost; the catalog answers at DR.
+    for n in &mut c.nodes[..3] {
+        n.kill9();
+    }
+    let lost = Instant::now();
+    loop {
+        let out = c.nodes[3].cli(&["node", "join-token", "--site", "dr"]);
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            lost.elapsed() < Duration::from_secs(30),
+            "the catalog never answered at DR: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    eprintln!(
+        "catalog write at DR {:?} after losing the primary site",
+        lost.elapsed()
+    );
+    let list = c.nodes[4].must_cli(&["node", "list", "--output", "json"]);
+    let nodes: serde_json::Value = serde_json::from_str(&list).unwrap();
+    for n in nodes.as_array().unwrap() {
+        assert_eq!(n["reachable"], n["site"] != "primary", "{n}");
+    }
+    for n in &mut c.nodes[3..] {
+        assert!(n.stop().unwrap(), "node {} exits cleanly", n.node_id);
+    }
+}
+
+/// Waits until the catalog's voters are two primary nodes, two DR nodes
+/// and the witness (the last node), in the catalog and in the witness's
+/// own Raft view.
+async fn wait_catalog_spread(c: &Cluster) {
+    let witness = c.nodes.len() - 1;
+    let started = Instant::now();
     loop {
         let list = c.nodes[0].must_cli(&["node", "list", "--output", "json"]);
         let nodes: serde_json::Value = serde_json::from_str(&list).unwrap();
@@ -204,48 +257,79 @@ async fn a_witness_keeps_the_catalog_when_the_primary_site_is_lost() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let show = c.nodes[0].must_cli(&["pg", "show", "t/main", "--output", "json"]);
-    let show: serde_json::Value = serde_json::from_str(&show).unwrap();
-    let witness_id = c.nodes[witness].node_id;
-    assert!(
-        show["members"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|m| m["node"] != witness_id),
-        "a witness holds no PG: {show}"
-    );
-    let refused = c.nodes[witness].cli(&["tenant", "create", "x"]);
-    assert!(!refused.status.success());
-    let err = String::from_utf8_lossy(&refused.stderr);
-    assert!(err.contains("this node is a witness"), "{err}");
+}
 
-    // The primary site is lost; the catalog answers at DR.
-    for n in &mut c.nodes[..3] {
-        n.kill9();
-    }
-    let lost = std::time::Instant::now();
-    loop {
-        let out = c.nodes[3].cli(&["node", "join-token", "--site", "dr"]);
-        if out.status.success() {
-            break;
-        }
-        assert!(
-            lost.elapsed() < Duration::from_secs(30),
-            "the catalog never answered at DR: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    eprintln!(
-        "catalog write at DR {:?} after losing the primary site",
-        lost.elapsed()
+/// The primary site cut off from the DR site and the witness while its
+/// clients keep writing: the catalog's quorum is on the other side, so the
+/// primary's lease is not renewed and its PG leader stops acknowledging
+/// when it runs out (its own Raft quorum would go on committing). When the
+/// cut heals the lease comes back and so do the acknowledgements.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_cut_off_from_the_catalog_stops_acknowledging_when_its_lease_runs_out() {
+    const LEASE_MS: u64 = 1000;
+    let (c, links) =
+        Cluster::start_linked_with_witness(3, 2, &format!("[raft]\nlease_ms = {LEASE_MS}\n")).await;
+    wait_catalog_spread(&c).await;
+    let ledger = Ledger::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks = spawn_writers(&c.nodes[1], &ledger, &stop, 0x5b_1a1d).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(
+        ledger.acked_blocks() > 0,
+        "writes acknowledged before the cut"
     );
-    let list = c.nodes[4].must_cli(&["node", "list", "--output", "json"]);
-    let nodes: serde_json::Value = serde_json::from_str(&list).unwrap();
-    for n in nodes.as_array().unwrap() {
-        assert_eq!(n["reachable"], n["site"] != "primary", "{n}");
+
+    links.cut_between("primary", "dr");
+    links.cut_between("primary", "witness");
+    let cut = Instant::now();
+    let mut seen = ledger.acked_seqs();
+    let mut last_ack = None;
+    while cut.elapsed() < Duration::from_millis(LEASE_MS * 4) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let now = ledger.acked_seqs();
+        if now != seen {
+            seen = now;
+            last_ack = Some(cut.elapsed());
+        }
     }
-    for n in &mut c.nodes[3..] {
-        assert!(n.stop().unwrap(), "node {} exits cleanly", n.node_id);
+    eprintln!("after the cut, writes were acknowledged for {last_ack:?} (lease {LEASE_MS} ms)");
+    // The last grant may come after the cut: a catalog leader on the
+    // primary side serves reads (grants) under its Raft leader lease until
+    // it learns it lost its quorum, at most an election timeout (400 ms
+    // with FAST_RAFT); no other catalog leader, hence no failover, can
+    // exist meanwhile. Then the lease itself, then 300 ms of slack.
+    let bound = Duration::from_millis(LEASE_MS + 400 + 300);
+    assert!(
+        last_ack.is_none_or(|t| t <= bound),
+        "the cut-off primary acknowledged a write {last_ack:?} after the cut, past its {LEASE_MS} ms lease"
+    );
+    let (code, metrics) = http_get(c.nodes[1].http, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    let remaining = metrics
+        .lines()
+        .find(|l| l.starts_with("lifeboat_lease_remaining_seconds "))
+        .unwrap_or_else(|| panic!("no lease gauge:\n{metrics}"));
+    assert_eq!(remaining.rsplit(' ').next(), Some("0.0"), "{remaining}");
+    let events = c.nodes[1].must_cli(&["events", "--output", "json"]);
+    assert!(events.contains("lease_expired"), "{events}");
+
+    links.heal_all();
+    let healed = Instant::now();
+    let before = ledger.acked_seqs();
+    while ledger.acked_seqs() == before {
+        assert!(
+            healed.elapsed() < Duration::from_secs(30),
+            "writes never resumed after the cut healed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    eprintln!("writes resumed {:?} after the heal", healed.elapsed());
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let events = c.nodes[1].must_cli(&["events", "--output", "json"]);
+    assert!(events.contains("lease_regained"), "{events}");
+    // What was acknowledged is there; what was refused may or may not be.
+    check_against_ledger(&read_all(&c.nodes[0]).await, &ledger, c.nodes[0].node_id);
 }

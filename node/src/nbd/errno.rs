@@ -201,7 +201,9 @@ pub fn from_node_error(e: &crate::error::NodeError) -> Errno {
             rejection: Rejection::BlockOutOfRange { .. },
             ..
         }) => Errno::NoSpc,
-        NodeError::Replication(R::NotLeader { .. } | R::NoLeader { .. }) => Errno::Shutdown,
+        NodeError::Replication(R::NotLeader { .. } | R::NoLeader { .. } | R::NoLease { .. }) => {
+            Errno::Shutdown
+        }
         _ => Errno::Io,
     }
 }

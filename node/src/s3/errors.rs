@@ -56,7 +56,7 @@ pub fn from_node(e: NodeError) -> S3Error {
                 )
             }
         },
-        NodeError::Replication(R::NotLeader { .. } | R::NoLeader { .. }) => {
+        NodeError::Replication(R::NotLeader { .. } | R::NoLeader { .. } | R::NoLease { .. }) => {
             (C::ServiceUnavailable, e.to_string())
         }
         _ => {

@@ -50,6 +50,13 @@ impl Host for TestHost {
     fn liveness(&self) -> Option<&Liveness> {
         self.liveness.as_deref()
     }
+    fn grant_lease(&self, _from_node: u64) -> lifeboat_replication::transport::LeaseGrant<'_> {
+        Box::pin(async {
+            Err(tonic::Status::unimplemented(
+                "these groups run without a catalog: no leases",
+            ))
+        })
+    }
 }
 
 struct TestNode {
@@ -124,6 +131,8 @@ async fn start_node_with(
         peers: peers.clone(),
         identity: identity.clone(),
         events: Arc::new(lifeboat_replication::ack::LogEvents),
+        // These groups run without a catalog to grant site leases.
+        leases: Arc::new(lifeboat_replication::lease::LeaseTable::unenforced()),
     })
     .await
     .unwrap();

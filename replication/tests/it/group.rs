@@ -53,6 +53,8 @@ async fn must_start(dir: &std::path::Path, pg: PgId) -> (Db, ProtectionGroup) {
         peers: Peers::new(),
         identity: Identity::new(NodeId(1), Some("test-cluster".into())),
         events: Arc::new(lifeboat_replication::ack::LogEvents),
+        // These groups run without a catalog to grant site leases.
+        leases: Arc::new(lifeboat_replication::lease::LeaseTable::unenforced()),
     })
     .await
     .unwrap();
