@@ -9,6 +9,7 @@
 //! - vote and log writes of one PG are issued in order by openraft and land
 //!   in the one WAL in that order.
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
@@ -20,7 +21,7 @@ use lifeboat_store::{LogIndex, PgId};
 use openraft::storage::{IOFlushed, RaftLogStorage};
 use openraft::{LogState, OptionalSend, RaftLogReader};
 
-use crate::types::TypeConfig;
+use crate::types::{MemberNode, TypeConfig};
 use crate::wire::{self, Entry, LogId};
 
 type Vote = openraft::alias::VoteOf<TypeConfig>;
@@ -562,6 +563,94 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         );
         self.db.write(b, Durability::Buffered).map_err(io_other)
     }
+}
+
+/// What [`force_membership`] wrote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ForcedMembership {
+    /// The fork index F: the last entry of the old lineage this member
+    /// holds. The forced entry is at F + 1.
+    pub fork_index: u64,
+    /// The term of the forced entry and of the member's vote.
+    pub term: u64,
+}
+
+/// Offline forced membership, for a forced failover (openraft has no
+/// force-new-cluster; `research/openraft.md` §3.1, where this recipe was
+/// validated). While member `me`'s Raft is stopped, appends to its log one
+/// membership entry at last + 1, in term T = max(its vote's term, its last
+/// entry's term) + 1, naming `voters` as the only voters and `learners` as
+/// learners, and saves an uncommitted vote for `me` in T: it must still win
+/// an election among the new voters. Once elected it commits that entry
+/// and with it every entry before it, committed or not (etcd's
+/// force-new-cluster rule). One fsynced batch: a crash leaves the log as it
+/// was or with the entry and the vote.
+pub fn force_membership(
+    db: &Db,
+    pg: PgId,
+    me: u64,
+    voters: &BTreeMap<u64, MemberNode>,
+    learners: &BTreeMap<u64, MemberNode>,
+) -> io::Result<ForcedMembership> {
+    use openraft::vote::RaftLeaderId;
+    if !voters.contains_key(&me) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("member {me} must be one of the forced voters"),
+        ));
+    }
+    let state = |kind| keys::raft_state_key(pg, kind);
+    let read_json = |kind| -> io::Result<Option<Vec<u8>>> {
+        db.get(Cf::RaftState, &state(kind)).map_err(io_other)
+    };
+    let last = db
+        .last_with_prefix(Cf::RaftLog, &keys::pg_prefix(pg))
+        .map_err(io_other)?;
+    let (last_log_id, end): (Option<LogId>, u64) = match &last {
+        Some((_, value)) => {
+            let (end, bytes) = split_stored(value)?;
+            (Some(wire::decode_entry(bytes)?.log_id), end)
+        }
+        None => (
+            read_json(RaftStateKind::LastPurged)?
+                .map(|b| wire::decode_json(&b))
+                .transpose()?,
+            0,
+        ),
+    };
+    let vote: Option<Vote> = read_json(RaftStateKind::Vote)?
+        .map(|b| wire::decode_json(&b))
+        .transpose()?;
+    let term = vote
+        .map_or(0, |v| v.leader_id.term())
+        .max(last_log_id.map_or(0, |l| l.leader_id.term))
+        + 1;
+    let fork_index = last_log_id.map_or(0, |l| l.index);
+    let mut nodes = voters.clone();
+    nodes.extend(learners.iter().map(|(id, n)| (*id, n.clone())));
+    let membership = openraft::Membership::new(vec![voters.keys().copied().collect()], nodes)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    let entry = Entry {
+        log_id: wire::make_log_id(term, me, fork_index + 1),
+        payload: openraft::EntryPayload::Membership(membership),
+    };
+    let bytes = wire::encode_entry(&entry)?;
+    let mut value = Vec::with_capacity(POSITION_BYTES + bytes.len());
+    value.extend_from_slice(&(end + bytes.len() as u64).to_be_bytes());
+    value.extend_from_slice(&bytes);
+    let mut b = db.new_batch();
+    b.put(
+        Cf::RaftLog,
+        &keys::raft_log_key(pg, LogIndex(fork_index + 1)),
+        &value,
+    );
+    b.put(
+        Cf::RaftState,
+        &state(RaftStateKind::Vote),
+        &wire::encode_json(&Vote::new(term, me))?,
+    );
+    db.write(b, Durability::Sync).map_err(io_other)?;
+    Ok(ForcedMembership { fork_index, term })
 }
 
 /// Whether this node has ever held Raft state for `pg` (a vote is saved

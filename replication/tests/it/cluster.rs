@@ -64,6 +64,7 @@ struct TestNode {
     site: &'static str,
     addr: String,
     db: Db,
+    peers: Arc<Peers>,
     host: Arc<TestHost>,
     group: ProtectionGroup,
     stop: Option<oneshot::Sender<()>>,
@@ -118,24 +119,16 @@ async fn start_node_with(
     let identity = Identity::new(NodeId(id), Some(CLUSTER.into()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let group = ProtectionGroup::start(GroupStart {
-        pg: PG,
-        member: MemberId(member),
-        generation: Generation(generation),
-        db: db.clone(),
-        syncer: WalSyncer::start(db.clone()),
-        snapshot_root: &dir.path().join("snapshots"),
-        timers: &timers(),
+    let group = start_group(
+        &db,
+        dir.path(),
+        member,
+        generation,
         heartbeats,
-        clock: Arc::new(SystemClock),
-        peers: peers.clone(),
-        identity: identity.clone(),
-        events: Arc::new(lifeboat_replication::ack::LogEvents),
-        // These groups run without a catalog to grant site leases.
-        leases: Arc::new(lifeboat_replication::lease::LeaseTable::unenforced()),
-    })
-    .await
-    .unwrap();
+        &peers,
+        &identity,
+    )
+    .await;
     let host = Arc::new(TestHost {
         identity,
         groups: RwLock::new(HashMap::from([(PG, group.clone())])),
@@ -145,6 +138,7 @@ async fn start_node_with(
     let (tx, rx) = oneshot::channel::<()>();
     let liveness_task = host.liveness.clone().map(|liveness| {
         let host = host.clone();
+        let peers = peers.clone();
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(liveness.interval()).await;
@@ -172,12 +166,96 @@ async fn start_node_with(
         site,
         addr,
         db,
+        peers,
         host,
         group,
         stop: Some(tx),
         liveness_task,
         _dir: dir,
     }
+}
+
+/// Starts member `member` of PG at `generation` over `db`.
+async fn start_group(
+    db: &Db,
+    dir: &std::path::Path,
+    member: u64,
+    generation: u64,
+    heartbeats: Heartbeats,
+    peers: &Arc<Peers>,
+    identity: &Arc<Identity>,
+) -> ProtectionGroup {
+    ProtectionGroup::start(GroupStart {
+        pg: PG,
+        member: MemberId(member),
+        generation: Generation(generation),
+        db: db.clone(),
+        syncer: WalSyncer::start(db.clone()),
+        snapshot_root: &dir.join("snapshots"),
+        timers: &timers(),
+        heartbeats,
+        clock: Arc::new(SystemClock),
+        peers: peers.clone(),
+        identity: identity.clone(),
+        events: Arc::new(lifeboat_replication::ack::LogEvents),
+        // These groups run without a catalog to grant site leases.
+        leases: Arc::new(lifeboat_replication::lease::LeaseTable::unenforced()),
+    })
+    .await
+    .unwrap()
+}
+
+impl TestNode {
+    /// Stops this node's member and starts it again over the same data at
+    /// `generation`; `surgery` runs on its data while it is stopped.
+    async fn restart_member(&mut self, generation: u64, surgery: impl FnOnce(&Db)) {
+        let member = self.group.member_id().0;
+        self.group.shutdown().await.unwrap();
+        surgery(&self.db);
+        let group = start_group(
+            &self.db,
+            self._dir.path(),
+            member,
+            generation,
+            self.group.heartbeats(),
+            &self.peers,
+            &self.host.identity,
+        )
+        .await;
+        self.host.groups.write().unwrap().insert(PG, group.clone());
+        self.group = group;
+    }
+}
+
+/// Moves the group's membership to `desired` through its leader, step by
+/// step, until every node agrees there is nothing left to change and the
+/// leader's view has `members` members.
+async fn sync_until(nodes: &[TestNode], desired: &[DesiredMember], members: usize) {
+    for _ in 0..100 {
+        let mut changed = false;
+        for n in nodes.iter().filter(|n| n.stop.is_some()) {
+            changed |= n.group.sync_membership(desired).await.unwrap_or(true);
+        }
+        let leader = nodes
+            .iter()
+            .find(|n| n.stop.is_some() && n.group.metrics().is_leader);
+        if !changed && leader.is_some_and(|l| l.group.metrics().nodes.len() == members) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("membership never reached {desired:?}");
+}
+
+fn desired_members(nodes: &[&TestNode], voter: impl Fn(&TestNode) -> bool) -> Vec<DesiredMember> {
+    nodes
+        .iter()
+        .map(|n| DesiredMember {
+            member: n.group.member_id(),
+            node: n.member_node(),
+            voter: voter(n),
+        })
+        .collect()
 }
 
 /// Makes `voters` the group's first membership and waits for a leader.
@@ -346,26 +424,10 @@ async fn three_voters_and_a_learner_replicate_and_survive_the_leader() {
         start_node(4, 14, "dr", 0).await,
     ];
     initialize_voters(&nodes[..3]).await;
-    let desired: Vec<DesiredMember> = nodes
-        .iter()
-        .map(|n| DesiredMember {
-            member: n.group.member_id(),
-            node: n.member_node(),
-            voter: n.site == "primary",
-        })
-        .collect();
+    let all: Vec<&TestNode> = nodes.iter().collect();
+    let desired = desired_members(&all, |n| n.site == "primary");
     // The leader adds the learner; the others do nothing.
-    for _ in 0..50 {
-        let mut changed = false;
-        for n in &nodes {
-            changed |= n.group.sync_membership(&desired).await.unwrap_or(true);
-        }
-        let m = nodes[0].group.metrics();
-        if !changed && m.nodes.len() == 4 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    sync_until(&nodes, &desired, 4).await;
     let m = nodes[0].group.metrics();
     assert_eq!(m.nodes.len(), 4, "{m:?}");
     assert_eq!(m.voters.len(), 3, "{m:?}");
@@ -529,4 +591,112 @@ async fn messages_with_a_wrong_route_are_refused() {
     );
     assert!(Arc::strong_count(&node.host) >= 1);
     node.stop().await;
+}
+
+/// The whole active site is lost (every voter stopped): offline forced
+/// membership on the DR learner with the highest last log id makes it the
+/// only voter of generation 1. Elected, it commits everything it holds —
+/// every write acknowledged before the loss is there — serves new writes,
+/// replicates them to the other DR member (restarted at generation 1), and
+/// can make it a voter. The old generation's members are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forced_membership_on_the_best_standby_after_losing_every_voter() {
+    let mut nodes = vec![
+        start_node(1, 11, "primary", 0).await,
+        start_node(2, 12, "primary", 0).await,
+        start_node(3, 13, "primary", 0).await,
+        start_node(4, 14, "dr", 0).await,
+        start_node(5, 15, "dr", 0).await,
+    ];
+    initialize_voters(&nodes[..3]).await;
+    let all: Vec<&TestNode> = nodes.iter().collect();
+    sync_until(&nodes, &desired_members(&all, |n| n.site == "primary"), 5).await;
+    let (mut last, _) = nodes[0].group.propose(create_disk0()).await.unwrap();
+    for i in 0..20u64 {
+        last = nodes[0]
+            .group
+            .propose(write(i % 8, format!("v{i}").as_bytes()))
+            .await
+            .unwrap()
+            .0;
+    }
+    for n in &nodes[3..] {
+        wait_applied(n, last).await;
+    }
+    for n in &mut nodes[..3] {
+        n.stop().await;
+    }
+
+    // The best standby: the highest last log index (both hold all here).
+    let best = (3..5)
+        .max_by_key(|i| nodes[*i].group.metrics().last_log_index)
+        .unwrap();
+    let other = if best == 3 { 4 } else { 3 };
+    let voters = BTreeMap::from([(nodes[best].group.member_id().0, nodes[best].member_node())]);
+    let learners = BTreeMap::from([(nodes[other].group.member_id().0, nodes[other].member_node())]);
+    let me = nodes[best].group.member_id().0;
+    let mut forced = None;
+    nodes[best]
+        .restart_member(1, |db| {
+            forced = Some(
+                lifeboat_replication::log_store::force_membership(db, PG, me, &voters, &learners)
+                    .unwrap(),
+            );
+        })
+        .await;
+    let forced = forced.unwrap();
+    assert!(
+        forced.fork_index >= last.0,
+        "the fork is after every acknowledged write: {forced:?}, last {last}"
+    );
+    nodes[other].restart_member(1, |_| {}).await;
+    nodes[best].group.campaign().await;
+    nodes[best]
+        .group
+        .wait_for_leadership(Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(nodes[best].group.generation(), Generation(1));
+    for b in 0..8u64 {
+        let newest = (0..20u64).filter(|i| i % 8 == b).max().unwrap();
+        let want = format!("v{newest}");
+        assert_eq!(
+            latest(&nodes[best], b).unwrap(),
+            want.as_bytes(),
+            "block {b}"
+        );
+    }
+    // New writes, at the new leader and forwarded from the other DR node.
+    let (after, _) = nodes[other]
+        .group
+        .propose(write(0, b"after-forced-failover"))
+        .await
+        .unwrap();
+    assert!(after.0 > forced.fork_index + 1);
+    wait_applied(&nodes[other], after).await;
+    assert_eq!(latest(&nodes[other], 0).unwrap(), b"after-forced-failover");
+    // The other DR member becomes a voter of the new generation.
+    let dr: Vec<&TestNode> = nodes[3..].iter().collect();
+    sync_until(&nodes, &desired_members(&dr, |_| true), 2).await;
+    assert_eq!(nodes[best].group.metrics().voters.len(), 2);
+
+    // A member of the old generation is refused by the new one.
+    let old_route = pb::Route {
+        cluster_id: CLUSTER.into(),
+        pg: PG.0,
+        generation: 0,
+        target_member: me,
+        from_node: 1,
+    };
+    let refused = lifeboat_replication::transport::check_route(&*nodes[best].host, &old_route)
+        .err()
+        .expect("generation 0 refused");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    for n in &mut nodes[3..] {
+        n.stop().await;
+    }
 }
