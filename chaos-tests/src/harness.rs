@@ -336,13 +336,30 @@ impl TestNode {
     }
 
     fn cli_with(&self, token: Option<&str>, args: &[&str]) -> Output {
+        self.cli_command(token, args)
+            .output()
+            .expect("run lifeboat")
+    }
+
+    fn cli_command(&self, token: Option<&str>, args: &[&str]) -> Command {
         let mut cmd = Command::new(lifeboat_bin());
         cmd.arg("--endpoint").arg(self.endpoint()).args(args);
         match token {
             Some(t) => cmd.env("LIFEBOAT_TOKEN", t),
             None => cmd.env_remove("LIFEBOAT_TOKEN"),
         };
-        cmd.output().expect("run lifeboat")
+        cmd
+    }
+
+    /// Starts `lifeboat ARGS` against this node with its token, its stdout
+    /// piped, without waiting (for commands that run until stopped, like
+    /// `events --follow`).
+    pub fn spawn_cli(&self, args: &[&str]) -> Child {
+        self.cli_command(self.token.as_deref(), args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start lifeboat")
     }
 
     /// A new full S3 credential of `tenant`: (access key, secret).

@@ -100,8 +100,12 @@ enum Command {
     /// Waits until every PG is led from the target site.
     Failover(FailoverArgs),
     /// What this node has reported to operators (ack policy degradations,
-    /// …), oldest first.
-    Events,
+    /// lease expiries, switchover steps, …), oldest first.
+    Events {
+        /// Keep printing new events as they come (JSON: one per line).
+        #[arg(long)]
+        follow: bool,
+    },
     /// This node, its protection groups and their progress.
     Status,
 }
@@ -1366,20 +1370,13 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                 );
             }
         }
-        Command::Events => {
+        Command::Events { follow: true } => follow_events(client, out).await?,
+        Command::Events { follow: false } => {
             let req = client.request(api::ListEventsRequest {});
             let r = client.api().list_events(req).await?.into_inner();
             if out.json {
                 out.json_value(&serde_json::Value::Array(
-                    r.events
-                        .iter()
-                        .map(|e| {
-                            serde_json::json!({
-                                "time_ms": e.time_ms, "node": e.node_id, "kind": e.kind,
-                                "pg": e.pg, "pg_name": e.pg_name, "message": e.message,
-                            })
-                        })
-                        .collect(),
+                    r.events.iter().map(event_json).collect(),
                 ));
             } else {
                 let mut table = Table::new(&["TIME (UTC)", "NODE", "KIND", "PG", "MESSAGE"]);
@@ -1400,6 +1397,49 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
         }
     }
     Ok(())
+}
+
+fn event_json(e: &api::Event) -> serde_json::Value {
+    serde_json::json!({
+        "time_ms": e.time_ms, "node": e.node_id, "kind": e.kind,
+        "pg": e.pg, "pg_name": e.pg_name, "message": e.message,
+    })
+}
+
+/// `events --follow`: the events so far, then each new one as it comes,
+/// until interrupted. The node keeps its newest events in order, so what
+/// follows the last one printed is new.
+async fn follow_events(client: &mut Client, out: &Output) -> Result<()> {
+    let mut last: Option<api::Event> = None;
+    loop {
+        let req = client.request(api::ListEventsRequest {});
+        let events = client.api().list_events(req).await?.into_inner().events;
+        let start = match &last {
+            Some(l) => events.iter().rposition(|e| e == l).map_or(0, |i| i + 1),
+            None => 0,
+        };
+        for e in &events[start..] {
+            if out.json {
+                println!("{}", event_json(e));
+            } else {
+                println!(
+                    "{}  node {}  {}  {}  {}",
+                    format_time_ms(e.time_ms),
+                    e.node_id,
+                    e.kind,
+                    if e.pg_name.is_empty() { "-" } else { &e.pg_name },
+                    e.message
+                );
+            }
+        }
+        if let Some(e) = events.last() {
+            last = Some(e.clone());
+        }
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+        }
+    }
 }
 
 /// Writes a client certificate directory: the CA, the certificate and the

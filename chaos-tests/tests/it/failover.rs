@@ -73,6 +73,9 @@ async fn planned_switchover_under_load_loses_nothing_and_goes_back() {
     let err = String::from_utf8_lossy(&no_pg.stderr);
     assert!(err.contains("t/nope"), "{err}");
 
+    // Node 0 runs the switchover to DR: its steps are its events, which
+    // an operator follows as they happen.
+    let follower = c.nodes[0].spawn_cli(&["events", "--follow", "--output", "json"]);
     let ledger = Ledger::default();
     let stop = Arc::new(AtomicBool::new(false));
     // Through a primary node: its writes are forwarded to whichever node
@@ -147,18 +150,19 @@ async fn planned_switchover_under_load_loses_nothing_and_goes_back() {
     for n in &c.nodes[1..] {
         assert!(read_all(n).await == reference, "node {} differs", n.node_id);
     }
-    // Node 0 ran the switchover to DR: its steps are its events.
-    let events = c.nodes[0].must_cli(&["events", "--output", "json"]);
-    let events: serde_json::Value = serde_json::from_str(&events).unwrap();
-    let kinds: Vec<&str> = events
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|e| e["kind"].as_str())
+    let followed = stop_and_read(follower);
+    let kinds: Vec<String> = followed
+        .lines()
+        .map(|l| {
+            let e: serde_json::Value = serde_json::from_str(l).unwrap();
+            e["kind"].as_str().unwrap().to_owned()
+        })
         .collect();
+    let position = |k: &str| kinds.iter().position(|x| x == k);
     assert!(
-        kinds.contains(&"switchover_started") && kinds.contains(&"switchover_done"),
-        "{events}"
+        position("switchover_started").is_some()
+            && position("switchover_started") < position("switchover_done"),
+        "{followed}"
     );
 }
 
@@ -328,8 +332,31 @@ async fn a_primary_cut_off_from_the_catalog_stops_acknowledging_when_its_lease_r
     for t in tasks {
         t.await.unwrap();
     }
-    let events = c.nodes[1].must_cli(&["events", "--output", "json"]);
-    assert!(events.contains("lease_regained"), "{events}");
+    // Node 1 (not necessarily the PG's leader, whose lease let the writes
+    // resume) renews within a quarter of the lease.
+    let regained = Instant::now();
+    loop {
+        let events = c.nodes[1].must_cli(&["events", "--output", "json"]);
+        if events.contains("lease_regained") {
+            break;
+        }
+        assert!(
+            regained.elapsed() < Duration::from_secs(10),
+            "node 1 never reported its lease back: {events}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // What was acknowledged is there; what was refused may or may not be.
     check_against_ledger(&read_all(&c.nodes[0]).await, &ledger, c.nodes[0].node_id);
+}
+
+/// SIGINT to a running CLI command, then everything it printed.
+fn stop_and_read(mut child: std::process::Child) -> String {
+    use std::io::Read;
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let mut out = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    assert!(child.wait().unwrap().success(), "{out}");
+    out
 }
