@@ -1427,7 +1427,11 @@ async fn follow_events(client: &mut Client, out: &Output) -> Result<()> {
                     format_time_ms(e.time_ms),
                     e.node_id,
                     e.kind,
-                    if e.pg_name.is_empty() { "-" } else { &e.pg_name },
+                    if e.pg_name.is_empty() {
+                        "-"
+                    } else {
+                        &e.pg_name
+                    },
                     e.message
                 );
             }
