@@ -348,10 +348,15 @@ enum SnapshotCommand {
 
 #[derive(clap::Args)]
 struct FailoverArgs {
-    /// A planned switchover: both sites are up (required: the forced
-    /// failover of a lost site is another command).
-    #[arg(long, required = true)]
+    /// A planned switchover: both sites are up; nothing is lost.
+    #[arg(long, required_unless_present = "force", conflicts_with = "force")]
     planned: bool,
+    /// A forced failover: the active site is lost. Refused while this node
+    /// still reaches a majority of a PG's voters. Waits out the old site's
+    /// lease, then starts a new generation at the target from the standby
+    /// that holds the most, and prints what may have been lost.
+    #[arg(long)]
+    force: bool,
     /// The site that takes the PGs over.
     #[arg(long)]
     to: String,
@@ -1330,10 +1335,12 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
             }
         }
         Command::Failover(args) => {
+            let force = args.force;
             let req = client.request(api::SwitchoverRequest {
                 to_site: args.to,
                 pgs: args.pgs,
                 timeout_ms: args.timeout.saturating_mul(1000),
+                force,
             });
             let r = client.api().switchover(req).await?.into_inner();
             if out.json {
@@ -1343,6 +1350,8 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                         "name": p.name, "from_site": p.from_site, "to_site": p.to_site,
                         "leader_node": p.leader_node, "last_index": p.last_index,
                         "took_ms": p.took_ms, "already": p.already,
+                        "generation": p.generation, "fork_index": p.fork_index,
+                        "rpo_upper_ms": p.rpo_upper_ms,
                     })).collect::<Vec<_>>(),
                 }));
             } else {
@@ -1363,6 +1372,22 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                     ]);
                 }
                 table.print();
+                if force {
+                    for p in &r.pgs {
+                        println!(
+                            "{}: generation {} from index {}; writes acknowledged at the old site in {} may be lost (they stay in its log when it returns)",
+                            p.name,
+                            p.generation,
+                            p.fork_index + 1,
+                            p.rpo_upper_ms.map_or("an unknown time".to_owned(), |ms| {
+                                format!("the last {ms} ms before its lease ran out")
+                            })
+                        );
+                    }
+                    println!(
+                        "keep the old site's nodes down or cut off until they are re-protected"
+                    );
+                }
                 println!(
                     "{} PGs led from their new site after {} ms",
                     r.pgs.len(),

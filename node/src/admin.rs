@@ -95,6 +95,8 @@ pub fn status(e: &NodeError) -> Status {
         NodeError::NodeNotFound(_) | NodeError::SiteNotFound(_) => Code::NotFound,
         NodeError::NoMembersAtSite { .. } | NodeError::Witness { .. } => Code::FailedPrecondition,
         NodeError::SwitchoverTimeout { .. } => Code::DeadlineExceeded,
+        NodeError::OldVotersReachable { .. } => Code::FailedPrecondition,
+        NodeError::NoStandbyAnswered { .. } => Code::Unavailable,
         NodeError::Peer { .. } | NodeError::NotHostedHere { .. } => Code::FailedPrecondition,
         NodeError::JoinToken { .. } => Code::PermissionDenied,
         NodeError::PeerRefused { code, .. } => *code,
@@ -1289,6 +1291,31 @@ impl Admin for AdminService {
             0 => crate::failover::SWITCHOVER_WAIT,
             ms => std::time::Duration::from_millis(ms),
         };
+        if r.force {
+            let forced = self
+                .core
+                .force_failover(&r.to_site, &r.pgs, timeout)
+                .await
+                .map_err(|e| status(&e))?;
+            return Ok(Response::new(api::SwitchoverResponse {
+                pgs: forced
+                    .into_iter()
+                    .map(|f| api::PgSwitch {
+                        name: f.name,
+                        from_site: f.from_site,
+                        to_site: f.to_site,
+                        leader_node: f.leader_node,
+                        last_index: f.fork_index,
+                        took_ms: f.took.as_millis() as u64,
+                        already: false,
+                        generation: f.generation,
+                        fork_index: f.fork_index,
+                        rpo_upper_ms: f.rpo_upper.map(|d| d.as_millis() as u64),
+                    })
+                    .collect(),
+                took_ms: started.elapsed().as_millis() as u64,
+            }));
+        }
         let switched = self
             .core
             .switchover(&r.to_site, &r.pgs, timeout)
@@ -1305,6 +1332,7 @@ impl Admin for AdminService {
                     last_index: s.last_index,
                     took_ms: s.took.as_millis() as u64,
                     already: s.already,
+                    ..Default::default()
                 })
                 .collect(),
             took_ms: started.elapsed().as_millis() as u64,

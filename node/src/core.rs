@@ -203,7 +203,7 @@ pub struct NodeCore {
     /// picks one), set by the server before it serves.
     addrs: RwLock<pb::NodeAddrs>,
     /// Serialises starting and stopping members.
-    membership_changes: tokio::sync::Mutex<()>,
+    pub(crate) membership_changes: tokio::sync::Mutex<()>,
     pub(crate) stopping: CancellationToken,
     pub events: Arc<EventLog>,
     /// This node's site lease (see `crate::leases`).
@@ -501,7 +501,7 @@ impl NodeCore {
 
     /// Starts (or returns the running) member `m`, recording it locally so
     /// that a restart starts it again under the same member id.
-    async fn start_member(&self, m: LocalMember) -> NodeResult<ProtectionGroup> {
+    pub(crate) async fn start_member(&self, m: LocalMember) -> NodeResult<ProtectionGroup> {
         if let Some(g) = self.group(m.pg) {
             return Ok(g);
         }
@@ -828,6 +828,17 @@ impl NodeCore {
             voters: self.config.raft.pg_voters,
             learners_per_site: self.config.raft.pg_learners_per_site,
         }
+    }
+
+    /// Stops this node's member of `pg` and takes it out of the running
+    /// groups, keeping its data and its local record (a forced failover
+    /// starts it again at a new generation). Call under
+    /// `membership_changes`.
+    pub(crate) async fn stop_member(&self, g: &ProtectionGroup) {
+        if let Err(e) = g.shutdown().await {
+            tracing::warn!(pg = g.pg().0, error = %e, "raft shutdown");
+        }
+        self.groups.write().expect("groups lock").remove(&g.pg());
     }
 
     /// Stops a member the group no longer has and forgets its log.

@@ -79,6 +79,16 @@ pub enum NodeError {
     NodeNotFound(u64),
     #[error("this node is a witness: it cannot {action}")]
     Witness { action: String },
+    #[error(
+        "protection group {pg}: this node still reaches {reachable} of its {voters} voters, a majority: the active site is not lost (use --planned to move it without loss)"
+    )]
+    OldVotersReachable {
+        pg: String,
+        reachable: usize,
+        voters: usize,
+    },
+    #[error("protection group {pg}: no member at site {site} answered")]
+    NoStandbyAnswered { pg: String, site: String },
     #[error("site {0} has no node")]
     SiteNotFound(String),
     #[error("protection group {pg} has no member at site {site} to take it over")]
@@ -142,6 +152,8 @@ impl NodeError {
             NodeError::Peer { .. } => "node.peer",
             NodeError::NodeNotFound(_) => "node.node_not_found",
             NodeError::SiteNotFound(_) => "node.site_not_found",
+            NodeError::OldVotersReachable { .. } => "node.old_voters_reachable",
+            NodeError::NoStandbyAnswered { .. } => "node.no_standby_answered",
             NodeError::Witness { .. } => "node.witness",
             NodeError::NoMembersAtSite { .. } => "node.no_members_at_site",
             NodeError::SwitchoverTimeout { .. } => "node.switchover_timeout",

@@ -25,7 +25,9 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use lifeboat_proto::raft as pb;
+use lifeboat_replication::SystemClock;
 use lifeboat_replication::ack::EventSink;
+use lifeboat_replication::group::Clock;
 use lifeboat_replication::transport;
 use lifeboat_store::{Generation, PgId};
 
@@ -64,43 +66,11 @@ impl NodeCore {
         timeout: Duration,
     ) -> NodeResult<Vec<PgSwitch>> {
         let started = Instant::now();
-        let nodes = self
-            .catalog
-            .nodes()
-            .map_err(NodeError::io("read catalog"))?;
-        let site_of: HashMap<u64, &pb::NodeRecord> = nodes
-            .iter()
-            .filter(|n| !n.removed)
-            .map(|n| (n.id, n))
-            .collect();
-        if !site_of.values().any(|n| n.site == to_site) {
-            return Err(NodeError::SiteNotFound(to_site.to_owned()));
-        }
         // Every PG when none is named: those already active at the target
         // are waited for too (a re-run after a partial switchover) and
         // reported as already there.
-        let records: Vec<pb::PgRecord> = if names.is_empty() {
-            self.pg_records(None)?
-        } else {
-            names
-                .iter()
-                .map(|n| self.pg_named(n))
-                .collect::<NodeResult<_>>()?
-        };
-        let at_target = |r: &pb::PgRecord| {
-            r.members
-                .iter()
-                .any(|m| site_of.get(&m.node_id).is_some_and(|n| n.site == to_site))
-        };
-        if let Some(r) = records
-            .iter()
-            .find(|r| r.active_site != to_site && !at_target(r))
-        {
-            return Err(NodeError::NoMembersAtSite {
-                pg: pg_name(r),
-                site: to_site.to_owned(),
-            });
-        }
+        let (nodes, records) = self.failover_scope(to_site, names)?;
+        let site_of = by_id(&nodes);
         let moving: Vec<&pb::PgRecord> = records
             .iter()
             .filter(|r| r.active_site != to_site)
@@ -147,6 +117,50 @@ impl NodeCore {
             );
         }
         Ok(switched)
+    }
+
+    /// The live nodes, and the PGs named (none: every PG), for a move to
+    /// `to_site`: refused when the site has no node, or a PG not active
+    /// there has no member there.
+    fn failover_scope(
+        &self,
+        to_site: &str,
+        names: &[String],
+    ) -> NodeResult<(Vec<pb::NodeRecord>, Vec<pb::PgRecord>)> {
+        let nodes: Vec<pb::NodeRecord> = self
+            .catalog
+            .nodes()
+            .map_err(NodeError::io("read catalog"))?
+            .into_iter()
+            .filter(|n| !n.removed)
+            .collect();
+        if !nodes.iter().any(|n| n.site == to_site) {
+            return Err(NodeError::SiteNotFound(to_site.to_owned()));
+        }
+        let records: Vec<pb::PgRecord> = if names.is_empty() {
+            self.pg_records(None)?
+        } else {
+            names
+                .iter()
+                .map(|n| self.pg_named(n))
+                .collect::<NodeResult<_>>()?
+        };
+        let live = by_id(&nodes);
+        let at_target = |r: &pb::PgRecord| {
+            r.members
+                .iter()
+                .any(|m| live.get(&m.node_id).is_some_and(|n| n.site == to_site))
+        };
+        if let Some(r) = records
+            .iter()
+            .find(|r| r.active_site != to_site && !at_target(r))
+        {
+            return Err(NodeError::NoMembersAtSite {
+                pg: pg_name(r),
+                site: to_site.to_owned(),
+            });
+        }
+        Ok((nodes, records))
     }
 
     /// Waits until PG `r` is led from `to_site` with only voters there.
@@ -236,6 +250,394 @@ impl NodeCore {
     }
 }
 
+fn by_id(nodes: &[pb::NodeRecord]) -> HashMap<u64, &pb::NodeRecord> {
+    nodes.iter().map(|n| (n.id, n)).collect()
+}
+
 fn pg_name(r: &pb::PgRecord) -> String {
     format!("{}/{}", r.tenant, r.name)
+}
+
+/// One PG of a forced failover, once it is led from the target site.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PgForced {
+    /// TENANT/NAME.
+    pub name: String,
+    pub from_site: String,
+    pub to_site: String,
+    /// The new generation, and its fork index F: every entry up to F that
+    /// the best standby held is in the new lineage.
+    pub generation: u64,
+    pub fork_index: u64,
+    pub leader_node: u64,
+    /// An upper bound of the time whose writes may be lost: the old site's
+    /// lease could cover acknowledgements until it ran out, and the new
+    /// lineage holds everything stamped up to F's time (None: F's time
+    /// is unknown).
+    pub rpo_upper: Option<Duration>,
+    /// From the command until the PG was led from the target site.
+    pub took: Duration,
+}
+
+impl NodeCore {
+    /// Forced failover of the PGs named (none: every PG active at another
+    /// site) to `to_site`, whose active site is unreachable. Refused for a
+    /// PG while this node reaches a majority of its voters. Then, through
+    /// the catalog: stop granting the old site the PGs' lease, wait out any
+    /// lease it may hold, force the membership of each PG's best standby at
+    /// the target (the highest last log id) into generation g+1 at fork
+    /// index F, restart the other standbys at g+1, record the lineage, and
+    /// wait until each PG is led from the target.
+    pub async fn force_failover(
+        &self,
+        to_site: &str,
+        names: &[String],
+        timeout: Duration,
+    ) -> NodeResult<Vec<PgForced>> {
+        let started = Instant::now();
+        let (nodes, records) = self.failover_scope(to_site, names)?;
+        let live = by_id(&nodes);
+        let records: Vec<pb::PgRecord> = records
+            .into_iter()
+            .filter(|r| r.active_site != to_site)
+            .collect();
+        for r in &records {
+            self.refuse_if_voters_answer(r, &live).await?;
+        }
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        for r in &records {
+            self.events.event(
+                PgId(r.id),
+                "failover_started",
+                format!(
+                    "forced failover of {} from {} to {to_site}",
+                    pg_name(r),
+                    r.active_site
+                ),
+            );
+        }
+        // From this entry on the catalog grants the PGs' lease to the
+        // target site only.
+        self.propose_catalog(pb::command::Kind::SwitchActiveSite(pb::SwitchActiveSite {
+            pgs: records.iter().map(|r| r.id).collect(),
+            to_site: to_site.to_owned(),
+        }))
+        .await?;
+        let stopped_granting = Instant::now();
+        let lease = self.lease_duration();
+        let old_lease_ends_ms = SystemClock.now_ms()
+            + lifeboat_replication::lease::LeaseTable::wait_out(lease).as_millis() as u64;
+        for r in &records {
+            self.events.event(
+                PgId(r.id),
+                "failover_lease_wait",
+                format!(
+                    "{}: the old site is no longer granted its lease; waiting {} ms for any it holds to run out",
+                    pg_name(r),
+                    lifeboat_replication::lease::LeaseTable::wait_out(lease).as_millis()
+                ),
+            );
+        }
+        tokio::time::sleep_until(
+            (stopped_granting + lifeboat_replication::lease::LeaseTable::wait_out(lease)).into(),
+        )
+        .await;
+        let deadline = started + timeout;
+        let forced = records
+            .iter()
+            .map(|r| self.force_one(r, to_site, &live, started, old_lease_ends_ms, deadline));
+        futures::future::try_join_all(forced).await
+    }
+
+    /// Refuses a forced failover of `r` while this node reaches a majority
+    /// of its voters: the old site is not lost, and a planned switchover
+    /// moves it without loss.
+    async fn refuse_if_voters_answer(
+        &self,
+        r: &pb::PgRecord,
+        live: &HashMap<u64, &pb::NodeRecord>,
+    ) -> NodeResult<()> {
+        let voters: Vec<&pb::NodeRecord> = r
+            .members
+            .iter()
+            .filter(|m| m.voter)
+            .filter_map(|m| live.get(&m.node_id).copied())
+            .collect();
+        let answers = futures::future::join_all(voters.iter().map(|n| {
+            let addr = n.addrs.as_ref().map(|a| a.raft.clone()).unwrap_or_default();
+            async move { self.peer_reachable(&addr).await }
+        }))
+        .await;
+        let reachable = answers.iter().filter(|a| **a).count();
+        if reachable * 2 > voters.len() {
+            return Err(NodeError::OldVotersReachable {
+                pg: pg_name(r),
+                reachable,
+                voters: voters.len(),
+            });
+        }
+        Ok(())
+    }
+
+    async fn force_one(
+        &self,
+        r: &pb::PgRecord,
+        to_site: &str,
+        live: &HashMap<u64, &pb::NodeRecord>,
+        started: Instant,
+        old_lease_ends_ms: u64,
+        deadline: Instant,
+    ) -> NodeResult<PgForced> {
+        let pg = PgId(r.id);
+        let generation = Generation(r.generation);
+        let standbys: Vec<(&pb::PgMember, &pb::NodeRecord)> = r
+            .members
+            .iter()
+            .filter_map(|m| Some((m, *live.get(&m.node_id)?)))
+            .filter(|(_, n)| n.site == to_site)
+            .collect();
+        let mut tails = Vec::new();
+        for (m, n) in &standbys {
+            match self.standby_log_tail(pg, generation, n).await {
+                Ok(t) => tails.push((*m, *n, t)),
+                Err(e) => {
+                    tracing::warn!(pg = r.id, node = n.id, error = %e, "standby did not answer")
+                }
+            }
+        }
+        // The best standby: the highest last log id, (term, index) as a
+        // Raft vote compares them.
+        let Some(best) = tails.iter().max_by_key(|(_, _, t)| (t.term, t.index)) else {
+            return Err(NodeError::NoStandbyAnswered {
+                pg: pg_name(r),
+                site: to_site.to_owned(),
+            });
+        };
+        let (best_member, best_node, best_tail) = (best.0, best.1, best.2);
+        let forced_member = |m: &pb::PgMember, n: &pb::NodeRecord| pb::ForcedMember {
+            member_id: m.member_id,
+            node_id: n.id,
+            raft_addr: n.addrs.as_ref().map(|a| a.raft.clone()).unwrap_or_default(),
+            site: n.site.clone(),
+        };
+        let next = r.generation + 1;
+        let request = |m: &pb::PgMember, force: bool| pb::ForceGenerationRequest {
+            route: Some(pb::Route {
+                cluster_id: self.identity.cluster_id().unwrap_or_default(),
+                pg: r.id,
+                generation: r.generation,
+                target_member: m.member_id,
+                from_node: self.config.node_id,
+            }),
+            generation: next,
+            force_membership: force,
+            voters: if force {
+                vec![forced_member(best_member, best_node)]
+            } else {
+                Vec::new()
+            },
+            learners: if force {
+                tails
+                    .iter()
+                    .filter(|(m, _, _)| m.member_id != best_member.member_id)
+                    .map(|(m, n, _)| forced_member(m, n))
+                    .collect()
+            } else {
+                Vec::new()
+            },
+        };
+        let fork = self
+            .force_generation_at(best_node, request(best_member, true))
+            .await?;
+        self.events.event(
+            pg,
+            "failover_forked",
+            format!(
+                "{}: node {} holds the most (last index {}, term {}); generation {next} starts at index {} on it",
+                pg_name(r),
+                best_node.id,
+                best_tail.index,
+                best_tail.term,
+                fork.fork_index + 1
+            ),
+        );
+        for (m, n, _) in tails
+            .iter()
+            .filter(|(m, _, _)| m.member_id != best_member.member_id)
+        {
+            if let Err(e) = self.force_generation_at(n, request(m, false)).await {
+                tracing::warn!(pg = r.id, node = n.id, error = %e, "standby not restarted at the new generation; it follows when the catalog says so");
+            }
+        }
+        self.propose_catalog(pb::command::Kind::CompleteForcedFailover(
+            pb::CompleteForcedFailover {
+                pg: r.id,
+                generation: next,
+                fork_index: fork.fork_index,
+                keep_members: standbys.iter().map(|(m, _)| m.member_id).collect(),
+                from_site: r.active_site.clone(),
+            },
+        ))
+        .await?;
+        let now = self.pg_named(&pg_name(r))?;
+        let nodes: HashMap<u64, &pb::NodeRecord> = live.clone();
+        let led = self
+            .wait_led_from(&now, to_site, &nodes, started, deadline)
+            .await?;
+        let rpo_upper = (best_tail.stamp_ms > 0)
+            .then(|| Duration::from_millis(old_lease_ends_ms.saturating_sub(best_tail.stamp_ms)));
+        self.events.event(
+            pg,
+            "failover_done",
+            format!(
+                "{} is led from {to_site} by node {} at generation {next}, {} ms after the command; at most {} of writes lost",
+                pg_name(r),
+                led.leader_node,
+                led.took.as_millis(),
+                rpo_upper.map_or("an unknown time".to_owned(), |d| format!("{} ms", d.as_millis()))
+            ),
+        );
+        Ok(PgForced {
+            name: pg_name(r),
+            from_site: r.active_site.clone(),
+            to_site: to_site.to_owned(),
+            generation: next,
+            fork_index: fork.fork_index,
+            leader_node: led.leader_node,
+            rpo_upper,
+            took: led.took,
+        })
+    }
+
+    /// How far node `n`'s member of `pg` has its log.
+    async fn standby_log_tail(
+        &self,
+        pg: PgId,
+        generation: Generation,
+        n: &pb::NodeRecord,
+    ) -> Result<pb::LogTailReply, String> {
+        if n.id == self.config.node_id {
+            let g = self.group(pg).ok_or("its member has not started")?;
+            return g.log_tail().map_err(|e| e.to_string());
+        }
+        let addr = n
+            .addrs
+            .as_ref()
+            .map(|a| a.raft.as_str())
+            .unwrap_or_default();
+        transport::log_tail(&self.peers, &self.identity, addr, pg, generation)
+            .await
+            .map_err(|s| s.message().to_owned())
+    }
+
+    async fn force_generation_at(
+        &self,
+        n: &pb::NodeRecord,
+        req: pb::ForceGenerationRequest,
+    ) -> NodeResult<pb::ForceGenerationReply> {
+        let refused = |s: tonic::Status| NodeError::PeerRefused {
+            addr: n.addrs.as_ref().map(|a| a.raft.clone()).unwrap_or_default(),
+            code: s.code(),
+            message: s.message().to_owned(),
+        };
+        if n.id == self.config.node_id {
+            return self.force_generation(req).await.map_err(refused);
+        }
+        let addr = n
+            .addrs
+            .as_ref()
+            .map(|a| a.raft.as_str())
+            .unwrap_or_default();
+        transport::force_generation(&self.peers, addr, req)
+            .await
+            .map_err(refused)
+    }
+
+    /// On a standby node, for a forced failover: stops this node's member
+    /// of the PG, forces its membership when asked (it is the chosen one),
+    /// and starts it again at the new generation. Done already (the member
+    /// runs at that generation): answers again without doing anything.
+    pub async fn force_generation(
+        &self,
+        req: pb::ForceGenerationRequest,
+    ) -> Result<pb::ForceGenerationReply, tonic::Status> {
+        use tonic::Status;
+        let route = req
+            .route
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("no route"))?;
+        let pg = PgId(route.pg);
+        let _changes = self.membership_changes.lock().await;
+        let group = self.group(pg).ok_or_else(|| {
+            Status::not_found(format!("protection group {pg} has no member on this node"))
+        })?;
+        if group.generation().0 != req.generation.saturating_sub(1) {
+            return Err(Status::failed_precondition(format!(
+                "protection group {pg} is at generation {} here, not {}",
+                group.generation(),
+                req.generation.saturating_sub(1)
+            )));
+        }
+        let member = group.member_id();
+        self.stop_member(&group).await;
+        let mut reply = pb::ForceGenerationReply::default();
+        if req.force_membership {
+            let members = |list: &[pb::ForcedMember]| -> std::collections::BTreeMap<u64, lifeboat_replication::MemberNode> {
+                list.iter()
+                    .map(|m| {
+                        (
+                            m.member_id,
+                            lifeboat_replication::MemberNode {
+                                node_id: m.node_id,
+                                raft_addr: m.raft_addr.clone(),
+                                site: m.site.clone(),
+                            },
+                        )
+                    })
+                    .collect()
+            };
+            let (voters, learners) = (members(&req.voters), members(&req.learners));
+            let db = self.db.clone();
+            let forced = tokio::task::spawn_blocking(move || {
+                lifeboat_replication::log_store::force_membership(
+                    &db, pg, member.0, &voters, &learners,
+                )
+            })
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::internal(format!("forced membership: {e}")))?;
+            reply = pb::ForceGenerationReply {
+                fork_index: forced.fork_index,
+                term: forced.term,
+            };
+        }
+        let group = self
+            .start_member(lifeboat_replication::members::LocalMember {
+                pg,
+                member,
+                generation: Generation(req.generation),
+            })
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        if req.force_membership {
+            group.campaign().await;
+        }
+        self.events.event(
+            pg,
+            "failover_generation",
+            format!(
+                "this node's member of {} now runs generation {}{}",
+                self.pg_display_name(pg),
+                req.generation,
+                if req.force_membership {
+                    format!(" as its only voter, from index {}", reply.fork_index + 1)
+                } else {
+                    String::new()
+                }
+            ),
+        );
+        Ok(reply)
+    }
 }

@@ -317,8 +317,19 @@ impl Host for RaftHost {
         self.0.liveness.as_deref()
     }
 
-    fn grant_lease(&self, from_node: u64) -> lifeboat_replication::transport::LeaseGrant<'_> {
+    fn grant_lease(
+        &self,
+        from_node: u64,
+    ) -> lifeboat_replication::transport::HostFuture<'_, lifeboat_proto::raft::LeaseReply> {
         Box::pin(self.0.grant_lease(from_node))
+    }
+
+    fn force_generation(
+        &self,
+        req: lifeboat_proto::raft::ForceGenerationRequest,
+    ) -> lifeboat_replication::transport::HostFuture<'_, lifeboat_proto::raft::ForceGenerationReply>
+    {
+        Box::pin(self.0.force_generation(req))
     }
 }
 

@@ -201,6 +201,15 @@ impl ExportState {
         self.loc.group.pg()
     }
 
+    /// This node's member of the volume's PG as it runs now: a forced
+    /// failover restarts it at a new generation under a connection that
+    /// found the old one.
+    fn group(&self) -> lifeboat_replication::ProtectionGroup {
+        self.core
+            .group(self.pg())
+            .unwrap_or_else(|| self.loc.group.clone())
+    }
+
     /// What a frame of `block` stored under `volume` is bound to (the
     /// export's own volume, or for a clone, the base it reads through to).
     fn aad(&self, volume: VolumeId, block: BlockNo) -> FrameAad {
@@ -348,8 +357,7 @@ impl ExportState {
         if self.stale_reads {
             return Ok(());
         }
-        self.loc
-            .group
+        self.group()
             .read_barrier()
             .await
             .map(|_| ())
@@ -378,8 +386,7 @@ impl ExportState {
 
     /// Proposes at the group's leader, wherever it is (forwarded when not here).
     async fn propose_once(&self, kind: pb::command::Kind) -> Result<(), Errno> {
-        self.loc
-            .group
+        self.group()
             .propose(kind)
             .await
             .map(|_| ())
@@ -503,7 +510,7 @@ impl ExportState {
                 blocks: merged,
                 newest_mask: Some(newest_mask.map_or(0, |i| i.0)),
             });
-            match self.loc.group.propose(kind).await {
+            match self.group().propose(kind).await {
                 Ok(_) => return Ok(()),
                 Err(lifeboat_replication::Error::Rejected {
                     rejection: lifeboat_replication::Rejection::BlockChanged { block, .. },

@@ -193,6 +193,7 @@ impl<'a> ApplyContext<'a> {
                 | Kind::ReportPgUsage(_)
                 | Kind::SwitchActiveSite(_)
                 | Kind::SetCatalogVoters(_)
+                | Kind::CompleteForcedFailover(_)
         );
         if is_catalog_command != (self.pg == PgId::CATALOG) {
             return Ok(Err(Rejection::WrongGroup { pg: self.pg.0 }));
@@ -248,6 +249,7 @@ impl<'a> ApplyContext<'a> {
             Kind::ReportPgUsage(r) => self.apply_report_pg_usage(r, cmd.stamp_ms),
             Kind::SwitchActiveSite(w) => self.apply_switch_active_site(w),
             Kind::SetCatalogVoters(v) => self.apply_set_catalog_voters(v),
+            Kind::CompleteForcedFailover(f) => self.apply_complete_forced_failover(f, cmd.stamp_ms),
         }
     }
 
@@ -1487,6 +1489,51 @@ impl ApplyContext<'_> {
         Ok(Ok(Applied::Done))
     }
 
+    fn apply_complete_forced_failover(
+        &mut self,
+        f: &pb::CompleteForcedFailover,
+        stamp_ms: u64,
+    ) -> io::Result<Outcome> {
+        let Some(mut pg) = self.catalog_get::<pb::PgRecord>(&catalog::pg_id_key(f.pg))? else {
+            return Ok(Err(Rejection::PgIdNotFound { pg: f.pg }));
+        };
+        if f.pg == 0 || f.generation != pg.generation + 1 {
+            return Ok(Err(Rejection::Malformed {
+                reason: format!(
+                    "protection group {} is at generation {}, not {}",
+                    f.pg,
+                    pg.generation,
+                    f.generation.saturating_sub(1)
+                ),
+            }));
+        }
+        let kept: Vec<pb::PgMember> = pg
+            .members
+            .iter()
+            .filter(|m| f.keep_members.contains(&m.member_id))
+            .cloned()
+            .collect();
+        if kept.is_empty() || kept.len() != f.keep_members.len() {
+            return Ok(Err(Rejection::Malformed {
+                reason: "the members kept must be members of the PG".into(),
+            }));
+        }
+        pg.members = kept
+            .into_iter()
+            .map(|m| pb::PgMember { voter: true, ..m })
+            .collect();
+        pg.generation = f.generation;
+        pg.lineage.push(pb::LineageEntry {
+            generation: f.generation,
+            first_index: f.fork_index + 1,
+            started_ms: stamp_ms,
+            from_site: f.from_site.clone(),
+            to_site: pg.active_site.clone(),
+        });
+        self.put_pg_record(&pg);
+        Ok(Ok(Applied::Done))
+    }
+
     fn apply_set_catalog_voters(&mut self, v: &pb::SetCatalogVoters) -> io::Result<Outcome> {
         let Some(mut pg0) = self.catalog_get::<pb::PgRecord>(&catalog::pg_id_key(0))? else {
             return Ok(Err(Rejection::PgIdNotFound { pg: 0 }));
@@ -2312,5 +2359,79 @@ mod tests {
             Ok(Applied::Done)
         );
         assert_eq!(voters(&cx, 1), moved);
+    }
+
+    /// A forced failover's end: the PG moves to the next generation with
+    /// only the members kept, voting, and a lineage entry at F + 1; a
+    /// stale or repeated one and members the PG lacks are refused.
+    #[test]
+    fn a_forced_failover_starts_the_next_generation_on_the_members_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), &DbOptions::default()).unwrap();
+        let mut cx = ApplyContext::new(&db, PgId::CATALOG);
+        let member = |member_id, node_id, voter| pb::PgMember {
+            member_id,
+            node_id,
+            voter,
+        };
+        cx.put_pg_record(&pb::PgRecord {
+            id: 3,
+            tenant: "t".into(),
+            name: "main".into(),
+            active_site: "dr".into(),
+            members: vec![
+                member(10, 1, false),
+                member(12, 3, true),
+                member(13, 4, false),
+            ],
+            ..Default::default()
+        });
+        let complete = |generation, keep_members: Vec<u64>| {
+            cmd(pb::command::Kind::CompleteForcedFailover(
+                pb::CompleteForcedFailover {
+                    pg: 3,
+                    generation,
+                    fork_index: 41,
+                    keep_members,
+                    from_site: "primary".into(),
+                },
+            ))
+        };
+        let refused = |r: Outcome| matches!(r, Err(Rejection::Malformed { .. }));
+        assert!(refused(
+            cx.apply_command(LogIndex(1), &complete(2, vec![12]))
+                .unwrap()
+        ));
+        assert!(refused(
+            cx.apply_command(LogIndex(2), &complete(1, vec![12, 99]))
+                .unwrap()
+        ));
+        assert_eq!(
+            cx.apply_command(LogIndex(3), &complete(1, vec![12, 13]))
+                .unwrap(),
+            Ok(Applied::Done)
+        );
+        let r: pb::PgRecord = cx.catalog_get(&catalog::pg_id_key(3)).unwrap().unwrap();
+        assert_eq!(r.generation, 1);
+        let members: Vec<(u64, bool)> = r.members.iter().map(|m| (m.member_id, m.voter)).collect();
+        assert_eq!(members, vec![(12, true), (13, true)]);
+        assert_eq!(r.lineage.len(), 1);
+        let l = &r.lineage[0];
+        assert_eq!(
+            (
+                l.generation,
+                l.first_index,
+                l.from_site.as_str(),
+                l.to_site.as_str()
+            ),
+            (1, 42, "primary", "dr")
+        );
+        assert!(
+            refused(
+                cx.apply_command(LogIndex(4), &complete(1, vec![12]))
+                    .unwrap()
+            ),
+            "a repeat is refused"
+        );
     }
 }

@@ -1102,6 +1102,23 @@ impl ProtectionGroup {
         Ok(Retention::Purging { upto: target })
     }
 
+    /// How far this member's log goes (for a forced failover's choice of
+    /// the best standby): its last log id and a recent command's stamp.
+    pub fn log_tail(&self) -> Result<pb::LogTailReply> {
+        let tail = self.log.tail().map_err(|source| Error::Storage {
+            pg: self.pg.0,
+            source,
+        })?;
+        Ok(match tail {
+            Some((last, stamp_ms)) => pb::LogTailReply {
+                term: last.leader_id.term,
+                index: last.index,
+                stamp_ms,
+            },
+            None => pb::LogTailReply::default(),
+        })
+    }
+
     /// The log this member holds and its latest Raft snapshot (two point
     /// reads of the log).
     pub fn log_status(&self) -> Result<LogStatus> {

@@ -259,6 +259,35 @@ impl LogStore {
         Ok(None)
     }
 
+    /// The last entry's log id, and the leader's stamp of the last command
+    /// entry among the few before it (0: none there); `None` for a log that
+    /// holds no entry.
+    pub fn tail(&self) -> io::Result<Option<(LogId, u64)>> {
+        const LOOK_BACK: u64 = 16;
+        let Some((_, value)) = self
+            .db
+            .last_with_prefix(Cf::RaftLog, &keys::pg_prefix(self.pg))
+            .map_err(io_other)?
+        else {
+            return Ok(None);
+        };
+        let last = wire::decode_entry(split_stored(&value)?.1)?.log_id;
+        let stamp = self
+            .read_range(
+                last.index.saturating_sub(LOOK_BACK),
+                last.index + 1,
+                8 << 20,
+            )?
+            .iter()
+            .rev()
+            .find_map(|e| match &e.payload {
+                openraft::EntryPayload::Normal(cmd) => Some(cmd.0.stamp_ms),
+                _ => None,
+            })
+            .unwrap_or(0);
+        Ok(Some((last, stamp)))
+    }
+
     /// End position of the entry at `index`, if the log holds it.
     fn end_position(&self, index: u64) -> io::Result<Option<u64>> {
         self.db

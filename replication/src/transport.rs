@@ -425,13 +425,50 @@ pub trait Host: Send + Sync + 'static {
     }
     /// Grants node `from_node` its site lease, if this node leads the
     /// catalog.
-    fn grant_lease(&self, from_node: u64) -> LeaseGrant<'_>;
+    fn grant_lease(&self, from_node: u64) -> HostFuture<'_, pb::LeaseReply>;
+    /// Restarts this node's member of a PG at a new generation (a forced
+    /// failover), after offline forced membership when asked.
+    fn force_generation(
+        &self,
+        req: pb::ForceGenerationRequest,
+    ) -> HostFuture<'_, pb::ForceGenerationReply>;
 }
 
-/// A lease being granted (an async answer from a [`Host`]).
-pub type LeaseGrant<'a> = std::pin::Pin<
-    Box<dyn std::future::Future<Output = Result<pb::LeaseReply, Status>> + Send + 'a>,
->;
+/// An async answer from a [`Host`].
+pub type HostFuture<'a, T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, Status>> + Send + 'a>>;
+
+/// How far the member of `pg` on the node at `raft_addr` has its log.
+pub async fn log_tail(
+    peers: &Peers,
+    identity: &Arc<Identity>,
+    raft_addr: &str,
+    pg: PgId,
+    generation: Generation,
+) -> Result<pb::LogTailReply, Status> {
+    let route = GroupRoute {
+        identity: identity.clone(),
+        pg,
+        generation,
+    };
+    let req = pb::LogTailRequest {
+        route: Some(route.to(MemberId(0))),
+    };
+    Ok(peers.client(raft_addr)?.log_tail(req).await?.into_inner())
+}
+
+/// Asks the node at `raft_addr` to restart its member at a new generation.
+pub async fn force_generation(
+    peers: &Peers,
+    raft_addr: &str,
+    req: pb::ForceGenerationRequest,
+) -> Result<pb::ForceGenerationReply, Status> {
+    Ok(peers
+        .client(raft_addr)?
+        .force_generation(req)
+        .await?
+        .into_inner())
+}
 
 /// Asks the catalog leader at `raft_addr` for this node's site lease.
 pub async fn request_lease(
@@ -611,6 +648,25 @@ impl<H: Host> RaftTransport for TransportService<H> {
         let req = req.into_inner();
         check_cluster(self.host.identity(), &req.cluster_id, req.from_node)?;
         Ok(Response::new(self.host.grant_lease(req.from_node).await?))
+    }
+
+    async fn log_tail(
+        &self,
+        req: Request<pb::LogTailRequest>,
+    ) -> Result<Response<pb::LogTailReply>, Status> {
+        let group = self.route(req.get_ref().route.as_ref())?;
+        Ok(Response::new(
+            group.log_tail().map_err(|e| fatal(group.pg(), e))?,
+        ))
+    }
+
+    async fn force_generation(
+        &self,
+        req: Request<pb::ForceGenerationRequest>,
+    ) -> Result<Response<pb::ForceGenerationReply>, Status> {
+        let req = req.into_inner();
+        self.route(req.route.as_ref())?;
+        Ok(Response::new(self.host.force_generation(req).await?))
     }
 
     async fn group_view(

@@ -115,6 +115,7 @@ impl fmt::Display for Command {
             Some(Kind::SetPgAck(_)) => "set_pg_ack",
             Some(Kind::SwitchActiveSite(_)) => "switch_active_site",
             Some(Kind::SetCatalogVoters(_)) => "set_catalog_voters",
+            Some(Kind::CompleteForcedFailover(_)) => "complete_forced_failover",
             Some(Kind::CreateJoinToken(_)) => "create_join_token",
             None => "empty",
         };

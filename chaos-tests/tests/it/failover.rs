@@ -365,3 +365,101 @@ fn stop_and_read(mut child: std::process::Child) -> String {
     assert!(child.wait().unwrap().success(), "{out}");
     out
 }
+
+/// The whole primary site is lost under a write load (SIGKILL of every
+/// primary node) with the `remote` ack policy: `failover --force` is
+/// refused while the primary answers; once it is gone, the forced failover
+/// waits out the old lease, starts generation 1 at DR from the standby
+/// that holds the most, and the writers (connected to a DR node) go on.
+/// Every write acknowledged before the loss is at DR, on both DR nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_primary_site_then_forced_failover_keeps_every_acknowledged_write() {
+    let mut c = Cluster::start_with_witness(3, 2);
+    wait_catalog_spread(&c).await;
+    c.nodes[0].must_cli(&["pg", "set-ack", "t/main", "remote"]);
+    let refused = c.nodes[3].cli(&["failover", "--force", "--to", "dr"]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("the active site is not lost"), "{err}");
+
+    let ledger = Ledger::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    // Through a DR node: forwarded to the primary leader, then served at
+    // DR after the failover, on the same connections.
+    let tasks = spawn_writers(&c.nodes[3], &ledger, &stop, 0xf0_4ce).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        ledger.acked_blocks() > 0,
+        "writes acknowledged before the loss"
+    );
+    for n in &mut c.nodes[..3] {
+        n.kill9();
+    }
+    let acked_at_loss = ledger.acked_seqs();
+
+    let out = c.nodes[3].must_cli(&["failover", "--force", "--to", "dr", "--output", "json"]);
+    let forced: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let pg = &forced["pgs"][0];
+    assert_eq!(pg["name"], "t/main", "{forced}");
+    assert_eq!(pg["generation"], 1, "{forced}");
+    assert!(
+        nodes_at(&c, "dr").contains(&pg["leader_node"].as_u64().unwrap()),
+        "{forced}"
+    );
+    eprintln!(
+        "forced failover: {} ms from the command (lease 4000 ms waited), fork index {}, RPO at most {} ms",
+        forced["took_ms"], pg["fork_index"], pg["rpo_upper_ms"]
+    );
+    // The writers go on at DR.
+    let resumed = Instant::now();
+    while ledger.acked_seqs() == acked_at_loss {
+        assert!(
+            resumed.elapsed() < Duration::from_secs(30),
+            "writes never resumed at DR"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let show = c.nodes[4].must_cli(&["pg", "show", "t/main", "--output", "json"]);
+    let show: serde_json::Value = serde_json::from_str(&show).unwrap();
+    assert_eq!(
+        (show["generation"].as_u64(), show["active_site"].as_str()),
+        (Some(1), Some("dr")),
+        "{show}"
+    );
+    // Every acknowledged write, before the loss and after, is at DR, and
+    // both DR nodes agree once the last write has reached both.
+    let leader = pg["leader_node"].as_u64().unwrap();
+    let leader_idx = c.nodes.iter().position(|n| n.node_id == leader).unwrap();
+    let last = pg_status_of(&c.nodes[leader_idx], "t/main").unwrap()["last_log_index"]
+        .as_u64()
+        .unwrap();
+    for n in &c.nodes[3..5] {
+        wait_pg_status(n, "t/main", "catch-up", |s| {
+            s["applied_index"].as_u64() >= Some(last)
+        })
+        .await;
+    }
+    let reference = read_all(&c.nodes[3]).await;
+    check_against_ledger(&reference, &ledger, c.nodes[3].node_id);
+    assert!(
+        read_all(&c.nodes[4]).await == reference,
+        "the DR nodes differ"
+    );
+    let events = c.nodes[3].must_cli(&["events", "--output", "json"]);
+    for kind in [
+        "failover_started",
+        "failover_lease_wait",
+        "failover_forked",
+        "failover_done",
+    ] {
+        assert!(events.contains(kind), "{kind} missing: {events}");
+    }
+    for n in &mut c.nodes[3..] {
+        assert!(n.stop().unwrap(), "node {} exits cleanly", n.node_id);
+    }
+}

@@ -50,10 +50,23 @@ impl Host for TestHost {
     fn liveness(&self) -> Option<&Liveness> {
         self.liveness.as_deref()
     }
-    fn grant_lease(&self, _from_node: u64) -> lifeboat_replication::transport::LeaseGrant<'_> {
+    fn grant_lease(
+        &self,
+        _from_node: u64,
+    ) -> lifeboat_replication::transport::HostFuture<'_, pb::LeaseReply> {
         Box::pin(async {
             Err(tonic::Status::unimplemented(
                 "these groups run without a catalog: no leases",
+            ))
+        })
+    }
+    fn force_generation(
+        &self,
+        _req: pb::ForceGenerationRequest,
+    ) -> lifeboat_replication::transport::HostFuture<'_, pb::ForceGenerationReply> {
+        Box::pin(async {
+            Err(tonic::Status::unimplemented(
+                "these tests force membership in process",
             ))
         })
     }
