@@ -250,6 +250,34 @@ impl NodeCore {
     }
 }
 
+/// Refuses a forced failover of `r` while this node reaches a majority of
+/// its voters (`reachable`, by node): the old site is not lost, and a
+/// planned switchover moves the PG without loss.
+fn refuse_if_voters_answer(
+    r: &pb::PgRecord,
+    live: &HashMap<u64, &pb::NodeRecord>,
+    reachable: &HashMap<u64, bool>,
+) -> NodeResult<()> {
+    let voters: Vec<u64> = r
+        .members
+        .iter()
+        .filter(|m| m.voter && live.contains_key(&m.node_id))
+        .map(|m| m.node_id)
+        .collect();
+    let answering = voters
+        .iter()
+        .filter(|id| reachable.get(id).copied().unwrap_or(false))
+        .count();
+    if answering * 2 > voters.len() {
+        return Err(NodeError::OldVotersReachable {
+            pg: pg_name(r),
+            reachable: answering,
+            voters: voters.len(),
+        });
+    }
+    Ok(())
+}
+
 fn by_id(nodes: &[pb::NodeRecord]) -> HashMap<u64, &pb::NodeRecord> {
     nodes.iter().map(|n| (n.id, n)).collect()
 }
@@ -301,8 +329,25 @@ impl NodeCore {
             .into_iter()
             .filter(|r| r.active_site != to_site)
             .collect();
+        // Each old voter's node asked once, all at once: a lost site's
+        // nodes time out rather than refuse, and a PG at a time would add
+        // those timeouts up.
+        let voter_nodes: std::collections::BTreeSet<u64> = records
+            .iter()
+            .flat_map(|r| r.members.iter().filter(|m| m.voter).map(|m| m.node_id))
+            .collect();
+        let answers = futures::future::join_all(voter_nodes.iter().map(|id| {
+            let addr = live
+                .get(id)
+                .and_then(|n| n.addrs.as_ref())
+                .map(|a| a.raft.clone())
+                .unwrap_or_default();
+            async move { (*id, self.peer_reachable(&addr).await) }
+        }))
+        .await;
+        let reachable: HashMap<u64, bool> = answers.into_iter().collect();
         for r in &records {
-            self.refuse_if_voters_answer(r, &live).await?;
+            refuse_if_voters_answer(r, &live, &reachable)?;
         }
         if records.is_empty() {
             return Ok(Vec::new());
@@ -349,36 +394,6 @@ impl NodeCore {
             .iter()
             .map(|r| self.force_one(r, to_site, &live, started, old_lease_ends_ms, deadline));
         futures::future::try_join_all(forced).await
-    }
-
-    /// Refuses a forced failover of `r` while this node reaches a majority
-    /// of its voters: the old site is not lost, and a planned switchover
-    /// moves it without loss.
-    async fn refuse_if_voters_answer(
-        &self,
-        r: &pb::PgRecord,
-        live: &HashMap<u64, &pb::NodeRecord>,
-    ) -> NodeResult<()> {
-        let voters: Vec<&pb::NodeRecord> = r
-            .members
-            .iter()
-            .filter(|m| m.voter)
-            .filter_map(|m| live.get(&m.node_id).copied())
-            .collect();
-        let answers = futures::future::join_all(voters.iter().map(|n| {
-            let addr = n.addrs.as_ref().map(|a| a.raft.clone()).unwrap_or_default();
-            async move { self.peer_reachable(&addr).await }
-        }))
-        .await;
-        let reachable = answers.iter().filter(|a| **a).count();
-        if reachable * 2 > voters.len() {
-            return Err(NodeError::OldVotersReachable {
-                pg: pg_name(r),
-                reachable,
-                voters: voters.len(),
-            });
-        }
-        Ok(())
     }
 
     async fn force_one(
