@@ -848,10 +848,7 @@ impl NodeCore {
             member = g.member_id().0,
             "retiring a member the group removed"
         );
-        if let Err(e) = g.shutdown().await {
-            tracing::warn!(pg = g.pg().0, error = %e, "raft shutdown");
-        }
-        self.groups.write().expect("groups lock").remove(&g.pg());
+        self.stop_member(g).await;
         if let Err(e) = members::forget(&self.db, g.pg()) {
             tracing::warn!(pg = g.pg().0, error = %e, "forget retired member");
         }

@@ -28,6 +28,7 @@ use lifeboat_proto::raft as pb;
 use lifeboat_replication::SystemClock;
 use lifeboat_replication::ack::EventSink;
 use lifeboat_replication::group::Clock;
+use lifeboat_replication::lease::LeaseTable;
 use lifeboat_replication::transport;
 use lifeboat_store::{Generation, PgId};
 
@@ -98,13 +99,10 @@ impl NodeCore {
             .iter()
             .map(|r| self.wait_led_from(r, to_site, &site_of, started, deadline));
         let switched = futures::future::try_join_all(waits).await?;
-        for s in switched.iter().filter(|s| !s.already) {
-            let pg = records
-                .iter()
-                .find(|r| pg_name(r) == s.name)
-                .map_or(PgId(0), |r| PgId(r.id));
+        // try_join_all keeps the order: switched[i] is records[i].
+        for (r, s) in records.iter().zip(&switched).filter(|(_, s)| !s.already) {
             self.events.event(
-                pg,
+                PgId(r.id),
                 "switchover_done",
                 format!(
                     "{} is led from {} by node {} at index {}, {} ms after the command",
@@ -233,11 +231,7 @@ impl NodeCore {
                 None => Err("its member has not started".into()),
             };
         }
-        let addr = n
-            .addrs
-            .as_ref()
-            .map(|a| a.raft.as_str())
-            .unwrap_or_default();
+        let addr = raft_addr(n);
         transport::group_view(
             &self.peers,
             &self.identity,
@@ -276,6 +270,12 @@ fn refuse_if_voters_answer(
         });
     }
     Ok(())
+}
+
+/// Where node `n`'s Raft transport listens ("" when its record has none:
+/// dialling it then fails with a clear error).
+fn raft_addr(n: &pb::NodeRecord) -> &str {
+    n.addrs.as_ref().map_or("", |a| a.raft.as_str())
 }
 
 fn by_id(nodes: &[pb::NodeRecord]) -> HashMap<u64, &pb::NodeRecord> {
@@ -337,12 +337,8 @@ impl NodeCore {
             .flat_map(|r| r.members.iter().filter(|m| m.voter).map(|m| m.node_id))
             .collect();
         let answers = futures::future::join_all(voter_nodes.iter().map(|id| {
-            let addr = live
-                .get(id)
-                .and_then(|n| n.addrs.as_ref())
-                .map(|a| a.raft.clone())
-                .unwrap_or_default();
-            async move { (*id, self.peer_reachable(&addr).await) }
+            let addr = live.get(id).map_or("", |n| raft_addr(n));
+            async move { (*id, self.peer_reachable(addr).await) }
         }))
         .await;
         let reachable: HashMap<u64, bool> = answers.into_iter().collect();
@@ -371,9 +367,8 @@ impl NodeCore {
         }))
         .await?;
         let stopped_granting = Instant::now();
-        let lease = self.lease_duration();
-        let old_lease_ends_ms = SystemClock.now_ms()
-            + lifeboat_replication::lease::LeaseTable::wait_out(lease).as_millis() as u64;
+        let lease_wait = LeaseTable::wait_out(self.lease_duration());
+        let old_lease_ends_ms = SystemClock.now_ms() + lease_wait.as_millis() as u64;
         for r in &records {
             self.events.event(
                 PgId(r.id),
@@ -381,14 +376,11 @@ impl NodeCore {
                 format!(
                     "{}: the old site is no longer granted its lease; waiting {} ms for any it holds to run out",
                     pg_name(r),
-                    lifeboat_replication::lease::LeaseTable::wait_out(lease).as_millis()
+                    lease_wait.as_millis()
                 ),
             );
         }
-        tokio::time::sleep_until(
-            (stopped_granting + lifeboat_replication::lease::LeaseTable::wait_out(lease)).into(),
-        )
-        .await;
+        tokio::time::sleep_until((stopped_granting + lease_wait).into()).await;
         let deadline = started + timeout;
         let forced = records
             .iter()
@@ -413,9 +405,16 @@ impl NodeCore {
             .filter_map(|m| Some((m, *live.get(&m.node_id)?)))
             .filter(|(_, n)| n.site == to_site)
             .collect();
+        // All at once: a standby that is down too times out.
+        let answers = futures::future::join_all(
+            standbys
+                .iter()
+                .map(|(_, n)| self.standby_log_tail(pg, generation, n)),
+        )
+        .await;
         let mut tails = Vec::new();
-        for (m, n) in &standbys {
-            match self.standby_log_tail(pg, generation, n).await {
+        for ((m, n), answer) in standbys.iter().zip(answers) {
+            match answer {
                 Ok(t) => tails.push((*m, *n, t)),
                 Err(e) => {
                     tracing::warn!(pg = r.id, node = n.id, error = %e, "standby did not answer")
@@ -434,7 +433,7 @@ impl NodeCore {
         let forced_member = |m: &pb::PgMember, n: &pb::NodeRecord| pb::ForcedMember {
             member_id: m.member_id,
             node_id: n.id,
-            raft_addr: n.addrs.as_ref().map(|a| a.raft.clone()).unwrap_or_default(),
+            raft_addr: raft_addr(n).to_owned(),
             site: n.site.clone(),
         };
         let next = r.generation + 1;
@@ -497,9 +496,8 @@ impl NodeCore {
         ))
         .await?;
         let now = self.pg_named(&pg_name(r))?;
-        let nodes: HashMap<u64, &pb::NodeRecord> = live.clone();
         let led = self
-            .wait_led_from(&now, to_site, &nodes, started, deadline)
+            .wait_led_from(&now, to_site, live, started, deadline)
             .await?;
         let rpo_upper = (best_tail.stamp_ms > 0)
             .then(|| Duration::from_millis(old_lease_ends_ms.saturating_sub(best_tail.stamp_ms)));
@@ -537,11 +535,7 @@ impl NodeCore {
             let g = self.group(pg).ok_or("its member has not started")?;
             return g.log_tail().map_err(|e| e.to_string());
         }
-        let addr = n
-            .addrs
-            .as_ref()
-            .map(|a| a.raft.as_str())
-            .unwrap_or_default();
+        let addr = raft_addr(n);
         transport::log_tail(&self.peers, &self.identity, addr, pg, generation)
             .await
             .map_err(|s| s.message().to_owned())
@@ -553,18 +547,14 @@ impl NodeCore {
         req: pb::ForceGenerationRequest,
     ) -> NodeResult<pb::ForceGenerationReply> {
         let refused = |s: tonic::Status| NodeError::PeerRefused {
-            addr: n.addrs.as_ref().map(|a| a.raft.clone()).unwrap_or_default(),
+            addr: raft_addr(n).to_owned(),
             code: s.code(),
             message: s.message().to_owned(),
         };
         if n.id == self.config.node_id {
             return self.force_generation(req).await.map_err(refused);
         }
-        let addr = n
-            .addrs
-            .as_ref()
-            .map(|a| a.raft.as_str())
-            .unwrap_or_default();
+        let addr = raft_addr(n);
         transport::force_generation(&self.peers, addr, req)
             .await
             .map_err(refused)
@@ -572,8 +562,8 @@ impl NodeCore {
 
     /// On a standby node, for a forced failover: stops this node's member
     /// of the PG, forces its membership when asked (it is the chosen one),
-    /// and starts it again at the new generation. Done already (the member
-    /// runs at that generation): answers again without doing anything.
+    /// and starts it again at the new generation. Refused (failed
+    /// precondition) unless the member runs at the generation just before.
     pub async fn force_generation(
         &self,
         req: pb::ForceGenerationRequest,

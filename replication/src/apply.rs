@@ -1604,6 +1604,14 @@ mod tests {
 
     use super::*;
 
+    fn member(member_id: u64, node_id: u64, voter: bool) -> pb::PgMember {
+        pb::PgMember {
+            member_id,
+            node_id,
+            voter,
+        }
+    }
+
     fn cmd(kind: pb::command::Kind) -> pb::Command {
         pb::Command {
             stamp_ms: 1,
@@ -2287,11 +2295,6 @@ mod tests {
             };
             cx.catalog_put(catalog::node_key(id), &node);
         }
-        let member = |member_id, node_id, voter| pb::PgMember {
-            member_id,
-            node_id,
-            voter,
-        };
         let pg = |id, members| pb::PgRecord {
             id,
             tenant: "t".into(),
@@ -2369,11 +2372,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(dir.path(), &DbOptions::default()).unwrap();
         let mut cx = ApplyContext::new(&db, PgId::CATALOG);
-        let member = |member_id, node_id, voter| pb::PgMember {
-            member_id,
-            node_id,
-            voter,
-        };
         cx.put_pg_record(&pb::PgRecord {
             id: 3,
             tenant: "t".into(),
@@ -2433,5 +2431,52 @@ mod tests {
             ),
             "a repeat is refused"
         );
+    }
+
+    /// Catalog voters are set among the catalog's members on live nodes,
+    /// never none; the others become learners.
+    #[test]
+    fn catalog_voters_are_members_on_live_nodes() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), &DbOptions::default()).unwrap();
+        let mut cx = ApplyContext::new(&db, PgId::CATALOG);
+        for (id, removed) in [(1, false), (2, false), (3, true)] {
+            let node = pb::NodeRecord {
+                id,
+                removed,
+                ..Default::default()
+            };
+            cx.catalog_put(catalog::node_key(id), &node);
+        }
+        cx.put_pg_record(&pb::PgRecord {
+            id: 0,
+            members: vec![member(1, 1, true), member(2, 2, false), member(3, 3, false)],
+            ..Default::default()
+        });
+        let set = |voters: Vec<u64>| {
+            cmd(pb::command::Kind::SetCatalogVoters(pb::SetCatalogVoters {
+                voters,
+            }))
+        };
+        assert!(matches!(
+            cx.apply_command(LogIndex(1), &set(vec![])).unwrap(),
+            Err(Rejection::Malformed { .. })
+        ));
+        assert!(matches!(
+            cx.apply_command(LogIndex(2), &set(vec![1, 9])).unwrap(),
+            Err(Rejection::Malformed { .. })
+        ));
+        assert_eq!(
+            cx.apply_command(LogIndex(3), &set(vec![3])).unwrap(),
+            Err(Rejection::NodeNotFound { node: 3 }),
+            "a removed node does not vote"
+        );
+        assert_eq!(
+            cx.apply_command(LogIndex(4), &set(vec![2])).unwrap(),
+            Ok(Applied::Done)
+        );
+        let p0: pb::PgRecord = cx.catalog_get(&catalog::pg_id_key(0)).unwrap().unwrap();
+        let voters: Vec<(u64, bool)> = p0.members.iter().map(|m| (m.member_id, m.voter)).collect();
+        assert_eq!(voters, vec![(1, false), (2, true), (3, false)]);
     }
 }

@@ -123,7 +123,7 @@ const ACK_RESTORE_LAG_ENTRIES: u64 = 64;
 pub const LEADER_WAIT: Duration = Duration::from_secs(15);
 
 /// How long a leader without a site lease waits for its node to get one
-/// before it refuses a proposal.
+/// before it refuses a proposal or a read.
 pub const LEASE_WAIT: Duration = Duration::from_secs(1);
 
 /// Progress of a group as this node sees it.
@@ -602,13 +602,8 @@ impl ProtectionGroup {
     ) -> Result<(LogIndex, std::result::Result<Applied, Rejection>)> {
         // Only a leader proposes, and only a leader needs a lease: a
         // follower answers "not the leader" without waiting for one.
-        if self.raft.metrics().borrow_watched().current_leader == Some(self.member.0)
-            && !self
-                .leases
-                .wait_covered(self.pg, self.generation, LEASE_WAIT)
-                .await
-        {
-            return Err(self.no_lease());
+        if self.raft.metrics().borrow_watched().current_leader == Some(self.member.0) {
+            self.ensure_lease().await?;
         }
         let cmd = Command(pb::Command {
             stamp_ms: self.next_stamp_ms(),
@@ -820,8 +815,21 @@ impl ProtectionGroup {
         let index = self.raft_read_index().await?;
         // A leader without a site lease serves no reads either: after a
         // failover another site serves newer data.
-        self.check_lease()?;
+        self.ensure_lease().await?;
         Ok(index)
+    }
+
+    /// Waits up to LEASE_WAIT for this node's lease to cover the PG,
+    /// asking the node's lease task for one at once.
+    async fn ensure_lease(&self) -> Result<()> {
+        match self
+            .leases
+            .wait_covered(self.pg, self.generation, LEASE_WAIT)
+            .await
+        {
+            true => Ok(()),
+            false => Err(self.no_lease()),
+        }
     }
 
     fn check_lease(&self) -> Result<()> {

@@ -192,3 +192,36 @@ async fn joins_are_checked_and_a_joined_node_serves() {
         n.stop().await;
     }
 }
+
+/// A witness never starts a cluster, holds no master key (even with the
+/// file present), advertises no NBD address and binds no NBD or S3 port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_witness_starts_no_cluster_and_serves_no_clients() {
+    crate::capture_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = test_config(dir.path());
+    c.role = lifeboat_node::config::NodeRole::Witness;
+    c.site = "witness".into();
+    // Real ports (the test config's are 0), free a moment ago: a data node
+    // would bind them.
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    (c.nbd.listen, c.s3.listen) = (free(), free());
+    let w = server::start(c).await.expect("start witness");
+    let e = w.core.cluster_init("witness").await.unwrap_err();
+    assert!(matches!(e, NodeError::Witness { .. }), "{e}");
+    assert!(e.to_string().contains("this node is a witness"), "{e}");
+    assert!(!w.core.is_initialized(), "in no cluster yet");
+    assert_eq!(w.core.addrs().nbd, "", "no NBD address advertised");
+    assert_ne!(w.nbd_addr.port(), 0);
+    assert!(
+        std::net::TcpStream::connect(w.nbd_addr).is_err()
+            && std::net::TcpStream::connect(w.s3_addr).is_err(),
+        "no client port is bound"
+    );
+    w.stop().await;
+}
