@@ -1994,12 +1994,13 @@ impl NodeCore {
         if raft_addr == self.addrs().raft {
             return true;
         }
-        let Ok(mut client) = self.peers.client(raft_addr) else {
-            return false;
+        let deadline = Duration::from_secs(1);
+        let call = async {
+            let mut req = tonic::Request::new(pb::HelloRequest {});
+            req.set_timeout(deadline);
+            self.peers.client(raft_addr)?.hello(req).await
         };
-        let mut req = tonic::Request::new(pb::HelloRequest {});
-        req.set_timeout(Duration::from_secs(1));
-        client.hello(req).await.is_ok()
+        self.peers.within(raft_addr, deadline, call).await.is_ok()
     }
 
     pub fn data_dir(&self) -> PathBuf {

@@ -322,11 +322,12 @@ impl Liveness {
             // its leader.
             req.set_timeout(self.lease());
             let (liveness, peers, led) = (self.clone(), peers.clone(), led.clone());
+            let deadline = self.lease();
             tokio::spawn(async move {
-                let reply = match peers.client(&addr) {
-                    Ok(mut client) => client.beat(req).await,
-                    Err(status) => Err(status),
-                };
+                // Bounded: a beat stuck on a black-holed link would stay
+                // in flight, and no later beat would go to that node.
+                let call = async { peers.client(&addr)?.beat(req).await };
+                let reply = peers.within(&addr, deadline, call).await;
                 liveness
                     .in_flight
                     .lock()

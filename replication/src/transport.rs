@@ -51,6 +51,12 @@ pub const MESSAGE_BYTES_MAX: usize = 64 << 20;
 const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
 /// How long a connection attempt to a peer may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a question that reads a member's state waits for its answer
+/// (connecting included).
+const QUICK_CALL: Duration = Duration::from_secs(5);
+/// How long a call that commits and applies an entry, or restarts a
+/// member, waits for its answer (connecting included).
+const APPLY_CALL: Duration = Duration::from_secs(30);
 
 /// The identity this node's messages carry, shared by every group. The
 /// cluster id is set once, when the node initialises or joins a cluster.
@@ -126,6 +132,31 @@ impl Peers {
     pub fn set_tls(&self, tls: ClientTlsConfig) {
         *self.security.write().expect("peers security lock") = Security::Tls(Some(tls));
         self.channels.lock().expect("peers lock").clear();
+    }
+
+    /// Runs `call`, a request to the peer at `addr`, for at most
+    /// `deadline`. A link that black-holes accepts the TCP connection and
+    /// then says nothing: tonic's connect timeout covers the TCP connect
+    /// only, and a request's grpc-timeout starts once it is sent, so
+    /// without this a TLS handshake that never ends holds the call (and
+    /// every later call on the channel) forever. On timeout the channel is
+    /// dropped, so that the next call dials afresh.
+    pub async fn within<T>(
+        &self,
+        addr: &str,
+        deadline: Duration,
+        call: impl std::future::Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
+        match tokio::time::timeout(deadline, call).await {
+            Ok(answer) => answer,
+            Err(_) => {
+                self.channels.lock().expect("peers lock").remove(addr);
+                Err(Status::deadline_exceeded(format!(
+                    "{addr} did not answer within {} ms",
+                    deadline.as_millis()
+                )))
+            }
+        }
     }
 
     pub fn client(&self, addr: &str) -> Result<RaftTransportClient<Channel>, Status> {
@@ -225,7 +256,8 @@ pub async fn group_view(
     let req = pb::GroupViewRequest {
         route: Some(route.to(MemberId(0))),
     };
-    Ok(peers.client(raft_addr)?.group_view(req).await?.into_inner())
+    let call = async { Ok(peers.client(raft_addr)?.group_view(req).await?.into_inner()) };
+    peers.within(raft_addr, QUICK_CALL, call).await
 }
 
 /// openraft's network factory for one group.
@@ -454,7 +486,8 @@ pub async fn log_tail(
     let req = pb::LogTailRequest {
         route: Some(route.to(MemberId(0))),
     };
-    Ok(peers.client(raft_addr)?.log_tail(req).await?.into_inner())
+    let call = async { Ok(peers.client(raft_addr)?.log_tail(req).await?.into_inner()) };
+    peers.within(raft_addr, QUICK_CALL, call).await
 }
 
 /// Asks the node at `raft_addr` to restart its member at a new generation.
@@ -463,11 +496,50 @@ pub async fn force_generation(
     raft_addr: &str,
     req: pb::ForceGenerationRequest,
 ) -> Result<pb::ForceGenerationReply, Status> {
-    Ok(peers
-        .client(raft_addr)?
-        .force_generation(req)
-        .await?
-        .into_inner())
+    let call = async {
+        Ok(peers
+            .client(raft_addr)?
+            .force_generation(req)
+            .await?
+            .into_inner())
+    };
+    peers.within(raft_addr, APPLY_CALL, call).await
+}
+
+/// Proposes `kind` to the leader of `pg` at `generation` on the node at
+/// `raft_addr`, from a node with no member of the PG (a fenced old member
+/// carrying its divergence): the applied index and what apply made of it.
+/// Unavailable when that member does not lead.
+pub async fn propose_at(
+    peers: &Peers,
+    identity: &Arc<Identity>,
+    raft_addr: &str,
+    pg: PgId,
+    generation: Generation,
+    kind: pb::command::Kind,
+) -> Result<
+    (
+        lifeboat_store::LogIndex,
+        std::result::Result<crate::Applied, crate::Rejection>,
+    ),
+    Status,
+> {
+    let route = GroupRoute {
+        identity: identity.clone(),
+        pg,
+        generation,
+    };
+    let req = pb::ProposeRequest {
+        route: Some(route.to(MemberId(0))),
+        command: Some(pb::Command {
+            stamp_ms: 0,
+            kind: Some(kind),
+        }),
+    };
+    let call = async { Ok(peers.client(raft_addr)?.propose(req).await?.into_inner()) };
+    let reply = peers.within(raft_addr, APPLY_CALL, call).await?;
+    let outcome = from_json(&reply.outcome_json, "proposal outcome")?;
+    Ok((lifeboat_store::LogIndex(reply.index), outcome))
 }
 
 /// Asks the catalog leader at `raft_addr` for this node's site lease.
@@ -482,7 +554,8 @@ pub async fn request_lease(
         from_node: identity.node_id().0,
     });
     req.set_timeout(timeout);
-    Ok(peers.client(raft_addr)?.lease(req).await?.into_inner())
+    let call = async { Ok(peers.client(raft_addr)?.lease(req).await?.into_inner()) };
+    peers.within(raft_addr, timeout, call).await
 }
 
 /// The gRPC service on the Raft port.
