@@ -307,10 +307,17 @@ enum SnapshotCommand {
         #[arg(long, default_value = "")]
         lock_until: String,
     },
-    /// Every snapshot of TENANT/PG.
+    /// Every snapshot of TENANT/PG; with --divergence, what old active
+    /// sites wrote after a forced failover's fork (every PG when none is
+    /// named).
     List {
         /// TENANT/PG
+        #[arg(required_unless_present = "divergence", default_value = "")]
         pg: String,
+        /// List divergence snapshots: read-only clones of the volumes an
+        /// old site changed after the fork, as it left them.
+        #[arg(long)]
+        divergence: bool,
     },
     /// One snapshot: TENANT/PG@NAME.
     Show { snapshot: String },
@@ -1233,10 +1240,14 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                 println!("{pg}: {}", describe_schedule(&s));
             }
         }
-        Command::Snapshot(SnapshotCommand::List { pg }) => {
-            let req = client.request(api::ListSnapshotsRequest { pg });
+        Command::Snapshot(SnapshotCommand::List { pg, divergence }) => {
+            let req = client.request(api::ListSnapshotsRequest { pg, divergence });
             let r = client.api().list_snapshots(req).await?.into_inner();
-            print_snapshots(out, r.snapshots);
+            if divergence {
+                print_divergences(out, r.divergences);
+            } else {
+                print_snapshots(out, r.snapshots);
+            }
         }
         Command::Snapshot(SnapshotCommand::Show { snapshot }) => {
             let req = client.request(split_snapshot_ref(&snapshot)?);
@@ -1968,6 +1979,94 @@ fn confirm_restore(plan: &api::RestorePlan) -> anyhow::Result<()> {
         anyhow::bail!("not restored: the answer was not {}", plan.pg);
     }
     Ok(())
+}
+
+fn print_divergences(out: &Output, divergences: Vec<api::Divergence>) {
+    if out.json {
+        out.json_value(&serde_json::Value::Array(
+            divergences
+                .iter()
+                .map(|d| {
+                    serde_json::json!({
+                        "pg": d.pg, "generation": d.generation, "fork_index": d.fork_index,
+                        "last_index": d.last_index, "entries": d.last_index - d.fork_index,
+                        "node": d.node_id, "fork_ms": d.fork_ms, "fork": format_time_ms(d.fork_ms),
+                        "last_ms": d.last_ms,
+                        "lost_ms": (d.fork_ms > 0 && d.last_ms > 0).then(|| d.last_ms.saturating_sub(d.fork_ms)),
+                        "recorded_ms": d.recorded_ms,
+                        "volumes": d.volumes.iter().map(|v| serde_json::json!({
+                            "volume": v.volume, "clone": v.clone, "blocks": v.blocks,
+                            "bytes": v.bytes, "deleted": v.deleted,
+                        })).collect::<Vec<_>>(),
+                        "buckets": d.buckets.iter().map(|b| serde_json::json!({
+                            "bucket": b.bucket, "clone": b.clone, "objects": b.objects,
+                            "bytes": b.bytes, "deleted": b.deleted,
+                        })).collect::<Vec<_>>(),
+                    })
+                })
+                .collect(),
+        ));
+        return;
+    }
+    let mut table = Table::new(&[
+        "PG",
+        "GENERATION",
+        "ENTRIES",
+        "NODE",
+        "FORK",
+        "VOLUME/BUCKET",
+        "DIVERGENCE SNAPSHOT",
+        "CHANGED",
+    ]);
+    for d in divergences {
+        let entries = format!("{}..={}", d.fork_index + 1, d.last_index);
+        let fork = format_time_ms(d.fork_ms);
+        if d.volumes.is_empty() && d.buckets.is_empty() {
+            table.row(vec![
+                d.pg.clone(),
+                d.generation.to_string(),
+                entries.clone(),
+                d.node_id.to_string(),
+                fork.clone(),
+                "-".into(),
+                "-".into(),
+                "0".into(),
+            ]);
+        }
+        for v in &d.volumes {
+            table.row(vec![
+                d.pg.clone(),
+                d.generation.to_string(),
+                entries.clone(),
+                d.node_id.to_string(),
+                fork.clone(),
+                v.volume.clone(),
+                if v.deleted {
+                    "(deleted after the fork)".into()
+                } else {
+                    v.clone.clone()
+                },
+                format!("{} blocks", v.blocks),
+            ]);
+        }
+        for b in &d.buckets {
+            table.row(vec![
+                d.pg.clone(),
+                d.generation.to_string(),
+                entries.clone(),
+                d.node_id.to_string(),
+                fork.clone(),
+                format!("bucket {}", b.bucket),
+                if b.deleted {
+                    "(deleted after the fork)".into()
+                } else {
+                    format!("bucket {}", b.clone)
+                },
+                format!("{} keys", b.objects),
+            ]);
+        }
+    }
+    table.print();
 }
 
 fn print_snapshots(out: &Output, snapshots: Vec<api::Snapshot>) {

@@ -1111,6 +1111,27 @@ impl Admin for AdminService {
         &self,
         req: Request<api::ListSnapshotsRequest>,
     ) -> Result<Response<api::ListSnapshotsResponse>, Status> {
+        if req.get_ref().divergence {
+            let role = self.role(&req)?;
+            let wanted = &req.get_ref().pg;
+            if !wanted.is_empty() {
+                self.require_pg_tenant(&req, wanted, "list divergence snapshots")?;
+            }
+            let divergences = self
+                .core
+                .catalog
+                .divergences()
+                .map_err(|e| status(&NodeError::io("read catalog")(e)))?
+                .into_iter()
+                .filter(|d| role.may_use_tenant(&d.tenant))
+                .map(divergence_message)
+                .filter(|d| wanted.is_empty() || &d.pg == wanted)
+                .collect();
+            return Ok(Response::new(api::ListSnapshotsResponse {
+                snapshots: Vec::new(),
+                divergences,
+            }));
+        }
         self.require_pg_tenant(
             &req,
             &req.get_ref().pg,
@@ -1124,7 +1145,10 @@ impl Admin for AdminService {
             .into_iter()
             .map(snapshot_message)
             .collect();
-        Ok(Response::new(api::ListSnapshotsResponse { snapshots }))
+        Ok(Response::new(api::ListSnapshotsResponse {
+            snapshots,
+            divergences: Vec::new(),
+        }))
     }
 
     async fn show_snapshot(
@@ -1359,5 +1383,44 @@ impl Admin for AdminService {
             })
             .collect();
         Ok(Response::new(api::ListEventsResponse { events }))
+    }
+}
+
+fn divergence_message(d: lifeboat_proto::raft::DivergenceRecord) -> api::Divergence {
+    api::Divergence {
+        pg: format!("{}/{}", d.tenant, d.pg_name),
+        generation: d.generation,
+        fork_index: d.fork_index,
+        last_index: d.last_index,
+        node_id: d.node_id,
+        fork_ms: d.fork_ms,
+        last_ms: d.last_ms,
+        recorded_ms: d.recorded_ms,
+        volumes: d
+            .volumes
+            .into_iter()
+            .map(|v| api::DivergedVolume {
+                clone: if v.clone.is_empty() {
+                    String::new()
+                } else {
+                    format!("{}/{}", d.tenant, v.clone)
+                },
+                volume: format!("{}/{}", d.tenant, v.volume),
+                blocks: v.blocks,
+                bytes: v.bytes,
+                deleted: v.deleted,
+            })
+            .collect(),
+        buckets: d
+            .buckets
+            .into_iter()
+            .map(|b| api::DivergedBucket {
+                bucket: b.bucket,
+                clone: b.clone,
+                objects: b.objects,
+                bytes: b.bytes,
+                deleted: b.deleted,
+            })
+            .collect(),
     }
 }

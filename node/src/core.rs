@@ -195,7 +195,7 @@ pub struct NodeCore {
     /// Beats and election timers of the PGs (not the catalog) when
     /// `raft.node_heartbeats` is on.
     pub liveness: Option<Arc<Liveness>>,
-    syncer: WalSyncer,
+    pub(crate) syncer: WalSyncer,
     pub(crate) clock: Arc<dyn Clock>,
     master_key: RwLock<Option<Arc<MasterKey>>>,
     groups: RwLock<HashMap<PgId, ProtectionGroup>>,
@@ -661,8 +661,25 @@ impl NodeCore {
             .map_err(NodeError::io("read catalog"))?;
         let node_map: HashMap<u64, &pb::NodeRecord> = nodes.iter().map(|n| (n.id, n)).collect();
         let me = self.config.node_id;
+        let local: HashMap<PgId, LocalMember> = members::all(&self.db)
+            .map_err(NodeError::io("read local members"))?
+            .into_iter()
+            .map(|m| (m.pg, m))
+            .collect();
         for rec in &records {
             let pg = PgId(rec.id);
+            // A member of an older generation here: the PG failed over
+            // without it. It serves nothing more, and what it alone holds
+            // is carried into the new generation before its replica goes.
+            if let Some(&old) = local
+                .get(&pg)
+                .filter(|m| pg != PgId::CATALOG && m.generation.0 < rec.generation)
+            {
+                if let Err(e) = self.fence_member(old, rec).await {
+                    tracing::warn!(pg = rec.id, code = e.code(), error = %e, "fencing an old member; trying again next pass");
+                }
+                continue;
+            }
             let mine = rec.members.iter().find(|m| m.node_id == me);
             let group = match (mine, self.group(pg)) {
                 (Some(m), None) => Some(

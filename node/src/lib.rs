@@ -13,6 +13,7 @@ pub mod core;
 pub mod error;
 pub mod events;
 pub mod failover;
+pub mod fencing;
 pub mod gc;
 pub mod history;
 pub mod leases;

@@ -129,6 +129,10 @@ impl ExportProvider for VolumeExports {
                 (record.size_bytes, Some(at.index))
             }
         };
+        let divergence = self
+            .core
+            .divergence_of(&loc.tenant, &loc.volume_name)
+            .map_err(open_error)?;
         let loc_pg = loc.group.pg();
         let layers = self
             .core
@@ -143,6 +147,7 @@ impl ExportProvider for VolumeExports {
                 stale_reads,
                 at,
                 pinned,
+                divergence,
                 layers: std::sync::Mutex::new(LayerCache {
                     newest_mask: lifeboat_store::masks::newest_mask(&self.core.db, loc_pg)
                         .map_err(|e| open_error(e.into()))?,
@@ -168,6 +173,9 @@ struct ExportState {
     /// `at` is a snapshot's, which GC keeps; a past time is kept only
     /// while it is inside the PG's window.
     pinned: bool,
+    /// The volume is a divergence snapshot (what an old active site wrote
+    /// after a forced failover's fork): read-only, whatever the point.
+    divergence: bool,
     /// What reads see: the volume's own blocks (at `at`), then, for a
     /// clone, each base at the index it was cloned from; after a restore in
     /// place, its own blocks as they were restored to in between.
@@ -590,7 +598,7 @@ impl Export for VolumeExport {
     }
 
     fn read_only(&self) -> bool {
-        self.inner.at.is_some()
+        self.inner.at.is_some() || self.inner.divergence
     }
 
     fn description(&self) -> String {
@@ -598,6 +606,10 @@ impl Export for VolumeExport {
         match self.inner.at {
             Some(at) => format!(
                 "Lifeboat volume {}/{} at index {at} (read-only)",
+                loc.tenant, loc.volume_name
+            ),
+            None if self.inner.divergence => format!(
+                "Lifeboat divergence snapshot {}/{} (read-only)",
                 loc.tenant, loc.volume_name
             ),
             None => format!("Lifeboat volume {}/{}", loc.tenant, loc.volume_name),

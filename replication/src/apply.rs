@@ -194,6 +194,7 @@ impl<'a> ApplyContext<'a> {
                 | Kind::SwitchActiveSite(_)
                 | Kind::SetCatalogVoters(_)
                 | Kind::CompleteForcedFailover(_)
+                | Kind::RecordDivergence(_)
         );
         if is_catalog_command != (self.pg == PgId::CATALOG) {
             return Ok(Err(Rejection::WrongGroup { pg: self.pg.0 }));
@@ -228,6 +229,7 @@ impl<'a> ApplyContext<'a> {
             Kind::AdvanceHorizon(a) => self.apply_advance_horizon(index, a, cmd.stamp_ms),
             Kind::CollectGarbage(c) => self.apply_collect_garbage(index, c, cmd.stamp_ms),
             Kind::UndeleteBucket(u) => self.apply_undelete_bucket(index, u),
+            Kind::SealBucket(b) => self.apply_seal_bucket(index, b),
             Kind::InitCatalog(i) => self.apply_init_catalog(i, cmd.stamp_ms),
             Kind::CreateTenant(t) => self.apply_create_tenant(t, cmd.stamp_ms),
             Kind::RotateDek(r) => self.apply_rotate_dek(r),
@@ -250,6 +252,7 @@ impl<'a> ApplyContext<'a> {
             Kind::SwitchActiveSite(w) => self.apply_switch_active_site(w),
             Kind::SetCatalogVoters(v) => self.apply_set_catalog_voters(v),
             Kind::CompleteForcedFailover(f) => self.apply_complete_forced_failover(f, cmd.stamp_ms),
+            Kind::RecordDivergence(r) => self.apply_record_divergence(r),
         }
     }
 
@@ -840,7 +843,7 @@ impl ApplyContext<'_> {
     /// A bucket that takes writes: live and not a read-only clone.
     fn writable_bucket(&self, bucket: u64) -> io::Result<Result<BucketRecord, Rejection>> {
         Ok(match self.active_bucket(bucket)? {
-            Ok(r) if r.is_read_only() => Err(Rejection::BucketReadOnly { bucket }),
+            Ok(r) if !r.takes_writes() => Err(Rejection::BucketReadOnly { bucket }),
             other => other,
         })
     }
@@ -1044,8 +1047,26 @@ impl ApplyContext<'_> {
             state: BucketState::Active,
             created_ms: stamp_ms,
             base,
+            sealed: false,
         };
         self.put_bucket(bucket, index, record);
+        Ok(Ok(Applied::Done))
+    }
+
+    /// Seals a bucket: from this index on it takes no writes, and keeps
+    /// and shows what it holds.
+    fn apply_seal_bucket(&mut self, index: LogIndex, s: &pb::SealBucket) -> io::Result<Outcome> {
+        let record = match self.active_bucket(s.bucket)? {
+            Ok(r) => r,
+            Err(rejection) => return Ok(Err(rejection)),
+        };
+        if !record.sealed {
+            let sealed = BucketRecord {
+                sealed: true,
+                ..record
+            };
+            self.put_bucket(BucketId(s.bucket), index, sealed);
+        }
         Ok(Ok(Applied::Done))
     }
 
@@ -1058,7 +1079,9 @@ impl ApplyContext<'_> {
             Ok(r) => r,
             Err(rejection) => return Ok(Err(rejection)),
         };
-        if !self.bucket_is_empty(BucketId(d.bucket))? {
+        // A sealed bucket (a divergence snapshot) can never be emptied: it
+        // goes whole, its data kept for the window like any deleted one's.
+        if !record.sealed && !self.bucket_is_empty(BucketId(d.bucket))? {
             return Ok(Err(Rejection::BucketNotEmpty { bucket: d.bucket }));
         }
         // S3 deletes a bucket's unfinished multipart uploads with it.
@@ -1534,6 +1557,33 @@ impl ApplyContext<'_> {
         Ok(Ok(Applied::Done))
     }
 
+    /// Keeps what an old member had past a forced failover's fork (see
+    /// `DivergenceRecord`), once its node has carried it into the PG's new
+    /// generation.
+    fn apply_record_divergence(&mut self, r: &pb::RecordDivergence) -> io::Result<Outcome> {
+        let Some(record) = r.record.as_ref() else {
+            return Ok(Err(Rejection::Malformed {
+                reason: "a divergence without its record".into(),
+            }));
+        };
+        let Some(pg) = self.catalog_get::<pb::PgRecord>(&catalog::pg_id_key(record.pg))? else {
+            return Ok(Err(Rejection::PgIdNotFound { pg: record.pg }));
+        };
+        if record.generation >= pg.generation || record.last_index <= record.fork_index {
+            return Ok(Err(Rejection::Malformed {
+                reason: format!(
+                    "no divergence of generation {} past index {} in protection group {} (at generation {})",
+                    record.generation, record.fork_index, record.pg, pg.generation
+                ),
+            }));
+        }
+        self.catalog_put(
+            catalog::divergence_key(record.pg, record.generation, record.node_id),
+            record,
+        );
+        Ok(Ok(Applied::Done))
+    }
+
     fn apply_set_catalog_voters(&mut self, v: &pb::SetCatalogVoters) -> io::Result<Outcome> {
         let Some(mut pg0) = self.catalog_get::<pb::PgRecord>(&catalog::pg_id_key(0))? else {
             return Ok(Err(Rejection::PgIdNotFound { pg: 0 }));
@@ -1864,6 +1914,53 @@ mod tests {
         assert_eq!(
             apply(&mut cx, create(8, Some((7, now, true)))).1,
             Err(Rejection::BucketNotFound { bucket: 7 })
+        );
+        commit(cx);
+
+        // A sealed writable clone keeps what it holds and takes no more
+        // writes; it stays a base (it has data of its own).
+        let mut cx = ApplyContext::new(&db, pg);
+        assert_eq!(
+            apply(&mut cx, create(9, Some((5, moment.0, true)))).1,
+            Ok(Applied::Done)
+        );
+        assert_eq!(
+            apply(&mut cx, put_in(9, "mine", 40, false)).1,
+            Ok(Applied::Done)
+        );
+        let seal = cmd(pb::command::Kind::SealBucket(pb::SealBucket { bucket: 9 }));
+        assert_eq!(apply(&mut cx, seal).1, Ok(Applied::Done));
+        assert_eq!(
+            apply(&mut cx, put_in(9, "more", 41, false)).1,
+            Err(Rejection::BucketReadOnly { bucket: 9 })
+        );
+        assert_eq!(
+            apply(&mut cx, delete(9, "mine")).1,
+            Err(Rejection::BucketReadOnly { bucket: 9 })
+        );
+        commit(cx);
+        let layers = objects.layers(pg, BucketId(9), None, &[]).unwrap();
+        assert!(
+            objects
+                .find_layered(pg, &layers, b"mine")
+                .unwrap()
+                .is_some_and(|(bucket, _, _)| bucket == BucketId(9)),
+            "a sealed bucket shows its own objects"
+        );
+        let mut cx = ApplyContext::new(&db, pg);
+        let now = at.get();
+        assert_eq!(
+            apply(&mut cx, create(10, Some((9, now, true)))).1,
+            Ok(Applied::Done),
+            "a sealed bucket is a base"
+        );
+        let drop_sealed = cmd(pb::command::Kind::DeleteBucket(pb::DeleteBucket {
+            bucket: 9,
+        }));
+        assert_eq!(
+            apply(&mut cx, drop_sealed).1,
+            Ok(Applied::Done),
+            "a sealed bucket goes whole, objects and all"
         );
         commit(cx);
 

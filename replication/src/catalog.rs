@@ -14,6 +14,7 @@
 //! token/SHA256-HEX                TokenRecord
 //! node/ID (u64 BE)                NodeRecord
 //! counter/{tenant,pg,volume,member}  next id, u64 BE
+//! divergence/PG/GEN/NODE (u64 BE each)  DivergenceRecord
 //! ```
 //!
 //! The catalog's own placement is `pgid/0`, like any PG's.
@@ -59,6 +60,15 @@ pub fn node_key(id: u64) -> Vec<u8> {
 pub const FIRST_CATALOG_MEMBER: u64 = 1;
 /// Catalog voters at the cluster's site (the rest of the nodes are learners).
 pub const CATALOG_VOTERS: usize = 3;
+
+/// What node `node` had of PG `pg`'s generation `generation` past its fork.
+pub fn divergence_key(pg: u64, generation: u64, node: u64) -> Vec<u8> {
+    let mut key = b"divergence/".to_vec();
+    for part in [pg, generation, node] {
+        key.extend_from_slice(&part.to_be_bytes());
+    }
+    key
+}
 
 pub fn join_token_key(sha256: &[u8]) -> Vec<u8> {
     format!("jointoken/{}", hex_lower(sha256)).into_bytes()
@@ -229,6 +239,12 @@ impl Catalog {
             }
         }
         Ok(out)
+    }
+
+    /// Every divergence kept (see `DivergenceRecord`), by PG, generation
+    /// and node.
+    pub fn divergences(&self) -> io::Result<Vec<pb::DivergenceRecord>> {
+        self.list(b"divergence/")
     }
 
     pub fn node(&self, id: u64) -> io::Result<Option<pb::NodeRecord>> {

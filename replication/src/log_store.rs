@@ -259,6 +259,21 @@ impl LogStore {
         Ok(None)
     }
 
+    /// The leader's stamp of the last command entry at or a few before
+    /// `index` (when the log still holds them): when that point of the
+    /// timeline was written.
+    pub fn stamp_at(&self, index: u64) -> io::Result<Option<u64>> {
+        const LOOK_BACK: u64 = 16;
+        Ok(self
+            .read_range(index.saturating_sub(LOOK_BACK), index + 1, 8 << 20)?
+            .iter()
+            .rev()
+            .find_map(|e| match &e.payload {
+                openraft::EntryPayload::Normal(cmd) if cmd.0.stamp_ms > 0 => Some(cmd.0.stamp_ms),
+                _ => None,
+            }))
+    }
+
     /// The last entry's log id, and the leader's stamp of the last command
     /// entry among the few before it (0: none there); `None` for a log that
     /// holds no entry.

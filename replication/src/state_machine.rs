@@ -58,6 +58,18 @@ pub struct StateMachine {
     installs: Arc<AtomicU64>,
 }
 
+/// The last log id PG `pg`'s state on this node has applied, whether or
+/// not its member runs.
+pub fn applied_log_id(db: &Db, pg: PgId) -> io::Result<Option<LogId>> {
+    db.get(
+        Cf::RaftState,
+        &keys::raft_state_key(pg, RaftStateKind::LastApplied),
+    )
+    .map_err(io_other)?
+    .map(|b| wire::decode_json(&b))
+    .transpose()
+}
+
 impl StateMachine {
     /// Opens the state machine of `pg`, finishing a Raft snapshot install
     /// that a crash interrupted.
@@ -87,15 +99,14 @@ impl StateMachine {
     }
 
     fn read_applied(&self) -> io::Result<(Option<LogId>, StoredMembership)> {
-        let get = |kind| {
-            self.db
-                .get(Cf::RaftState, &keys::raft_state_key(self.pg, kind))
-                .map_err(io_other)
-        };
-        let applied = get(RaftStateKind::LastApplied)?
-            .map(|b| wire::decode_json(&b))
-            .transpose()?;
-        let membership = get(RaftStateKind::Membership)?
+        let applied = applied_log_id(&self.db, self.pg)?;
+        let membership = self
+            .db
+            .get(
+                Cf::RaftState,
+                &keys::raft_state_key(self.pg, RaftStateKind::Membership),
+            )
+            .map_err(io_other)?
             .map(|b| wire::decode_json(&b))
             .transpose()?
             .unwrap_or_default();

@@ -116,6 +116,8 @@ impl fmt::Display for Command {
             Some(Kind::SwitchActiveSite(_)) => "switch_active_site",
             Some(Kind::SetCatalogVoters(_)) => "set_catalog_voters",
             Some(Kind::CompleteForcedFailover(_)) => "complete_forced_failover",
+            Some(Kind::RecordDivergence(_)) => "record_divergence",
+            Some(Kind::SealBucket(_)) => "seal_bucket",
             Some(Kind::CreateJoinToken(_)) => "create_join_token",
             None => "empty",
         };

@@ -50,12 +50,21 @@ pub struct BucketRecord {
     /// `Some` for a clone: it shows `base.bucket` as it was at
     /// `base.index`, under its own writes if it is writable.
     pub base: Option<BucketBase>,
+    /// Takes no more writes, but keeps (and shows) the data it has: a
+    /// divergence snapshot once it holds what it carries.
+    pub sealed: bool,
 }
 
 impl BucketRecord {
-    /// A read-only clone: it takes no writes.
+    /// A read-only clone: it has nothing of its own and takes no writes.
     pub fn is_read_only(&self) -> bool {
         self.base.is_some_and(|b| !b.writable)
+    }
+
+    /// Whether writes to it are accepted: neither a read-only clone nor
+    /// sealed.
+    pub fn takes_writes(&self) -> bool {
+        !self.is_read_only() && !self.sealed
     }
 }
 
@@ -75,9 +84,13 @@ pub struct BucketBase {
 /// version u8 | state u8 | created_ms u64 BE | name_len u16 BE | name (UTF-8)
 /// ```
 /// Version 2 (a read-only clone) appends its base, as volumes do; version 3
-/// (a writable clone) is laid out as version 2.
+/// (a writable clone) is laid out as version 2. Sealed: version 4 is a
+/// sealed bucket laid out as version 1, version 5 a sealed writable clone
+/// laid out as version 3.
 const BUCKET_RECORD_VERSION: u8 = 1;
 const WRITABLE_CLONE_RECORD_VERSION: u8 = 3;
+const SEALED_RECORD_VERSION: u8 = 4;
+const SEALED_CLONE_RECORD_VERSION: u8 = 5;
 
 impl BucketRecord {
     pub fn encode(&self) -> Vec<u8> {
@@ -88,13 +101,35 @@ impl BucketRecord {
             &self.name,
             self.base.map(|b| (b.bucket.0, b.index.0)),
         );
-        if self.base.is_some_and(|b| b.writable) {
-            out[0] = WRITABLE_CLONE_RECORD_VERSION;
+        match (self.base, self.sealed) {
+            (Some(b), false) if b.writable => out[0] = WRITABLE_CLONE_RECORD_VERSION,
+            (Some(b), true) if b.writable => out[0] = SEALED_CLONE_RECORD_VERSION,
+            (None, true) => out[0] = SEALED_RECORD_VERSION,
+            // A read-only clone is read-only already.
+            _ => {}
         }
         out
     }
 
     pub fn decode(bytes: &[u8]) -> std::result::Result<BucketRecord, String> {
+        let sealed = matches!(
+            bytes.first(),
+            Some(&SEALED_RECORD_VERSION | &SEALED_CLONE_RECORD_VERSION)
+        );
+        let mut unsealed;
+        let bytes = match bytes.first() {
+            Some(&SEALED_RECORD_VERSION) => {
+                unsealed = bytes.to_vec();
+                unsealed[0] = BUCKET_RECORD_VERSION;
+                unsealed.as_slice()
+            }
+            Some(&SEALED_CLONE_RECORD_VERSION) => {
+                unsealed = bytes.to_vec();
+                unsealed[0] = WRITABLE_CLONE_RECORD_VERSION;
+                unsealed.as_slice()
+            }
+            _ => bytes,
+        };
         let writable = bytes.first() == Some(&WRITABLE_CLONE_RECORD_VERSION);
         let mut as_read_only;
         let bytes = if writable {
@@ -123,6 +158,7 @@ impl BucketRecord {
                 index: LogIndex(index),
                 writable,
             }),
+            sealed,
         })
     }
 }
@@ -857,6 +893,35 @@ impl Objects {
         Ok(count)
     }
 
+    /// The keys of a bucket's own whose newest stored version is after
+    /// `index`, in key order: what it wrote or deleted since (a fenced
+    /// member's divergence).
+    pub fn keys_written_after(
+        &self,
+        pg: PgId,
+        bucket: BucketId,
+        index: LogIndex,
+    ) -> Result<Vec<Vec<u8>>> {
+        let mut out = Vec::new();
+        let mut last_key: Option<Vec<u8>> = None;
+        self.db.read_view().for_each_with_prefix(
+            Cf::Objects,
+            &keys::bucket_prefix(pg, bucket),
+            |k, _| {
+                let (key, version) = version_key_of(k)?;
+                // Versions of a key sort newest first: its first row decides.
+                if last_key.as_deref() != Some(key.as_slice()) {
+                    if version > index {
+                        out.push(key.clone());
+                    }
+                    last_key = Some(key);
+                }
+                Ok(())
+            },
+        )?;
+        Ok(out)
+    }
+
     /// Every stored version of `key`, newest first.
     pub fn versions(
         &self,
@@ -1199,6 +1264,7 @@ mod tests {
             state: BucketState::Active,
             created_ms: 1_790_000_000_000,
             base: None,
+            sealed: false,
         };
         assert_eq!(BucketRecord::decode(&r.encode()).unwrap(), r);
         for writable in [false, true] {
@@ -1212,7 +1278,21 @@ mod tests {
             };
             assert_eq!(BucketRecord::decode(&clone.encode()).unwrap(), clone);
             assert_eq!(clone.is_read_only(), !writable);
+            assert_eq!(clone.takes_writes(), writable);
+            let sealed = BucketRecord {
+                sealed: writable,
+                ..clone
+            };
+            assert_eq!(BucketRecord::decode(&sealed.encode()).unwrap(), sealed);
+            assert!(!sealed.takes_writes());
         }
+        let sealed = BucketRecord {
+            sealed: true,
+            ..r.clone()
+        };
+        assert_eq!(BucketRecord::decode(&sealed.encode()).unwrap(), sealed);
+        assert!(!sealed.is_read_only() && !sealed.takes_writes());
+        assert!(r.takes_writes());
         // A writable clone's layout without its base.
         let mut baseless = r.encode();
         baseless[0] = WRITABLE_CLONE_RECORD_VERSION;
@@ -1461,6 +1541,7 @@ mod tests {
                     index: LogIndex(index),
                     writable,
                 }),
+                sealed: false,
             };
             stage_bucket(&mut b, PG, id, LogIndex(index), &record);
             db.write(b, Durability::Buffered).unwrap();
@@ -1792,6 +1873,7 @@ mod tests {
             state: BucketState::Active,
             created_ms: 5,
             base: None,
+            sealed: false,
         };
         stage_bucket(&mut b, PG, B, LogIndex(3), &live);
         let gone = BucketRecord {

@@ -43,6 +43,20 @@ const PG_RANGES: [Cf; 6] = [
     Cf::Timeline,
 ];
 
+/// Deletes everything this node holds for `pg` — its key ranges, its Raft
+/// log and Raft state (the local member record included) — in one atomic
+/// batch: a fenced old member's replica, once what it alone had is safe
+/// elsewhere, so that a new member starts from nothing.
+pub fn wipe_pg(db: &Db, pg: PgId) -> Result<()> {
+    let prefix = keys::pg_prefix(pg);
+    let end = prefix_successor(&prefix).expect("a PG prefix has a successor");
+    let mut batch = db.new_batch();
+    for cf in PG_RANGES.into_iter().chain([Cf::RaftLog, Cf::RaftState]) {
+        batch.delete_range(cf, &prefix, &end);
+    }
+    db.write(batch, Durability::Sync)
+}
+
 /// A digest of everything a replica holds for a PG (the key ranges a
 /// Raft snapshot carries), read from one view: replicas at the same
 /// applied index must have the same one.

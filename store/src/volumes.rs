@@ -542,6 +542,39 @@ impl Volumes {
         Ok(count)
     }
 
+    /// A volume's own blocks whose newest version is after `index`, in
+    /// block order: what it wrote (or trimmed) since (a fenced member's
+    /// divergence).
+    pub fn blocks_written_after(
+        &self,
+        pg: PgId,
+        volume: VolumeId,
+        index: LogIndex,
+    ) -> Result<Vec<BlockNo>> {
+        let mut out = Vec::new();
+        self.db.read_view().for_each_with_prefix(
+            Cf::Latest,
+            &keys::volume_prefix(pg, volume),
+            |key, value| {
+                let newest: [u8; 8] = value.try_into().map_err(|_| {
+                    Error::corrupt_record(Cf::Latest.name(), key, "index is not 8 bytes")
+                })?;
+                if u64::from_be_bytes(newest) > index.0 {
+                    let block: [u8; 8] = key
+                        .get(16..keys::LATEST_KEY_BYTES)
+                        .filter(|_| key.len() == keys::LATEST_KEY_BYTES)
+                        .and_then(|b| b.try_into().ok())
+                        .ok_or_else(|| {
+                            Error::corrupt_record(Cf::Latest.name(), key, "not a block's key")
+                        })?;
+                    out.push(BlockNo(u64::from_be_bytes(block)));
+                }
+                Ok(())
+            },
+        )?;
+        Ok(out)
+    }
+
     /// Every version of a block, newest first (tests and tools).
     pub fn block_history(
         &self,

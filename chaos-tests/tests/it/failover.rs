@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use lifeboat_chaos_tests::harness::http_get;
 use lifeboat_chaos_tests::ledger::Ledger;
+use lifeboat_chaos_tests::nbd_client::NbdClient;
 
 use crate::cluster::{
     Cluster, WriterStats, check_against_ledger, pg_status_of, read_all, spawn_writers,
@@ -461,5 +462,257 @@ async fn losing_the_primary_site_then_forced_failover_keeps_every_acknowledged_w
     }
     for n in &mut c.nodes[3..] {
         assert!(n.stop().unwrap(), "node {} exits cleanly", n.node_id);
+    }
+}
+
+/// The old primary comes back after a forced failover. The primary was
+/// cut off from DR first (it kept its lease through the witness), so it
+/// acknowledged writes that DR never received; then every primary node was
+/// killed and the PG forced over to DR. Coming back, each old node finds
+/// its member a generation behind the catalog: it stops it, carries what
+/// it alone applied after the fork into the new generation as a
+/// read-only divergence snapshot (`t/v-div-g0-nN`), wipes its replica and
+/// rejoins as a new member. Every acknowledged write is in the divergence
+/// snapshot, the DR volume is untouched by the old site, and the old
+/// nodes then serve the new generation only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_old_primary_returning_is_fenced_and_keeps_what_only_it_acknowledged() {
+    use aws_sdk_s3::primitives::ByteStream;
+    const LEASE_MS: u64 = 1000;
+    let (mut c, links) =
+        Cluster::start_linked_with_witness(3, 2, &format!("[raft]\nlease_ms = {LEASE_MS}\n")).await;
+    wait_catalog_spread(&c).await;
+    c.nodes[0].must_cli(&["bucket", "create", "t/bkt"]);
+    let (key, secret) = c.nodes[0].must_create_credential("t");
+    let s3_at = |n: &lifeboat_chaos_tests::harness::TestNode| {
+        lifeboat_chaos_tests::s3_client::client(&format!("http://{}", n.s3), &key, &secret)
+    };
+    let primary_s3 = s3_at(&c.nodes[1]);
+    for (k, body) in [("kept", &b"at the fork"[..]), ("replaced", &b"old"[..])] {
+        primary_s3
+            .put_object()
+            .bucket("bkt")
+            .key(k)
+            .body(ByteStream::from(body.to_vec()))
+            .send()
+            .await
+            .unwrap();
+    }
+    let ledger = Ledger::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks = spawn_writers(&c.nodes[1], &ledger, &stop, 0xd1_7e9e).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(
+        ledger.acked_blocks() > 0,
+        "writes acknowledged before the cut"
+    );
+
+    // DR has the objects before the cut.
+    let primary_last = pg_status_of(&c.nodes[1], "t/main").unwrap()["last_log_index"]
+        .as_u64()
+        .unwrap();
+    wait_pg_status(&c.nodes[3], "t/main", "catch up before the cut", |s| {
+        s["applied_index"].as_u64() >= Some(primary_last)
+    })
+    .await;
+    eprintln!("[returning] cutting primary from dr");
+    // From here on only the primary gets what is written.
+    links.cut_between("primary", "dr");
+    // Objects only the primary acknowledges: a new one of three chunks
+    // (a stream), a replaced one, a deleted one.
+    let big: Vec<u8> = (0..(2 << 20) + 12_345)
+        .map(|i| (i * 7 % 251) as u8)
+        .collect();
+    primary_s3
+        .put_object()
+        .bucket("bkt")
+        .key("after-cut")
+        .body(ByteStream::from(big.clone()))
+        .send()
+        .await
+        .unwrap();
+    primary_s3
+        .put_object()
+        .bucket("bkt")
+        .key("replaced")
+        .body(ByteStream::from(b"new".to_vec()))
+        .send()
+        .await
+        .unwrap();
+    primary_s3
+        .delete_object()
+        .bucket("bkt")
+        .key("kept")
+        .send()
+        .await
+        .unwrap();
+    eprintln!("[returning] objects written after the cut");
+    let at_cut = ledger.acked_seqs();
+    let cut = Instant::now();
+    while ledger.acked_seqs() == at_cut {
+        assert!(
+            cut.elapsed() < Duration::from_secs(20),
+            "the primary acknowledged nothing after the cut"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The writers stop (their connections are to a primary node, which is
+    // about to go), then the whole primary site is lost.
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for n in &mut c.nodes[..3] {
+        n.kill9();
+    }
+
+    eprintln!("[returning] primary killed; forcing");
+    let out = c.nodes[3].must_cli(&["failover", "--force", "--to", "dr", "--output", "json"]);
+    let forced: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let fork = forced["pgs"][0]["fork_index"].as_u64().unwrap();
+    let at_fork = read_all(&c.nodes[3]).await;
+
+    eprintln!("[returning] forced: {forced}");
+    links.heal_all();
+    for n in &mut c.nodes[..3] {
+        n.start().unwrap();
+    }
+    // Every old node fences its member, carries what it alone has, and
+    // rejoins with a new member at generation 1.
+    let returned = Instant::now();
+    for n in &c.nodes[..3] {
+        while pg_status_of(n, "t/main").is_none_or(|s| s["generation"] != 1) {
+            assert!(
+                returned.elapsed() < Duration::from_secs(90),
+                "node {} never rejoined at generation 1:\n{}",
+                n.node_id,
+                n.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    eprintln!(
+        "the old nodes rejoined {:?} after their restart",
+        returned.elapsed()
+    );
+    let listed = c.nodes[3].must_cli(&["snapshot", "list", "--divergence", "--output", "json"]);
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    let divergences = listed.as_array().unwrap();
+    // The old leader applied every write it acknowledged: the divergence
+    // with the highest last index holds them all.
+    let newest = divergences
+        .iter()
+        .max_by_key(|d| d["last_index"].as_u64())
+        .unwrap_or_else(|| panic!("no divergence recorded: {listed}"));
+    eprintln!(
+        "fork index {fork}; divergences: {}",
+        divergences
+            .iter()
+            .map(|d| format!("node {} to {}", d["node"], d["last_index"]))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    assert_eq!(newest["pg"], "t/main", "{listed}");
+    assert_eq!(newest["generation"], 0, "{listed}");
+    assert_eq!(newest["fork_index"].as_u64(), Some(fork), "{listed}");
+    assert!(newest["last_index"].as_u64().unwrap() > fork, "{listed}");
+    // The failover's reported bound on the time of lost writes is not
+    // below what the old site really wrote after the fork.
+    let lost_ms = newest["lost_ms"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no stamps in {listed}"));
+    let upper_ms = forced["pgs"][0]["rpo_upper_ms"].as_u64().unwrap();
+    eprintln!("lost {lost_ms} ms of writes; the failover reported at most {upper_ms} ms");
+    assert!(
+        upper_ms >= lost_ms,
+        "reported {upper_ms} ms, lost {lost_ms} ms"
+    );
+    let volume = &newest["volumes"][0];
+    assert_eq!(volume["volume"], "t/v", "{listed}");
+    let clone = volume["clone"].as_str().unwrap();
+    assert!(volume["blocks"].as_u64().unwrap() > 0, "{listed}");
+
+    // Every acknowledged write is in the divergence snapshot, read at DR.
+    let diverged = crate::cluster::read_volume(&c.nodes[3], clone).await;
+    check_against_ledger(&diverged, &ledger, c.nodes[3].node_id);
+    assert!(
+        diverged != at_fork,
+        "the divergence snapshot holds nothing new"
+    );
+    // It is read-only.
+    let client = NbdClient::connect(c.nodes[3].nbd, clone).await.unwrap();
+    assert!(
+        client.write(0, &[7u8; 4096], false).await.unwrap().is_err(),
+        "a divergence snapshot took a write"
+    );
+    // The objects only the old primary acknowledged are in the sealed
+    // divergence bucket, over the bucket as it was at the fork.
+    let bucket = &newest["buckets"][0];
+    assert_eq!(bucket["bucket"], "bkt", "{listed}");
+    assert_eq!(bucket["objects"], 3, "{listed}");
+    let diverged_bucket = bucket["clone"].as_str().unwrap();
+    let dr_s3 = s3_at(&c.nodes[3]);
+    let get = |b: &str, k: &str| {
+        let (b, k, s3) = (b.to_owned(), k.to_owned(), dr_s3.clone());
+        async move {
+            match s3.get_object().bucket(b).key(k).send().await {
+                Ok(o) => Some(o.body.collect().await.unwrap().into_bytes().to_vec()),
+                Err(e) => {
+                    let e = e.into_service_error();
+                    assert!(e.is_no_such_key(), "{e:?}");
+                    None
+                }
+            }
+        }
+    };
+    assert_eq!(get(diverged_bucket, "after-cut").await, Some(big));
+    assert_eq!(
+        get(diverged_bucket, "replaced").await,
+        Some(b"new".to_vec())
+    );
+    assert_eq!(
+        get(diverged_bucket, "kept").await,
+        None,
+        "deleted by the old site"
+    );
+    // The bucket itself is as it was at the fork.
+    assert_eq!(get("bkt", "kept").await, Some(b"at the fork".to_vec()));
+    assert_eq!(get("bkt", "replaced").await, Some(b"old".to_vec()));
+    assert_eq!(get("bkt", "after-cut").await, None);
+    let refused = dr_s3
+        .put_object()
+        .bucket(diverged_bucket)
+        .key("x")
+        .body(ByteStream::from(b"x".to_vec()))
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.into_service_error().meta().code(),
+        Some("AccessDenied"),
+        "a divergence bucket took a write"
+    );
+    // The old site changed nothing at DR.
+    assert!(
+        read_all(&c.nodes[3]).await == at_fork,
+        "the DR volume changed"
+    );
+    // The old nodes now serve the new generation, and only it.
+    let dr_last = pg_status_of(&c.nodes[3], "t/main").unwrap()["last_log_index"]
+        .as_u64()
+        .unwrap();
+    for n in &c.nodes[..3] {
+        wait_pg_status(n, "t/main", "catch up at generation 1", |s| {
+            s["applied_index"].as_u64() >= Some(dr_last)
+        })
+        .await;
+        assert!(
+            read_all(n).await == at_fork,
+            "node {} serves something else than generation 1",
+            n.node_id
+        );
+        let events = n.must_cli(&["events", "--output", "json"]);
+        assert!(events.contains("\"fenced\""), "{events}");
     }
 }

@@ -39,7 +39,8 @@ pub fn from_node(e: NodeError) -> S3Error {
             J::KeyTooLong { .. } => (C::KeyTooLongError, rejection.to_string()),
             J::BucketReadOnly { .. } => (
                 C::AccessDenied,
-                "this bucket is a read-only clone of another bucket's past".into(),
+                "this bucket is read-only: a clone of another bucket's past, or a divergence snapshot"
+                    .into(),
             ),
             J::UploadNotFound { .. } => (C::NoSuchUpload, rejection.to_string()),
             J::InvalidPart { .. } => (C::InvalidPart, rejection.to_string()),
