@@ -638,7 +638,9 @@ async fn standby_catches_up_from_the_log_and_a_lost_one_through_a_snapshot() {
 
     // DR node 2 is down while what fits in the leader's log is written:
     // a log past its limit is cut to half whoever lags (the snapshot path
-    // below), so keep to two thirds of the room the log has left.
+    // below), so keep to half the room the log has left (the average
+    // entry is smaller than a block write's: small commands are in it too;
+    // two thirds once overran the limit on a loaded CI machine).
     let mut nudge = 200;
     let (room, per_entry) = loop {
         let within = wait_main_status(&c.nodes[0], "the leader's log within its limit", |s| {
@@ -658,7 +660,7 @@ async fn standby_catches_up_from_the_log_and_a_lost_one_through_a_snapshot() {
         nudge += 1;
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let down_blocks = (room * 2 / 3 / per_entry).clamp(1, 16);
+    let down_blocks = (room / 2 / per_entry).clamp(1, 16);
     let leader_applied = main_status_of(&c.nodes[0]).unwrap()["applied_index"].as_u64();
     wait_main_status(&c.nodes[1], "dr node 2 applies", |s| {
         s["applied_index"].as_u64() >= leader_applied
