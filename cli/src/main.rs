@@ -1994,6 +1994,7 @@ fn print_divergences(out: &Output, divergences: Vec<api::Divergence>) {
                         "last_ms": d.last_ms,
                         "lost_ms": (d.fork_ms > 0 && d.last_ms > 0).then(|| d.last_ms.saturating_sub(d.fork_ms)),
                         "recorded_ms": d.recorded_ms,
+                        "complete": d.complete, "covered_by": (d.covered_by != 0).then_some(d.covered_by),
                         "volumes": d.volumes.iter().map(|v| serde_json::json!({
                             "volume": v.volume, "clone": v.clone, "blocks": v.blocks,
                             "bytes": v.bytes, "deleted": v.deleted,
@@ -2022,6 +2023,11 @@ fn print_divergences(out: &Output, divergences: Vec<api::Divergence>) {
         let entries = format!("{}..={}", d.fork_index + 1, d.last_index);
         let fork = format_time_ms(d.fork_ms);
         if d.volumes.is_empty() && d.buckets.is_empty() {
+            let (snapshot, changed) = match (d.covered_by, d.complete) {
+                (0, true) => ("-".to_owned(), "0".to_owned()),
+                (0, false) => ("-".to_owned(), "(carrying)".to_owned()),
+                (by, _) => (format!("in node {by}'s"), "-".to_owned()),
+            };
             table.row(vec![
                 d.pg.clone(),
                 d.generation.to_string(),
@@ -2029,8 +2035,8 @@ fn print_divergences(out: &Output, divergences: Vec<api::Divergence>) {
                 d.node_id.to_string(),
                 fork.clone(),
                 "-".into(),
-                "-".into(),
-                "0".into(),
+                snapshot,
+                changed,
             ]);
         }
         for v in &d.volumes {

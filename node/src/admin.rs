@@ -1396,6 +1396,8 @@ fn divergence_message(d: lifeboat_proto::raft::DivergenceRecord) -> api::Diverge
         fork_ms: d.fork_ms,
         last_ms: d.last_ms,
         recorded_ms: d.recorded_ms,
+        complete: d.complete,
+        covered_by: d.covered_by,
         volumes: d
             .volumes
             .into_iter()

@@ -17,7 +17,11 @@
 //!    `VOLUME-div-gG-nN`, with the blocks it wrote after F, as they were
 //!    at its last applied index — the divergence snapshot, replicated at
 //!    every site like any volume and read-only over NBD — and records the
-//!    divergence in the catalog (`lifeboat snapshot list --divergence`);
+//!    divergence in the catalog (`lifeboat snapshot list --divergence`),
+//!    marked complete once everything is carried. When another old node's
+//!    complete divergence already holds this member's log as a prefix
+//!    (the same last term, at least the same last index), it carries
+//!    nothing and records only that it is covered by that one;
 //! 3. wipes the PG's replica here (data, Raft log and state) in one batch,
 //!    so that the member the catalog places on this node in the new
 //!    generation starts from nothing.
@@ -151,9 +155,15 @@ impl NodeCore {
             ),
         );
         if last_index > fork.0 {
-            let record = self
-                .carry_divergence(rec, local, fork, LogIndex(last_index), last_term)
+            let covering = self.divergence_covering(pg, old_generation, last_index, last_term)?;
+            let mut record = self
+                .divergence_record(rec, local, fork, LogIndex(last_index), last_term)
                 .await?;
+            match covering {
+                Some(by) => record.covered_by = by.node_id,
+                None => self.carry_divergence(rec, &mut record).await?,
+            }
+            record.complete = true;
             let kept: Vec<String> = record
                 .volumes
                 .iter()
@@ -162,6 +172,7 @@ impl NodeCore {
                 .filter(|c| !c.is_empty())
                 .cloned()
                 .collect();
+            let covered_by = record.covered_by;
             self.propose_catalog(pb::command::Kind::RecordDivergence(pb::RecordDivergence {
                 record: Some(record),
             }))
@@ -172,7 +183,9 @@ impl NodeCore {
                 format!(
                     "{name}: entries {}..={last_index} of generation {old_generation} kept as {}",
                     fork.0 + 1,
-                    if kept.is_empty() {
+                    if covered_by != 0 {
+                        format!("node {covered_by}'s divergence snapshot, which holds this node's log as a prefix")
+                    } else if kept.is_empty() {
                         "a record (no volume or bucket changed)".to_owned()
                     } else {
                         kept.join(", ")
@@ -205,9 +218,39 @@ impl NodeCore {
         Ok(())
     }
 
-    /// Carries what the stopped old member of `rec`'s PG applied after
-    /// `fork` into the new generation (see the module doc).
-    async fn carry_divergence(
+    /// Another node's complete divergence of the same PG and generation
+    /// whose log has this member's as a prefix: the same last term (one
+    /// leader wrote every entry of a term, in order, so two logs that end
+    /// in the same term agree up to the shorter one's end) and at least
+    /// this member's last index. Its clones then hold every write this
+    /// member applied, at the same or a later version.
+    fn divergence_covering(
+        &self,
+        pg: PgId,
+        generation: u64,
+        last_index: u64,
+        last_term: u64,
+    ) -> NodeResult<Option<pb::DivergenceRecord>> {
+        Ok(self
+            .catalog
+            .divergences()
+            .map_err(NodeError::io("read catalog"))?
+            .into_iter()
+            .filter(|d| {
+                d.pg == pg.0
+                    && d.generation == generation
+                    && d.node_id != self.config.node_id
+                    && d.complete
+                    && d.covered_by == 0
+                    && d.last_term == last_term
+                    && d.last_index >= last_index
+            })
+            .max_by_key(|d| d.last_index))
+    }
+
+    /// The record of what the stopped old member of `rec`'s PG applied
+    /// after `fork`, with nothing carried yet.
+    async fn divergence_record(
         &self,
         rec: &pb::PgRecord,
         local: LocalMember,
@@ -216,8 +259,6 @@ impl NodeCore {
         last_term: u64,
     ) -> NodeResult<pb::DivergenceRecord> {
         let pg = local.pg;
-        let generation = local.generation.0;
-        let node = self.config.node_id;
         let (fork_ms, last_ms) = {
             let log = LogStore::new(self.db.clone(), pg, self.syncer.clone());
             tokio::task::spawn_blocking(move || -> std::io::Result<(u64, u64)> {
@@ -230,22 +271,37 @@ impl NodeCore {
             .map_err(|e| NodeError::io("read the old log's stamps")(std::io::Error::other(e)))?
             .map_err(NodeError::io("read the old log's stamps"))?
         };
-        let mut record = pb::DivergenceRecord {
+        Ok(pb::DivergenceRecord {
             pg: pg.0,
             tenant: rec.tenant.clone(),
             pg_name: rec.name.clone(),
-            generation,
+            generation: local.generation.0,
             fork_index: fork.0,
             last_index: last.0,
             last_term,
-            node_id: node,
+            node_id: self.config.node_id,
             member_id: local.member.0,
             recorded_ms: self.now_ms(),
             volumes: Vec::new(),
             buckets: Vec::new(),
             fork_ms,
             last_ms,
-        };
+            complete: false,
+            covered_by: 0,
+        })
+    }
+
+    /// Carries what the stopped old member of `rec`'s PG applied after
+    /// the fork into the new generation (see the module doc), listing what
+    /// it carries in `record` (from [`Self::divergence_record`]).
+    async fn carry_divergence(
+        &self,
+        rec: &pb::PgRecord,
+        record: &mut pb::DivergenceRecord,
+    ) -> NodeResult<()> {
+        let pg = PgId(record.pg);
+        let (generation, node) = (record.generation, record.node_id);
+        let (fork, last) = (LogIndex(record.fork_index), LogIndex(record.last_index));
         let tenant = self.tenant(&rec.tenant)?;
         let keys = self.tenant_keys(&rec.tenant, None)?;
         for (volume, _, now) in self.volumes.volumes(pg)? {
@@ -411,7 +467,7 @@ impl NodeCore {
                 "divergence carried"
             );
         }
-        Ok(record)
+        Ok(())
     }
 
     /// Carries `key` of `bucket` as this node's replica last had it into

@@ -465,14 +465,32 @@ async fn losing_the_primary_site_then_forced_failover_keeps_every_acknowledged_w
     }
 }
 
+/// Waits until `n` serves t/main at `generation` (90 s from `since`).
+async fn wait_generation(
+    n: &lifeboat_chaos_tests::harness::TestNode,
+    generation: u64,
+    since: Instant,
+) {
+    while pg_status_of(n, "t/main").is_none_or(|s| s["generation"] != generation) {
+        assert!(
+            since.elapsed() < Duration::from_secs(90),
+            "node {} never served t/main at generation {generation}:\n{}",
+            n.node_id,
+            n.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// The old primary comes back after a forced failover. The primary was
 /// cut off from DR first (it kept its lease through the witness), so it
 /// acknowledged writes that DR never received; then every primary node was
 /// killed and the PG forced over to DR. Coming back, each old node finds
 /// its member a generation behind the catalog: it stops it, carries what
 /// it alone applied after the fork into the new generation as a
-/// read-only divergence snapshot (`t/v-div-g0-nN`), wipes its replica and
-/// rejoins as a new member. Every acknowledged write is in the divergence
+/// read-only divergence snapshot (`t/v-div-g0-nN`; a node whose log is a
+/// prefix of one carried before only points at it), wipes its replica
+/// and rejoins as a new member. Every acknowledged write is in the divergence
 /// snapshot, the DR volume is untouched by the old site, and the old
 /// nodes then serve the new generation only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -575,44 +593,70 @@ async fn the_old_primary_returning_is_fenced_and_keeps_what_only_it_acknowledged
 
     eprintln!("[returning] forced: {forced}");
     links.heal_all();
+    // The old nodes come back one after the other. Each fences its
+    // member, carries what it alone has (unless a node back before it
+    // already carried a log its own is a prefix of), and rejoins with a
+    // new member at generation 1 (its record complete before its replica
+    // goes).
+    let mut took = Vec::new();
     for n in &mut c.nodes[..3] {
+        let returned = Instant::now();
         n.start().unwrap();
+        wait_generation(n, 1, returned).await;
+        took.push(returned.elapsed());
     }
-    // Every old node fences its member, carries what it alone has, and
-    // rejoins with a new member at generation 1.
-    let returned = Instant::now();
-    for n in &c.nodes[..3] {
-        while pg_status_of(n, "t/main").is_none_or(|s| s["generation"] != 1) {
-            assert!(
-                returned.elapsed() < Duration::from_secs(90),
-                "node {} never rejoined at generation 1:\n{}",
-                n.node_id,
-                n.log_tail()
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-    eprintln!(
-        "the old nodes rejoined {:?} after their restart",
-        returned.elapsed()
-    );
+    eprintln!("the old nodes rejoined, one after the other, {took:?} after their restarts");
     let listed = c.nodes[3].must_cli(&["snapshot", "list", "--divergence", "--output", "json"]);
     let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
     let divergences = listed.as_array().unwrap();
-    // The old leader applied every write it acknowledged: the divergence
-    // with the highest last index holds them all.
-    let newest = divergences
-        .iter()
-        .max_by_key(|d| d["last_index"].as_u64())
-        .unwrap_or_else(|| panic!("no divergence recorded: {listed}"));
     eprintln!(
         "fork index {fork}; divergences: {}",
         divergences
             .iter()
-            .map(|d| format!("node {} to {}", d["node"], d["last_index"]))
+            .map(|d| format!(
+                "node {} to {} (covered by {})",
+                d["node"], d["last_index"], d["covered_by"]
+            ))
             .collect::<Vec<_>>()
             .join(", ")
     );
+    // One complete record per old node, in the order they came back: a
+    // node is covered exactly when one back before it carried at least
+    // as far (one leader wrote the whole cut, in one term).
+    let by_node = |id: u64| {
+        divergences
+            .iter()
+            .find(|d| d["node"] == id)
+            .unwrap_or_else(|| panic!("no divergence from node {id}: {listed}"))
+    };
+    let mut carried: Vec<&serde_json::Value> = Vec::new();
+    for n in &c.nodes[..3] {
+        let d = by_node(n.node_id);
+        assert_eq!(d["complete"], true, "{listed}");
+        let last = d["last_index"].as_u64().unwrap();
+        match carried
+            .iter()
+            .filter(|e| e["last_index"].as_u64() >= Some(last))
+            .max_by_key(|e| e["last_index"].as_u64())
+        {
+            Some(by) => {
+                assert_eq!(d["covered_by"], by["node"], "{listed}");
+                assert_eq!(d["volumes"], serde_json::json!([]), "{listed}");
+                assert_eq!(d["buckets"], serde_json::json!([]), "{listed}");
+            }
+            None => {
+                assert!(d["covered_by"].is_null(), "{listed}");
+                carried.push(d);
+            }
+        }
+    }
+    // The old leader applied every write it acknowledged, and every old
+    // log is a prefix of the longest: the carried divergence with the
+    // highest last index holds them all.
+    let newest = *carried
+        .iter()
+        .max_by_key(|d| d["last_index"].as_u64())
+        .unwrap();
     assert_eq!(newest["pg"], "t/main", "{listed}");
     assert_eq!(newest["generation"], 0, "{listed}");
     assert_eq!(newest["fork_index"].as_u64(), Some(fork), "{listed}");
