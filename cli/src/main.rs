@@ -6,6 +6,7 @@
 //! 5 unauthenticated or permission denied · 6 unavailable or not initialised ·
 //! 7 invalid argument · 8 out of space.
 
+mod drill;
 mod output;
 mod size;
 mod up;
@@ -99,6 +100,10 @@ enum Command {
     /// acknowledged is lost (RPO 0) and clients see a pause, not errors.
     /// Waits until every PG is led from the target site.
     Failover(FailoverArgs),
+    /// Failover drills: rehearse a failover at a standby site while
+    /// production runs, and report the measured RPO and RTO.
+    #[command(subcommand)]
+    Drill(drill::DrillCommand),
     /// What this node has reported to operators (ack policy degradations,
     /// lease expiries, switchover steps, …), oldest first.
     Events {
@@ -499,7 +504,7 @@ enum BucketCommand {
 
 /// An error that carries its exit code.
 #[derive(Debug)]
-struct Exit(u8);
+pub(crate) struct Exit(pub(crate) u8);
 
 impl std::fmt::Display for Exit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -611,6 +616,10 @@ impl Client {
             req.metadata_mut().insert("authorization", v);
         }
         req
+    }
+
+    pub(crate) fn token(&self) -> &Option<String> {
+        &self.token
     }
 
     pub(crate) fn api(&mut self) -> &mut AdminClient<Channel> {
@@ -1060,7 +1069,10 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
             print_credentials(out, r.credentials);
         }
         Command::Tenant(TenantCommand::Token(TenantTokenCommand::Create { tenant })) => {
-            let req = client.request(api::CreateTenantTokenRequest { tenant });
+            let req = client.request(api::CreateTenantTokenRequest {
+                tenant,
+                drill: false,
+            });
             let r = client.api().create_tenant_token(req).await?.into_inner();
             let info = r.info.unwrap_or_default();
             if out.json {
@@ -1406,6 +1418,7 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                 );
             }
         }
+        Command::Drill(command) => drill::run(client, command, out).await?,
         Command::Events { follow: true } => follow_events(client, out).await?,
         Command::Events { follow: false } => {
             let req = client.request(api::ListEventsRequest {});
@@ -1849,7 +1862,7 @@ fn print_buckets(out: &Output, buckets: Vec<api::Bucket>) {
 }
 
 /// Milliseconds since the Unix epoch as RFC 3339 UTC.
-fn format_time_ms(ms: u64) -> String {
+pub(crate) fn format_time_ms(ms: u64) -> String {
     lifeboat_snapshot::format_ms(ms)
 }
 

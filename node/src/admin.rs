@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use lifeboat_proto::admin as api;
 use lifeboat_proto::admin::admin_server::Admin;
+use lifeboat_proto::raft as pb;
 use lifeboat_replication::ProtectionGroup;
 use lifeboat_replication::ack::AckPolicy;
 use tonic::{Request, Response, Status};
@@ -38,7 +39,10 @@ pub fn status(e: &NodeError) -> Status {
         | NodeError::CredentialNotFound(_)
         | NodeError::SnapshotNotFound(_)
         | NodeError::TokenNotFound(_)
+        | NodeError::DrillNotFound(_)
         | NodeError::PgNotFound(_) => Code::NotFound,
+        NodeError::WrongSite { .. } => Code::FailedPrecondition,
+        NodeError::SourceBehind { .. } => Code::Unavailable,
         NodeError::Unauthenticated => Code::Unauthenticated,
         NodeError::PermissionDenied { .. } => Code::PermissionDenied,
         NodeError::MasterKeyInsideDataDir { .. } => Code::FailedPrecondition,
@@ -83,7 +87,10 @@ pub fn status(e: &NodeError) -> Status {
                 | J::NothingToUndo
                 | J::RestoreChanged { .. } => Code::FailedPrecondition,
                 J::SnapshotExists { .. } => Code::AlreadyExists,
-                J::SnapshotNotFound { .. } | J::TokenNotFound => Code::NotFound,
+                J::SnapshotNotFound { .. } | J::TokenNotFound | J::DrillNotFound { .. } => {
+                    Code::NotFound
+                }
+                J::DrillStopped { .. } => Code::FailedPrecondition,
                 J::IndexOutOfHistory { .. } => Code::OutOfRange,
                 J::NoMembersAtSite { .. } => Code::FailedPrecondition,
                 J::KeyTooLong { .. } | J::InvalidPart { .. } => Code::InvalidArgument,
@@ -158,6 +165,16 @@ impl AdminService {
     fn require_operator<T>(&self, req: &Request<T>, action: &str) -> Result<(), Status> {
         match self.role(req)? {
             Role::Operator => Ok(()),
+            Role::Tenant(_) | Role::Drill => Err(status(&NodeError::PermissionDenied {
+                action: action.into(),
+            })),
+        }
+    }
+
+    /// An operator or a drill team.
+    fn require_drill<T>(&self, req: &Request<T>, action: &str) -> Result<(), Status> {
+        match self.role(req)? {
+            Role::Operator | Role::Drill => Ok(()),
             Role::Tenant(_) => Err(status(&NodeError::PermissionDenied {
                 action: action.into(),
             })),
@@ -788,12 +805,18 @@ impl Admin for AdminService {
         &self,
         req: Request<api::CreateTenantTokenRequest>,
     ) -> Result<Response<api::CreateTenantTokenResponse>, Status> {
-        self.require_operator(&req, "create tenant tokens")?;
-        let (token, info) = self
-            .core
-            .create_tenant_token(&req.get_ref().tenant)
-            .await
-            .map_err(|e| status(&e))?;
+        self.require_operator(&req, "create tokens")?;
+        let r = req.get_ref();
+        let made = match (r.drill, r.tenant.is_empty()) {
+            (true, true) => self.core.create_drill_token().await,
+            (false, false) => self.core.create_tenant_token(&r.tenant).await,
+            _ => Err(NodeError::InvalidName {
+                what: "token",
+                name: r.tenant.clone(),
+                reason: "a token is for a tenant or for drills, one of the two".into(),
+            }),
+        };
+        let (token, info) = made.map_err(|e| status(&e))?;
         Ok(Response::new(api::CreateTenantTokenResponse {
             token,
             info: Some(token_message(info)),
@@ -1015,7 +1038,8 @@ impl Admin for AdminService {
         &self,
         req: Request<api::ListNodesRequest>,
     ) -> Result<Response<api::ListNodesResponse>, Status> {
-        self.require_operator(&req, "list nodes")?;
+        // A drill team finds the nodes of its drill's site here.
+        self.require_drill(&req, "list nodes")?;
         let records = self
             .core
             .catalog
@@ -1302,6 +1326,75 @@ impl Admin for AdminService {
             .await
             .map_err(|e| status(&e))?;
         Ok(Response::new(pg_message(&self.core, record)))
+    }
+
+    async fn start_drill(
+        &self,
+        req: Request<api::StartDrillRequest>,
+    ) -> Result<Response<pb::DrillRecord>, Status> {
+        self.require_drill(&req, "start drills")?;
+        let r = req.get_ref();
+        let record = self
+            .core
+            .start_drill(&r.site, &r.pgs, &r.at)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(record))
+    }
+
+    async fn list_drills(
+        &self,
+        req: Request<api::ListDrillsRequest>,
+    ) -> Result<Response<api::ListDrillsResponse>, Status> {
+        self.require_drill(&req, "list drills")?;
+        let drills = self.core.drills().map_err(|e| status(&e))?;
+        Ok(Response::new(api::ListDrillsResponse { drills }))
+    }
+
+    async fn drill_report(
+        &self,
+        req: Request<api::DrillReportRequest>,
+    ) -> Result<Response<api::DrillReportResponse>, Status> {
+        self.require_drill(&req, "report on drills")?;
+        let r = req.get_ref();
+        let drill = self.core.drill(r.id).map_err(|e| status(&e))?;
+        let checksums = if r.checksums {
+            self.core
+                .drill_checksums(r.id)
+                .await
+                .map_err(|e| status(&e))?
+                .into_iter()
+                .map(|c| api::CloneChecksum {
+                    tenant: c.tenant,
+                    name: c.name,
+                    source: c.source,
+                    index: c.index,
+                    clone_sha256: c.clone_sha256,
+                    source_sha256: c.source_sha256,
+                    blocks_written: c.blocks_written,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok(Response::new(api::DrillReportResponse {
+            drill: Some(drill),
+            checksums,
+            node_id: self.core.config.node_id,
+        }))
+    }
+
+    async fn stop_drill(
+        &self,
+        req: Request<api::StopDrillRequest>,
+    ) -> Result<Response<pb::DrillRecord>, Status> {
+        self.require_drill(&req, "stop drills")?;
+        let record = self
+            .core
+            .stop_drill(req.get_ref().id)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(record))
     }
 
     async fn switchover(

@@ -50,13 +50,17 @@ const LEADERSHIP_WAIT: Duration = Duration::from_secs(30);
 pub enum Role {
     Operator,
     Tenant(String),
+    /// Runs drills (start, list, report, stop) and nothing else.
+    Drill,
 }
 
 impl Role {
     fn parse(s: &str) -> Option<Role> {
         match s.strip_prefix("tenant:") {
             Some(t) => Some(Role::Tenant(t.to_owned())),
-            None => (s == "operator").then_some(Role::Operator),
+            None if s == "operator" => Some(Role::Operator),
+            None if s == "drill" => Some(Role::Drill),
+            None => None,
         }
     }
 
@@ -64,6 +68,7 @@ impl Role {
         match self {
             Role::Operator => true,
             Role::Tenant(t) => t == tenant,
+            Role::Drill => false,
         }
     }
 }
@@ -568,13 +573,18 @@ impl NodeCore {
             Duration::from_millis(crate::schedules::SCHEDULE_CHECK_MS),
             |core| async move { crate::schedules::run_once(&core).await },
         );
+        let drill_lag = self.every(crate::drills::DRILL_LAG_SAMPLE, |core| async move {
+            core.sample_drill_lag().await
+        });
         let history_gc = self.every(
             Duration::from_millis(self.config.history.gc_interval_ms),
             |core| async move { crate::gc::run_once(&core).await },
         );
         let leases = self.start_lease_task();
         let mut background = self.background.lock().expect("background lock");
-        background.extend([reconciler, retention, sweep, schedules, history_gc]);
+        background.extend([
+            reconciler, retention, sweep, schedules, history_gc, drill_lag,
+        ]);
         background.extend(leases);
         if let Some(liveness) = self.liveness.clone() {
             background.push(self.every(liveness.interval(), move |core| {
@@ -666,6 +676,15 @@ impl NodeCore {
             .into_iter()
             .map(|m| (m.pg, m))
             .collect();
+        // A stopped drill's PGs are gone from the catalog: their replicas
+        // here go too.
+        let unplaced = local
+            .keys()
+            .filter(|pg| **pg != PgId::CATALOG && !records.iter().any(|r| r.id == pg.0))
+            .copied();
+        if let Err(e) = self.drop_stopped_drill_members(unplaced).await {
+            tracing::warn!(code = e.code(), error = %e, "dropping a stopped drill's replica");
+        }
         for rec in &records {
             let pg = PgId(rec.id);
             // A member of an older generation here: the PG failed over
@@ -817,7 +836,9 @@ impl NodeCore {
         nodes: &[pb::NodeRecord],
     ) -> NodeResult<()> {
         let mut load = placement::load(records);
-        for rec in records.iter().filter(|r| r.id != 0) {
+        // A drill's PG keeps the members it was placed on: the nodes of
+        // its site that hold its source's replicas.
+        for rec in records.iter().filter(|r| r.id != 0 && r.drill == 0) {
             let add = placement::missing_members(
                 self.placement_policy(),
                 &rec.active_site,
@@ -856,6 +877,30 @@ impl NodeCore {
             tracing::warn!(pg = g.pg().0, error = %e, "raft shutdown");
         }
         self.groups.write().expect("groups lock").remove(&g.pg());
+    }
+
+    /// Deletes this node's replica of `pg` (its key ranges, Raft log and
+    /// state, in one synced batch) and its Raft snapshot files. The member
+    /// must be stopped.
+    pub(crate) async fn wipe_replica(&self, pg: PgId) -> NodeResult<()> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || lifeboat_store::raft_snapshot::wipe_pg(&db, pg))
+            .await
+            .map_err(|e| NodeError::io("wipe a replica")(std::io::Error::other(e)))??;
+        // Its Raft snapshot files went with the state that named them.
+        let snapshots = self
+            .config
+            .data_dir
+            .join("raft-snapshots")
+            .join(format!("pg-{}", pg.0));
+        match std::fs::remove_dir_all(&snapshots) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(path = %snapshots.display(), error = %e, "remove a wiped replica's raft snapshots")
+            }
+        }
+        Ok(())
     }
 
     /// Stops a member the group no longer has and forgets its log.
@@ -1130,6 +1175,7 @@ impl NodeCore {
                 name: name.to_owned(),
                 ack: ack.to_pb() as i32,
                 members,
+                ..Default::default()
             }))
             .await?;
         let Applied::PgCreated { pg } = applied else {
@@ -1221,7 +1267,7 @@ impl NodeCore {
 
     /// Waits until a new PG has a leader, as far as this node can tell: it
     /// runs a member that knows the leader, or it hosts no member at all.
-    async fn wait_pg_ready(&self, pg: PgId) -> NodeResult<()> {
+    pub(crate) async fn wait_pg_ready(&self, pg: PgId) -> NodeResult<()> {
         let deadline = std::time::Instant::now() + LEADERSHIP_WAIT;
         let mut campaigned = std::time::Instant::now();
         loop {

@@ -100,6 +100,22 @@ pub enum NodeError {
         waited_ms: u64,
         seen: String,
     },
+    #[error("drill {0} does not exist")]
+    DrillNotFound(u64),
+    #[error("this node is at site {here}: {action} on a node of site {wanted}")]
+    WrongSite {
+        action: String,
+        here: String,
+        wanted: String,
+    },
+    #[error(
+        "protection group {pg}: this node's replica has applied index {applied}, not yet {wanted}; try again when it has caught up"
+    )]
+    SourceBehind {
+        pg: String,
+        applied: u64,
+        wanted: u64,
+    },
     #[error("protection group {pg} is not hosted on this node; its members are on nodes {nodes:?}")]
     NotHostedHere { pg: u64, nodes: Vec<u64> },
     #[error("certificates: {reason}")]
@@ -161,6 +177,9 @@ impl NodeError {
             NodeError::Pki { .. } => "node.pki",
             NodeError::JoinToken { .. } => "node.join_token",
             NodeError::PeerRefused { .. } => "node.peer_refused",
+            NodeError::DrillNotFound(_) => "node.drill_not_found",
+            NodeError::WrongSite { .. } => "node.wrong_site",
+            NodeError::SourceBehind { .. } => "node.source_behind",
         }
     }
 }

@@ -135,14 +135,28 @@ impl NodeCore {
         if !nodes.iter().any(|n| n.site == to_site) {
             return Err(NodeError::SiteNotFound(to_site.to_owned()));
         }
+        // A drill's PGs stay at their site (stop the drill instead).
         let records: Vec<pb::PgRecord> = if names.is_empty() {
             self.pg_records(None)?
+                .into_iter()
+                .filter(|r| r.drill == 0)
+                .collect()
         } else {
             names
                 .iter()
                 .map(|n| self.pg_named(n))
                 .collect::<NodeResult<_>>()?
         };
+        if let Some(r) = records.iter().find(|r| r.drill != 0) {
+            return Err(NodeError::InvalidName {
+                what: "protection group",
+                name: pg_name(r),
+                reason: format!(
+                    "it belongs to drill {}, which stays at its site: stop the drill instead",
+                    r.drill
+                ),
+            });
+        }
         let live = by_id(&nodes);
         let at_target = |r: &pb::PgRecord| {
             r.members

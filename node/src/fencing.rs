@@ -193,23 +193,7 @@ impl NodeCore {
                 ),
             );
         }
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || lifeboat_store::raft_snapshot::wipe_pg(&db, pg))
-            .await
-            .map_err(|e| NodeError::io("wipe the fenced replica")(std::io::Error::other(e)))??;
-        // Its Raft snapshot files went with the state that named them.
-        let snapshots = self
-            .config
-            .data_dir
-            .join("raft-snapshots")
-            .join(format!("pg-{}", pg.0));
-        match std::fs::remove_dir_all(&snapshots) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                tracing::warn!(path = %snapshots.display(), error = %e, "remove a fenced member's raft snapshots")
-            }
-        }
+        self.wipe_replica(pg).await?;
         tracing::info!(
             pg = pg.0,
             generation = old_generation,
@@ -328,6 +312,7 @@ impl NodeCore {
                 .map(|_| pb::VolumeBase {
                     volume: volume.0,
                     index: fork.0,
+                    pg: None,
                 });
             let clone_id = self
                 .carry_volume_record(rec, &clone, now.size_bytes, base)

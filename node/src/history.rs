@@ -370,6 +370,7 @@ impl NodeCore {
                 Some(pb::VolumeBase {
                     volume: loc.volume.0,
                     index: p.index.0,
+                    pg: None,
                 }),
             )
             .await?;

@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod config;
 pub mod core;
+pub mod drills;
 pub mod error;
 pub mod events;
 pub mod failover;

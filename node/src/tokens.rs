@@ -1,5 +1,5 @@
-//! Admin tokens of tenants (role `tenant:NAME`): created and revoked by an
-//! operator, stored as SHA-256 hashes in the catalog, named by an id that
+//! Admin tokens of tenants (role `tenant:NAME`) and drill teams (role
+//! `drill`): created and revoked by an operator, stored as SHA-256 hashes in the catalog, named by an id that
 //! is the first [`TOKEN_ID_HEX`] hex digits of that hash.
 
 use lifeboat_proto::raft as pb;
@@ -23,9 +23,18 @@ impl NodeCore {
     /// token is shown this once.
     pub async fn create_tenant_token(&self, tenant: &str) -> NodeResult<(String, TokenInfo)> {
         self.tenant(tenant)?;
+        self.create_token(format!("tenant:{tenant}")).await
+    }
+
+    /// Creates a drill token (role `drill`: it starts, lists, reports and
+    /// stops drills, and nothing else).
+    pub async fn create_drill_token(&self) -> NodeResult<(String, TokenInfo)> {
+        self.create_token("drill".to_owned()).await
+    }
+
+    async fn create_token(&self, role: String) -> NodeResult<(String, TokenInfo)> {
         let token = format!("lbt_{}", random_hex(32));
         let digest = sha256(token.as_bytes());
-        let role = format!("tenant:{tenant}");
         self.propose_catalog(pb::command::Kind::CreateToken(pb::CreateToken {
             token_sha256: digest.clone().into(),
             role: role.clone(),
@@ -37,7 +46,7 @@ impl NodeCore {
             .token(&digest)
             .map_err(NodeError::io("read catalog"))?
             .map_or(0, |r| r.created_ms);
-        tracing::info!(tenant, id, "tenant token created");
+        tracing::info!(role, id, "token created");
         Ok((
             token,
             TokenInfo {
@@ -65,9 +74,9 @@ impl NodeCore {
             .collect())
     }
 
-    /// Revokes the tenant token named `id`: later requests with it are
-    /// unauthenticated. Operator tokens are not revoked this way, so an
-    /// operator cannot lock everyone out by mistake.
+    /// Revokes the tenant or drill token named `id`: later requests with
+    /// it are unauthenticated. Operator tokens are not revoked this way, so
+    /// an operator cannot lock everyone out by mistake.
     pub async fn revoke_tenant_token(&self, id: &str) -> NodeResult<TokenInfo> {
         let not_found = || NodeError::TokenNotFound(id.to_owned());
         if id.len() != TOKEN_ID_HEX {
@@ -78,7 +87,9 @@ impl NodeCore {
             .tokens()
             .map_err(NodeError::io("read catalog"))?
             .into_iter()
-            .find(|(sha, r)| sha.starts_with(id) && r.role.starts_with("tenant:"))
+            .find(|(sha, r)| {
+                sha.starts_with(id) && (r.role.starts_with("tenant:") || r.role == "drill")
+            })
             .ok_or_else(not_found)?;
         let digest = hex::decode(&sha).map_err(|e| NodeError::Io {
             op: "read catalog".into(),
@@ -88,7 +99,7 @@ impl NodeCore {
             token_sha256: digest.into(),
         }))
         .await?;
-        tracing::info!(id, role = record.role, "tenant token revoked");
+        tracing::info!(id, role = record.role, "token revoked");
         Ok(TokenInfo {
             id: id.to_owned(),
             role: record.role,

@@ -133,6 +133,16 @@ impl ExportProvider for VolumeExports {
             .core
             .divergence_of(&loc.tenant, &loc.volume_name)
             .map_err(open_error)?;
+        let drill = self
+            .core
+            .drill_of_pg(loc.group.pg())
+            .map_err(open_error)?
+            .map(|(drill, source, index)| DrillClone {
+                drill,
+                source,
+                index,
+                first_io: std::sync::atomic::AtomicBool::new(false),
+            });
         let loc_pg = loc.group.pg();
         let layers = self
             .core
@@ -148,6 +158,7 @@ impl ExportProvider for VolumeExports {
                 at,
                 pinned,
                 divergence,
+                drill,
                 layers: std::sync::Mutex::new(LayerCache {
                     newest_mask: lifeboat_store::masks::newest_mask(&self.core.db, loc_pg)
                         .map_err(|e| open_error(e.into()))?,
@@ -176,10 +187,23 @@ struct ExportState {
     /// The volume is a divergence snapshot (what an old active site wrote
     /// after a forced failover's fork): read-only, whatever the point.
     divergence: bool,
+    /// Set for a drill's clone: it reads through to this node's replica
+    /// of the drill's source, and its first I/O is the drill's RTO.
+    drill: Option<DrillClone>,
     /// What reads see: the volume's own blocks (at `at`), then, for a
     /// clone, each base at the index it was cloned from; after a restore in
     /// place, its own blocks as they were restored to in between.
     layers: std::sync::Mutex<LayerCache>,
+}
+
+/// A drill's clone behind an export.
+struct DrillClone {
+    drill: u64,
+    /// The source PG and the restore point the clone reads it at.
+    source: PgId,
+    index: LogIndex,
+    /// Reported (or being reported) by this export.
+    first_io: std::sync::atomic::AtomicBool,
 }
 
 /// A live export's layers and the PG's newest rollback mask they were
@@ -218,12 +242,13 @@ impl ExportState {
             .unwrap_or_else(|| self.loc.group.clone())
     }
 
-    /// What a frame of `block` stored under `volume` is bound to (the
-    /// export's own volume, or for a clone, the base it reads through to).
-    fn aad(&self, volume: VolumeId, block: BlockNo) -> FrameAad {
+    /// What a frame of `block` stored under `volume` of `pg` is bound to
+    /// (the export's own volume, or for a clone, the base it reads through
+    /// to, which for a drill's clone is in the drill's source PG).
+    fn aad(&self, pg: PgId, volume: VolumeId, block: BlockNo) -> FrameAad {
         FrameAad::Block {
             tenant: TenantId(self.loc.tenant_id.0),
-            pg: self.pg(),
+            pg,
             volume,
             block,
         }
@@ -281,11 +306,11 @@ impl ExportState {
                 Ok(())
             }
             BlockContent::Frame(frame) => {
-                match self
-                    .core
-                    .codec
-                    .decode(keys, &self.aad(stored.volume, block), frame)
-                {
+                match self.core.codec.decode(
+                    keys,
+                    &self.aad(stored.pg, stored.volume, block),
+                    frame,
+                ) {
                     Ok(plain) if plain.len() == BLOCK_BYTES => {
                         out.copy_from_slice(&plain);
                         Ok(())
@@ -317,7 +342,7 @@ impl ExportState {
         } else {
             Bytes::from(self.core.codec.encode(
                 keys.current(),
-                &self.aad(self.loc.volume, block),
+                &self.aad(self.pg(), self.loc.volume, block),
                 plain,
             ))
         };
@@ -357,6 +382,23 @@ impl ExportState {
             };
         }
         Ok((cache.layers.clone(), cache.newest_mask))
+    }
+
+    /// For a drill's clone: waits until this node's replica of the source
+    /// has the restore point (a standby replica may trail the one the
+    /// point was taken from), and reports the clone's first I/O.
+    async fn drill_source_ready(&self) -> Result<(), Errno> {
+        let Some(d) = &self.drill else {
+            return Ok(());
+        };
+        self.core
+            .wait_drill_source(d.source, d.index)
+            .await
+            .map_err(|e| self.fail("read a drill's source", &e))?;
+        if !d.first_io.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            self.core.record_drill_io(d.drill, &self.loc.volume_name);
+        }
+        Ok(())
     }
 
     /// Waits for a linearizable read point: at the leader, or on this
@@ -416,6 +458,7 @@ impl ExportState {
         data: Option<Bytes>,
     ) -> Result<(), Errno> {
         self.check_space()?;
+        self.drill_source_ready().await?;
         if data.is_some() {
             // Zeros, trims and deletes store nothing: they pass a full
             // quota, so a tenant can always make room.
@@ -564,6 +607,7 @@ impl ExportState {
             }
             Some(_) => {}
         }
+        self.drill_source_ready().await?;
         let layers = self.layers()?;
         let stored = self
             .core

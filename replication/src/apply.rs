@@ -25,6 +25,7 @@ use prost::Message;
 use crate::catalog::{self, Counter};
 use crate::types::{Applied, Rejection};
 
+mod drills;
 #[cfg(test)]
 mod gc_model_test;
 mod history;
@@ -195,6 +196,10 @@ impl<'a> ApplyContext<'a> {
                 | Kind::SetCatalogVoters(_)
                 | Kind::CompleteForcedFailover(_)
                 | Kind::RecordDivergence(_)
+                | Kind::PutDrill(_)
+                | Kind::RecordDrillIo(_)
+                | Kind::RecordDrillLag(_)
+                | Kind::StopDrill(_)
         );
         if is_catalog_command != (self.pg == PgId::CATALOG) {
             return Ok(Err(Rejection::WrongGroup { pg: self.pg.0 }));
@@ -253,6 +258,10 @@ impl<'a> ApplyContext<'a> {
             Kind::SetCatalogVoters(v) => self.apply_set_catalog_voters(v),
             Kind::CompleteForcedFailover(f) => self.apply_complete_forced_failover(f, cmd.stamp_ms),
             Kind::RecordDivergence(r) => self.apply_record_divergence(r),
+            Kind::PutDrill(d) => self.apply_put_drill(d, cmd.stamp_ms),
+            Kind::RecordDrillIo(d) => self.apply_record_drill_io(d),
+            Kind::RecordDrillLag(d) => self.apply_record_drill_lag(d),
+            Kind::StopDrill(d) => self.apply_stop_drill(d, cmd.stamp_ms),
         }
     }
 
@@ -415,6 +424,25 @@ impl<'a> ApplyContext<'a> {
         index: LogIndex,
         b: &pb::VolumeBase,
     ) -> io::Result<Result<VolumeBase, Rejection>> {
+        if let Some(source) = b.pg {
+            // A drill's clone: its base is in the drill's source PG, which
+            // this PG's state cannot see (every replica of it sits beside
+            // a replica of the source, at its own pace). The proposer
+            // checked it, and the drill's pin in the source keeps it.
+            if source == self.pg.0 || source == PgId::CATALOG.0 || b.index == 0 {
+                return Ok(Err(Rejection::Malformed {
+                    reason: format!(
+                        "a drill's clone reads another tenant PG at an index, not PG {source} at {}",
+                        b.index
+                    ),
+                }));
+            }
+            return Ok(Ok(VolumeBase {
+                volume: VolumeId(b.volume),
+                index: LogIndex(b.index),
+                pg: Some(PgId(source)),
+            }));
+        }
         if b.index == 0 || b.index >= index.0 {
             return Ok(Err(Rejection::IndexOutOfHistory {
                 index: b.index,
@@ -453,6 +481,7 @@ impl<'a> ApplyContext<'a> {
         Ok(Ok(VolumeBase {
             volume: VolumeId(b.volume),
             index: LogIndex(b.index),
+            pg: None,
         }))
     }
 
@@ -631,14 +660,26 @@ impl<'a> ApplyContext<'a> {
         if let Some(rejection) = self.dead_node_among(&c.members)? {
             return Ok(Err(rejection));
         }
+        let active_site = if c.active_site.is_empty() {
+            cluster.site
+        } else {
+            c.active_site.clone()
+        };
+        if (c.drill == 0) != (c.drill_source == 0) {
+            return Ok(Err(Rejection::Malformed {
+                reason: "a drill's PG names both its drill and its source".into(),
+            }));
+        }
         let pg = self.stage_new_pg(
             pb::PgRecord {
                 tenant_id: tenant.id,
                 tenant: c.tenant.clone(),
                 name: c.name.clone(),
-                active_site: cluster.site,
+                active_site,
                 ack: c.ack,
                 created_ms: stamp_ms,
+                drill: c.drill,
+                drill_source: c.drill_source,
                 ..Default::default()
             },
             &c.members,
@@ -675,6 +716,14 @@ impl<'a> ApplyContext<'a> {
             let Some(pg) = self.catalog_get::<pb::PgRecord>(&catalog::pg_id_key(id))? else {
                 return Ok(Err(Rejection::PgIdNotFound { pg: id }));
             };
+            if pg.drill != 0 {
+                return Ok(Err(Rejection::Malformed {
+                    reason: format!(
+                        "protection group {}/{} belongs to drill {} and stays at its site",
+                        pg.tenant, pg.name, pg.drill
+                    ),
+                }));
+            }
             records.push(pg);
         }
         for pg in &mut records {
@@ -2323,7 +2372,11 @@ mod tests {
                 volume,
                 name: format!("v{volume}"),
                 size_bytes: 4096,
-                base: base.map(|(volume, index)| pb::VolumeBase { volume, index }),
+                base: base.map(|(volume, index)| pb::VolumeBase {
+                    volume,
+                    index,
+                    pg: None,
+                }),
             }));
             cx.apply_command(LogIndex(at.get()), &c).unwrap()
         };

@@ -13,8 +13,9 @@
 //! volname/TENANT/VOLUME           VolumeNameRecord
 //! token/SHA256-HEX                TokenRecord
 //! node/ID (u64 BE)                NodeRecord
-//! counter/{tenant,pg,volume,member}  next id, u64 BE
+//! counter/{tenant,pg,volume,member,drill}  next id, u64 BE
 //! divergence/PG/GEN/NODE (u64 BE each)  DivergenceRecord
+//! drill/ID (u64 BE)               DrillRecord (kept after the drill stops)
 //! ```
 //!
 //! The catalog's own placement is `pgid/0`, like any PG's.
@@ -70,6 +71,10 @@ pub fn divergence_key(pg: u64, generation: u64, node: u64) -> Vec<u8> {
     key
 }
 
+pub fn drill_key(id: u64) -> Vec<u8> {
+    [b"drill/".as_slice(), &id.to_be_bytes()].concat()
+}
+
 pub fn join_token_key(sha256: &[u8]) -> Vec<u8> {
     format!("jointoken/{}", hex_lower(sha256)).into_bytes()
 }
@@ -88,6 +93,7 @@ pub enum Counter {
     Pg,
     Volume,
     Member,
+    Drill,
 }
 
 impl Counter {
@@ -97,6 +103,7 @@ impl Counter {
             Counter::Pg => b"counter/pg",
             Counter::Volume => b"counter/volume",
             Counter::Member => b"counter/member",
+            Counter::Drill => b"counter/drill",
         }
     }
 }
@@ -245,6 +252,15 @@ impl Catalog {
     /// and node.
     pub fn divergences(&self) -> io::Result<Vec<pb::DivergenceRecord>> {
         self.list(b"divergence/")
+    }
+
+    pub fn drill(&self, id: u64) -> io::Result<Option<pb::DrillRecord>> {
+        self.get(&drill_key(id))
+    }
+
+    /// Every drill, running or stopped, oldest first.
+    pub fn drills(&self) -> io::Result<Vec<pb::DrillRecord>> {
+        self.list(b"drill/")
     }
 
     pub fn node(&self, id: u64) -> io::Result<Option<pb::NodeRecord>> {

@@ -161,6 +161,7 @@ impl GroupMetrics {
                 .collect(),
             last_log_index: self.last_log_index.0,
             term: self.term,
+            applied_index: self.applied_index.0,
         }
     }
 }

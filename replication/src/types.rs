@@ -112,6 +112,10 @@ impl fmt::Display for Command {
             Some(Kind::RemoveNode(_)) => "remove_node",
             Some(Kind::SetPgMembers(_)) => "set_pg_members",
             Some(Kind::CreatePg(_)) => "create_pg",
+            Some(Kind::PutDrill(_)) => "put_drill",
+            Some(Kind::RecordDrillIo(_)) => "record_drill_io",
+            Some(Kind::RecordDrillLag(_)) => "record_drill_lag",
+            Some(Kind::StopDrill(_)) => "stop_drill",
             Some(Kind::SetPgAck(_)) => "set_pg_ack",
             Some(Kind::SwitchActiveSite(_)) => "switch_active_site",
             Some(Kind::SetCatalogVoters(_)) => "set_catalog_voters",
@@ -275,6 +279,10 @@ pub enum Rejection {
     RestoreChanged { newest: u64 },
     #[error("protection group {pg} has no member at site {site}")]
     NoMembersAtSite { pg: u64, site: String },
+    #[error("drill {drill} does not exist")]
+    DrillNotFound { drill: u64 },
+    #[error("drill {drill} has stopped")]
+    DrillStopped { drill: u64 },
     #[error("index {index} is outside the history this group holds ({oldest}..={newest})")]
     IndexOutOfHistory {
         index: u64,
@@ -340,6 +348,10 @@ pub enum Applied {
     /// A version was removed by its id; it was a delete marker or not.
     VersionDeleted {
         delete_marker: bool,
+    },
+    /// A drill's record was written (its id, allocated if it was new).
+    DrillPut {
+        drill: u64,
     },
 }
 

@@ -185,7 +185,8 @@ impl Retained {
         pins.extend(masks.iter().map(|m| m.to));
         let mut ended = HashMap::new();
         for (id, index, record) in Volumes::new(db.clone()).volumes(pg)? {
-            pins.extend(record.base.map(|b| b.index));
+            // A drill's base is in its source PG, which pins it.
+            pins.extend(record.base.filter(|b| b.pg.is_none()).map(|b| b.index));
             if record.state == VolumeState::Deleted {
                 ended.insert(id.0, index);
             }

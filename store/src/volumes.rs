@@ -49,8 +49,10 @@ impl<'a> BlockContent<'a> {
 /// One stored version of a block.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredBlock {
-    /// The volume it is stored under: a clone reads its base's blocks,
-    /// whose frames are bound to the base.
+    /// The PG and volume it is stored under: a clone reads its base's
+    /// blocks, whose frames are bound to the base (a drill's clone, to its
+    /// source PG).
+    pub pg: PgId,
     pub volume: VolumeId,
     pub index: LogIndex,
     /// Empty for a zero marker, else a frame.
@@ -77,6 +79,10 @@ pub enum VolumeState {
 pub struct VolumeBase {
     pub volume: VolumeId,
     pub index: LogIndex,
+    /// `Some` for a drill's clone: the base is in this other PG (the
+    /// drill's source), read from the node's own replica of it. The
+    /// source's pin keeps it, not this PG's GC.
+    pub pg: Option<PgId>,
 }
 
 /// A volume's record at one version.
@@ -94,23 +100,43 @@ pub struct VolumeRecord {
 /// ```text
 /// version u8 | state u8 | size_bytes u64 BE | name_len u16 BE | name (UTF-8)
 /// ```
-/// Version 2 (a clone) appends its base (see [`encode_based_record`]).
+/// Version 2 (a clone) appends its base (see [`encode_based_record`]);
+/// version 3 (a drill's clone) appends `pg u64 BE` to the version 2 layout.
 const VOLUME_RECORD_VERSION: u8 = 1;
+const VOLUME_RECORD_OTHER_PG_VERSION: u8 = VOLUME_RECORD_VERSION + 2;
 
 impl VolumeRecord {
     pub fn encode(&self) -> Vec<u8> {
-        encode_based_record(
+        let mut out = encode_based_record(
             VOLUME_RECORD_VERSION,
             self.state as u8,
             self.size_bytes,
             &self.name,
             self.base.map(|b| (b.volume.0, b.index.0)),
-        )
+        );
+        if let Some(pg) = self.base.and_then(|b| b.pg) {
+            out[0] = VOLUME_RECORD_OTHER_PG_VERSION;
+            out.extend_from_slice(&pg.0.to_be_bytes());
+        }
+        out
     }
 
     pub fn decode(bytes: &[u8]) -> std::result::Result<VolumeRecord, String> {
+        let (bytes, other_pg) = match bytes.first() {
+            Some(&VOLUME_RECORD_OTHER_PG_VERSION) if bytes.len() > 8 => {
+                let (rest, pg) = bytes.split_at(bytes.len() - 8);
+                let mut rest = rest.to_vec();
+                rest[0] = VOLUME_RECORD_VERSION + 1;
+                let pg = u64::from_be_bytes(pg.try_into().expect("8 bytes"));
+                (std::borrow::Cow::Owned(rest), Some(PgId(pg)))
+            }
+            _ => (std::borrow::Cow::Borrowed(bytes), None),
+        };
         let (state, size_bytes, name, base) =
-            decode_based_record(bytes, VOLUME_RECORD_VERSION, "volume")?;
+            decode_based_record(&bytes, VOLUME_RECORD_VERSION, "volume")?;
+        if other_pg.is_some() && base.is_none() {
+            return Err("volume record names another PG but no base".into());
+        }
         let state = match state {
             1 => VolumeState::Active,
             2 => VolumeState::Deleted,
@@ -123,6 +149,7 @@ impl VolumeRecord {
             base: base.map(|(volume, index)| VolumeBase {
                 volume: VolumeId(volume),
                 index: LogIndex(index),
+                pg: other_pg,
             }),
         })
     }
@@ -134,6 +161,8 @@ impl VolumeRecord {
 /// index it was cloned from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Layer {
+    /// `None`: the PG being read; `Some`: another PG (a drill's source).
+    pub pg: Option<PgId>,
     pub volume: VolumeId,
     /// `None`: the newest versions (through `latest`).
     pub at: Option<LogIndex>,
@@ -146,6 +175,7 @@ impl Layer {
     /// The newest versions of a volume, unmasked.
     pub fn latest(volume: VolumeId) -> Layer {
         Layer {
+            pg: None,
             volume,
             at: None,
             above: None,
@@ -336,9 +366,10 @@ pub fn corrupt_block(
 
 /// A block version from its `blocks` row.
 fn decode_stored(key: &[u8], value: Vec<u8>) -> Result<StoredBlock> {
-    let (_, volume, _, index) = keys::decode_block_key(key)
+    let (pg, volume, _, index) = keys::decode_block_key(key)
         .ok_or_else(|| Error::corrupt_record(Cf::Blocks.name(), key, "malformed block key"))?;
     Ok(StoredBlock {
+        pg,
         volume,
         index,
         value,
@@ -401,6 +432,7 @@ impl Volumes {
                 let key = keys_iter.next().expect("one block key per found index");
                 match values.next().flatten() {
                     Some(value) => Ok(Some(StoredBlock {
+                        pg,
                         volume,
                         index,
                         value,
@@ -433,10 +465,12 @@ impl Volumes {
 
     /// The layers `volume` reads at `at` (`None`: the newest), its own
     /// first, through the PG's rollback masks. Empty if the volume does
-    /// not exist then.
+    /// not exist then. A drill's clone ends in its source PG's layers at
+    /// the drill's restore point (this node's replica of the source).
     pub fn layers(&self, pg: PgId, volume: VolumeId, at: Option<LogIndex>) -> Result<Vec<Layer>> {
         let masks = masks::masks(&self.db, pg)?;
         let mut layers = Vec::new();
+        let mut other_pg = None;
         let existed = follow_clone_chain(pg, MetaKind::Volume, volume.0, at, |v, at| {
             let Some((_, record)) =
                 self.volume_at(pg, VolumeId(v), at.unwrap_or(LogIndex(u64::MAX)))?
@@ -445,15 +479,44 @@ impl Volumes {
             };
             for span in masks::spans(&masks, |m| m.covers_volume(VolumeId(v)), at) {
                 layers.push(Layer {
+                    pg: None,
                     volume: VolumeId(v),
                     at: span.at,
                     above: span.above,
                 });
             }
-            Ok(Some(record.base.map(|b| (b.volume.0, b.index))))
+            match record.base {
+                Some(b) if b.pg.is_some() => {
+                    other_pg = Some(b);
+                    Ok(Some(None))
+                }
+                base => Ok(Some(base.map(|b| (b.volume.0, b.index)))),
+            }
         })?;
         if !existed {
-            layers.clear();
+            return Ok(Vec::new());
+        }
+        if let Some(base) = other_pg {
+            let source = base.pg.expect("matched above");
+            if source == pg {
+                return Err(Error::corrupt_record(
+                    Cf::PgMeta.name(),
+                    &keys::pg_meta_prefix(pg, MetaKind::Volume, volume.0),
+                    "a drill's base names its own PG",
+                ));
+            }
+            let through = self.layers(source, base.volume, Some(base.index))?;
+            if through.is_empty() {
+                return Err(Error::corrupt_record(
+                    Cf::PgMeta.name(),
+                    &keys::pg_meta_prefix(pg, MetaKind::Volume, volume.0),
+                    format!("drill base did not exist at index {}", base.index),
+                ));
+            }
+            layers.extend(through.into_iter().map(|l| Layer {
+                pg: Some(l.pg.unwrap_or(source)),
+                ..l
+            }));
         }
         Ok(layers)
     }
@@ -472,6 +535,7 @@ impl Volumes {
         // A volume that is not a clone, read at its newest: `latest` only.
         if let [
             Layer {
+                pg: None,
                 volume,
                 at: None,
                 above: None,
@@ -486,6 +550,7 @@ impl Volumes {
             if missing.is_empty() {
                 break;
             }
+            let pg = layer.pg.unwrap_or(pg);
             let mut found = match layer.at {
                 None if missing.len() as u64 == count => {
                     self.latest_blocks(pg, layer.volume, first, count)?
@@ -807,6 +872,7 @@ mod tests {
         let base1 = VolumeBase {
             volume: VolumeId(1),
             index: LogIndex(3),
+            pg: None,
         };
         stage_volume(
             &mut b,
@@ -821,6 +887,7 @@ mod tests {
         let base2 = VolumeBase {
             volume: VolumeId(2),
             index: LogIndex(6),
+            pg: None,
         };
         stage_volume(
             &mut b,
@@ -874,6 +941,51 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+
+        // A drill's clone in PG 2 of volume 2 of PG 1 at index 4: its own
+        // write first, then PG 1's layers at 4, each block tagged with the
+        // PG it is stored in (its frame is bound to that PG).
+        let drill_pg = PgId(2);
+        let drill = VolumeRecord {
+            name: "drill-1-v".into(),
+            size_bytes: 16384,
+            state: VolumeState::Active,
+            base: Some(VolumeBase {
+                volume: VolumeId(2),
+                index: LogIndex(4),
+                pg: Some(pg),
+            }),
+        };
+        let mut b = v.db.new_batch();
+        stage_volume(&mut b, drill_pg, VolumeId(10), LogIndex(1), &drill);
+        stage_block(
+            &mut b,
+            drill_pg,
+            VolumeId(10),
+            BlockNo(3),
+            LogIndex(2),
+            BlockContent::Frame(b"d"),
+        );
+        v.db.write(b, Durability::Buffered).unwrap();
+        let layers = v.layers(drill_pg, VolumeId(10), None).unwrap();
+        assert_eq!(layers[0], Layer::latest(VolumeId(10)));
+        assert!(layers[1..].iter().all(|l| l.pg == Some(pg)), "{layers:?}");
+        let seen: Vec<Option<(u64, u64, Vec<u8>)>> = v
+            .visible_blocks(drill_pg, &layers, BlockNo(0), 4)
+            .unwrap()
+            .into_iter()
+            .map(|s| s.map(|s| (s.pg.0, s.index.0, s.value)))
+            .collect();
+        assert_eq!(
+            seen,
+            vec![
+                Some((1, 2, b"a".to_vec())),
+                Some((1, 2, b"a".to_vec())),
+                Some((1, 2, b"a".to_vec())),
+                Some((2, 2, b"d".to_vec())),
+            ],
+            "volume 2 at 4 had not yet written block 1; volume 1 at 3 had not yet written block 0"
+        );
     }
 
     #[test]
@@ -917,6 +1029,7 @@ mod tests {
         let base = VolumeBase {
             volume: VolumeId(1),
             index: LogIndex(6),
+            pg: None,
         };
         stage_volume(&mut b, pg, VolumeId(9), LogIndex(6), &rec(Some(base)));
         // Restored at 10 to 3; then block 1 is written.
@@ -974,12 +1087,31 @@ mod tests {
             base: Some(VolumeBase {
                 volume: VolumeId(3),
                 index: LogIndex(77),
+                pg: None,
             }),
         }
         .encode();
         assert!(VolumeRecord::decode(&good).is_ok());
         for len in 0..good.len() {
             assert!(VolumeRecord::decode(&good[..len]).is_err());
+        }
+        // A drill's clone: its base in another PG survives the round trip,
+        // and a cut record is refused.
+        let drill = VolumeRecord {
+            name: "drill-1-x".into(),
+            size_bytes: 8192,
+            state: VolumeState::Active,
+            base: Some(VolumeBase {
+                volume: VolumeId(3),
+                index: LogIndex(77),
+                pg: Some(PgId(5)),
+            }),
+        };
+        let bytes = drill.encode();
+        assert_eq!(bytes[0], 3);
+        assert_eq!(VolumeRecord::decode(&bytes).unwrap(), drill);
+        for len in 0..bytes.len() {
+            assert!(VolumeRecord::decode(&bytes[..len]).is_err(), "cut at {len}");
         }
         let mut bad = good.clone();
         bad[0] = 9;

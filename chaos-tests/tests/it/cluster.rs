@@ -253,6 +253,20 @@ pub(crate) async fn spawn_writers(
     tasks
 }
 
+/// Waits for writers told to stop; what they saw together.
+pub(crate) async fn writers_stopped(
+    tasks: Vec<tokio::task::JoinHandle<WriterStats>>,
+) -> WriterStats {
+    let mut total = WriterStats::default();
+    for t in tasks {
+        let s = t.await.unwrap();
+        total.acked += s.acked;
+        total.failed += s.failed;
+        total.longest = total.longest.max(s.longest);
+    }
+    total
+}
+
 /// What one [`writer`] saw.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct WriterStats {

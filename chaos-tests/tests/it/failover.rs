@@ -12,8 +12,8 @@ use lifeboat_chaos_tests::ledger::Ledger;
 use lifeboat_chaos_tests::nbd_client::NbdClient;
 
 use crate::cluster::{
-    Cluster, WriterStats, check_against_ledger, pg_status_of, read_all, spawn_writers,
-    wait_pg_status,
+    Cluster, check_against_ledger, pg_status_of, read_all, spawn_writers, wait_pg_status,
+    writers_stopped,
 };
 
 /// `lifeboat failover --planned --to SITE` through `node`, as JSON.
@@ -115,13 +115,7 @@ async fn planned_switchover_under_load_loses_nothing_and_goes_back() {
     assert_led_from(&c, "primary").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
-    let mut total = WriterStats::default();
-    for t in tasks {
-        let s = t.await.unwrap();
-        total.acked += s.acked;
-        total.failed += s.failed;
-        total.longest = total.longest.max(s.longest);
-    }
+    let total = writers_stopped(tasks).await;
     eprintln!(
         "switchover to dr: {} ms, back: {} ms; {} writes acknowledged, {} failed, longest write {:?}",
         to_dr["took_ms"], back["took_ms"], total.acked, total.failed, total.longest

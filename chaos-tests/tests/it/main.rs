@@ -2,6 +2,7 @@
 //! during writes, concurrent sub-block writes, a full disk, `lifeboat up`.
 
 mod cluster;
+mod drills;
 mod durability;
 mod failover;
 mod full_disk;

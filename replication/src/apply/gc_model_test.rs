@@ -151,7 +151,11 @@ impl Harness {
             volume: id,
             name: format!("v{id}"),
             size_bytes: BLOCKS * 4096,
-            base: base.map(|(volume, index)| pb::VolumeBase { volume, index }),
+            base: base.map(|(volume, index)| pb::VolumeBase {
+                volume,
+                index,
+                pg: None,
+            }),
         }));
         assert_eq!(
             outcome,
