@@ -2038,6 +2038,75 @@ mod tests {
         assert_eq!(bucket as usize, 20 + objects::CLONE_DEPTH_MAX - 2);
     }
 
+    /// GC keeps a clone's delete marker that has nothing of the clone's
+    /// own below it: it hides the base's object (a divergence bucket
+    /// carries deletes the old site made after the fork this way).
+    #[test]
+    fn gc_keeps_a_clone_s_delete_marker_over_its_base() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), &DbOptions::default()).unwrap();
+        let pg = PgId(2);
+        let objects = Objects::new(db.clone());
+        let mut at = 0u64;
+        let mut apply_alone = |c: pb::Command| {
+            at += 1;
+            let mut cx = ApplyContext::new(&db, pg);
+            let outcome = cx.apply_command(LogIndex(at), &c).unwrap();
+            db.write(cx.batch, Durability::Buffered).unwrap();
+            (LogIndex(at), outcome)
+        };
+        let create = |bucket: u64, base: Option<pb::BucketBase>| {
+            cmd(pb::command::Kind::CreateBucket(pb::CreateBucket {
+                bucket,
+                name: format!("b{bucket}"),
+                base,
+            }))
+        };
+        assert_eq!(apply_alone(create(5, None)).1, Ok(Applied::Done));
+        assert_eq!(apply_alone(put("k", 1, false)).1, Ok(Applied::Done));
+        let (moment, _) = apply_alone(put("other", 2, false));
+        let base = pb::BucketBase {
+            bucket: 5,
+            index: moment.0,
+            writable: true,
+        };
+        assert_eq!(apply_alone(create(6, Some(base))).1, Ok(Applied::Done));
+        let (marker, deleted) =
+            apply_alone(cmd(pb::command::Kind::DeleteObject(pb::DeleteObject {
+                bucket: 6,
+                key: b"k".to_vec().into(),
+            })));
+        assert_eq!(deleted, Ok(Applied::Done));
+        // One whole pass, as the leader's GC task runs them.
+        let mut steps = 0;
+        loop {
+            let gc = cmd(pb::command::Kind::CollectGarbage(pb::CollectGarbage {
+                max_rows: 1000,
+                new_pass: steps == 0,
+            }));
+            match apply_alone(gc).1 {
+                Ok(Applied::Collected { done: true, .. }) => break,
+                Ok(Applied::Collected { .. }) => steps += 1,
+                other => panic!("{other:?}"),
+            }
+            assert!(steps < 10, "GC never finished");
+        }
+        assert_eq!(
+            objects.version_at(pg, BucketId(6), b"k", marker).unwrap(),
+            Some((marker, ObjectVersion::DeleteMarker)),
+            "the clone's marker is kept"
+        );
+        let layers = objects.layers(pg, BucketId(6), None, &[]).unwrap();
+        let found = |key: &[u8]| {
+            objects
+                .find_layered(pg, &layers, key)
+                .unwrap()
+                .map(|(bucket, index, _)| (bucket.0, index))
+        };
+        assert_eq!(found(b"k"), None, "the clone still hides the base's k");
+        assert_eq!(found(b"other"), Some((5, moment)));
+    }
+
     /// Locks are judged at the entry's stamp; the timeline only moves
     /// forward even when a stamp goes back; snapshots see this batch.
     #[test]

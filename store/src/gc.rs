@@ -21,7 +21,7 @@
 //! with no race against writers, and an open read view (a Raft snapshot
 //! being streamed) still sees what it started with, as RocksDB views do.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::db::{Batch, Cf, Db, prefix_successor};
 use crate::error::{Error, Result};
@@ -164,6 +164,9 @@ pub struct Retained {
     pub ended: HashMap<u64, LogIndex>,
     /// The PG's rollback masks, newest first: what a read now sees.
     pub masks: Vec<masks::RollbackMask>,
+    /// Buckets cloned from a base: a delete marker in one hides the
+    /// base's object even with nothing of its own below it.
+    pub clones: HashSet<u64>,
 }
 
 impl Retained {
@@ -184,6 +187,7 @@ impl Retained {
         let masks = masks::masks(db, pg)?;
         pins.extend(masks.iter().map(|m| m.to));
         let mut ended = HashMap::new();
+        let mut clones = HashSet::new();
         for (id, index, record) in Volumes::new(db.clone()).volumes(pg)? {
             // A drill's base is in its source PG, which pins it.
             pins.extend(record.base.filter(|b| b.pg.is_none()).map(|b| b.index));
@@ -192,7 +196,10 @@ impl Retained {
             }
         }
         for (id, index, record) in Objects::new(db.clone()).buckets(pg)? {
-            pins.extend(record.base.map(|b| b.index));
+            if let Some(base) = record.base {
+                pins.push(base.index);
+                clones.insert(id.0);
+            }
             if record.state == objects::BucketState::Deleted {
                 ended.insert(id.0, index);
             }
@@ -204,6 +211,7 @@ impl Retained {
             pins,
             ended,
             masks,
+            clones,
         })
     }
 
@@ -269,11 +277,14 @@ pub fn needed_versions(
 /// Which of one object key's rows (newest first) are needed: as for
 /// blocks, and below each row a read lands on, the rows it may step past
 /// (versions removed by id) down to the first that is not one. A delete
-/// marker with nothing kept below it hides nothing, so it goes too.
+/// marker with nothing kept below it hides nothing, so it goes too —
+/// unless the key's rows are a clone's (`over_base`), where it hides the
+/// base's object.
 pub fn needed_object_rows(
     rows: &[(LogIndex, &ObjectVersion)],
     recent: Option<LogIndex>,
     points: &[LogIndex],
+    over_base: bool,
 ) -> Vec<bool> {
     let mut keep: Vec<bool> = rows
         .iter()
@@ -297,7 +308,7 @@ pub fn needed_object_rows(
         }
     }
     while let Some(lowest) = keep.iter().rposition(|k| *k) {
-        if *rows[lowest].1 != ObjectVersion::DeleteMarker {
+        if over_base || *rows[lowest].1 != ObjectVersion::DeleteMarker {
             break;
         }
         keep[lowest] = false;
@@ -546,8 +557,9 @@ fn collect_objects(
             })
             .collect::<Result<Vec<_>>>()?;
         let view: Vec<(LogIndex, &ObjectVersion)> = decoded.iter().map(|(i, v)| (*i, v)).collect();
-        let keep = needed_object_rows(&view, recent, &points);
-        let by_window = needed_object_rows(&view, recent, recent.as_slice());
+        let over_base = retained.clones.contains(&id);
+        let keep = needed_object_rows(&view, recent, &points, over_base);
+        let by_window = needed_object_rows(&view, recent, recent.as_slice(), over_base);
         let spans = spans_of.entry(id).or_insert_with(|| retained.now_spans(id));
         let live = objects::visible_version(&decoded, spans)
             .and_then(|(index, _)| decoded.iter().position(|(i, _)| *i == index));
