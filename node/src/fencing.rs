@@ -88,6 +88,14 @@ fn corrupt_chunk(
 
 /// Whether `e` is a refusal by apply that `what` accepts (an earlier
 /// attempt's work found done).
+/// `e` says that bucket `id` takes no writes (sealed).
+fn is_read_only(e: &NodeError, id: u64) -> bool {
+    is_rejected(
+        e,
+        |r| matches!(r, Rejection::BucketReadOnly { bucket } if *bucket == id),
+    )
+}
+
 fn is_rejected(e: &NodeError, what: impl Fn(&Rejection) -> bool) -> bool {
     matches!(e, NodeError::Replication(lifeboat_replication::Error::Rejected { rejection, .. }) if what(rejection))
 }
@@ -154,8 +162,34 @@ impl NodeCore {
                 fork.0
             ),
         );
-        if last_index > fork.0 {
-            let covering = self.divergence_covering(pg, old_generation, last_index, last_term)?;
+        let own = self
+            .catalog
+            .divergences()
+            .map_err(NodeError::io("read catalog"))?
+            .into_iter()
+            .find(|d| {
+                d.pg == pg.0 && d.generation == old_generation && d.node_id == self.config.node_id
+            });
+        if let Some(done) = own.as_ref().filter(|d| d.complete) {
+            // An earlier pass recorded everything and stopped before the
+            // wipe: carrying again would write into sealed clones.
+            tracing::info!(
+                pg = pg.0,
+                generation = old_generation,
+                last_index = done.last_index,
+                "divergence already recorded complete; wiping"
+            );
+        } else if last_index > fork.0 {
+            // A fencing that crashed while carrying finishes carrying: its
+            // clones are named in its own record, which a `covered_by`
+            // record would replace, leaving them writable and unlisted.
+            let started_carrying =
+                own.is_some_and(|d| !d.volumes.is_empty() || !d.buckets.is_empty());
+            let covering = if started_carrying {
+                None
+            } else {
+                self.divergence_covering(pg, old_generation, last_index, last_term)?
+            };
             let mut record = self
                 .divergence_record(rec, local, fork, LogIndex(last_index), last_term)
                 .await?;
@@ -430,17 +464,31 @@ impl NodeCore {
                 record: Some(record.clone()),
             }))
             .await?;
-            let mut bytes = 0u64;
+            let (mut bytes, mut sealed) = (0u64, false);
             for key in &changed {
-                bytes += self
-                    .carry_object(rec, tenant.id, &keys, bucket, BucketId(clone_id), key)
-                    .await?;
+                let to = BucketId(clone_id);
+                let carried = match self
+                    .carry_object(rec, tenant.id, &keys, bucket, to, key, !sealed)
+                    .await
+                {
+                    // An earlier pass sealed the clone, which it does
+                    // only once every key is in: the rest is counted.
+                    Err(e) if !sealed && is_read_only(&e, clone_id) => {
+                        sealed = true;
+                        self.carry_object(rec, tenant.id, &keys, bucket, to, key, false)
+                            .await
+                    }
+                    other => other,
+                };
+                bytes += carried?;
             }
-            self.propose_in_new_generation(
-                rec,
-                pb::command::Kind::SealBucket(pb::SealBucket { bucket: clone_id }),
-            )
-            .await?;
+            if !sealed {
+                self.propose_in_new_generation(
+                    rec,
+                    pb::command::Kind::SealBucket(pb::SealBucket { bucket: clone_id }),
+                )
+                .await?;
+            }
             if let Some(carried) = record.buckets.last_mut() {
                 carried.bytes = bytes;
             }
@@ -458,7 +506,9 @@ impl NodeCore {
     /// Carries `key` of `bucket` as this node's replica last had it into
     /// the clone: its object (chunks sealed again under new ids, record
     /// sealed again for the clone), or a delete marker when it had none.
-    /// Returns the plaintext bytes carried.
+    /// Returns the plaintext bytes carried. With `write` false it only
+    /// counts them (decrypting, so a corrupt chunk is still found).
+    #[allow(clippy::too_many_arguments)]
     async fn carry_object(
         &self,
         rec: &pb::PgRecord,
@@ -467,11 +517,13 @@ impl NodeCore {
         bucket: BucketId,
         clone: BucketId,
         key: &[u8],
+        write: bool,
     ) -> NodeResult<u64> {
         let pg = PgId(rec.id);
         let tenant = TenantId(tenant_id);
         let (chunks, sealed_record) = match self.objects.latest(pg, bucket, key)? {
             Some((_, ObjectVersion::Object { chunks, record })) => (chunks, record),
+            _ if !write => return Ok(0),
             // Deleted after the fork: the clone hides the key too.
             _ => {
                 self.propose_in_new_generation(
@@ -515,6 +567,9 @@ impl NodeCore {
                 .decode(keys, &chunk_aad(chunk.0), &frame)
                 .map_err(|cause| corrupt_chunk(pg, bucket, key, cause))?;
             bytes += plain.len() as u64;
+            if !write {
+                continue;
+            }
             let id = rand::random::<u64>();
             let write = pb::ChunkWrite {
                 chunk: id,
@@ -533,6 +588,9 @@ impl NodeCore {
                 )
                 .await?;
             }
+        }
+        if !write {
+            return Ok(bytes);
         }
         self.propose_in_new_generation(
             rec,

@@ -861,3 +861,44 @@ async fn receive_file(
     file.sync_all().await.map_err(io)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A peer that takes the connection and never answers (a black-holed
+    /// link; a TLS handshake that never ends) fails the call at its
+    /// deadline, and its channel is dropped so that the next call dials
+    /// afresh.
+    #[tokio::test]
+    async fn a_peer_that_never_answers_fails_at_the_deadline() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let hold = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((conn, _)) = listener.accept().await {
+                held.push(conn);
+            }
+        });
+        let peers = Peers::new();
+        let deadline = Duration::from_millis(300);
+        let started = Instant::now();
+        let call = async {
+            let req = pb::GroupViewRequest { route: None };
+            Ok(peers.client(&addr)?.group_view(req).await?.into_inner())
+        };
+        let err = peers.within(&addr, deadline, call).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err}");
+        assert!(
+            err.message()
+                .contains(&format!("{addr} did not answer within 300 ms")),
+            "{err}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(
+            !peers.channels.lock().unwrap().contains_key(&addr),
+            "the channel is dropped"
+        );
+        hold.abort();
+    }
+}
