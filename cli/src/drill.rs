@@ -218,16 +218,47 @@ fn print_drills(out: &Output, drills: &[pb::DrillRecord]) {
                     rpo_entries(p),
                     p.source_ms.saturating_sub(p.index_ms)
                 ),
-                p.volumes
-                    .iter()
-                    .map(|v| format!("{}/{}", p.tenant, v.name))
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                clones_of(p).map(|c| c.name).collect::<Vec<_>>().join(", "),
             ];
             table.row(head.iter().cloned().chain(pg).collect());
         }
     }
     table.print();
+}
+
+/// One clone of a drill PG, a volume's or a bucket's, as reports show it.
+struct CloneView {
+    kind: &'static str,
+    /// `TENANT/NAME` for a volume, the bucket's name for a bucket.
+    name: String,
+    source: String,
+    /// The name the report's checksums carry.
+    checksum_name: String,
+    size_bytes: Option<u64>,
+    usable_ms: u64,
+    first_io_ms: u64,
+}
+
+fn clones_of(p: &pb::DrillPg) -> impl Iterator<Item = CloneView> + '_ {
+    let volumes = p.volumes.iter().map(|v| CloneView {
+        kind: "volume",
+        name: format!("{}/{}", p.tenant, v.name),
+        source: format!("{}/{}", p.tenant, v.source),
+        checksum_name: v.name.clone(),
+        size_bytes: Some(v.size_bytes),
+        usable_ms: v.usable_ms,
+        first_io_ms: v.first_io_ms,
+    });
+    let buckets = p.buckets.iter().map(|b| CloneView {
+        kind: "bucket",
+        name: b.name.clone(),
+        source: b.source.clone(),
+        checksum_name: b.name.clone(),
+        size_bytes: None,
+        usable_ms: b.usable_ms,
+        first_io_ms: b.first_io_ms,
+    });
+    volumes.chain(buckets)
 }
 
 /// Committed entries the restore point lacks against the source's log
@@ -255,12 +286,13 @@ fn drill_json(d: &pb::DrillRecord) -> serde_json::Value {
             "lag_mean_seconds": mean_lag(p),
             "lag_max_entries": p.lag_max_entries,
             "lag_samples": p.lag_samples,
-            "clones": p.volumes.iter().map(|v| serde_json::json!({
-                "name": format!("{}/{}", p.tenant, v.name),
-                "source": format!("{}/{}", p.tenant, v.source),
-                "size_bytes": v.size_bytes,
-                "usable_after_ms": (v.usable_ms > 0).then(|| v.usable_ms.saturating_sub(d.started_ms)),
-                "first_io_after_ms": (v.first_io_ms > 0).then(|| v.first_io_ms.saturating_sub(d.started_ms)),
+            "clones": clones_of(p).map(|c| serde_json::json!({
+                "kind": c.kind,
+                "name": c.name,
+                "source": c.source,
+                "size_bytes": c.size_bytes,
+                "usable_after_ms": (c.usable_ms > 0).then(|| c.usable_ms.saturating_sub(d.started_ms)),
+                "first_io_after_ms": (c.first_io_ms > 0).then(|| c.first_io_ms.saturating_sub(d.started_ms)),
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })
@@ -289,10 +321,10 @@ impl Report {
         })
     }
 
-    fn checksum_of(&self, tenant: &str, name: &str) -> Option<&api::CloneChecksum> {
-        self.checksums
-            .iter()
-            .find(|c| c.tenant == tenant && c.name == name)
+    fn checksum_of(&self, tenant: &str, c: &CloneView) -> Option<&api::CloneChecksum> {
+        self.checksums.iter().find(|s| {
+            s.tenant == tenant && s.name == c.checksum_name && s.bucket == (c.kind == "bucket")
+        })
     }
 
     fn json(&self) -> serde_json::Value {
@@ -303,15 +335,24 @@ impl Report {
             self.checksums
                 .iter()
                 .map(|c| {
-                    serde_json::json!({
-                        "clone": format!("{}/{}", c.tenant, c.name),
-                        "source": format!("{}/{}", c.tenant, c.source),
+                    let mut v = serde_json::json!({
                         "index": c.index,
                         "clone_sha256": c.clone_sha256,
                         "source_sha256": c.source_sha256,
                         "match": c.clone_sha256 == c.source_sha256,
-                        "blocks_written_by_drill": c.blocks_written,
-                    })
+                    });
+                    if c.bucket {
+                        v["kind"] = "bucket".into();
+                        v["clone"] = c.name.clone().into();
+                        v["source"] = c.source.clone().into();
+                        v["objects_written_by_drill"] = c.objects_written.into();
+                    } else {
+                        v["kind"] = "volume".into();
+                        v["clone"] = format!("{}/{}", c.tenant, c.name).into();
+                        v["source"] = format!("{}/{}", c.tenant, c.source).into();
+                        v["blocks_written_by_drill"] = c.blocks_written.into();
+                    }
+                    v
                 })
                 .collect(),
         );
@@ -365,21 +406,26 @@ impl Report {
         let clones = d
             .pgs
             .iter()
-            .flat_map(|p| p.volumes.iter().map(move |v| (p, v)))
+            .flat_map(|p| clones_of(p).map(move |v| (p, v)))
             .map(|(p, v)| {
-                let c = self.checksum_of(&p.tenant, &v.name);
+                let c = self.checksum_of(&p.tenant, &v);
                 vec![
-                    format!("{}/{}", p.tenant, v.name),
-                    format!("{}/{}", p.tenant, v.source),
+                    format!("{} {}", v.kind, v.name),
+                    v.source.clone(),
                     after(v.usable_ms),
                     after(v.first_io_ms),
                     c.map_or("-".into(), |c| c.clone_sha256.clone()),
                     c.map_or("-".into(), |c| c.source_sha256.clone()),
                     c.map_or("-".into(), |c| {
-                        match (c.clone_sha256 == c.source_sha256, c.blocks_written) {
+                        let written = if c.bucket {
+                            (c.objects_written, "object")
+                        } else {
+                            (c.blocks_written, "block")
+                        };
+                        match (c.clone_sha256 == c.source_sha256, written) {
                             (true, _) => "yes".into(),
-                            (false, 0) => "NO".into(),
-                            (false, n) => format!("no: the drill wrote {n} block(s)"),
+                            (false, (0, _)) => "NO".into(),
+                            (false, (n, what)) => format!("no: the drill wrote {n} {what}(s)"),
                         }
                     }),
                 ]
@@ -508,6 +554,13 @@ mod tests {
                         first_io_ms: 1_400,
                         ..Default::default()
                     }],
+                    buckets: vec![pb::DrillBucket {
+                        source: "backups".into(),
+                        name: "backups-drill-7".into(),
+                        usable_ms: 1_230,
+                        first_io_ms: 1_600,
+                        ..Default::default()
+                    }],
                     lag_max_seconds: 0.5,
                     lag_samples: 2,
                     lag_sum_seconds: 0.6,
@@ -515,14 +568,24 @@ mod tests {
                 }],
                 ..Default::default()
             },
-            checksums: vec![api::CloneChecksum {
-                tenant: "demo".into(),
-                name: "drill-7-disk0".into(),
-                clone_sha256: "aa".into(),
-                source_sha256: "bb".into(),
-                blocks_written: 3,
-                ..Default::default()
-            }],
+            checksums: vec![
+                api::CloneChecksum {
+                    tenant: "demo".into(),
+                    name: "drill-7-disk0".into(),
+                    clone_sha256: "aa".into(),
+                    source_sha256: "bb".into(),
+                    blocks_written: 3,
+                    ..Default::default()
+                },
+                api::CloneChecksum {
+                    tenant: "demo".into(),
+                    name: "backups-drill-7".into(),
+                    clone_sha256: "cc".into(),
+                    source_sha256: "cc".into(),
+                    bucket: true,
+                    ..Default::default()
+                },
+            ],
             node_id: 4,
         }
     }
@@ -540,12 +603,22 @@ mod tests {
         assert_eq!(j["ready_after_ms"], 250);
         assert_eq!(j["checksums"][0]["match"], false);
         assert_eq!(j["checksums_read_on_node"], 4);
+        let bucket = &pg["clones"][1];
+        assert_eq!(bucket["kind"], "bucket");
+        assert_eq!(bucket["name"], "backups-drill-7");
+        assert_eq!(bucket["first_io_after_ms"], 600);
+        assert_eq!(j["checksums"][1]["clone"], "backups-drill-7");
+        assert_eq!(j["checksums"][1]["match"], true);
         let md = r.markdown();
         assert!(md.starts_with("# Drill 7\n"), "{md}");
         assert!(md.contains("| demo/main | 40 ("), "{md}");
         assert!(md.contains("3 entries, 90 ms"), "{md}");
         assert!(md.contains("| 400 ms |"), "{md}");
         assert!(md.contains("no: the drill wrote 3 block(s)"), "{md}");
+        assert!(
+            md.contains("| bucket backups-drill-7 | backups | 230 ms | 600 ms | cc | cc | yes |"),
+            "{md}"
+        );
         let html = r.html();
         assert!(html.contains("<h1>Drill 7</h1>"), "{html}");
         assert!(html.contains("demo/disk&lt;0&gt;"), "escaped: {html}");

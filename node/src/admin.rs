@@ -1372,6 +1372,8 @@ impl Admin for AdminService {
                     clone_sha256: c.clone_sha256,
                     source_sha256: c.source_sha256,
                     blocks_written: c.blocks_written,
+                    bucket: c.bucket,
+                    objects_written: c.objects_written,
                 })
                 .collect()
         } else {

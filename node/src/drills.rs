@@ -6,9 +6,10 @@
 //! point in the source (the only entry production's log sees), creates a
 //! drill PG whose voters are the site's nodes holding the source's
 //! replicas, and in it one clone per volume, `TENANT/drill-ID-VOLUME`,
-//! that reads through to the node's own replica of the source at the
-//! pinned index: O(1) whatever the data size, and writable (the drill's
-//! writes stay in the drill PG). Replication keeps running.
+//! and one per bucket, `BUCKET-drill-ID`, that reads through to the
+//! node's own replica of the source at the pinned index: O(1) whatever
+//! the data size, and writable (the drill's writes stay in the drill PG).
+//! Replication keeps running.
 //!
 //! The drill's record in the catalog is its evidence: RPO at start (the
 //! source's log when the pin was written against the restore point), when
@@ -26,8 +27,9 @@ use lifeboat_replication::log_store::LogStore;
 use lifeboat_replication::{Applied, ProtectionGroup, transport};
 use lifeboat_snapshot::{self as points, RestorePoint};
 use lifeboat_store::frame::FrameAad;
+use lifeboat_store::objects::{BucketLayer, BucketState, ListQuery, Listed, ObjectVersion};
 use lifeboat_store::volumes::{BlockContent, Layer, VolumeState};
-use lifeboat_store::{BLOCK_BYTES, BlockNo, LogIndex, PgId, TenantId, VolumeId};
+use lifeboat_store::{BLOCK_BYTES, BlockNo, BucketId, LogIndex, PgId, TenantId, VolumeId};
 use sha2::{Digest, Sha256};
 
 use crate::core::NodeCore;
@@ -45,6 +47,9 @@ const SOURCE_CATCH_UP_WAIT: Duration = Duration::from_secs(15);
 /// Blocks read per step when a clone is checksummed.
 const DIGEST_STEP_BLOCKS: u64 = 256;
 
+/// Keys listed per step when a bucket clone is checksummed.
+const DIGEST_STEP_KEYS: usize = 256;
+
 /// The snapshot pinning a drill's restore point in each source PG.
 pub fn drill_pin(drill: u64) -> String {
     format!("drill-{drill}")
@@ -53,6 +58,17 @@ pub fn drill_pin(drill: u64) -> String {
 /// The name of a drill's clone of `volume`, or of its PG for `pg`.
 pub fn drill_name(drill: u64, name: &str) -> String {
     format!("drill-{drill}-{name}")
+}
+
+/// The name of a drill's clone of bucket `name`: `NAME-drill-ID`, the
+/// source's name cut short to keep within S3's 63 characters (and to end
+/// in a letter or digit, as bucket names must).
+pub fn drill_bucket_name(drill: u64, name: &str) -> String {
+    const BUCKET_NAME_MAX: usize = 63;
+    let suffix = format!("-drill-{drill}");
+    let keep = BUCKET_NAME_MAX.saturating_sub(suffix.len()).min(name.len());
+    let stem = name[..keep].trim_end_matches(|c: char| !c.is_ascii_alphanumeric());
+    format!("{stem}{suffix}")
 }
 
 fn is_stopped(d: &pb::DrillRecord) -> bool {
@@ -71,8 +87,13 @@ pub struct CloneChecksum {
     /// at the restore point: equal unless the drill wrote to the clone.
     pub clone_sha256: String,
     pub source_sha256: String,
-    /// Blocks the drill itself wrote (or trimmed) in the clone.
+    /// Blocks the drill itself wrote (or trimmed) in a volume's clone.
     pub blocks_written: u64,
+    /// A bucket's clone: `name` is the bucket's, and the digest runs over
+    /// every live key and its object's bytes, in key order.
+    pub bucket: bool,
+    /// Keys the drill itself wrote (or deleted) in a bucket's clone.
+    pub objects_written: u64,
 }
 
 impl NodeCore {
@@ -144,7 +165,7 @@ impl NodeCore {
                         format!(
                             "drill {}: {} clone(s) of {}/{} usable {} ms after the command, restore point index {} ({} entries, {} ms behind the source)",
                             record.id,
-                            p.volumes.len(),
+                            p.volumes.len() + p.buckets.len(),
                             p.tenant,
                             p.source_name,
                             record.ready_ms.saturating_sub(started_ms),
@@ -332,8 +353,48 @@ impl NodeCore {
                 *record.pgs.last_mut().expect("pushed above") = pg.clone();
                 self.put_drill(record).await?;
             }
+            for (bucket, source_name) in self.buckets_at(group.pg(), index)? {
+                let name = drill_bucket_name(record.id, &source_name);
+                let info = self
+                    .create_bucket_with_base(
+                        &format!("{}/{name}", source.tenant),
+                        &drill_pg.name,
+                        Some(pb::BucketBase {
+                            bucket: bucket.0,
+                            index: index.0,
+                            writable: true,
+                            pg: Some(source.id),
+                        }),
+                    )
+                    .await?;
+                pg.buckets.push(pb::DrillBucket {
+                    source: source_name,
+                    source_bucket: bucket.0,
+                    name,
+                    bucket: info.bucket.0,
+                    usable_ms: self.clock.now_ms(),
+                    first_io_ms: 0,
+                });
+                *record.pgs.last_mut().expect("pushed above") = pg.clone();
+                self.put_drill(record).await?;
+            }
         }
         Ok(())
+    }
+
+    /// Every bucket of `pg` live at `index` that has data of its own
+    /// (a read-only clone shows another's), with its name.
+    fn buckets_at(&self, pg: PgId, index: LogIndex) -> NodeResult<Vec<(BucketId, String)>> {
+        let mut out = Vec::new();
+        for (bucket, _, _) in self.objects.buckets(pg)? {
+            if let Some((_, record)) = self.objects.bucket_at(pg, bucket, index)?
+                && record.state == BucketState::Active
+                && !record.is_read_only()
+            {
+                out.push((bucket, record.name));
+            }
+        }
+        Ok(out)
     }
 
     /// The index a drill restores `source` to: for `latest`, the newest
@@ -522,7 +583,7 @@ impl NodeCore {
                     p.tenant,
                     p.source_name,
                     p.drill_pg_name,
-                    p.volumes.len()
+                    p.volumes.len() + p.buckets.len()
                 ),
             );
         }
@@ -636,6 +697,30 @@ impl NodeCore {
     /// Records a clone's first I/O (the drill's RTO) once per node; the
     /// catalog keeps the first.
     pub(crate) fn record_drill_io(self: &Arc<Self>, drill: u64, volume: &str) {
+        self.report_first_io(drill, volume, false);
+    }
+
+    /// Records a bucket clone's first request (the drill's RTO) unless the
+    /// catalog has it already (requests have no connection to remember it
+    /// by, as an NBD export does).
+    pub(crate) fn record_drill_bucket_io(
+        self: &Arc<Self>,
+        drill: u64,
+        bucket: &str,
+    ) -> NodeResult<()> {
+        let recorded = self
+            .drill(drill)?
+            .pgs
+            .iter()
+            .flat_map(|p| &p.buckets)
+            .any(|b| b.name == bucket && b.first_io_ms != 0);
+        if !recorded {
+            self.report_first_io(drill, bucket, true);
+        }
+        Ok(())
+    }
+
+    fn report_first_io(self: &Arc<Self>, drill: u64, volume: &str, bucket: bool) {
         let core = self.clone();
         let volume = volume.to_owned();
         let at_ms = self.clock.now_ms();
@@ -644,6 +729,7 @@ impl NodeCore {
                 drill,
                 volume: volume.clone(),
                 at_ms,
+                bucket,
             });
             match core.propose_catalog(io).await {
                 Ok(_) => core.events.event(
@@ -712,10 +798,113 @@ impl NodeCore {
                         VolumeId(v.volume),
                         LogIndex(0),
                     )?,
+                    bucket: false,
+                    objects_written: 0,
+                });
+            }
+            for b in &p.buckets {
+                let clone_layers = self.objects.layers(
+                    drill_pg,
+                    BucketId(b.bucket),
+                    None,
+                    &lifeboat_store::masks::masks(&self.db, drill_pg)?,
+                )?;
+                let source_layers = self.objects.layers(
+                    source,
+                    BucketId(b.source_bucket),
+                    Some(LogIndex(p.index)),
+                    &lifeboat_store::masks::masks(&self.db, source)?,
+                )?;
+                let tenant_id = TenantId(tenant.id);
+                out.push(CloneChecksum {
+                    tenant: p.tenant.clone(),
+                    name: b.name.clone(),
+                    source: b.source.clone(),
+                    index: p.index,
+                    clone_sha256: self
+                        .digest_bucket(&p.tenant, tenant_id, drill_pg, &clone_layers)
+                        .await?,
+                    source_sha256: self
+                        .digest_bucket(&p.tenant, tenant_id, source, &source_layers)
+                        .await?,
+                    blocks_written: 0,
+                    bucket: true,
+                    objects_written: self
+                        .objects
+                        .keys_written_after(drill_pg, BucketId(b.bucket), LogIndex(0))?
+                        .len() as u64,
                 });
             }
         }
         Ok(out)
+    }
+
+    /// SHA-256 over every live key a bucket read through `layers` (of
+    /// `pg`) shows, in key order, each with its object's bytes, decrypted:
+    /// `key length u32 BE | key | bytes | size u64 BE`, a chunk at a time.
+    async fn digest_bucket(
+        &self,
+        tenant: &str,
+        tenant_id: TenantId,
+        pg: PgId,
+        layers: &[BucketLayer],
+    ) -> NodeResult<String> {
+        let keys = self.tenant_keys(tenant, None)?;
+        let mut hash = Sha256::new();
+        let mut resume: Option<Vec<u8>> = None;
+        loop {
+            let page = self.objects.list_layered(
+                pg,
+                layers,
+                &ListQuery {
+                    resume: resume.as_deref(),
+                    limit: DIGEST_STEP_KEYS,
+                    ..Default::default()
+                },
+            )?;
+            for entry in &page.entries {
+                let Listed::Object { key, .. } = entry else {
+                    continue;
+                };
+                let Some((stored_in, _, ObjectVersion::Object { chunks, .. })) =
+                    self.objects.find_layered(pg, layers, key)?
+                else {
+                    continue;
+                };
+                let stored_pg = layers
+                    .iter()
+                    .find(|l| l.bucket == stored_in)
+                    .map_or(pg, |l| l.pg_in(pg));
+                hash.update((key.len() as u32).to_be_bytes());
+                hash.update(key);
+                let mut size = 0u64;
+                for chunk in chunks {
+                    let frame = self.objects.chunk(stored_pg, chunk)?.ok_or_else(|| {
+                        NodeError::io(format!("read chunk {} in PG {}", chunk.0, stored_pg.0))(
+                            std::io::Error::other("missing"),
+                        )
+                    })?;
+                    let aad = FrameAad::Chunk {
+                        tenant: tenant_id,
+                        pg: stored_pg,
+                        chunk: chunk.0,
+                    };
+                    let plain = self.codec.decode(&keys, &aad, &frame).map_err(|e| {
+                        NodeError::io(format!("decode chunk {} in PG {}", chunk.0, stored_pg.0))(
+                            std::io::Error::other(e.to_string()),
+                        )
+                    })?;
+                    size += plain.len() as u64;
+                    hash.update(&plain);
+                    tokio::task::yield_now().await;
+                }
+                hash.update(size.to_be_bytes());
+            }
+            match page.resume {
+                Some(next) => resume = Some(next),
+                None => return Ok(hex(&hash.finalize())),
+            }
+        }
     }
 
     /// SHA-256 over the first `blocks` blocks a volume with `layers` (of
@@ -766,4 +955,21 @@ impl NodeCore {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A drill's bucket names are valid S3 names however long the source's.
+    #[test]
+    fn drill_bucket_names_fit_and_end_in_a_letter_or_digit() {
+        assert_eq!(drill_bucket_name(7, "backups"), "backups-drill-7");
+        // Cut to 54 characters, the last a dash, which goes too.
+        let long = format!("{}-xyz", "a".repeat(53));
+        let name = drill_bucket_name(12, &long);
+        assert_eq!(name.len(), 62, "{name}");
+        assert!(name.ends_with("a-drill-12"), "{name}");
+        crate::names::validate_bucket_name(&drill_bucket_name(123_456, &"b".repeat(63))).unwrap();
+    }
 }

@@ -451,6 +451,7 @@ impl NodeCore {
                     bucket: bucket.0,
                     index: fork.0,
                     writable: true,
+                    pg: None,
                 });
             let clone_id = self.carry_bucket_record(rec, &clone, base).await?;
             record.buckets.push(pb::DivergedBucket {

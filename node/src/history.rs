@@ -421,6 +421,7 @@ impl NodeCore {
                 bucket: view.bucket.0,
                 index: view.index.0,
                 writable: !read_only,
+                pg: view.pg.map(|pg| pg.0),
             },
             None => {
                 let existed = self
@@ -437,6 +438,7 @@ impl NodeCore {
                     bucket: info.bucket.0,
                     index: p.index.0,
                     writable: !read_only,
+                    pg: None,
                 }
             }
         };

@@ -948,7 +948,9 @@ impl ApplyContext<'_> {
 
     /// [`Self::object_latest`] in a clone: its own versions (this batch's
     /// included) decide the key unless none is in reach; then its base at
-    /// the cloned index does, which no entry after that index changes.
+    /// the cloned index does, which no entry after that index changes. A
+    /// drill's base, in another PG, is not read (see `pb::BucketBase::pg`):
+    /// the key counts as absent.
     fn clone_object_latest(
         &self,
         bucket: BucketId,
@@ -964,6 +966,7 @@ impl ApplyContext<'_> {
         match objects::seen_version(&newest_first, &self.bucket_spans(bucket)?) {
             objects::Seen::Live(index, _) => return Ok(Some(index.0)),
             objects::Seen::Hidden => return Ok(None),
+            objects::Seen::Absent if base.pg.is_some() => return Ok(None),
             objects::Seen::Absent => {}
         }
         let objects = self.objects();
@@ -1056,6 +1059,25 @@ impl ApplyContext<'_> {
         }
         let base = match &c.base {
             None => None,
+            Some(b) if b.pg.is_some() => {
+                // A drill's clone: as for volumes (`check_clone_base`),
+                // the proposer checked the base in the source PG.
+                let source = b.pg.unwrap_or_default();
+                if source == self.pg.0 || source == PgId::CATALOG.0 || b.index == 0 {
+                    return Ok(Err(Rejection::Malformed {
+                        reason: format!(
+                            "a drill's clone reads another tenant PG at an index, not PG {source} at {}",
+                            b.index
+                        ),
+                    }));
+                }
+                Some(BucketBase {
+                    bucket: BucketId(b.bucket),
+                    index: LogIndex(b.index),
+                    writable: b.writable,
+                    pg: Some(PgId(source)),
+                })
+            }
             Some(b) => {
                 // A clone of a read-only clone names that clone's base
                 // (the node does so): only a bucket with data of its own,
@@ -1088,6 +1110,7 @@ impl ApplyContext<'_> {
                     bucket: BucketId(b.bucket),
                     index: LogIndex(b.index),
                     writable: b.writable,
+                    pg: None,
                 })
             }
         };
@@ -1172,10 +1195,13 @@ impl ApplyContext<'_> {
         d: &pb::DeleteObject,
     ) -> io::Result<Outcome> {
         let bucket = BucketId(d.bucket);
-        if let Err(rejection) = self.writable_bucket(d.bucket)? {
-            return Ok(Err(rejection));
-        }
-        if self.object_latest(bucket, &d.key)?.is_none() {
+        let over_other_pg = match self.writable_bucket(d.bucket)? {
+            Err(rejection) => return Ok(Err(rejection)),
+            Ok(record) => record.base.is_some_and(|b| b.pg.is_some()),
+        };
+        // A drill's clone cannot see whether its base has the key: the
+        // marker hides it if it does.
+        if self.object_latest(bucket, &d.key)?.is_none() && !over_other_pg {
             return Ok(Ok(Applied::Done));
         }
         self.stage_version(bucket, &d.key, index, ObjectVersion::DeleteMarker)?;
@@ -1881,6 +1907,7 @@ mod tests {
                     bucket,
                     index,
                     writable,
+                    pg: None,
                 }),
             }))
         };
@@ -2038,6 +2065,71 @@ mod tests {
         assert_eq!(bucket as usize, 20 + objects::CLONE_DEPTH_MAX - 2);
     }
 
+    /// A drill's bucket clone names its base in the source PG, which apply
+    /// does not read: a delete always leaves a marker, a create-only write
+    /// is judged on the clone's own versions (the proposer checked the
+    /// base), and a base in this PG, the catalog or at index 0 is refused.
+    #[test]
+    fn a_drill_s_bucket_clone_writes_without_reading_its_base() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), &DbOptions::default()).unwrap();
+        let pg = PgId(3);
+        let objects = Objects::new(db.clone());
+        let mut at = 0u64;
+        let mut apply_alone = |c: pb::Command| {
+            at += 1;
+            let mut cx = ApplyContext::new(&db, pg);
+            let outcome = cx.apply_command(LogIndex(at), &c).unwrap();
+            db.write(cx.batch, Durability::Buffered).unwrap();
+            (LogIndex(at), outcome)
+        };
+        let create = |bucket: u64, source: u64, index: u64| {
+            cmd(pb::command::Kind::CreateBucket(pb::CreateBucket {
+                bucket,
+                name: format!("b{bucket}-drill-1"),
+                base: Some(pb::BucketBase {
+                    bucket: 5,
+                    index,
+                    writable: true,
+                    pg: Some(source),
+                }),
+            }))
+        };
+        for (source, index) in [(3, 10), (PgId::CATALOG.0, 10), (2, 0)] {
+            assert!(
+                matches!(
+                    apply_alone(create(6, source, index)).1,
+                    Err(Rejection::Malformed { .. })
+                ),
+                "source {source} at {index}"
+            );
+        }
+        assert_eq!(apply_alone(create(6, 2, 10)).1, Ok(Applied::Done));
+        let (_, record) = objects.bucket(pg, BucketId(6)).unwrap().unwrap();
+        assert_eq!(record.base.unwrap().pg, Some(PgId(2)));
+        let delete = cmd(pb::command::Kind::DeleteObject(pb::DeleteObject {
+            bucket: 6,
+            key: b"k".to_vec().into(),
+        }));
+        let (marker, deleted) = apply_alone(delete);
+        assert_eq!(deleted, Ok(Applied::Done));
+        assert_eq!(
+            objects.version_at(pg, BucketId(6), b"k", marker).unwrap(),
+            Some((marker, ObjectVersion::DeleteMarker)),
+            "a marker, whatever the base holds"
+        );
+        assert_eq!(
+            apply_alone(put_in(6, "k", 1, true)).1,
+            Ok(Applied::Done),
+            "hidden by the clone's own marker: absent"
+        );
+        assert_eq!(
+            apply_alone(put_in(6, "k", 2, true)).1,
+            Err(Rejection::ObjectExists)
+        );
+        assert_eq!(apply_alone(put_in(6, "new", 3, true)).1, Ok(Applied::Done));
+    }
+
     /// GC keeps a clone's delete marker that has nothing of the clone's
     /// own below it: it hides the base's object (a divergence bucket
     /// carries deletes the old site made after the fork this way).
@@ -2069,6 +2161,7 @@ mod tests {
             bucket: 5,
             index: moment.0,
             writable: true,
+            pg: None,
         };
         assert_eq!(apply_alone(create(6, Some(base))).1, Ok(Applied::Done));
         let (marker, deleted) =

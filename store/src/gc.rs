@@ -197,7 +197,10 @@ impl Retained {
         }
         for (id, index, record) in Objects::new(db.clone()).buckets(pg)? {
             if let Some(base) = record.base {
-                pins.push(base.index);
+                // A drill's base is in its source PG, which pins it.
+                if base.pg.is_none() {
+                    pins.push(base.index);
+                }
                 clones.insert(id.0);
             }
             if record.state == objects::BucketState::Deleted {

@@ -77,6 +77,9 @@ pub struct BucketBase {
     /// the base (copy-on-write); otherwise it shows the base and nothing
     /// else.
     pub writable: bool,
+    /// `Some` for a drill's clone: the base is in that other PG (the
+    /// drill's source), read from this node's replica of it.
+    pub pg: Option<PgId>,
 }
 
 /// Record layout, version 1 (the volumes' named-record layout):
@@ -86,14 +89,50 @@ pub struct BucketBase {
 /// Version 2 (a read-only clone) appends its base, as volumes do; version 3
 /// (a writable clone) is laid out as version 2. Sealed: version 4 is a
 /// sealed bucket laid out as version 1, version 5 a sealed writable clone
-/// laid out as version 3.
+/// laid out as version 3. Version 6, a clone whose base is in another PG,
+/// is the record it would otherwise be followed by that record's version
+/// u8 and the PG's id u64 BE.
 const BUCKET_RECORD_VERSION: u8 = 1;
 const WRITABLE_CLONE_RECORD_VERSION: u8 = 3;
 const SEALED_RECORD_VERSION: u8 = 4;
 const SEALED_CLONE_RECORD_VERSION: u8 = 5;
+const OTHER_PG_CLONE_RECORD_VERSION: u8 = 6;
 
 impl BucketRecord {
     pub fn encode(&self) -> Vec<u8> {
+        let mut out = self.encode_in_pg();
+        if let Some(pg) = self.base.and_then(|b| b.pg) {
+            out.push(out[0]);
+            out.extend_from_slice(&pg.0.to_be_bytes());
+            out[0] = OTHER_PG_CLONE_RECORD_VERSION;
+        }
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> std::result::Result<BucketRecord, String> {
+        if bytes.first() != Some(&OTHER_PG_CLONE_RECORD_VERSION) {
+            return BucketRecord::decode_in_pg(bytes);
+        }
+        if bytes.len() < 10 {
+            return Err("bucket record for another PG's clone is too short".into());
+        }
+        let (rest, tail) = bytes.split_at(bytes.len() - 9);
+        let mut inner = rest.to_vec();
+        inner[0] = tail[0];
+        if inner[0] == OTHER_PG_CLONE_RECORD_VERSION {
+            return Err("bucket record names another PG twice".into());
+        }
+        let pg = PgId(u64::from_be_bytes(tail[1..].try_into().expect("8 bytes")));
+        let mut record = BucketRecord::decode_in_pg(&inner)?;
+        match record.base.as_mut() {
+            Some(base) => base.pg = Some(pg),
+            None => return Err("bucket record names another PG but no base".into()),
+        }
+        Ok(record)
+    }
+
+    /// The record without [`BucketBase::pg`] (versions 1 to 5).
+    fn encode_in_pg(&self) -> Vec<u8> {
         let mut out = encode_based_record(
             BUCKET_RECORD_VERSION,
             self.state as u8,
@@ -111,7 +150,7 @@ impl BucketRecord {
         out
     }
 
-    pub fn decode(bytes: &[u8]) -> std::result::Result<BucketRecord, String> {
+    fn decode_in_pg(bytes: &[u8]) -> std::result::Result<BucketRecord, String> {
         let sealed = matches!(
             bytes.first(),
             Some(&SEALED_RECORD_VERSION | &SEALED_CLONE_RECORD_VERSION)
@@ -157,6 +196,7 @@ impl BucketRecord {
                 bucket: BucketId(bucket),
                 index: LogIndex(index),
                 writable,
+                pg: None,
             }),
             sealed,
         })
@@ -530,14 +570,24 @@ pub fn visible_version(
 /// clone reads itself, then its base at the cloned index (and that base's
 /// base, for a clone of a clone); a read-only clone reads only its base.
 /// Each key is decided by the first layer with a version of it in reach:
-/// a delete marker in a clone hides its base's object.
+/// a delete marker in a clone hides its base's object. A drill's clone
+/// reads its base in the drill's source PG: that layer and those below it
+/// name the PG. Bucket ids are the cluster's, so a layer's bucket says
+/// which layer a version came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BucketLayer {
+    /// `None`: the PG being read; `Some`: another PG (a drill's source).
+    pub pg: Option<PgId>,
     pub bucket: BucketId,
     pub spans: Vec<Span>,
 }
 
 impl BucketLayer {
+    /// The PG this layer's versions are stored in, when `pg` is read.
+    pub fn pg_in(&self, pg: PgId) -> PgId {
+        self.pg.unwrap_or(pg)
+    }
+
     /// The newest index the layer shows (`None`: its newest).
     pub fn at(&self) -> Option<LogIndex> {
         self.spans.first().and_then(|s| s.at)
@@ -656,6 +706,7 @@ impl Objects {
         masks: &[RollbackMask],
     ) -> Result<Vec<BucketLayer>> {
         let mut layers = Vec::new();
+        let mut other_pg = None;
         let existed = follow_clone_chain(pg, MetaKind::Bucket, bucket.0, at, |b, at| {
             let Some((_, record)) =
                 self.bucket_at(pg, BucketId(b), at.unwrap_or(LogIndex(u64::MAX)))?
@@ -665,14 +716,48 @@ impl Objects {
             // A read-only clone has nothing of its own to read.
             if !record.is_read_only() {
                 layers.push(BucketLayer {
+                    pg: None,
                     bucket: BucketId(b),
                     spans: masks::spans(masks, |m| m.covers_bucket(BucketId(b)), at),
                 });
             }
-            Ok(Some(record.base.map(|base| (base.bucket.0, base.index))))
+            match record.base {
+                Some(base) if base.pg.is_some() => {
+                    other_pg = Some(base);
+                    Ok(Some(None))
+                }
+                base => Ok(Some(base.map(|base| (base.bucket.0, base.index)))),
+            }
         })?;
         if !existed {
-            layers.clear();
+            return Ok(Vec::new());
+        }
+        if let Some(base) = other_pg {
+            let source = base.pg.expect("matched above");
+            let record_key = || keys::pg_meta_prefix(pg, MetaKind::Bucket, bucket.0);
+            if source == pg {
+                return Err(Error::corrupt_record(
+                    Cf::PgMeta.name(),
+                    &record_key(),
+                    "a drill's base names its own PG",
+                ));
+            }
+            // The source's masks are the source's: a restore there after
+            // the drill's moment does not change what the drill shows,
+            // and one before it is read as the source read it then.
+            let source_masks = masks::masks(&self.db, source)?;
+            let through = self.layers(source, base.bucket, Some(base.index), &source_masks)?;
+            if through.is_empty() {
+                return Err(Error::corrupt_record(
+                    Cf::PgMeta.name(),
+                    &record_key(),
+                    format!("drill base did not exist at index {}", base.index),
+                ));
+            }
+            layers.extend(through.into_iter().map(|l| BucketLayer {
+                pg: Some(l.pg.unwrap_or(source)),
+                ..l
+            }));
         }
         Ok(layers)
     }
@@ -681,6 +766,7 @@ impl Objects {
     /// at the newest, a live key is one point read of `latest` and one of
     /// `objects`; a key without a live version costs a seek more.
     pub fn seen(&self, pg: PgId, layer: &BucketLayer, key: &[u8]) -> Result<Seen> {
+        let pg = layer.pg_in(pg);
         if layer.is_plain_newest()
             && let Some((index, version)) = self.latest(pg, layer.bucket, key)?
         {
@@ -703,7 +789,7 @@ impl Objects {
     ) -> Result<Option<(BucketId, LogIndex, ObjectVersion)>> {
         if let [layer] = layers {
             return Ok(self
-                .find(pg, layer.bucket, key, &layer.spans)?
+                .find(layer.pg_in(pg), layer.bucket, key, &layer.spans)?
                 .map(|(index, version)| (layer.bucket, index, version)));
         }
         for layer in layers {
@@ -728,6 +814,7 @@ impl Objects {
     ) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
         let mut best: Option<(Vec<u8>, Vec<u8>)> = None;
         for layer in layers {
+            let pg = layer.pg_in(pg);
             let prefix = keys::bucket_prefix(pg, layer.bucket);
             let under = [prefix.as_slice(), range].concat();
             let start = [prefix.as_slice(), position].concat();
@@ -780,6 +867,7 @@ impl Objects {
         q: &ListQuery<'_>,
     ) -> Result<Listing> {
         let layer = BucketLayer {
+            pg: None,
             bucket,
             spans: spans.to_vec(),
         };
@@ -803,7 +891,7 @@ impl Objects {
         if let [layer] = layers
             && layer.is_plain_newest()
         {
-            return self.list(pg, layer.bucket, q);
+            return self.list(layer.pg_in(pg), layer.bucket, q);
         }
         let bucket_prefix = keys::bucket_prefix(pg, top.bucket);
         let skip = bucket_prefix.len();
@@ -1095,7 +1183,8 @@ impl Objects {
         let mut out = Vec::new();
         for layer in layers {
             let in_spans = |index: LogIndex| layer.spans.iter().any(|s| s.holds(index));
-            for (index, version) in self.versions_from(pg, layer.bucket, key, layer.at())? {
+            let versions = self.versions_from(layer.pg_in(pg), layer.bucket, key, layer.at())?;
+            for (index, version) in versions {
                 // A version a rollback mask hides is not listed, so the
                 // listing agrees with plain reads on which is the latest.
                 if !in_spans(index) {
@@ -1188,6 +1277,7 @@ mod tests {
 
     fn plain_layer(bucket: BucketId) -> BucketLayer {
         BucketLayer {
+            pg: None,
             bucket,
             spans: vec![Span::plain(None)],
         }
@@ -1267,12 +1357,16 @@ mod tests {
             sealed: false,
         };
         assert_eq!(BucketRecord::decode(&r.encode()).unwrap(), r);
-        for writable in [false, true] {
+        for (writable, pg) in [false, true]
+            .into_iter()
+            .flat_map(|w| [(w, None), (w, Some(PgId(9)))])
+        {
             let clone = BucketRecord {
                 base: Some(BucketBase {
                     bucket: BucketId(4),
                     index: LogIndex(77),
                     writable,
+                    pg,
                 }),
                 ..r.clone()
             };
@@ -1297,6 +1391,16 @@ mod tests {
         let mut baseless = r.encode();
         baseless[0] = WRITABLE_CLONE_RECORD_VERSION;
         assert!(BucketRecord::decode(&baseless).is_err());
+        // Another PG named for a bucket that is no clone, or twice, or cut.
+        let mut other_pg = r.encode();
+        other_pg.push(other_pg[0]);
+        other_pg.extend_from_slice(&9u64.to_be_bytes());
+        other_pg[0] = OTHER_PG_CLONE_RECORD_VERSION;
+        assert!(BucketRecord::decode(&other_pg).is_err());
+        let mut twice = other_pg.clone();
+        twice[other_pg.len() - 9] = OTHER_PG_CLONE_RECORD_VERSION;
+        assert!(BucketRecord::decode(&twice).is_err());
+        assert!(BucketRecord::decode(&other_pg[..9]).is_err());
         for v in [
             object(&[1, u64::MAX], b"sealed"),
             object(&[], b""),
@@ -1510,6 +1614,102 @@ mod tests {
         );
     }
 
+    /// A drill's clone in its own PG over a bucket of the source PG at an
+    /// index: the source's versions after it are not seen, the clone's own
+    /// (a marker too) decide first, and listings merge both PGs.
+    #[test]
+    fn a_drill_clone_reads_its_base_in_the_source_pg() {
+        const SOURCE: PgId = PG;
+        const DRILL: PgId = PgId(PG.0 + 1);
+        const CLONE: BucketId = BucketId(40);
+        let (_dir, db) = must_open();
+        let objects = Objects::new(db.clone());
+        let put = |pg: PgId, bucket: BucketId, key: &str, index: u64, v: ObjectVersion| {
+            let mut b = db.new_batch();
+            stage_object_version(&mut b, pg, bucket, key.as_bytes(), LogIndex(index), &v);
+            db.write(b, Durability::Buffered).unwrap();
+        };
+        let bucket = |pg: PgId, id: BucketId, index: u64, base: Option<BucketBase>| {
+            let mut b = db.new_batch();
+            let record = BucketRecord {
+                name: format!("b{}", id.0),
+                state: BucketState::Active,
+                created_ms: 1,
+                base,
+                sealed: false,
+            };
+            stage_bucket(&mut b, pg, id, LogIndex(index), &record);
+            db.write(b, Durability::Buffered).unwrap();
+        };
+        bucket(SOURCE, B, 1, None);
+        put(SOURCE, B, "a", 2, object(&[1], b"a2"));
+        put(SOURCE, B, "b", 3, object(&[2], b"b3"));
+        put(SOURCE, B, "c", 4, object(&[3], b"c4"));
+        // After the drill's moment, in production.
+        put(SOURCE, B, "a", 9, object(&[4], b"a9"));
+        put(SOURCE, B, "late", 9, object(&[5], b"l9"));
+        let base = BucketBase {
+            bucket: B,
+            index: LogIndex(5),
+            writable: true,
+            pg: Some(SOURCE),
+        };
+        bucket(DRILL, CLONE, 1, Some(base));
+        put(DRILL, CLONE, "b", 2, ObjectVersion::DeleteMarker);
+        put(DRILL, CLONE, "mine", 3, object(&[6], b"m3"));
+        let layers = objects.layers(DRILL, CLONE, None, &[]).unwrap();
+        assert_eq!(
+            layers
+                .iter()
+                .map(|l| (l.pg_in(DRILL), l.bucket, l.at()))
+                .collect::<Vec<_>>(),
+            [(DRILL, CLONE, None), (SOURCE, B, Some(LogIndex(5)))]
+        );
+        let find = |key: &str| {
+            objects
+                .find_layered(DRILL, &layers, key.as_bytes())
+                .unwrap()
+                .map(|(bucket, index, _)| (bucket, index.0))
+        };
+        assert_eq!(find("a"), Some((B, 2)), "the source at the drill's moment");
+        assert_eq!(find("b"), None, "the drill deleted it");
+        assert_eq!(find("c"), Some((B, 4)));
+        assert_eq!(find("late"), None);
+        assert_eq!(find("mine"), Some((CLONE, 3)));
+        let listed = objects
+            .list_layered(
+                DRILL,
+                &layers,
+                &ListQuery {
+                    limit: 100,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(keys_of(&listed), ["a", "c", "mine"]);
+        // A base that names the clone's own PG, or that was not there.
+        bucket(
+            DRILL,
+            BucketId(41),
+            1,
+            Some(BucketBase {
+                pg: Some(DRILL),
+                ..base
+            }),
+        );
+        assert!(objects.layers(DRILL, BucketId(41), None, &[]).is_err());
+        bucket(
+            DRILL,
+            BucketId(42),
+            1,
+            Some(BucketBase {
+                bucket: BucketId(99),
+                ..base
+            }),
+        );
+        assert!(objects.layers(DRILL, BucketId(42), None, &[]).is_err());
+    }
+
     /// A writable clone C of B at index 10, and a clone D of C at 20:
     /// each key is decided by the first layer with a version of it.
     #[test]
@@ -1540,6 +1740,7 @@ mod tests {
                     bucket,
                     index: LogIndex(index),
                     writable,
+                    pg: None,
                 }),
                 sealed: false,
             };
@@ -1580,6 +1781,7 @@ mod tests {
             [
                 plain_layer(C),
                 BucketLayer {
+                    pg: None,
                     bucket: B,
                     spans: vec![Span::plain(Some(LogIndex(10)))],
                 }
@@ -1720,6 +1922,7 @@ mod tests {
         db.write(batch, Durability::Buffered).unwrap();
         must_put(&db, "a", 10, &object(&[4], b"a10"));
         let masked = BucketLayer {
+            pg: None,
             bucket: B,
             spans: vec![
                 Span {

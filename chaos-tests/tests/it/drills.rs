@@ -1,7 +1,8 @@
-//! A failover drill during heavy writes (DESIGN.md "Drills"): its clone at
-//! the DR site reads exactly what the source held at the restore point
-//! (checked against the primary's own replica of that point), it takes
-//! writes of its own without touching production, production's writers
+//! A failover drill during heavy writes (DESIGN.md "Drills"): its clones
+//! at the DR site, of a volume and of a bucket, read exactly what the
+//! source held at the restore point (checked against the primary's own
+//! replica of that point), they take writes of their own without touching
+//! production, production's writers
 //! see no error and replication keeps its pace, the report carries RPO,
 //! time to first I/O, checksums and lag, and `drill stop` leaves nothing
 //! behind.
@@ -10,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use aws_sdk_s3::primitives::ByteStream;
 use lifeboat_chaos_tests::harness::TestNode;
 use lifeboat_chaos_tests::ledger::Ledger;
 use lifeboat_chaos_tests::nbd_client::NbdClient;
@@ -25,6 +27,28 @@ fn json(out: &str) -> serde_json::Value {
 /// `drill report ID --format json` through `node`.
 fn report(node: &TestNode, id: u64) -> serde_json::Value {
     json(&node.must_cli(&["drill", "report", &id.to_string(), "--format", "json"]))
+}
+
+/// The object `key` of `bucket`, or `None` if S3 says NoSuchKey.
+async fn get(s3: &aws_sdk_s3::Client, bucket: &str, key: &str) -> Option<Vec<u8>> {
+    match s3.get_object().bucket(bucket).key(key).send().await {
+        Ok(o) => Some(o.body.collect().await.unwrap().into_bytes().to_vec()),
+        Err(e) => {
+            let e = e.into_service_error();
+            assert!(e.is_no_such_key(), "{e:?}");
+            None
+        }
+    }
+}
+
+async fn put(s3: &aws_sdk_s3::Client, bucket: &str, key: &str, body: &[u8]) {
+    s3.put_object()
+        .bucket(bucket)
+        .key(key)
+        .body(ByteStream::from(body.to_vec()))
+        .send()
+        .await
+        .unwrap();
 }
 
 /// The PG ids `node` runs a member of.
@@ -66,6 +90,19 @@ async fn a_drill_during_heavy_writes_matches_its_source_and_leaves_nothing_behin
     let refused = c.nodes[0].cli_as(&tenant_token, &["drill", "list"]);
     assert!(!refused.status.success(), "a tenant token runs no drill");
 
+    // A bucket in the same PG: one small object, one of three chunks, and
+    // one the drill will delete.
+    c.nodes[0].must_cli(&["bucket", "create", "t/bkt"]);
+    let (key, secret) = c.nodes[0].must_create_credential("t");
+    let s3_at = |n: &TestNode| {
+        lifeboat_chaos_tests::s3_client::client(&format!("http://{}", n.s3), &key, &secret)
+    };
+    let (primary_s3, dr_s3) = (s3_at(&c.nodes[1]), s3_at(&c.nodes[dr]));
+    let big: Vec<u8> = (0..(2 << 20) + 777).map(|i| (i * 13 % 251) as u8).collect();
+    put(&primary_s3, "bkt", "a", b"before the drill").await;
+    put(&primary_s3, "bkt", "big", &big).await;
+    put(&primary_s3, "bkt", "gone", b"deleted by the drill").await;
+
     // Heavy writes on the primary for the whole drill.
     let ledger = Ledger::default();
     let stop = Arc::new(AtomicBool::new(false));
@@ -96,7 +133,19 @@ async fn a_drill_during_heavy_writes_matches_its_source_and_leaves_nothing_behin
     let clone = format!("t/drill-{id}-v");
     assert_eq!(pg["clones"][0]["name"], clone.as_str(), "{drill}");
     assert!(pg["index"].as_u64().unwrap() > 0);
+    let drill_bucket = format!("bkt-drill-{id}");
+    assert_eq!(pg["clones"][1]["kind"], "bucket", "{drill}");
+    assert_eq!(pg["clones"][1]["name"], drill_bucket.as_str(), "{drill}");
     let acked_at_start = ledger.acked_seqs();
+
+    // The bucket's clone at DR shows the source's objects at the restore
+    // point; production's later writes are not in it.
+    put(&primary_s3, "bkt", "a", b"after the drill started").await;
+    assert_eq!(
+        get(&dr_s3, &drill_bucket, "a").await.as_deref(),
+        Some(&b"before the drill"[..])
+    );
+    assert_eq!(get(&dr_s3, &drill_bucket, "big").await, Some(big.clone()));
 
     // The clone at DR reads what the source held at the restore point, as
     // the primary's own replica of that point (the pin) reads it.
@@ -124,6 +173,10 @@ async fn a_drill_during_heavy_writes_matches_its_source_and_leaves_nothing_behin
     let sums = &r["checksums"][0];
     assert_eq!(sums["match"], true, "{r}");
     assert_eq!(sums["blocks_written_by_drill"], 0, "{r}");
+    let bucket_sums = &r["checksums"][1];
+    assert_eq!(bucket_sums["kind"], "bucket", "{r}");
+    assert_eq!(bucket_sums["match"], true, "{r}");
+    assert_eq!(bucket_sums["objects_written_by_drill"], 0, "{r}");
     let pg = &r["pgs"][0];
     assert!(
         pg["rpo_ms"].as_u64().is_some() && pg["rpo_entries"].as_u64().is_some(),
@@ -132,6 +185,10 @@ async fn a_drill_during_heavy_writes_matches_its_source_and_leaves_nothing_behin
     assert!(
         pg["clones"][0]["first_io_after_ms"].as_u64().is_some(),
         "the first read of the clone is its RTO: {r}"
+    );
+    assert!(
+        pg["clones"][1]["first_io_after_ms"].as_u64().is_some(),
+        "and of the bucket's: {r}"
     );
     assert!(pg["lag_samples"].as_u64().unwrap() >= 1, "{r}");
     let lag = pg["lag_max_seconds"].as_f64().unwrap();
@@ -148,9 +205,64 @@ async fn a_drill_during_heavy_writes_matches_its_source_and_leaves_nothing_behin
         source_now[0], mark,
         "production does not see the drill's write"
     );
+    // And to its bucket: a new object, a delete of one only the source
+    // has (a marker over the source's), a create-only write refused over
+    // one only the source has.
+    put(&dr_s3, &drill_bucket, "mine", b"the drill's").await;
+    dr_s3
+        .delete_object()
+        .bucket(&drill_bucket)
+        .key("gone")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(get(&dr_s3, &drill_bucket, "gone").await, None);
+    let appended: serde_json::Value = json(&c.nodes[0].must_cli(&[
+        "--output",
+        "json",
+        "tenant",
+        "credential",
+        "create",
+        "t",
+        "--append-only",
+    ]));
+    let append_only = lifeboat_chaos_tests::s3_client::client(
+        &format!("http://{}", c.nodes[dr].s3),
+        appended["access_key"].as_str().unwrap(),
+        appended["secret_key"].as_str().unwrap(),
+    );
+    let refused = append_only
+        .put_object()
+        .bucket(&drill_bucket)
+        .key("a")
+        .body(ByteStream::from(b"over the source's".to_vec()))
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.into_service_error().meta().code(),
+        Some("AccessDenied"),
+        "an append-only credential cannot replace what the source had"
+    );
+    let listed = dr_s3
+        .list_objects_v2()
+        .bucket(&drill_bucket)
+        .send()
+        .await
+        .unwrap();
+    let keys: Vec<&str> = listed.contents().iter().filter_map(|o| o.key()).collect();
+    assert_eq!(keys, ["a", "big", "mine"]);
+    assert_eq!(
+        get(&primary_s3, "bkt", "gone").await.as_deref(),
+        Some(&b"deleted by the drill"[..]),
+        "production keeps what the drill deleted"
+    );
+    assert_eq!(get(&primary_s3, "bkt", "mine").await, None);
     let r = report(&c.nodes[0], id);
     assert_eq!(r["checksums"][0]["match"], false, "{r}");
     assert_eq!(r["checksums"][0]["blocks_written_by_drill"], 1, "{r}");
+    assert_eq!(r["checksums"][1]["match"], false, "{r}");
+    assert_eq!(r["checksums"][1]["objects_written_by_drill"], 2, "{r}");
     let md = c.nodes[0].must_cli(&["drill", "report", &id.to_string(), "--no-checksums"]);
     assert!(md.starts_with(&format!("# Drill {id}\n")), "{md}");
     let html = c.nodes[0].must_cli(&["drill", "report", &id.to_string(), "--format", "html"]);
@@ -205,6 +317,20 @@ async fn a_drill_during_heavy_writes_matches_its_source_and_leaves_nothing_behin
     assert!(
         NbdClient::connect(c.nodes[dr].nbd, &clone).await.is_err(),
         "the clone's export is gone"
+    );
+    let gone = dr_s3
+        .head_bucket()
+        .bucket(&drill_bucket)
+        .send()
+        .await
+        .unwrap_err();
+    assert!(
+        gone.into_service_error().is_not_found(),
+        "the bucket's clone is gone"
+    );
+    assert_eq!(
+        get(&primary_s3, "bkt", "a").await.as_deref(),
+        Some(&b"after the drill started"[..])
     );
     c.nodes[other_dr].start().unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);

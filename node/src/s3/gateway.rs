@@ -127,6 +127,37 @@ impl Gateway {
     /// looked for again once they have caught up with their leaders, so a
     /// client that created it elsewhere finds it here at once.
     pub(super) async fn bucket(&self, caller: &Caller, name: &str) -> S3Result<BucketRef> {
+        let mut bucket = self.bucket_found(caller, name).await?;
+        if bucket.base.is_some() {
+            self.drill_source_ready(&bucket).await?;
+        }
+        bucket
+            .read_layers(self.core())
+            .map_err(|e| from_node(e.into()))?;
+        Ok(bucket)
+    }
+
+    /// For a clone in a drill's PG: waits until this node's replica of the
+    /// drill's source has the restore point its base is read at (a standby
+    /// replica may trail the one the point was taken from); for the
+    /// drill's own clone, reports its first request (the drill's RTO).
+    async fn drill_source_ready(&self, bucket: &BucketRef) -> S3Result<()> {
+        let core = self.core();
+        let Some((drill, source, index)) = core.drill_of_pg(bucket.pg).map_err(from_node)? else {
+            return Ok(());
+        };
+        core.wait_drill_source(source, index)
+            .await
+            .map_err(from_node)?;
+        if bucket.over_other_pg() {
+            core.record_drill_bucket_io(drill, &bucket.name)
+                .map_err(from_node)?;
+        }
+        Ok(())
+    }
+
+    /// [`Gateway::bucket`] without its layers.
+    async fn bucket_found(&self, caller: &Caller, name: &str) -> S3Result<BucketRef> {
         match self.bucket_here(caller, name) {
             Err(e) if *e.code() == S3ErrorCode::NoSuchBucket => {
                 let core = self.core();
@@ -148,7 +179,8 @@ impl Gateway {
         }
     }
 
-    /// [`Gateway::bucket`] as this node's replicas show it now.
+    /// [`Gateway::bucket`] as this node's replicas show it now, without
+    /// its layers.
     fn bucket_here(&self, caller: &Caller, name: &str) -> S3Result<BucketRef> {
         let core = self.core();
         let bound = core
@@ -165,7 +197,7 @@ impl Gateway {
             .bucket_info_of(&caller.credential.tenant, name, &bound)
             .map_err(from_node)?
             .ok_or_else(|| no_such_bucket(name))?;
-        let mut bucket = BucketRef {
+        Ok(BucketRef {
             tenant: caller.credential.tenant.clone(),
             tenant_id: lifeboat_store::TenantId(caller.tenant_id),
             name: name.to_owned(),
@@ -174,9 +206,7 @@ impl Gateway {
             group,
             base: info.base,
             layers: Vec::new(),
-        };
-        bucket.read_layers(core).map_err(|e| from_node(e.into()))?;
-        Ok(bucket)
+        })
     }
 
     /// A bucket read at a linearizable point.
@@ -191,6 +221,31 @@ impl Gateway {
         Ok(bucket)
     }
 
+    /// Apply cannot see a drill's base (in its source PG): a create-only
+    /// write to a drill's clone is checked against it here, refused as
+    /// apply refuses one over an object of the clone's own. The base never
+    /// changes, and apply checks the clone's own versions again.
+    pub(super) fn absent_over_drill_base(
+        &self,
+        bucket: &BucketRef,
+        key: &str,
+        if_absent: bool,
+    ) -> S3Result<()> {
+        if !if_absent
+            || !bucket.over_other_pg()
+            || self.store.find(bucket, key.as_bytes(), None)?.is_none()
+        {
+            return Ok(());
+        }
+        Err(from_node(
+            lifeboat_replication::Error::Rejected {
+                pg: bucket.pg.0,
+                rejection: lifeboat_replication::Rejection::ObjectExists,
+            }
+            .into(),
+        ))
+    }
+
     /// Names a written body in a new version of `key`; releases its stream
     /// if that fails.
     async fn put_version(
@@ -201,6 +256,10 @@ impl Gateway {
         record: &rec::ObjectRecord,
         if_absent: bool,
     ) -> S3Result<LogIndex> {
+        if let Err(e) = self.absent_over_drill_base(bucket, key, if_absent) {
+            self.store.release(bucket, body.stream).await;
+            return Err(e);
+        }
         let sealed = self.store.seal(bucket, record)?;
         let stream = body.stream;
         let kind = pb::command::Kind::PutObject(pb::PutObject {
@@ -642,7 +701,7 @@ impl Gateway {
         range: std::ops::Range<u64>,
     ) -> S3Result<WrittenBody> {
         let whole = range.start == 0 && range.end == src.record.size;
-        if whole && src_bucket.pg == dest.pg && !src.chunks.is_empty() {
+        if whole && src.pg == dest.pg && !src.chunks.is_empty() {
             let md5 = hex_md5(&src.record.etag);
             return Ok(WrittenBody {
                 size: src.record.size,

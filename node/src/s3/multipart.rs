@@ -304,21 +304,23 @@ impl Gateway {
         record.etag = format!("{}-{}", hex::encode(md5s.finalize()), named.len());
         record.parts = named.len() as u32;
         record.modified_ms = now_ms();
+        let if_absent = create_only || conditional;
         let kind = pb::command::Kind::CompleteUpload(pb::CompleteUpload {
             bucket: bucket.id.0,
             upload,
             parts: completed,
             record: self.store.seal(&bucket, &record)?,
-            if_absent: create_only || conditional,
+            if_absent,
         });
-        let index =
-            self.store
-                .propose(&bucket, kind)
-                .await
-                .map_err(|e| match (e.code(), conditional) {
-                    (S3ErrorCode::AccessDenied, true) => s3_error!(PreconditionFailed),
-                    _ => e,
-                })?;
+        let index = async {
+            self.absent_over_drill_base(&bucket, &input.key, if_absent)?;
+            self.store.propose(&bucket, kind).await
+        }
+        .await
+        .map_err(|e| match (e.code(), conditional) {
+            (S3ErrorCode::AccessDenied, true) => s3_error!(PreconditionFailed),
+            _ => e,
+        })?;
         Ok(S3Response::new(CompleteMultipartUploadOutput {
             bucket: Some(input.bucket.clone()),
             key: Some(input.key.clone()),

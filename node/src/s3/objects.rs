@@ -58,6 +58,7 @@ impl BucketRef {
         let all = masks::masks(&core.db, self.pg)?;
         self.layers = match self.base {
             None => vec![BucketLayer {
+                pg: None,
                 bucket: self.id,
                 spans: masks::spans(&all, |m| m.covers_bucket(self.id), None),
             }],
@@ -76,19 +77,35 @@ impl BucketRef {
         self.base.filter(|b| b.writable)
     }
 
-    /// Records stored in bucket `stored_in` are bound to it.
+    /// A drill's clone: its base is in the drill's source PG, which apply
+    /// does not read (a create-only write is checked here against it).
+    pub fn over_other_pg(&self) -> bool {
+        self.base.is_some_and(|b| b.pg.is_some())
+    }
+
+    /// The PG that the versions a read found in bucket `stored_in` (one of
+    /// its layers; bucket ids are the cluster's) are stored in.
+    pub fn pg_of(&self, stored_in: BucketId) -> PgId {
+        self.layers
+            .iter()
+            .find(|l| l.bucket == stored_in)
+            .map_or(self.pg, |l| l.pg_in(self.pg))
+    }
+
+    /// Records stored in bucket `stored_in` are bound to it and its PG.
     fn record_aad(&self, stored_in: BucketId) -> FrameAad {
         FrameAad::Record {
             tenant: self.tenant_id,
-            pg: self.pg,
+            pg: self.pg_of(stored_in),
             bucket: stored_in.0,
         }
     }
 
-    fn chunk_aad(&self, chunk: u64) -> FrameAad {
+    /// Chunks are bound to the PG they are stored in.
+    fn chunk_aad(&self, pg: PgId, chunk: u64) -> FrameAad {
         FrameAad::Chunk {
             tenant: self.tenant_id,
-            pg: self.pg,
+            pg,
             chunk,
         }
     }
@@ -97,8 +114,9 @@ impl BucketRef {
 /// An object version found by a read.
 pub struct Found {
     /// The bucket it is stored in (a clone's base, for one from before the
-    /// clone).
+    /// clone), and that bucket's PG (a drill's source, for a drill's base).
     pub bucket: BucketId,
+    pub pg: PgId,
     pub index: LogIndex,
     pub chunks: Vec<ChunkId>,
     pub record: rec::ObjectRecord,
@@ -249,6 +267,7 @@ impl ObjectStore {
         })?;
         Ok(Some(Found {
             bucket: stored_in,
+            pg: bucket.pg_of(stored_in),
             index,
             chunks,
             record,
@@ -273,7 +292,7 @@ impl ObjectStore {
             let found = self
                 .core
                 .objects
-                .version_at(bucket.pg, layer.bucket, key, wanted)?
+                .version_at(layer.pg_in(bucket.pg), layer.bucket, key, wanted)?
                 .filter(|(index, _)| *index == wanted);
             if let Some((index, version)) = found {
                 let version = match version {
@@ -392,16 +411,17 @@ impl ObjectStore {
         }
         let mut plan = plan.into_iter();
         if let Some((id, size, slice)) = plan.next() {
-            let first = self.read_chunk(bucket, id, size).await?;
+            let first = self.read_chunk(bucket, found.pg, id, size).await?;
             tx.send(Ok(first.slice(slice)))
                 .await
                 .expect("the receiver is still here");
         }
         let store = self.clone();
         let bucket = bucket.clone();
+        let pg = found.pg;
         tokio::spawn(async move {
             for (id, size, slice) in plan {
-                let read = store.read_chunk(&bucket, id, size).await;
+                let read = store.read_chunk(&bucket, pg, id, size).await;
                 let item = read.map(|plain| plain.slice(slice)).map_err(|e| {
                     std::io::Error::other(format!("chunk {} of an object: {e}", id.0))
                 });
@@ -417,22 +437,24 @@ impl ObjectStore {
         ))
     }
 
-    /// One chunk's plain bytes, checked against the size its record gives.
+    /// One chunk's plain bytes, checked against the size its record gives
+    /// (stored in `pg`: the bucket's, or a drill's source).
     pub async fn read_chunk(
         &self,
         bucket: &BucketRef,
+        pg: PgId,
         chunk: ChunkId,
         size: u64,
     ) -> Result<Bytes, S3Error> {
         let frame = self
             .core
             .objects
-            .chunk(bucket.pg, chunk)
+            .chunk(pg, chunk)
             .map_err(|e| from_node(e.into()))?
             .ok_or_else(|| internal("an object's chunk is missing", chunk.0))?;
         let keys = self.keys(bucket, Some(&frame))?;
         let core = self.core.clone();
-        let aad = bucket.chunk_aad(chunk.0);
+        let aad = bucket.chunk_aad(pg, chunk.0);
         let plain = tokio::task::spawn_blocking(move || core.codec.decode(&keys, &aad, &frame))
             .await
             .map_err(|e| internal("decode a chunk", e))?
@@ -442,7 +464,7 @@ impl ObjectStore {
                     code = "store.corrupt_frame",
                     tenant = bucket.tenant,
                     bucket = bucket.name,
-                    pg = bucket.pg.0,
+                    pg = pg.0,
                     chunk = chunk.0,
                     "an object's chunk does not open: {e}"
                 );
@@ -548,7 +570,7 @@ impl<'a> BodyWriter<'a> {
         let mut hasher = self.hasher.take().expect("writer in use");
         let keys = self.keys.clone();
         let core = self.store.core.clone();
-        let aad = self.bucket.chunk_aad(chunk);
+        let aad = self.bucket.chunk_aad(self.bucket.pg, chunk);
         self.written.size += plain.len() as u64;
         self.written.chunk_ids.push(chunk);
         self.written.chunk_sizes.push(plain.len() as u64);

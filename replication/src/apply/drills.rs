@@ -1,8 +1,8 @@
 //! Applying the catalog's drill commands (DESIGN.md "Drills"): the record
 //! a drill's start writes step by step, what nodes observe while it runs
 //! (first I/O on each clone, the source's lag to the drill's site), and
-//! its stop, which takes its PGs and their volume names out of the
-//! catalog and keeps the record as the drill's history.
+//! its stop, which takes its PGs and their volume and bucket names out of
+//! the catalog and keeps the record as the drill's history.
 
 use std::io;
 
@@ -58,20 +58,30 @@ impl ApplyContext<'_> {
             Ok(r) => r,
             Err(rejection) => return Ok(Err(rejection)),
         };
-        let Some(volume) = record
-            .pgs
-            .iter_mut()
-            .flat_map(|p| p.volumes.iter_mut())
-            .find(|v| v.name == d.volume)
-        else {
+        let first_io = if d.bucket {
+            record
+                .pgs
+                .iter_mut()
+                .flat_map(|p| p.buckets.iter_mut())
+                .find(|b| b.name == d.volume)
+                .map(|b| &mut b.first_io_ms)
+        } else {
+            record
+                .pgs
+                .iter_mut()
+                .flat_map(|p| p.volumes.iter_mut())
+                .find(|v| v.name == d.volume)
+                .map(|v| &mut v.first_io_ms)
+        };
+        let Some(first_io) = first_io else {
             return Ok(Err(Rejection::Malformed {
                 reason: format!("drill {} has no clone {}", d.drill, d.volume),
             }));
         };
         // The first one counts; a later report (another node, a retry)
         // changes nothing.
-        if volume.first_io_ms == 0 {
-            volume.first_io_ms = d.at_ms;
+        if *first_io == 0 {
+            *first_io = d.at_ms;
             self.catalog_put(catalog::drill_key(record.id), &record);
         }
         Ok(Ok(Applied::Done))
@@ -103,7 +113,8 @@ impl ApplyContext<'_> {
         Ok(Ok(Applied::Done))
     }
 
-    /// Takes the drill's PGs and their volume names out of the catalog
+    /// Takes the drill's PGs and their volume and bucket names out of the
+    /// catalog
     /// (each node then drops its replica of them: the stopped record says
     /// which PGs were the drill's) and keeps the record, stopped. Stopping
     /// a stopped drill is done already.
@@ -147,6 +158,15 @@ impl ApplyContext<'_> {
                     self.catalog_delete(key);
                 }
             }
+            for b in &p.buckets {
+                let key = catalog::bucket_name_key(&b.name);
+                if self
+                    .catalog_get::<pb::BucketNameRecord>(&key)?
+                    .is_some_and(|n| n.pg == p.drill_pg)
+                {
+                    self.catalog_delete(key);
+                }
+            }
         }
         for pg in pgs {
             self.catalog_delete(catalog::pg_key(&pg.tenant, &pg.name));
@@ -175,6 +195,13 @@ fn keep_observations(old: &pb::DrillRecord, new: &mut pb::DrillRecord) {
                 && let Some(w) = was.volumes.iter().find(|w| w.name == v.name)
             {
                 v.first_io_ms = w.first_io_ms;
+            }
+        }
+        for b in &mut pg.buckets {
+            if b.first_io_ms == 0
+                && let Some(w) = was.buckets.iter().find(|w| w.name == b.name)
+            {
+                b.first_io_ms = w.first_io_ms;
             }
         }
     }
@@ -245,6 +272,13 @@ mod tests {
         let bound = |pg| pb::VolumeNameRecord { pg, volume: 1 };
         cx.catalog_put(catalog::volume_name_key("t", "drill-1-v"), &bound(7));
         cx.catalog_put(catalog::volume_name_key("t", "v"), &bound(3));
+        let bound_bucket = |pg| pb::BucketNameRecord {
+            tenant_id: 1,
+            pg,
+            bucket: 2,
+        };
+        cx.catalog_put(catalog::bucket_name_key("b-drill-1"), &bound_bucket(7));
+        cx.catalog_put(catalog::bucket_name_key("b"), &bound_bucket(3));
         let mut running = pb::DrillRecord {
             id: 1,
             state: pb::DrillState::DrillRunning as i32,
@@ -262,6 +296,16 @@ mod tests {
                         ..Default::default()
                     },
                 ],
+                buckets: vec![
+                    pb::DrillBucket {
+                        name: "b-drill-1".into(),
+                        ..Default::default()
+                    },
+                    pb::DrillBucket {
+                        name: "b".into(),
+                        ..Default::default()
+                    },
+                ],
                 ..Default::default()
             }],
             ..start.clone()
@@ -272,16 +316,18 @@ mod tests {
                 .is_ok()
         );
 
-        let io = |volume: &str, at_ms| {
+        let io_of = |name: &str, at_ms, bucket| {
             cmd(
                 6,
                 pb::command::Kind::RecordDrillIo(pb::RecordDrillIo {
                     drill: 1,
-                    volume: volume.into(),
+                    volume: name.into(),
                     at_ms,
+                    bucket,
                 }),
             )
         };
+        let io = |volume: &str, at_ms| io_of(volume, at_ms, false);
         assert_eq!(
             cx.apply_command(LogIndex(4), &io("drill-1-v", 40)).unwrap(),
             Ok(Applied::Done)
@@ -298,6 +344,18 @@ mod tests {
             cx.apply_command(LogIndex(6), &io("nope", 1)).unwrap(),
             Err(Rejection::Malformed { .. })
         ));
+        assert!(
+            matches!(
+                cx.apply_command(LogIndex(6), &io_of("drill-1-v", 1, true))
+                    .unwrap(),
+                Err(Rejection::Malformed { .. })
+            ),
+            "a volume's name is no bucket"
+        );
+        cx.apply_command(LogIndex(6), &io_of("b-drill-1", 55, true))
+            .unwrap()
+            .unwrap();
+        assert_eq!(drill(&cx, 1).pgs[0].buckets[0].first_io_ms, 55);
         let lag = |drill, seconds| {
             cmd(
                 6,
@@ -337,6 +395,7 @@ mod tests {
         let d = drill(&cx, 1);
         assert_eq!(d.ready_ms, 77);
         assert_eq!(d.pgs[0].volumes[0].first_io_ms, 40);
+        assert_eq!(d.pgs[0].buckets[0].first_io_ms, 55);
         assert_eq!(d.pgs[0].lag_samples, 2);
         let stopped_by_put = pb::DrillRecord {
             state: pb::DrillState::DrillStopped as i32,
@@ -399,6 +458,17 @@ mod tests {
                 .unwrap()
                 .is_some(),
             "a name bound to another PG stays"
+        );
+        assert!(
+            cx.catalog_get::<pb::BucketNameRecord>(&catalog::bucket_name_key("b-drill-1"))
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            cx.catalog_get::<pb::BucketNameRecord>(&catalog::bucket_name_key("b"))
+                .unwrap()
+                .is_some(),
+            "a bucket name bound to another PG stays"
         );
         assert_eq!(
             cx.apply_command(LogIndex(16), &stop(1)).unwrap(),
