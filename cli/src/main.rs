@@ -1157,6 +1157,7 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                 out.json_value(&pg_json(&p));
             } else {
                 let status = p.status.clone();
+                let lineage = p.lineage.clone();
                 print_pgs(out, vec![p]);
                 match &status {
                     Some(s) => println!(
@@ -1176,6 +1177,26 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                         }
                     ),
                     None => println!("here: this node hosts no member of it"),
+                }
+                for l in &lineage {
+                    println!(
+                        "generation {} from index {} ({}), {} -> {}{}",
+                        l.generation,
+                        l.first_index,
+                        format_time_ms(l.started_ms),
+                        l.from_site,
+                        l.to_site,
+                        l.rpo.as_ref().map_or(String::new(), |r| format!(
+                            ": forced; lost at least {} entries ({}), at most {}",
+                            r.lower_entries,
+                            size::format_size(r.lower_bytes),
+                            if r.upper_ms > 0 {
+                                format!("{} ms of writes", r.upper_ms)
+                            } else {
+                                "an unknown time of writes".into()
+                            }
+                        ))
+                    );
                 }
                 if let Some(s) = &status {
                     println!(
@@ -1375,6 +1396,8 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                         "took_ms": p.took_ms, "already": p.already,
                         "generation": p.generation, "fork_index": p.fork_index,
                         "rpo_upper_ms": p.rpo_upper_ms,
+                        "rpo_lower_entries": p.rpo_lower_entries,
+                        "rpo_lower_bytes": p.rpo_lower_bytes,
                     })).collect::<Vec<_>>(),
                 }));
             } else {
@@ -1398,13 +1421,15 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                 if force {
                     for p in &r.pgs {
                         println!(
-                            "{}: generation {} from index {}; writes acknowledged at the old site in {} may be lost (they stay in its log when it returns)",
+                            "{}: generation {} from index {}; writes acknowledged at the old site in {} may be lost (they stay in its log when it returns); at least {} entries ({}) the old site applied are not here",
                             p.name,
                             p.generation,
                             p.fork_index + 1,
                             p.rpo_upper_ms.map_or("an unknown time".to_owned(), |ms| {
                                 format!("the last {ms} ms before its lease ran out")
-                            })
+                            }),
+                            p.rpo_lower_entries,
+                            size::format_size(p.rpo_lower_bytes)
                         );
                     }
                     println!(
@@ -1550,6 +1575,21 @@ fn pg_json(p: &api::Pg) -> serde_json::Value {
             "member": m.member_id, "node": m.node_id, "site": m.site, "voter": m.voter,
         })).collect::<Vec<_>>(),
         "status": p.status.as_ref().map(pg_status_json),
+        "progress": p.progress.as_ref().map(|g| serde_json::json!({
+            "generation": g.generation, "applied_index": g.applied_index,
+            "reported_ms": g.reported_ms, "tail_first_index": g.tail_first_index,
+            "tail_entries": g.tail_bytes.len(),
+            "tail_bytes": g.tail_bytes.iter().sum::<u64>(),
+        })),
+        "lineage": p.lineage.iter().map(|l| serde_json::json!({
+            "generation": l.generation, "first_index": l.first_index,
+            "started_ms": l.started_ms, "started": format_time_ms(l.started_ms),
+            "from_site": l.from_site, "to_site": l.to_site,
+            "rpo": l.rpo.as_ref().map(|r| serde_json::json!({
+                "lower_entries": r.lower_entries, "lower_bytes": r.lower_bytes,
+                "upper_ms": (r.upper_ms > 0).then_some(r.upper_ms),
+            })),
+        })).collect::<Vec<_>>(),
     })
 }
 

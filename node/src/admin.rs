@@ -376,6 +376,8 @@ fn pg_message(core: &NodeCore, r: lifeboat_proto::raft::PgRecord) -> api::Pg {
         status: core
             .group(lifeboat_store::PgId(r.id))
             .map(|g| pg_status(core, &g)),
+        progress: core.catalog.progress(r.id).unwrap_or_default(),
+        lineage: r.lineage,
     }
 }
 
@@ -1430,6 +1432,8 @@ impl Admin for AdminService {
                         generation: f.generation,
                         fork_index: f.fork_index,
                         rpo_upper_ms: f.rpo_upper.map(|d| d.as_millis() as u64),
+                        rpo_lower_entries: f.rpo_lower.entries,
+                        rpo_lower_bytes: f.rpo_lower.bytes,
                     })
                     .collect(),
                 took_ms: started.elapsed().as_millis() as u64,

@@ -215,6 +215,9 @@ pub struct NodeCore {
     pub leases: Arc<LeaseTable>,
     /// A lapse of the lease was reported and its return not yet.
     pub(crate) lease_lapsed: std::sync::atomic::AtomicBool,
+    /// On the catalog's leader: the newest progress each PG's leader
+    /// reported with its lease, not yet recorded (see `crate::leases`).
+    pub(crate) progress_reports: Mutex<HashMap<u64, pb::PgProgress>>,
     /// Free space was short at the last check (see `crate::gc`).
     pub space_short: std::sync::atomic::AtomicBool,
     /// When windows were last shrunk for space.
@@ -365,6 +368,7 @@ impl NodeCore {
             events: Arc::new(EventLog::new(|| SystemClock.now_ms())),
             leases: Arc::new(LeaseTable::enforced()),
             lease_lapsed: std::sync::atomic::AtomicBool::new(false),
+            progress_reports: Mutex::new(HashMap::new()),
             space_short: std::sync::atomic::AtomicBool::new(false),
             last_window_shrink: Mutex::new(None),
             quotas: Default::default(),
@@ -576,6 +580,9 @@ impl NodeCore {
         let drill_lag = self.every(crate::drills::DRILL_LAG_SAMPLE, |core| async move {
             core.sample_drill_lag().await
         });
+        let progress = self.every(crate::leases::PROGRESS_RECORD_EVERY, |core| async move {
+            core.record_progress().await
+        });
         let history_gc = self.every(
             Duration::from_millis(self.config.history.gc_interval_ms),
             |core| async move { crate::gc::run_once(&core).await },
@@ -583,7 +590,7 @@ impl NodeCore {
         let leases = self.start_lease_task();
         let mut background = self.background.lock().expect("background lock");
         background.extend([
-            reconciler, retention, sweep, schedules, history_gc, drill_lag,
+            reconciler, retention, sweep, schedules, history_gc, drill_lag, progress,
         ]);
         background.extend(leases);
         if let Some(liveness) = self.liveness.clone() {

@@ -317,8 +317,37 @@ pub struct PgForced {
     /// lineage holds everything stamped up to F's time (None: F's time
     /// is unknown).
     pub rpo_upper: Option<Duration>,
+    /// A lower bound of the loss (see [`RpoLower`]).
+    pub rpo_lower: RpoLower,
     /// From the command until the PG was led from the target site.
     pub took: Duration,
+}
+
+/// What a forced failover surely lost: the entries past the fork index
+/// that the old site's leader had applied by its last progress report the
+/// catalog recorded (see `pb::PgProgress`), and the encoded bytes of those
+/// of them whose size the report carried.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RpoLower {
+    pub entries: u64,
+    pub bytes: u64,
+}
+
+impl RpoLower {
+    /// From `progress` (of the generation failed over) and fork index `fork`.
+    pub fn of(progress: &pb::PgProgress, fork: u64) -> RpoLower {
+        let bytes = progress
+            .tail_bytes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| progress.tail_first_index + *i as u64 > fork)
+            .map(|(_, b)| *b)
+            .sum();
+        RpoLower {
+            entries: progress.applied_index.saturating_sub(fork),
+            bytes,
+        }
+    }
 }
 
 impl NodeCore {
@@ -479,6 +508,15 @@ impl NodeCore {
         let fork = self
             .force_generation_at(best_node, request(best_member, true))
             .await?;
+        let rpo_upper = (best_tail.stamp_ms > 0)
+            .then(|| Duration::from_millis(old_lease_ends_ms.saturating_sub(best_tail.stamp_ms)));
+        let rpo_lower = self
+            .catalog
+            .progress(r.id)
+            .map_err(NodeError::io("read catalog"))?
+            .filter(|p| p.generation == r.generation)
+            .map(|p| RpoLower::of(&p, fork.fork_index))
+            .unwrap_or_default();
         self.events.event(
             pg,
             "failover_forked",
@@ -506,6 +544,11 @@ impl NodeCore {
                 fork_index: fork.fork_index,
                 keep_members: standbys.iter().map(|(m, _)| m.member_id).collect(),
                 from_site: r.active_site.clone(),
+                rpo: Some(pb::Rpo {
+                    lower_entries: rpo_lower.entries,
+                    lower_bytes: rpo_lower.bytes,
+                    upper_ms: rpo_upper.map_or(0, |d| d.as_millis() as u64),
+                }),
             },
         ))
         .await?;
@@ -513,17 +556,17 @@ impl NodeCore {
         let led = self
             .wait_led_from(&now, to_site, live, started, deadline)
             .await?;
-        let rpo_upper = (best_tail.stamp_ms > 0)
-            .then(|| Duration::from_millis(old_lease_ends_ms.saturating_sub(best_tail.stamp_ms)));
         self.events.event(
             pg,
             "failover_done",
             format!(
-                "{} is led from {to_site} by node {} at generation {next}, {} ms after the command; at most {} of writes lost",
+                "{} is led from {to_site} by node {} at generation {next}, {} ms after the command; at most {} of writes lost, at least {} entries ({} bytes)",
                 pg_name(r),
                 led.leader_node,
                 led.took.as_millis(),
-                rpo_upper.map_or("an unknown time".to_owned(), |d| format!("{} ms", d.as_millis()))
+                rpo_upper.map_or("an unknown time".to_owned(), |d| format!("{} ms", d.as_millis())),
+                rpo_lower.entries,
+                rpo_lower.bytes
             ),
         );
         Ok(PgForced {
@@ -534,6 +577,7 @@ impl NodeCore {
             fork_index: fork.fork_index,
             leader_node: led.leader_node,
             rpo_upper,
+            rpo_lower,
             took: led.took,
         })
     }
@@ -658,5 +702,39 @@ impl NodeCore {
             ),
         );
         Ok(reply)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The lower bound counts the entries past the fork the old leader had
+    /// applied, and the bytes of those its report carried sizes of.
+    #[test]
+    fn the_rpo_lower_bound_counts_what_lies_past_the_fork() {
+        let progress = pb::PgProgress {
+            applied_index: 50,
+            tail_first_index: 46,
+            tail_bytes: vec![10, 20, 30, 40, 50],
+            ..Default::default()
+        };
+        assert_eq!(
+            RpoLower::of(&progress, 47),
+            RpoLower {
+                entries: 3,
+                bytes: 30 + 40 + 50
+            }
+        );
+        assert_eq!(
+            RpoLower::of(&progress, 40),
+            RpoLower {
+                entries: 10,
+                bytes: 150
+            },
+            "sizes known for the newest five only"
+        );
+        assert_eq!(RpoLower::of(&progress, 50), RpoLower::default());
+        assert_eq!(RpoLower::of(&progress, 60), RpoLower::default());
     }
 }

@@ -21,6 +21,15 @@ use crate::core::NodeCore;
 /// many leaders want a lease meanwhile.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
+/// How often the catalog's leader records the progress reports gathered
+/// from lease renewals: one catalog entry for every PG at most this often.
+pub const PROGRESS_RECORD_EVERY: Duration = Duration::from_secs(1);
+
+/// Entry sizes a progress report carries at most (see `pb::PgProgress`):
+/// the lower bound of a forced failover's loss in bytes is exact up to
+/// this many entries.
+const PROGRESS_TAIL_MAX: usize = 64;
+
 impl NodeCore {
     /// The lease's life, as this node grants it when it leads the catalog.
     pub fn lease_duration(&self) -> Duration {
@@ -30,7 +39,11 @@ impl NodeCore {
     /// On the catalog's leader: node `from`'s lease, for every PG active at
     /// its site. Decided after a read index, so that a grant never follows
     /// a committed entry that moved a PG away (what a failover waits out).
-    pub async fn grant_lease(&self, from: u64) -> Result<pb::LeaseReply, Status> {
+    pub async fn grant_lease(
+        &self,
+        from: u64,
+        progress: Vec<pb::PgProgress>,
+    ) -> Result<pb::LeaseReply, Status> {
         let unavailable = |e: &dyn std::fmt::Display| Status::unavailable(e.to_string());
         let catalog = self.catalog_group().map_err(|e| unavailable(&e))?;
         let index = catalog
@@ -63,10 +76,74 @@ impl NodeCore {
                 generation: p.generation,
             })
             .collect();
+        self.note_progress(progress);
         Ok(pb::LeaseReply {
             duration_ms: self.config.raft.lease_ms,
             pgs,
         })
+    }
+
+    /// Keeps the newest report per PG until [`Self::record_progress`].
+    fn note_progress(&self, progress: Vec<pb::PgProgress>) {
+        let mut reports = self.progress_reports.lock().expect("progress lock");
+        for p in progress {
+            let newer = reports
+                .get(&p.pg)
+                .is_none_or(|k| (k.generation, k.applied_index) < (p.generation, p.applied_index));
+            if newer {
+                reports.insert(p.pg, p);
+            }
+        }
+    }
+
+    /// On the catalog's leader: records the progress reports gathered
+    /// since the last time in one catalog entry, so that the catalog still
+    /// has them when the active site is lost (a forced failover's lower
+    /// bound of the loss).
+    pub(crate) async fn record_progress(&self) {
+        let reports: Vec<pb::PgProgress> = self
+            .progress_reports
+            .lock()
+            .expect("progress lock")
+            .drain()
+            .map(|(_, p)| p)
+            .collect();
+        // Only what moved: an idle cluster writes no catalog entries.
+        let pgs: Vec<pb::PgProgress> = reports
+            .into_iter()
+            .filter(|p| {
+                self.catalog.progress(p.pg).ok().flatten().is_none_or(|k| {
+                    (k.generation, k.applied_index) < (p.generation, p.applied_index)
+                })
+            })
+            .collect();
+        if pgs.is_empty() {
+            return;
+        }
+        let record = pb::command::Kind::RecordProgress(pb::RecordProgress { pgs });
+        if let Err(e) = self.propose_catalog(record).await {
+            tracing::debug!(error = %e, "progress reports not recorded");
+        }
+    }
+
+    /// What this node's PG leaders have applied, for its lease request.
+    fn lease_progress(&self) -> Vec<pb::PgProgress> {
+        let now_ms = self.clock.now_ms();
+        self.groups()
+            .iter()
+            .filter(|g| g.pg() != PgId::CATALOG)
+            .filter_map(|g| {
+                let (applied, first, sizes) = g.progress(&self.config.site, PROGRESS_TAIL_MAX)?;
+                Some(pb::PgProgress {
+                    pg: g.pg().0,
+                    generation: g.metrics().generation.0,
+                    applied_index: applied.0,
+                    tail_first_index: first,
+                    tail_bytes: sizes,
+                    reported_ms: now_ms,
+                })
+            })
+            .collect()
     }
 
     /// Starts the task that keeps this node's lease (data nodes only).
@@ -149,9 +226,10 @@ impl NodeCore {
             .metrics()
             .leader_node
             .ok_or("the catalog has no leader known here")?;
+        let progress = self.lease_progress();
         if leader == me {
             return self
-                .grant_lease(me)
+                .grant_lease(me, progress)
                 .await
                 .map_err(|s| s.message().to_owned());
         }
@@ -167,6 +245,7 @@ impl NodeCore {
             &self.identity,
             &addr,
             self.lease_duration() / 2,
+            progress,
         )
         .await
         .map_err(|s| format!("node {leader}: {}", s.message()))

@@ -320,8 +320,9 @@ impl Host for RaftHost {
     fn grant_lease(
         &self,
         from_node: u64,
+        progress: Vec<lifeboat_proto::raft::PgProgress>,
     ) -> lifeboat_replication::transport::HostFuture<'_, lifeboat_proto::raft::LeaseReply> {
-        Box::pin(self.0.grant_lease(from_node))
+        Box::pin(self.0.grant_lease(from_node, progress))
     }
 
     fn force_generation(

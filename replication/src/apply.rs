@@ -200,6 +200,7 @@ impl<'a> ApplyContext<'a> {
                 | Kind::RecordDrillIo(_)
                 | Kind::RecordDrillLag(_)
                 | Kind::StopDrill(_)
+                | Kind::RecordProgress(_)
         );
         if is_catalog_command != (self.pg == PgId::CATALOG) {
             return Ok(Err(Rejection::WrongGroup { pg: self.pg.0 }));
@@ -262,6 +263,7 @@ impl<'a> ApplyContext<'a> {
             Kind::RecordDrillIo(d) => self.apply_record_drill_io(d),
             Kind::RecordDrillLag(d) => self.apply_record_drill_lag(d),
             Kind::StopDrill(d) => self.apply_stop_drill(d, cmd.stamp_ms),
+            Kind::RecordProgress(p) => self.apply_record_progress(p),
         }
     }
 
@@ -1627,8 +1629,29 @@ impl ApplyContext<'_> {
             started_ms: stamp_ms,
             from_site: f.from_site.clone(),
             to_site: pg.active_site.clone(),
+            rpo: f.rpo,
         });
         self.put_pg_record(&pg);
+        Ok(Ok(Applied::Done))
+    }
+
+    /// Keeps each PG's newest progress report of its current generation
+    /// (see `pb::PgProgress`); others change nothing.
+    fn apply_record_progress(&mut self, r: &pb::RecordProgress) -> io::Result<Outcome> {
+        for p in &r.pgs {
+            let Some(pg) = self.catalog_get::<pb::PgRecord>(&catalog::pg_id_key(p.pg))? else {
+                continue;
+            };
+            let key = catalog::progress_key(p.pg);
+            let kept = self.catalog_get::<pb::PgProgress>(&key)?;
+            let newer = kept.is_none_or(|k| {
+                k.generation < p.generation
+                    || (k.generation == p.generation && k.applied_index < p.applied_index)
+            });
+            if p.generation == pg.generation && newer {
+                self.catalog_put(key, p);
+            }
+        }
         Ok(Ok(Applied::Done))
     }
 
@@ -2704,9 +2727,38 @@ mod tests {
                     fork_index: 41,
                     keep_members,
                     from_site: "primary".into(),
+                    rpo: Some(pb::Rpo {
+                        lower_entries: 3,
+                        lower_bytes: 300,
+                        upper_ms: 900,
+                    }),
                 },
             ))
         };
+        // Progress reports: only of the PG's generation, only forward.
+        let progress = |generation, applied_index| {
+            cmd(pb::command::Kind::RecordProgress(pb::RecordProgress {
+                pgs: vec![pb::PgProgress {
+                    pg: 3,
+                    generation,
+                    applied_index,
+                    ..Default::default()
+                }],
+            }))
+        };
+        let kept = |cx: &ApplyContext| {
+            cx.catalog_get::<pb::PgProgress>(&catalog::progress_key(3))
+                .unwrap()
+                .map(|p| (p.generation, p.applied_index))
+        };
+        for (generation, applied) in [(0, 40), (0, 44), (0, 43), (1, 50)] {
+            assert_eq!(
+                cx.apply_command(LogIndex(1), &progress(generation, applied))
+                    .unwrap(),
+                Ok(Applied::Done)
+            );
+        }
+        assert_eq!(kept(&cx), Some((0, 44)), "the newest of generation 0");
         let refused = |r: Outcome| matches!(r, Err(Rejection::Malformed { .. }));
         assert!(refused(
             cx.apply_command(LogIndex(1), &complete(2, vec![12]))
@@ -2736,6 +2788,11 @@ mod tests {
             ),
             (1, 42, "primary", "dr")
         );
+        assert_eq!(
+            l.rpo.map(|r| (r.lower_entries, r.lower_bytes, r.upper_ms)),
+            Some((3, 300, 900)),
+            "the lineage keeps the RPO"
+        );
         assert!(
             refused(
                 cx.apply_command(LogIndex(4), &complete(1, vec![12]))
@@ -2743,6 +2800,14 @@ mod tests {
             ),
             "a repeat is refused"
         );
+        cx.apply_command(LogIndex(5), &progress(1, 60))
+            .unwrap()
+            .unwrap();
+        assert_eq!(kept(&cx), Some((1, 60)), "the new generation's");
+        cx.apply_command(LogIndex(6), &progress(0, 99))
+            .unwrap()
+            .unwrap();
+        assert_eq!(kept(&cx), Some((1, 60)), "an old generation's is ignored");
     }
 
     /// Catalog voters are set among the catalog's members on live nodes,

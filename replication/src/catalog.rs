@@ -71,6 +71,11 @@ pub fn divergence_key(pg: u64, generation: u64, node: u64) -> Vec<u8> {
     key
 }
 
+/// The newest progress PG `pg`'s leader reported with its lease.
+pub fn progress_key(pg: u64) -> Vec<u8> {
+    [b"progress/".as_slice(), &pg.to_be_bytes()].concat()
+}
+
 pub fn drill_key(id: u64) -> Vec<u8> {
     [b"drill/".as_slice(), &id.to_be_bytes()].concat()
 }
@@ -252,6 +257,10 @@ impl Catalog {
     /// and node.
     pub fn divergences(&self) -> io::Result<Vec<pb::DivergenceRecord>> {
         self.list(b"divergence/")
+    }
+
+    pub fn progress(&self, pg: u64) -> io::Result<Option<pb::PgProgress>> {
+        self.get(&progress_key(pg))
     }
 
     pub fn drill(&self, id: u64) -> io::Result<Option<pb::DrillRecord>> {

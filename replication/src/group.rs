@@ -924,6 +924,29 @@ impl ProtectionGroup {
         }
     }
 
+    /// If this member leads: its applied index, and the encoded bytes of
+    /// each of the newest entries up to it that no member at another site
+    /// than `site` has matched (at most `max`, newest last), with the
+    /// index of the first (see [`LogStore::newest_sizes`]).
+    pub fn progress(&self, site: &str, max: usize) -> Option<(LogIndex, u64, Vec<u64>)> {
+        let m = self.raft.metrics().borrow_watched().clone();
+        let replication = m.replication.as_ref()?;
+        let applied = m.last_applied.as_ref().map_or(0, |l| l.index);
+        let membership = m.membership_config.membership();
+        let elsewhere = replication
+            .iter()
+            .filter(|(id, _)| {
+                membership
+                    .get_node(id)
+                    .is_some_and(|n| n.site.as_str() != site)
+            })
+            .map(|(_, matched)| matched.as_ref().map_or(0, |l| l.index))
+            .max()
+            .unwrap_or(0);
+        let (first, sizes) = self.log.newest_sizes(elsewhere, applied, max);
+        Some((LogIndex(applied), first, sizes))
+    }
+
     /// Every other member's lag, if this member leads; empty otherwise.
     pub fn lag(&self) -> Vec<MemberLag> {
         let m = self.raft.metrics().borrow_watched().clone();

@@ -172,6 +172,27 @@ impl LogStats {
         }
     }
 
+    /// See [`LogStore::newest_sizes`].
+    fn newest_sizes(&self, after: u64, last: u64, max: usize) -> (u64, Vec<u64>) {
+        let mut sizes = Vec::new();
+        let mut expect = last;
+        for &(i, b, _) in self.recent.iter().rev() {
+            if i > last {
+                continue;
+            }
+            if i != expect || i <= after || sizes.len() == max {
+                break;
+            }
+            sizes.push(b);
+            match expect.checked_sub(1) {
+                Some(next) => expect = next,
+                None => break,
+            }
+        }
+        sizes.reverse();
+        (last + 1 - sizes.len() as u64, sizes)
+    }
+
     fn truncate_after(&mut self, last_kept: u64) {
         while self.recent.back().is_some_and(|&(i, _, _)| i > last_kept) {
             self.recent.pop_back();
@@ -246,6 +267,17 @@ impl LogStore {
             bytes,
             seconds,
         })
+    }
+
+    /// The encoded bytes of the newest entries in `(after, last]`, at most
+    /// `max`, newest last, with the index of the first: a contiguous run
+    /// that ends at `last`, as far as this log remembers sizes (none when
+    /// it does not remember `last`'s).
+    pub fn newest_sizes(&self, after: u64, last: u64, max: usize) -> (u64, Vec<u64>) {
+        self.stats
+            .lock()
+            .expect("log stats lock")
+            .newest_sizes(after, last, max)
     }
 
     /// The stamp of the first command entry in `[from, to]`, read from the log.
@@ -707,4 +739,26 @@ pub fn group_has_state(db: &Db, pg: PgId) -> io::Result<bool> {
         )
         .map_err(io_other)?
         .is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The newest sizes are a contiguous run ending at `last`, after
+    /// `after`, at most `max` of them.
+    #[test]
+    fn newest_sizes_are_the_contiguous_run_up_to_last() {
+        let mut stats = LogStats::default();
+        for i in 1..=10 {
+            stats.record(i, i * 100, 0);
+        }
+        assert_eq!(stats.newest_sizes(7, 10, 64), (8, vec![800, 900, 1000]));
+        assert_eq!(stats.newest_sizes(0, 9, 2), (8, vec![800, 900]));
+        assert_eq!(stats.newest_sizes(9, 9, 64), (10, vec![]), "none after");
+        assert_eq!(stats.newest_sizes(0, 20, 64), (21, vec![]), "20 unknown");
+        // A gap (entries not remembered) ends the run.
+        stats.record(12, 1200, 0);
+        assert_eq!(stats.newest_sizes(0, 12, 64), (12, vec![1200]));
+    }
 }

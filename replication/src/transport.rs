@@ -456,8 +456,12 @@ pub trait Host: Send + Sync + 'static {
         None
     }
     /// Grants node `from_node` its site lease, if this node leads the
-    /// catalog.
-    fn grant_lease(&self, from_node: u64) -> HostFuture<'_, pb::LeaseReply>;
+    /// catalog, taking note of the progress of the PGs it leads.
+    fn grant_lease(
+        &self,
+        from_node: u64,
+        progress: Vec<pb::PgProgress>,
+    ) -> HostFuture<'_, pb::LeaseReply>;
     /// Restarts this node's member of a PG at a new generation (a forced
     /// failover), after offline forced membership when asked.
     fn force_generation(
@@ -548,10 +552,12 @@ pub async fn request_lease(
     identity: &Identity,
     raft_addr: &str,
     timeout: Duration,
+    progress: Vec<pb::PgProgress>,
 ) -> Result<pb::LeaseReply, Status> {
     let mut req = Request::new(pb::LeaseRequest {
         cluster_id: identity.cluster_id().unwrap_or_default(),
         from_node: identity.node_id().0,
+        progress,
     });
     req.set_timeout(timeout);
     let call = async { Ok(peers.client(raft_addr)?.lease(req).await?.into_inner()) };
@@ -720,7 +726,9 @@ impl<H: Host> RaftTransport for TransportService<H> {
     ) -> Result<Response<pb::LeaseReply>, Status> {
         let req = req.into_inner();
         check_cluster(self.host.identity(), &req.cluster_id, req.from_node)?;
-        Ok(Response::new(self.host.grant_lease(req.from_node).await?))
+        Ok(Response::new(
+            self.host.grant_lease(req.from_node, req.progress).await?,
+        ))
     }
 
     async fn log_tail(

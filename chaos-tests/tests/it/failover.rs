@@ -527,6 +527,21 @@ async fn the_old_primary_returning_is_fenced_and_keeps_what_only_it_acknowledged
         s["applied_index"].as_u64() >= Some(primary_last)
     })
     .await;
+    // The catalog (here, its DR replica) records what the primary's
+    // leader applied, from its lease renewals.
+    let recorded = || {
+        let shown = c.nodes[3].must_cli(&["pg", "show", "t/main", "--output", "json"]);
+        let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+        shown["progress"]["applied_index"].as_u64().unwrap_or(0)
+    };
+    let waited = Instant::now();
+    while recorded() < primary_last {
+        assert!(
+            waited.elapsed() < Duration::from_secs(10),
+            "the catalog recorded no progress up to {primary_last}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     eprintln!("[returning] cutting primary from dr");
     // From here on only the primary gets what is written.
     links.cut_between("primary", "dr");
@@ -666,6 +681,23 @@ async fn the_old_primary_returning_is_fenced_and_keeps_what_only_it_acknowledged
         upper_ms >= lost_ms,
         "reported {upper_ms} ms, lost {lost_ms} ms"
     );
+    // And its lower bound in entries is not above what the old site
+    // really applied past the fork; the lineage keeps both.
+    let lower = forced["pgs"][0]["rpo_lower_entries"].as_u64().unwrap();
+    let lost_entries = newest["last_index"].as_u64().unwrap() - fork;
+    eprintln!(
+        "lost {lost_entries} entries; the failover reported at least {lower} ({} bytes)",
+        forced["pgs"][0]["rpo_lower_bytes"]
+    );
+    assert!(
+        lower <= lost_entries,
+        "reported at least {lower} entries, lost {lost_entries}"
+    );
+    let shown = c.nodes[3].must_cli(&["pg", "show", "t/main", "--output", "json"]);
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    let rpo = &shown["lineage"][0]["rpo"];
+    assert_eq!(rpo["lower_entries"].as_u64(), Some(lower), "{shown}");
+    assert_eq!(rpo["upper_ms"].as_u64(), Some(upper_ms), "{shown}");
     let volume = &newest["volumes"][0];
     assert_eq!(volume["volume"], "t/v", "{listed}");
     let clone = volume["clone"].as_str().unwrap();

@@ -53,6 +53,7 @@ impl Host for TestHost {
     fn grant_lease(
         &self,
         _from_node: u64,
+        _progress: Vec<pb::PgProgress>,
     ) -> lifeboat_replication::transport::HostFuture<'_, pb::LeaseReply> {
         Box::pin(async {
             Err(tonic::Status::unimplemented(
