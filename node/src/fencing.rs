@@ -162,6 +162,18 @@ impl NodeCore {
                 fork.0
             ),
         );
+        // Another old node's divergence may be committed and not yet
+        // applied here (this node has just restarted): read the catalog at
+        // a linearizable point, so that a log it covers is not carried
+        // twice. Without one, carrying is only redundant.
+        match self.catalog_group() {
+            Ok(catalog) => {
+                if let Err(e) = catalog.read_barrier().await {
+                    tracing::info!(pg = pg.0, error = %e, "fencing without a catalog read barrier");
+                }
+            }
+            Err(e) => tracing::info!(pg = pg.0, error = %e, "fencing without the catalog"),
+        }
         let own = self
             .catalog
             .divergences()
