@@ -179,6 +179,14 @@ pub struct RaftConfig {
     /// waits this long (plus 1% for clock drift) before the new site
     /// serves. Renewed every quarter of it.
     pub lease_ms: u64,
+    /// Automatic forced failover (0: off). While this node leads the
+    /// catalog, when no data node of a PG's active site has renewed its
+    /// lease for this long, it fails that site's PGs over to the site
+    /// holding most of their standbys, as `lifeboat failover --force`
+    /// (refused while a majority of a PG's voters answers; the old lease
+    /// is waited out). At least the lease; a catalog that can outlive a
+    /// site needs a witness.
+    pub auto_failover_after_ms: u64,
 }
 
 fn loopback(port: u16) -> SocketAddr {
@@ -288,6 +296,7 @@ impl Default for RaftConfig {
             dial: Default::default(),
             node_heartbeats: true,
             lease_ms: 4000,
+            auto_failover_after_ms: 0,
         }
     }
 }
@@ -389,6 +398,11 @@ impl NodeConfig {
         if r.pg_voters == 0 || r.pg_voters.is_multiple_of(2) {
             return Err("raft.pg_voters must be odd (1, 3, 5)".into());
         }
+        if r.auto_failover_after_ms != 0 && r.auto_failover_after_ms < r.lease_ms {
+            return Err(
+                "raft.auto_failover_after_ms must be 0 (off) or at least raft.lease_ms".into(),
+            );
+        }
         Ok(())
     }
 
@@ -420,6 +434,10 @@ mod tests {
             ("[raft]\nlog_check_interval_ms = 0", "log_check_interval_ms"),
             ("[s3]\ntls_cert_file = \"c.pem\"", "tls_key_file"),
             ("[s3]\nchunks_in_flight_max = 0", "chunks_in_flight_max"),
+            (
+                "[raft]\nlease_ms = 2000\nauto_failover_after_ms = 1000",
+                "auto_failover_after_ms",
+            ),
         ] {
             let c: NodeConfig = toml::from_str(toml).unwrap();
             let e = c.validate().unwrap_err();

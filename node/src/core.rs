@@ -218,6 +218,9 @@ pub struct NodeCore {
     /// On the catalog's leader: the newest progress each PG's leader
     /// reported with its lease, not yet recorded (see `crate::leases`).
     pub(crate) progress_reports: Mutex<HashMap<u64, pb::PgProgress>>,
+    /// On the catalog's leader: who renewed leases when (see
+    /// `crate::auto_failover`).
+    pub(crate) auto_failover: Mutex<crate::auto_failover::AutoFailover>,
     /// Free space was short at the last check (see `crate::gc`).
     pub space_short: std::sync::atomic::AtomicBool,
     /// When windows were last shrunk for space.
@@ -369,6 +372,7 @@ impl NodeCore {
             leases: Arc::new(LeaseTable::enforced()),
             lease_lapsed: std::sync::atomic::AtomicBool::new(false),
             progress_reports: Mutex::new(HashMap::new()),
+            auto_failover: Mutex::default(),
             space_short: std::sync::atomic::AtomicBool::new(false),
             last_window_shrink: Mutex::new(None),
             quotas: Default::default(),
@@ -583,6 +587,10 @@ impl NodeCore {
         let progress = self.every(crate::leases::PROGRESS_RECORD_EVERY, |core| async move {
             core.record_progress().await
         });
+        let auto_failover = self.every(
+            crate::auto_failover::AUTO_FAILOVER_CHECK,
+            |core| async move { core.auto_failover_check().await },
+        );
         let history_gc = self.every(
             Duration::from_millis(self.config.history.gc_interval_ms),
             |core| async move { crate::gc::run_once(&core).await },
@@ -590,7 +598,14 @@ impl NodeCore {
         let leases = self.start_lease_task();
         let mut background = self.background.lock().expect("background lock");
         background.extend([
-            reconciler, retention, sweep, schedules, history_gc, drill_lag, progress,
+            reconciler,
+            retention,
+            sweep,
+            schedules,
+            history_gc,
+            drill_lag,
+            progress,
+            auto_failover,
         ]);
         background.extend(leases);
         if let Some(liveness) = self.liveness.clone() {

@@ -77,6 +77,10 @@ impl NodeCore {
             })
             .collect();
         self.note_progress(progress);
+        self.auto_failover
+            .lock()
+            .expect("auto failover lock")
+            .renewed(from, std::time::Instant::now());
         Ok(pb::LeaseReply {
             duration_ms: self.config.raft.lease_ms,
             pgs,

@@ -8,6 +8,7 @@
 //! [`s3::errors`] for S3.
 
 pub mod admin;
+pub mod auto_failover;
 pub mod config;
 pub mod core;
 pub mod drills;

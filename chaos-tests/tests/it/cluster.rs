@@ -94,7 +94,12 @@ impl Cluster {
 
     /// Like [`Cluster::start`], and last a witness (site `witness`).
     pub(crate) fn start_with_witness(primary: u64, dr: u64) -> Cluster {
-        let mut c = Cluster::processes(primary, dr, "");
+        Cluster::start_with_witness_and(primary, dr, "")
+    }
+
+    /// [`Cluster::start_with_witness`] with `extra` in every node's config.
+    pub(crate) fn start_with_witness_and(primary: u64, dr: u64, extra: &str) -> Cluster {
+        let mut c = Cluster::processes(primary, dr, extra);
         c.add_witness_process();
         c.form()
     }

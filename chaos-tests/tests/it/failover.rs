@@ -315,13 +315,14 @@ async fn a_primary_cut_off_from_the_catalog_stops_acknowledging_when_its_lease_r
     links.heal_all();
     let healed = Instant::now();
     let before = ledger.acked_seqs();
-    while ledger.acked_seqs() == before {
-        assert!(
-            healed.elapsed() < Duration::from_secs(30),
-            "writes never resumed after the cut healed"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_new_acks(
+        &ledger,
+        &before,
+        healed,
+        Duration::from_secs(30),
+        "writes never resumed after the cut healed",
+    )
+    .await;
     eprintln!("writes resumed {:?} after the heal", healed.elapsed());
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
@@ -359,6 +360,110 @@ fn stop_and_read(mut child: std::process::Child) -> String {
         .unwrap();
     assert!(child.wait().unwrap().success(), "{out}");
     out
+}
+
+/// Waits until the ledger has an acknowledgement it did not have in
+/// `before`, for at most `limit` from `since`; panics saying `what` did
+/// not happen.
+async fn wait_new_acks(
+    ledger: &Ledger,
+    before: &[(u64, u64)],
+    since: Instant,
+    limit: Duration,
+    what: &str,
+) {
+    while ledger.acked_seqs() == before {
+        assert!(since.elapsed() < limit, "{what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// With `auto_failover_after_ms` set, a healthy site is never failed
+/// over, and a lost one is by the catalog's leader on its own: the whole
+/// primary site killed under a write load (`remote` ack), the PG is led
+/// from DR at generation 1 with no command, the writers go on there, and
+/// every acknowledged write is at DR.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_primary_site_fails_over_by_itself_when_configured() {
+    const AFTER_MS: u64 = 2000;
+    let mut c = Cluster::start_with_witness_and(
+        3,
+        2,
+        &format!("[raft]\nlease_ms = 1000\nauto_failover_after_ms = {AFTER_MS}\n"),
+    );
+    wait_catalog_spread(&c).await;
+    c.nodes[0].must_cli(&["pg", "set-ack", "t/main", "remote"]);
+    let ledger = Ledger::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks = spawn_writers(&c.nodes[3], &ledger, &stop, 0xa0_70f).await;
+    // Longer than the configured silence: a site that renews its lease
+    // stays where it is.
+    tokio::time::sleep(Duration::from_millis(AFTER_MS + 1500)).await;
+    let generation = |n: &lifeboat_chaos_tests::harness::TestNode| {
+        let show = n.must_cli(&["pg", "show", "t/main", "--output", "json"]);
+        let show: serde_json::Value = serde_json::from_str(&show).unwrap();
+        (
+            show["generation"].as_u64().unwrap(),
+            show["active_site"].as_str().unwrap().to_owned(),
+        )
+    };
+    assert_eq!(generation(&c.nodes[3]), (0, "primary".to_owned()));
+    assert!(ledger.acked_blocks() > 0);
+    for n in &mut c.nodes[..3] {
+        n.kill9();
+    }
+    let lost = Instant::now();
+    let acked_at_loss = ledger.acked_seqs();
+    while generation(&c.nodes[3]) != (1, "dr".to_owned()) {
+        assert!(
+            lost.elapsed() < Duration::from_secs(40),
+            "no automatic failover"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "led from DR at generation 1 {:?} after the loss (silence {AFTER_MS} ms, lease 1000 ms)",
+        lost.elapsed()
+    );
+    wait_new_acks(
+        &ledger,
+        &acked_at_loss,
+        lost,
+        Duration::from_secs(60),
+        "writes never resumed at DR",
+    )
+    .await;
+    eprintln!("writes resumed at DR {:?} after the loss", lost.elapsed());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let leader = pg_status_of(&c.nodes[3], "t/main").unwrap()["leader_node"]
+        .as_u64()
+        .unwrap();
+    let leader_idx = c.nodes.iter().position(|n| n.node_id == leader).unwrap();
+    let last = pg_status_of(&c.nodes[leader_idx], "t/main").unwrap()["last_log_index"]
+        .as_u64()
+        .unwrap();
+    wait_pg_status(&c.nodes[3], "t/main", "catch-up", |s| {
+        s["applied_index"].as_u64() >= Some(last)
+    })
+    .await;
+    check_against_ledger(&read_all(&c.nodes[3]).await, &ledger, c.nodes[3].node_id);
+    // On the catalog's leader, wherever it is now.
+    let events: String = c.nodes[3..]
+        .iter()
+        .map(|n| n.must_cli(&["events", "--output", "json"]))
+        .collect();
+    for kind in [
+        "auto_failover_started",
+        "failover_lease_wait",
+        "failover_done",
+        "auto_failover_done",
+    ] {
+        assert!(events.contains(kind), "{kind} missing: {events}");
+    }
 }
 
 /// The whole primary site is lost under a write load (SIGKILL of every
@@ -407,13 +512,14 @@ async fn losing_the_primary_site_then_forced_failover_keeps_every_acknowledged_w
     );
     // The writers go on at DR.
     let resumed = Instant::now();
-    while ledger.acked_seqs() == acked_at_loss {
-        assert!(
-            resumed.elapsed() < Duration::from_secs(30),
-            "writes never resumed at DR"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_new_acks(
+        &ledger,
+        &acked_at_loss,
+        resumed,
+        Duration::from_secs(30),
+        "writes never resumed at DR",
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
@@ -576,13 +682,14 @@ async fn the_old_primary_returning_is_fenced_and_keeps_what_only_it_acknowledged
     eprintln!("[returning] objects written after the cut");
     let at_cut = ledger.acked_seqs();
     let cut = Instant::now();
-    while ledger.acked_seqs() == at_cut {
-        assert!(
-            cut.elapsed() < Duration::from_secs(20),
-            "the primary acknowledged nothing after the cut"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_new_acks(
+        &ledger,
+        &at_cut,
+        cut,
+        Duration::from_secs(20),
+        "the primary acknowledged nothing after the cut",
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     // The writers stop (their connections are to a primary node, which is
     // about to go), then the whole primary site is lost.
