@@ -2810,6 +2810,73 @@ mod tests {
         assert_eq!(kept(&cx), Some((1, 60)), "an old generation's is ignored");
     }
 
+    /// A divergence is kept only for an old generation of a known PG and
+    /// past its fork; written again, it replaces the one of the same PG,
+    /// generation and node.
+    #[test]
+    fn divergence_records_are_checked_and_rewritten_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), &DbOptions::default()).unwrap();
+        let mut cx = ApplyContext::new(&db, PgId::CATALOG);
+        cx.put_pg_record(&pb::PgRecord {
+            id: 3,
+            generation: 1,
+            ..Default::default()
+        });
+        let record = |pg, generation, fork_index, last_index, complete| {
+            cmd(pb::command::Kind::RecordDivergence(pb::RecordDivergence {
+                record: Some(pb::DivergenceRecord {
+                    pg,
+                    generation,
+                    fork_index,
+                    last_index,
+                    node_id: 2,
+                    complete,
+                    ..Default::default()
+                }),
+            }))
+        };
+        let refused = |r: Outcome| matches!(r, Err(Rejection::Malformed { .. }));
+        let none = cmd(pb::command::Kind::RecordDivergence(pb::RecordDivergence {
+            record: None,
+        }));
+        assert!(refused(cx.apply_command(LogIndex(1), &none).unwrap()));
+        assert_eq!(
+            cx.apply_command(LogIndex(2), &record(9, 0, 10, 20, false))
+                .unwrap(),
+            Err(Rejection::PgIdNotFound { pg: 9 })
+        );
+        assert!(
+            refused(
+                cx.apply_command(LogIndex(3), &record(3, 1, 10, 20, false))
+                    .unwrap()
+            ),
+            "the PG's current generation has not diverged"
+        );
+        assert!(
+            refused(
+                cx.apply_command(LogIndex(4), &record(3, 0, 10, 10, false))
+                    .unwrap()
+            ),
+            "nothing past the fork"
+        );
+        let key = catalog::divergence_key(3, 0, 2);
+        assert!(
+            cx.catalog_get::<pb::DivergenceRecord>(&key)
+                .unwrap()
+                .is_none()
+        );
+        for (index, complete) in [(5, false), (6, true)] {
+            assert_eq!(
+                cx.apply_command(LogIndex(index), &record(3, 0, 10, 20, complete))
+                    .unwrap(),
+                Ok(Applied::Done)
+            );
+        }
+        let kept: pb::DivergenceRecord = cx.catalog_get(&key).unwrap().unwrap();
+        assert!(kept.complete, "rewritten under the same key");
+    }
+
     /// Catalog voters are set among the catalog's members on live nodes,
     /// never none; the others become learners.
     #[test]
