@@ -29,13 +29,21 @@ struct CatalogAuth(Arc<NodeCore>);
 #[async_trait::async_trait]
 impl S3Auth for CatalogAuth {
     async fn get_secret_key(&self, access_key: &str) -> S3Result<SecretKey> {
-        match self.0.credential(access_key) {
-            Ok(Some((_, secret))) => Ok(SecretKey::from(secret)),
-            Ok(None) => Err(s3_error!(
+        let mut found = self.0.credential(access_key).map_err(errors::from_node)?;
+        if found.is_none()
+            && let Ok(catalog) = self.0.catalog_group()
+            && catalog.read_barrier().await.is_ok()
+        {
+            // A credential just created through another node may not be
+            // applied here yet: look again at a linearizable point.
+            found = self.0.credential(access_key).map_err(errors::from_node)?;
+        }
+        match found {
+            Some((_, secret)) => Ok(SecretKey::from(secret)),
+            None => Err(s3_error!(
                 InvalidAccessKeyId,
                 "the access key does not exist or was revoked"
             )),
-            Err(e) => Err(errors::from_node(e)),
         }
     }
 }
