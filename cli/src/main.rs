@@ -100,6 +100,9 @@ enum Command {
     /// acknowledged is lost (RPO 0) and clients see a pause, not errors.
     /// Waits until every PG is led from the target site.
     Failover(FailoverArgs),
+    /// Going back to a site after a forced failover away from it.
+    #[command(subcommand)]
+    Failback(FailbackCommand),
     /// Failover drills: rehearse a failover at a standby site while
     /// production runs, and report the measured RPO and RTO.
     #[command(subcommand)]
@@ -355,6 +358,26 @@ enum SnapshotCommand {
         snapshot: String,
         #[arg(long)]
         until: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum FailbackCommand {
+    /// Re-protect: wait until every PG active at another site has a
+    /// caught-up member at SITE (the old site's nodes rejoin on their own
+    /// once back, by a delta resync of what changed since the fork), and
+    /// show what each resync moved. Then `lifeboat failover --planned --to
+    /// SITE` goes back with nothing lost.
+    Prepare {
+        /// The site the PGs go back to.
+        #[arg(long)]
+        site: String,
+        /// TENANT/PG (repeatable; default: every PG active elsewhere).
+        #[arg(long = "pg")]
+        pgs: Vec<String>,
+        /// Seconds to wait for every member to catch up.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
     },
 }
 
@@ -1158,6 +1181,7 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
             } else {
                 let status = p.status.clone();
                 let lineage = p.lineage.clone();
+                let resyncs = p.resyncs.clone();
                 print_pgs(out, vec![p]);
                 match &status {
                     Some(s) => println!(
@@ -1196,6 +1220,20 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                                 "an unknown time of writes".into()
                             }
                         ))
+                    );
+                }
+                for x in &resyncs {
+                    println!(
+                        "node {} rejoined generation {} by a delta resync from node {}: received {} in {} rows ({} of {} segments) over the {} it kept, {} ms",
+                        x.node_id,
+                        x.generation,
+                        x.from_node,
+                        size::format_size(x.bytes_received),
+                        x.rows_received,
+                        x.replaced,
+                        x.segments,
+                        size::format_size(x.held_bytes),
+                        x.took_ms
                     );
                 }
                 if let Some(s) = &status {
@@ -1443,6 +1481,15 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                 );
             }
         }
+        Command::Failback(FailbackCommand::Prepare { site, pgs, timeout }) => {
+            let req = client.request(api::FailbackPrepareRequest {
+                site: site.clone(),
+                pgs,
+                timeout_ms: timeout.saturating_mul(1000),
+            });
+            let r = client.api().failback_prepare(req).await?.into_inner();
+            print_failback_prepared(out, &r, &site);
+        }
         Command::Drill(command) => drill::run(client, command, out).await?,
         Command::Events { follow: true } => follow_events(client, out).await?,
         Command::Events { follow: false } => {
@@ -1471,6 +1518,75 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
         }
     }
     Ok(())
+}
+
+fn resync_json(x: &lifeboat_proto::raft::ResyncRecord) -> serde_json::Value {
+    serde_json::json!({
+        "from_node": x.from_node, "applied_index": x.applied_index,
+        "held_rows": x.held_rows, "held_bytes": x.held_bytes,
+        "offer_bytes": x.offer_bytes, "segments": x.segments,
+        "replaced": x.replaced, "rows_received": x.rows_received,
+        "bytes_received": x.bytes_received, "took_ms": x.took_ms,
+    })
+}
+
+fn print_failback_prepared(out: &Output, r: &api::FailbackPrepareResponse, site: &str) {
+    if out.json {
+        out.json_value(&serde_json::json!({
+            "took_ms": r.took_ms,
+            "pgs": r.pgs.iter().map(|p| serde_json::json!({
+                "name": p.name, "active_site": p.active_site,
+                "generation": p.generation, "target_index": p.target_index,
+                "took_ms": p.took_ms,
+                "members": p.members.iter().map(|m| serde_json::json!({
+                    "node": m.node_id, "applied_index": m.applied_index,
+                    "resync": m.resync.as_ref().map(resync_json),
+                })).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+        }));
+        return;
+    }
+    let mut table = Table::new(&[
+        "PG",
+        "NODE",
+        "APPLIED",
+        "JOINED BY",
+        "HELD",
+        "RECEIVED",
+        "TOOK",
+    ]);
+    for p in &r.pgs {
+        for m in &p.members {
+            let (how, held, received) = match &m.resync {
+                Some(x) => (
+                    format!("delta from node {}", x.from_node),
+                    size::format_size(x.held_bytes),
+                    format!(
+                        "{} ({} of {} segments)",
+                        size::format_size(x.bytes_received),
+                        x.replaced,
+                        x.segments
+                    ),
+                ),
+                None => ("new replica".to_owned(), "-".to_owned(), "-".to_owned()),
+            };
+            table.row(vec![
+                p.name.clone(),
+                m.node_id.to_string(),
+                format!("{} of {}", m.applied_index, p.target_index),
+                how,
+                held,
+                received,
+                format!("{} ms", p.took_ms),
+            ]);
+        }
+    }
+    table.print();
+    println!(
+        "{} PGs ready to go back after {} ms: run `lifeboat failover --planned --to {site}`",
+        r.pgs.len(),
+        r.took_ms
+    );
 }
 
 fn event_json(e: &api::Event) -> serde_json::Value {
@@ -1581,6 +1697,12 @@ fn pg_json(p: &api::Pg) -> serde_json::Value {
             "tail_entries": g.tail_bytes.len(),
             "tail_bytes": g.tail_bytes.iter().sum::<u64>(),
         })),
+        "resyncs": p.resyncs.iter().map(|x| {
+            let mut j = resync_json(x);
+            j["node"] = x.node_id.into();
+            j["generation"] = x.generation.into();
+            j
+        }).collect::<Vec<_>>(),
         "lineage": p.lineage.iter().map(|l| serde_json::json!({
             "generation": l.generation, "first_index": l.first_index,
             "started_ms": l.started_ms, "started": format_time_ms(l.started_ms),

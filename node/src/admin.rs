@@ -101,7 +101,9 @@ pub fn status(e: &NodeError) -> Status {
         }
         NodeError::NodeNotFound(_) | NodeError::SiteNotFound(_) => Code::NotFound,
         NodeError::NoMembersAtSite { .. } | NodeError::Witness { .. } => Code::FailedPrecondition,
-        NodeError::SwitchoverTimeout { .. } => Code::DeadlineExceeded,
+        NodeError::SwitchoverTimeout { .. } | NodeError::FailbackTimeout { .. } => {
+            Code::DeadlineExceeded
+        }
         NodeError::OldVotersReachable { .. } => Code::FailedPrecondition,
         NodeError::NoStandbyAnswered { .. } => Code::Unavailable,
         NodeError::Peer { .. } | NodeError::NotHostedHere { .. } => Code::FailedPrecondition,
@@ -377,6 +379,7 @@ fn pg_message(core: &NodeCore, r: lifeboat_proto::raft::PgRecord) -> api::Pg {
             .group(lifeboat_store::PgId(r.id))
             .map(|g| pg_status(core, &g)),
         progress: core.catalog.progress(r.id).unwrap_or_default(),
+        resyncs: core.catalog.resyncs(r.id).unwrap_or_default(),
         lineage: r.lineage,
     }
 }
@@ -1399,6 +1402,46 @@ impl Admin for AdminService {
             .await
             .map_err(|e| status(&e))?;
         Ok(Response::new(record))
+    }
+
+    async fn failback_prepare(
+        &self,
+        req: Request<api::FailbackPrepareRequest>,
+    ) -> Result<Response<api::FailbackPrepareResponse>, Status> {
+        self.require_operator(&req, "prepare a failback")?;
+        let r = req.get_ref();
+        let started = std::time::Instant::now();
+        let timeout = match r.timeout_ms {
+            0 => crate::failback::PREPARE_WAIT,
+            ms => std::time::Duration::from_millis(ms),
+        };
+        let prepared = self
+            .core
+            .failback_prepare(&r.site, &r.pgs, timeout)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(api::FailbackPrepareResponse {
+            pgs: prepared
+                .into_iter()
+                .map(|p| api::FailbackPg {
+                    name: p.name,
+                    active_site: p.active_site,
+                    generation: p.generation,
+                    target_index: p.target_index,
+                    members: p
+                        .members
+                        .into_iter()
+                        .map(|(node_id, applied_index, resync)| api::FailbackMember {
+                            node_id,
+                            applied_index,
+                            resync,
+                        })
+                        .collect(),
+                    took_ms: p.took.as_millis() as u64,
+                })
+                .collect(),
+            took_ms: started.elapsed().as_millis() as u64,
+        }))
     }
 
     async fn switchover(

@@ -221,6 +221,8 @@ pub struct NodeCore {
     /// On the catalog's leader: who renewed leases when (see
     /// `crate::auto_failover`).
     pub(crate) auto_failover: Mutex<crate::auto_failover::AutoFailover>,
+    /// Kept replicas waiting for a delta resync (see `crate::failback`).
+    pub(crate) resync_tries: Mutex<crate::failback::ResyncTries>,
     /// Free space was short at the last check (see `crate::gc`).
     pub space_short: std::sync::atomic::AtomicBool,
     /// When windows were last shrunk for space.
@@ -373,6 +375,7 @@ impl NodeCore {
             lease_lapsed: std::sync::atomic::AtomicBool::new(false),
             progress_reports: Mutex::new(HashMap::new()),
             auto_failover: Mutex::default(),
+            resync_tries: Mutex::default(),
             space_short: std::sync::atomic::AtomicBool::new(false),
             last_window_shrink: Mutex::new(None),
             quotas: Default::default(),
@@ -591,6 +594,9 @@ impl NodeCore {
             crate::auto_failover::AUTO_FAILOVER_CHECK,
             |core| async move { core.auto_failover_check().await },
         );
+        let resyncs = self.every(crate::failback::RESYNC_CHECK, |core| async move {
+            core.resync_pass().await
+        });
         let history_gc = self.every(
             Duration::from_millis(self.config.history.gc_interval_ms),
             |core| async move { crate::gc::run_once(&core).await },
@@ -606,6 +612,7 @@ impl NodeCore {
             drill_lag,
             progress,
             auto_failover,
+            resyncs,
         ]);
         background.extend(leases);
         if let Some(liveness) = self.liveness.clone() {
@@ -722,6 +729,15 @@ impl NodeCore {
                 continue;
             }
             let mine = rec.members.iter().find(|m| m.node_id == me);
+            // A kept old replica becomes this member by a delta resync
+            // first (`crate::failback`): starting it now would apply the
+            // new generation's log over the old site's data.
+            if mine.is_some()
+                && self.group(pg).is_none()
+                && lifeboat_store::resync::base_of(&self.db, pg)?.is_some()
+            {
+                continue;
+            }
             let group = match (mine, self.group(pg)) {
                 (Some(m), None) => Some(
                     self.start_member(LocalMember {
@@ -909,6 +925,26 @@ impl NodeCore {
         tokio::task::spawn_blocking(move || lifeboat_store::raft_snapshot::wipe_pg(&db, pg))
             .await
             .map_err(|e| NodeError::io("wipe a replica")(std::io::Error::other(e)))??;
+        self.remove_raft_snapshots(pg);
+        Ok(())
+    }
+
+    /// Keeps this node's data of `pg` as the base of a delta resync
+    /// (`crate::failback`), deleting its Raft log and state (the local
+    /// member record with them) and its Raft snapshot files. The member
+    /// must be stopped.
+    pub(crate) async fn keep_for_resync(&self, pg: PgId, old_generation: u64) -> NodeResult<()> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            lifeboat_store::resync::keep_as_base(&db, pg, old_generation)
+        })
+        .await
+        .map_err(|e| NodeError::io("keep a replica for resync")(std::io::Error::other(e)))??;
+        self.remove_raft_snapshots(pg);
+        Ok(())
+    }
+
+    fn remove_raft_snapshots(&self, pg: PgId) {
         // Its Raft snapshot files went with the state that named them.
         let snapshots = self
             .config
@@ -922,7 +958,6 @@ impl NodeCore {
                 tracing::warn!(path = %snapshots.display(), error = %e, "remove a wiped replica's raft snapshots")
             }
         }
-        Ok(())
     }
 
     /// Stops a member the group no longer has and forgets its log.

@@ -100,6 +100,15 @@ pub enum NodeError {
         waited_ms: u64,
         seen: String,
     },
+    #[error(
+        "protection group {pg} has no caught-up member at site {site} after {waited_ms} ms ({seen})"
+    )]
+    FailbackTimeout {
+        pg: String,
+        site: String,
+        waited_ms: u64,
+        seen: String,
+    },
     #[error("drill {0} does not exist")]
     DrillNotFound(u64),
     #[error("this node is at site {here}: {action} on a node of site {wanted}")]
@@ -173,6 +182,7 @@ impl NodeError {
             NodeError::Witness { .. } => "node.witness",
             NodeError::NoMembersAtSite { .. } => "node.no_members_at_site",
             NodeError::SwitchoverTimeout { .. } => "node.switchover_timeout",
+            NodeError::FailbackTimeout { .. } => "node.failback_timeout",
             NodeError::NotHostedHere { .. } => "node.not_hosted_here",
             NodeError::Pki { .. } => "node.pki",
             NodeError::JoinToken { .. } => "node.join_token",

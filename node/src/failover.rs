@@ -125,28 +125,9 @@ impl NodeCore {
         to_site: &str,
         names: &[String],
     ) -> NodeResult<(Vec<pb::NodeRecord>, Vec<pb::PgRecord>)> {
-        let nodes: Vec<pb::NodeRecord> = self
-            .catalog
-            .nodes()
-            .map_err(NodeError::io("read catalog"))?
-            .into_iter()
-            .filter(|n| !n.removed)
-            .collect();
-        if !nodes.iter().any(|n| n.site == to_site) {
-            return Err(NodeError::SiteNotFound(to_site.to_owned()));
-        }
+        let nodes = self.live_nodes_with(to_site)?;
         // A drill's PGs stay at their site (stop the drill instead).
-        let records: Vec<pb::PgRecord> = if names.is_empty() {
-            self.pg_records(None)?
-                .into_iter()
-                .filter(|r| r.drill == 0)
-                .collect()
-        } else {
-            names
-                .iter()
-                .map(|n| self.pg_named(n))
-                .collect::<NodeResult<_>>()?
-        };
+        let records = self.named_pgs_or(names, |_| true)?;
         if let Some(r) = records.iter().find(|r| r.drill != 0) {
             return Err(NodeError::InvalidName {
                 what: "protection group",
@@ -173,6 +154,38 @@ impl NodeCore {
             });
         }
         Ok((nodes, records))
+    }
+
+    /// The cluster's live nodes; refused when `site` has none.
+    pub(crate) fn live_nodes_with(&self, site: &str) -> NodeResult<Vec<pb::NodeRecord>> {
+        let nodes: Vec<pb::NodeRecord> = self
+            .catalog
+            .nodes()
+            .map_err(NodeError::io("read catalog"))?
+            .into_iter()
+            .filter(|n| !n.removed)
+            .collect();
+        if !nodes.iter().any(|n| n.site == site) {
+            return Err(NodeError::SiteNotFound(site.to_owned()));
+        }
+        Ok(nodes)
+    }
+
+    /// The PGs named (TENANT/NAME), or when none is, every PG that is not
+    /// a drill's and that `all` keeps.
+    pub(crate) fn named_pgs_or(
+        &self,
+        names: &[String],
+        all: impl Fn(&pb::PgRecord) -> bool,
+    ) -> NodeResult<Vec<pb::PgRecord>> {
+        if names.is_empty() {
+            return Ok(self
+                .pg_records(None)?
+                .into_iter()
+                .filter(|r| r.drill == 0 && all(r))
+                .collect());
+        }
+        names.iter().map(|n| self.pg_named(n)).collect()
     }
 
     /// Waits until PG `r` is led from `to_site` with only voters there.
@@ -234,7 +247,7 @@ impl NodeCore {
 
     /// How node `n`'s member sees PG `r`: read here when `n` is this node,
     /// asked over the Raft transport otherwise.
-    async fn pg_view(
+    pub(crate) async fn pg_view(
         &self,
         r: &pb::PgRecord,
         n: &pb::NodeRecord,
@@ -288,15 +301,15 @@ fn refuse_if_voters_answer(
 
 /// Where node `n`'s Raft transport listens ("" when its record has none:
 /// dialling it then fails with a clear error).
-fn raft_addr(n: &pb::NodeRecord) -> &str {
+pub(crate) fn raft_addr(n: &pb::NodeRecord) -> &str {
     n.addrs.as_ref().map_or("", |a| a.raft.as_str())
 }
 
-fn by_id(nodes: &[pb::NodeRecord]) -> HashMap<u64, &pb::NodeRecord> {
+pub(crate) fn by_id(nodes: &[pb::NodeRecord]) -> HashMap<u64, &pb::NodeRecord> {
     nodes.iter().map(|n| (n.id, n)).collect()
 }
 
-fn pg_name(r: &pb::PgRecord) -> String {
+pub(crate) fn pg_name(r: &pb::PgRecord) -> String {
     format!("{}/{}", r.tenant, r.name)
 }
 

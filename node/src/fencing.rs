@@ -22,9 +22,10 @@
 //!    complete divergence already holds this member's log as a prefix
 //!    (the same last term, at least the same last index), it carries
 //!    nothing and records only that it is covered by that one;
-//! 3. wipes the PG's replica here (data, Raft log and state) in one batch,
-//!    so that the member the catalog places on this node in the new
-//!    generation starts from nothing.
+//! 3. deletes the old member's Raft log and state and keeps its data as
+//!    the base of a delta resync (`crate::failback`): the member the
+//!    catalog places on this node in the new generation starts from the
+//!    delta between that data and a current replica, not from nothing.
 //!
 //! A crash anywhere in between starts the old member again at restart and
 //! the next pass fences it again: binding the clone's name, creating it and
@@ -184,12 +185,12 @@ impl NodeCore {
             });
         if let Some(done) = own.as_ref().filter(|d| d.complete) {
             // An earlier pass recorded everything and stopped before the
-            // wipe: carrying again would write into sealed clones.
+            // end: carrying again would write into sealed clones.
             tracing::info!(
                 pg = pg.0,
                 generation = old_generation,
                 last_index = done.last_index,
-                "divergence already recorded complete; wiping"
+                "divergence already recorded complete; keeping the data for a resync"
             );
         } else if last_index > fork.0 {
             // A fencing that crashed while carrying finishes carrying: its
@@ -239,11 +240,14 @@ impl NodeCore {
                 ),
             );
         }
-        self.wipe_replica(pg).await?;
+        // What it held is now the same as the new generation up to F,
+        // plus what it alone wrote (carried above): the base of a delta
+        // resync when the catalog places a member here again.
+        self.keep_for_resync(pg, old_generation).await?;
         tracing::info!(
             pg = pg.0,
             generation = old_generation,
-            "fenced old member wiped; a new member starts from nothing"
+            "fenced old member stopped; its data is kept for a delta resync"
         );
         Ok(())
     }

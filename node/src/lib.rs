@@ -14,6 +14,7 @@ pub mod core;
 pub mod drills;
 pub mod error;
 pub mod events;
+pub mod failback;
 pub mod failover;
 pub mod fencing;
 pub mod gc;

@@ -75,6 +75,10 @@ pub struct Metrics {
     /// every replica deletes the same).
     pub gc_versions_reclaimed: Counter,
     pub gc_bytes_reclaimed: Counter,
+    /// Delta resyncs of kept replicas done here, and the row bytes they
+    /// received (see `crate::failback`).
+    pub resyncs: Counter,
+    pub resync_bytes_received: Counter,
     nbd_requests: Family<OpLabels, Gauge>,
     nbd_errors: Family<ErrnoLabels, Gauge>,
     nbd_bytes_read: Gauge,
@@ -114,6 +118,8 @@ impl Metrics {
             scheduled_snapshots_pruned: Counter::default(),
             gc_versions_reclaimed: Counter::default(),
             gc_bytes_reclaimed: Counter::default(),
+            resyncs: Counter::default(),
+            resync_bytes_received: Counter::default(),
             nbd_requests: Family::default(),
             nbd_errors: Family::default(),
             nbd_bytes_read: Gauge::default(),
@@ -258,6 +264,16 @@ impl Metrics {
             "replication_lag_seconds",
             "Age of the oldest entry a member lacks, in seconds: the live RPO of a standby",
             m.replication_lag_seconds.clone(),
+        );
+        registry.register(
+            "resyncs",
+            "Delta resyncs of a kept replica into its PG's new generation done on this node",
+            m.resyncs.clone(),
+        );
+        registry.register(
+            "resync_bytes_received",
+            "Key and value bytes received by delta resyncs on this node",
+            m.resync_bytes_received.clone(),
         );
         registry.register(
             "data_dir_free_bytes",

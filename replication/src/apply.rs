@@ -201,6 +201,7 @@ impl<'a> ApplyContext<'a> {
                 | Kind::RecordDrillLag(_)
                 | Kind::StopDrill(_)
                 | Kind::RecordProgress(_)
+                | Kind::RecordResync(_)
         );
         if is_catalog_command != (self.pg == PgId::CATALOG) {
             return Ok(Err(Rejection::WrongGroup { pg: self.pg.0 }));
@@ -264,6 +265,7 @@ impl<'a> ApplyContext<'a> {
             Kind::RecordDrillLag(d) => self.apply_record_drill_lag(d),
             Kind::StopDrill(d) => self.apply_stop_drill(d, cmd.stamp_ms),
             Kind::RecordProgress(p) => self.apply_record_progress(p),
+            Kind::RecordResync(r) => self.apply_record_resync(r),
         }
     }
 
@@ -1655,6 +1657,23 @@ impl ApplyContext<'_> {
         Ok(Ok(Applied::Done))
     }
 
+    /// Keeps a node's newest delta resync of a PG (see `ResyncRecord`).
+    fn apply_record_resync(&mut self, r: &pb::RecordResync) -> io::Result<Outcome> {
+        let Some(record) = r.record.as_ref() else {
+            return Ok(Err(Rejection::Malformed {
+                reason: "a resync without its record".into(),
+            }));
+        };
+        if self
+            .catalog_get::<pb::PgRecord>(&catalog::pg_id_key(record.pg))?
+            .is_none()
+        {
+            return Ok(Err(Rejection::PgIdNotFound { pg: record.pg }));
+        }
+        self.catalog_put(catalog::resync_key(record.pg, record.node_id), record);
+        Ok(Ok(Applied::Done))
+    }
+
     /// Keeps what an old member had past a forced failover's fork (see
     /// `DivergenceRecord`), once its node has carried it into the PG's new
     /// generation.
@@ -2697,6 +2716,57 @@ mod tests {
             Ok(Applied::Done)
         );
         assert_eq!(voters(&cx, 1), moved);
+    }
+
+    #[test]
+    fn a_resync_is_kept_per_pg_and_node_the_newest_winning() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), &DbOptions::default()).unwrap();
+        let mut cx = ApplyContext::new(&db, PgId::CATALOG);
+        cx.put_pg_record(&pb::PgRecord {
+            id: 3,
+            tenant: "t".into(),
+            name: "main".into(),
+            ..Default::default()
+        });
+        let resync = |pg, node_id, bytes_received| {
+            cmd(pb::command::Kind::RecordResync(pb::RecordResync {
+                record: Some(pb::ResyncRecord {
+                    pg,
+                    node_id,
+                    generation: 1,
+                    bytes_received,
+                    ..Default::default()
+                }),
+            }))
+        };
+        for (node, bytes) in [(1, 10), (2, 20), (1, 11)] {
+            assert_eq!(
+                cx.apply_command(LogIndex(1), &resync(3, node, bytes))
+                    .unwrap(),
+                Ok(Applied::Done)
+            );
+        }
+        assert_eq!(
+            cx.apply_command(LogIndex(2), &resync(9, 1, 5)).unwrap(),
+            Err(Rejection::PgIdNotFound { pg: 9 })
+        );
+        assert!(matches!(
+            cx.apply_command(
+                LogIndex(3),
+                &cmd(pb::command::Kind::RecordResync(pb::RecordResync {
+                    record: None
+                }))
+            )
+            .unwrap(),
+            Err(Rejection::Malformed { .. })
+        ));
+        let kept = |node| {
+            cx.catalog_get::<pb::ResyncRecord>(&catalog::resync_key(3, node))
+                .unwrap()
+                .map(|r| r.bytes_received)
+        };
+        assert_eq!((kept(1), kept(2)), (Some(11), Some(20)));
     }
 
     /// A forced failover's end: the PG moves to the next generation with

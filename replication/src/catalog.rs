@@ -71,6 +71,16 @@ pub fn divergence_key(pg: u64, generation: u64, node: u64) -> Vec<u8> {
     key
 }
 
+/// The newest delta resync of PG `pg` on node `node`.
+pub fn resync_key(pg: u64, node: u64) -> Vec<u8> {
+    [
+        b"resync/".as_slice(),
+        &pg.to_be_bytes(),
+        &node.to_be_bytes(),
+    ]
+    .concat()
+}
+
 /// The newest progress PG `pg`'s leader reported with its lease.
 pub fn progress_key(pg: u64) -> Vec<u8> {
     [b"progress/".as_slice(), &pg.to_be_bytes()].concat()
@@ -257,6 +267,11 @@ impl Catalog {
     /// and node.
     pub fn divergences(&self) -> io::Result<Vec<pb::DivergenceRecord>> {
         self.list(b"divergence/")
+    }
+
+    /// The newest delta resync of each node's replica of PG `pg`.
+    pub fn resyncs(&self, pg: u64) -> io::Result<Vec<pb::ResyncRecord>> {
+        self.list(&[b"resync/".as_slice(), &pg.to_be_bytes()].concat())
     }
 
     pub fn progress(&self, pg: u64) -> io::Result<Option<pb::PgProgress>> {

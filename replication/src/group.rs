@@ -1136,6 +1136,11 @@ impl ProtectionGroup {
 
     /// How far this member's log goes (for a forced failover's choice of
     /// the best standby): its last log id and a recent command's stamp.
+    /// The node's database this member's replica lives in.
+    pub fn db(&self) -> &lifeboat_store::db::Db {
+        self.log.db()
+    }
+
     pub fn log_tail(&self) -> Result<pb::LogTailReply> {
         let tail = self.log.tail().map_err(|source| Error::Storage {
             pg: self.pg.0,

@@ -15,6 +15,7 @@ pub mod liveness;
 pub mod log_store;
 pub mod members;
 pub mod placement;
+pub mod resync;
 pub mod state_machine;
 pub mod transport;
 pub mod types;

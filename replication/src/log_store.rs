@@ -210,6 +210,10 @@ pub struct LogStore {
 }
 
 impl LogStore {
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
     pub fn new(db: Db, pg: PgId, syncer: WalSyncer) -> LogStore {
         LogStore {
             db,

@@ -750,6 +750,28 @@ impl<H: Host> RaftTransport for TransportService<H> {
         Ok(Response::new(self.host.force_generation(req).await?))
     }
 
+    type ResyncStream = crate::resync::DeltaStream;
+
+    async fn resync(
+        &self,
+        req: Request<pb::ResyncRequest>,
+    ) -> Result<Response<Self::ResyncStream>, Status> {
+        let req = req.into_inner();
+        let group = self.route(req.route.as_ref())?;
+        let segments = crate::resync::segments(&req)?;
+        tracing::info!(
+            pg = group.pg().0,
+            from_node = req.route.as_ref().map_or(0, |r| r.from_node),
+            segments = segments.len(),
+            "serving a delta resync"
+        );
+        Ok(Response::new(crate::resync::serve(
+            group.db().clone(),
+            group.pg(),
+            segments,
+        )))
+    }
+
     async fn group_view(
         &self,
         req: Request<pb::GroupViewRequest>,

@@ -117,6 +117,7 @@ impl fmt::Display for Command {
             Some(Kind::RecordDrillLag(_)) => "record_drill_lag",
             Some(Kind::StopDrill(_)) => "stop_drill",
             Some(Kind::RecordProgress(_)) => "record_progress",
+            Some(Kind::RecordResync(_)) => "record_resync",
             Some(Kind::SetPgAck(_)) => "set_pg_ack",
             Some(Kind::SwitchActiveSite(_)) => "switch_active_site",
             Some(Kind::SetCatalogVoters(_)) => "set_catalog_voters",

@@ -394,15 +394,49 @@ impl ReadView<'_> {
         &self,
         cf: Cf,
         prefix: &[u8],
+        visit: impl FnMut(&[u8], &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        self.iterate(cf, prefix, prefix_successor(prefix), visit)
+    }
+
+    /// Calls `visit` for every entry with `from <= key < to`, in key
+    /// order, without holding more than one entry in memory.
+    pub fn for_each_in(
+        &self,
+        cf: Cf,
+        from: &[u8],
+        to: &[u8],
+        visit: impl FnMut(&[u8], &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        self.iterate(cf, from, Some(to.to_vec()), visit)
+    }
+
+    /// Whether any entry has `from <= key < to`.
+    pub fn any_in(&self, cf: Cf, from: &[u8], to: &[u8]) -> Result<bool> {
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(to.to_vec());
+        ro.set_snapshot(&self.snapshot);
+        let mut iter = self.db.inner.raw_iterator_cf_opt(self.db.cf(cf), ro);
+        iter.seek(from);
+        let found = iter.valid();
+        iter.status().map_err(rocks("seek in read view"))?;
+        Ok(found)
+    }
+
+    fn iterate(
+        &self,
+        cf: Cf,
+        from: &[u8],
+        to: Option<Vec<u8>>,
         mut visit: impl FnMut(&[u8], &[u8]) -> Result<()>,
     ) -> Result<()> {
         let mut ro = ReadOptions::default();
-        if let Some(upper) = prefix_successor(prefix) {
+        if let Some(upper) = to {
             ro.set_iterate_upper_bound(upper);
         }
         ro.set_snapshot(&self.snapshot);
         let mut iter = self.db.inner.raw_iterator_cf_opt(self.db.cf(cf), ro);
-        iter.seek(prefix);
+        iter.seek(from);
         while iter.valid() {
             if let (Some(k), Some(v)) = (iter.key(), iter.value()) {
                 visit(k, v)?;

@@ -60,6 +60,11 @@ pub enum RaftStateKind {
     /// (Catalog PG only) the cluster id this node belongs to, bound once at
     /// `cluster init` or on join.
     ClusterBinding = 9,
+    /// A fenced old member's data kept as the base of a delta resync
+    /// (`crate::resync`): the generation it ran (u64 BE). Local; while it
+    /// is present the PG's Raft log and state are empty and no member of
+    /// the PG may start here.
+    ResyncBase = 10,
 }
 
 /// What a `pg_meta` row describes.

@@ -20,6 +20,7 @@ pub mod keys;
 pub mod masks;
 pub mod objects;
 pub mod raft_snapshot;
+pub mod resync;
 pub mod uploads;
 pub mod usage;
 pub mod volumes;

@@ -34,7 +34,7 @@ const RECORD_BYTES_MAX: u32 = 64 << 20;
 const INSTALL_BATCH_BYTES: usize = 8 << 20;
 
 /// Column families whose keys start with the PG id.
-const PG_RANGES: [Cf; 6] = [
+pub(crate) const PG_RANGES: [Cf; 6] = [
     Cf::PgMeta,
     Cf::Latest,
     Cf::Blocks,
@@ -94,7 +94,7 @@ pub fn pg_digest(db: &Db, pg: PgId) -> Result<PgDigest> {
     })
 }
 
-fn cf_tag(cf: Cf) -> u8 {
+pub(crate) fn cf_tag(cf: Cf) -> u8 {
     Cf::ALL.iter().position(|c| *c == cf).expect("cf in ALL") as u8
 }
 

@@ -589,8 +589,8 @@ async fn wait_generation(
 /// its member a generation behind the catalog: it stops it, carries what
 /// it alone applied after the fork into the new generation as a
 /// read-only divergence snapshot (`t/v-div-g0-nN`; a node whose log is a
-/// prefix of one carried before only points at it), wipes its replica
-/// and rejoins as a new member. Every acknowledged write is in the divergence
+/// prefix of one carried before only points at it), keeps its data as
+/// the base of a delta resync and rejoins as a new member. Every acknowledged write is in the divergence
 /// snapshot, the DR volume is untouched by the old site, and the old
 /// nodes then serve the new generation only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -891,5 +891,246 @@ async fn the_old_primary_returning_is_fenced_and_keeps_what_only_it_acknowledged
         );
         let events = n.must_cli(&["events", "--output", "json"]);
         assert!(events.contains("\"fenced\""), "{events}");
+    }
+}
+
+/// One node's digest of its replica of t/main, while it holds still.
+fn quiet_digest(n: &lifeboat_chaos_tests::harness::TestNode) -> Option<(u64, String)> {
+    let out = n.cli(&["--output", "json", "pg", "digest", "t/main"]);
+    if !out.status.success() {
+        return None;
+    }
+    let d: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    d["quiet"].as_bool()?.then(|| {
+        (
+            d["applied_index"].as_u64().unwrap(),
+            d["sha256"].as_str().unwrap().to_owned(),
+        )
+    })
+}
+
+/// Failback after a forced failover. The primary holds a data set, writes
+/// a little more that DR never gets (cut off), and is lost; DR takes over
+/// and changes a little. When the old nodes return they fence their
+/// members, and each rejoins the new generation by a delta resync:
+/// `failback prepare` waits for them and shows that each received about
+/// what changed since the fork, not the data set. A planned failover then
+/// goes back, and every replica at both sites is identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failback_moves_what_changed_and_leaves_both_sites_identical() {
+    use aws_sdk_s3::primitives::ByteStream;
+    use lifeboat_chaos_tests::data::pseudo_random;
+    const LEASE_MS: u64 = 1000;
+    const BASE_BYTES: usize = 8 << 20;
+    const DR_BLOCKS_BYTES: usize = 256 << 10;
+    const DR_OBJECT_BYTES: usize = 512 << 10;
+    let (mut c, links) =
+        Cluster::start_linked_with_witness(3, 2, &format!("[raft]\nlease_ms = {LEASE_MS}\n")).await;
+    wait_catalog_spread(&c).await;
+    c.nodes[0].must_cli(&["volume", "create", "t/base", "--size", "16MiB"]);
+    c.nodes[0].must_cli(&["bucket", "create", "t/fbk"]);
+    let (key, secret) = c.nodes[0].must_create_credential("t");
+    let s3_at = |n: &lifeboat_chaos_tests::harness::TestNode| {
+        lifeboat_chaos_tests::s3_client::client(&format!("http://{}", n.s3), &key, &secret)
+    };
+    // The data set, at the primary.
+    let base = NbdClient::connect(c.nodes[1].nbd, "t/base").await.unwrap();
+    for (i, chunk) in pseudo_random(0xba5e, BASE_BYTES)
+        .chunks(1 << 20)
+        .enumerate()
+    {
+        base.write((i << 20) as u64, chunk, true)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let primary_s3 = s3_at(&c.nodes[1]);
+    for (k, seed) in [("one", 11), ("two", 12)] {
+        primary_s3
+            .put_object()
+            .bucket("fbk")
+            .key(k)
+            .body(ByteStream::from(pseudo_random(seed, 1 << 20)))
+            .send()
+            .await
+            .unwrap();
+    }
+    let primary_last = pg_status_of(&c.nodes[1], "t/main").unwrap()["last_log_index"]
+        .as_u64()
+        .unwrap();
+    for n in c.nodes.iter().filter(|n| n.site == "dr") {
+        wait_pg_status(n, "t/main", "catch up before the cut", |s| {
+            s["applied_index"].as_u64() >= Some(primary_last)
+        })
+        .await;
+    }
+    // What only the old site acknowledges: 16 blocks.
+    links.cut_between("primary", "dr");
+    base.write(4 << 20, &pseudo_random(0xd1f, 16 * 4096), true)
+        .await
+        .unwrap()
+        .unwrap();
+    drop(base);
+    for n in &mut c.nodes[..3] {
+        n.kill9();
+    }
+    eprintln!("[failback] primary lost; forcing");
+    c.nodes[3].must_cli(&["failover", "--force", "--to", "dr", "--output", "json"]);
+
+    // DR changes a little: 64 blocks, one new object, one deleted.
+    let at_dr = NbdClient::connect(c.nodes[3].nbd, "t/base").await.unwrap();
+    at_dr
+        .write(1 << 20, &pseudo_random(0xd2, DR_BLOCKS_BYTES), true)
+        .await
+        .unwrap()
+        .unwrap();
+    drop(at_dr);
+    let dr_s3 = s3_at(&c.nodes[3]);
+    dr_s3
+        .put_object()
+        .bucket("fbk")
+        .key("three")
+        .body(ByteStream::from(pseudo_random(13, DR_OBJECT_BYTES)))
+        .send()
+        .await
+        .unwrap();
+    dr_s3
+        .delete_object()
+        .bucket("fbk")
+        .key("one")
+        .send()
+        .await
+        .unwrap();
+
+    // The old site returns.
+    links.heal_all();
+    for n in &mut c.nodes[..3] {
+        n.start().unwrap();
+    }
+    let out = c.nodes[3].must_cli(&[
+        "failback",
+        "prepare",
+        "--site",
+        "primary",
+        "--timeout",
+        "120",
+        "--output",
+        "json",
+    ]);
+    let prepared: serde_json::Value = serde_json::from_str(&out).unwrap();
+    eprintln!("[failback] prepared: {prepared}");
+    let pgs = prepared["pgs"].as_array().unwrap();
+    let main = pgs.iter().find(|p| p["name"] == "t/main").unwrap();
+    assert_eq!(main["generation"], 1, "{prepared}");
+    let members = main["members"].as_array().unwrap();
+    assert_eq!(members.len(), 3, "a member on each old node: {prepared}");
+    let changed = (DR_BLOCKS_BYTES + DR_OBJECT_BYTES) as u64;
+    for m in members {
+        assert!(
+            m["applied_index"].as_u64() >= main["target_index"].as_u64(),
+            "{prepared}"
+        );
+        let resync = &m["resync"];
+        let held = resync["held_bytes"].as_u64().unwrap_or_else(|| {
+            panic!(
+                "node {} rejoined without a delta resync: {prepared}",
+                m["node"]
+            )
+        });
+        let received = resync["bytes_received"].as_u64().unwrap();
+        eprintln!(
+            "[failback] node {}: held {held} bytes, received {received} ({:.1}%), changed at DR {changed}",
+            m["node"],
+            received as f64 * 100.0 / held as f64
+        );
+        // At least what DR wrote (random data: it does not compress), at
+        // most a small multiple of it (a rewritten block moves with its
+        // older version beside it), and far from the data set the node
+        // already had.
+        assert!(received >= changed, "{prepared}");
+        assert!(received <= 3 * changed, "{prepared}");
+        assert!(held >= BASE_BYTES as u64, "{prepared}");
+        assert!(received * 4 <= held, "{prepared}");
+    }
+
+    // The catalog keeps each node's resync for `pg show`.
+    let shown = c.nodes[4].must_cli(&["pg", "show", "t/main", "--output", "json"]);
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    let mut resynced: Vec<u64> = shown["resyncs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["node"].as_u64().unwrap())
+        .collect();
+    resynced.sort();
+    assert_eq!(resynced, nodes_at(&c, "primary"), "{shown}");
+    // Back to the primary, with nothing lost.
+    let back = switch_over(&c, 3, "primary");
+    eprintln!("[failback] back: {back}");
+    let home_nodes = nodes_at(&c, "primary");
+    assert!(
+        back["pgs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["leader_node"]
+                .as_u64()
+                .is_some_and(|l| home_nodes.contains(&l))),
+        "{back}"
+    );
+    // Every replica at both sites holds exactly the same.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let digests: Vec<Option<(u64, String)>> = c
+            .nodes
+            .iter()
+            .filter(|n| n.site != "witness")
+            .map(quiet_digest)
+            .collect();
+        if digests[0].is_some() && digests.iter().all(|d| *d == digests[0]) {
+            eprintln!("[failback] every replica at {:?}", digests[0]);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replicas differ after failback: {digests:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let home = s3_at(&c.nodes[0]);
+    let get = |k: &'static str| {
+        let s3 = home.clone();
+        async move {
+            match s3.get_object().bucket("fbk").key(k).send().await {
+                Ok(o) => Some(o.body.collect().await.unwrap().into_bytes().to_vec()),
+                Err(e) => {
+                    assert!(e.into_service_error().is_no_such_key());
+                    None
+                }
+            }
+        }
+    };
+    assert_eq!(get("one").await, None, "deleted at DR");
+    assert_eq!(get("two").await, Some(pseudo_random(12, 1 << 20)));
+    assert_eq!(get("three").await, Some(pseudo_random(13, DR_OBJECT_BYTES)));
+    let home_base = NbdClient::connect(c.nodes[0].nbd, "t/base").await.unwrap();
+    assert_eq!(
+        home_base
+            .read(1 << 20, DR_BLOCKS_BYTES as u32)
+            .await
+            .unwrap()
+            .unwrap(),
+        pseudo_random(0xd2, DR_BLOCKS_BYTES),
+        "DR's writes are home"
+    );
+    assert_eq!(
+        home_base.read(4 << 20, 4096).await.unwrap().unwrap(),
+        pseudo_random(0xba5e, BASE_BYTES)[4 << 20..(4 << 20) + 4096],
+        "the old site's write past the fork is only in its divergence snapshot"
+    );
+    for n in &c.nodes[..3] {
+        let events = n.must_cli(&["events", "--output", "json"]);
+        assert!(events.contains("\"resynced\""), "{events}");
+        assert!(!events.contains("resync_abandoned"), "{events}");
     }
 }
