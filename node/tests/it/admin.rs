@@ -178,3 +178,58 @@ async fn tokens_names_sizes_and_the_volume_lifecycle() {
     assert_eq!(&back[4096..], &[8u8; 4096]);
     node.stop().await;
 }
+
+/// `failback prepare` refuses what it cannot wait for, and on a PG already
+/// at the site answers at once with its members there (none rejoined by a
+/// resync).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failback_prepare_refuses_what_it_cannot_wait_for() {
+    let node = must_start().await;
+    let endpoint = format!("http://{}", node.running().admin_addr);
+    let mut c = AdminClient::connect(endpoint).await.unwrap();
+    let t = node.token.clone();
+    let prepare = |site: &str, pgs: &[&str]| api::FailbackPrepareRequest {
+        site: site.into(),
+        pgs: pgs.iter().map(|p| p.to_string()).collect(),
+        timeout_ms: 5_000,
+    };
+    let e = c
+        .failback_prepare(prepare("primary", &[]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let e = c
+        .failback_prepare(with_token(prepare("nowhere", &[]), &t))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(e.message().contains("nowhere"), "{}", e.message());
+    let e = c
+        .failback_prepare(with_token(prepare("primary", &["demo/nope"]), &t))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+
+    // Nothing is active elsewhere: nothing to wait for.
+    let r = c
+        .failback_prepare(with_token(prepare("primary", &[]), &t))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.pgs.is_empty(), "{r:?}");
+    // Named, a PG at the site is waited for like any other.
+    let r = c
+        .failback_prepare(with_token(prepare("primary", &["demo/main"]), &t))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.pgs.len(), 1, "{r:?}");
+    let p = &r.pgs[0];
+    assert_eq!(
+        (p.name.as_str(), p.active_site.as_str()),
+        ("demo/main", "primary")
+    );
+    assert_eq!(p.members.len(), 1, "{r:?}");
+    assert!(p.members[0].applied_index >= p.target_index, "{r:?}");
+    assert!(p.members[0].resync.is_none(), "{r:?}");
+}
