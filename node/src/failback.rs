@@ -38,22 +38,12 @@ pub struct ResyncTries {
 }
 
 impl NodeCore {
-    /// The PGs whose data this node keeps as the base of a resync.
-    fn kept_bases(&self) -> NodeResult<Vec<PgId>> {
-        let mut out = Vec::new();
-        for rec in self.catalog.pgs().map_err(NodeError::io("read catalog"))? {
-            let pg = PgId(rec.id);
-            if lifeboat_store::resync::base_of(&self.db, pg)?.is_some() {
-                out.push(pg);
-            }
-        }
-        Ok(out)
-    }
-
     /// Resyncs every kept base whose PG the catalog places a member of on
     /// this node (see the module doc), one at a time.
     pub async fn resync_pass(&self) {
-        let bases = match self.kept_bases() {
+        // A base whose PG the catalog no longer has (deleted while the
+        // node was away) is found too, and wiped once given up on.
+        let bases = match lifeboat_store::resync::bases(&self.db) {
             Ok(b) => b,
             Err(e) => {
                 tracing::warn!(code = e.code(), error = %e, "looking for resync bases");

@@ -397,6 +397,24 @@ pub fn base_of(db: &Db, pg: PgId) -> Result<Option<u64>> {
         .and_then(|v| Some(u64::from_be_bytes(v.get(..8)?.try_into().ok()?))))
 }
 
+/// Every PG whose data this node keeps as the base of a resync, whether
+/// or not the catalog still has the PG (one read of the Raft state rows,
+/// a few per PG).
+pub fn bases(db: &Db) -> Result<Vec<PgId>> {
+    let kind = RaftStateKind::ResyncBase as u8;
+    let mut out = Vec::new();
+    db.read_view()
+        .for_each_with_prefix(Cf::RaftState, &[], |k, _| {
+            if k.len() == keys::RAFT_STATE_KEY_BYTES && k[8] == kind {
+                out.push(PgId(u64::from_be_bytes(
+                    k[..8].try_into().expect("8 bytes"),
+                )));
+            }
+            Ok(())
+        })?;
+    Ok(out)
+}
+
 #[cfg(test)]
 #[path = "resync_test.rs"]
 mod tests;

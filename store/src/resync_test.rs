@@ -92,6 +92,8 @@ fn a_resync_moves_the_changes_not_the_data() {
     put(&src, Cf::Chunks, &key(PG, 20), &inserted);
     keep_as_base(&dst, PG, 3).unwrap();
     assert_eq!(base_of(&dst, PG).unwrap(), Some(3));
+    assert_eq!(bases(&dst).unwrap(), vec![PG]);
+    assert!(bases(&src).unwrap().is_empty());
     // The sender wrote 5 new blocks after the fork; the receiver had
     // written 3 of its own and deleted one.
     for n in [1, 1001, 2001, 3001, 7999] {
@@ -110,6 +112,7 @@ fn a_resync_moves_the_changes_not_the_data() {
         b"keep"
     );
     assert_eq!(base_of(&dst, PG).unwrap(), None);
+    assert!(bases(&dst).unwrap().is_empty());
     // 13 changed places (5 + 3 + 1 + the volume record + two reference
     // counts + the new chunk) of 4000 rows: each costs at most a segment
     // of small rows or the new chunk, far from a full copy.
