@@ -759,6 +759,8 @@ impl<H: Host> RaftTransport for TransportService<H> {
         let req = req.into_inner();
         let group = self.route(req.route.as_ref())?;
         let segments = crate::resync::segments(&req)?;
+        lifeboat_store::resync::check_offer(group.pg(), &segments)
+            .map_err(|e| Status::invalid_argument(format!("resync offer: {e}")))?;
         tracing::info!(
             pg = group.pg().0,
             from_node = req.route.as_ref().map_or(0, |r| r.from_node),

@@ -225,6 +225,42 @@ impl OpenSegment {
     }
 }
 
+/// Why `offer` cannot be an offer of `pg` as [`offer`] makes them (keys
+/// of another PG, a segment ending before it starts, segments out of
+/// order or overlapping): walking it would leave rows unreplaced.
+pub fn check_offer(pg: PgId, offer: &[Segment]) -> std::result::Result<(), String> {
+    let prefix = keys::pg_prefix(pg);
+    let order = |cf: Cf| PG_RANGES.iter().position(|c| *c == cf);
+    let mut previous: Option<&Segment> = None;
+    for (i, seg) in offer.iter().enumerate() {
+        if order(seg.cf).is_none() {
+            return Err(format!("segment {i} is in column family {}", seg.cf.name()));
+        }
+        if !seg.first_key.starts_with(&prefix) || !seg.last_key.starts_with(&prefix) {
+            return Err(format!(
+                "segment {i} has keys outside protection group {pg}"
+            ));
+        }
+        if seg.first_key > seg.last_key {
+            return Err(format!("segment {i} ends before it starts"));
+        }
+        if let Some(p) = previous {
+            let in_order = match order(p.cf).cmp(&order(seg.cf)) {
+                std::cmp::Ordering::Less => true,
+                std::cmp::Ordering::Equal => p.last_key < seg.first_key,
+                std::cmp::Ordering::Greater => false,
+            };
+            if !in_order {
+                return Err(format!(
+                    "segment {i} is out of order or overlaps the one before"
+                ));
+            }
+        }
+        previous = Some(seg);
+    }
+    Ok(())
+}
+
 /// Walks `offer` over `view`'s rows of `pg`, calling `emit` with what the
 /// receiver must do to hold exactly those rows. Reads a changed segment
 /// twice (once to compare, once to send) so that memory stays one row.

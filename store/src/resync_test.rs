@@ -38,6 +38,7 @@ fn open_two() -> (tempfile::TempDir, Db, Db) {
 /// (all when `None`): the stats and whether it finished.
 fn resync(src: &Db, dst: &Db, limit: Option<usize>) -> (DeltaStats, bool) {
     let offer = offer(dst, PG).unwrap();
+    assert_eq!(check_offer(PG, &offer.segments), Ok(()));
     let view = src.read_view();
     let mut ops = Vec::new();
     let stats = delta(&view, PG, &offer.segments, |op| {
@@ -230,4 +231,34 @@ proptest! {
         prop_assert_eq!(base_of(&dst, PG).unwrap(), None);
         prop_assert_eq!(dst.get(Cf::Objects, &key(OTHER, 9)).unwrap().unwrap(), b"other".to_vec());
     }
+}
+
+#[test]
+fn an_offer_out_of_order_or_of_another_pg_is_refused() {
+    let (_dir, _src, dst) = open_two();
+    for cf in PG_RANGES {
+        for n in 0..40 {
+            put(&dst, cf, &key(PG, n), &[1; 8]);
+        }
+    }
+    let good = offer(&dst, PG).unwrap().segments;
+    assert!(good.len() > PG_RANGES.len());
+    assert_eq!(check_offer(PG, &good), Ok(()));
+    assert_eq!(
+        check_offer(OTHER, &good).map_err(|e| e.contains("outside")),
+        Err(true)
+    );
+    let mut swapped = good.clone();
+    swapped.swap(0, 1);
+    assert!(check_offer(PG, &swapped).is_err());
+    let mut overlapping = good.clone();
+    overlapping[1].first_key = overlapping[0].last_key.clone();
+    assert!(check_offer(PG, &overlapping).is_err());
+    let mut backwards = good.clone();
+    let first = std::mem::take(&mut backwards[0].first_key);
+    backwards[0].first_key = std::mem::replace(&mut backwards[0].last_key, first);
+    assert!(check_offer(PG, &backwards).is_err());
+    let mut wrong_cf = good;
+    wrong_cf[0].cf = Cf::RaftLog;
+    assert!(check_offer(PG, &wrong_cf).is_err());
 }
