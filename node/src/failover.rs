@@ -126,18 +126,7 @@ impl NodeCore {
         names: &[String],
     ) -> NodeResult<(Vec<pb::NodeRecord>, Vec<pb::PgRecord>)> {
         let nodes = self.live_nodes_with(to_site)?;
-        // A drill's PGs stay at their site (stop the drill instead).
         let records = self.named_pgs_or(names, |_| true)?;
-        if let Some(r) = records.iter().find(|r| r.drill != 0) {
-            return Err(NodeError::InvalidName {
-                what: "protection group",
-                name: pg_name(r),
-                reason: format!(
-                    "it belongs to drill {}, which stays at its site: stop the drill instead",
-                    r.drill
-                ),
-            });
-        }
         let live = by_id(&nodes);
         let at_target = |r: &pb::PgRecord| {
             r.members
@@ -172,7 +161,8 @@ impl NodeCore {
     }
 
     /// The PGs named (TENANT/NAME), or when none is, every PG that is not
-    /// a drill's and that `all` keeps.
+    /// a drill's and that `all` keeps. A drill's PG, named, is refused: it
+    /// stays at its site (stop the drill instead).
     pub(crate) fn named_pgs_or(
         &self,
         names: &[String],
@@ -185,7 +175,21 @@ impl NodeCore {
                 .filter(|r| r.drill == 0 && all(r))
                 .collect());
         }
-        names.iter().map(|n| self.pg_named(n)).collect()
+        let records: Vec<pb::PgRecord> = names
+            .iter()
+            .map(|n| self.pg_named(n))
+            .collect::<NodeResult<_>>()?;
+        if let Some(r) = records.iter().find(|r| r.drill != 0) {
+            return Err(NodeError::InvalidName {
+                what: "protection group",
+                name: pg_name(r),
+                reason: format!(
+                    "it belongs to drill {}, which stays at its site: stop the drill instead",
+                    r.drill
+                ),
+            });
+        }
+        Ok(records)
     }
 
     /// Waits until PG `r` is led from `to_site` with only voters there.

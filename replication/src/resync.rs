@@ -289,18 +289,12 @@ fn stage_snapshot_state(
         key: format!("pg {pg}"),
         reason: e.to_string(),
     };
-    let applied_json = wire::encode_json(applied).map_err(encode)?;
-    for kind in [RaftStateKind::LastApplied, RaftStateKind::LastPurged] {
-        batch.put(
-            Cf::RaftState,
-            &keys::raft_state_key(pg, kind),
-            &applied_json,
-        );
-    }
+    crate::state_machine::stage_applied(batch, pg, Some(applied), Some(membership))
+        .map_err(encode)?;
     batch.put(
         Cf::RaftState,
-        &keys::raft_state_key(pg, RaftStateKind::Membership),
-        &wire::encode_json(membership).map_err(encode)?,
+        &keys::raft_state_key(pg, RaftStateKind::LastPurged),
+        &wire::encode_json(applied).map_err(encode)?,
     );
     Ok(())
 }

@@ -58,6 +58,31 @@ pub struct StateMachine {
     installs: Arc<AtomicU64>,
 }
 
+/// Stages `pg`'s applied log id and membership (each when given) in
+/// `batch`, which also holds the data they describe.
+pub(crate) fn stage_applied(
+    batch: &mut Batch,
+    pg: PgId,
+    applied: Option<&LogId>,
+    membership: Option<&StoredMembership>,
+) -> io::Result<()> {
+    if let Some(a) = applied {
+        batch.put(
+            Cf::RaftState,
+            &keys::raft_state_key(pg, RaftStateKind::LastApplied),
+            &wire::encode_json(a)?,
+        );
+    }
+    if let Some(m) = membership {
+        batch.put(
+            Cf::RaftState,
+            &keys::raft_state_key(pg, RaftStateKind::Membership),
+            &wire::encode_json(m)?,
+        );
+    }
+    Ok(())
+}
+
 /// The last log id PG `pg`'s state on this node has applied, whether or
 /// not its member runs.
 pub fn applied_log_id(db: &Db, pg: PgId) -> io::Result<Option<LogId>> {
@@ -119,21 +144,7 @@ impl StateMachine {
         applied: Option<&LogId>,
         membership: Option<&StoredMembership>,
     ) -> io::Result<()> {
-        if let Some(a) = applied {
-            batch.put(
-                Cf::RaftState,
-                &keys::raft_state_key(self.pg, RaftStateKind::LastApplied),
-                &wire::encode_json(a)?,
-            );
-        }
-        if let Some(m) = membership {
-            batch.put(
-                Cf::RaftState,
-                &keys::raft_state_key(self.pg, RaftStateKind::Membership),
-                &wire::encode_json(m)?,
-            );
-        }
-        Ok(())
+        stage_applied(batch, self.pg, applied, membership)
     }
 
     /// Writes what `ctx` staged (with the applied log id and a changed

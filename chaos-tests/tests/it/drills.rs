@@ -283,6 +283,21 @@ async fn a_drill_during_heavy_writes_matches_its_source_and_leaves_nothing_behin
         "{}",
         String::from_utf8_lossy(&moved.stderr)
     );
+    // And so does a failback prepare, at once rather than at its timeout.
+    let prepared = c.nodes[0].cli(&[
+        "failback",
+        "prepare",
+        "--site",
+        "primary",
+        "--pg",
+        &format!("t/drill-{id}-main"),
+    ]);
+    assert!(!prepared.status.success());
+    assert!(
+        String::from_utf8_lossy(&prepared.stderr).contains("stop the drill"),
+        "{}",
+        String::from_utf8_lossy(&prepared.stderr)
+    );
 
     // Stop, with the other DR node killed: nothing is left behind, there
     // too once it is back.
