@@ -392,6 +392,15 @@ struct FailoverArgs {
     /// that holds the most, and prints what may have been lost.
     #[arg(long)]
     force: bool,
+    /// With --force, when the catalog has lost its quorum too (the active
+    /// site and the witness are gone, or there was no witness): rebuild the
+    /// catalog at the target site as a new cluster generation with a new
+    /// CA, fail every PG over, and remove the nodes that did not answer.
+    /// Run it on a node of the target site. Refused while that node reaches
+    /// a majority of the catalog's voters. The old site's nodes must then
+    /// be kept down or wiped.
+    #[arg(long, requires = "force", conflicts_with = "pgs")]
+    catalog_lost: bool,
     /// The site that takes the PGs over.
     #[arg(long)]
     to: String,
@@ -401,6 +410,30 @@ struct FailoverArgs {
     /// Seconds to wait for every PG to be led from the target site.
     #[arg(long, default_value_t = 60)]
     timeout: u64,
+}
+
+/// What `failover --force --catalog-lost` did, and what it leaves to the
+/// operator.
+fn print_catalog_rebuild(b: &api::CatalogRebuild) {
+    println!(
+        "the catalog was rebuilt at {} from node {}'s replica (its last index {}): cluster {} is now cluster {}, generation {}, with a new CA; nodes in it: {:?}",
+        b.site,
+        b.catalog_node,
+        b.catalog_fork_index,
+        b.previous_cluster_id,
+        b.cluster_id,
+        b.generation,
+        b.survivors
+    );
+    if !b.removed.is_empty() {
+        println!(
+            "removed from the cluster: nodes {:?}. KEEP THEM DOWN OR WIPE THEM: if they come back they still form the old cluster with its own catalog and serve their own clients, and nothing here can stop that. The rebuilt cluster refuses them (another CA, another cluster id); a wiped node comes back with `lifeboat node add` under a new node id",
+            b.removed
+        );
+    }
+    println!(
+        "tenant NBD client certificates of the old CA no longer verify: issue new ones with `lifeboat tenant cert create`; join tokens made before are void"
+    );
 }
 
 #[derive(clap::Args)]
@@ -721,6 +754,7 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                 out.json_value(&serde_json::json!({
                     "initialized": s.initialized,
                     "cluster_id": s.cluster_id,
+                    "cluster_generation": s.cluster_generation,
                     "node_id": s.node_id,
                     "site": s.site,
                     "version": s.version,
@@ -733,13 +767,21 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                 }));
             } else {
                 println!(
-                    "node {} at site {} · cluster {} · lifeboat {}",
+                    "node {} at site {} · cluster {}{} · lifeboat {}",
                     s.node_id,
                     s.site,
                     if s.initialized {
                         s.cluster_id.as_str()
                     } else {
                         "(not initialised)"
+                    },
+                    if s.cluster_generation > 0 {
+                        format!(
+                            " (rebuilt {} time(s) after a lost catalog)",
+                            s.cluster_generation
+                        )
+                    } else {
+                        String::new()
                     },
                     s.version
                 );
@@ -1423,11 +1465,19 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                 pgs: args.pgs,
                 timeout_ms: args.timeout.saturating_mul(1000),
                 force,
+                catalog_lost: args.catalog_lost,
             });
             let r = client.api().switchover(req).await?.into_inner();
             if out.json {
                 out.json_value(&serde_json::json!({
                     "took_ms": r.took_ms,
+                    "rebuild": r.rebuild.as_ref().map(|b| serde_json::json!({
+                        "previous_cluster_id": b.previous_cluster_id,
+                        "cluster_id": b.cluster_id, "generation": b.generation,
+                        "site": b.site, "catalog_node": b.catalog_node,
+                        "catalog_fork_index": b.catalog_fork_index,
+                        "survivors": b.survivors, "removed": b.removed,
+                    })),
                     "pgs": r.pgs.iter().map(|p| serde_json::json!({
                         "name": p.name, "from_site": p.from_site, "to_site": p.to_site,
                         "leader_node": p.leader_node, "last_index": p.last_index,
@@ -1470,9 +1520,12 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                             size::format_size(p.rpo_lower_bytes)
                         );
                     }
-                    println!(
-                        "keep the old site's nodes down or cut off until they are re-protected"
-                    );
+                    match &r.rebuild {
+                        None => println!(
+                            "keep the old site's nodes down or cut off until they are re-protected"
+                        ),
+                        Some(b) => print_catalog_rebuild(b),
+                    }
                 }
                 println!(
                     "{} PGs led from their new site after {} ms",

@@ -106,6 +106,9 @@ pub fn status(e: &NodeError) -> Status {
         }
         NodeError::OldVotersReachable { .. } => Code::FailedPrecondition,
         NodeError::NoStandbyAnswered { .. } => Code::Unavailable,
+        NodeError::CatalogNotLost { .. } | NodeError::CatalogQuorumLost { .. } => {
+            Code::FailedPrecondition
+        }
         NodeError::Peer { .. } | NodeError::NotHostedHere { .. } => Code::FailedPrecondition,
         NodeError::JoinToken { .. } => Code::PermissionDenied,
         NodeError::PeerRefused { code, .. } => *code,
@@ -567,6 +570,13 @@ impl Admin for AdminService {
         Ok(Response::new(api::StatusResponse {
             initialized,
             cluster_id: self.core.cluster_id().unwrap_or_default(),
+            cluster_generation: self
+                .core
+                .catalog
+                .cluster()
+                .ok()
+                .flatten()
+                .map_or(0, |c| c.rebuilds.len() as u64),
             node_id: self.core.config.node_id,
             site: self.core.config.site.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
@@ -1455,13 +1465,44 @@ impl Admin for AdminService {
             0 => crate::failover::SWITCHOVER_WAIT,
             ms => std::time::Duration::from_millis(ms),
         };
+        if r.catalog_lost && !r.force {
+            return Err(Status::invalid_argument(
+                "--catalog-lost is a kind of forced failover: give --force too",
+            ));
+        }
+        if r.catalog_lost && !r.pgs.is_empty() {
+            return Err(Status::invalid_argument(
+                "--catalog-lost moves every PG (the catalog that decides where each one is active is rebuilt): name none",
+            ));
+        }
         if r.force {
-            let forced = self
-                .core
-                .force_failover(&r.to_site, &r.pgs, timeout)
-                .await
-                .map_err(|e| status(&e))?;
+            let (forced, rebuild) = if r.catalog_lost {
+                let done = self
+                    .core
+                    .force_failover_catalog_lost(&r.to_site, timeout)
+                    .await
+                    .map_err(|e| status(&e))?;
+                let rebuild = api::CatalogRebuild {
+                    previous_cluster_id: done.previous_cluster_id,
+                    cluster_id: done.cluster_id,
+                    generation: done.generation,
+                    site: done.site,
+                    catalog_node: done.catalog_node,
+                    catalog_fork_index: done.catalog_fork_index,
+                    survivors: done.survivors,
+                    removed: done.removed,
+                };
+                (done.pgs, Some(rebuild))
+            } else {
+                let forced = self
+                    .core
+                    .force_failover(&r.to_site, &r.pgs, timeout)
+                    .await
+                    .map_err(|e| status(&e))?;
+                (forced, None)
+            };
             return Ok(Response::new(api::SwitchoverResponse {
+                rebuild,
                 pgs: forced
                     .into_iter()
                     .map(|f| api::PgSwitch {
@@ -1502,6 +1543,7 @@ impl Admin for AdminService {
                 })
                 .collect(),
             took_ms: started.elapsed().as_millis() as u64,
+            rebuild: None,
         }))
     }
 

@@ -223,6 +223,10 @@ pub struct NodeCore {
     pub(crate) auto_failover: Mutex<crate::auto_failover::AutoFailover>,
     /// Kept replicas waiting for a delta resync (see `crate::failback`).
     pub(crate) resync_tries: Mutex<crate::failback::ResyncTries>,
+    /// The key this node made for the cluster that rebuilds a lost
+    /// catalog, and its signing request, until it adopts that cluster (see
+    /// `crate::catalog_lost`).
+    pub(crate) rebuild_key: Mutex<Option<crate::catalog_lost::PendingKey>>,
     /// Free space was short at the last check (see `crate::gc`).
     pub space_short: std::sync::atomic::AtomicBool,
     /// When windows were last shrunk for space.
@@ -265,7 +269,7 @@ struct ActiveTls {
 const JOIN_TOKEN_TTL_MAX: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// What the cluster CA's private key is sealed for (`MasterKey::seal_secret`).
-const CA_KEY_PURPOSE: &str = "cluster-ca";
+pub(crate) const CA_KEY_PURPOSE: &str = "cluster-ca";
 
 /// A join token: `lbj1_SECRET_CAFINGERPRINT_ADMINADDR`. The secret
 /// authenticates the joining node to the cluster; the fingerprint lets the
@@ -376,6 +380,7 @@ impl NodeCore {
             progress_reports: Mutex::new(HashMap::new()),
             auto_failover: Mutex::default(),
             resync_tries: Mutex::default(),
+            rebuild_key: Mutex::default(),
             space_short: std::sync::atomic::AtomicBool::new(false),
             last_window_shrink: Mutex::new(None),
             quotas: Default::default(),
@@ -437,7 +442,7 @@ impl NodeCore {
     }
 
     /// Saves and uses this node's certificate.
-    fn install_tls(&self, tls: NodeTls) -> NodeResult<()> {
+    pub(crate) fn install_tls(&self, tls: NodeTls) -> NodeResult<()> {
         tls.save(&self.config.data_dir)?;
         self.use_tls(tls)
     }
@@ -461,7 +466,7 @@ impl NodeCore {
     }
 
     /// The IP addresses a certificate for a node reached at `addrs` names.
-    fn cert_ips(addrs: &pb::NodeAddrs) -> Vec<std::net::IpAddr> {
+    pub(crate) fn cert_ips(addrs: &pb::NodeAddrs) -> Vec<std::net::IpAddr> {
         let mut ips: Vec<std::net::IpAddr> = [&addrs.raft, &addrs.nbd, &addrs.admin]
             .iter()
             .filter_map(|a| a.parse::<std::net::SocketAddr>().ok())
@@ -769,6 +774,14 @@ impl NodeCore {
             if group.restore_ack_if_caught_up() {
                 tracing::info!(pg = rec.id, "ack policy back to remote");
             }
+            // A member already running a generation its record has not
+            // reached (the catalog rebuilt by `--catalog-lost`, before its
+            // `RebuildCluster` entry applies) takes no membership from the
+            // record: it names the lost generation's voters, and making
+            // them voters again would stall the new generation for good.
+            if group.generation().0 != rec.generation {
+                continue;
+            }
             let desired: Vec<DesiredMember> = rec
                 .members
                 .iter()
@@ -820,9 +833,13 @@ impl NodeCore {
                 }
             }
         }
+        let catalog_generation = records
+            .iter()
+            .find(|r| r.id == PgId::CATALOG.0)
+            .map(|r| r.generation);
         if self
             .group(PgId::CATALOG)
-            .is_some_and(|g| g.metrics().is_leader)
+            .is_some_and(|g| g.metrics().is_leader && Some(g.generation().0) == catalog_generation)
         {
             self.place_catalog_voters(&records, &nodes).await?;
             self.place_missing_members(&records, &nodes).await?;
@@ -982,7 +999,7 @@ impl NodeCore {
         self.master_key.read().expect("master key lock").is_some()
     }
 
-    fn master_key(&self) -> NodeResult<Arc<MasterKey>> {
+    pub(crate) fn master_key(&self) -> NodeResult<Arc<MasterKey>> {
         if self.config.role.is_witness() {
             return Err(NodeError::Witness {
                 action: "use tenant keys or the cluster CA".into(),

@@ -87,6 +87,14 @@ pub enum NodeError {
         reachable: usize,
         voters: usize,
     },
+    #[error(
+        "this node still reaches {reachable} of the catalog's {voters} voters, a majority: the catalog is not lost (run `failover --force` without --catalog-lost)"
+    )]
+    CatalogNotLost { reachable: usize, voters: usize },
+    #[error(
+        "this node reaches only {reachable} of the catalog's {voters} voters: the catalog has lost its quorum and cannot order a failover. If the active site (and the witness) are lost for good, `lifeboat failover --force --catalog-lost --to SITE` on a node of SITE rebuilds the catalog there; the old site's nodes must then be kept down or wiped"
+    )]
+    CatalogQuorumLost { reachable: usize, voters: usize },
     #[error("protection group {pg}: no member at site {site} answered")]
     NoStandbyAnswered { pg: String, site: String },
     #[error("site {0} has no node")]
@@ -179,6 +187,8 @@ impl NodeError {
             NodeError::SiteNotFound(_) => "node.site_not_found",
             NodeError::OldVotersReachable { .. } => "node.old_voters_reachable",
             NodeError::NoStandbyAnswered { .. } => "node.no_standby_answered",
+            NodeError::CatalogNotLost { .. } => "node.catalog_not_lost",
+            NodeError::CatalogQuorumLost { .. } => "node.catalog_quorum_lost",
             NodeError::Witness { .. } => "node.witness",
             NodeError::NoMembersAtSite { .. } => "node.no_members_at_site",
             NodeError::SwitchoverTimeout { .. } => "node.switchover_timeout",

@@ -275,6 +275,17 @@ impl NodeCore {
     }
 }
 
+/// How many of `voters` (nodes) answered.
+pub(crate) fn answering<'a>(
+    voters: impl IntoIterator<Item = &'a u64>,
+    reachable: &HashMap<u64, bool>,
+) -> usize {
+    voters
+        .into_iter()
+        .filter(|id| reachable.get(id).copied().unwrap_or(false))
+        .count()
+}
+
 /// Refuses a forced failover of `r` while this node reaches a majority of
 /// its voters (`reachable`, by node): the old site is not lost, and a
 /// planned switchover moves the PG without loss.
@@ -289,11 +300,8 @@ fn refuse_if_voters_answer(
         .filter(|m| m.voter && live.contains_key(&m.node_id))
         .map(|m| m.node_id)
         .collect();
-    let answering = voters
-        .iter()
-        .filter(|id| reachable.get(id).copied().unwrap_or(false))
-        .count();
-    if answering * 2 > voters.len() {
+    let answering = answering(&voters, reachable);
+    if crate::catalog_lost::is_quorum(answering, voters.len()) {
         return Err(NodeError::OldVotersReachable {
             pg: pg_name(r),
             reachable: answering,
@@ -392,9 +400,12 @@ impl NodeCore {
         // Each old voter's node asked once, all at once: a lost site's
         // nodes time out rather than refuse, and a PG at a time would add
         // those timeouts up.
+        // The catalog's voters too: without a quorum of them the catalog
+        // cannot order the failover (and waiting for it would hang).
         let voter_nodes: std::collections::BTreeSet<u64> = records
             .iter()
             .flat_map(|r| r.members.iter().filter(|m| m.voter).map(|m| m.node_id))
+            .chain(self.catalog_voter_nodes()?)
             .collect();
         let answers = futures::future::join_all(voter_nodes.iter().map(|id| {
             let addr = live.get(id).map_or("", |n| raft_addr(n));
@@ -407,6 +418,13 @@ impl NodeCore {
         }
         if records.is_empty() {
             return Ok(Vec::new());
+        }
+        let (answering, voters) = self.catalog_quorum(&reachable)?;
+        if !crate::catalog_lost::is_quorum(answering, voters) {
+            return Err(NodeError::CatalogQuorumLost {
+                reachable: answering,
+                voters,
+            });
         }
         for r in &records {
             self.events.event(

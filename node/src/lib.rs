@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod auto_failover;
+pub mod catalog_lost;
 pub mod config;
 pub mod core;
 pub mod drills;

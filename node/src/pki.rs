@@ -191,6 +191,19 @@ pub fn csr_key_sha256(csr_pem: &str) -> NodeResult<Vec<u8>> {
     Ok(Sha256::digest(csr.public_key.subject_public_key_info()).to_vec())
 }
 
+/// SHA-256 of the public key (SubjectPublicKeyInfo DER) a PEM certificate
+/// is for: equal to [`csr_key_sha256`] of the request it was signed from.
+pub fn cert_key_sha256(cert_pem: &str) -> NodeResult<Vec<u8>> {
+    let der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| NodeError::Pki {
+        reason: format!("read certificate: {e}"),
+    })?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der.as_ref()).map_err(|e| NodeError::Pki {
+            reason: format!("parse certificate: {e}"),
+        })?;
+    Ok(Sha256::digest(cert.public_key().raw).to_vec())
+}
+
 /// SHA-256 of a PEM certificate's DER, hex: what a join token pins.
 pub fn fingerprint(cert_pem: &str) -> NodeResult<String> {
     let der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| NodeError::Pki {
@@ -495,6 +508,16 @@ mod tests {
         assert!(again.sign_tenant(&tenant_csr, "finance").is_ok());
         assert_eq!(fingerprint(ca.cert_pem()).unwrap().len(), 64);
         assert!(ca.sign_node("not a csr", 1, &[]).is_err());
+        // A certificate names the key of the request it was signed from,
+        // and no other.
+        assert_eq!(
+            cert_key_sha256(&node_cert).unwrap(),
+            csr_key_sha256(&node_csr).unwrap()
+        );
+        assert_ne!(
+            cert_key_sha256(&node_cert).unwrap(),
+            csr_key_sha256(&tenant_csr).unwrap()
+        );
 
         // The Raft verifier takes the node certificate and refuses the
         // tenant's and one from another CA.

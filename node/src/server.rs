@@ -332,6 +332,18 @@ impl Host for RaftHost {
     {
         Box::pin(self.0.force_generation(req))
     }
+
+    fn rebuild_prepare(&self) -> lifeboat_replication::transport::HostFuture<'_, String> {
+        Box::pin(async { self.0.rebuild_prepare() })
+    }
+
+    fn rebuild_adopt(
+        &self,
+        req: lifeboat_proto::raft::RebuildAdoptRequest,
+    ) -> lifeboat_replication::transport::HostFuture<'_, lifeboat_proto::raft::ForceGenerationReply>
+    {
+        Box::pin(self.0.rebuild_adopt(req))
+    }
 }
 
 /// Serves until `shutdown` is cancelled.

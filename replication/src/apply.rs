@@ -202,6 +202,7 @@ impl<'a> ApplyContext<'a> {
                 | Kind::StopDrill(_)
                 | Kind::RecordProgress(_)
                 | Kind::RecordResync(_)
+                | Kind::RebuildCluster(_)
         );
         if is_catalog_command != (self.pg == PgId::CATALOG) {
             return Ok(Err(Rejection::WrongGroup { pg: self.pg.0 }));
@@ -266,6 +267,7 @@ impl<'a> ApplyContext<'a> {
             Kind::StopDrill(d) => self.apply_stop_drill(d, cmd.stamp_ms),
             Kind::RecordProgress(p) => self.apply_record_progress(p),
             Kind::RecordResync(r) => self.apply_record_resync(r),
+            Kind::RebuildCluster(r) => self.apply_rebuild_cluster(r, cmd.stamp_ms),
         }
     }
 
@@ -538,6 +540,7 @@ impl<'a> ApplyContext<'a> {
             created_ms: stamp_ms,
             ca_cert_pem: i.ca_cert_pem.clone(),
             ca_key_sealed: i.ca_key_sealed.clone(),
+            rebuilds: Vec::new(),
         };
         self.catalog_put(catalog::CLUSTER_KEY.to_vec(), &record);
         self.catalog_put(
@@ -1727,6 +1730,68 @@ impl ApplyContext<'_> {
         Ok(Ok(Applied::Done))
     }
 
+    /// The catalog rebuilt at a surviving site: the new identity and CA,
+    /// the catalog's new generation and site, and only the surviving
+    /// members of the catalog (one voter; placement adds more). Refused
+    /// unless it follows the record it replaces, so a repeated rebuild
+    /// cannot apply twice.
+    fn apply_rebuild_cluster(
+        &mut self,
+        r: &pb::RebuildCluster,
+        stamp_ms: u64,
+    ) -> io::Result<Outcome> {
+        let Some(mut cluster) = self.catalog_get::<pb::ClusterRecord>(catalog::CLUSTER_KEY)? else {
+            return Ok(Err(Rejection::Malformed {
+                reason: "no cluster to rebuild".into(),
+            }));
+        };
+        let Some(mut pg0) = self.catalog_get::<pb::PgRecord>(&catalog::pg_id_key(0))? else {
+            return Ok(Err(Rejection::PgIdNotFound { pg: 0 }));
+        };
+        let malformed = |reason: String| Ok(Err(Rejection::Malformed { reason }));
+        if r.previous_cluster_id != cluster.cluster_id || r.cluster_id == cluster.cluster_id {
+            return malformed(format!(
+                "the rebuild is of cluster {:?} into {:?}; the catalog is cluster {:?}",
+                r.previous_cluster_id, r.cluster_id, cluster.cluster_id
+            ));
+        }
+        if r.generation != pg0.generation + 1 {
+            return malformed(format!(
+                "the catalog is at generation {}, not {}",
+                pg0.generation,
+                r.generation.saturating_sub(1)
+            ));
+        }
+        if !r.members.contains(&r.voter) {
+            return malformed("the catalog's voter must be one of its members".into());
+        }
+        for id in &r.members {
+            if !pg0.members.iter().any(|m| m.member_id == *id) {
+                return malformed(format!("member {id} is not a catalog member"));
+            }
+        }
+        cluster.rebuilds.push(pb::ClusterRebuild {
+            generation: r.generation,
+            previous_cluster_id: cluster.cluster_id.clone(),
+            previous_site: cluster.site.clone(),
+            site: r.site.clone(),
+            rebuilt_ms: stamp_ms,
+        });
+        cluster.cluster_id = r.cluster_id.clone();
+        cluster.site = r.site.clone();
+        cluster.ca_cert_pem = r.ca_cert_pem.clone();
+        cluster.ca_key_sealed = r.ca_key_sealed.clone();
+        self.catalog_put(catalog::CLUSTER_KEY.to_vec(), &cluster);
+        pg0.members.retain(|m| r.members.contains(&m.member_id));
+        for m in &mut pg0.members {
+            m.voter = m.member_id == r.voter;
+        }
+        pg0.generation = r.generation;
+        pg0.active_site = r.site.clone();
+        self.put_pg_record(&pg0);
+        Ok(Ok(Applied::Done))
+    }
+
     fn apply_set_pg_members(&mut self, m: &pb::SetPgMembers) -> io::Result<Outcome> {
         let Some(mut pg) = self.catalog_get::<pb::PgRecord>(&catalog::pg_id_key(m.pg))? else {
             return Ok(Err(Rejection::PgIdNotFound { pg: m.pg }));
@@ -1803,6 +1868,101 @@ mod tests {
             if_absent,
             stream: 0,
         }))
+    }
+
+    /// A rebuilt catalog replaces the cluster's identity, site and CA,
+    /// keeps the history of what it replaced and leaves the catalog with
+    /// the surviving members, one voter, at the next generation; a rebuild
+    /// that does not follow the record it replaces (repeated, of another
+    /// cluster, skipping a generation, naming a stranger) changes nothing.
+    #[test]
+    fn a_rebuilt_catalog_replaces_the_identity_and_keeps_the_survivors() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), &DbOptions::default()).unwrap();
+        let mut cx = ApplyContext::new(&db, PgId::CATALOG);
+        let init = cmd(pb::command::Kind::InitCatalog(pb::InitCatalog {
+            cluster_id: "old".into(),
+            site: "primary".into(),
+            node_id: 1,
+            ca_cert_pem: "old ca".into(),
+            ..Default::default()
+        }));
+        assert_eq!(
+            cx.apply_command(LogIndex(1), &init).unwrap(),
+            Ok(Applied::Done)
+        );
+        let mut pg0: pb::PgRecord = cx.catalog_get(&catalog::pg_id_key(0)).unwrap().unwrap();
+        pg0.members = vec![
+            member(1, 1, true),
+            member(2, 2, true),
+            member(3, 3, true),
+            member(4, 4, false),
+            member(5, 5, false),
+        ];
+        cx.put_pg_record(&pg0);
+        db.write(
+            std::mem::replace(&mut cx.batch, db.new_batch()),
+            Durability::Buffered,
+        )
+        .unwrap();
+
+        let rebuild = |previous: &str, generation: u64, members: Vec<u64>, voter: u64| {
+            cmd(pb::command::Kind::RebuildCluster(pb::RebuildCluster {
+                previous_cluster_id: previous.into(),
+                cluster_id: "new".into(),
+                site: "dr".into(),
+                generation,
+                ca_cert_pem: "new ca".into(),
+                ca_key_sealed: b"sealed".to_vec().into(),
+                members,
+                voter,
+            }))
+        };
+        for (refused, why) in [
+            (rebuild("other", 1, vec![4, 5], 4), "cluster \"other\""),
+            (rebuild("old", 2, vec![4, 5], 4), "generation 0, not 1"),
+            (rebuild("old", 1, vec![4, 9], 4), "member 9"),
+            (rebuild("old", 1, vec![4, 5], 1), "voter"),
+        ] {
+            let got = cx.apply_command(LogIndex(2), &refused).unwrap();
+            assert!(
+                matches!(&got, Err(Rejection::Malformed { reason }) if reason.contains(why)),
+                "{why}: {got:?}"
+            );
+        }
+        let good = rebuild("old", 1, vec![4, 5], 4);
+        assert_eq!(
+            cx.apply_command(LogIndex(2), &good).unwrap(),
+            Ok(Applied::Done)
+        );
+        let cluster: pb::ClusterRecord = cx.catalog_get(catalog::CLUSTER_KEY).unwrap().unwrap();
+        assert_eq!(
+            (
+                cluster.cluster_id.as_str(),
+                cluster.site.as_str(),
+                cluster.ca_cert_pem.as_str()
+            ),
+            ("new", "dr", "new ca")
+        );
+        assert_eq!(cluster.rebuilds.len(), 1);
+        let r = &cluster.rebuilds[0];
+        assert_eq!(
+            (
+                r.generation,
+                r.previous_cluster_id.as_str(),
+                r.previous_site.as_str(),
+                r.site.as_str()
+            ),
+            (1, "old", "primary", "dr")
+        );
+        let pg0: pb::PgRecord = cx.catalog_get(&catalog::pg_id_key(0)).unwrap().unwrap();
+        assert_eq!((pg0.generation, pg0.active_site.as_str()), (1, "dr"));
+        assert_eq!(pg0.members, vec![member(4, 4, true), member(5, 5, false)]);
+        let again = cx.apply_command(LogIndex(3), &good).unwrap();
+        assert!(
+            matches!(&again, Err(Rejection::Malformed { .. })),
+            "a rebuild applies once: {again:?}"
+        );
     }
 
     /// A block named twice in one entry is refused whole: its second frame

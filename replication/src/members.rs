@@ -98,6 +98,24 @@ pub fn cluster_binding(db: &Db) -> io::Result<Option<String>> {
         .map(|v| String::from_utf8_lossy(&v).into_owned()))
 }
 
+/// Moves this node from cluster `from` to its rebuilt successor `to`
+/// (fsynced): the one way a binding changes, when the catalog of `from` was
+/// lost and rebuilt at this node's site. Refused unless bound to `from`;
+/// already bound to `to` is a no-op (the rebuild is retried).
+pub fn rebind_cluster(db: &Db, from: &str, to: &str) -> io::Result<()> {
+    match cluster_binding(db)? {
+        Some(c) if c == to => return Ok(()),
+        Some(c) if c == from => {}
+        other => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("this node is bound to cluster {other:?}, not {from}"),
+            ));
+        }
+    }
+    write_binding(db, to)
+}
+
 /// Binds this node to a cluster (fsynced). Binding again to the same
 /// cluster is a no-op; to another one is refused.
 pub fn bind_cluster(db: &Db, cluster_id: &str) -> io::Result<()> {
@@ -111,6 +129,10 @@ pub fn bind_cluster(db: &Db, cluster_id: &str) -> io::Result<()> {
         }
         None => {}
     }
+    write_binding(db, cluster_id)
+}
+
+fn write_binding(db: &Db, cluster_id: &str) -> io::Result<()> {
     let mut b = db.new_batch();
     b.put(
         Cf::RaftState,
@@ -118,4 +140,33 @@ pub fn bind_cluster(db: &Db, cluster_id: &str) -> io::Result<()> {
         cluster_id.as_bytes(),
     );
     db.write(b, Durability::Sync).map_err(io::Error::other)
+}
+
+#[cfg(test)]
+mod tests {
+    use lifeboat_store::db::DbOptions;
+
+    use super::*;
+
+    /// A node is bound to one cluster; it moves only to the rebuilt
+    /// successor of the one it is bound to, and moving again is a no-op.
+    #[test]
+    fn a_binding_moves_only_from_the_cluster_it_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), &DbOptions::default()).unwrap();
+        assert!(
+            rebind_cluster(&db, "old", "new").is_err(),
+            "an unbound node has nothing to move"
+        );
+        bind_cluster(&db, "old").unwrap();
+        assert!(bind_cluster(&db, "other").is_err());
+        let err = rebind_cluster(&db, "other", "new").unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(cluster_binding(&db).unwrap().as_deref(), Some("old"));
+        rebind_cluster(&db, "old", "new").unwrap();
+        assert_eq!(cluster_binding(&db).unwrap().as_deref(), Some("new"));
+        rebind_cluster(&db, "old", "new").unwrap();
+        assert_eq!(cluster_binding(&db).unwrap().as_deref(), Some("new"));
+        assert!(bind_cluster(&db, "old").is_err(), "the old cluster is left");
+    }
 }

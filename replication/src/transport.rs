@@ -468,6 +468,28 @@ pub trait Host: Send + Sync + 'static {
         &self,
         req: pb::ForceGenerationRequest,
     ) -> HostFuture<'_, pb::ForceGenerationReply>;
+    /// The catalog is lost: makes this node's key for the rebuilt cluster
+    /// and returns its certificate signing request (PEM). A host without
+    /// certificates (this crate's tests) cannot.
+    fn rebuild_prepare(&self) -> HostFuture<'_, String> {
+        Box::pin(async {
+            Err(Status::unimplemented(
+                "this host has no certificates to rebuild",
+            ))
+        })
+    }
+    /// The catalog is lost: adopts the rebuilt cluster's identity, then
+    /// restarts this node's catalog member at its new generation.
+    fn rebuild_adopt(
+        &self,
+        _req: pb::RebuildAdoptRequest,
+    ) -> HostFuture<'_, pb::ForceGenerationReply> {
+        Box::pin(async {
+            Err(Status::unimplemented(
+                "this host has no certificates to rebuild",
+            ))
+        })
+    }
 }
 
 /// An async answer from a [`Host`].
@@ -504,6 +526,42 @@ pub async fn force_generation(
         Ok(peers
             .client(raft_addr)?
             .force_generation(req)
+            .await?
+            .into_inner())
+    };
+    peers.within(raft_addr, APPLY_CALL, call).await
+}
+
+/// Asks the node at `raft_addr` for a signing request for its key in the
+/// cluster that replaces a lost catalog's. `route` is to its catalog member.
+pub async fn rebuild_prepare(
+    peers: &Peers,
+    raft_addr: &str,
+    route: pb::Route,
+) -> Result<String, Status> {
+    let req = pb::RebuildPrepareRequest { route: Some(route) };
+    let call = async {
+        Ok(peers
+            .client(raft_addr)?
+            .rebuild_prepare(req)
+            .await?
+            .into_inner()
+            .csr_pem)
+    };
+    peers.within(raft_addr, QUICK_CALL, call).await
+}
+
+/// Asks the node at `raft_addr` to adopt the rebuilt cluster's identity
+/// and restart its catalog member in it.
+pub async fn rebuild_adopt(
+    peers: &Peers,
+    raft_addr: &str,
+    req: pb::RebuildAdoptRequest,
+) -> Result<pb::ForceGenerationReply, Status> {
+    let call = async {
+        Ok(peers
+            .client(raft_addr)?
+            .rebuild_adopt(req)
             .await?
             .into_inner())
     };
@@ -748,6 +806,36 @@ impl<H: Host> RaftTransport for TransportService<H> {
         let req = req.into_inner();
         self.route(req.route.as_ref())?;
         Ok(Response::new(self.host.force_generation(req).await?))
+    }
+
+    async fn rebuild_prepare(
+        &self,
+        req: Request<pb::RebuildPrepareRequest>,
+    ) -> Result<Response<pb::RebuildPrepareReply>, Status> {
+        let group = self.route(req.get_ref().route.as_ref())?;
+        if group.pg() != PgId::CATALOG {
+            return Err(Status::invalid_argument(
+                "a rebuild is prepared through the catalog's member",
+            ));
+        }
+        Ok(Response::new(pb::RebuildPrepareReply {
+            csr_pem: self.host.rebuild_prepare().await?,
+        }))
+    }
+
+    async fn rebuild_adopt(
+        &self,
+        req: Request<pb::RebuildAdoptRequest>,
+    ) -> Result<Response<pb::ForceGenerationReply>, Status> {
+        let req = req.into_inner();
+        let route = req.catalog.as_ref().and_then(|c| c.route.as_ref());
+        let group = self.route(route)?;
+        if group.pg() != PgId::CATALOG {
+            return Err(Status::invalid_argument(
+                "a rebuild is adopted through the catalog's member",
+            ));
+        }
+        Ok(Response::new(self.host.rebuild_adopt(req).await?))
     }
 
     type ResyncStream = crate::resync::DeltaStream;

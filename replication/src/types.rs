@@ -125,6 +125,7 @@ impl fmt::Display for Command {
             Some(Kind::RecordDivergence(_)) => "record_divergence",
             Some(Kind::SealBucket(_)) => "seal_bucket",
             Some(Kind::CreateJoinToken(_)) => "create_join_token",
+            Some(Kind::RebuildCluster(_)) => "rebuild_cluster",
             None => "empty",
         };
         f.write_str(name)

@@ -378,6 +378,61 @@ async fn wait_new_acks(
     }
 }
 
+/// The writers get new acknowledgements (at DR) within 30 s, write on
+/// for half a second, then stop.
+async fn resume_then_stop(
+    ledger: &Ledger,
+    acked_at_loss: &[(u64, u64)],
+    stop: &AtomicBool,
+    tasks: Vec<tokio::task::JoinHandle<crate::cluster::WriterStats>>,
+) {
+    wait_new_acks(
+        ledger,
+        acked_at_loss,
+        Instant::now(),
+        Duration::from_secs(30),
+        "writes never resumed at DR",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+/// Every acknowledged write is on each of `nodes` once t/main's last entry
+/// (as its `leader` has it) has reached them, and they hold the same
+/// blocks; returns those blocks.
+async fn holding_the_ledger(
+    c: &Cluster,
+    leader: u64,
+    nodes: &[lifeboat_chaos_tests::harness::TestNode],
+    ledger: &Ledger,
+) -> Vec<Vec<u8>> {
+    let leader_idx = c.nodes.iter().position(|n| n.node_id == leader).unwrap();
+    let last = pg_status_of(&c.nodes[leader_idx], "t/main").unwrap()["last_log_index"]
+        .as_u64()
+        .unwrap();
+    for n in nodes {
+        wait_pg_status(n, "t/main", "catch-up", |s| {
+            s["applied_index"].as_u64() >= Some(last)
+        })
+        .await;
+    }
+    let reference = read_all(&nodes[0]).await;
+    check_against_ledger(&reference, ledger, nodes[0].node_id);
+    for n in &nodes[1..] {
+        assert!(
+            read_all(n).await == reference,
+            "node {} differs from node {}",
+            n.node_id,
+            nodes[0].node_id
+        );
+    }
+    reference
+}
+
 /// With `auto_failover_after_ms` set, a healthy site is never failed
 /// over, and a lost one is by the catalog's leader on its own: the whole
 /// primary site killed under a write load (`remote` ack), the PG is led
@@ -442,15 +497,7 @@ async fn a_lost_primary_site_fails_over_by_itself_when_configured() {
     let leader = pg_status_of(&c.nodes[3], "t/main").unwrap()["leader_node"]
         .as_u64()
         .unwrap();
-    let leader_idx = c.nodes.iter().position(|n| n.node_id == leader).unwrap();
-    let last = pg_status_of(&c.nodes[leader_idx], "t/main").unwrap()["last_log_index"]
-        .as_u64()
-        .unwrap();
-    wait_pg_status(&c.nodes[3], "t/main", "catch-up", |s| {
-        s["applied_index"].as_u64() >= Some(last)
-    })
-    .await;
-    check_against_ledger(&read_all(&c.nodes[3]).await, &ledger, c.nodes[3].node_id);
+    holding_the_ledger(&c, leader, &c.nodes[3..4], &ledger).await;
     // On the catalog's leader, wherever it is now.
     let events: String = c.nodes[3..]
         .iter()
@@ -511,20 +558,7 @@ async fn losing_the_primary_site_then_forced_failover_keeps_every_acknowledged_w
         forced["took_ms"], pg["fork_index"], pg["rpo_upper_ms"]
     );
     // The writers go on at DR.
-    let resumed = Instant::now();
-    wait_new_acks(
-        &ledger,
-        &acked_at_loss,
-        resumed,
-        Duration::from_secs(30),
-        "writes never resumed at DR",
-    )
-    .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await.unwrap();
-    }
+    resume_then_stop(&ledger, &acked_at_loss, &stop, tasks).await;
     let show = c.nodes[4].must_cli(&["pg", "show", "t/main", "--output", "json"]);
     let show: serde_json::Value = serde_json::from_str(&show).unwrap();
     assert_eq!(
@@ -535,22 +569,7 @@ async fn losing_the_primary_site_then_forced_failover_keeps_every_acknowledged_w
     // Every acknowledged write, before the loss and after, is at DR, and
     // both DR nodes agree once the last write has reached both.
     let leader = pg["leader_node"].as_u64().unwrap();
-    let leader_idx = c.nodes.iter().position(|n| n.node_id == leader).unwrap();
-    let last = pg_status_of(&c.nodes[leader_idx], "t/main").unwrap()["last_log_index"]
-        .as_u64()
-        .unwrap();
-    for n in &c.nodes[3..5] {
-        wait_pg_status(n, "t/main", "catch-up", |s| {
-            s["applied_index"].as_u64() >= Some(last)
-        })
-        .await;
-    }
-    let reference = read_all(&c.nodes[3]).await;
-    check_against_ledger(&reference, &ledger, c.nodes[3].node_id);
-    assert!(
-        read_all(&c.nodes[4]).await == reference,
-        "the DR nodes differ"
-    );
+    holding_the_ledger(&c, leader, &c.nodes[3..5], &ledger).await;
     let events = c.nodes[3].must_cli(&["events", "--output", "json"]);
     for kind in [
         "failover_started",
@@ -562,6 +581,186 @@ async fn losing_the_primary_site_then_forced_failover_keeps_every_acknowledged_w
     }
     for n in &mut c.nodes[3..] {
         assert!(n.stop().unwrap(), "node {} exits cleanly", n.node_id);
+    }
+}
+
+/// No witness: the catalog's three voters are at the primary, so losing
+/// the primary site loses the catalog's quorum too. A plain forced
+/// failover then says so (instead of hanging on a catalog that cannot
+/// commit) and `--catalog-lost` is refused while the catalog answers. Once
+/// the primary is gone, `--catalog-lost` on a DR node rebuilds the catalog
+/// there as a new cluster (new id, new CA, generation 1), fails the PG over
+/// and removes the old nodes; the writers go on at DR, every write
+/// acknowledged before the loss is there, NBD and S3 serve, the catalog
+/// takes commands again, and the old primary nodes, restarted, are refused
+/// by the rebuilt cluster and change nothing there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_catalog_with_the_primary_rebuilds_it_at_dr() {
+    use aws_sdk_s3::primitives::ByteStream;
+    let mut c = Cluster::start(3, 2);
+    c.nodes[0].must_cli(&["bucket", "create", "t/cat"]);
+    let (key, secret) = c.nodes[0].must_create_credential("t");
+    let s3_at = |n: &lifeboat_chaos_tests::harness::TestNode| {
+        lifeboat_chaos_tests::s3_client::client(&format!("http://{}", n.s3), &key, &secret)
+    };
+    s3_at(&c.nodes[0])
+        .put_object()
+        .bucket("cat")
+        .key("before")
+        .body(ByteStream::from(b"kept across the rebuild".to_vec()))
+        .send()
+        .await
+        .unwrap();
+    let refused = c.nodes[3].cli(&["failover", "--force", "--catalog-lost", "--to", "dr"]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("the catalog is not lost"), "{err}");
+    let refused = c.nodes[3].cli(&[
+        "failover",
+        "--force",
+        "--catalog-lost",
+        "--to",
+        "dr",
+        "--pg",
+        "t/main",
+    ]);
+    assert!(!refused.status.success(), "--catalog-lost moves every PG");
+
+    let ledger = Ledger::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks = spawn_writers(&c.nodes[3], &ledger, &stop, 0xca7_a109).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        ledger.acked_blocks() > 0,
+        "writes acknowledged before the loss"
+    );
+    for n in &mut c.nodes[..3] {
+        n.kill9();
+    }
+    let acked_at_loss = ledger.acked_seqs();
+
+    let refused = c.nodes[3].cli(&["failover", "--force", "--to", "dr"]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("the catalog has lost its quorum"), "{err}");
+
+    let out = c.nodes[3].cli(&[
+        "failover",
+        "--force",
+        "--catalog-lost",
+        "--to",
+        "dr",
+        "--output",
+        "json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}\nnode 4:\n{}\nnode 5:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        c.nodes[3].log_tail(),
+        c.nodes[4].log_tail()
+    );
+    let out = String::from_utf8(out.stdout).unwrap();
+    let forced: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let rebuild = &forced["rebuild"];
+    let dr = nodes_at(&c, "dr");
+    let primary = nodes_at(&c, "primary");
+    assert_eq!(rebuild["generation"], 1, "{forced}");
+    assert_ne!(
+        rebuild["cluster_id"], rebuild["previous_cluster_id"],
+        "{forced}"
+    );
+    assert_eq!(rebuild["survivors"], serde_json::json!(dr), "{forced}");
+    assert_eq!(rebuild["removed"], serde_json::json!(primary), "{forced}");
+    let pg = &forced["pgs"][0];
+    assert_eq!(
+        (pg["name"].as_str(), pg["generation"].as_u64()),
+        (Some("t/main"), Some(1)),
+        "{forced}"
+    );
+    assert!(
+        dr.contains(&pg["leader_node"].as_u64().unwrap()),
+        "{forced}"
+    );
+    eprintln!(
+        "catalog rebuilt and t/main failed over: {} ms from the command, catalog fork index {}",
+        forced["took_ms"], rebuild["catalog_fork_index"]
+    );
+
+    resume_then_stop(&ledger, &acked_at_loss, &stop, tasks).await;
+
+    // The rebuilt catalog takes commands, on either DR node, and knows the
+    // cluster by its new identity.
+    c.nodes[4].must_cli(&["volume", "create", "t/after", "--size", "1MiB"]);
+    let status = c.nodes[4].must_cli(&["status", "--output", "json"]);
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["cluster_id"], rebuild["cluster_id"], "{status}");
+    assert_eq!(status["cluster_generation"], 1, "{status}");
+    let list = c.nodes[3].must_cli(&["node", "list", "--output", "json"]);
+    let listed: serde_json::Value = serde_json::from_str(&list).unwrap();
+    for n in listed.as_array().unwrap() {
+        assert_eq!(n["removed"], n["site"] == "primary", "{n}");
+    }
+    let object = s3_at(&c.nodes[4])
+        .get_object()
+        .bucket("cat")
+        .key("before")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        object.body.collect().await.unwrap().into_bytes().as_ref(),
+        b"kept across the rebuild"
+    );
+
+    // The old primary comes back: its nodes are refused by the rebuilt
+    // cluster (another CA) and change nothing at DR.
+    let leader = pg["leader_node"].as_u64().unwrap();
+    let reference = holding_the_ledger(&c, leader, &c.nodes[3..5], &ledger).await;
+    // Not waited for: an old node is healthy only once its old catalog
+    // has a quorum again, which its site alone gives it.
+    for n in &mut c.nodes[..3] {
+        n.spawn().unwrap();
+    }
+    let back = Instant::now();
+    while !c.nodes[3..5]
+        .iter()
+        .any(|n| n.log().contains("Raft connection refused"))
+    {
+        assert!(
+            back.elapsed() < Duration::from_secs(30),
+            "no old node was refused at DR:\n{}",
+            c.nodes[3].log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        read_all(&c.nodes[3]).await == reference,
+        "the old site changed DR"
+    );
+    let show = c.nodes[4].must_cli(&["pg", "show", "t/main", "--output", "json"]);
+    let show: serde_json::Value = serde_json::from_str(&show).unwrap();
+    assert_eq!(
+        (show["generation"].as_u64(), show["active_site"].as_str()),
+        (Some(1), Some("dr")),
+        "{show}"
+    );
+    let events = c.nodes[3].must_cli(&["events", "--output", "json"]);
+    for kind in [
+        "catalog_rebuild_started",
+        "cluster_adopted",
+        "catalog_rebuilt",
+        "failover_done",
+        "node_removed",
+    ] {
+        assert!(events.contains(kind), "{kind} missing: {events}");
+    }
+    for n in &mut c.nodes[3..] {
+        assert!(n.stop().unwrap(), "node {} exits cleanly", n.node_id);
+    }
+    for n in &mut c.nodes[..3] {
+        n.kill9();
     }
 }
 
