@@ -182,6 +182,62 @@ async fn tokens_names_sizes_and_the_volume_lifecycle() {
 /// `failback prepare` refuses what it cannot wait for, and on a PG already
 /// at the site answers at once with its members there (none rejoined by a
 /// resync).
+/// `failover --force --catalog-lost` is refused, with what to do, while
+/// the catalog answers (here its one voter is this node), away from the
+/// site it would rebuild at, with PGs named, and without `--force`; the
+/// cluster is unchanged after every refusal.
+#[tokio::test]
+async fn catalog_lost_is_refused_while_the_catalog_answers() {
+    let node = must_start().await;
+    let endpoint = format!("http://{}", node.running().admin_addr);
+    let mut c = AdminClient::connect(endpoint).await.unwrap();
+    let t = node.token.clone();
+    let before = c
+        .status(with_token(api::StatusRequest {}, &t))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(before.cluster_generation, 0, "{before:?}");
+    let rebuild = |to: &str, pgs: &[&str], force: bool| api::SwitchoverRequest {
+        to_site: to.into(),
+        pgs: pgs.iter().map(|p| p.to_string()).collect(),
+        timeout_ms: 5_000,
+        force,
+        catalog_lost: true,
+    };
+    for (req, code, says) in [
+        (
+            rebuild("primary", &[], true),
+            Code::FailedPrecondition,
+            "the catalog is not lost",
+        ),
+        (rebuild("dr", &[], true), Code::FailedPrecondition, "site"),
+        (
+            rebuild("primary", &["demo/main"], true),
+            Code::InvalidArgument,
+            "moves every PG",
+        ),
+        (
+            rebuild("primary", &[], false),
+            Code::InvalidArgument,
+            "--force",
+        ),
+    ] {
+        let e = c.switchover(with_token(req, &t)).await.unwrap_err();
+        assert_eq!(e.code(), code, "{e:?}");
+        assert!(e.message().contains(says), "{says}: {}", e.message());
+    }
+    let after = c
+        .status(with_token(api::StatusRequest {}, &t))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (after.cluster_id, after.cluster_generation),
+        (before.cluster_id, 0)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failback_prepare_refuses_what_it_cannot_wait_for() {
     let node = must_start().await;
