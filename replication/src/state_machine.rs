@@ -7,8 +7,9 @@
 //! (`Durability::Replayable`): the log it replays from is already durable,
 //! and flushes are atomic across column families, so a crash keeps a prefix
 //! of whole batches. Anything that lets the log be purged (a Raft snapshot)
-//! flushes first, so the state it stands for is durable before the entries
-//! that could rebuild it go.
+//! flushes once its read view is taken, so the state it stands for is
+//! durable before the entries that could rebuild it go, and a restart never
+//! finds its applied index behind its own snapshot.
 //!
 //! Raft snapshots are files of the PG's key ranges (`store::raft_snapshot`)
 //! in `SNAPSHOT_DIR/pg-ID/`, named by index so that the greatest name is the
@@ -228,9 +229,6 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> io::Result<Snapshot> {
         let this = self.clone();
         blocking(move || {
-            // The log may be purged up to this snapshot once it exists: make
-            // the applied state it describes durable first.
-            this.db.flush().map_err(io_other)?;
             let tmp_meta_path = this.snapshot_dir.join("building.snap");
             let (meta_bytes, size) = raft_snapshot::write_pg_snapshot(&this.db, this.pg, &tmp_meta_path, |view| {
                 let get = |kind| view.get(Cf::RaftState, &keys::raft_state_key(this.pg, kind));
@@ -256,6 +254,14 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             })
             .map_err(io_other)?;
             let meta: SnapshotMeta = wire::decode_json(&meta_bytes)?;
+            // The log may be purged up to this snapshot once it exists: make
+            // the applied state it describes durable first. The flush comes
+            // after the read view, not before it: apply goes on while the
+            // file is written, and a flush before the view left the durable
+            // applied index behind the snapshot's, so that a restart after
+            // a crash restored the whole PG from this file (seen in CI:
+            // a DR node killed and restarted installed its own snapshot).
+            this.db.flush().map_err(io_other)?;
             let path = this.snapshot_path(&meta);
             std::fs::rename(&tmp_meta_path, &path)?;
             this.remove_other_snapshots(&path)?;

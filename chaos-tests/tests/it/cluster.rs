@@ -586,6 +586,19 @@ async fn write_blocks(client: &NbdClient, ledger: &Ledger, blocks: std::ops::Ran
     }
 }
 
+/// The lines of `node`'s log about snapshots and purges (for a failure's
+/// message).
+fn log_lines_about_snapshots(node: &TestNode) -> String {
+    node.log()
+        .lines()
+        .filter(|l| {
+            let l = l.to_ascii_lowercase();
+            l.contains("snapshot") || l.contains("purg") || l.contains("conflict")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// The matched index the leader's `t/main` status reports for `node`.
 pub(crate) fn matched_index_of(leader_status: &serde_json::Value, node: u64) -> u64 {
     leader_status["lag"]
@@ -704,7 +717,10 @@ async fn standby_catches_up_from_the_log_and_a_lost_one_through_a_snapshot() {
     assert_eq!(
         dr2["snapshots_installed"].as_u64(),
         Some(0),
-        "dr node 2 caught up from the log, not through a snapshot: {dr2}"
+        "dr node 2 caught up from the log, not through a snapshot: {dr2}\n\
+         leader before the restart: {leader}\nleader's log:\n{}\nnode 2's log:\n{}",
+        log_lines_about_snapshots(&c.nodes[0]),
+        log_lines_about_snapshots(&c.nodes[1]),
     );
 
     // DR node 3 loses its data; meanwhile more than the limit is written,
