@@ -104,17 +104,33 @@ fn metric(node: &TestNode, name: &str) -> f64 {
         .sum()
 }
 
-/// Runs `upload` and SIGKILLs the node once it has appended `entries` more
-/// log entries (chunks are arriving), then restarts it.
-fn kill_during(node: &mut TestNode, upload: &mut Command, entries: f64) {
-    let before = metric(node, "lifeboat_pg_last_log_index");
+/// Bytes of object and block data PG `t/main` keeps on `node`.
+fn stored_bytes_of_t_main(node: &TestNode) -> f64 {
+    let (_, text) = http_get(node.http, "/metrics").unwrap();
+    text.lines()
+        .filter(|l| {
+            l.starts_with("lifeboat_pg_bytes{")
+                && l.contains("name=\"t/main\"")
+                && l.contains("kind=\"stored\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Runs `upload` and SIGKILLs the node once `t/main` has applied `mib`
+/// more MiB of chunks (the upload's data is arriving), then restarts it.
+/// Counted in applied chunk bytes, not log entries: the catalog's periodic
+/// entries once made up a count of entries before a slow aws-cli had sent
+/// anything, and the kill left nothing for the sweep to release.
+fn kill_during(node: &mut TestNode, upload: &mut Command, mib: f64) {
+    let before = stored_bytes_of_t_main(node);
     let mut child: Child = upload
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let started = Instant::now();
-    while metric(node, "lifeboat_pg_last_log_index") < before + entries {
+    while stored_bytes_of_t_main(node) < before + mib * 1024.0 * 1024.0 {
         assert!(
             started.elapsed() < Duration::from_secs(30),
             "the upload never got going"
