@@ -825,9 +825,7 @@ async fn the_old_primary_returning_is_fenced_and_keeps_what_only_it_acknowledged
     );
 
     // DR has the objects before the cut.
-    let primary_last = pg_status_of(&c.nodes[1], "t/main").unwrap()["last_log_index"]
-        .as_u64()
-        .unwrap();
+    let primary_last = last_log_index_at_site(&c, "primary");
     wait_pg_status(&c.nodes[3], "t/main", "catch up before the cut", |s| {
         s["applied_index"].as_u64() >= Some(primary_last)
     })
@@ -1094,6 +1092,21 @@ async fn the_old_primary_returning_is_fenced_and_keeps_what_only_it_acknowledged
 }
 
 /// One node's digest of its replica of t/main, while it holds still.
+/// The furthest `t/main` log among the nodes of `site`: its leader's when
+/// the leader is there. A follower's own log may lack what the leader has
+/// acknowledged (a write sent to a follower is forwarded and acknowledged
+/// once the leader applied it), so waiting for a follower's index can let
+/// a test cut a link before the standbys have everything acknowledged
+/// (seen under load: a failback test's object missing at DR's fork).
+fn last_log_index_at_site(c: &Cluster, site: &str) -> u64 {
+    c.nodes
+        .iter()
+        .filter(|n| n.site == site)
+        .filter_map(|n| pg_status_of(n, "t/main")?["last_log_index"].as_u64())
+        .max()
+        .unwrap_or_else(|| panic!("no node at {site} reports t/main"))
+}
+
 fn quiet_digest(n: &lifeboat_chaos_tests::harness::TestNode) -> Option<(u64, String)> {
     let out = n.cli(&["--output", "json", "pg", "digest", "t/main"]);
     if !out.status.success() {
@@ -1155,9 +1168,7 @@ async fn failback_moves_what_changed_and_leaves_both_sites_identical() {
             .await
             .unwrap();
     }
-    let primary_last = pg_status_of(&c.nodes[1], "t/main").unwrap()["last_log_index"]
-        .as_u64()
-        .unwrap();
+    let primary_last = last_log_index_at_site(&c, "primary");
     // Every data node holds the data set (each old node's kept replica
     // is then the data set, and what it receives is the change).
     for n in c.nodes.iter().filter(|n| n.site != "witness") {
@@ -1177,7 +1188,18 @@ async fn failback_moves_what_changed_and_leaves_both_sites_identical() {
         n.kill9();
     }
     eprintln!("[failback] primary lost; forcing");
-    c.nodes[3].must_cli(&["failover", "--force", "--to", "dr", "--output", "json"]);
+    let forced = c.nodes[3].must_cli(&["failover", "--force", "--to", "dr", "--output", "json"]);
+    let forced: serde_json::Value = serde_json::from_str(&forced).unwrap();
+    let fork = forced["pgs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "t/main")
+        .and_then(|p| p["fork_index"].as_u64());
+    assert!(
+        fork >= Some(primary_last),
+        "DR forks after the data set it holds: {forced}"
+    );
 
     // DR changes a little: 64 blocks, one new object, one deleted.
     let at_dr = NbdClient::connect(c.nodes[3].nbd, "t/base").await.unwrap();
