@@ -341,7 +341,9 @@ impl TestNode {
             .expect("run lifeboat")
     }
 
-    fn cli_command(&self, token: Option<&str>, args: &[&str]) -> Command {
+    /// `lifeboat ARGS` against this node with `token`, not started (for a
+    /// test that sets its own stdio).
+    pub fn cli_command(&self, token: Option<&str>, args: &[&str]) -> Command {
         let mut cmd = Command::new(lifeboat_bin());
         cmd.arg("--endpoint").arg(self.endpoint()).args(args);
         match token {

@@ -94,8 +94,8 @@ pub(crate) async fn run(client: &mut Client, command: DrillCommand, out: &Output
             let report = Report::new(&r)?;
             match format {
                 ReportFormat::Json => out.json_value(&report.json()),
-                ReportFormat::Md => print!("{}", report.markdown()),
-                ReportFormat::Html => print!("{}", report.html()),
+                ReportFormat::Md => out!("{}", report.markdown()),
+                ReportFormat::Html => out!("{}", report.html()),
             }
         }
         DrillCommand::Stop { id } => {
@@ -122,11 +122,12 @@ pub(crate) async fn run(client: &mut Client, command: DrillCommand, out: &Output
                     "id": r.info.as_ref().map(|i| i.id.clone()),
                 }));
             } else {
-                println!("drill token (shown once, keep it): {}", r.token);
+                outln!("drill token (shown once, keep it): {}", r.token);
                 if let Some(i) = r.info {
-                    println!(
+                    outln!(
                         "id: {} (revoke with `lifeboat tenant token revoke {}`)",
-                        i.id, i.id
+                        i.id,
+                        i.id
                     );
                 }
             }

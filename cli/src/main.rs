@@ -6,6 +6,29 @@
 //! 5 unauthenticated or permission denied · 6 unavailable or not initialised ·
 //! 7 invalid argument · 8 out of space.
 
+/// `println!` for a command's output. A reader that went away (`lifeboat
+/// node list | head -1`) ends the command quietly with the status a shell
+/// reports for a SIGPIPE death, where `println!` would panic on EPIPE
+/// (Rust ignores SIGPIPE, and restoring it would take `unsafe`).
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            $crate::output::stdout_failed(e);
+        }
+    }};
+}
+
+/// `print!` for a command's output, as [`outln!`].
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = write!(std::io::stdout().lock(), $($arg)*) {
+            $crate::output::stdout_failed(e);
+        }
+    }};
+}
+
 mod drill;
 mod output;
 mod size;
@@ -415,7 +438,7 @@ struct FailoverArgs {
 /// What `failover --force --catalog-lost` did, and what it leaves to the
 /// operator.
 fn print_catalog_rebuild(b: &api::CatalogRebuild) {
-    println!(
+    outln!(
         "the catalog was rebuilt at {} from node {}'s replica (its last index {}): cluster {} is now cluster {}, generation {}, with a new CA; nodes in it: {:?}",
         b.site,
         b.catalog_node,
@@ -426,12 +449,12 @@ fn print_catalog_rebuild(b: &api::CatalogRebuild) {
         b.survivors
     );
     if !b.removed.is_empty() {
-        println!(
+        outln!(
             "removed from the cluster: nodes {:?}. KEEP THEM DOWN OR WIPE THEM: if they come back they still form the old cluster with its own catalog and serve their own clients, and nothing here can stop that. The rebuilt cluster refuses them (another CA, another cluster id); a wiped node comes back with `lifeboat node add` under a new node id",
             b.removed
         );
     }
-    println!(
+    outln!(
         "tenant NBD client certificates of the old CA no longer verify: issue new ones with `lifeboat tenant cert create`; join tokens made before are void"
     );
 }
@@ -739,12 +762,12 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                     "master_key_file": r.master_key_file,
                 }));
             } else {
-                println!("cluster {} initialised", r.cluster_id);
-                println!(
+                outln!("cluster {} initialised", r.cluster_id);
+                outln!(
                     "master key file: {} (back it up; it never lives in a data directory)",
                     r.master_key_file
                 );
-                println!("operator token (shown once, keep it): {}", r.operator_token);
+                outln!("operator token (shown once, keep it): {}", r.operator_token);
             }
         }
         Command::Cluster(ClusterCommand::Status) | Command::Status => {
@@ -766,7 +789,7 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                     "pgs": s.pgs.iter().map(pg_status_json).collect::<Vec<_>>(),
                 }));
             } else {
-                println!(
+                outln!(
                     "node {} at site {} · cluster {}{} · lifeboat {}",
                     s.node_id,
                     s.site,
@@ -785,7 +808,7 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                     },
                     s.version
                 );
-                println!(
+                outln!(
                     "free space {} (reserve {}){}",
                     size::format_size(s.data_dir_free_bytes),
                     size::format_size(s.reserve_bytes),
@@ -795,7 +818,7 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                         ""
                     }
                 );
-                println!(
+                outln!(
                     "site lease: {} · covers {} PG(s)",
                     if s.lease_remaining_ms == 0 {
                         "NONE (this node's PG leaders acknowledge nothing)".to_owned()
@@ -905,21 +928,21 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                 }
                 t.print();
                 if !usage.is_empty() {
-                    println!();
-                    println!(
+                    outln!();
+                    outln!(
                         "data of the PGs here (stored: exact, what quotas count; live, history and pinned: as last counted):"
                     );
                     usage.print();
                     for (tenant, stored) in &tenants {
-                        println!(
+                        outln!(
                             "tenant {tenant}: {} stored in the PGs here",
                             size::format_size(*stored)
                         );
                     }
                 }
                 if !lag.is_empty() {
-                    println!();
-                    println!("replication lag of the PGs this node leads (the live RPO):");
+                    outln!();
+                    outln!("replication lag of the PGs this node leads (the live RPO):");
                     lag.print();
                 }
             }
@@ -1014,7 +1037,7 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
             if out.json {
                 out.json_value(&serde_json::json!({ "deleted": name }));
             } else {
-                println!("bucket {name} deleted");
+                outln!("bucket {name} deleted");
             }
         }
         Command::Volume(VolumeCommand::Resize { name, size }) => {
@@ -1031,7 +1054,7 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
             if out.json {
                 out.json_value(&serde_json::json!({ "deleted": name }));
             } else {
-                println!("volume {name} deleted");
+                outln!("volume {name} deleted");
             }
         }
         Command::Node(NodeCommand::Add { new_node, site }) => {
@@ -1059,7 +1082,7 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                     "token": r.token, "expires_ms": r.expires_ms,
                 }));
             } else {
-                println!("{}", r.token);
+                outln!("{}", r.token);
                 eprintln!(
                     "one node may join with it until {} (lifeboat --endpoint NEW_NODE node join TOKEN)",
                     format_time_ms(r.expires_ms)
@@ -1085,7 +1108,7 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                     "tenant": tenant, "dir": dir.display().to_string(),
                 }));
             } else {
-                println!(
+                outln!(
                     "wrote {}/{{ca-cert,client-cert,client-key}}.pem for tenant {tenant}",
                     dir.display()
                 );
@@ -1118,8 +1141,8 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                     "writable_prefix": c.writable_prefix,
                 }));
             } else {
-                println!("AWS_ACCESS_KEY_ID={}", c.access_key);
-                println!("AWS_SECRET_ACCESS_KEY={}", r.secret_key);
+                outln!("AWS_ACCESS_KEY_ID={}", c.access_key);
+                outln!("AWS_SECRET_ACCESS_KEY={}", r.secret_key);
                 eprintln!(
                     "{} credential of tenant {}; the secret is not shown again",
                     c.mode, c.tenant
@@ -1146,9 +1169,9 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                     "created_ms": info.created_ms,
                 }));
             } else {
-                println!("token {}", r.token);
-                println!("id    {} (role {})", info.id, info.role);
-                println!("This token is shown only now: keep it safe.");
+                outln!("token {}", r.token);
+                outln!("id    {} (role {})", info.id, info.role);
+                outln!("This token is shown only now: keep it safe.");
             }
         }
         Command::Tenant(TenantCommand::Token(TenantTokenCommand::List { tenant })) => {
@@ -1179,7 +1202,7 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
             if out.json {
                 out.json_value(&serde_json::json!({ "revoked": id }));
             } else {
-                println!("token {id} revoked");
+                outln!("token {id} revoked");
             }
         }
         Command::Tenant(TenantCommand::Credential(TenantCredentialCommand::Revoke {
@@ -1192,7 +1215,7 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
             if out.json {
                 out.json_value(&serde_json::json!({ "revoked": access_key }));
             } else {
-                println!("access key {access_key} revoked");
+                outln!("access key {access_key} revoked");
             }
         }
         Command::Node(NodeCommand::List) => {
@@ -1226,7 +1249,7 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                 let resyncs = p.resyncs.clone();
                 print_pgs(out, vec![p]);
                 match &status {
-                    Some(s) => println!(
+                    Some(s) => outln!(
                         "here: {} · leader node {} · applied {} · log {}..{} ({}) · raft snapshot {} ({} installed from a leader){}",
                         if s.role.is_empty() { "-" } else { &s.role },
                         s.leader_node,
@@ -1242,10 +1265,10 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                             String::new()
                         }
                     ),
-                    None => println!("here: this node hosts no member of it"),
+                    None => outln!("here: this node hosts no member of it"),
                 }
                 for l in &lineage {
-                    println!(
+                    outln!(
                         "generation {} from index {} ({}), {} -> {}{}",
                         l.generation,
                         l.first_index,
@@ -1265,7 +1288,7 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                     );
                 }
                 for x in &resyncs {
-                    println!(
+                    outln!(
                         "node {} rejoined generation {} by a delta resync from node {}: received {} in {} rows ({} of {} segments) over the {} it kept, {} ms",
                         x.node_id,
                         x.generation,
@@ -1279,7 +1302,7 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                     );
                 }
                 if let Some(s) = &status {
-                    println!(
+                    outln!(
                         "history: restorable from {} · window {} · {} snapshot(s) · {}",
                         if s.oldest_restorable_ms == 0 {
                             "-".into()
@@ -1290,7 +1313,7 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                         s.snapshots,
                         describe_schedule(&s.schedule.unwrap_or_default())
                     );
-                    println!(
+                    outln!(
                         "data: {} stored in {} versions · {}",
                         size::format_size(s.stored_bytes),
                         s.versions,
@@ -1350,7 +1373,7 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
             if out.json {
                 out.json_value(&schedule_json(&s));
             } else {
-                println!("{pg}: {}", describe_schedule(&s));
+                outln!("{pg}: {}", describe_schedule(&s));
             }
         }
         Command::Snapshot(SnapshotCommand::List { pg, divergence }) => {
@@ -1371,7 +1394,7 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
             let req = client.request(split_snapshot_ref(&snapshot)?);
             client.api().delete_snapshot(req).await?;
             if !out.json {
-                println!("deleted snapshot {snapshot}");
+                outln!("deleted snapshot {snapshot}");
             }
         }
         Command::Snapshot(SnapshotCommand::Lock { snapshot, until }) => {
@@ -1393,7 +1416,7 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                     "rows": d.rows, "versions": d.versions, "sha256": d.sha256,
                 }));
             } else {
-                println!(
+                outln!(
                     "{name}: applied index {}{} · {} rows · {} versions · sha256 {}",
                     d.applied_index,
                     if d.quiet { "" } else { " (moving)" },
@@ -1444,12 +1467,15 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
             if out.json {
                 print_restore_plan(out, &done);
             } else if done.undoes_index != 0 {
-                println!(
+                outln!(
                     "{}: undid the restore at index {}, back to the state just before it (index {}); undo this with: lifeboat restore {} --undo",
-                    done.pg, done.undoes_index, done.to_index, done.pg
+                    done.pg,
+                    done.undoes_index,
+                    done.to_index,
+                    done.pg
                 );
             } else {
-                println!(
+                outln!(
                     "{} restored in place to {} (index {}); undo with: lifeboat restore {} --undo",
                     done.pg,
                     format_time_ms(done.to_ms),
@@ -1508,7 +1534,7 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                 table.print();
                 if force {
                     for p in &r.pgs {
-                        println!(
+                        outln!(
                             "{}: generation {} from index {}; writes acknowledged at the old site in {} may be lost (they stay in its log when it returns); at least {} entries ({}) the old site applied are not here",
                             p.name,
                             p.generation,
@@ -1521,13 +1547,13 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                         );
                     }
                     match &r.rebuild {
-                        None => println!(
+                        None => outln!(
                             "keep the old site's nodes down or cut off until they are re-protected"
                         ),
                         Some(b) => print_catalog_rebuild(b),
                     }
                 }
-                println!(
+                outln!(
                     "{} PGs led from their new site after {} ms",
                     r.pgs.len(),
                     r.took_ms
@@ -1635,7 +1661,7 @@ fn print_failback_prepared(out: &Output, r: &api::FailbackPrepareResponse, site:
         }
     }
     table.print();
-    println!(
+    outln!(
         "{} PGs ready to go back after {} ms: run `lifeboat failover --planned --to {site}`",
         r.pgs.len(),
         r.took_ms
@@ -1663,9 +1689,9 @@ async fn follow_events(client: &mut Client, out: &Output) -> Result<()> {
         };
         for e in &events[start..] {
             if out.json {
-                println!("{}", event_json(e));
+                outln!("{}", event_json(e));
             } else {
-                println!(
+                outln!(
                     "{}  node {}  {}  {}  {}",
                     format_time_ms(e.time_ms),
                     e.node_id,
@@ -2130,12 +2156,14 @@ fn print_restore_plan(out: &Output, plan: &api::RestorePlan) {
         return;
     }
     if plan.undoes_index != 0 {
-        println!(
+        outln!(
             "{}: undo the restore at index {}: back to the state just before it (index {})",
-            plan.pg, plan.undoes_index, plan.to_index
+            plan.pg,
+            plan.undoes_index,
+            plan.to_index
         );
     } else {
-        println!(
+        outln!(
             "{}: restore in place to {} (index {})",
             plan.pg,
             format_time_ms(plan.to_ms),
@@ -2181,7 +2209,7 @@ fn print_restore_plan(out: &Output, plan: &api::RestorePlan) {
         ]);
     }
     if table.is_empty() {
-        println!("(no volumes or buckets)");
+        outln!("(no volumes or buckets)");
     } else {
         table.print();
     }

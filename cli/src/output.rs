@@ -10,7 +10,7 @@ impl Output {
     }
 
     pub fn json_value(&self, v: &serde_json::Value) {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(v).expect("JSON values serialise")
         );
@@ -66,8 +66,19 @@ impl Table {
     }
 
     pub fn print(&self) {
-        print!("{}", self.render());
+        out!("{}", self.render());
     }
+}
+
+/// Ends the command after a write to stdout failed: 141 (128 + SIGPIPE,
+/// what a shell reports for a tool killed by a closed pipe) and nothing
+/// more when the reader went away, 74 (EX_IOERR) and why otherwise.
+pub(crate) fn stdout_failed(e: std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(141);
+    }
+    eprintln!("error: write to stdout: {e}");
+    std::process::exit(74);
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! Cluster-level fault tests against the built `lifeboat` binary: SIGKILL
 //! during writes, concurrent sub-block writes, a full disk, `lifeboat up`.
 
+mod cli;
 mod cluster;
 mod drills;
 mod durability;
