@@ -4,7 +4,8 @@
 //! Exit codes (stable, for scripts):
 //! 0 success · 1 failure · 2 usage · 3 not found · 4 already exists ·
 //! 5 unauthenticated or permission denied · 6 unavailable or not initialised ·
-//! 7 invalid argument · 8 out of space.
+//! 7 invalid argument · 8 out of space · 74 stdout could not be written ·
+//! 141 stdout's reader went away (as a shell reports a SIGPIPE death).
 
 /// `println!` for a command's output. A reader that went away (`lifeboat
 /// node list | head -1`) ends the command quietly with the status a shell

@@ -1091,7 +1091,6 @@ async fn the_old_primary_returning_is_fenced_and_keeps_what_only_it_acknowledged
     }
 }
 
-/// One node's digest of its replica of t/main, while it holds still.
 /// The furthest `t/main` log among the nodes of `site`: its leader's when
 /// the leader is there. A follower's own log may lack what the leader has
 /// acknowledged (a write sent to a follower is forwarded and acknowledged
@@ -1107,6 +1106,7 @@ fn last_log_index_at_site(c: &Cluster, site: &str) -> u64 {
         .unwrap_or_else(|| panic!("no node at {site} reports t/main"))
 }
 
+/// One node's digest of its replica of t/main, while it holds still.
 fn quiet_digest(n: &lifeboat_chaos_tests::harness::TestNode) -> Option<(u64, String)> {
     let out = n.cli(&["--output", "json", "pg", "digest", "t/main"]);
     if !out.status.success() {
