@@ -186,11 +186,16 @@ fn main_status_of(node: &TestNode) -> Option<serde_json::Value> {
 pub(crate) fn pg_status_of(node: &TestNode, name: &str) -> Option<serde_json::Value> {
     let out = node.cli(&["status", "--output", "json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    v["pgs"]
-        .as_array()?
-        .iter()
-        .find(|p| p["name"] == name)
-        .cloned()
+    pg_named(&v, name).cloned()
+}
+
+/// The entry of PG `name` in a CLI answer's `pgs` list (status, failover,
+/// failback).
+pub(crate) fn pg_named<'a>(
+    answer: &'a serde_json::Value,
+    name: &str,
+) -> Option<&'a serde_json::Value> {
+    answer["pgs"].as_array()?.iter().find(|p| p["name"] == name)
 }
 
 /// The proxies of every directed link of a linked cluster.
@@ -409,13 +414,7 @@ async fn leader_killed_under_load_loses_nothing_and_replicas_agree() {
     let leader_idx = c.index_of(new_leader);
     let status = c.nodes[leader_idx].must_cli(&["status", "--output", "json"]);
     let v: serde_json::Value = serde_json::from_str(&status).unwrap();
-    let main = v["pgs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == "t/main")
-        .unwrap()
-        .clone();
+    let main = pg_named(&v, "t/main").unwrap().clone();
     let lag = main["lag"].as_array().unwrap();
     assert!(
         lag.iter()

@@ -12,7 +12,7 @@ use lifeboat_chaos_tests::ledger::Ledger;
 use lifeboat_chaos_tests::nbd_client::NbdClient;
 
 use crate::cluster::{
-    Cluster, check_against_ledger, pg_status_of, read_all, spawn_writers, wait_pg_status,
+    Cluster, check_against_ledger, pg_named, pg_status_of, read_all, spawn_writers, wait_pg_status,
     writers_stopped,
 };
 
@@ -1190,12 +1190,7 @@ async fn failback_moves_what_changed_and_leaves_both_sites_identical() {
     eprintln!("[failback] primary lost; forcing");
     let forced = c.nodes[3].must_cli(&["failover", "--force", "--to", "dr", "--output", "json"]);
     let forced: serde_json::Value = serde_json::from_str(&forced).unwrap();
-    let fork = forced["pgs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == "t/main")
-        .and_then(|p| p["fork_index"].as_u64());
+    let fork = pg_named(&forced, "t/main").and_then(|p| p["fork_index"].as_u64());
     assert!(
         fork >= Some(primary_last),
         "DR forks after the data set it holds: {forced}"
@@ -1251,8 +1246,7 @@ async fn failback_moves_what_changed_and_leaves_both_sites_identical() {
     assert!(written.acked > 0 && written.failed == 0, "{written:?}");
     let prepared: serde_json::Value = serde_json::from_str(&out).unwrap();
     eprintln!("[failback] prepared: {prepared}");
-    let pgs = prepared["pgs"].as_array().unwrap();
-    let main = pgs.iter().find(|p| p["name"] == "t/main").unwrap();
+    let main = pg_named(&prepared, "t/main").unwrap();
     assert_eq!(main["generation"], 1, "{prepared}");
     let members = main["members"].as_array().unwrap();
     assert_eq!(members.len(), 3, "a member on each old node: {prepared}");

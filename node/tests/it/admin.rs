@@ -179,9 +179,6 @@ async fn tokens_names_sizes_and_the_volume_lifecycle() {
     node.stop().await;
 }
 
-/// `failback prepare` refuses what it cannot wait for, and on a PG already
-/// at the site answers at once with its members there (none rejoined by a
-/// resync).
 /// `failover --force --catalog-lost` is refused, with what to do, while
 /// the catalog answers (here its one voter is this node), away from the
 /// site it would rebuild at, with PGs named, and without `--force`; the
@@ -238,6 +235,9 @@ async fn catalog_lost_is_refused_while_the_catalog_answers() {
     );
 }
 
+/// `failback prepare` refuses what it cannot wait for, and on a PG already
+/// at the site answers at once with its members there (none rejoined by a
+/// resync).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failback_prepare_refuses_what_it_cannot_wait_for() {
     let node = must_start().await;
