@@ -604,7 +604,14 @@ impl NodeCore {
         });
         let history_gc = self.every(
             Duration::from_millis(self.config.history.gc_interval_ms),
-            |core| async move { crate::gc::run_once(&core).await },
+            |core| async move {
+                crate::gc::run_once(&core).await;
+                // On every replica, leader or not: each collects the same
+                // history and holds the same garbage.
+                if let Err(e) = core.db.adapt_blob_gc() {
+                    tracing::warn!(error = %e, "adapt blob GC");
+                }
+            },
         );
         let leases = self.start_lease_task();
         let mut background = self.background.lock().expect("background lock");

@@ -1073,10 +1073,11 @@ impl ProtectionGroup {
     /// Keeps the log within `max_bytes`: once it holds more, purges it
     /// behind the slowest member this leader replicates to, but at least
     /// down to `max_bytes / 2` (a member further behind then catches up
-    /// through a Raft snapshot). The halving makes each snapshot build free
-    /// at least half the limit. Purging needs a snapshot that covers the
-    /// purge point: when the current one does not, this asks for one and
-    /// purges on a later call. Returns what it did.
+    /// through a Raft snapshot). The halving keeps purges (and the flush
+    /// each snapshot costs) to one per half of the limit written. Purging
+    /// needs a snapshot that covers the purge point: when the current one
+    /// does not, this asks for one, purges what the current one covers, and
+    /// the rest on a later call. Returns what it did.
     pub async fn enforce_log_retention(&self, max_bytes: u64) -> Result<Retention> {
         let log = self.log.clone();
         let pg = self.pg;
@@ -1106,10 +1107,14 @@ impl ProtectionGroup {
                 .map(|(_, matched)| matched.as_ref().map_or(0, |l| l.index))
                 .min()
         });
-        let target = slowest.map_or(cut, |s| s.max(cut)).min(applied);
+        let mut target = slowest.map_or(cut, |s| s.max(cut)).min(applied);
         if target < span.first {
             return Ok(Retention::Within);
         }
+        // openraft purges only what a snapshot covers. Taking one costs a
+        // flush (a snapshot is a view of the replica): ask for a new one,
+        // and meanwhile purge what the last one covers, so a log written
+        // faster than it is checked does not wait a round for it.
         let snapshot = m.snapshot.as_ref().map_or(0, |l| l.index);
         if snapshot < target {
             self.raft
@@ -1117,7 +1122,10 @@ impl ProtectionGroup {
                 .snapshot()
                 .await
                 .map_err(|e| self.raft_err(e))?;
-            return Ok(Retention::SnapshotRequested { upto: target });
+            if snapshot < span.first {
+                return Ok(Retention::SnapshotRequested { upto: target });
+            }
+            target = snapshot;
         }
         tracing::info!(
             pg = self.pg.0,

@@ -11,9 +11,15 @@
 //! durable before the entries that could rebuild it go, and a restart never
 //! finds its applied index behind its own snapshot.
 //!
-//! Raft snapshots are files of the PG's key ranges (`store::raft_snapshot`)
-//! in `SNAPSHOT_DIR/pg-ID/`, named by index so that the greatest name is the
-//! newest.
+//! A member's own Raft snapshot is a read view of its replica, taken at an
+//! applied index ([`RaftSnapshotData::View`]): building one costs a flush,
+//! not a copy of the PG, so purging the log behind the applied state stays
+//! cheap however large the PG grows (a snapshot that copied the PG, at every
+//! purge, wrote the whole PG again for every half of `log_retain_bytes`
+//! written). The current snapshot is always a fresh view of the applied
+//! state; a follower that needs it is streamed the PG's key ranges from it.
+//! A snapshot received from a leader is a file (`store::raft_snapshot`),
+//! installed from `SNAPSHOT_DIR/pg-ID/` and deleted once installed.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -29,12 +35,12 @@ use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 
 use crate::apply::ApplyContext;
-use crate::types::{CommandResponse, RaftSnapshotFile, TypeConfig};
+use crate::types::{CommandResponse, RaftSnapshotData, SnapshotView, TypeConfig};
 use crate::wire::{self, LogId};
 
 type StoredMembership = openraft::alias::StoredMembershipOf<TypeConfig>;
 type SnapshotMeta = openraft::alias::SnapshotMetaOf<TypeConfig>;
-type Snapshot = openraft::alias::SnapshotOf<TypeConfig, RaftSnapshotFile>;
+type Snapshot = openraft::alias::SnapshotOf<TypeConfig, RaftSnapshotData>;
 
 fn io_other(e: lifeboat_store::Error) -> io::Error {
     io::Error::other(e)
@@ -112,6 +118,12 @@ impl StateMachine {
             tracing::warn!(pg = pg.0, path = %path.display(), "finishing an interrupted raft snapshot install");
             sm.install_file(&path)?;
         }
+        // What is left here is done with: installed or never to be (and
+        // snapshot files of the PG as it was, from before snapshots were
+        // views).
+        for entry in std::fs::read_dir(&sm.snapshot_dir)? {
+            std::fs::remove_file(entry?.path())?;
+        }
         Ok(sm)
     }
 
@@ -185,15 +197,35 @@ impl StateMachine {
             .join(format!("{index:020}-{term:020}.snap"))
     }
 
-    /// Deletes every snapshot file but `keep`.
-    fn remove_other_snapshots(&self, keep: &Path) -> io::Result<()> {
-        for entry in std::fs::read_dir(&self.snapshot_dir)? {
-            let path = entry?.path();
-            if path != keep {
-                std::fs::remove_file(&path)?;
-            }
-        }
-        Ok(())
+    /// This member's snapshot as it is now: a read view of the replica and
+    /// the applied log id and membership read through it.
+    fn view_snapshot(&self) -> io::Result<Snapshot> {
+        let view = self.db.owned_read_view();
+        let get = |kind| {
+            view.view()
+                .get(Cf::RaftState, &keys::raft_state_key(self.pg, kind))
+                .map_err(io_other)
+        };
+        let last_log_id: Option<LogId> = get(RaftStateKind::LastApplied)?
+            .map(|b| wire::decode_json(&b))
+            .transpose()?;
+        let last_membership: StoredMembership = get(RaftStateKind::Membership)?
+            .map(|b| wire::decode_json(&b))
+            .transpose()?
+            .unwrap_or_default();
+        let meta = SnapshotMeta {
+            last_log_id,
+            last_membership,
+        };
+        let meta_json = wire::encode_json(&meta)?;
+        Ok(Snapshot {
+            meta,
+            snapshot: RaftSnapshotData::View(Arc::new(SnapshotView {
+                pg: self.pg,
+                view,
+                meta_json,
+            })),
+        })
     }
 
     fn install_file(&self, path: &Path) -> io::Result<SnapshotMeta> {
@@ -224,59 +256,34 @@ impl StateMachine {
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
-    type SnapshotData = RaftSnapshotFile;
+    type SnapshotData = RaftSnapshotData;
 
     async fn build_snapshot(&mut self) -> io::Result<Snapshot> {
         let this = self.clone();
         blocking(move || {
-            let tmp_meta_path = this.snapshot_dir.join("building.snap");
-            let (meta_bytes, size) = raft_snapshot::write_pg_snapshot(&this.db, this.pg, &tmp_meta_path, |view| {
-                let get = |kind| view.get(Cf::RaftState, &keys::raft_state_key(this.pg, kind));
-                let decode_err = |e: io::Error| lifeboat_store::Error::Io {
-                    op: "decode applied state",
-                    path: this.snapshot_dir.clone(),
-                    source: e,
-                };
-                let last_log_id: Option<LogId> = get(RaftStateKind::LastApplied)?
-                    .map(|b| wire::decode_json(&b))
-                    .transpose()
-                    .map_err(decode_err)?;
-                let last_membership: StoredMembership = get(RaftStateKind::Membership)?
-                    .map(|b| wire::decode_json(&b))
-                    .transpose()
-                    .map_err(decode_err)?
-                    .unwrap_or_default();
-                let meta = SnapshotMeta {
-                    last_log_id,
-                    last_membership,
-                };
-                wire::encode_json(&meta).map_err(decode_err)
-            })
-            .map_err(io_other)?;
-            let meta: SnapshotMeta = wire::decode_json(&meta_bytes)?;
+            let snapshot = this.view_snapshot()?;
             // The log may be purged up to this snapshot once it exists: make
             // the applied state it describes durable first. The flush comes
-            // after the read view, not before it: apply goes on while the
-            // file is written, and a flush before the view left the durable
-            // applied index behind the snapshot's, so that a restart after
-            // a crash restored the whole PG from this file (seen in CI:
-            // a DR node killed and restarted installed its own snapshot).
+            // after the read view, not before it: apply goes on meanwhile,
+            // and a flush before the view could leave the durable applied
+            // index behind the snapshot's, so that a restart after a crash
+            // found entries purged that its state had not made durable
+            // (seen in CI: a DR node killed and restarted installed its
+            // own snapshot).
             this.db.flush().map_err(io_other)?;
-            let path = this.snapshot_path(&meta);
-            std::fs::rename(&tmp_meta_path, &path)?;
-            this.remove_other_snapshots(&path)?;
-            tracing::info!(pg = this.pg.0, size_bytes = size, path = %path.display(), "built raft snapshot");
-            Ok(Snapshot {
-                meta,
-                snapshot: RaftSnapshotFile { path },
-            })
+            tracing::info!(
+                pg = this.pg.0,
+                index = snapshot.meta.last_log_id.as_ref().map_or(0, |l| l.index),
+                "took raft snapshot"
+            );
+            Ok(snapshot)
         })
         .await
     }
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
-    type SnapshotData = RaftSnapshotFile;
+    type SnapshotData = RaftSnapshotData;
     type SnapshotBuilder = Self;
 
     async fn applied_state(&mut self) -> io::Result<(Option<LogId>, StoredMembership)> {
@@ -348,33 +355,51 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta,
-        snapshot: RaftSnapshotFile,
+        snapshot: RaftSnapshotData,
     ) -> io::Result<()> {
         let this = self.clone();
         let target = self.snapshot_path(meta);
         let expected = meta.clone();
         blocking(move || {
-            // The file is handed over: move it into place (one write of a
-            // snapshot, not two), copying only across filesystems. The
-            // directory is fsynced so the install marker never names a
-            // file a crash could take back.
-            if snapshot.path != target {
-                if std::fs::rename(&snapshot.path, &target).is_err() {
-                    let partial = target.with_extension("incoming");
-                    std::fs::copy(&snapshot.path, &partial)?;
-                    std::fs::File::open(&partial)?.sync_all()?;
-                    std::fs::rename(&partial, &target)?;
+            match snapshot {
+                // The file is handed over: move it into place (one write of
+                // a snapshot, not two), copying only across filesystems. The
+                // directory is fsynced so the install marker never names a
+                // file a crash could take back.
+                RaftSnapshotData::File(path) => {
+                    if path != target {
+                        if std::fs::rename(&path, &target).is_err() {
+                            let partial = target.with_extension("incoming");
+                            std::fs::copy(&path, &partial)?;
+                            std::fs::File::open(&partial)?.sync_all()?;
+                            std::fs::rename(&partial, &target)?;
+                        }
+                        std::fs::File::open(&this.snapshot_dir)?.sync_all()?;
+                    }
                 }
-                std::fs::File::open(&this.snapshot_dir)?.sync_all()?;
+                // Another member's view, handed over in this process (the
+                // storage conformance suite does so): written out first, as
+                // a transfer would have.
+                RaftSnapshotData::View(v) => {
+                    raft_snapshot::write_snapshot_file(v.view.view(), v.pg, &v.meta_json, &target)
+                        .map_err(io_other)?;
+                }
             }
-            let installed = this.install_file(&target)?;
-            if installed != expected {
+            let installed = this.install_file(&target);
+            // Installed, or refused before the PG was touched: the file
+            // goes. Kept only while an install marker names it, for the
+            // next start to finish the install from.
+            let pending =
+                raft_snapshot::interrupted_install(&this.db, this.pg).map_err(io_other)?;
+            if pending.as_deref() != Some(target.as_path()) {
+                std::fs::remove_file(&target)?;
+            }
+            if installed? != expected {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     "raft snapshot file does not match its metadata",
                 ));
             }
-            this.remove_other_snapshots(&target)?;
             this.installs.fetch_add(1, Ordering::Relaxed);
             Ok(())
         })
@@ -382,21 +407,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> io::Result<Option<Snapshot>> {
-        let mut newest: Option<PathBuf> = None;
-        for entry in std::fs::read_dir(&self.snapshot_dir)? {
-            let path = entry?.path();
-            if path.extension().is_some_and(|e| e == "snap")
-                && path.file_name().is_some_and(|n| n != "building.snap")
-                && newest.as_ref().is_none_or(|n| path > *n)
-            {
-                newest = Some(path);
-            }
-        }
-        let Some(path) = newest else { return Ok(None) };
-        let meta_bytes = raft_snapshot::read_snapshot_meta(&path).map_err(io_other)?;
-        Ok(Some(Snapshot {
-            meta: wire::decode_json(&meta_bytes)?,
-            snapshot: RaftSnapshotFile { path },
-        }))
+        // Nothing applied, nothing to send; else a view of now.
+        let snapshot = self.view_snapshot()?;
+        Ok(snapshot.meta.last_log_id.is_some().then_some(snapshot))
     }
 }

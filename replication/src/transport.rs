@@ -36,11 +36,11 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::group::ProtectionGroup;
 use crate::liveness::Liveness;
-use crate::types::{MemberNode, RaftSnapshotFile, TypeConfig};
+use crate::types::{MemberNode, RaftSnapshotData, SnapshotView, TypeConfig};
 use crate::wire;
 
 type Vote = openraft::alias::VoteOf<TypeConfig>;
-type Snapshot = openraft::alias::SnapshotOf<TypeConfig, RaftSnapshotFile>;
+type Snapshot = openraft::alias::SnapshotOf<TypeConfig, RaftSnapshotData>;
 type SnapshotMeta = openraft::alias::SnapshotMetaOf<TypeConfig>;
 
 /// Largest gRPC message either side accepts: a replication batch is capped
@@ -317,7 +317,7 @@ impl PeerLink {
 }
 
 impl RaftNetworkV2<TypeConfig> for PeerLink {
-    type SnapshotData = RaftSnapshotFile;
+    type SnapshotData = RaftSnapshotData;
 
     async fn append_entries(
         &mut self,
@@ -395,10 +395,15 @@ impl RaftNetworkV2<TypeConfig> for PeerLink {
                 meta_json: json(&snapshot.meta)?.into(),
                 data: Default::default(),
             };
-            let file = tokio::fs::File::open(&snapshot.snapshot.path)
-                .await
-                .map_err(|e| Status::internal(format!("open raft snapshot: {e}")))?;
-            let chunks = file_chunks(file);
+            let chunks = match &snapshot.snapshot {
+                RaftSnapshotData::File(path) => {
+                    let file = tokio::fs::File::open(path)
+                        .await
+                        .map_err(|e| Status::internal(format!("open raft snapshot: {e}")))?;
+                    file_chunks(file).left_stream()
+                }
+                RaftSnapshotData::View(view) => view_chunks(view.clone()).right_stream(),
+            };
             let stream = futures::stream::iter([first]).chain(chunks);
             let reply = self
                 .client()?
@@ -441,6 +446,73 @@ fn file_chunks(file: tokio::fs::File) -> impl Stream<Item = pb::SnapshotChunk> +
         };
         Some((chunk, Some(file)))
     })
+}
+
+/// A member's snapshot view as a stream of snapshot data chunks, read out
+/// of the replica on a blocking thread no more than a few chunks ahead of
+/// the sending. A read error ends the stream early, as in `file_chunks`; a
+/// transfer given up drops the stream, which ends the reading and lets the
+/// view go.
+fn view_chunks(view: Arc<SnapshotView>) -> impl Stream<Item = pb::SnapshotChunk> + Send {
+    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(2);
+    tokio::task::spawn_blocking(move || {
+        let out = ChunkSender {
+            tx,
+            buf: Vec::with_capacity(SNAPSHOT_CHUNK_BYTES),
+        };
+        let label = std::path::Path::new("(raft snapshot stream)");
+        let written = lifeboat_store::raft_snapshot::write_pg_records(
+            view.view.view(),
+            view.pg,
+            &view.meta_json,
+            out,
+            label,
+        );
+        if let Err(e) = written {
+            tracing::warn!(pg = view.pg.0, error = %e, "raft snapshot stream ended early");
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx).map(|data| pb::SnapshotChunk {
+        data,
+        ..Default::default()
+    })
+}
+
+/// Cuts what is written into chunks of `SNAPSHOT_CHUNK_BYTES` and hands
+/// them to the sending stream, waiting while it is full.
+struct ChunkSender {
+    tx: tokio::sync::mpsc::Sender<bytes::Bytes>,
+    buf: Vec<u8>,
+}
+
+impl ChunkSender {
+    fn send(&mut self) -> std::io::Result<()> {
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(SNAPSHOT_CHUNK_BYTES));
+        self.tx.blocking_send(chunk.into()).map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "the snapshot transfer was given up",
+            )
+        })
+    }
+}
+
+impl std::io::Write for ChunkSender {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let n = data.len().min(SNAPSHOT_CHUNK_BYTES - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == SNAPSHOT_CHUNK_BYTES {
+            self.send()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        self.send()
+    }
 }
 
 /// What this node's Raft server needs from the node: its groups and who it
@@ -895,7 +967,7 @@ impl<H: Host> RaftTransport for TransportService<H> {
                     vote,
                     Snapshot {
                         meta,
-                        snapshot: RaftSnapshotFile { path: path.clone() },
+                        snapshot: RaftSnapshotData::File(path.clone()),
                     },
                 )
                 .await

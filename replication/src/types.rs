@@ -2,8 +2,10 @@
 //! command and response types it carries.
 
 use std::fmt;
+use std::sync::Arc;
 
 use lifeboat_proto::raft as pb;
+use lifeboat_store::PgId;
 use prost::Message;
 use serde::{Deserialize, Serialize};
 
@@ -373,10 +375,26 @@ openraft::declare_raft_types!(
         Node = MemberNode,
 );
 
-/// A Raft snapshot as the state machine hands it to the transport: a file
-/// holding the PG's key ranges (format in `raft_snapshot`), read and written
+/// A Raft snapshot's data as the state machine and the transport pass it.
+///
+/// A member's own snapshot is a read view of its replica (`View`): taking
+/// one costs nothing whatever the PG's size, so the log can be purged
+/// behind the applied state as often as retention asks, and the PG's key
+/// ranges are read out only when a follower needs them, streamed straight
+/// to it. A snapshot received from a leader is a file (`File`, layout in
+/// `store::raft_snapshot`), installed from there. Both are read and written
 /// in bounded memory whatever the PG's size.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RaftSnapshotFile {
-    pub path: std::path::PathBuf,
+#[derive(Debug, Clone)]
+pub enum RaftSnapshotData {
+    File(std::path::PathBuf),
+    View(Arc<SnapshotView>),
+}
+
+/// The state of one PG frozen at an applied index, and the snapshot
+/// metadata (JSON) that describes it, read from the same view.
+#[derive(Debug)]
+pub struct SnapshotView {
+    pub pg: PgId,
+    pub view: lifeboat_store::db::OwnedReadView,
+    pub meta_json: Vec<u8>,
 }

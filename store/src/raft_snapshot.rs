@@ -1,6 +1,6 @@
 //! Raft snapshots of one protection group: its key ranges read from one
-//! read view into a file, and installed from that file, both in bounded
-//! memory whatever the PG's size.
+//! read view, into a file or straight into the stream to a follower, and
+//! installed from a file, all in bounded memory whatever the PG's size.
 //!
 //! File layout (version 1):
 //! ```text
@@ -139,22 +139,59 @@ pub fn write_pg_snapshot(
 ) -> Result<(Vec<u8>, u64)> {
     let view = db.read_view();
     let meta = meta(&view)?;
-    let meta = meta.as_slice();
+    let size = write_snapshot_file(&view, pg, &meta, path)?;
+    Ok((meta, size))
+}
+
+/// Writes the PG's key ranges as `view` sees them, with `meta`, to `path`
+/// (fsynced, written under a temporary name and renamed). Returns the
+/// file's size in bytes.
+pub fn write_snapshot_file(view: &ReadView<'_>, pg: PgId, meta: &[u8], path: &Path) -> Result<u64> {
     let tmp = path.with_extension("partial");
     let file = File::create(&tmp).map_err(io_err("create raft snapshot", &tmp))?;
+    let mut out = BufWriter::with_capacity(1 << 20, file);
+    write_pg_records(view, pg, meta, &mut out, &tmp)?;
+    let file = out.into_inner().map_err(|e| Error::Io {
+        op: "flush raft snapshot",
+        path: tmp.clone(),
+        source: e.into_error(),
+    })?;
+    file.sync_all()
+        .map_err(io_err("fsync raft snapshot", &tmp))?;
+    let size = file
+        .metadata()
+        .map_err(io_err("stat raft snapshot", &tmp))?
+        .len();
+    drop(file);
+    std::fs::rename(&tmp, path).map_err(io_err("rename raft snapshot", path))?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err("fsync raft snapshot dir", dir))?;
+    }
+    Ok(size)
+}
+
+/// Writes a snapshot of the PG's key ranges as `view` sees them, with
+/// `meta`, to `out` in the layout above, CRC included: to a file, or
+/// straight to a follower. `label` names the destination in errors.
+pub fn write_pg_records(
+    view: &ReadView<'_>,
+    pg: PgId,
+    meta: &[u8],
+    out: impl Write,
+    label: &Path,
+) -> Result<()> {
     let mut w = CrcWriter {
-        inner: BufWriter::with_capacity(1 << 20, file),
+        inner: out,
         crc: crc32fast::Hasher::new(),
     };
-    let write_err = io_err("write raft snapshot", &tmp);
-    let mut body = || -> std::io::Result<()> {
+    let mut head = || -> std::io::Result<()> {
         w.write_all(MAGIC)?;
         w.write_all(&(meta.len() as u32).to_be_bytes())?;
-        w.write_all(meta)?;
-        Ok(())
+        w.write_all(meta)
     };
-    body().map_err(write_err)?;
-
+    head().map_err(io_err("write raft snapshot", label))?;
     let prefix = keys::pg_prefix(pg);
     let mut ranges: Vec<(Cf, Vec<u8>)> =
         PG_RANGES.iter().map(|cf| (*cf, prefix.to_vec())).collect();
@@ -171,33 +208,16 @@ pub fn write_pg_snapshot(
                 w.write_all(&(v.len() as u32).to_be_bytes())?;
                 w.write_all(v)
             };
-            rec().map_err(io_err("write raft snapshot", &tmp))
+            rec().map_err(io_err("write raft snapshot", label))
         })?;
     }
     w.write_all(&[END_TAG])
-        .map_err(io_err("write raft snapshot", &tmp))?;
+        .map_err(io_err("write raft snapshot", label))?;
     let crc = w.crc.clone().finalize();
-    let mut file = w.inner.into_inner().map_err(|e| Error::Io {
-        op: "flush raft snapshot",
-        path: tmp.clone(),
-        source: e.into_error(),
-    })?;
-    file.write_all(&crc.to_be_bytes())
-        .map_err(io_err("write raft snapshot", &tmp))?;
-    file.sync_all()
-        .map_err(io_err("fsync raft snapshot", &tmp))?;
-    let size = file
-        .metadata()
-        .map_err(io_err("stat raft snapshot", &tmp))?
-        .len();
-    drop(file);
-    std::fs::rename(&tmp, path).map_err(io_err("rename raft snapshot", path))?;
-    if let Some(dir) = path.parent() {
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err("fsync raft snapshot dir", dir))?;
-    }
-    Ok((meta.to_vec(), size))
+    let mut out = w.inner;
+    out.write_all(&crc.to_be_bytes())
+        .and_then(|()| out.flush())
+        .map_err(io_err("write raft snapshot", label))
 }
 
 /// Reads the metadata of a snapshot file without reading its records.

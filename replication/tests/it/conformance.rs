@@ -107,3 +107,113 @@ async fn log_span_and_purge_point_follow_appends_purges_and_truncation() {
         .len() as u64;
     assert_eq!((span.first, span.last, span.bytes), (11, 11, small));
 }
+
+/// A member's snapshot is a view of its replica: taking one writes no
+/// file, and what it hands over is the state at its index, whatever was
+/// applied after it was taken. Installed elsewhere, it leaves no file
+/// behind either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_is_a_view_frozen_at_its_index() {
+    use lifeboat_proto::raft as pb;
+    use lifeboat_replication::Command;
+    use lifeboat_replication::wire::{Entry, make_log_id};
+    use lifeboat_store::raft_snapshot::pg_digest;
+    use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
+
+    async fn apply(sm: &mut StateMachine, commands: Vec<(u64, pb::command::Kind)>) {
+        let entries = commands.into_iter().map(|(index, kind)| {
+            Ok((
+                Entry {
+                    log_id: make_log_id(1, 1, index),
+                    payload: openraft::EntryPayload::Normal(Command(pb::Command {
+                        stamp_ms: index,
+                        kind: Some(kind),
+                    })),
+                },
+                None,
+            ))
+        });
+        sm.apply(futures::stream::iter(entries)).await.unwrap();
+    }
+    let write = |block: u64, frame: &'static [u8]| {
+        pb::command::Kind::WriteBlocks(pb::WriteBlocks {
+            volume: 9,
+            blocks: vec![pb::BlockWrite {
+                block,
+                frame: frame.to_vec().into(),
+                expect_latest: None,
+            }],
+            newest_mask: None,
+        })
+    };
+    let files_in = |dir: &std::path::Path| std::fs::read_dir(dir).unwrap().count();
+
+    let dir = tempfile::tempdir().unwrap();
+    let pg = PgId(7);
+    let db_a = Db::open(&dir.path().join("a/db"), &DbOptions::default()).unwrap();
+    let snaps_a = dir.path().join("a/snapshots");
+    let mut sm_a = StateMachine::open(db_a.clone(), pg, &snaps_a).unwrap();
+    apply(
+        &mut sm_a,
+        vec![
+            (
+                1,
+                pb::command::Kind::CreateVolume(pb::CreateVolume {
+                    volume: 9,
+                    name: "disk0".into(),
+                    size_bytes: 8 * 4096,
+                    base: None,
+                }),
+            ),
+            (2, write(0, b"frame-at-2")),
+        ],
+    )
+    .await;
+    let at_2 = pg_digest(&db_a, pg).unwrap();
+    let taken = sm_a
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
+    assert_eq!(taken.meta.last_log_id, Some(make_log_id(1, 1, 2)));
+    assert_eq!(
+        files_in(&snaps_a.join("pg-7")),
+        0,
+        "a snapshot copies nothing"
+    );
+
+    apply(
+        &mut sm_a,
+        vec![(3, write(0, b"frame-at-3")), (4, write(1, b"frame-at-4"))],
+    )
+    .await;
+    assert_ne!(pg_digest(&db_a, pg).unwrap(), at_2);
+    let current = sm_a.get_current_snapshot().await.unwrap().unwrap();
+    assert_eq!(
+        current.meta.last_log_id,
+        Some(make_log_id(1, 1, 4)),
+        "the current snapshot is the applied state"
+    );
+
+    let db_b = Db::open(&dir.path().join("b/db"), &DbOptions::default()).unwrap();
+    let snaps_b = dir.path().join("b/snapshots");
+    let mut sm_b = StateMachine::open(db_b.clone(), pg, &snaps_b).unwrap();
+    sm_b.install_snapshot(&taken.meta, taken.snapshot)
+        .await
+        .unwrap();
+    assert_eq!(
+        sm_b.applied_state().await.unwrap().0,
+        Some(make_log_id(1, 1, 2))
+    );
+    assert_eq!(
+        pg_digest(&db_b, pg).unwrap(),
+        at_2,
+        "the snapshot holds the state it was taken at, not what came after"
+    );
+    assert_eq!(
+        files_in(&snaps_b.join("pg-7")),
+        0,
+        "installed, its file is gone"
+    );
+}
