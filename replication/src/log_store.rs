@@ -582,17 +582,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 },
             };
             let key = keys::raft_log_key(self.pg, LogIndex(index));
-            let bytes = wire::encode_entry(&entry)?;
-            let end = pos + bytes.len() as u64;
+            let mut value = wire::encode_entry_after(&entry, POSITION_BYTES)?;
+            let len = (value.len() - POSITION_BYTES) as u64;
+            let end = pos + len;
+            value[..POSITION_BYTES].copy_from_slice(&end.to_be_bytes());
             position = Some(end);
             let stamp = match &entry.payload {
                 openraft::EntryPayload::Normal(cmd) => cmd.0.stamp_ms,
                 _ => 0,
             };
-            appended.push((index, bytes.len() as u64, stamp));
-            let mut value = Vec::with_capacity(POSITION_BYTES + bytes.len());
-            value.extend_from_slice(&end.to_be_bytes());
-            value.extend_from_slice(&bytes);
+            appended.push((index, len, stamp));
             b.put(Cf::RaftLog, &key, &value);
         }
         {
@@ -714,10 +713,9 @@ pub fn force_membership(
         log_id: wire::make_log_id(term, me, fork_index + 1),
         payload: openraft::EntryPayload::Membership(membership),
     };
-    let bytes = wire::encode_entry(&entry)?;
-    let mut value = Vec::with_capacity(POSITION_BYTES + bytes.len());
-    value.extend_from_slice(&(end + bytes.len() as u64).to_be_bytes());
-    value.extend_from_slice(&bytes);
+    let mut value = wire::encode_entry_after(&entry, POSITION_BYTES)?;
+    let len = (value.len() - POSITION_BYTES) as u64;
+    value[..POSITION_BYTES].copy_from_slice(&(end + len).to_be_bytes());
     let mut b = db.new_batch();
     b.put(
         Cf::RaftLog,

@@ -22,6 +22,13 @@ fn invalid(reason: impl std::fmt::Display) -> io::Error {
 }
 
 pub fn encode_entry(entry: &Entry) -> io::Result<Vec<u8>> {
+    encode_entry_after(entry, 0)
+}
+
+/// The entry's encoding after `reserved` zero bytes, which the caller
+/// fills with a header of its own: one buffer, and a large entry (a
+/// block write, an object chunk) is not copied again to prepend one.
+pub fn encode_entry_after(entry: &Entry, reserved: usize) -> io::Result<Vec<u8>> {
     let log_id = entry.log_id();
     let payload = match &entry.payload {
         EntryPayload::Blank => pb::entry::Payload::Blank(pb::Blank {}),
@@ -36,7 +43,10 @@ pub fn encode_entry(entry: &Entry) -> io::Result<Vec<u8>> {
         index: log_id.index,
         payload: Some(payload),
     };
-    Ok(msg.encode_to_vec())
+    let mut out = Vec::with_capacity(reserved + msg.encoded_len());
+    out.resize(reserved, 0);
+    msg.encode(&mut out).map_err(invalid)?;
+    Ok(out)
 }
 
 pub fn decode_entry(bytes: &[u8]) -> io::Result<Entry> {
