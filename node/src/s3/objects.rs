@@ -356,8 +356,8 @@ impl ObjectStore {
             bucket,
             stream,
             keys: self.keys(bucket, None)?,
-            md5: Some(Md5::new()),
-            hasher: Some(wanted.hasher()),
+            md5: Md5::new(),
+            hasher: wanted.hasher(),
             sealing: None,
             in_flight: FuturesUnordered::new(),
             streamed: false,
@@ -480,21 +480,21 @@ impl ObjectStore {
     }
 }
 
-/// A chunk being hashed and sealed on a blocking thread: its id, and the
-/// task that gives back the hash states (in body order) and the frame.
-type Sealing = (
-    u64,
-    tokio::task::JoinHandle<(Md5, s3s::checksum::ChecksumHasher, Vec<u8>)>,
-);
+/// A chunk being sealed on a blocking thread: its id, and the task that
+/// gives back the frame.
+type Sealing = (u64, tokio::task::JoinHandle<Vec<u8>>);
 
 struct BodyWriter<'a> {
     store: &'a ObjectStore,
     bucket: &'a BucketRef,
     stream: u64,
     keys: Arc<TenantKeys>,
-    /// The hash states, here between chunks (`None` while a chunk seals).
-    md5: Option<Md5>,
-    hasher: Option<s3s::checksum::ChecksumHasher>,
+    /// The body's hashes so far (ETag and the checksums asked for), fed
+    /// each piece as it arrives, while it is still in the CPU's cache: at
+    /// sixteen uploads at once, hashing whole chunks later read each one
+    /// back from memory.
+    md5: Md5,
+    hasher: s3s::checksum::ChecksumHasher,
     /// The last chunk read, sealing while the next one is read.
     sealing: Option<Sealing>,
     /// Chunk entries being replicated, as tasks: they progress while the
@@ -517,6 +517,8 @@ impl<'a> BodyWriter<'a> {
                     err.set_source(e);
                     err
                 })?;
+                self.md5.update(&piece);
+                self.hasher.update(&piece);
                 while !piece.is_empty() {
                     let take = (CHUNK_BYTES - buf.len()).min(piece.len());
                     buf.extend_from_slice(&piece.split_to(take));
@@ -540,9 +542,8 @@ impl<'a> BodyWriter<'a> {
         if self.streamed {
             self.written.stream = self.stream;
         }
-        let md5 = self.md5.take().expect("finished once").finalize();
-        self.written.md5 = md5;
-        let sums = self.hasher.take().expect("finished once").finalize();
+        self.written.md5 = std::mem::take(&mut self.md5).finalize();
+        let sums = std::mem::take(&mut self.hasher).finalize();
         self.written.checksums = rec::Checksums {
             crc32: sums.checksum_crc32.unwrap_or_default(),
             crc32c: sums.checksum_crc32c.unwrap_or_default(),
@@ -553,9 +554,8 @@ impl<'a> BodyWriter<'a> {
         Ok(())
     }
 
-    /// Starts hashing and sealing one chunk off the async threads, once
-    /// the chunk before it is placed (the hashes run in body order); the
-    /// body's next chunk is read meanwhile.
+    /// Starts sealing one chunk off the async threads, once the chunk
+    /// before it is placed; the body's next chunk is read meanwhile.
     async fn push(&mut self, plain: Bytes) -> Result<(), S3Error> {
         if let Some(previous) = self.sealing.take() {
             self.place(previous, true).await?;
@@ -566,20 +566,14 @@ impl<'a> BodyWriter<'a> {
                 break id;
             }
         };
-        let mut md5 = self.md5.take().expect("writer in use");
-        let mut hasher = self.hasher.take().expect("writer in use");
         let keys = self.keys.clone();
         let core = self.store.core.clone();
         let aad = self.bucket.chunk_aad(self.bucket.pg, chunk);
         self.written.size += plain.len() as u64;
         self.written.chunk_ids.push(chunk);
         self.written.chunk_sizes.push(plain.len() as u64);
-        let task = tokio::task::spawn_blocking(move || {
-            md5.update(&plain);
-            hasher.update(&plain);
-            let frame = core.codec.encode(keys.current(), &aad, &plain);
-            (md5, hasher, frame)
-        });
+        let task =
+            tokio::task::spawn_blocking(move || core.codec.encode(keys.current(), &aad, &plain));
         self.sealing = Some((chunk, task));
         Ok(())
     }
@@ -588,9 +582,7 @@ impl<'a> BodyWriter<'a> {
     /// the frame: inline in the naming entry when it is the body's only
     /// chunk, else in a stream entry.
     async fn place(&mut self, (chunk, task): Sealing, more_follow: bool) -> Result<(), S3Error> {
-        let (md5, hasher, frame) = task.await.map_err(|e| internal("seal a chunk", e))?;
-        self.md5 = Some(md5);
-        self.hasher = Some(hasher);
+        let frame = task.await.map_err(|e| internal("seal a chunk", e))?;
         let write = pb::ChunkWrite {
             chunk,
             frame: Bytes::from(frame),
