@@ -16,11 +16,17 @@ impl Cluster {
     /// active site are the PG's voters, the others learners), joined over
     /// mutual TLS, with a volume of `size_mib`. Returns once the PG's
     /// leader replicates to every other member.
+    ///
+    /// `BENCH_EXTRA_CONFIG`, if set, is appended to every node's config
+    /// file (TOML), for experiments with settings (see BENCHMARKS.md).
     pub fn start(dir: &Path, sites: &[&str], size_mib: u64) -> Result<Cluster> {
         let mut nodes = lifeboat_chaos_tests::harness::start_nodes(
             &dir.join("cluster"),
             sites,
-            "[store]\nreserve_bytes = 67108864\n",
+            &format!(
+                "[store]\nreserve_bytes = 67108864\n{}",
+                std::env::var("BENCH_EXTRA_CONFIG").unwrap_or_default()
+            ),
         )?;
         lifeboat_chaos_tests::harness::form_cluster(&mut nodes);
         nodes[0].must_cli(&["tenant", "create", "bench"]);
