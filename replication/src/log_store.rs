@@ -47,6 +47,16 @@ fn split_stored(value: &[u8]) -> io::Result<(u64, &[u8])> {
     Ok((u64::from_be_bytes(pos.try_into().expect("8 bytes")), entry))
 }
 
+/// The stored value of `entry` when the log before it ends at byte
+/// `start`: its end position, then its encoding (one buffer, the entry
+/// encoded once). Returns the value and the entry's encoded length.
+fn stored_value(entry: &Entry, start: u64) -> io::Result<(Vec<u8>, u64)> {
+    let mut value = wire::encode_entry_after(entry, POSITION_BYTES)?;
+    let len = (value.len() - POSITION_BYTES) as u64;
+    value[..POSITION_BYTES].copy_from_slice(&(start + len).to_be_bytes());
+    Ok((value, len))
+}
+
 /// The retained part of a log: first and last index, and the bytes of the
 /// entries between them (inclusive).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -582,11 +592,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 },
             };
             let key = keys::raft_log_key(self.pg, LogIndex(index));
-            let mut value = wire::encode_entry_after(&entry, POSITION_BYTES)?;
-            let len = (value.len() - POSITION_BYTES) as u64;
-            let end = pos + len;
-            value[..POSITION_BYTES].copy_from_slice(&end.to_be_bytes());
-            position = Some(end);
+            let (value, len) = stored_value(&entry, pos)?;
+            position = Some(pos + len);
             let stamp = match &entry.payload {
                 openraft::EntryPayload::Normal(cmd) => cmd.0.stamp_ms,
                 _ => 0,
@@ -713,9 +720,7 @@ pub fn force_membership(
         log_id: wire::make_log_id(term, me, fork_index + 1),
         payload: openraft::EntryPayload::Membership(membership),
     };
-    let mut value = wire::encode_entry_after(&entry, POSITION_BYTES)?;
-    let len = (value.len() - POSITION_BYTES) as u64;
-    value[..POSITION_BYTES].copy_from_slice(&(end + len).to_be_bytes());
+    let (value, _) = stored_value(&entry, end)?;
     let mut b = db.new_batch();
     b.put(
         Cf::RaftLog,

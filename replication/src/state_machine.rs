@@ -90,6 +90,25 @@ pub(crate) fn stage_applied(
     Ok(())
 }
 
+/// PG `pg`'s applied log id and membership, read through `get` (of
+/// `raft_state`: the database now, or a read view).
+fn applied_state_in(
+    pg: PgId,
+    get: impl Fn(&[u8]) -> lifeboat_store::Result<Option<Vec<u8>>>,
+) -> io::Result<(Option<LogId>, StoredMembership)> {
+    let read = |kind| -> io::Result<Option<Vec<u8>>> {
+        get(&keys::raft_state_key(pg, kind)).map_err(io_other)
+    };
+    let applied = read(RaftStateKind::LastApplied)?
+        .map(|b| wire::decode_json(&b))
+        .transpose()?;
+    let membership = read(RaftStateKind::Membership)?
+        .map(|b| wire::decode_json(&b))
+        .transpose()?
+        .unwrap_or_default();
+    Ok((applied, membership))
+}
+
 /// The last log id PG `pg`'s state on this node has applied, whether or
 /// not its member runs.
 pub fn applied_log_id(db: &Db, pg: PgId) -> io::Result<Option<LogId>> {
@@ -137,18 +156,7 @@ impl StateMachine {
     }
 
     fn read_applied(&self) -> io::Result<(Option<LogId>, StoredMembership)> {
-        let applied = applied_log_id(&self.db, self.pg)?;
-        let membership = self
-            .db
-            .get(
-                Cf::RaftState,
-                &keys::raft_state_key(self.pg, RaftStateKind::Membership),
-            )
-            .map_err(io_other)?
-            .map(|b| wire::decode_json(&b))
-            .transpose()?
-            .unwrap_or_default();
-        Ok((applied, membership))
+        applied_state_in(self.pg, |key| self.db.get(Cf::RaftState, key))
     }
 
     fn stage_applied(
@@ -201,18 +209,8 @@ impl StateMachine {
     /// the applied log id and membership read through it.
     fn view_snapshot(&self) -> io::Result<Snapshot> {
         let view = self.db.owned_read_view();
-        let get = |kind| {
-            view.view()
-                .get(Cf::RaftState, &keys::raft_state_key(self.pg, kind))
-                .map_err(io_other)
-        };
-        let last_log_id: Option<LogId> = get(RaftStateKind::LastApplied)?
-            .map(|b| wire::decode_json(&b))
-            .transpose()?;
-        let last_membership: StoredMembership = get(RaftStateKind::Membership)?
-            .map(|b| wire::decode_json(&b))
-            .transpose()?
-            .unwrap_or_default();
+        let (last_log_id, last_membership) =
+            applied_state_in(self.pg, |key| view.view().get(Cf::RaftState, key))?;
         let meta = SnapshotMeta {
             last_log_id,
             last_membership,

@@ -345,7 +345,6 @@ impl Db {
     /// [`Db::adapt_blob_gc`] has blob GC on).
     pub fn compact_reclaiming(&self, cf: Cf, from: &[u8], to: &[u8]) -> Result<()> {
         let handle = self.cf(cf);
-        let on = self.blob_gc_on.lock().expect("blob gc lock");
         if cf.holds_large_values() {
             self.inner
                 .set_options_cf(
@@ -364,6 +363,9 @@ impl Db {
         self.inner
             .compact_range_cf_opt(&handle, Some(from), Some(to), &opts);
         if cf.holds_large_values() {
+            // As `adapt_blob_gc` has it now: the lock is not held across
+            // the compaction, which may take minutes.
+            let on = self.blob_gc_on.lock().expect("blob gc lock");
             let enabled = if on.contains(&cf) { "true" } else { "false" };
             self.inner
                 .set_options_cf(
