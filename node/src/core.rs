@@ -13,6 +13,7 @@ use lifeboat_replication::ack::AckPolicy;
 use lifeboat_replication::catalog::{self, Catalog, MAIN_PG};
 use lifeboat_replication::lease::LeaseTable;
 use lifeboat_replication::liveness::Liveness;
+use lifeboat_replication::log_files::{FILE_ENTRY_BYTES_MIN, LogFiles};
 use lifeboat_replication::log_store::WalSyncer;
 use lifeboat_replication::members::{self, LocalMember};
 use lifeboat_replication::placement::{self, PlacementPolicy};
@@ -366,7 +367,10 @@ impl NodeCore {
                 .raft
                 .node_heartbeats
                 .then(|| Liveness::new(timers(&config.raft))),
-            syncer: WalSyncer::start(db.clone()),
+            syncer: WalSyncer::start(
+                db.clone(),
+                LogFiles::new(config.data_dir.join("raft-log"), FILE_ENTRY_BYTES_MIN),
+            ),
             clock: Arc::new(SystemClock),
             master_key: RwLock::new(None),
             groups: RwLock::new(HashMap::new()),
@@ -969,6 +973,7 @@ impl NodeCore {
     }
 
     fn remove_raft_snapshots(&self, pg: PgId) {
+        self.forget_log_files(pg);
         // Its Raft snapshot files went with the state that named them.
         let snapshots = self
             .config
@@ -994,6 +999,15 @@ impl NodeCore {
         self.stop_member(g).await;
         if let Err(e) = members::forget(&self.db, g.pg()) {
             tracing::warn!(pg = g.pg().0, error = %e, "forget retired member");
+        }
+        self.forget_log_files(g.pg());
+    }
+
+    /// Deletes the segment files of a log whose rows are gone. (Left
+    /// behind, they would go when the node next opens the PG's log.)
+    fn forget_log_files(&self, pg: PgId) {
+        if let Err(e) = self.syncer.files().forget(pg) {
+            tracing::warn!(pg = pg.0, error = %e, "remove a forgotten log's segment files");
         }
     }
 

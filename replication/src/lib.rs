@@ -12,6 +12,7 @@ pub mod error;
 pub mod group;
 pub mod lease;
 pub mod liveness;
+pub mod log_files;
 pub mod log_store;
 pub mod members;
 pub mod placement;

@@ -1,11 +1,16 @@
 //! The Raft log of one protection group in the node's shared RocksDB
-//! (`raft_log` and `raft_state` column families, keys prefixed by the PG).
+//! (`raft_log` and `raft_state` column families, keys prefixed by the PG),
+//! large entries in the PG's segment files ([`crate::log_files`]).
 //!
 //! Durability (shared/research/openraft.md §5.1):
 //! - `save_vote` returns only after the vote is fsynced;
 //! - `append` makes entries readable before it returns and reports them
 //!   flushed only after a WAL fsync, done by the [`WalSyncer`] thread, which
-//!   covers every PG's appends with one fsync (group commit);
+//!   covers every PG's appends with one fsync (group commit), after an
+//!   fdatasync of the segment files those appends wrote to;
+//! - a crash can leave a durable `raft_log` row whose segment bytes are not
+//!   (the WAL may reach the disk before the segment): such rows were never
+//!   reported flushed, and recovery cuts the log before the first of them;
 //! - vote and log writes of one PG are issued in order by openraft and land
 //!   in the one WAL in that order.
 
@@ -21,6 +26,7 @@ use lifeboat_store::{LogIndex, PgId};
 use openraft::storage::{IOFlushed, RaftLogStorage};
 use openraft::{LogState, OptionalSend, RaftLogReader};
 
+use crate::log_files::{FileRef, LogFiles, PgFiles};
 use crate::types::{MemberNode, TypeConfig};
 use crate::wire::{self, Entry, LogId};
 
@@ -31,30 +37,107 @@ type Vote = openraft::alias::VoteOf<TypeConfig>;
 pub const LOG_READ_BATCH_BYTES_MAX: usize = 8 << 20;
 
 /// A stored log value is the entry's end position (u64 big-endian: bytes of
-/// entry encodings in this log up to and including it) followed by the entry.
-/// Positions make "how many bytes does the log hold" and "where must it be
-/// cut to keep N bytes" exact after a restart, with a few point reads.
+/// entry encodings in this log up to and including it), then either the
+/// entry's encoding or, for an entry kept in a segment file
+/// ([`crate::log_files`]; the position's top bit set), a [`FileRef`] and the
+/// entry's log id (term, leader node), so that the log's ends are known
+/// without reading a segment. Positions make "how many bytes does the log
+/// hold" and "where must it be cut to keep N bytes" exact after a restart,
+/// with a few point reads.
 const POSITION_BYTES: usize = 8;
+const IN_FILE: u64 = 1 << 63;
+const FILE_VALUE_BYTES: usize = POSITION_BYTES + FileRef::BYTES + 16;
 
-fn split_stored(value: &[u8]) -> io::Result<(u64, &[u8])> {
+/// Where a stored entry's encoding is.
+enum Body<'a> {
+    Inline(&'a [u8]),
+    File {
+        at: FileRef,
+        term: u64,
+        leader_node: u64,
+    },
+}
+
+impl Body<'_> {
+    /// The entry's encoded length.
+    fn len(&self) -> u64 {
+        match self {
+            Body::Inline(bytes) => bytes.len() as u64,
+            Body::File { at, .. } => u64::from(at.len),
+        }
+    }
+}
+
+/// A stored value: the entry's end position and where its encoding is.
+fn split_stored(value: &[u8]) -> io::Result<(u64, Body<'_>)> {
     if value.len() < POSITION_BYTES {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "raft_log value shorter than its position",
         ));
     }
-    let (pos, entry) = value.split_at(POSITION_BYTES);
-    Ok((u64::from_be_bytes(pos.try_into().expect("8 bytes")), entry))
+    let (pos, rest) = value.split_at(POSITION_BYTES);
+    let pos = u64::from_be_bytes(pos.try_into().expect("8 bytes"));
+    if pos & IN_FILE == 0 {
+        return Ok((pos, Body::Inline(rest)));
+    }
+    if value.len() != FILE_VALUE_BYTES {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "raft_log file reference of the wrong length",
+        ));
+    }
+    let (at, ids) = rest.split_at(FileRef::BYTES);
+    Ok((
+        pos & !IN_FILE,
+        Body::File {
+            at: FileRef::decode(at)?,
+            term: u64::from_be_bytes(ids[..8].try_into().expect("8 bytes")),
+            leader_node: u64::from_be_bytes(ids[8..].try_into().expect("8 bytes")),
+        },
+    ))
+}
+
+/// The log id of the entry stored as `value` under index `index`,
+/// without reading a segment file.
+fn stored_log_id(index: u64, value: &[u8]) -> io::Result<LogId> {
+    match split_stored(value)?.1 {
+        Body::Inline(bytes) => Ok(wire::decode_entry(bytes)?.log_id),
+        Body::File {
+            term, leader_node, ..
+        } => Ok(wire::make_log_id(term, leader_node, index)),
+    }
 }
 
 /// The stored value of `entry` when the log before it ends at byte
 /// `start`: its end position, then its encoding (one buffer, the entry
-/// encoded once). Returns the value and the entry's encoded length.
-fn stored_value(entry: &Entry, start: u64) -> io::Result<(Vec<u8>, u64)> {
+/// encoded once) or, when `files` takes entries this large, a reference
+/// to the encoding appended to them. Returns the value, the entry's
+/// encoded length, and whether the encoding went to a segment file.
+fn stored_value(
+    entry: &Entry,
+    start: u64,
+    files: Option<&PgFiles>,
+) -> io::Result<(Vec<u8>, u64, bool)> {
     let mut value = wire::encode_entry_after(entry, POSITION_BYTES)?;
     let len = (value.len() - POSITION_BYTES) as u64;
-    value[..POSITION_BYTES].copy_from_slice(&(start + len).to_be_bytes());
-    Ok((value, len))
+    let end = start + len;
+    if end & IN_FILE != 0 {
+        return Err(io::Error::other("raft_log position overflow"));
+    }
+    if let Some(files) = files
+        && value.len() - POSITION_BYTES >= files.entry_bytes_min()
+    {
+        let at = files.write(entry.log_id.index, &value[POSITION_BYTES..])?;
+        value.clear();
+        value.extend_from_slice(&(end | IN_FILE).to_be_bytes());
+        value.extend_from_slice(&at.encode());
+        value.extend_from_slice(&entry.log_id.leader_id.term.to_be_bytes());
+        value.extend_from_slice(&entry.log_id.leader_id.node_id.to_be_bytes());
+        return Ok((value, len, true));
+    }
+    value[..POSITION_BYTES].copy_from_slice(&end.to_be_bytes());
+    Ok((value, len, false))
 }
 
 /// The retained part of a log: first and last index, and the bytes of the
@@ -84,16 +167,20 @@ fn io_other(e: lifeboat_store::Error) -> io::Error {
 pub struct WalSyncer {
     tx: mpsc::Sender<SyncRequest>,
     thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
+    files: Arc<LogFiles>,
 }
 
 enum SyncRequest {
-    Flushed(IOFlushed<TypeConfig>),
+    /// Complete the callback once the WAL and, if any, these segment files
+    /// are durable.
+    Flushed(IOFlushed<TypeConfig>, Option<Arc<PgFiles>>),
     Stop,
 }
 
 impl WalSyncer {
-    /// Starts the syncer thread.
-    pub fn start(db: Db) -> WalSyncer {
+    /// Starts the syncer thread for the database and the segment files of
+    /// its logs.
+    pub fn start(db: Db, files: Arc<LogFiles>) -> WalSyncer {
         let db = db.downgrade();
         let (tx, rx) = mpsc::channel::<SyncRequest>();
         let thread = std::thread::Builder::new()
@@ -104,19 +191,32 @@ impl WalSyncer {
                     let Ok(first) = rx.recv() else { break };
                     // Everything queued now was written before this fsync.
                     let mut waiting = Vec::new();
+                    let mut segments: Vec<Arc<PgFiles>> = Vec::new();
                     for req in std::iter::once(first).chain(rx.try_iter()) {
                         match req {
-                            SyncRequest::Flushed(cb) => waiting.push(cb),
+                            SyncRequest::Flushed(cb, files) => {
+                                waiting.push(cb);
+                                if let Some(f) = files
+                                    && !segments.iter().any(|s| Arc::ptr_eq(s, &f))
+                                {
+                                    segments.push(f);
+                                }
+                            }
                             SyncRequest::Stop => stopping = true,
                         }
                     }
                     if waiting.is_empty() {
                         continue;
                     }
-                    let result = match db.upgrade() {
-                        Some(db) => db.sync_wal().map_err(|e| e.to_string()),
-                        None => Err("the database is closed".to_string()),
-                    };
+                    // Segments first: a row is durable only with its bytes.
+                    let result = segments
+                        .iter()
+                        .try_for_each(|f| f.sync())
+                        .map_err(|e| format!("log segment fdatasync: {e}"))
+                        .and_then(|()| match db.upgrade() {
+                            Some(db) => db.sync_wal().map_err(|e| e.to_string()),
+                            None => Err("the database is closed".to_string()),
+                        });
                     for cb in waiting {
                         cb.io_completed(result.clone().map_err(io::Error::other));
                     }
@@ -126,12 +226,18 @@ impl WalSyncer {
         WalSyncer {
             tx,
             thread: Arc::new(Mutex::new(Some(thread))),
+            files,
         }
     }
 
-    fn submit(&self, cb: IOFlushed<TypeConfig>) -> io::Result<()> {
+    /// The segment files of this node's logs.
+    pub fn files(&self) -> &Arc<LogFiles> {
+        &self.files
+    }
+
+    fn submit(&self, cb: IOFlushed<TypeConfig>, files: Option<Arc<PgFiles>>) -> io::Result<()> {
         self.tx
-            .send(SyncRequest::Flushed(cb))
+            .send(SyncRequest::Flushed(cb, files))
             .map_err(|_| io::Error::other("wal syncer has stopped"))
     }
 
@@ -325,14 +431,14 @@ impl LogStore {
     /// holds no entry.
     pub fn tail(&self) -> io::Result<Option<(LogId, u64)>> {
         const LOOK_BACK: u64 = 16;
-        let Some((_, value)) = self
+        let Some((key, value)) = self
             .db
             .last_with_prefix(Cf::RaftLog, &keys::pg_prefix(self.pg))
             .map_err(io_other)?
         else {
             return Ok(None);
         };
-        let last = wire::decode_entry(split_stored(&value)?.1)?.log_id;
+        let last = stored_log_id(row_index(&key)?, &value)?;
         let stamp = self
             .read_range(
                 last.index.saturating_sub(LOOK_BACK),
@@ -380,17 +486,12 @@ impl LogStore {
         else {
             return Ok(None);
         };
-        let index = |k: &[u8]| {
-            keys::raft_log_index(k)
-                .map(|i| i.0)
-                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed raft_log key"))
-        };
         let (first_end, first_entry) = split_stored(&first_value)?;
         let (last_end, _) = split_stored(&last_value)?;
-        let first_start = first_end.saturating_sub(first_entry.len() as u64);
+        let first_start = first_end.saturating_sub(first_entry.len());
         Ok(Some(LogSpan {
-            first: index(&first_key)?,
-            last: index(&last_key)?,
+            first: row_index(&first_key)?,
+            last: row_index(&last_key)?,
             bytes: last_end.saturating_sub(first_start),
             end: last_end,
         }))
@@ -427,14 +528,15 @@ impl LogStore {
         &self,
         kind: RaftStateKind,
     ) -> io::Result<Option<T>> {
-        match self
-            .db
-            .get(Cf::RaftState, &self.state_key(kind))
-            .map_err(io_other)?
-        {
-            None => Ok(None),
-            Some(bytes) => wire::decode_json(&bytes).map(Some),
-        }
+        get_state_in(&self.db, self.pg, kind)
+    }
+
+    /// This PG's segment files, recovered on their first use in this
+    /// process (before openraft reads the log's state).
+    fn files(&self) -> io::Result<Arc<PgFiles>> {
+        self.syncer
+            .files()
+            .pg(self.pg, |files| recover_files(&self.db, self.pg, files))
     }
 
     /// Entries with indexes in `[start, end)`, stopping early after
@@ -447,6 +549,7 @@ impl LogStore {
         let prefix = keys::pg_prefix(self.pg);
         let mut from = keys::raft_log_key(self.pg, LogIndex(start));
         let mut bytes = 0usize;
+        let files = self.files()?;
         // Scan in pages so that a huge range never sits in memory at once.
         const PAGE: usize = 64;
         loop {
@@ -456,28 +559,27 @@ impl LogStore {
                 .map_err(io_other)?;
             let page_len = page.len();
             for (key, value) in page {
-                let index = keys::raft_log_index(&key).ok_or_else(|| {
-                    io::Error::new(io::ErrorKind::InvalidData, "malformed raft_log key")
-                })?;
-                if index.0 >= end {
+                let index = row_index(&key)?;
+                if index >= end {
                     return Ok(out);
                 }
-                let entry = wire::decode_entry(split_stored(&value)?.1)?;
-                if entry.log_id.index != index.0 {
+                let (_, body) = split_stored(&value)?;
+                bytes += body.len() as usize;
+                let entry = match body {
+                    Body::Inline(encoded) => wire::decode_entry(encoded)?,
+                    Body::File { at, .. } => wire::decode_entry(&files.read(&at)?)?,
+                };
+                if entry.log_id.index != index {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
-                        format!(
-                            "raft_log key {} holds entry {}",
-                            index.0, entry.log_id.index
-                        ),
+                        format!("raft_log key {} holds entry {}", index, entry.log_id.index),
                     ));
                 }
-                bytes += value.len();
                 out.push(entry);
                 if bytes >= bytes_max {
                     return Ok(out);
                 }
-                from = keys::raft_log_key(self.pg, LogIndex(index.0 + 1));
+                from = keys::raft_log_key(self.pg, LogIndex(index + 1));
             }
             if page_len < PAGE {
                 return Ok(out);
@@ -522,13 +624,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> io::Result<LogState<TypeConfig>> {
+        // Recovery first: it may cut a torn tail.
+        self.files()?;
         let last_purged: Option<LogId> = self.get_state(RaftStateKind::LastPurged)?;
         let last = self
             .db
             .last_with_prefix(Cf::RaftLog, &keys::pg_prefix(self.pg))
             .map_err(io_other)?;
         let last_log_id = match last {
-            Some((_, value)) => Some(wire::decode_entry(split_stored(&value)?.1)?.log_id),
+            Some((key, value)) => Some(stored_log_id(row_index(&key)?, &value)?),
             None => last_purged,
         };
         Ok(LogState {
@@ -576,6 +680,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
     {
+        let files = self.files()?;
+        let mut wrote_files = false;
         let mut b = self.db.new_batch();
         let mut appended = Vec::new();
         // Position continues from the entry before the first appended one;
@@ -592,7 +698,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 },
             };
             let key = keys::raft_log_key(self.pg, LogIndex(index));
-            let (value, len) = stored_value(&entry, pos)?;
+            let (value, len, in_file) = stored_value(&entry, pos, Some(&files))?;
+            wrote_files |= in_file;
             position = Some(pos + len);
             let stamp = match &entry.payload {
                 openraft::EntryPayload::Normal(cmd) => cmd.0.stamp_ms,
@@ -613,7 +720,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Readable on return (openraft reads what it appended); durable when
         // the syncer's next fsync completes the callback.
         self.db.write(b, Durability::Buffered).map_err(io_other)?;
-        self.syncer.submit(callback)
+        self.syncer.submit(callback, wrote_files.then_some(files))
     }
 
     async fn truncate_after(&mut self, last_kept: Option<LogId>) -> io::Result<()> {
@@ -647,8 +754,122 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             &keys::raft_log_key(self.pg, LogIndex(0)),
             &keys::raft_log_key(self.pg, LogIndex(upto.index + 1)),
         );
-        self.db.write(b, Durability::Buffered).map_err(io_other)
+        let files = self.files()?;
+        let db = self.db.clone();
+        // Synced before any segment goes: a segment is deleted only once
+        // no row that can survive a crash refers to it.
+        tokio::task::spawn_blocking(move || {
+            db.write(b, Durability::Sync).map_err(io_other)?;
+            files.delete_purged(upto.index).map(drop)
+        })
+        .await
+        .map_err(io::Error::other)?
     }
+}
+
+fn row_index(key: &[u8]) -> io::Result<u64> {
+    keys::raft_log_index(key)
+        .map(|i| i.0)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed raft_log key"))
+}
+
+fn get_state_in<T: serde::de::DeserializeOwned>(
+    db: &Db,
+    pg: PgId,
+    kind: RaftStateKind,
+) -> io::Result<Option<T>> {
+    match db
+        .get(Cf::RaftState, &keys::raft_state_key(pg, kind))
+        .map_err(io_other)?
+    {
+        None => Ok(None),
+        Some(bytes) => wire::decode_json(&bytes).map(Some),
+    }
+}
+
+/// Brings `pg`'s segment files in line with its log rows, once per
+/// process, before the log is used:
+/// - no rows: no row refers to any segment; they all go;
+/// - segments that only purged entries can refer to go;
+/// - the rows that refer to the newest segment, the only one whose bytes
+///   may not all have reached the disk (module invariants of
+///   [`crate::log_files`]), are checked against their CRC; the log is cut
+///   before the first that fails. Those entries were never reported
+///   flushed, so never acknowledged by this member; one at or below the
+///   committed index is corruption, not a torn write, and is refused;
+/// - the newest segment is made durable as it is (a killed process leaves
+///   its writes in the page cache).
+fn recover_files(db: &Db, pg: PgId, files: &PgFiles) -> io::Result<()> {
+    let prefix = keys::pg_prefix(pg);
+    if db
+        .last_with_prefix(Cf::RaftLog, &prefix)
+        .map_err(io_other)?
+        .is_none()
+    {
+        return files.clear();
+    }
+    let purged: Option<LogId> = get_state_in(db, pg, RaftStateKind::LastPurged)?;
+    if let Some(purged) = purged {
+        files.delete_purged(purged.index)?;
+    }
+    let Some((newest, first)) = files.newest() else {
+        return Ok(());
+    };
+    // Every live row referring to the newest segment is at or above the
+    // index it was made for.
+    let mut from = keys::raft_log_key(pg, LogIndex(first));
+    let mut cut = None;
+    const PAGE: usize = 64;
+    'scan: loop {
+        let page = db
+            .scan(Cf::RaftLog, &prefix, &from, PAGE)
+            .map_err(io_other)?;
+        for (key, value) in &page {
+            let index = row_index(key)?;
+            if let (_, Body::File { at, .. }) = split_stored(value)?
+                && at.seq >= newest
+            {
+                match files.read(&at) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                        cut = Some((index, e));
+                        break 'scan;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            from = keys::raft_log_key(pg, LogIndex(index + 1));
+        }
+        if page.len() < PAGE {
+            break;
+        }
+    }
+    if let Some((index, error)) = cut {
+        let committed: Option<LogId> = get_state_in(db, pg, RaftStateKind::Committed)?;
+        if committed.is_some_and(|c| c.index >= index) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "committed log entry {index} of PG {} is corrupt: {error}",
+                    pg.0
+                ),
+            ));
+        }
+        tracing::warn!(
+            pg = pg.0,
+            from = index,
+            %error,
+            "cutting the log before an entry whose segment bytes did not survive a crash"
+        );
+        let mut b = db.new_batch();
+        b.delete_range(
+            Cf::RaftLog,
+            &keys::raft_log_key(pg, LogIndex(index)),
+            &keys::pg_prefix(PgId(pg.0 + 1)),
+        );
+        db.write(b, Durability::Sync).map_err(io_other)?;
+    }
+    files.sync_newest()
 }
 
 /// What [`force_membership`] wrote.
@@ -693,10 +914,10 @@ pub fn force_membership(
         .last_with_prefix(Cf::RaftLog, &keys::pg_prefix(pg))
         .map_err(io_other)?;
     let (last_log_id, end): (Option<LogId>, u64) = match &last {
-        Some((_, value)) => {
-            let (end, bytes) = split_stored(value)?;
-            (Some(wire::decode_entry(bytes)?.log_id), end)
-        }
+        Some((key, value)) => (
+            Some(stored_log_id(row_index(key)?, value)?),
+            split_stored(value)?.0,
+        ),
         None => (
             read_json(RaftStateKind::LastPurged)?
                 .map(|b| wire::decode_json(&b))
@@ -720,7 +941,8 @@ pub fn force_membership(
         log_id: wire::make_log_id(term, me, fork_index + 1),
         payload: openraft::EntryPayload::Membership(membership),
     };
-    let (value, _) = stored_value(&entry, end)?;
+    // Small: kept in the row, whatever the segment files' threshold.
+    let (value, _, _) = stored_value(&entry, end, None)?;
     let mut b = db.new_batch();
     b.put(
         Cf::RaftLog,

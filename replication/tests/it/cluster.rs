@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use lifeboat_proto::raft as pb;
 use lifeboat_replication::liveness::Liveness;
+use lifeboat_replication::log_files::{FILE_ENTRY_BYTES_MIN, LogFiles};
 use lifeboat_replication::log_store::WalSyncer;
 use lifeboat_replication::transport::{Host, Identity, Peers, TransportService};
 use lifeboat_replication::{
@@ -204,7 +205,10 @@ async fn start_group(
         member: MemberId(member),
         generation: Generation(generation),
         db: db.clone(),
-        syncer: WalSyncer::start(db.clone()),
+        syncer: WalSyncer::start(
+            db.clone(),
+            LogFiles::new(dir.join("raft-log"), FILE_ENTRY_BYTES_MIN),
+        ),
         snapshot_root: &dir.join("snapshots"),
         timers: &timers(),
         heartbeats,

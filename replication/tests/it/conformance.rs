@@ -2,6 +2,7 @@
 //! machine (shared/research/openraft.md §5.10).
 
 use lifeboat_replication::TypeConfig;
+use lifeboat_replication::log_files::LogFiles;
 use lifeboat_replication::log_store::{LogStore, WalSyncer};
 use lifeboat_replication::state_machine::StateMachine;
 use lifeboat_store::PgId;
@@ -9,7 +10,20 @@ use lifeboat_store::db::{Db, DbOptions};
 use openraft::StorageError;
 use openraft::testing::log::{StoreBuilder, Suite};
 
-struct Builder;
+/// A syncer whose segment files live under `dir` and take entries of at
+/// least `entry_bytes_min` bytes (0: every entry; `usize::MAX`: none).
+fn syncer(db: &Db, dir: &std::path::Path, entry_bytes_min: usize) -> WalSyncer {
+    WalSyncer::start(
+        db.clone(),
+        LogFiles::new(dir.join("raft-log"), entry_bytes_min),
+    )
+}
+
+/// Builds stores whose log keeps entries of at least `entry_bytes_min`
+/// bytes in segment files.
+struct Builder {
+    entry_bytes_min: usize,
+}
 
 impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Builder {
     async fn build(
@@ -19,7 +33,11 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Bui
         let db = Db::open(&dir.path().join("db"), &DbOptions::default()).expect("open db");
         // PG 7: the suite must work for any PG, not only the catalog.
         let pg = PgId(7);
-        let log = LogStore::new(db.clone(), pg, WalSyncer::start(db.clone()));
+        let log = LogStore::new(
+            db.clone(),
+            pg,
+            syncer(&db, dir.path(), self.entry_bytes_min),
+        );
         let sm =
             StateMachine::open(db, pg, &dir.path().join("snapshots")).expect("open state machine");
         Ok((dir, log, sm))
@@ -28,9 +46,19 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Bui
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rocksdb_stores_pass_openraft_storage_suite() {
-    Suite::test_all(Builder)
+    Suite::test_all(Builder {
+        entry_bytes_min: usize::MAX,
+    })
+    .await
+    .expect("openraft storage suite");
+}
+
+/// The same suite with every entry in segment files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segment_file_log_passes_openraft_storage_suite() {
+    Suite::test_all(Builder { entry_bytes_min: 0 })
         .await
-        .expect("openraft storage suite");
+        .expect("openraft storage suite, entries in segment files");
 }
 
 /// The log's span and the purge point that keeps N bytes, across appends,
@@ -44,7 +72,7 @@ async fn log_span_and_purge_point_follow_appends_purges_and_truncation() {
 
     let dir = tempfile::tempdir().unwrap();
     let db = Db::open(&dir.path().join("db"), &DbOptions::default()).unwrap();
-    let mut log = LogStore::new(db.clone(), PgId(3), WalSyncer::start(db.clone()));
+    let mut log = LogStore::new(db.clone(), PgId(3), syncer(&db, dir.path(), usize::MAX));
     assert_eq!(log.span().unwrap(), None);
 
     let entry = |index: u64, len: usize| Entry {
@@ -216,4 +244,112 @@ async fn a_snapshot_is_a_view_frozen_at_its_index() {
         0,
         "installed, its file is gone"
     );
+}
+
+/// A crash can leave log rows durable whose segment bytes are not (the
+/// WAL reached the disk first). The next open cuts the log before the
+/// first such entry, keeps every entry before it, appends after it into a
+/// new segment, and a purge past the old segment deletes its file. An
+/// entry at or below the committed index that fails its check is
+/// corruption: the log refuses to open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_segment_tail_cuts_the_log_before_it() {
+    use lifeboat_proto::raft as pb;
+    use lifeboat_replication::Command;
+    use lifeboat_replication::wire::{Entry, make_log_id};
+    use openraft::storage::{IOFlushed, RaftLogReader, RaftLogStorage};
+
+    let entry = |index: u64, fill: u8| Entry {
+        log_id: make_log_id(1, 1, index),
+        payload: openraft::EntryPayload::Normal(Command(pb::Command {
+            stamp_ms: index,
+            kind: Some(pb::command::Kind::InitCatalog(pb::InitCatalog {
+                cluster_id: String::from_utf8(vec![b'a' + fill % 26; 10_000]).unwrap(),
+                ..Default::default()
+            })),
+        })),
+    };
+    let segments = |dir: &std::path::Path| -> Vec<(String, u64)> {
+        let mut v: Vec<_> = std::fs::read_dir(dir.join("raft-log").join(format!("pg-{:016x}", 3)))
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    e.file_name().into_string().unwrap(),
+                    e.metadata().unwrap().len(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let size = lifeboat_replication::wire::encode_entry(&entry(1, 0))
+        .unwrap()
+        .len() as u64;
+
+    for committed in [None, Some(4)] {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("db"), &DbOptions::default()).unwrap();
+        let mut log = LogStore::new(db.clone(), PgId(3), syncer(&db, dir.path(), 1000));
+        log.append((1..=5).map(|i| entry(i, i as u8)), IOFlushed::noop())
+            .await
+            .unwrap();
+        if let Some(c) = committed {
+            log.save_committed(Some(make_log_id(1, 1, c)))
+                .await
+                .unwrap();
+        }
+        drop(log);
+        // The crash: the segment lost entry 4's last byte and entry 5.
+        let files = segments(dir.path());
+        assert_eq!(files.len(), 1);
+        assert_eq!(files[0].1, 5 * size);
+        let path = dir
+            .path()
+            .join("raft-log")
+            .join(format!("pg-{:016x}", 3))
+            .join(&files[0].0);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(4 * size - 1)
+            .unwrap();
+
+        // The restart: a new registry of segment files over the same rows.
+        let mut log = LogStore::new(db.clone(), PgId(3), syncer(&db, dir.path(), 1000));
+        if committed.is_some() {
+            let err = log.get_log_state().await.unwrap_err();
+            assert!(err.to_string().contains("committed log entry 4"), "{err}");
+            continue;
+        }
+        let state = log.get_log_state().await.unwrap();
+        assert_eq!(state.last_log_id, Some(make_log_id(1, 1, 3)));
+        let kept = log.try_get_log_entries(1..10).await.unwrap();
+        assert_eq!(kept, (1..=3).map(|i| entry(i, i as u8)).collect::<Vec<_>>());
+
+        // Appends go on in a new segment made for entry 4.
+        log.append([entry(4, 40)], IOFlushed::noop()).await.unwrap();
+        assert_eq!(
+            log.try_get_log_entries(4..5).await.unwrap(),
+            vec![entry(4, 40)]
+        );
+        let files = segments(dir.path());
+        assert_eq!(files.len(), 2);
+        assert!(
+            files[1].0.ends_with(&format!("-{:016x}.seg", 4)),
+            "{files:?}"
+        );
+
+        // Purged up to 2, the old segment may still hold entry 3; up to 3
+        // it holds nothing live and goes.
+        log.purge(make_log_id(1, 1, 2)).await.unwrap();
+        assert_eq!(segments(dir.path()).len(), 2);
+        log.purge(make_log_id(1, 1, 3)).await.unwrap();
+        assert_eq!(segments(dir.path()), vec![files[1].clone()]);
+        assert_eq!(
+            log.try_get_log_entries(4..5).await.unwrap(),
+            vec![entry(4, 40)]
+        );
+    }
 }

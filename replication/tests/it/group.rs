@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lifeboat_proto::raft as pb;
+use lifeboat_replication::log_files::{FILE_ENTRY_BYTES_MIN, LogFiles};
 use lifeboat_replication::log_store::WalSyncer;
 use lifeboat_replication::transport::{Identity, Peers};
 use lifeboat_replication::{
@@ -45,7 +46,10 @@ async fn must_start(dir: &std::path::Path, pg: PgId) -> (Db, ProtectionGroup) {
         member: MemberId(1),
         generation: Generation(0),
         db: db.clone(),
-        syncer: WalSyncer::start(db.clone()),
+        syncer: WalSyncer::start(
+            db.clone(),
+            LogFiles::new(dir.join("raft-log"), FILE_ENTRY_BYTES_MIN),
+        ),
         snapshot_root: &dir.join("snapshots"),
         timers: &timers(),
         heartbeats: Heartbeats::PerGroup,
