@@ -1,8 +1,10 @@
 # Lifeboat: the two commands are `make run` and `make test`.
 #
 # One cargo profile (`ci`: dependencies optimised, debug assertions on) for
-# tests, chaos tests, benches and `make run`, and one target directory kept
-# outside the clone, so RocksDB is compiled once per machine, not per clone.
+# tests, chaos tests and `make run`, another (`perf`: optimised, no debug
+# assertions) for the end-to-end benchmarks, and one target directory kept
+# outside the clone, so RocksDB is compiled once per machine and profile,
+# not per clone.
 #
 # Every cargo command here selects the whole workspace with all targets:
 # building a subset (`-p store`, `--bin lifeboat`) unifies the features of
@@ -15,6 +17,10 @@ PROFILE := ci
 CARGO_ALL := --profile $(PROFILE) --workspace --all-targets
 BIN := $(CARGO_TARGET_DIR)/$(PROFILE)/lifeboat
 DATA_DIR ?= lifeboat-data
+# The load generators drive what an operator runs: an optimised build.
+BENCH_PROFILE := perf
+BENCH_DIR := $(CARGO_TARGET_DIR)/$(BENCH_PROFILE)
+BENCH_BIN := $(BENCH_DIR)/lifeboat
 
 # Debian packages the build and the tests need: libclang for RocksDB's
 # bindings, a C++ compiler for RocksDB, the real NBD clients the tests
@@ -26,7 +32,7 @@ DEBIAN_PACKAGES := libclang-dev clang g++ make qemu-utils libnbd-bin nbdkit fio 
 #   command-or-module:package
 TOOL_PACKAGES := aws:awscli python3:python3 boto3:python3-boto3
 
-.PHONY: run test verify fix deps build bench bench-codec bench-nbd bench-replicated bench-pgs bench-etcd bench-s3 bench-history clean-data
+.PHONY: run test verify fix deps build build-bench bench bench-codec bench-nbd bench-replicated bench-pgs bench-etcd bench-s3 bench-history clean-data
 
 # Installs the Debian packages in the shell variable $missing, if any,
 # saying so.
@@ -60,6 +66,10 @@ deps:
 build: deps
 	cargo build $(CARGO_ALL)
 
+# Always the same selection, so the `perf` build of RocksDB is reused.
+build-bench: deps
+	cargo build --profile $(BENCH_PROFILE) -p lifeboat-cli -p lifeboat-benches --bins
+
 # Start a local cluster in ./$(DATA_DIR) and print its endpoints (Ctrl-C stops it).
 run: build
 	$(BIN) up --data-dir $(DATA_DIR)
@@ -92,32 +102,32 @@ bench: bench-codec bench-nbd bench-replicated bench-pgs bench-etcd bench-s3 benc
 bench-codec: build
 	cargo bench --profile $(PROFILE) --workspace --bench codec
 
-bench-nbd: build
-	LIFEBOAT_BIN=$(BIN) $(CARGO_TARGET_DIR)/$(PROFILE)/nbd-load
+bench-nbd: build-bench
+	LIFEBOAT_BIN=$(BENCH_BIN) $(BENCH_DIR)/nbd-load
 
-bench-pgs: build
-	LIFEBOAT_BIN=$(BIN) $(CARGO_TARGET_DIR)/$(PROFILE)/pg-scale --pgs 500 --seconds 20
+bench-pgs: build-bench
+	LIFEBOAT_BIN=$(BENCH_BIN) $(BENCH_DIR)/pg-scale --pgs 500 --seconds 20
 
 # 4 KiB durable writes beside a three-member etcd cluster (Debian's
 # etcd-server, installed for this benchmark only).
-bench-etcd: build
+bench-etcd: build-bench
 	$(call apt_install,etcd-server)
-	LIFEBOAT_BIN=$(BIN) $(CARGO_TARGET_DIR)/$(PROFILE)/durable-writes --seconds 10 --rounds 2
+	LIFEBOAT_BIN=$(BENCH_BIN) $(BENCH_DIR)/durable-writes --seconds 10 --rounds 2
 
 # S3 PUT/GET beside s3s-fs (the reference, installed for this benchmark
 # only, at the version this Rust builds).
-bench-s3: build
+bench-s3: build-bench
 	@command -v s3s-fs >/dev/null || { echo "make: installing s3s-fs 0.14.1 (cargo install)"; \
 	  cargo install s3s-fs@0.14.1 --locked --features binary; }
-	LIFEBOAT_BIN=$(BIN) $(CARGO_TARGET_DIR)/$(PROFILE)/s3-load --seconds 8
+	LIFEBOAT_BIN=$(BENCH_BIN) $(BENCH_DIR)/s3-load --seconds 8
 
 # Snapshot creation against data size, volume and bucket clones to first
 # read, reads after ten overwrites (read amplification), GC, on one node.
-bench-history: build
-	LIFEBOAT_BIN=$(BIN) $(CARGO_TARGET_DIR)/$(PROFILE)/history
+bench-history: build-bench
+	LIFEBOAT_BIN=$(BENCH_BIN) $(BENCH_DIR)/history
 
-bench-replicated: build
-	LIFEBOAT_BIN=$(BIN) $(CARGO_TARGET_DIR)/$(PROFILE)/nbd-load --replicated --seconds 8 --size-mib 512 --lag-seconds 20
+bench-replicated: build-bench
+	LIFEBOAT_BIN=$(BENCH_BIN) $(BENCH_DIR)/nbd-load --replicated --seconds 8 --size-mib 512 --lag-seconds 20
 
 clean-data:
 	rm -rf $(DATA_DIR)

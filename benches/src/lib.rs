@@ -20,6 +20,17 @@ pub fn default_work_dir() -> std::path::PathBuf {
     home.join(".cache/lifeboat/bench")
 }
 
+/// Writes back every dirty page on the machine (`sync`) and waits for it,
+/// before a measurement starts, so that no run pays for the write-back of
+/// the one before (s3s-fs never fsyncs, and the page cache holds
+/// gigabytes). It makes the runs fairer; it did not remove the order
+/// effect noted in BENCHMARKS.md (2026-12-04).
+pub async fn settle_disk() -> anyhow::Result<()> {
+    let status = tokio::process::Command::new("sync").status().await?;
+    anyhow::ensure!(status.success(), "sync failed: {status}");
+    Ok(())
+}
+
 /// Test data of a given kind, deterministic.
 pub fn data(kind: DataKind, len: usize) -> Vec<u8> {
     match kind {

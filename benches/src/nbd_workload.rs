@@ -83,6 +83,7 @@ pub async fn run(
     limit: Duration,
     payload: &Arc<Vec<u8>>,
 ) -> Result<Throughput> {
+    crate::settle_disk().await?;
     run_paced(addr, export, w, size, limit, payload, None).await
 }
 

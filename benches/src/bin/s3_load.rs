@@ -117,6 +117,7 @@ async fn measure(
     concurrency: usize,
     seconds: u64,
 ) -> Result<(Rate, Rate)> {
+    lifeboat_benches::settle_disk().await?;
     let c = client(t);
     let body = bytes::Bytes::from(lifeboat_chaos_tests::data::pseudo_random(size as u64, size));
     let prefix = format!("{size}-{concurrency}-{}", rand::random::<u32>());
