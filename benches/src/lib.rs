@@ -31,6 +31,57 @@ pub async fn settle_disk() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Resident memory in bytes and CPU time (user + system) in seconds of
+/// a process.
+pub fn process_usage(pid: u32) -> anyhow::Result<(u64, f64)> {
+    use anyhow::Context;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("VmRSS")?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start at ") ".
+    let rest = &stat[stat.rfind(") ").context("stat")? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 (1-based), 11 and 12 here.
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    let hz = 100.0; // sysconf(_SC_CLK_TCK) on Linux
+    Ok((rss_kib * 1024, ticks as f64 / hz))
+}
+
+/// Waits until the processes `pids` together use less than a tenth of a
+/// core over a second, for at most `limit`; returns how long it waited,
+/// or an error naming the CPU still in use at the limit. Targets stay up
+/// beside the one measured, and one still busy with its own phase (a
+/// five-node cluster flushing, compacting, its learners catching up)
+/// would take CPU and disk from the run. In the runs of 2026-12-04 they
+/// were idle within a second.
+pub async fn quiesce(
+    pids: &[u32],
+    limit: std::time::Duration,
+) -> anyhow::Result<std::time::Duration> {
+    const IDLE_CORES: f64 = 0.1;
+    let started = std::time::Instant::now();
+    let total = || -> anyhow::Result<f64> { pids.iter().map(|p| Ok(process_usage(*p)?.1)).sum() };
+    loop {
+        let before = total()?;
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let cores = total()? - before;
+        if cores < IDLE_CORES {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() >= limit {
+            anyhow::bail!(
+                "the other targets still use {cores:.2} cores after {:?}",
+                started.elapsed()
+            );
+        }
+    }
+}
+
 /// Test data of a given kind, deterministic.
 pub fn data(kind: DataKind, len: usize) -> Vec<u8> {
     match kind {

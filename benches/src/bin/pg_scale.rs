@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
+use lifeboat_benches::process_usage;
 use lifeboat_chaos_tests::harness::TestNode;
 use lifeboat_chaos_tests::nbd_client::NbdClient;
 
@@ -42,44 +43,31 @@ struct Args {
     heartbeats: String,
 }
 
-/// Resident memory in bytes and CPU time (user + system) in seconds.
-fn usage(pid: u32) -> Result<(u64, f64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let rss_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .context("VmRSS")?;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may hold spaces) start at ") ".
-    let rest = &stat[stat.rfind(") ").context("stat")? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 (1-based), 11 and 12 here.
-    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
-    let hz = 100.0; // sysconf(_SC_CLK_TCK) on Linux
-    Ok((rss_kib * 1024, ticks as f64 / hz))
-}
-
 /// Per node: average RSS over the window and CPU share (1.0 = one core).
 async fn measure(nodes: &[TestNode], window: Duration) -> Result<Vec<(u64, f64)>> {
     let pids: Vec<u32> = nodes
         .iter()
         .map(|n| n.pid().context("node not running"))
         .collect::<Result<_>>()?;
-    let before: Vec<(u64, f64)> = pids.iter().map(|p| usage(*p)).collect::<Result<_>>()?;
+    let before: Vec<(u64, f64)> = pids
+        .iter()
+        .map(|p| process_usage(*p))
+        .collect::<Result<_>>()?;
     let started = Instant::now();
     let mut rss_sum = vec![0u64; pids.len()];
     let mut samples = 0u64;
     while started.elapsed() < window {
         tokio::time::sleep(Duration::from_millis(500)).await;
         for (i, p) in pids.iter().enumerate() {
-            rss_sum[i] += usage(*p)?.0;
+            rss_sum[i] += process_usage(*p)?.0;
         }
         samples += 1;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let after: Vec<(u64, f64)> = pids.iter().map(|p| usage(*p)).collect::<Result<_>>()?;
+    let after: Vec<(u64, f64)> = pids
+        .iter()
+        .map(|p| process_usage(*p))
+        .collect::<Result<_>>()?;
     Ok((0..pids.len())
         .map(|i| {
             (

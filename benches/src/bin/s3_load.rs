@@ -6,11 +6,16 @@
 //!
 //! For each object size and concurrency: writers PUT fresh keys for
 //! `--seconds`, then readers GET those keys round-robin for `--seconds`.
-//! Prints ops/s and MB/s per target and the ratio to s3s-fs.
+//! Every phase runs `--passes` times, the targets in the given order and
+//! then in reverse, since on this disk whoever writes second in a phase
+//! runs slower (a run writes gigabytes; measured on 2026-12-04, 4 MiB PUTs
+//! at 16 lost 10% for s3s-fs and 25–30% for Lifeboat when second). Prints
+//! each measurement as it is made, then ops/s and MB/s per target averaged
+//! over the passes, and the ratio to s3s-fs.
 //!
 //! ```text
 //! s3-load [--seconds 10] [--sizes 64KiB,4MiB] [--concurrency 1,16]
-//!         [--targets single,cluster,s3s-fs]
+//!         [--targets single,cluster,s3s-fs] [--passes 2]
 //! ```
 
 use std::process::{Child, Command, Stdio};
@@ -39,6 +44,10 @@ struct Args {
     /// --features binary`).
     #[arg(long, value_delimiter = ',', default_value = "s3s-fs,single,cluster")]
     targets: Vec<String>,
+    /// Measurements of each phase and target, alternating the order of
+    /// the targets (forward, reverse, forward, ...).
+    #[arg(long, default_value_t = 2)]
+    passes: usize,
 }
 
 fn parse_size(s: &str) -> Result<usize> {
@@ -62,6 +71,9 @@ struct Target {
     key: String,
     secret: String,
     bucket: String,
+    /// Its server processes, so that the others can be left idle while
+    /// it is measured.
+    pids: Vec<u32>,
 }
 
 fn client(t: &Target) -> Client {
@@ -179,6 +191,7 @@ fn lifeboat(dir: &std::path::Path, name: &str, sites: &[&str]) -> Result<(Cluste
         key,
         secret,
         bucket: "bench-bucket".into(),
+        pids: cluster.nodes.iter().filter_map(|n| n.pid()).collect(),
     };
     Ok((cluster, target))
 }
@@ -202,6 +215,7 @@ async fn s3s_fs(dir: &std::path::Path) -> Result<(Child, Target)> {
         key: "BENCHKEY".into(),
         secret: "BENCHSECRET".into(),
         bucket: "bench-bucket".into(),
+        pids: vec![child.id()],
     };
     let c = client(&target);
     let started = Instant::now();
@@ -254,34 +268,86 @@ async fn main() -> Result<()> {
             other => bail!("unknown target {other}"),
         }
     }
+    let passes = args.passes.max(1);
+    // (size index, concurrency index) → per target, the sums over passes.
+    let mut sums =
+        vec![
+            vec![vec![(0.0f64, 0.0f64, 0.0f64, 0.0f64); targets.len()]; args.concurrency.len()];
+            sizes.len()
+        ];
+    println!(
+        "{:<18} {:>7} {:>4} {:>4} | {:>9} {:>9}",
+        "target", "size", "conc", "pass", "PUT MB/s", "GET MB/s"
+    );
+    for (si, &size) in sizes.iter().enumerate() {
+        for (ci, &concurrency) in args.concurrency.iter().enumerate() {
+            for pass in 0..passes {
+                let mut order: Vec<usize> = (0..targets.len()).collect();
+                if pass % 2 == 1 {
+                    order.reverse();
+                }
+                for ti in order {
+                    let t = &targets[ti];
+                    let others: Vec<u32> = targets
+                        .iter()
+                        .filter(|o| o.name != t.name)
+                        .flat_map(|o| o.pids.iter().copied())
+                        .collect();
+                    match lifeboat_benches::quiesce(&others, Duration::from_secs(120)).await {
+                        Ok(waited) if waited > Duration::from_secs(2) => eprintln!(
+                            "{}: waited {:.0} s for the other targets to go idle",
+                            t.name,
+                            waited.as_secs_f64()
+                        ),
+                        Ok(_) => {}
+                        Err(e) => eprintln!("warning: measuring {} while {e}", t.name),
+                    }
+                    let (put, get) = measure(t, size, concurrency, args.seconds).await?;
+                    println!(
+                        "{:<18} {:>7} {:>4} {:>4} | {:>9.1} {:>9.1}",
+                        t.name,
+                        args.sizes[si],
+                        concurrency,
+                        pass + 1,
+                        put.mb_per_s,
+                        get.mb_per_s
+                    );
+                    let sum = &mut sums[si][ci][ti];
+                    sum.0 += put.ops_per_s;
+                    sum.1 += put.mb_per_s;
+                    sum.2 += get.ops_per_s;
+                    sum.3 += get.mb_per_s;
+                }
+            }
+        }
+    }
+    println!();
+    println!("Averaged over {passes} passes:");
     println!(
         "{:<18} {:>7} {:>4} | {:>9} {:>9} {:>6} | {:>9} {:>9} {:>6}",
         "target", "size", "conc", "PUT op/s", "PUT MB/s", "×ref", "GET op/s", "GET MB/s", "×ref"
     );
-    for &size in &sizes {
-        for &concurrency in &args.concurrency {
-            let mut reference: Option<(Rate, Rate)> = None;
-            for t in &targets {
-                let (put, get) = measure(t, size, concurrency, args.seconds).await?;
-                if t.name == "s3s-fs" {
-                    reference = Some((put, get));
-                }
-                let ratio = |r: Rate, base: Option<Rate>| {
-                    base.map_or("-".to_string(), |b| {
-                        format!("{:.2}", r.mb_per_s / b.mb_per_s)
+    let reference = targets.iter().position(|t| t.name == "s3s-fs");
+    let n = passes as f64;
+    for (si, by_conc) in sums.iter().enumerate() {
+        for (ci, by_target) in by_conc.iter().enumerate() {
+            for (ti, &(put_ops, put_mb, get_ops, get_mb)) in by_target.iter().enumerate() {
+                let ratio = |mine: f64, pick: fn(&(f64, f64, f64, f64)) -> f64| {
+                    reference.map_or("-".to_string(), |r| {
+                        format!("{:.2}", mine / pick(&by_target[r]))
                     })
                 };
                 println!(
                     "{:<18} {:>7} {:>4} | {:>9.0} {:>9.1} {:>6} | {:>9.0} {:>9.1} {:>6}",
-                    t.name,
-                    args.sizes[sizes.iter().position(|s| *s == size).unwrap_or(0)],
-                    concurrency,
-                    put.ops_per_s,
-                    put.mb_per_s,
-                    ratio(put, reference.map(|r| r.0)),
-                    get.ops_per_s,
-                    get.mb_per_s,
-                    ratio(get, reference.map(|r| r.1)),
+                    targets[ti].name,
+                    args.sizes[si],
+                    args.concurrency[ci],
+                    put_ops / n,
+                    put_mb / n,
+                    ratio(put_mb, |s| s.1),
+                    get_ops / n,
+                    get_mb / n,
+                    ratio(get_mb, |s| s.3),
                 );
             }
         }
