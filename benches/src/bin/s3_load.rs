@@ -7,9 +7,9 @@
 //! For each object size and concurrency: writers PUT fresh keys for
 //! `--seconds`, then readers GET those keys round-robin for `--seconds`.
 //! Every phase runs `--passes` times, the targets in the given order and
-//! then in reverse, since on this disk whoever writes second in a phase
-//! runs slower (a run writes gigabytes; measured on 2026-12-04, 4 MiB PUTs
-//! at 16 lost 10% for s3s-fs and 25–30% for Lifeboat when second). Prints
+//! then in reverse, since on this disk the order moves the ratio (a phase
+//! writes gigabytes; on 2026-12-04 Lifeboat's 4 MiB PUT at 16 measured
+//! 0.37–0.43× of s3s-fs when second and 0.60× when first). Prints
 //! each measurement as it is made, then ops/s and MB/s per target averaged
 //! over the passes, and the ratio to s3s-fs.
 //!
