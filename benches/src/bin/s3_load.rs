@@ -80,10 +80,26 @@ fn client(t: &Target) -> Client {
     lifeboat_chaos_tests::s3_client::client(&t.endpoint, &t.key, &t.secret)
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 struct Rate {
     ops_per_s: f64,
     mb_per_s: f64,
+}
+
+/// A target's PUT and GET rates in one phase, summed over the passes.
+#[derive(Clone, Copy, Default)]
+struct Totals {
+    put: Rate,
+    get: Rate,
+}
+
+impl Totals {
+    fn add(&mut self, put: Rate, get: Rate) {
+        self.put.ops_per_s += put.ops_per_s;
+        self.put.mb_per_s += put.mb_per_s;
+        self.get.ops_per_s += get.ops_per_s;
+        self.get.mb_per_s += get.mb_per_s;
+    }
 }
 
 /// Runs `op(worker, seq)` on `concurrency` workers for `seconds`.
@@ -271,10 +287,7 @@ async fn main() -> Result<()> {
     let passes = args.passes.max(1);
     // (size index, concurrency index) → per target, the sums over passes.
     let mut sums =
-        vec![
-            vec![vec![(0.0f64, 0.0f64, 0.0f64, 0.0f64); targets.len()]; args.concurrency.len()];
-            sizes.len()
-        ];
+        vec![vec![vec![Totals::default(); targets.len()]; args.concurrency.len()]; sizes.len()];
     println!(
         "{:<18} {:>7} {:>4} {:>4} | {:>9} {:>9}",
         "target", "size", "conc", "pass", "PUT MB/s", "GET MB/s"
@@ -312,11 +325,7 @@ async fn main() -> Result<()> {
                         put.mb_per_s,
                         get.mb_per_s
                     );
-                    let sum = &mut sums[si][ci][ti];
-                    sum.0 += put.ops_per_s;
-                    sum.1 += put.mb_per_s;
-                    sum.2 += get.ops_per_s;
-                    sum.3 += get.mb_per_s;
+                    sums[si][ci][ti].add(put, get);
                 }
             }
         }
@@ -331,8 +340,8 @@ async fn main() -> Result<()> {
     let n = passes as f64;
     for (si, by_conc) in sums.iter().enumerate() {
         for (ci, by_target) in by_conc.iter().enumerate() {
-            for (ti, &(put_ops, put_mb, get_ops, get_mb)) in by_target.iter().enumerate() {
-                let ratio = |mine: f64, pick: fn(&(f64, f64, f64, f64)) -> f64| {
+            for (ti, t) in by_target.iter().enumerate() {
+                let ratio = |mine: f64, pick: fn(&Totals) -> f64| {
                     reference.map_or("-".to_string(), |r| {
                         format!("{:.2}", mine / pick(&by_target[r]))
                     })
@@ -342,12 +351,12 @@ async fn main() -> Result<()> {
                     targets[ti].name,
                     args.sizes[si],
                     args.concurrency[ci],
-                    put_ops / n,
-                    put_mb / n,
-                    ratio(put_mb, |s| s.1),
-                    get_ops / n,
-                    get_mb / n,
-                    ratio(get_mb, |s| s.3),
+                    t.put.ops_per_s / n,
+                    t.put.mb_per_s / n,
+                    ratio(t.put.mb_per_s, |s| s.put.mb_per_s),
+                    t.get.ops_per_s / n,
+                    t.get.mb_per_s / n,
+                    ratio(t.get.mb_per_s, |s| s.get.mb_per_s),
                 );
             }
         }
