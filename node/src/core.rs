@@ -946,21 +946,21 @@ impl NodeCore {
     }
 
     /// Deletes this node's replica of `pg` (its key ranges, Raft log and
-    /// state, in one synced batch) and its Raft snapshot files. The member
-    /// must be stopped.
+    /// state, in one synced batch), its log segment files and its Raft
+    /// snapshot files. The member must be stopped.
     pub(crate) async fn wipe_replica(&self, pg: PgId) -> NodeResult<()> {
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || lifeboat_store::raft_snapshot::wipe_pg(&db, pg))
             .await
             .map_err(|e| NodeError::io("wipe a replica")(std::io::Error::other(e)))??;
-        self.remove_raft_snapshots(pg);
+        self.remove_replica_files(pg);
         Ok(())
     }
 
     /// Keeps this node's data of `pg` as the base of a delta resync
     /// (`crate::failback`), deleting its Raft log and state (the local
-    /// member record with them) and its Raft snapshot files. The member
-    /// must be stopped.
+    /// member record with them), its log segment files and its Raft
+    /// snapshot files. The member must be stopped.
     pub(crate) async fn keep_for_resync(&self, pg: PgId, old_generation: u64) -> NodeResult<()> {
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || {
@@ -968,13 +968,14 @@ impl NodeCore {
         })
         .await
         .map_err(|e| NodeError::io("keep a replica for resync")(std::io::Error::other(e)))??;
-        self.remove_raft_snapshots(pg);
+        self.remove_replica_files(pg);
         Ok(())
     }
 
-    fn remove_raft_snapshots(&self, pg: PgId) {
+    /// Deletes the files beside the database that a replica's Raft log and
+    /// state named: its log segments and its Raft snapshot files.
+    fn remove_replica_files(&self, pg: PgId) {
         self.forget_log_files(pg);
-        // Its Raft snapshot files went with the state that named them.
         let snapshots = self
             .config
             .data_dir

@@ -503,6 +503,40 @@ mod tests {
         assert!(!dir.path().join(format!("pg-{:016x}", 1)).exists());
     }
 
+    /// `forget` deletes a PG's segments whether or not this process has
+    /// opened them, and leaves other PGs' alone.
+    #[test]
+    fn forget_deletes_a_pgs_segments_opened_or_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let pg_dir = |pg: u64| dir.path().join(format!("pg-{pg:016x}"));
+        let files = LogFiles::new(dir.path().to_path_buf(), 0);
+        for pg in [1, 2] {
+            files
+                .pg(PgId(pg), |_| Ok(()))
+                .unwrap()
+                .write(1, b"x")
+                .unwrap();
+        }
+        files.forget(PgId(1)).unwrap();
+        assert!(!pg_dir(1).exists());
+        assert!(pg_dir(2).exists());
+
+        // A new process that never opened PG 2's log.
+        let files = LogFiles::new(dir.path().to_path_buf(), 0);
+        files.forget(PgId(2)).unwrap();
+        assert!(!pg_dir(2).exists());
+        // Nothing to forget is no error.
+        files.forget(PgId(3)).unwrap();
+
+        // A forgotten PG that writes again starts afresh at segment 1.
+        let r = files
+            .pg(PgId(1), |_| Ok(()))
+            .unwrap()
+            .write(7, b"y")
+            .unwrap();
+        assert_eq!((r.seq, r.offset), (1, 0));
+    }
+
     #[test]
     fn a_full_segment_rolls() {
         let dir = tempfile::tempdir().unwrap();
