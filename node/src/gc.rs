@@ -50,16 +50,22 @@ pub async fn run_once(core: &Arc<NodeCore>) {
 
 /// The PG's window. It is the PG's, in its log, so that every leader (and
 /// apply, which caps the horizon by it) goes by the same one: a PG that
-/// never set one takes this node's default once.
+/// never set one takes this node's default once, unless a window set in
+/// the meantime (`pg set-window` right after the PG was made) came first.
 async fn pg_window(core: &Arc<NodeCore>, group: &ProtectionGroup) -> NodeResult<u64> {
     if let Some(w) = gc::window(&core.db, group.pg())? {
         return Ok(w);
     }
     let window_ms = core.config.history.window_ms;
     group
-        .propose(pb::command::Kind::SetWindow(pb::SetWindow { window_ms }))
+        .propose(pb::command::Kind::SetWindow(pb::SetWindow {
+            window_ms,
+            only_if_unset: true,
+        }))
         .await?;
-    Ok(window_ms)
+    // Applied at the leader (where GC runs) before the proposal returns:
+    // the window that stands.
+    Ok(gc::window(&core.db, group.pg())?.unwrap_or(window_ms))
 }
 
 async fn collect(core: &Arc<NodeCore>, group: &ProtectionGroup) -> NodeResult<()> {
@@ -179,6 +185,7 @@ async fn check_space(core: &Arc<NodeCore>) -> NodeResult<()> {
         group
             .propose(pb::command::Kind::SetWindow(pb::SetWindow {
                 window_ms: shrunk,
+                only_if_unset: false,
             }))
             .await?;
         core.events.event(

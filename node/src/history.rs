@@ -92,7 +92,10 @@ impl NodeCore {
         let group = self.running_group(record.id)?;
         let window_ms = points::parse_every(window)?;
         group
-            .propose(pb::command::Kind::SetWindow(pb::SetWindow { window_ms }))
+            .propose(pb::command::Kind::SetWindow(pb::SetWindow {
+                window_ms,
+                only_if_unset: false,
+            }))
             .await?;
         tracing::info!(pg = pg_full_name, window_ms, "protection window set");
         Ok(record)

@@ -65,6 +65,8 @@ pub(crate) struct ApplyContext<'a> {
     masks: std::cell::OnceCell<Vec<RollbackMask>>,
     /// The PG's usage as this batch leaves it, once read.
     usage: Option<Usage>,
+    /// The PG's window as staged in this batch.
+    window_overlay: Option<u64>,
 }
 
 type Outcome = Result<Applied, Rejection>;
@@ -89,6 +91,7 @@ impl<'a> ApplyContext<'a> {
             timeline_newest: None,
             masks: std::cell::OnceCell::new(),
             usage: None,
+            window_overlay: None,
         }
     }
 
@@ -1868,6 +1871,54 @@ mod tests {
             if_absent,
             stream: 0,
         }))
+    }
+
+    /// A node's default window (only if unset) never undoes a window set
+    /// before it, in an earlier batch or the same one; on a PG without a
+    /// window it is set, and a plain set replaces it.
+    #[test]
+    fn a_default_window_does_not_undo_one_set_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), &DbOptions::default()).unwrap();
+        let pg = PgId(4);
+        let set = |window_ms, only_if_unset| {
+            cmd(pb::command::Kind::SetWindow(pb::SetWindow {
+                window_ms,
+                only_if_unset,
+            }))
+        };
+        let window = || gc::window(&db, pg).unwrap();
+
+        // Same batch: the operator's 1 s, then the default.
+        let mut cx = ApplyContext::new(&db, pg);
+        for (i, c) in [set(1000, false), set(86_400_000, true)].iter().enumerate() {
+            assert_eq!(
+                cx.apply_command(LogIndex(i as u64 + 1), c).unwrap(),
+                Ok(Applied::Done)
+            );
+        }
+        db.write(cx.batch, Durability::Buffered).unwrap();
+        assert_eq!(window(), Some(1000));
+
+        // A later batch: still the operator's.
+        let mut cx = ApplyContext::new(&db, pg);
+        cx.apply_command(LogIndex(3), &set(86_400_000, true))
+            .unwrap()
+            .unwrap();
+        db.write(cx.batch, Durability::Buffered).unwrap();
+        assert_eq!(window(), Some(1000));
+
+        // A PG without one takes the default; a plain set replaces it.
+        let other = PgId(5);
+        let mut cx = ApplyContext::new(&db, other);
+        cx.apply_command(LogIndex(1), &set(86_400_000, true))
+            .unwrap()
+            .unwrap();
+        cx.apply_command(LogIndex(2), &set(2000, false))
+            .unwrap()
+            .unwrap();
+        db.write(cx.batch, Durability::Buffered).unwrap();
+        assert_eq!(gc::window(&db, other).unwrap(), Some(2000));
     }
 
     /// A rebuilt catalog replaces the cluster's identity, site and CA,

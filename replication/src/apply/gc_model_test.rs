@@ -110,7 +110,10 @@ impl Harness {
         assert_eq!(h.apply(bucket), Ok(Applied::Done));
         h.states.push(h.now().clone());
         // A window of 1 ms: the horizon may go anywhere the test sends it.
-        let window = pb::command::Kind::SetWindow(pb::SetWindow { window_ms: 1 });
+        let window = pb::command::Kind::SetWindow(pb::SetWindow {
+            window_ms: 1,
+            only_if_unset: false,
+        });
         assert_eq!(h.apply(window), Ok(Applied::Done));
         h.states.push(h.now().clone());
         for _ in 0..2 {

@@ -332,8 +332,20 @@ impl ApplyContext<'_> {
                 reason: "a window of 0 ms".into(),
             }));
         }
+        if w.only_if_unset && self.window()?.is_some() {
+            return Ok(Ok(Applied::Done));
+        }
         gc::stage_window(&mut self.batch, self.pg, w.window_ms);
+        self.window_overlay = Some(w.window_ms);
         Ok(Ok(Applied::Done))
+    }
+
+    /// The PG's window as this batch leaves it so far.
+    fn window(&self) -> io::Result<Option<u64>> {
+        match self.window_overlay {
+            Some(w) => Ok(Some(w)),
+            None => gc::window(self.db, self.pg).map_err(io::Error::other),
+        }
     }
 
     /// Moves the horizon to the state at `at_ms` on this PG's timeline:
@@ -345,9 +357,7 @@ impl ApplyContext<'_> {
         stamp_ms: u64,
     ) -> io::Result<Outcome> {
         // Never past the PG's own window, whoever proposes.
-        let window_ms = gc::window(self.db, self.pg)
-            .map_err(io::Error::other)?
-            .unwrap_or(gc::DEFAULT_WINDOW_MS);
+        let window_ms = self.window()?.unwrap_or(gc::DEFAULT_WINDOW_MS);
         let at_ms = a.at_ms.min(stamp_ms.saturating_sub(window_ms));
         let target = match History::new(self.db.clone())
             .index_at(self.pg, at_ms)
