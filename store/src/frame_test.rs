@@ -119,21 +119,102 @@ fn compressible_data_gets_the_flag_and_random_data_does_not() {
     let frame = codec.encode(keys.current(), &aad, &random);
     assert_eq!(frame[OFFSET_FLAGS], 0);
 
-    // A large input whose first 4 KiB is random is not compressed, even
-    // though the rest would be: the sample decides.
-    let mut mixed = random_bytes(COMPRESS_SAMPLE_BYTES, 8);
-    mixed.extend(compressible_bytes(60 << 10));
+    // A block with a random head and a zero tail (a file's last block)
+    // samples as compressible, and is.
+    let mut zero_tail = random_bytes(3 << 10, 10);
+    zero_tail.resize(BLOCK_BYTES, 0);
+    let frame = codec.encode(keys.current(), &aad, &zero_tail);
+    assert_eq!(frame[OFFSET_FLAGS], FLAG_COMPRESSED);
+    assert_eq!(must_decode(&codec, &keys, &aad, &frame), zero_tail);
+
+    // Where the stripes of a large input's sample lie.
+    let len = 64 << 10;
+    let stripes: Vec<usize> = (0..COMPRESS_STRIPES_LARGE)
+        .map(|i| (len - COMPRESS_STRIPE_BYTES) * i / (COMPRESS_STRIPES_LARGE - 1))
+        .collect();
+    // `data` with its stripes taken from `stripes_from`.
+    let with_stripes = |mut data: Vec<u8>, stripes_from: &[u8]| {
+        for &start in &stripes {
+            let stripe = start..start + COMPRESS_STRIPE_BYTES;
+            data[stripe.clone()].copy_from_slice(&stripes_from[stripe]);
+        }
+        data
+    };
+
+    // A large input whose stripes are random is not compressed, even though
+    // the rest would be: the sample decides.
+    let mixed = with_stripes(compressible_bytes(len), &random_bytes(len, 8));
+    assert_eq!(compress_sample(&mixed).len(), 4 << 10);
     let frame = codec.encode(keys.current(), &aad, &mixed);
     assert_eq!(frame[OFFSET_FLAGS], 0);
     assert_eq!(must_decode(&codec, &keys, &aad, &frame), mixed);
 
     // A large input whose sample compresses but whose whole does not save
     // 1/8 is stored as is.
-    let mut tail_random = compressible_bytes(COMPRESS_SAMPLE_BYTES);
-    tail_random.extend(random_bytes(60 << 10, 9));
+    let tail_random = with_stripes(random_bytes(len, 9), &vec![0; len]);
     let frame = codec.encode(keys.current(), &aad, &tail_random);
     assert_eq!(frame[OFFSET_FLAGS], 0);
     assert_eq!(must_decode(&codec, &keys, &aad, &frame), tail_random);
+}
+
+/// Frames sealed before the codec moved from the `aes-gcm` crate to ring
+/// (and any frame on disk today) stay readable, and the reverse: both are
+/// AES-256-GCM over the same key, nonce and associated data.
+#[test]
+fn frames_of_the_aes_gcm_crate_and_of_ring_are_the_same_bytes() {
+    use aes_gcm::{AeadInPlace, Aes256Gcm, KeyInit};
+    let keys = must_keys(&[1]);
+    let dek = keys.current();
+    let aad = block_aad(1, 2, 3, 4);
+    let codec = FrameCodec::new(1);
+    let crate_cipher = |salt: &[u8; FRAME_SALT_BYTES]| {
+        let mut key = [0u8; KEY_BYTES];
+        Hkdf::<Sha256>::new(Some(salt), dek.secret_bytes())
+            .expand(FRAME_HKDF_INFO, &mut key)
+            .unwrap();
+        Aes256Gcm::new(&key.into())
+    };
+    for plain in [random_bytes(BLOCK_BYTES, 7), compressible_bytes(64 << 10)] {
+        // Ring seals, the crate opens.
+        let frame = codec.encode(dek, &aad, &plain);
+        let parsed = parse(&frame).unwrap();
+        let mut payload = parsed.ciphertext.to_vec();
+        crate_cipher(parsed.salt)
+            .decrypt_in_place_detached(
+                parsed.nonce.into(),
+                &associated_data(&aad, parsed.header),
+                &mut payload,
+                parsed.tag.into(),
+            )
+            .expect("the aes-gcm crate opens a ring-sealed frame");
+        if parsed.flags & FLAG_COMPRESSED != 0 {
+            payload = decompress(&payload).unwrap();
+        }
+        assert_eq!(payload, plain);
+
+        // The crate seals (as the codec did before), ring opens.
+        let mut old = frame[..FRAME_HEADER_BYTES].to_vec();
+        old[OFFSET_FLAGS] = 0;
+        let header: [u8; FRAME_HEADER_BYTES] = old[..].try_into().unwrap();
+        let salt: [u8; FRAME_SALT_BYTES] = header[OFFSET_SALT..OFFSET_SALT + FRAME_SALT_BYTES]
+            .try_into()
+            .unwrap();
+        let nonce: [u8; FRAME_NONCE_BYTES] = header[OFFSET_NONCE..OFFSET_NONCE + FRAME_NONCE_BYTES]
+            .try_into()
+            .unwrap();
+        old.extend_from_slice(&plain);
+        let tag = crate_cipher(&salt)
+            .encrypt_in_place_detached(
+                (&nonce).into(),
+                &associated_data(&aad, &header),
+                &mut old[FRAME_HEADER_BYTES..],
+            )
+            .unwrap();
+        old.extend_from_slice(&tag);
+        old.extend_from_slice(&[0; FRAME_CRC_BYTES]);
+        reseal_crc(&mut old);
+        assert_eq!(must_decode(&codec, &keys, &aad, &old), plain);
+    }
 }
 
 #[test]
