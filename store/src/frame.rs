@@ -106,8 +106,8 @@ const FRAME_HKDF_INFO: &[u8] = b"lifeboat frame v1";
 
 /// Inputs shorter than this are compressed whole to decide; longer ones are
 /// sampled first: compressing 1 MiB of random data only to throw it away
-/// would waste ~3 ms of CPU, and a whole 4 KiB block about a fifth of the
-/// block's encode (profile of random 4 KiB and 1 MiB writes, 2026-12-04).
+/// would waste ~3 ms of CPU, and compressing a random 4 KiB block whole was
+/// about 40% of its encode (codec benchmark, BENCHMARKS.md, 2026-12-04).
 const COMPRESS_SAMPLE_INPUT_BYTES_MIN: usize = 2 << 10;
 /// The sample is stripes of this size spread evenly over the input, so a
 /// block whose head is random and whose tail is zeros (a file's last block)
