@@ -470,18 +470,15 @@ fn seal(dek: &Dek, aad: &FrameAad, flags: u8, payload: &[u8]) -> Vec<u8> {
     // would replay a user-space generator's state and repeat (salt, nonce)
     // pairs under the same DEK; the kernel reseeds on such events. One 28-byte
     // read per frame is small next to zstd and AES on the same frame.
-    let mut salt = [0u8; FRAME_SALT_BYTES];
-    let mut nonce = [0u8; FRAME_NONCE_BYTES];
-    OsRng.fill_bytes(&mut salt);
-    OsRng.fill_bytes(&mut nonce);
-
     let mut frame = Vec::with_capacity(FRAME_OVERHEAD_BYTES + payload.len());
     frame.push(FRAME_VERSION);
     frame.push(flags);
     frame.extend_from_slice(&dek.key_id().0.to_be_bytes());
-    frame.extend_from_slice(&salt);
-    frame.extend_from_slice(&nonce);
-    debug_assert_eq!(frame.len(), FRAME_HEADER_BYTES);
+    // Salt and nonce sit side by side: one read fills both.
+    frame.resize(FRAME_HEADER_BYTES, 0);
+    OsRng.fill_bytes(&mut frame[OFFSET_SALT..FRAME_HEADER_BYTES]);
+    let salt: [u8; FRAME_SALT_BYTES] = array(&frame[OFFSET_SALT..OFFSET_NONCE]);
+    let nonce: [u8; FRAME_NONCE_BYTES] = array(&frame[OFFSET_NONCE..FRAME_HEADER_BYTES]);
     let aad_bytes = associated_data(aad, array_ref(&frame[..FRAME_HEADER_BYTES]));
     frame.extend_from_slice(payload);
     let tag = frame_cipher(dek, &salt)

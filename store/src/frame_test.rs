@@ -229,12 +229,14 @@ fn layout_header_fields_are_where_the_diagram_says() {
     assert_eq!(frame_key_id(&frame), Ok(KeyId(0x0102_0304)));
     let crc = crc32fast::hash(&frame[..frame.len() - 4]);
     assert_eq!(frame[frame.len() - 4..], crc.to_be_bytes());
-    // Salt and nonce are fresh per frame.
+    // Salt and nonce are each fresh per frame (one random read fills both),
+    // never left as the zeros the header starts from.
     let again = FrameCodec::new(0).encode(keys.current(), &block_aad(1, 1, 1, 1), b"abc");
-    assert_ne!(
-        frame[OFFSET_SALT..FRAME_HEADER_BYTES],
-        again[OFFSET_SALT..FRAME_HEADER_BYTES]
-    );
+    for field in [OFFSET_SALT..OFFSET_NONCE, OFFSET_NONCE..FRAME_HEADER_BYTES] {
+        assert_ne!(frame[field.clone()], again[field.clone()]);
+        assert!(frame[field.clone()].iter().any(|&b| b != 0));
+        assert!(again[field].iter().any(|&b| b != 0));
+    }
 }
 
 #[test]
