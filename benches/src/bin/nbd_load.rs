@@ -5,6 +5,8 @@
 //!
 //! Workloads: sequential 1 MiB writes and reads; 4 KiB random writes and
 //! reads at queue depth 1 and 32, with a FLUSH after every 32 writes.
+//! Each runs `--passes` times per target (default 2), Lifeboat first, then
+//! nbdkit first, and so on; the table gives the averages.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -44,6 +46,13 @@ struct Args {
     /// Skip the nbdkit baseline (for profiling Lifeboat alone).
     #[arg(long)]
     no_baseline: bool,
+    /// Measurements of each workload and target (one node beside nbdkit),
+    /// alternating which goes first (Lifeboat, then nbdkit first, ...);
+    /// the table shows their average and each pass's ratio. How fast this
+    /// disk takes writes changes from one minute to the next, and whoever
+    /// runs second inherits the first one's dirty pages.
+    #[arg(long, default_value_t = 2)]
+    passes: usize,
     /// Also measure a replicated cluster: three voters at site primary and
     /// one learner at site dr, four processes on this machine, driven
     /// through the PG leader's NBD port.
@@ -232,30 +241,60 @@ async fn main() -> Result<()> {
         cluster.stop()?;
         return Ok(());
     }
-    println!("| workload | Lifeboat | nbdkit file | ratio |");
-    println!("|---|---|---|---|");
+    let passes = if args.no_baseline {
+        1
+    } else {
+        args.passes.max(1)
+    };
+    if args.no_baseline {
+        println!("| workload | Lifeboat |");
+        println!("|---|---|");
+    } else {
+        println!("| workload | Lifeboat | nbdkit file | ratio | each pass |");
+        println!("|---|---|---|---|---|");
+    }
     for w in workloads.iter().filter(|w| w.name.contains(&args.only)) {
-        let lb = run_workload(node.nbd, "bench/v", w, size, limit, &payload).await?;
-        if args.no_baseline {
-            let (v, unit) = if w.block >= 1 << 20 {
-                (lb.mb_s(), "MB/s")
-            } else {
-                (lb.iops(), "IOPS")
-            };
-            println!("| {} | {v:.0} {unit} | - | - |", w.name);
-            continue;
-        }
-        let kit = run_workload(kit_addr, "", w, size, limit, &payload).await?;
-        let (a, b, unit) = if w.block >= 1 << 20 {
-            (lb.mb_s(), kit.mb_s(), "MB/s")
+        let (rate, unit): (fn(&Throughput) -> f64, _) = if w.block >= 1 << 20 {
+            (Throughput::mb_s, "MB/s")
         } else {
-            (lb.iops(), kit.iops(), "IOPS")
+            (Throughput::iops, "IOPS")
         };
-        println!(
-            "| {} | {a:.0} {unit} | {b:.0} {unit} | {:.2}× |",
-            w.name,
-            a / b
-        );
+        let (mut lb_sum, mut kit_sum, mut ratios) = (0.0, 0.0, Vec::new());
+        for pass in 0..passes {
+            let lifeboat_first = pass % 2 == 0;
+            let mut lb = None;
+            let mut kit = None;
+            for lifeboat in [lifeboat_first, !lifeboat_first] {
+                if lifeboat {
+                    lb = Some(rate(
+                        &run_workload(node.nbd, "bench/v", w, size, limit, &payload).await?,
+                    ));
+                } else if !args.no_baseline {
+                    kit = Some(rate(
+                        &run_workload(kit_addr, "", w, size, limit, &payload).await?,
+                    ));
+                }
+            }
+            let lb = lb.expect("Lifeboat runs in every pass");
+            lb_sum += lb;
+            if let Some(kit) = kit {
+                kit_sum += kit;
+                ratios.push(format!("{:.2}×", lb / kit));
+            }
+        }
+        let n = passes as f64;
+        if args.no_baseline {
+            println!("| {} | {:.0} {unit} |", w.name, lb_sum / n);
+        } else {
+            println!(
+                "| {} | {:.0} {unit} | {:.0} {unit} | {:.2}× | {} |",
+                w.name,
+                lb_sum / n,
+                kit_sum / n,
+                lb_sum / kit_sum,
+                ratios.join(", ")
+            );
+        }
     }
     node.stop()?;
     Ok(())
