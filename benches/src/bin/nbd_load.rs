@@ -8,6 +8,7 @@
 //! Each runs `--passes` times per target (default 2), Lifeboat first, then
 //! nbdkit first, and so on; the table gives the averages.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -53,6 +54,11 @@ struct Args {
     /// runs second inherits the first one's dirty pages.
     #[arg(long, default_value_t = 2)]
     passes: usize,
+    /// nbdkit's image: `sparse` (made by truncate; its first writes also
+    /// allocate the filesystem's blocks) or `written` (filled with zeros
+    /// and synced before the run, as a volume in use would be).
+    #[arg(long, default_value = "sparse")]
+    nbdkit_image: String,
     /// Also measure a replicated cluster: three voters at site primary and
     /// one learner at site dr, four processes on this machine, driven
     /// through the PG leader's NBD port.
@@ -113,7 +119,23 @@ async fn main() -> Result<()> {
     let payload = Arc::new(data(kind, 64 << 20));
 
     let image = work.path().join("nbdkit.img");
-    std::fs::File::create(&image)?.set_len(size)?;
+    let file = std::fs::File::create(&image)?;
+    match args.nbdkit_image.as_str() {
+        "sparse" => file.set_len(size)?,
+        "written" => {
+            let zeros = vec![0u8; 1 << 20];
+            let mut out = std::io::BufWriter::new(&file);
+            for _ in 0..size.div_ceil(zeros.len() as u64) {
+                out.write_all(&zeros)?;
+            }
+            out.flush()?;
+            drop(out);
+            file.set_len(size)?;
+            file.sync_all()?;
+        }
+        other => bail!("--nbdkit-image {other}: use sparse or written"),
+    }
+    drop(file);
     let kit_port = free_port();
     let _kit = start_nbdkit(&image, kit_port)?;
     let kit_addr = SocketAddr::from(([127, 0, 0, 1], kit_port));
