@@ -50,8 +50,9 @@ struct Args {
     /// Measurements of each workload and target (one node beside nbdkit),
     /// alternating which goes first (Lifeboat, then nbdkit first, ...);
     /// the table shows their average and each pass's ratio. How fast this
-    /// disk takes writes changes from one minute to the next, and whoever
-    /// runs second inherits the first one's dirty pages.
+    /// disk takes writes changes from one minute to the next, and a
+    /// second pass writes over what the first one wrote (nbdkit over
+    /// allocated blocks, Lifeboat a new version of each block).
     #[arg(long, default_value_t = 2)]
     passes: usize,
     /// nbdkit's image: `sparse` (made by truncate; its first writes also
