@@ -318,22 +318,29 @@ fn associated_data(aad: &FrameAad, header: &[u8; FRAME_HEADER_BYTES]) -> Vec<u8>
     out
 }
 
-/// The stripes of `plaintext` whose compression decides whether the whole is
-/// worth compressing. `plaintext` is at least
-/// [`COMPRESS_SAMPLE_INPUT_BYTES_MIN`] long, so the stripes never overlap.
-fn compress_sample(plaintext: &[u8]) -> Vec<u8> {
+/// The largest sample: [`COMPRESS_STRIPES_LARGE`] stripes.
+const COMPRESS_SAMPLE_BYTES_MAX: usize = COMPRESS_STRIPES_LARGE * COMPRESS_STRIPE_BYTES;
+
+/// Copies into `buf` the stripes of `plaintext` whose compression decides
+/// whether the whole is worth compressing, and returns them. `plaintext` is
+/// at least [`COMPRESS_SAMPLE_INPUT_BYTES_MIN`] long, so the stripes never
+/// overlap. A buffer on the caller's stack: this runs for every frame.
+fn compress_sample<'b>(plaintext: &[u8], buf: &'b mut [u8; COMPRESS_SAMPLE_BYTES_MAX]) -> &'b [u8] {
     let stripes = if plaintext.len() <= COMPRESS_SMALL_INPUT_BYTES_MAX {
         COMPRESS_STRIPES_SMALL
     } else {
         COMPRESS_STRIPES_LARGE
     };
     let last_start = plaintext.len() - COMPRESS_STRIPE_BYTES;
-    let mut sample = Vec::with_capacity(stripes * COMPRESS_STRIPE_BYTES);
-    for i in 0..stripes {
+    for (i, out) in buf
+        .chunks_exact_mut(COMPRESS_STRIPE_BYTES)
+        .take(stripes)
+        .enumerate()
+    {
         let start = last_start * i / (stripes - 1);
-        sample.extend_from_slice(&plaintext[start..start + COMPRESS_STRIPE_BYTES]);
+        out.copy_from_slice(&plaintext[start..start + COMPRESS_STRIPE_BYTES]);
     }
-    sample
+    &buf[..stripes * COMPRESS_STRIPE_BYTES]
 }
 
 /// Whether a compressed form saves at least 1/8 of the original: smaller
@@ -376,8 +383,9 @@ impl FrameCodec {
             return None;
         }
         if plaintext.len() >= COMPRESS_SAMPLE_INPUT_BYTES_MIN {
-            let sample = compress_sample(plaintext);
-            let compressed = self.zstd(&sample)?;
+            let mut buf = [0u8; COMPRESS_SAMPLE_BYTES_MAX];
+            let sample = compress_sample(plaintext, &mut buf);
+            let compressed = self.zstd(sample)?;
             if !saves_enough(sample.len(), compressed.len()) {
                 return None;
             }

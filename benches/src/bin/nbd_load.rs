@@ -125,12 +125,9 @@ async fn main() -> Result<()> {
         "sparse" => file.set_len(size)?,
         "written" => {
             let zeros = vec![0u8; 1 << 20];
-            let mut out = std::io::BufWriter::new(&file);
             for _ in 0..size.div_ceil(zeros.len() as u64) {
-                out.write_all(&zeros)?;
+                (&file).write_all(&zeros)?;
             }
-            out.flush()?;
-            drop(out);
             file.set_len(size)?;
             file.sync_all()?;
         }
