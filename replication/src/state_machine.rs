@@ -54,6 +54,11 @@ async fn blocking<T: Send + 'static>(
         .map_err(io::Error::other)?
 }
 
+/// Apply batches up to this size are written on the applying task's own
+/// thread (see [`StateMachine::write_applied`]); a 4 KiB block write's
+/// batch is about 5 KiB.
+const APPLY_IN_PLACE_BYTES_MAX: usize = 256 << 10;
+
 #[derive(Clone)]
 pub struct StateMachine {
     db: Db,
@@ -193,6 +198,23 @@ impl StateMachine {
         let db = self.db.clone();
         // No WAL: the log these entries came from is already fsynced, and
         // last_applied rides in the same batch, so a lost batch is re-applied.
+        // A small batch is written on this task's thread: handing it to a
+        // pool thread and waiting for that thread to wake cost more than
+        // the write (about 120 µs of a 1.1 ms replicated 4 KiB write at
+        // concurrency 1, measured). A large one, or one RocksDB would
+        // stall, goes to a pool thread so that this worker's other tasks
+        // do not wait behind it.
+        let batch = if batch.size_bytes() <= APPLY_IN_PLACE_BYTES_MAX {
+            match db
+                .write_without_waiting(batch, Durability::Replayable)
+                .map_err(io_other)?
+            {
+                None => return Ok(()),
+                Some(stalled) => stalled,
+            }
+        } else {
+            batch
+        };
         blocking(move || db.write(batch, Durability::Replayable).map_err(io_other)).await
     }
 

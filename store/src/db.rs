@@ -132,6 +132,13 @@ impl std::fmt::Debug for Db {
     }
 }
 
+fn write_options(durability: Durability) -> WriteOptions {
+    let mut opts = WriteOptions::default();
+    opts.set_sync(durability == Durability::Sync);
+    opts.disable_wal(durability == Durability::Replayable);
+    opts
+}
+
 fn rocks(op: &'static str) -> impl FnOnce(rocksdb::Error) -> Error {
     move |e| Error::Rocks {
         op,
@@ -227,12 +234,32 @@ impl Db {
     }
 
     pub fn write(&self, batch: Batch, durability: Durability) -> Result<()> {
-        let mut opts = WriteOptions::default();
-        opts.set_sync(durability == Durability::Sync);
-        opts.disable_wal(durability == Durability::Replayable);
         self.inner
-            .write_opt(batch.inner, &opts)
+            .write_opt(batch.inner, &write_options(durability))
             .map_err(rocks("write"))
+    }
+
+    /// Writes `batch` at once unless RocksDB would first make the writer
+    /// wait (a write stall, while flushes or compactions catch up); then it
+    /// writes nothing and hands the batch back, for a thread that may wait.
+    /// So an async task can write a small batch on its own thread without
+    /// risking a stall there. Costs one copy of the batch.
+    pub fn write_without_waiting(
+        &self,
+        batch: Batch,
+        durability: Durability,
+    ) -> Result<Option<Batch>> {
+        let mut opts = write_options(durability);
+        opts.set_no_slowdown(true);
+        let kept = WriteBatch::from_data(batch.inner.data());
+        match self.inner.write_opt(batch.inner, &opts) {
+            Ok(()) => Ok(None),
+            Err(e) if e.kind() == rocksdb::ErrorKind::Incomplete => Ok(Some(Batch {
+                inner: kept,
+                db: batch.db,
+            })),
+            Err(e) => Err(rocks("write")(e)),
+        }
     }
 
     /// fsyncs the WAL: every write before this call is durable after it.
@@ -706,6 +733,49 @@ mod tests {
         let last = db.last_with_prefix(Cf::Blocks, b"k").unwrap();
         assert_eq!(last, Some((b"k1".to_vec(), b"v1".to_vec())));
         assert!(db.last_with_prefix(Cf::Blocks, b"z").unwrap().is_none());
+    }
+
+    #[test]
+    fn a_write_that_would_stall_is_handed_back_unwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), &DbOptions::default()).unwrap();
+        let mut b = db.new_batch();
+        b.put(Cf::Blocks, b"a", b"1");
+        assert!(
+            db.write_without_waiting(b, Durability::Replayable)
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(db.get(Cf::Blocks, b"a").unwrap(), Some(b"1".to_vec()));
+        // Writes stop once level 0 holds one file, which is too few to
+        // compact.
+        let stop = |stop: &str| {
+            db.inner
+                .set_options_cf(
+                    db.cf(Cf::Blocks),
+                    &[
+                        ("level0_file_num_compaction_trigger", "8"),
+                        ("level0_slowdown_writes_trigger", stop),
+                        ("level0_stop_writes_trigger", stop),
+                    ],
+                )
+                .unwrap()
+        };
+        stop("1");
+        db.flush().unwrap();
+        let mut b = db.new_batch();
+        b.put(Cf::Blocks, b"b", b"2");
+        b.put(Cf::Latest, b"b", b"3");
+        let back = db
+            .write_without_waiting(b, Durability::Replayable)
+            .unwrap()
+            .expect("the stalled write comes back");
+        assert_eq!(db.get(Cf::Blocks, b"b").unwrap(), None);
+        assert_eq!(back.len(), 2);
+        stop("20");
+        db.write(back, Durability::Replayable).unwrap();
+        assert_eq!(db.get(Cf::Blocks, b"b").unwrap(), Some(b"2".to_vec()));
+        assert_eq!(db.get(Cf::Latest, b"b").unwrap(), Some(b"3".to_vec()));
     }
 
     #[test]
