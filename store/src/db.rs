@@ -15,6 +15,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use rocksdb::{
     BlockBasedOptions, ColumnFamilyDescriptor, DB, DBCompressionType, Direction, IteratorMode,
@@ -27,6 +28,9 @@ use crate::error::{Error, Result};
 /// bytes is garbage, and off below `BLOB_GC_OFF_GARBAGE` (hysteresis, so a
 /// level near one threshold does not flip it at every check).
 const BLOB_GC_ON_GARBAGE: f64 = 0.25;
+/// See [`Db::check_reserve`].
+const FREE_SEEN_REUSE: Duration = Duration::from_millis(50);
+const FREE_SEEN_REUSE_HEADROOM_BYTES: u64 = 1 << 30;
 const BLOB_GC_OFF_GARBAGE: f64 = 0.10;
 
 /// A key and its value, as read.
@@ -124,6 +128,9 @@ pub struct Db {
     path: Arc<PathBuf>,
     /// Column families whose blob GC `adapt_blob_gc` turned on.
     blob_gc_on: Arc<std::sync::Mutex<Vec<Cf>>>,
+    /// The last free-space measurement of [`Db::check_reserve`]: when,
+    /// and the bytes free once the memtables are flushed.
+    free_seen: Arc<std::sync::Mutex<Option<(Instant, u64)>>>,
 }
 
 impl std::fmt::Debug for Db {
@@ -205,6 +212,7 @@ impl Db {
             inner: Arc::new(inner),
             path: Arc::new(path.to_owned()),
             blob_gc_on: Arc::default(),
+            free_seen: Arc::default(),
         })
     }
 
@@ -488,6 +496,7 @@ impl Db {
             inner: Arc::downgrade(&self.inner),
             path: self.path.clone(),
             blob_gc_on: self.blob_gc_on.clone(),
+            free_seen: self.free_seen.clone(),
         }
     }
 
@@ -507,6 +516,7 @@ pub struct WeakDb {
     inner: std::sync::Weak<DB>,
     path: Arc<PathBuf>,
     blob_gc_on: Arc<std::sync::Mutex<Vec<Cf>>>,
+    free_seen: Arc<std::sync::Mutex<Option<(Instant, u64)>>>,
 }
 
 impl WeakDb {
@@ -516,6 +526,7 @@ impl WeakDb {
             inner: self.inner.upgrade()?,
             path: self.path.clone(),
             blob_gc_on: self.blob_gc_on.clone(),
+            free_seen: self.free_seen.clone(),
         })
     }
 }
@@ -681,8 +692,29 @@ impl Db {
     /// would have `reserve_bytes` or fewer free once the memtables are
     /// flushed: writes stop well before RocksDB would hit ENOSPC in a flush
     /// and turn read-only.
+    ///
+    /// Called for every client write, so a measurement (a `statvfs` and a
+    /// property read per column family) is reused for
+    /// `FREE_SEEN_REUSE` while it showed at least
+    /// `FREE_SEEN_REUSE_HEADROOM_BYTES` above the reserve: using up that
+    /// headroom within the reuse time would take writes of 20 GB/s. Nearer
+    /// the reserve, every call measures.
     pub fn check_reserve(&self, reserve_bytes: u64) -> Result<()> {
-        let free = free_bytes(&self.path)?.saturating_sub(self.memtable_bytes()?);
+        let now = Instant::now();
+        let seen = *self.free_seen.lock().expect("free space lock");
+        let free = match seen {
+            Some((at, free))
+                if now.duration_since(at) < FREE_SEEN_REUSE
+                    && free >= reserve_bytes.saturating_add(FREE_SEEN_REUSE_HEADROOM_BYTES) =>
+            {
+                free
+            }
+            _ => {
+                let free = free_bytes(&self.path)?.saturating_sub(self.memtable_bytes()?);
+                *self.free_seen.lock().expect("free space lock") = Some((now, free));
+                free
+            }
+        };
         if free <= reserve_bytes {
             return Err(Error::NoSpace {
                 free_bytes: free,
@@ -776,6 +808,26 @@ mod tests {
         db.write(back, Durability::Replayable).unwrap();
         assert_eq!(db.get(Cf::Blocks, b"b").unwrap(), Some(b"2".to_vec()));
         assert_eq!(db.get(Cf::Latest, b"b").unwrap(), Some(b"3".to_vec()));
+    }
+
+    #[test]
+    fn a_reused_free_space_measurement_never_hides_a_refusal() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), &DbOptions::default()).unwrap();
+        db.check_reserve(0).unwrap();
+        let measured = db.free_seen.lock().unwrap().expect("measured").1;
+        // A reserve above what is free is refused, however recent the
+        // measurement (the margin lets other writers on the filesystem
+        // free some space meanwhile).
+        assert!(matches!(
+            db.check_reserve(measured.saturating_add(512 << 20)),
+            Err(Error::NoSpace { .. })
+        ));
+        assert!(matches!(
+            db.check_reserve(u64::MAX),
+            Err(Error::NoSpace { .. })
+        ));
+        db.check_reserve(0).unwrap();
     }
 
     #[test]
