@@ -28,10 +28,12 @@ use crate::error::{Error, Result};
 /// bytes is garbage, and off below `BLOB_GC_OFF_GARBAGE` (hysteresis, so a
 /// level near one threshold does not flip it at every check).
 const BLOB_GC_ON_GARBAGE: f64 = 0.25;
-/// See [`Db::check_reserve`].
+const BLOB_GC_OFF_GARBAGE: f64 = 0.10;
+
+/// How long, and how far above the reserve, a free-space measurement is
+/// reused: see [`Db::check_reserve`].
 const FREE_SEEN_REUSE: Duration = Duration::from_millis(50);
 const FREE_SEEN_REUSE_HEADROOM_BYTES: u64 = 1 << 30;
-const BLOB_GC_OFF_GARBAGE: f64 = 0.10;
 
 /// A key and its value, as read.
 pub type KeyValue = (Vec<u8>, Vec<u8>);
