@@ -196,13 +196,9 @@ fn frames_of_the_aes_gcm_crate_and_of_ring_are_the_same_bytes() {
         // The crate seals (as the codec did before), ring opens.
         let mut old = frame[..FRAME_HEADER_BYTES].to_vec();
         old[OFFSET_FLAGS] = 0;
-        let header: [u8; FRAME_HEADER_BYTES] = old[..].try_into().unwrap();
-        let salt: [u8; FRAME_SALT_BYTES] = header[OFFSET_SALT..OFFSET_SALT + FRAME_SALT_BYTES]
-            .try_into()
-            .unwrap();
-        let nonce: [u8; FRAME_NONCE_BYTES] = header[OFFSET_NONCE..OFFSET_NONCE + FRAME_NONCE_BYTES]
-            .try_into()
-            .unwrap();
+        let header: [u8; FRAME_HEADER_BYTES] = array(&old);
+        let salt: [u8; FRAME_SALT_BYTES] = array(&header[OFFSET_SALT..OFFSET_NONCE]);
+        let nonce: [u8; FRAME_NONCE_BYTES] = array(&header[OFFSET_NONCE..]);
         old.extend_from_slice(&plain);
         let tag = crate_cipher(&salt)
             .encrypt_in_place_detached(

@@ -24,6 +24,13 @@ use lifeboat_benches::nbd_workload::{
 use lifeboat_benches::{DataKind, data};
 use lifeboat_chaos_tests::harness::{TestNode, free_port};
 
+/// How nbdkit's image starts (see `--nbdkit-image`).
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum NbdkitImage {
+    Sparse,
+    Written,
+}
+
 #[derive(Parser)]
 struct Args {
     /// Work directory (on the disk being measured).
@@ -58,8 +65,8 @@ struct Args {
     /// nbdkit's image: `sparse` (made by truncate; its first writes also
     /// allocate the filesystem's blocks) or `written` (filled with zeros
     /// and synced before the run, as a volume in use would be).
-    #[arg(long, default_value = "sparse")]
-    nbdkit_image: String,
+    #[arg(long, value_enum, default_value_t = NbdkitImage::Sparse)]
+    nbdkit_image: NbdkitImage,
     /// Also measure a replicated cluster: three voters at site primary and
     /// one learner at site dr, four processes on this machine, driven
     /// through the PG leader's NBD port.
@@ -121,9 +128,9 @@ async fn main() -> Result<()> {
 
     let image = work.path().join("nbdkit.img");
     let file = std::fs::File::create(&image)?;
-    match args.nbdkit_image.as_str() {
-        "sparse" => file.set_len(size)?,
-        "written" => {
+    match args.nbdkit_image {
+        NbdkitImage::Sparse => file.set_len(size)?,
+        NbdkitImage::Written => {
             let zeros = vec![0u8; 1 << 20];
             for _ in 0..size.div_ceil(zeros.len() as u64) {
                 (&file).write_all(&zeros)?;
@@ -131,7 +138,6 @@ async fn main() -> Result<()> {
             file.set_len(size)?;
             file.sync_all()?;
         }
-        other => bail!("--nbdkit-image {other}: use sparse or written"),
     }
     drop(file);
     let kit_port = free_port();
