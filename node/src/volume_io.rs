@@ -415,32 +415,20 @@ impl ExportState {
     }
 
     /// Proposes the blocks in entries of at most ENTRY_BLOCKS_MAX, waiting
-    /// for all of them to be applied.
+    /// for all of them to be applied. Small writes may share an entry with
+    /// other writers' (the group's write queue merges them).
     async fn propose_blocks(&self, blocks: Vec<pb::BlockWrite>) -> Result<(), Errno> {
+        let group = self.group();
         let mut pending = Vec::new();
         let mut blocks = blocks.into_iter().peekable();
         while blocks.peek().is_some() {
             let chunk: Vec<_> = blocks.by_ref().take(ENTRY_BLOCKS_MAX).collect();
-            let kind = pb::command::Kind::WriteBlocks(pb::WriteBlocks {
-                volume: self.loc.volume.0,
-                blocks: chunk,
-                newest_mask: None,
-            });
-            pending.push(self.propose_once(kind));
+            pending.push(group.write_blocks(self.loc.volume.0, chunk));
         }
         for r in futures::future::join_all(pending).await {
-            r?;
+            r.map_err(|e| self.fail("write", &e.into()))?;
         }
         Ok(())
-    }
-
-    /// Proposes at the group's leader, wherever it is (forwarded when not here).
-    async fn propose_once(&self, kind: pb::command::Kind) -> Result<(), Errno> {
-        self.group()
-            .propose(kind)
-            .await
-            .map(|_| ())
-            .map_err(|e| self.fail("write", &e.into()))
     }
 
     fn check_space(&self) -> Result<(), Errno> {

@@ -34,6 +34,43 @@ pub enum Error {
 }
 
 impl Error {
+    /// The same error again, for each of several callers that share one
+    /// failed proposal (an `io::Error` is not `Clone`: its kind and message
+    /// are kept).
+    pub fn duplicate(&self) -> Error {
+        match self {
+            Error::Storage { pg, source } => Error::Storage {
+                pg: *pg,
+                source: io::Error::new(source.kind(), source.to_string()),
+            },
+            Error::NotLeader { pg, leader } => Error::NotLeader {
+                pg: *pg,
+                leader: *leader,
+            },
+            Error::Rejected { pg, rejection } => Error::Rejected {
+                pg: *pg,
+                rejection: rejection.clone(),
+            },
+            Error::Raft { pg, reason } => Error::Raft {
+                pg: *pg,
+                reason: reason.clone(),
+            },
+            Error::NoLease { pg, generation } => Error::NoLease {
+                pg: *pg,
+                generation: *generation,
+            },
+            Error::NoLeader {
+                pg,
+                waited_ms,
+                last,
+            } => Error::NoLeader {
+                pg: *pg,
+                waited_ms: *waited_ms,
+                last: last.clone(),
+            },
+        }
+    }
+
     /// Stable code for logs, CLI output and metric labels.
     pub fn code(&self) -> &'static str {
         match self {

@@ -4,8 +4,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lifeboat_proto::raft as pb;
@@ -20,6 +20,7 @@ use openraft::{Config, SnapshotPolicy};
 use tonic::{Code, Request, Status};
 
 use crate::ack::{AckState, EventSink};
+use crate::coalesce::{self, Entered, Waiting, WriteQueue};
 use crate::error::{Error, Result};
 use crate::lease::LeaseTable;
 use crate::log_store::{Lag, LogSpan, LogStore, WalSyncer};
@@ -259,6 +260,40 @@ pub struct ProtectionGroup {
     /// Raft snapshots installed from a leader since start.
     snapshot_installs: Arc<AtomicU64>,
     leases: Arc<LeaseTable>,
+    /// Small block writes waiting to be merged into one entry.
+    writes: Arc<Mutex<WriteQueue<WriteAnswer>>>,
+}
+
+/// How a waiting block write is told its log index or error.
+type WriteAnswer = tokio::sync::oneshot::Sender<Result<LogIndex>>;
+
+/// A slot of the group's [`WriteQueue`], handed on when dropped (also when
+/// the write's future is dropped mid-flight): to the next batch of waiting
+/// writes, or back to the queue when none wait.
+struct WriteSlot(ProtectionGroup);
+
+impl Drop for WriteSlot {
+    fn drop(&mut self) {
+        let group = &self.0;
+        let Some(batch) = group.write_queue().release() else {
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                let group = group.clone();
+                runtime.spawn(async move {
+                    let _slot = WriteSlot(group.clone());
+                    group.propose_merged(batch).await;
+                });
+            }
+            // No runtime to propose on (shutting down): the waiters' answers
+            // are dropped, and they see their writes fail.
+            Err(_) => {
+                drop(batch);
+                drop(group.write_queue().abandon());
+            }
+        }
+    }
 }
 
 /// Who leads a group as one member sees it, read without copying the
@@ -368,6 +403,7 @@ impl ProtectionGroup {
             heartbeats: args.heartbeats,
             snapshot_installs,
             leases: args.leases,
+            writes: Arc::default(),
         })
     }
 
@@ -508,6 +544,84 @@ impl ProtectionGroup {
         let now = self.clock.now_ms();
         let prev = self.last_stamp_ms.fetch_max(now, Ordering::AcqRel);
         prev.max(now)
+    }
+
+    /// Writes whole blocks of a volume (frames, or empty for zeros) and
+    /// returns the entry's index once it is applied. Small writes that
+    /// arrive while [`coalesce::IN_FLIGHT_MAX`] others are in flight from
+    /// this node wait and are merged into one entry (see [`coalesce`]).
+    pub async fn write_blocks(&self, volume: u64, blocks: Vec<pb::BlockWrite>) -> Result<LogIndex> {
+        if !coalesce::mergeable(&blocks) {
+            return self.propose_write(volume, blocks).await;
+        }
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let write = Waiting {
+            volume,
+            blocks,
+            answer,
+        };
+        let entered = self.write_queue().enter(write);
+        match entered {
+            Entered::Slot(write) => {
+                let _slot = WriteSlot(self.clone());
+                self.propose_write(volume, write.blocks).await
+            }
+            Entered::Queued => answered.await.unwrap_or_else(|_| {
+                Err(Error::Raft {
+                    pg: self.pg.0,
+                    reason: "a merged block write was abandoned (the node is stopping)".into(),
+                })
+            }),
+        }
+    }
+
+    fn write_queue(&self) -> std::sync::MutexGuard<'_, WriteQueue<WriteAnswer>> {
+        // The queue is left consistent at every step: a panic elsewhere
+        // while it was held does not make it wrong.
+        self.writes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn propose_write(&self, volume: u64, blocks: Vec<pb::BlockWrite>) -> Result<LogIndex> {
+        let kind = pb::command::Kind::WriteBlocks(pb::WriteBlocks {
+            volume,
+            blocks,
+            newest_mask: None,
+        });
+        self.propose(kind).await.map(|(index, _)| index)
+    }
+
+    /// Proposes waiting writes as one entry and answers each. A refused
+    /// entry is refused whole, so each write is then proposed again alone
+    /// and gets its own answer.
+    async fn propose_merged(&self, batch: Vec<Waiting<WriteAnswer>>) {
+        let volume = batch[0].volume;
+        if batch.len() == 1 {
+            let Waiting { blocks, answer, .. } = batch.into_iter().next().expect("one write");
+            let _ = answer.send(self.propose_write(volume, blocks).await);
+            return;
+        }
+        let blocks: Vec<pb::BlockWrite> = batch
+            .iter()
+            .flat_map(|w| w.blocks.iter().cloned())
+            .collect();
+        match self.propose_write(volume, blocks).await {
+            Ok(index) => {
+                for w in batch {
+                    let _ = w.answer.send(Ok(index));
+                }
+            }
+            Err(Error::Rejected { .. }) => {
+                futures::future::join_all(batch.into_iter().map(|w| async move {
+                    let _ = w.answer.send(self.propose_write(volume, w.blocks).await);
+                }))
+                .await;
+            }
+            Err(e) => {
+                for w in batch {
+                    let _ = w.answer.send(Err(e.duplicate()));
+                }
+            }
+        }
     }
 
     /// Proposes a command at whichever member leads the group — here, or

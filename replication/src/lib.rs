@@ -8,6 +8,7 @@
 pub mod ack;
 pub(crate) mod apply;
 pub mod catalog;
+pub mod coalesce;
 pub mod error;
 pub mod group;
 pub mod lease;

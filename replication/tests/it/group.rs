@@ -1,5 +1,6 @@
 //! A single-voter protection group over the real store.
 
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -862,4 +863,136 @@ async fn streams_and_multipart_uploads_keep_chunk_counts_exact() {
     // Object versions keep their chunks in the history (GC is the
     // history's job).
     assert_eq!((refs(1), refs(11)), (1, 1));
+}
+
+/// Whole-block writes in flight together: those beyond the group's slots
+/// wait and share entries, a block is never named twice in one entry, and
+/// the newest entry naming a block is its latest version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_block_writes_in_flight_together_share_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let pg = PgId(5);
+    let (db, g) = must_start(dir.path(), pg).await;
+    let blocks = 32u64;
+    create_volume(&g, 1, blocks).await;
+    // Every block once, then blocks 0..16 again.
+    let writes: Vec<(u64, Vec<u8>)> = (0..blocks + 16)
+        .map(|n| (n % blocks, format!("frame {n}").into_bytes()))
+        .collect();
+    let mut entries: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    for (answer, (block, _)) in write_all_at_once(&g, &writes)
+        .await
+        .into_iter()
+        .zip(&writes)
+    {
+        entries.entry(answer.unwrap().0).or_default().push(*block);
+    }
+    assert!(
+        entries.len() < writes.len() / 2,
+        "{} writes in {} entries: the waiting ones were not merged",
+        writes.len(),
+        entries.len()
+    );
+    for (index, named) in &entries {
+        let distinct: HashSet<_> = named.iter().collect();
+        assert_eq!(distinct.len(), named.len(), "entry {index} names {named:?}");
+    }
+    // Each block's latest version is the newest entry that wrote it, and
+    // holds the frame of the write answered with that entry.
+    let volumes = Volumes::new(db);
+    for block in 0..blocks {
+        let (newest, _) = entries
+            .iter()
+            .filter(|(_, named)| named.contains(&block))
+            .max()
+            .unwrap();
+        let latest = volumes
+            .latest_blocks(pg, VolumeId(1), BlockNo(block), 1)
+            .unwrap()[0]
+            .clone()
+            .unwrap();
+        assert_eq!(latest.index, LogIndex(*newest), "block {block}");
+        assert!(
+            writes
+                .iter()
+                .any(|(b, frame)| *b == block && *frame == latest.value),
+            "block {block}"
+        );
+    }
+    g.shutdown().await.unwrap();
+}
+
+/// A write that apply refuses, merged with others, fails alone: the
+/// others are proposed again and applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_write_does_not_fail_the_writes_merged_with_it() {
+    use lifeboat_replication::coalesce::IN_FLIGHT_MAX;
+
+    let dir = tempfile::tempdir().unwrap();
+    let pg = PgId(6);
+    let (db, g) = must_start(dir.path(), pg).await;
+    let blocks = 16u64;
+    create_volume(&g, 1, blocks).await;
+    let mut writes: Vec<(u64, Vec<u8>)> = (0..blocks)
+        .map(|b| (b, format!("frame of {b}").into_bytes()))
+        .collect();
+    // Among the waiting writes, so it is merged with its neighbours.
+    let bad = IN_FLIGHT_MAX + 2;
+    writes.insert(bad, (blocks, b"past the end".to_vec()));
+    let answers = write_all_at_once(&g, &writes).await;
+    let volumes = Volumes::new(db);
+    for (n, (answer, (block, frame))) in answers.into_iter().zip(&writes).enumerate() {
+        if n == bad {
+            assert!(
+                matches!(
+                    answer,
+                    Err(Error::Rejected {
+                        rejection: Rejection::BlockOutOfRange { block: 16, .. },
+                        ..
+                    })
+                ),
+                "{answer:?}"
+            );
+            continue;
+        }
+        let index = answer.unwrap();
+        let latest = volumes
+            .latest_blocks(pg, VolumeId(1), BlockNo(*block), 1)
+            .unwrap()[0]
+            .clone()
+            .unwrap();
+        assert_eq!((latest.index, &latest.value), (index, frame));
+    }
+    g.shutdown().await.unwrap();
+}
+
+async fn create_volume(g: &ProtectionGroup, volume: u64, blocks: u64) {
+    g.propose(pb::command::Kind::CreateVolume(pb::CreateVolume {
+        volume,
+        name: format!("v{volume}"),
+        size_bytes: blocks * 4096,
+        base: None,
+    }))
+    .await
+    .unwrap();
+}
+
+/// One-block writes of volume 1, all in flight at once: `join_all` polls
+/// each once before any is answered, so the first
+/// `coalesce::IN_FLIGHT_MAX` take the group's slots and the rest wait.
+async fn write_all_at_once(
+    g: &ProtectionGroup,
+    writes: &[(u64, Vec<u8>)],
+) -> Vec<Result<LogIndex, Error>> {
+    futures::future::join_all(writes.iter().map(|(block, frame)| {
+        g.write_blocks(
+            1,
+            vec![pb::BlockWrite {
+                block: *block,
+                frame: frame.clone().into(),
+                expect_latest: None,
+            }],
+        )
+    }))
+    .await
 }
