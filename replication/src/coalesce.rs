@@ -3,10 +3,10 @@
 //! Every Raft entry costs the same fixed work on each member, whatever it
 //! carries: a proposal through openraft's core, a log record (memtable
 //! insert, WAL write, flush), its share of a replication message, an apply
-//! and a responder. At 32 writes in flight those per-entry costs, not the
-//! bytes, bound a group's 4 KiB writes: on the 2-core bench machine three
-//! voters took about 5,600 entries/s of one block each but about 10,000
-//! blocks/s in entries of four blocks (BENCHMARKS.md, "Group commit").
+//! and a responder. Merging the small writes that are in flight together
+//! pays that once for many: with three voters and a DR learner, 4 KiB
+//! writes at queue depth 32 went from about 4,300 to 5,000 IOPS
+//! (BENCHMARKS.md, "Group commit of small block writes").
 //!
 //! So a node lets at most [`IN_FLIGHT_MAX`] small writes of one group be
 //! in flight from it at once. A write that arrives while all of them are
@@ -35,9 +35,9 @@ use lifeboat_proto::raft as pb;
 use crate::log_files::FILE_ENTRY_BYTES_MIN;
 
 /// Small writes of one group this node keeps in flight before merging the
-/// rest. Enough to keep openraft's pipeline busy (it batches the entries
-/// of an append), few enough that writes queue and merge at concurrency
-/// 32; measured in BENCHMARKS.md, "Group commit".
+/// rest: enough to keep openraft's pipeline busy, few enough that writes
+/// queue and merge at concurrency 32 (2 to 16 measured the same there;
+/// BENCHMARKS.md, "Group commit of small block writes").
 pub const IN_FLIGHT_MAX: usize = 4;
 
 /// Blocks in one merged entry.
