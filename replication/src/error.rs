@@ -83,3 +83,52 @@ impl Error {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every writer of a merged entry that failed gets the error the entry
+    /// got: the same code, message and, for storage, the same I/O kind.
+    #[test]
+    fn a_duplicate_is_the_same_error() {
+        let errors = [
+            Error::Storage {
+                pg: 1,
+                source: io::Error::new(io::ErrorKind::StorageFull, "no space left"),
+            },
+            Error::NotLeader {
+                pg: 2,
+                leader: Some(3),
+            },
+            Error::Rejected {
+                pg: 4,
+                rejection: Rejection::VolumeNotFound { volume: 5 },
+            },
+            Error::Raft {
+                pg: 6,
+                reason: "shut down".into(),
+            },
+            Error::NoLease {
+                pg: 7,
+                generation: 8,
+            },
+            Error::NoLeader {
+                pg: 9,
+                waited_ms: 15_000,
+                last: "no leader known".into(),
+            },
+        ];
+        for e in &errors {
+            let copy = e.duplicate();
+            assert_eq!((copy.code(), copy.to_string()), (e.code(), e.to_string()));
+            if let (Error::Storage { source: a, .. }, Error::Storage { source: b, .. }) = (e, &copy)
+            {
+                assert_eq!(a.kind(), b.kind());
+            }
+        }
+        // Each variant once.
+        let codes: std::collections::HashSet<_> = errors.iter().map(Error::code).collect();
+        assert_eq!(codes.len(), errors.len());
+    }
+}
