@@ -559,6 +559,8 @@ impl Admin for AdminService {
         if initialized {
             self.role(&req)?;
         }
+        // First: at the reserve, the check gives back pooled log segments.
+        let writes_refused = self.core.check_reserve().is_err();
         let free = lifeboat_store::db::free_bytes(self.core.db.path()).unwrap_or(0);
         let reserve = self.core.config.store.reserve_bytes;
         let pgs = self
@@ -583,7 +585,7 @@ impl Admin for AdminService {
             pgs,
             data_dir_free_bytes: free,
             reserve_bytes: reserve,
-            writes_refused: self.core.db.check_reserve(reserve).is_err(),
+            writes_refused,
             lease_remaining_ms: self
                 .core
                 .leases

@@ -161,6 +161,12 @@ pub struct RaftConfig {
     pub log_retain_bytes: u64,
     /// How often each member checks its log against `log_retain_bytes`.
     pub log_check_interval_ms: u64,
+    /// Deleted log segment files (64 MiB each) the node keeps for reuse by
+    /// any PG: overwriting a file whose pages are cached and whose blocks
+    /// are allocated is cheaper than writing a new one. 0 keeps none. They
+    /// are deleted, and no more kept, while free space is short, and before
+    /// a write is refused at the reserve.
+    pub log_segment_pool: usize,
     /// Under the `remote` ack policy, how long a write waits for a standby
     /// site before the PG degrades to `local` (with an event and a metric).
     pub remote_timeout_ms: u64,
@@ -292,6 +298,7 @@ impl Default for RaftConfig {
             pg_learners_per_site: 3,
             log_retain_bytes: 1 << 30,
             log_check_interval_ms: 5000,
+            log_segment_pool: 16,
             remote_timeout_ms: 5000,
             dial: Default::default(),
             node_heartbeats: true,

@@ -369,7 +369,11 @@ impl NodeCore {
                 .then(|| Liveness::new(timers(&config.raft))),
             syncer: WalSyncer::start(
                 db.clone(),
-                LogFiles::new(config.data_dir.join("raft-log"), FILE_ENTRY_BYTES_MIN),
+                LogFiles::with_pool(
+                    config.data_dir.join("raft-log"),
+                    FILE_ENTRY_BYTES_MIN,
+                    config.raft.log_segment_pool,
+                ),
             ),
             clock: Arc::new(SystemClock),
             master_key: RwLock::new(None),
@@ -1002,6 +1006,42 @@ impl NodeCore {
             tracing::warn!(pg = g.pg().0, error = %e, "forget retired member");
         }
         self.forget_log_files(g.pg());
+    }
+
+    /// Refuses a write when the data dir's free space is at the reserve
+    /// (`store.reserve_bytes`). Before refusing, deletes the log segments
+    /// kept for reuse, which are disk the node can give back at once.
+    pub fn check_reserve(&self) -> lifeboat_store::Result<()> {
+        let reserve = self.config.store.reserve_bytes;
+        match self.db.check_reserve(reserve) {
+            Err(lifeboat_store::Error::NoSpace { .. })
+                if self.release_log_segment_pool("writes at the disk reserve") > 0 =>
+            {
+                self.db.check_reserve(reserve)
+            }
+            other => other,
+        }
+    }
+
+    /// Deletes the log segments kept for reuse, and keeps no more until
+    /// [`NodeCore::resume_log_segment_pool`]. Returns the bytes freed.
+    pub fn release_log_segment_pool(&self, why: &str) -> u64 {
+        let files = self.syncer.files();
+        let pooled = files.pooled();
+        let freed = files.release_pool();
+        if pooled > 0 {
+            tracing::info!(
+                segments = pooled,
+                freed_bytes = freed,
+                "{why}: deleted the log segments kept for reuse"
+            );
+        }
+        freed
+    }
+
+    /// Keeps deleted log segments for reuse again (space recovered).
+    pub fn resume_log_segment_pool(&self) {
+        self.syncer.files().resume_pool();
     }
 
     /// Deletes the segment files of a log whose rows are gone. (Left

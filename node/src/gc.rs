@@ -129,12 +129,20 @@ async fn collect(core: &Arc<NodeCore>, group: &ProtectionGroup) -> NodeResult<()
 async fn check_space(core: &Arc<NodeCore>) -> NodeResult<()> {
     use lifeboat_replication::ack::EventSink;
     let config = &core.config.history;
-    let free = lifeboat_store::db::free_bytes(core.db.path())?;
+    let mut free = lifeboat_store::db::free_bytes(core.db.path())?;
     let threshold = core
         .config
         .store
         .reserve_bytes
         .saturating_add(config.space_short_bytes);
+    // Log segments kept for reuse go before anything else does.
+    if free <= threshold {
+        if core.release_log_segment_pool("disk space short") > 0 {
+            free = lifeboat_store::db::free_bytes(core.db.path())?;
+        }
+    } else {
+        core.resume_log_segment_pool();
+    }
     let short = free <= threshold;
     let was_short = core
         .space_short

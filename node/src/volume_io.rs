@@ -433,8 +433,7 @@ impl ExportState {
 
     fn check_space(&self) -> Result<(), Errno> {
         self.core
-            .db
-            .check_reserve(self.core.config.store.reserve_bytes)
+            .check_reserve()
             .map_err(|e| self.fail("write", &e.into()))
     }
 

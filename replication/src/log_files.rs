@@ -20,13 +20,30 @@
 //!   `raft_log` row refers to, and only rows whose fsync never completed
 //!   (entries never reported flushed, hence never acknowledged);
 //! - a segment is deleted only once a durable purge covers every entry
-//!   that can refer to it.
+//!   that can refer to it;
+//! - bytes of a segment past those written since it was made may be a
+//!   recycled file's old bytes (see below): only a `raft_log` row's
+//!   reference, checked against its CRC, says what a segment holds.
+//!
+//! Deleted segments are recycled: up to a node-wide number of them wait in
+//! `DIR/free/` and the next segment of any PG is one of them, renamed and
+//! overwritten from its start. Why: a new file's pages are new page-cache
+//! memory and new disk blocks, and on a virtual machine whose free memory
+//! is handed back to the host (virtio-balloon free page reporting) a
+//! write into new memory costs a host page fault per page. Measured on
+//! this project's machine: `dd` of 2 GiB into a new file 461 MB/s, all of
+//! it system time, over the same file's cached pages 11.6 GB/s. Writes
+//! over allocated blocks also spare `fdatasync` the file system's
+//! metadata. A file waiting in the pool is handed out only when no reader
+//! still holds it, so a read that raced the purge reads the old entry, not
+//! another PG's new one.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use lifeboat_store::PgId;
@@ -37,6 +54,16 @@ pub const FILE_ENTRY_BYTES_MIN: usize = 64 << 10;
 /// A segment is closed once it holds this many bytes (the last entry may
 /// take it past). Recovery reads at most the newest one.
 pub const SEGMENT_BYTES: u64 = 64 << 20;
+
+/// Deleted segments a node keeps for reuse unless told otherwise (1 GiB):
+/// a PG's log is cut to half of `log_retain_bytes` (1 GiB by default) once
+/// a periodic check finds it over, and under a sequential write it has
+/// grown to about 2 GiB by then, so a cut frees about 16 segments at once.
+pub const POOL_SEGMENTS_DEFAULT: usize = 16;
+
+/// A deleted segment larger than this (one huge entry made it grow) is not
+/// kept: reusing it would hold more disk than a segment needs.
+const POOL_FILE_BYTES_MAX: u64 = 2 * SEGMENT_BYTES;
 
 /// Where an entry's encoding lies in a PG's segments, and its CRC-32.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,18 +110,47 @@ fn invalid(reason: impl Into<String>) -> io::Error {
 pub struct LogFiles {
     dir: PathBuf,
     entry_bytes_min: usize,
+    pool: Arc<Pool>,
     pgs: Mutex<HashMap<PgId, Arc<PgFiles>>>,
 }
 
 impl LogFiles {
     /// Segment files under `dir` (one subdirectory per PG, made when a PG
-    /// first writes one), for entries of at least `entry_bytes_min` bytes.
+    /// first writes one), for entries of at least `entry_bytes_min` bytes,
+    /// keeping up to [`POOL_SEGMENTS_DEFAULT`] deleted segments for reuse.
     pub fn new(dir: PathBuf, entry_bytes_min: usize) -> Arc<LogFiles> {
+        Self::with_pool(dir, entry_bytes_min, POOL_SEGMENTS_DEFAULT)
+    }
+
+    /// As [`LogFiles::new`], keeping up to `pool_segments` deleted segments
+    /// (0: none) in `dir/free/` for reuse. Files a previous process left
+    /// there are taken up; a pool that cannot be read starts empty.
+    pub fn with_pool(dir: PathBuf, entry_bytes_min: usize, pool_segments: usize) -> Arc<LogFiles> {
+        let pool = Pool::load(dir.join("free"), pool_segments);
         Arc::new(LogFiles {
             dir,
             entry_bytes_min,
+            pool: Arc::new(pool),
             pgs: Mutex::default(),
         })
+    }
+
+    /// Deletes every segment waiting for reuse and, until
+    /// [`LogFiles::resume_pool`], deletes deleted segments outright (disk
+    /// space is short). Returns how many bytes that freed.
+    pub fn release_pool(&self) -> u64 {
+        self.pool.paused.store(true, Ordering::Relaxed);
+        self.pool.release()
+    }
+
+    /// Keeps deleted segments for reuse again (disk space recovered).
+    pub fn resume_pool(&self) {
+        self.pool.paused.store(false, Ordering::Relaxed);
+    }
+
+    /// Segments waiting for reuse (tests and status).
+    pub fn pooled(&self) -> usize {
+        self.pool.lock().len()
     }
 
     pub fn entry_bytes_min(&self) -> usize {
@@ -113,7 +169,11 @@ impl LogFiles {
         if let Some(files) = pgs.get(&pg) {
             return Ok(files.clone());
         }
-        let files = Arc::new(PgFiles::open(self.pg_dir(pg), self.entry_bytes_min)?);
+        let files = Arc::new(PgFiles::open(
+            self.pg_dir(pg),
+            self.entry_bytes_min,
+            self.pool.clone(),
+        )?);
         recover(&files)?;
         pgs.insert(pg, files.clone());
         Ok(files)
@@ -125,12 +185,162 @@ impl LogFiles {
         let removed = self.pgs.lock().expect("log files lock").remove(&pg);
         match removed {
             Some(files) => files.clear(),
-            None => PgFiles::open(self.pg_dir(pg), self.entry_bytes_min)?.clear(),
+            None => {
+                PgFiles::open(self.pg_dir(pg), self.entry_bytes_min, self.pool.clone())?.clear()
+            }
         }
     }
 
     fn pg_dir(&self, pg: PgId) -> PathBuf {
         self.dir.join(format!("pg-{:016x}", pg.0))
+    }
+}
+
+/// A deleted segment waiting for reuse.
+struct Pooled {
+    path: PathBuf,
+    file: Arc<File>,
+    len: u64,
+}
+
+/// Deleted segments of every PG, kept for reuse (module documentation).
+struct Pool {
+    dir: PathBuf,
+    max: usize,
+    files: Mutex<Vec<Pooled>>,
+    /// Names files as they enter: `{next:016x}.seg`.
+    next: AtomicU64,
+    /// Set while disk space is short: deleted segments are deleted.
+    paused: AtomicBool,
+}
+
+impl Pool {
+    fn load(dir: PathBuf, max: usize) -> Pool {
+        let pool = Pool {
+            dir,
+            max,
+            files: Mutex::default(),
+            next: AtomicU64::new(1),
+            paused: AtomicBool::new(false),
+        };
+        let entries = match std::fs::read_dir(&pool.dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return pool,
+            Err(e) => {
+                tracing::warn!(dir = %pool.dir.display(), error = %e, "log segment pool unreadable; starting empty");
+                return pool;
+            }
+        };
+        let mut files = pool.lock();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Some(n) = entry
+                .file_name()
+                .to_str()
+                .and_then(|name| name.strip_suffix(".seg"))
+                .and_then(|stem| u64::from_str_radix(stem, 16).ok())
+            else {
+                continue;
+            };
+            pool.next.fetch_max(n + 1, Ordering::Relaxed);
+            let opened = File::options()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .and_then(|file| Ok((file.metadata()?.len(), file)));
+            match opened {
+                Ok((len, file)) if files.len() < max && len <= POOL_FILE_BYTES_MAX => {
+                    files.push(Pooled {
+                        path,
+                        file: Arc::new(file),
+                        len,
+                    })
+                }
+                _ => remove_if_present(&path).unwrap_or_else(|e| {
+                    tracing::warn!(path = %path.display(), error = %e, "could not delete a pooled log segment");
+                }),
+            }
+        }
+        drop(files);
+        pool
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Pooled>> {
+        self.files.lock().expect("log segment pool lock")
+    }
+
+    /// Takes a deleted segment at `path` into the pool, or deletes it when
+    /// the pool is full, the file too large, or the move fails.
+    fn give(&self, path: &Path, file: Arc<File>) -> io::Result<()> {
+        let len = file.metadata().map(|m| m.len()).unwrap_or(u64::MAX);
+        if self.max > 0 && len <= POOL_FILE_BYTES_MAX && !self.paused.load(Ordering::Relaxed) {
+            let mut files = self.lock();
+            if files.len() < self.max {
+                let pooled = self.dir.join(format!(
+                    "{:016x}.seg",
+                    self.next.fetch_add(1, Ordering::Relaxed)
+                ));
+                // The rename need not be durable: lost in a crash, the
+                // segment is back under its own name, and the recovery of
+                // its PG deletes it again (its purge was durable).
+                let moved = std::fs::create_dir_all(&self.dir)
+                    .and_then(|()| std::fs::rename(path, &pooled));
+                match moved {
+                    Ok(()) => {
+                        files.push(Pooled {
+                            path: pooled,
+                            file,
+                            len,
+                        });
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "could not keep a log segment for reuse; deleting it")
+                    }
+                }
+            }
+        }
+        remove_if_present(path)
+    }
+
+    /// A pooled file no reader holds any more (none can get it anew: it is
+    /// in no PG's map), renamed to `path`, which does not exist. `None`
+    /// when there is none, or on any error (the caller makes a new file).
+    fn take(&self, path: &Path) -> Option<Arc<File>> {
+        let mut files = self.lock();
+        let i = files.iter().position(|p| Arc::strong_count(&p.file) == 1)?;
+        let pooled = files.swap_remove(i);
+        drop(files);
+        match std::fs::rename(&pooled.path, path) {
+            Ok(()) => Some(pooled.file),
+            Err(e) => {
+                tracing::warn!(path = %pooled.path.display(), error = %e, "could not reuse a pooled log segment; deleting it");
+                let _ = remove_if_present(&pooled.path);
+                None
+            }
+        }
+    }
+
+    fn release(&self) -> u64 {
+        let drained: Vec<Pooled> = std::mem::take(&mut *self.lock());
+        let mut freed = 0;
+        for p in drained {
+            match remove_if_present(&p.path) {
+                Ok(()) => freed += p.len,
+                Err(e) => {
+                    tracing::warn!(path = %p.path.display(), error = %e, "could not delete a pooled log segment")
+                }
+            }
+        }
+        freed
+    }
+}
+
+fn remove_if_present(path: &Path) -> io::Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
     }
 }
 
@@ -157,6 +367,7 @@ struct Inner {
 pub struct PgFiles {
     dir: PathBuf,
     entry_bytes_min: usize,
+    pool: Arc<Pool>,
     inner: Mutex<Inner>,
 }
 
@@ -181,7 +392,7 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 }
 
 impl PgFiles {
-    fn open(dir: PathBuf, entry_bytes_min: usize) -> io::Result<PgFiles> {
+    fn open(dir: PathBuf, entry_bytes_min: usize, pool: Arc<Pool>) -> io::Result<PgFiles> {
         let mut segments = BTreeMap::new();
         match std::fs::read_dir(&dir) {
             Ok(entries) => {
@@ -210,6 +421,7 @@ impl PgFiles {
         Ok(PgFiles {
             dir,
             entry_bytes_min,
+            pool,
             inner: Mutex::new(Inner {
                 segments,
                 writable: false,
@@ -283,17 +495,24 @@ impl PgFiles {
             None => 1,
         };
         std::fs::create_dir_all(&self.dir)?;
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(self.dir.join(segment_name(seq, first)))?;
+        let path = self.dir.join(segment_name(seq, first));
+        // `seq` is past every segment listed or made: nothing has the name.
+        let file = match self.pool.take(&path) {
+            Some(file) => file,
+            None => Arc::new(
+                File::options()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(&path)?,
+            ),
+        };
         sync_dir(&self.dir)?;
         inner.segments.insert(
             seq,
             Segment {
                 first,
-                file: Arc::new(file),
+                file,
                 len: 0,
             },
         );
@@ -406,12 +625,12 @@ impl PgFiles {
             let Some(segment) = self.lock().segments.remove(seq) else {
                 continue;
             };
-            // Readers holding the file keep reading it; the name goes now.
-            match std::fs::remove_file(self.dir.join(segment_name(*seq, segment.first))) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
-            }
+            // Readers holding the file keep reading it; the name goes now,
+            // and the file is reused only once they let go of it.
+            self.pool.give(
+                &self.dir.join(segment_name(*seq, segment.first)),
+                segment.file,
+            )?;
         }
         Ok(())
     }
@@ -553,5 +772,119 @@ mod tests {
         assert_eq!(files.delete_purged(1).unwrap(), 1);
         assert_eq!(files.delete_purged(3).unwrap(), 2);
         assert_eq!(files.newest(), Some((4, 4)));
+    }
+
+    fn inode(path: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).unwrap().ino()
+    }
+
+    fn names_in(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = match std::fs::read_dir(dir) {
+            Ok(entries) => entries
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        names.sort();
+        names
+    }
+
+    /// Deleted segments wait in `free/` (up to the pool's size; past it
+    /// they are deleted), the next segment of any PG is one of them, its
+    /// old bytes do not get in the way of the new entries, a new process
+    /// takes the pool up, and releasing it deletes it.
+    #[test]
+    fn deleted_segments_are_reused_by_any_pg() {
+        let dir = tempfile::tempdir().unwrap();
+        let pg_dir = |pg: u64| dir.path().join(format!("pg-{pg:016x}"));
+        let free = dir.path().join("free");
+        let files = LogFiles::with_pool(dir.path().to_path_buf(), 0, 2);
+        let a = files.pg(PgId(1), |_| Ok(())).unwrap();
+        // Three segments (an append below a segment's first index rolls),
+        // then a fourth: a purge past everything deletes the first three.
+        for index in [30, 20, 10, 5] {
+            a.write(index, &[index as u8; 3000]).unwrap();
+        }
+        let inodes: Vec<u64> = names_in(&pg_dir(1))
+            .iter()
+            .map(|n| inode(&pg_dir(1).join(n)))
+            .collect();
+        assert_eq!(a.delete_purged(u64::MAX).unwrap(), 3);
+        assert_eq!(files.pooled(), 2, "the pool keeps two");
+        assert_eq!(names_in(&free).len(), 2);
+        assert_eq!(names_in(&pg_dir(1)), vec![segment_name(4, 5)]);
+        let pooled: Vec<u64> = names_in(&free)
+            .iter()
+            .map(|n| inode(&free.join(n)))
+            .collect();
+        assert!(
+            pooled.iter().all(|i| inodes[..3].contains(i)),
+            "{pooled:?} {inodes:?}"
+        );
+
+        // Another PG's first segment is a pooled file, written from its
+        // start: a short entry over 3000 old bytes reads back as written.
+        let b = files.pg(PgId(2), |_| Ok(())).unwrap();
+        let r = b.write(1, b"short").unwrap();
+        assert_eq!((r.seq, r.offset), (1, 0));
+        assert_eq!(b.read(&r).unwrap(), b"short");
+        assert!(pooled.contains(&inode(&pg_dir(2).join(segment_name(1, 1)))));
+        assert_eq!(files.pooled(), 1);
+        let r2 = b.write(2, b"next").unwrap();
+        assert_eq!((r2.seq, r2.offset), (1, 5));
+        assert_eq!(b.read(&r2).unwrap(), b"next");
+
+        // A new process finds the pool; releasing it deletes the files.
+        drop((a, b, files));
+        let files = LogFiles::with_pool(dir.path().to_path_buf(), 0, 2);
+        assert_eq!(files.pooled(), 1);
+        assert_eq!(files.release_pool(), 3000);
+        assert_eq!(files.pooled(), 0);
+        assert!(names_in(&free).is_empty());
+        // Until resumed, deleted segments are deleted, not kept.
+        let a = files.pg(PgId(1), |_| Ok(())).unwrap();
+        a.write(1, b"x").unwrap();
+        assert_eq!(a.delete_purged(u64::MAX).unwrap(), 1);
+        assert_eq!(files.pooled(), 0);
+        files.resume_pool();
+        a.write(0, b"y").unwrap();
+        assert_eq!(a.delete_purged(u64::MAX).unwrap(), 1);
+        assert_eq!(files.pooled(), 1);
+
+        // A pool of size 0 keeps nothing.
+        let dir = tempfile::tempdir().unwrap();
+        let files = LogFiles::with_pool(dir.path().to_path_buf(), 0, 0);
+        let a = files.pg(PgId(1), |_| Ok(())).unwrap();
+        a.write(2, b"x").unwrap();
+        a.write(1, b"y").unwrap();
+        assert_eq!(a.delete_purged(u64::MAX).unwrap(), 1);
+        assert_eq!(files.pooled(), 0);
+        assert!(!dir.path().join("free").exists());
+    }
+
+    /// A reader that took a segment's file before the purge deleted it
+    /// reads the old entry: the file is not reused while it is held.
+    #[test]
+    fn a_pooled_file_is_not_reused_while_a_reader_holds_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = LogFiles::with_pool(dir.path().to_path_buf(), 0, 4);
+        let a = files.pg(PgId(1), |_| Ok(())).unwrap();
+        let old = a.write(2, b"old entry").unwrap();
+        let held = a.lock().segments[&old.seq].file.clone();
+        a.write(1, b"rolls").unwrap();
+        assert_eq!(a.delete_purged(u64::MAX).unwrap(), 1);
+        assert_eq!(files.pooled(), 1);
+
+        let b = files.pg(PgId(2), |_| Ok(())).unwrap();
+        b.write(1, b"NEW ENTRY").unwrap();
+        assert_eq!(files.pooled(), 1, "the held file stays in the pool");
+        let mut buf = vec![0u8; old.len as usize];
+        held.read_exact_at(&mut buf, old.offset).unwrap();
+        assert_eq!(buf, b"old entry");
+
+        drop(held);
+        b.write(0, b"rolls into the pooled file").unwrap();
+        assert_eq!(files.pooled(), 0);
     }
 }

@@ -12,6 +12,8 @@ use crate::{block_content, must_node_with_volume};
 const TMPFS_BYTES: u64 = 320 << 20;
 const RESERVE_BYTES: u64 = 96 << 20;
 const CHUNK: usize = 1 << 20;
+/// A log segment left in the node's pool for reuse.
+const POOLED_BYTES: usize = 64 << 20;
 
 /// A tmpfs mount that is unmounted on drop.
 struct Tmpfs(PathBuf);
@@ -124,5 +126,39 @@ async fn enospc_at_the_reserve_then_recovery() {
     node.start().unwrap();
     let client = NbdClient::connect(node.nbd, "t/v").await.unwrap();
     must_read_back(&client, &acked, "after restart").await;
+
+    // Log segments kept for reuse are disk the node gives back before it
+    // refuses a write: with one in the pool, and the disk at the reserve
+    // only because of it, writes go on and the pooled file is gone.
+    drop(client);
+    node.kill9();
+    let pooled = data_dir
+        .join("raft-log")
+        .join("free")
+        .join(format!("{:016x}.seg", 1u64 << 40));
+    std::fs::create_dir_all(pooled.parent().unwrap()).unwrap();
+    std::fs::write(&pooled, vec![0xeeu8; POOLED_BYTES]).unwrap();
+    let free = free_bytes(&fs.0);
+    assert!(
+        free > RESERVE_BYTES,
+        "{free} bytes free: the test needs room above the reserve"
+    );
+    // 16 MiB under the reserve with the pooled file, 48 MiB over without.
+    std::fs::write(
+        &filler,
+        vec![0xffu8; (free - (RESERVE_BYTES - (16 << 20))) as usize],
+    )
+    .unwrap();
+    node.start().unwrap();
+    let client = NbdClient::connect(node.nbd, "t/v").await.unwrap();
+    let next = *acked.last().unwrap() + 1;
+    client
+        .write(next * CHUNK as u64, &block_content(next, 1, CHUNK), true)
+        .await
+        .unwrap()
+        .expect("a write that fits once the pooled segment is deleted");
+    acked.push(next);
+    assert!(!pooled.exists(), "the pooled segment was deleted");
+    must_read_back(&client, &acked, "after the pool was given back").await;
     assert!(node.stop().unwrap());
 }

@@ -343,10 +343,7 @@ impl ObjectStore {
         body: Option<StreamingBlob>,
         wanted: &WantedChecksums,
     ) -> Result<WrittenBody, S3Error> {
-        self.core
-            .db
-            .check_reserve(self.core.config.store.reserve_bytes)
-            .map_err(|e| from_node(e.into()))?;
+        self.core.check_reserve().map_err(|e| from_node(e.into()))?;
         self.core
             .check_quota(bucket.group.pg())
             .map_err(from_node)?;

@@ -353,3 +353,91 @@ async fn a_torn_segment_tail_cuts_the_log_before_it() {
         );
     }
 }
+
+/// A segment reused from the pool still holds its old entries' bytes past
+/// what has been written to it since. A crash that loses new writes there
+/// leaves old bytes, not zeros or a short file, under the rows that refer
+/// to them: the next open still finds them by their CRC and cuts the log
+/// before the first, and entries written before it read back intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_write_into_a_reused_segment_cuts_the_log_before_it() {
+    use lifeboat_proto::raft as pb;
+    use lifeboat_replication::Command;
+    use lifeboat_replication::wire::{Entry, make_log_id};
+    use openraft::storage::{IOFlushed, RaftLogReader, RaftLogStorage};
+
+    // Every entry the same size, so new entries lie exactly over old ones.
+    let entry = |index: u64| Entry {
+        log_id: make_log_id(1, 1, index),
+        payload: openraft::EntryPayload::Normal(Command(pb::Command {
+            stamp_ms: index,
+            kind: Some(pb::command::Kind::InitCatalog(pb::InitCatalog {
+                cluster_id: String::from_utf8(vec![b'a' + (index % 26) as u8; 10_000]).unwrap(),
+                ..Default::default()
+            })),
+        })),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let pg_dir = dir.path().join("raft-log").join(format!("pg-{:016x}", 3));
+    let free = dir.path().join("raft-log").join("free");
+    let db = Db::open(&dir.path().join("db"), &DbOptions::default()).unwrap();
+    // Each open is a new process: a new registry of segment files and pool.
+    let open = || LogStore::new(db.clone(), PgId(3), syncer(&db, dir.path(), 1000));
+
+    // Entries 1-4 in segment 1; a restart, so entries 5-6 go to segment 2;
+    // a purge past segment 1 sends its file to the pool.
+    let mut log = open();
+    log.append((1..=4).map(entry), IOFlushed::noop())
+        .await
+        .unwrap();
+    drop(log);
+    let mut log = open();
+    log.get_log_state().await.unwrap();
+    log.append((5..=6).map(entry), IOFlushed::noop())
+        .await
+        .unwrap();
+    log.purge(make_log_id(1, 1, 4)).await.unwrap();
+    let pooled: Vec<_> = std::fs::read_dir(&free)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(pooled.len(), 1, "segment 1 waits for reuse");
+    let old_bytes = std::fs::read(&pooled[0]).unwrap();
+    drop(log);
+
+    // A restart: entries 7-10 go to a new segment, the pooled file.
+    let mut log = open();
+    log.get_log_state().await.unwrap();
+    log.append((7..=10).map(entry), IOFlushed::noop())
+        .await
+        .unwrap();
+    drop(log);
+    assert!(
+        std::fs::read_dir(&free).unwrap().next().is_none(),
+        "the pooled file was reused"
+    );
+    let mut names: Vec<_> = std::fs::read_dir(&pg_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    let reused = pg_dir.join(names.last().unwrap());
+    assert!(names.last().unwrap().ends_with(&format!("-{:016x}.seg", 7)));
+    let new_bytes = std::fs::read(&reused).unwrap();
+    assert_eq!(new_bytes.len(), old_bytes.len(), "overwritten in place");
+
+    // The crash: the writes of entries 9 and 10 never reached the disk,
+    // so the file holds the old entries 3 and 4 there.
+    let size = new_bytes.len() / 4;
+    let mut torn = new_bytes[..2 * size].to_vec();
+    torn.extend_from_slice(&old_bytes[2 * size..]);
+    std::fs::write(&reused, &torn).unwrap();
+
+    let mut log = open();
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!(state.last_log_id, Some(make_log_id(1, 1, 8)));
+    assert_eq!(
+        log.try_get_log_entries(5..20).await.unwrap(),
+        (5..=8).map(entry).collect::<Vec<_>>()
+    );
+}
