@@ -559,8 +559,7 @@ impl Admin for AdminService {
         if initialized {
             self.role(&req)?;
         }
-        // First: at the reserve, the check gives back pooled log segments.
-        let writes_refused = self.core.check_reserve().is_err();
+        let writes_refused = self.core.writes_refused();
         let free = lifeboat_store::db::free_bytes(self.core.db.path()).unwrap_or(0);
         let reserve = self.core.config.store.reserve_bytes;
         let pgs = self

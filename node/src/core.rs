@@ -1023,6 +1023,20 @@ impl NodeCore {
         }
     }
 
+    /// Whether a write now would be refused at the reserve, counting the
+    /// pooled log segments [`NodeCore::check_reserve`] would delete first
+    /// (a read: nothing is deleted).
+    pub fn writes_refused(&self) -> bool {
+        match self.db.check_reserve(self.config.store.reserve_bytes) {
+            Ok(()) => false,
+            Err(lifeboat_store::Error::NoSpace {
+                free_bytes,
+                reserve_bytes,
+            }) => free_bytes.saturating_add(self.syncer.files().pooled_bytes()) <= reserve_bytes,
+            Err(_) => true,
+        }
+    }
+
     /// Deletes the log segments kept for reuse, and keeps no more until
     /// [`NodeCore::resume_log_segment_pool`]. Returns the bytes freed.
     pub fn release_log_segment_pool(&self, why: &str) -> u64 {

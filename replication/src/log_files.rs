@@ -26,8 +26,12 @@
 //!   reference, checked against its CRC, says what a segment holds.
 //!
 //! Deleted segments are recycled: up to a node-wide number of them wait in
-//! `DIR/free/` and the next segment of any PG is one of them, renamed and
-//! overwritten from its start. Why: a new file's pages are new page-cache
+//! `DIR/free/` (cut to a segment's size), and a segment started because
+//! the one before it is full is one of them, renamed and overwritten from
+//! its start. Only then: a PG that filled one segment is likely to fill
+//! the next, so a reused file does not end as an idle PG's newest segment
+//! holding a segment's disk for a few entries (a segment closed early is
+//! cut to what was written to it). Why: a new file's pages are new page-cache
 //! memory and new disk blocks, and on a virtual machine whose free memory
 //! is handed back to the host (virtio-balloon free page reporting) a
 //! write into new memory costs a host page fault per page. Measured on
@@ -37,13 +41,20 @@
 //! metadata. A file waiting in the pool is handed out only when no reader
 //! still holds it, so a read that raced the purge reads the old entry, not
 //! another PG's new one.
+//!
+//! The moves in and out of the pool rest on a rename being atomic across
+//! directories in the file system's journal (ext4, XFS): after a crash a
+//! file has one name, the old or the new. Into the pool, the rename need
+//! not be durable (lost, the segment is back under its own name and its
+//! PG's recovery deletes it again, its purge being durable); out of it,
+//! the PG's directory is synced before any row refers to the segment.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use lifeboat_store::PgId;
@@ -60,10 +71,6 @@ pub const SEGMENT_BYTES: u64 = 64 << 20;
 /// a periodic check finds it over, and under a sequential write it has
 /// grown to about 2 GiB by then, so a cut frees about 16 segments at once.
 pub const POOL_SEGMENTS_DEFAULT: usize = 16;
-
-/// A deleted segment larger than this (one huge entry made it grow) is not
-/// kept: reusing it would hold more disk than a segment needs.
-const POOL_FILE_BYTES_MAX: u64 = 2 * SEGMENT_BYTES;
 
 /// Where an entry's encoding lies in a PG's segments, and its CRC-32.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,6 +117,7 @@ fn invalid(reason: impl Into<String>) -> io::Error {
 pub struct LogFiles {
     dir: PathBuf,
     entry_bytes_min: usize,
+    segment_bytes: u64,
     pool: Arc<Pool>,
     pgs: Mutex<HashMap<PgId, Arc<PgFiles>>>,
 }
@@ -126,10 +134,22 @@ impl LogFiles {
     /// (0: none) in `dir/free/` for reuse. Files a previous process left
     /// there are taken up; a pool that cannot be read starts empty.
     pub fn with_pool(dir: PathBuf, entry_bytes_min: usize, pool_segments: usize) -> Arc<LogFiles> {
-        let pool = Pool::load(dir.join("free"), pool_segments);
+        Self::with_limits(dir, entry_bytes_min, SEGMENT_BYTES, pool_segments)
+    }
+
+    /// As [`LogFiles::with_pool`], with segments closed once they hold
+    /// `segment_bytes` instead of [`SEGMENT_BYTES`] (tests).
+    pub fn with_limits(
+        dir: PathBuf,
+        entry_bytes_min: usize,
+        segment_bytes: u64,
+        pool_segments: usize,
+    ) -> Arc<LogFiles> {
+        let pool = Pool::load(dir.join("free"), pool_segments, segment_bytes);
         Arc::new(LogFiles {
             dir,
             entry_bytes_min,
+            segment_bytes,
             pool: Arc::new(pool),
             pgs: Mutex::default(),
         })
@@ -139,18 +159,22 @@ impl LogFiles {
     /// [`LogFiles::resume_pool`], deletes deleted segments outright (disk
     /// space is short). Returns how many bytes that freed.
     pub fn release_pool(&self) -> u64 {
-        self.pool.paused.store(true, Ordering::Relaxed);
         self.pool.release()
     }
 
     /// Keeps deleted segments for reuse again (disk space recovered).
     pub fn resume_pool(&self) {
-        self.pool.paused.store(false, Ordering::Relaxed);
+        self.pool.lock().paused = false;
     }
 
     /// Segments waiting for reuse (tests and status).
     pub fn pooled(&self) -> usize {
-        self.pool.lock().len()
+        self.pool.lock().files.len()
+    }
+
+    /// Bytes of the segments waiting for reuse.
+    pub fn pooled_bytes(&self) -> u64 {
+        self.pool.lock().files.iter().map(|p| p.len).sum()
     }
 
     pub fn entry_bytes_min(&self) -> usize {
@@ -169,11 +193,7 @@ impl LogFiles {
         if let Some(files) = pgs.get(&pg) {
             return Ok(files.clone());
         }
-        let files = Arc::new(PgFiles::open(
-            self.pg_dir(pg),
-            self.entry_bytes_min,
-            self.pool.clone(),
-        )?);
+        let files = Arc::new(self.open_pg(pg)?);
         recover(&files)?;
         pgs.insert(pg, files.clone());
         Ok(files)
@@ -185,10 +205,17 @@ impl LogFiles {
         let removed = self.pgs.lock().expect("log files lock").remove(&pg);
         match removed {
             Some(files) => files.clear(),
-            None => {
-                PgFiles::open(self.pg_dir(pg), self.entry_bytes_min, self.pool.clone())?.clear()
-            }
+            None => self.open_pg(pg)?.clear(),
         }
+    }
+
+    fn open_pg(&self, pg: PgId) -> io::Result<PgFiles> {
+        PgFiles::open(
+            self.pg_dir(pg),
+            self.entry_bytes_min,
+            self.segment_bytes,
+            self.pool.clone(),
+        )
     }
 
     fn pg_dir(&self, pg: PgId) -> PathBuf {
@@ -207,21 +234,28 @@ struct Pooled {
 struct Pool {
     dir: PathBuf,
     max: usize,
-    files: Mutex<Vec<Pooled>>,
+    /// A file longer than this is cut to it as it enters.
+    file_bytes: u64,
+    state: Mutex<PoolState>,
     /// Names files as they enter: `{next:016x}.seg`.
     next: AtomicU64,
+}
+
+#[derive(Default)]
+struct PoolState {
+    files: Vec<Pooled>,
     /// Set while disk space is short: deleted segments are deleted.
-    paused: AtomicBool,
+    paused: bool,
 }
 
 impl Pool {
-    fn load(dir: PathBuf, max: usize) -> Pool {
+    fn load(dir: PathBuf, max: usize, file_bytes: u64) -> Pool {
         let pool = Pool {
             dir,
             max,
-            files: Mutex::default(),
+            file_bytes,
+            state: Mutex::default(),
             next: AtomicU64::new(1),
-            paused: AtomicBool::new(false),
         };
         let entries = match std::fs::read_dir(&pool.dir) {
             Ok(entries) => entries,
@@ -231,7 +265,7 @@ impl Pool {
                 return pool;
             }
         };
-        let mut files = pool.lock();
+        let mut state = pool.lock();
         for entry in entries.flatten() {
             let path = entry.path();
             let Some(n) = entry
@@ -247,35 +281,50 @@ impl Pool {
                 .read(true)
                 .write(true)
                 .open(&path)
-                .and_then(|file| Ok((file.metadata()?.len(), file)));
+                .and_then(|file| Ok((pool.cut(&file)?, file)));
             match opened {
-                Ok((len, file)) if files.len() < max && len <= POOL_FILE_BYTES_MAX => {
-                    files.push(Pooled {
-                        path,
-                        file: Arc::new(file),
-                        len,
-                    })
-                }
+                Ok((len, file)) if state.files.len() < max => state.files.push(Pooled {
+                    path,
+                    file: Arc::new(file),
+                    len,
+                }),
                 _ => remove_if_present(&path).unwrap_or_else(|e| {
                     tracing::warn!(path = %path.display(), error = %e, "could not delete a pooled log segment");
                 }),
             }
         }
-        drop(files);
+        drop(state);
         pool
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Pooled>> {
-        self.files.lock().expect("log segment pool lock")
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
+        self.state.lock().expect("log segment pool lock")
+    }
+
+    /// Cuts `file` to a segment's size (one huge entry can make a segment
+    /// longer); returns its length.
+    fn cut(&self, file: &File) -> io::Result<u64> {
+        let len = file.metadata()?.len();
+        if len <= self.file_bytes {
+            return Ok(len);
+        }
+        file.set_len(self.file_bytes)?;
+        Ok(self.file_bytes)
     }
 
     /// Takes a deleted segment at `path` into the pool, or deletes it when
     /// the pool is full, the file too large, or the move fails.
     fn give(&self, path: &Path, file: Arc<File>) -> io::Result<()> {
-        let len = file.metadata().map(|m| m.len()).unwrap_or(u64::MAX);
-        if self.max > 0 && len <= POOL_FILE_BYTES_MAX && !self.paused.load(Ordering::Relaxed) {
-            let mut files = self.lock();
-            if files.len() < self.max {
+        if self.max > 0 {
+            // Under the lock, so that a release cannot miss a file on its
+            // way in.
+            let mut state = self.lock();
+            let len = if state.paused || state.files.len() >= self.max {
+                None
+            } else {
+                self.cut(&file).ok()
+            };
+            if let Some(len) = len {
                 let pooled = self.dir.join(format!(
                     "{:016x}.seg",
                     self.next.fetch_add(1, Ordering::Relaxed)
@@ -287,7 +336,7 @@ impl Pool {
                     .and_then(|()| std::fs::rename(path, &pooled));
                 match moved {
                     Ok(()) => {
-                        files.push(Pooled {
+                        state.files.push(Pooled {
                             path: pooled,
                             file,
                             len,
@@ -304,15 +353,32 @@ impl Pool {
     }
 
     /// A pooled file no reader holds any more (none can get it anew: it is
-    /// in no PG's map), renamed to `path`, which does not exist. `None`
+    /// in no PG's map), renamed to `path`, which must not exist. `None`
     /// when there is none, or on any error (the caller makes a new file).
     fn take(&self, path: &Path) -> Option<Arc<File>> {
-        let mut files = self.lock();
-        let i = files.iter().position(|p| Arc::strong_count(&p.file) == 1)?;
-        let pooled = files.swap_remove(i);
-        drop(files);
-        match std::fs::rename(&pooled.path, path) {
+        let mut state = self.lock();
+        let i = state
+            .files
+            .iter()
+            .position(|p| Arc::strong_count(&p.file) == 1)?;
+        // The last reader's drop happened before the count we saw.
+        std::sync::atomic::fence(Ordering::Acquire);
+        let pooled = state.files.swap_remove(i);
+        let moved = rustix::fs::renameat_with(
+            rustix::fs::CWD,
+            &pooled.path,
+            rustix::fs::CWD,
+            path,
+            rustix::fs::RenameFlags::NOREPLACE,
+        );
+        match moved {
             Ok(()) => Some(pooled.file),
+            Err(e) if e == rustix::io::Errno::EXIST => {
+                // Never replace a file: the caller's `create_new` reports it.
+                tracing::error!(path = %path.display(), "a new log segment's name is taken");
+                state.files.push(pooled);
+                None
+            }
             Err(e) => {
                 tracing::warn!(path = %pooled.path.display(), error = %e, "could not reuse a pooled log segment; deleting it");
                 let _ = remove_if_present(&pooled.path);
@@ -321,8 +387,13 @@ impl Pool {
         }
     }
 
+    /// Deletes every pooled file and keeps no more until resumed.
     fn release(&self) -> u64 {
-        let drained: Vec<Pooled> = std::mem::take(&mut *self.lock());
+        let drained: Vec<Pooled> = {
+            let mut state = self.lock();
+            state.paused = true;
+            std::mem::take(&mut state.files)
+        };
         let mut freed = 0;
         for p in drained {
             match remove_if_present(&p.path) {
@@ -367,6 +438,7 @@ struct Inner {
 pub struct PgFiles {
     dir: PathBuf,
     entry_bytes_min: usize,
+    segment_bytes: u64,
     pool: Arc<Pool>,
     inner: Mutex<Inner>,
 }
@@ -392,7 +464,12 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 }
 
 impl PgFiles {
-    fn open(dir: PathBuf, entry_bytes_min: usize, pool: Arc<Pool>) -> io::Result<PgFiles> {
+    fn open(
+        dir: PathBuf,
+        entry_bytes_min: usize,
+        segment_bytes: u64,
+        pool: Arc<Pool>,
+    ) -> io::Result<PgFiles> {
         let mut segments = BTreeMap::new();
         match std::fs::read_dir(&dir) {
             Ok(entries) => {
@@ -421,6 +498,7 @@ impl PgFiles {
         Ok(PgFiles {
             dir,
             entry_bytes_min,
+            segment_bytes,
             pool,
             inner: Mutex::new(Inner {
                 segments,
@@ -452,16 +530,16 @@ impl PgFiles {
     pub fn write(&self, index: u64, bytes: &[u8]) -> io::Result<FileRef> {
         let len = u32::try_from(bytes.len()).map_err(|_| invalid("log entry over 4 GiB"))?;
         let mut inner = self.lock();
-        let roll = match inner.segments.last_key_value() {
-            None => true,
+        let (roll, full) = match inner.segments.last_key_value() {
+            None => (true, false),
             Some((_, newest)) => {
-                !inner.writable
-                    || index < newest.first
-                    || (newest.len > 0 && newest.len + bytes.len() as u64 > SEGMENT_BYTES)
+                let full = newest.len > 0 && newest.len + bytes.len() as u64 > self.segment_bytes;
+                let roll = !inner.writable || index < newest.first || full;
+                (roll, full && inner.writable && index >= newest.first)
             }
         };
         if roll {
-            self.roll(&mut inner, index)?;
+            self.roll(&mut inner, index, full)?;
         }
         let (seq, segment) = inner
             .segments
@@ -482,14 +560,21 @@ impl PgFiles {
     }
 
     /// Closes the newest segment (fdatasynced: see the module's
-    /// invariants) and starts one whose first entry is `first`.
-    fn roll(&self, inner: &mut Inner, first: u64) -> io::Result<()> {
+    /// invariants) and starts one whose first entry is `first`: a pooled
+    /// file when the newest is `full` (module documentation).
+    fn roll(&self, inner: &mut Inner, first: u64, full: bool) -> io::Result<()> {
         let seq = match inner.segments.last_key_value() {
             Some((seq, newest)) => {
                 // Always, not only when dirty: a syncer may have cleared
                 // `dirty` and still be in its fdatasync.
                 newest.file.sync_data()?;
                 inner.dirty = false;
+                // A reused file closed early gives back its old tail. Only
+                // for a segment written in this process: `len` is then
+                // every byte a row can refer to.
+                if inner.writable && newest.file.metadata()?.len() > newest.len {
+                    newest.file.set_len(newest.len)?;
+                }
                 seq + 1
             }
             None => 1,
@@ -497,7 +582,8 @@ impl PgFiles {
         std::fs::create_dir_all(&self.dir)?;
         let path = self.dir.join(segment_name(seq, first));
         // `seq` is past every segment listed or made: nothing has the name.
-        let file = match self.pool.take(&path) {
+        let reused = if full { self.pool.take(&path) } else { None };
+        let file = match reused {
             Some(file) => file,
             None => Arc::new(
                 File::options()
@@ -791,29 +877,30 @@ mod tests {
     }
 
     /// Deleted segments wait in `free/` (up to the pool's size; past it
-    /// they are deleted), the next segment of any PG is one of them, its
-    /// old bytes do not get in the way of the new entries, a new process
-    /// takes the pool up, and releasing it deletes it.
+    /// they are deleted). A PG's first segment is a new file, and so is
+    /// one after a restart; one started because the one before is full is
+    /// a pooled file, written from its start. A new process takes the pool
+    /// up, and releasing it deletes it.
     #[test]
     fn deleted_segments_are_reused_by_any_pg() {
         let dir = tempfile::tempdir().unwrap();
         let pg_dir = |pg: u64| dir.path().join(format!("pg-{pg:016x}"));
         let free = dir.path().join("free");
-        let files = LogFiles::with_pool(dir.path().to_path_buf(), 0, 2);
+        // Segments of 4096 bytes: one entry of 3000 fills one.
+        let files = LogFiles::with_limits(dir.path().to_path_buf(), 0, 4096, 2);
         let a = files.pg(PgId(1), |_| Ok(())).unwrap();
-        // Three segments (an append below a segment's first index rolls),
-        // then a fourth: a purge past everything deletes the first three.
-        for index in [30, 20, 10, 5] {
-            a.write(index, &[index as u8; 3000]).unwrap();
+        for index in 1..=4 {
+            assert_eq!(a.write(index, &[index as u8; 3000]).unwrap().seq, index);
         }
         let inodes: Vec<u64> = names_in(&pg_dir(1))
             .iter()
             .map(|n| inode(&pg_dir(1).join(n)))
             .collect();
-        assert_eq!(a.delete_purged(u64::MAX).unwrap(), 3);
+        assert_eq!(a.delete_purged(3).unwrap(), 3);
         assert_eq!(files.pooled(), 2, "the pool keeps two");
+        assert_eq!(files.pooled_bytes(), 6000);
         assert_eq!(names_in(&free).len(), 2);
-        assert_eq!(names_in(&pg_dir(1)), vec![segment_name(4, 5)]);
+        assert_eq!(names_in(&pg_dir(1)), vec![segment_name(4, 4)]);
         let pooled: Vec<u64> = names_in(&free)
             .iter()
             .map(|n| inode(&free.join(n)))
@@ -823,44 +910,66 @@ mod tests {
             "{pooled:?} {inodes:?}"
         );
 
-        // Another PG's first segment is a pooled file, written from its
-        // start: a short entry over 3000 old bytes reads back as written.
+        // Another PG: its first segment is new; the next, started because
+        // the first is full, is a pooled file. 2000 bytes over 3000 old
+        // ones read back as written.
         let b = files.pg(PgId(2), |_| Ok(())).unwrap();
-        let r = b.write(1, b"short").unwrap();
-        assert_eq!((r.seq, r.offset), (1, 0));
-        assert_eq!(b.read(&r).unwrap(), b"short");
-        assert!(pooled.contains(&inode(&pg_dir(2).join(segment_name(1, 1)))));
+        b.write(1, &[9u8; 3000]).unwrap();
+        assert!(!pooled.contains(&inode(&pg_dir(2).join(segment_name(1, 1)))));
+        assert_eq!(files.pooled(), 2);
+        let r = b.write(2, &[8u8; 2000]).unwrap();
+        assert_eq!((r.seq, r.offset), (2, 0));
+        assert_eq!(b.read(&r).unwrap(), vec![8u8; 2000]);
+        let reused = pg_dir(2).join(segment_name(2, 2));
+        assert!(pooled.contains(&inode(&reused)));
         assert_eq!(files.pooled(), 1);
-        let r2 = b.write(2, b"next").unwrap();
-        assert_eq!((r2.seq, r2.offset), (1, 5));
-        assert_eq!(b.read(&r2).unwrap(), b"next");
+        assert_eq!(std::fs::metadata(&reused).unwrap().len(), 3000);
+        // Closed early (an append below its first index), the reused file
+        // gives back the old bytes past what was written to it.
+        b.write(1, b"one again").unwrap();
+        assert_eq!(std::fs::metadata(&reused).unwrap().len(), 2000);
+        assert_eq!(b.read(&r).unwrap(), vec![8u8; 2000]);
 
         // A new process finds the pool; releasing it deletes the files.
         drop((a, b, files));
-        let files = LogFiles::with_pool(dir.path().to_path_buf(), 0, 2);
+        let files = LogFiles::with_limits(dir.path().to_path_buf(), 0, 4096, 2);
         assert_eq!(files.pooled(), 1);
         assert_eq!(files.release_pool(), 3000);
         assert_eq!(files.pooled(), 0);
         assert!(names_in(&free).is_empty());
         // Until resumed, deleted segments are deleted, not kept.
         let a = files.pg(PgId(1), |_| Ok(())).unwrap();
-        a.write(1, b"x").unwrap();
-        assert_eq!(a.delete_purged(u64::MAX).unwrap(), 1);
+        a.write(5, &[5u8; 3000]).unwrap();
+        a.write(6, &[6u8; 3000]).unwrap();
+        assert_eq!(a.delete_purged(5).unwrap(), 2);
         assert_eq!(files.pooled(), 0);
         files.resume_pool();
-        a.write(0, b"y").unwrap();
-        assert_eq!(a.delete_purged(u64::MAX).unwrap(), 1);
+        a.write(7, &[7u8; 3000]).unwrap();
+        assert_eq!(a.delete_purged(6).unwrap(), 1);
         assert_eq!(files.pooled(), 1);
 
         // A pool of size 0 keeps nothing.
         let dir = tempfile::tempdir().unwrap();
-        let files = LogFiles::with_pool(dir.path().to_path_buf(), 0, 0);
+        let files = LogFiles::with_limits(dir.path().to_path_buf(), 0, 4096, 0);
         let a = files.pg(PgId(1), |_| Ok(())).unwrap();
-        a.write(2, b"x").unwrap();
-        a.write(1, b"y").unwrap();
-        assert_eq!(a.delete_purged(u64::MAX).unwrap(), 1);
+        a.write(1, &[1u8; 3000]).unwrap();
+        a.write(2, &[2u8; 3000]).unwrap();
+        assert_eq!(a.delete_purged(1).unwrap(), 1);
         assert_eq!(files.pooled(), 0);
         assert!(!dir.path().join("free").exists());
+    }
+
+    /// A file longer than a segment (one huge entry) is cut to a
+    /// segment's size as it enters the pool.
+    #[test]
+    fn a_long_segment_is_cut_as_it_enters_the_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = LogFiles::with_limits(dir.path().to_path_buf(), 0, 4096, 2);
+        let a = files.pg(PgId(1), |_| Ok(())).unwrap();
+        a.write(1, &[1u8; 10_000]).unwrap();
+        a.write(2, &[2u8; 100]).unwrap();
+        assert_eq!(a.delete_purged(1).unwrap(), 1);
+        assert_eq!(files.pooled_bytes(), 4096);
     }
 
     /// A reader that took a segment's file before the purge deleted it
@@ -868,23 +977,24 @@ mod tests {
     #[test]
     fn a_pooled_file_is_not_reused_while_a_reader_holds_it() {
         let dir = tempfile::tempdir().unwrap();
-        let files = LogFiles::with_pool(dir.path().to_path_buf(), 0, 4);
+        let files = LogFiles::with_limits(dir.path().to_path_buf(), 0, 4096, 4);
         let a = files.pg(PgId(1), |_| Ok(())).unwrap();
-        let old = a.write(2, b"old entry").unwrap();
+        let old = a.write(1, &[1u8; 3000]).unwrap();
         let held = a.lock().segments[&old.seq].file.clone();
-        a.write(1, b"rolls").unwrap();
-        assert_eq!(a.delete_purged(u64::MAX).unwrap(), 1);
+        a.write(2, &[2u8; 3000]).unwrap();
+        assert_eq!(a.delete_purged(1).unwrap(), 1);
         assert_eq!(files.pooled(), 1);
 
         let b = files.pg(PgId(2), |_| Ok(())).unwrap();
-        b.write(1, b"NEW ENTRY").unwrap();
+        b.write(1, &[7u8; 3000]).unwrap();
+        b.write(2, &[8u8; 3000]).unwrap();
         assert_eq!(files.pooled(), 1, "the held file stays in the pool");
         let mut buf = vec![0u8; old.len as usize];
         held.read_exact_at(&mut buf, old.offset).unwrap();
-        assert_eq!(buf, b"old entry");
+        assert_eq!(buf, vec![1u8; 3000]);
 
         drop(held);
-        b.write(0, b"rolls into the pooled file").unwrap();
-        assert_eq!(files.pooled(), 0);
+        b.write(3, &[9u8; 3000]).unwrap();
+        assert_eq!(files.pooled(), 0, "let go of, it is reused");
     }
 }

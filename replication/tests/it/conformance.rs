@@ -361,9 +361,11 @@ async fn a_torn_segment_tail_cuts_the_log_before_it() {
 /// before the first, and entries written before it read back intact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_torn_write_into_a_reused_segment_cuts_the_log_before_it() {
+    use std::os::unix::fs::MetadataExt;
+
     use lifeboat_proto::raft as pb;
     use lifeboat_replication::Command;
-    use lifeboat_replication::wire::{Entry, make_log_id};
+    use lifeboat_replication::wire::{Entry, encode_entry, make_log_id};
     use openraft::storage::{IOFlushed, RaftLogReader, RaftLogStorage};
 
     // Every entry the same size, so new entries lie exactly over old ones.
@@ -377,67 +379,62 @@ async fn a_torn_write_into_a_reused_segment_cuts_the_log_before_it() {
             })),
         })),
     };
+    let size = encode_entry(&entry(1)).unwrap().len();
+    for i in 2..=10 {
+        assert_eq!(encode_entry(&entry(i)).unwrap().len(), size);
+    }
     let dir = tempfile::tempdir().unwrap();
     let pg_dir = dir.path().join("raft-log").join(format!("pg-{:016x}", 3));
     let free = dir.path().join("raft-log").join("free");
     let db = Db::open(&dir.path().join("db"), &DbOptions::default()).unwrap();
-    // Each open is a new process: a new registry of segment files and pool.
-    let open = || LogStore::new(db.clone(), PgId(3), syncer(&db, dir.path(), 1000));
+    // Each open is a new process. Segments hold two entries.
+    let open = || {
+        let files = LogFiles::with_limits(dir.path().join("raft-log"), 1000, 2 * size as u64, 16);
+        LogStore::new(db.clone(), PgId(3), WalSyncer::start(db.clone(), files))
+    };
 
-    // Entries 1-4 in segment 1; a restart, so entries 5-6 go to segment 2;
-    // a purge past segment 1 sends its file to the pool.
+    // Entries 1-6 in segments 1-3; a purge past 4 sends segments 1 and 2
+    // to the pool.
     let mut log = open();
-    log.append((1..=4).map(entry), IOFlushed::noop())
-        .await
-        .unwrap();
-    drop(log);
-    let mut log = open();
-    log.get_log_state().await.unwrap();
-    log.append((5..=6).map(entry), IOFlushed::noop())
+    log.append((1..=6).map(entry), IOFlushed::noop())
         .await
         .unwrap();
     log.purge(make_log_id(1, 1, 4)).await.unwrap();
-    let pooled: Vec<_> = std::fs::read_dir(&free)
+    let pooled: std::collections::HashMap<u64, Vec<u8>> = std::fs::read_dir(&free)
         .unwrap()
-        .map(|e| e.unwrap().path())
+        .map(|e| {
+            let path = e.unwrap().path();
+            (
+                std::fs::metadata(&path).unwrap().ino(),
+                std::fs::read(&path).unwrap(),
+            )
+        })
         .collect();
-    assert_eq!(pooled.len(), 1, "segment 1 waits for reuse");
-    let old_bytes = std::fs::read(&pooled[0]).unwrap();
-    drop(log);
+    assert_eq!(pooled.len(), 2, "segments 1 and 2 wait for reuse");
 
-    // A restart: entries 7-10 go to a new segment, the pooled file.
-    let mut log = open();
-    log.get_log_state().await.unwrap();
-    log.append((7..=10).map(entry), IOFlushed::noop())
+    // Entries 7-8 start a segment because segment 3 is full: a pooled
+    // file, overwritten in place.
+    log.append((7..=8).map(entry), IOFlushed::noop())
         .await
         .unwrap();
     drop(log);
-    assert!(
-        std::fs::read_dir(&free).unwrap().next().is_none(),
-        "the pooled file was reused"
-    );
-    let mut names: Vec<_> = std::fs::read_dir(&pg_dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    names.sort();
-    let reused = pg_dir.join(names.last().unwrap());
-    assert!(names.last().unwrap().ends_with(&format!("-{:016x}.seg", 7)));
+    let reused = pg_dir.join(format!("{:016x}-{:016x}.seg", 4, 7));
+    let old_bytes = &pooled[&std::fs::metadata(&reused).unwrap().ino()];
     let new_bytes = std::fs::read(&reused).unwrap();
-    assert_eq!(new_bytes.len(), old_bytes.len(), "overwritten in place");
+    assert_eq!(new_bytes.len(), 2 * size);
+    assert_ne!(&new_bytes, old_bytes);
 
-    // The crash: the writes of entries 9 and 10 never reached the disk,
-    // so the file holds the old entries 3 and 4 there.
-    let size = new_bytes.len() / 4;
-    let mut torn = new_bytes[..2 * size].to_vec();
-    torn.extend_from_slice(&old_bytes[2 * size..]);
+    // The crash: the write of entry 8 never reached the disk, so the file
+    // holds an old entry there.
+    let mut torn = new_bytes[..size].to_vec();
+    torn.extend_from_slice(&old_bytes[size..]);
     std::fs::write(&reused, &torn).unwrap();
 
     let mut log = open();
     let state = log.get_log_state().await.unwrap();
-    assert_eq!(state.last_log_id, Some(make_log_id(1, 1, 8)));
+    assert_eq!(state.last_log_id, Some(make_log_id(1, 1, 7)));
     assert_eq!(
         log.try_get_log_entries(5..20).await.unwrap(),
-        (5..=8).map(entry).collect::<Vec<_>>()
+        (5..=7).map(entry).collect::<Vec<_>>()
     );
 }
