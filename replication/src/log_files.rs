@@ -26,9 +26,10 @@
 //!   reference, checked against its CRC, says what a segment holds.
 //!
 //! Deleted segments are recycled: up to a node-wide number of them wait in
-//! `DIR/free/` (cut to a segment's size), and a segment started because
+//! `DIR/free/`, and a segment started because
 //! the one before it is full is one of them, renamed and overwritten from
-//! its start. Only then: a PG that filled one segment is likely to fill
+//! its start (cut to a segment's size first, if one huge entry made it
+//! longer). Only then: a PG that filled one segment is likely to fill
 //! the next, so a reused file does not end as an idle PG's newest segment
 //! holding a segment's disk for a few entries (a segment closed early is
 //! cut to what was written to it). Why: a new file's pages are new page-cache
@@ -234,7 +235,8 @@ struct Pooled {
 struct Pool {
     dir: PathBuf,
     max: usize,
-    /// A file longer than this is cut to it as it enters.
+    /// A file longer than this is cut to it as it is reused (or found at
+    /// start).
     file_bytes: u64,
     state: Mutex<PoolState>,
     /// Names files as they enter: `{next:016x}.seg`.
@@ -319,12 +321,8 @@ impl Pool {
             // Under the lock, so that a release cannot miss a file on its
             // way in.
             let mut state = self.lock();
-            let len = if state.paused || state.files.len() >= self.max {
-                None
-            } else {
-                self.cut(&file).ok()
-            };
-            if let Some(len) = len {
+            if !state.paused && state.files.len() < self.max {
+                let len = file.metadata().map(|m| m.len()).unwrap_or(0);
                 let pooled = self.dir.join(format!(
                     "{:016x}.seg",
                     self.next.fetch_add(1, Ordering::Relaxed)
@@ -364,16 +362,21 @@ impl Pool {
         // The last reader's drop happened before the count we saw.
         std::sync::atomic::fence(Ordering::Acquire);
         let pooled = state.files.swap_remove(i);
-        let moved = rustix::fs::renameat_with(
-            rustix::fs::CWD,
-            &pooled.path,
-            rustix::fs::CWD,
-            path,
-            rustix::fs::RenameFlags::NOREPLACE,
-        );
+        // Cut here, not on the way in: a reader may still have been
+        // reading the segment's last entry then.
+        let moved = self.cut(&pooled.file).and_then(|_| {
+            rustix::fs::renameat_with(
+                rustix::fs::CWD,
+                &pooled.path,
+                rustix::fs::CWD,
+                path,
+                rustix::fs::RenameFlags::NOREPLACE,
+            )
+            .map_err(io::Error::from)
+        });
         match moved {
             Ok(()) => Some(pooled.file),
-            Err(e) if e == rustix::io::Errno::EXIST => {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 // Never replace a file: the caller's `create_new` reports it.
                 tracing::error!(path = %path.display(), "a new log segment's name is taken");
                 state.files.push(pooled);
@@ -960,16 +963,27 @@ mod tests {
     }
 
     /// A file longer than a segment (one huge entry) is cut to a
-    /// segment's size as it enters the pool.
+    /// segment's size when it is reused.
     #[test]
-    fn a_long_segment_is_cut_as_it_enters_the_pool() {
+    fn a_long_segment_is_cut_when_reused() {
         let dir = tempfile::tempdir().unwrap();
         let files = LogFiles::with_limits(dir.path().to_path_buf(), 0, 4096, 2);
         let a = files.pg(PgId(1), |_| Ok(())).unwrap();
         a.write(1, &[1u8; 10_000]).unwrap();
         a.write(2, &[2u8; 100]).unwrap();
         assert_eq!(a.delete_purged(1).unwrap(), 1);
-        assert_eq!(files.pooled_bytes(), 4096);
+        assert_eq!(files.pooled_bytes(), 10_000);
+
+        let b = files.pg(PgId(2), |_| Ok(())).unwrap();
+        b.write(1, &[3u8; 3000]).unwrap();
+        let r = b.write(2, &[4u8; 3000]).unwrap();
+        assert_eq!(files.pooled(), 0);
+        let reused = dir
+            .path()
+            .join(format!("pg-{:016x}", 2))
+            .join(segment_name(r.seq, 2));
+        assert_eq!(std::fs::metadata(&reused).unwrap().len(), 4096);
+        assert_eq!(b.read(&r).unwrap(), vec![4u8; 3000]);
     }
 
     /// A reader that took a segment's file before the purge deleted it
