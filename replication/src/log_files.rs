@@ -26,22 +26,22 @@
 //!   reference, checked against its CRC, says what a segment holds.
 //!
 //! Deleted segments are recycled: up to a node-wide number of them wait in
-//! `DIR/free/`, and a segment started because
-//! the one before it is full is one of them, renamed and overwritten from
-//! its start (cut to a segment's size first, if one huge entry made it
-//! longer). Only then: a PG that filled one segment is likely to fill
-//! the next, so a reused file does not end as an idle PG's newest segment
-//! holding a segment's disk for a few entries (a segment closed early is
-//! cut to what was written to it). Why: a new file's pages are new page-cache
-//! memory and new disk blocks, and on a virtual machine whose free memory
-//! is handed back to the host (virtio-balloon free page reporting) a
-//! write into new memory costs a host page fault per page. Measured on
-//! this project's machine: `dd` of 2 GiB into a new file 461 MB/s, all of
-//! it system time, over the same file's cached pages 11.6 GB/s. Writes
-//! over allocated blocks also spare `fdatasync` the file system's
-//! metadata. A file waiting in the pool is handed out only when no reader
-//! still holds it, so a read that raced the purge reads the old entry, not
-//! another PG's new one.
+//! `DIR/free/`, and a segment started because the one before it is full is
+//! one of them, renamed and overwritten from its start (cut to a segment's
+//! size first, if one huge entry made it longer). Only then: a PG that
+//! filled one segment is likely to fill the next, so a reused file does not
+//! end as an idle PG's newest segment holding a segment's disk for a few
+//! entries (a segment closed early is cut to what was written to it).
+//!
+//! Why: a new file's pages are new page-cache memory and new disk blocks,
+//! and on a virtual machine whose free memory is handed back to the host
+//! (virtio-balloon free page reporting) a write into new memory costs a
+//! host page fault per page. Measured on this project's machine: `dd` of 2
+//! GiB into a new file 461 MB/s, all of it system time, over the same
+//! file's cached pages 11.6 GB/s. Writes over allocated blocks also spare
+//! `fdatasync` the file system's metadata. A file waiting in the pool is
+//! handed out only when no reader still holds it, so a read that raced the
+//! purge reads the old entry, not another PG's new one.
 //!
 //! The moves in and out of the pool rest on a rename being atomic across
 //! directories in the file system's journal (ext4, XFS): after a crash a
@@ -315,11 +315,11 @@ impl Pool {
     }
 
     /// Takes a deleted segment at `path` into the pool, or deletes it when
-    /// the pool is full, the file too large, or the move fails.
+    /// the pool is off (size 0), full or paused, or the move fails. The
+    /// rename happens under the pool's lock (a metadata operation, once per
+    /// deleted segment), so that a release cannot miss a file on its way in.
     fn give(&self, path: &Path, file: Arc<File>) -> io::Result<()> {
         if self.max > 0 {
-            // Under the lock, so that a release cannot miss a file on its
-            // way in.
             let mut state = self.lock();
             if !state.paused && state.files.len() < self.max {
                 let len = file.metadata().map(|m| m.len()).unwrap_or(0);
