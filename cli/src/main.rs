@@ -785,6 +785,7 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                     "data_dir_free_bytes": s.data_dir_free_bytes,
                     "reserve_bytes": s.reserve_bytes,
                     "writes_refused": s.writes_refused,
+                    "log_segment_pool_bytes": s.log_segment_pool_bytes,
                     "lease_remaining_ms": s.lease_remaining_ms,
                     "lease_pgs": s.lease_pgs,
                     "pgs": s.pgs.iter().map(pg_status_json).collect::<Vec<_>>(),
@@ -810,9 +811,17 @@ async fn admin_command(client: &mut Client, command: Command, out: &Output) -> R
                     s.version
                 );
                 outln!(
-                    "free space {} (reserve {}){}",
+                    "free space {} (reserve {}){}{}",
                     size::format_size(s.data_dir_free_bytes),
                     size::format_size(s.reserve_bytes),
+                    if s.log_segment_pool_bytes > 0 {
+                        format!(
+                            " · {} more in log segments kept for reuse",
+                            size::format_size(s.log_segment_pool_bytes)
+                        )
+                    } else {
+                        String::new()
+                    },
                     if s.writes_refused {
                         " · WRITES REFUSED: free space at reserve"
                     } else {

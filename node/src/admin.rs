@@ -591,6 +591,7 @@ impl Admin for AdminService {
                 .remaining(std::time::Instant::now())
                 .as_millis() as u64,
             lease_pgs: self.core.leases.pgs().len() as u32,
+            log_segment_pool_bytes: self.core.log_segment_pool_bytes(),
         }))
     }
 

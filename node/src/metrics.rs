@@ -96,6 +96,7 @@ pub struct Metrics {
     replication_lag_bytes: Family<LagLabels, Gauge>,
     replication_lag_seconds: Family<LagLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     data_dir_free_bytes: Gauge,
+    log_segment_pool_bytes: Gauge,
     lease_remaining_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
@@ -137,6 +138,7 @@ impl Metrics {
             replication_lag_bytes: Family::default(),
             replication_lag_seconds: Family::default(),
             data_dir_free_bytes: Gauge::default(),
+            log_segment_pool_bytes: Gauge::default(),
             lease_remaining_seconds: Gauge::default(),
             registry: Registry::default(),
         };
@@ -281,6 +283,11 @@ impl Metrics {
             m.data_dir_free_bytes.clone(),
         );
         registry.register(
+            "log_segment_pool_bytes",
+            "Bytes of deleted Raft log segments kept for reuse; the node deletes them before it refuses a write at the reserve",
+            m.log_segment_pool_bytes.clone(),
+        );
+        registry.register(
             "lease_remaining_seconds",
             "How long this node's site lease has left: its PG leaders acknowledge only while it is above 0",
             m.lease_remaining_seconds.clone(),
@@ -387,6 +394,8 @@ impl Metrics {
         if let Ok(free) = lifeboat_store::db::free_bytes(core.db.path()) {
             self.data_dir_free_bytes.set(free as i64);
         }
+        self.log_segment_pool_bytes
+            .set(core.log_segment_pool_bytes() as i64);
         self.lease_remaining_seconds.set(
             core.leases
                 .remaining(std::time::Instant::now())

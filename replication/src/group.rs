@@ -184,8 +184,24 @@ pub enum Retention {
     Within,
     /// A Raft snapshot was asked for; the purge up to `upto` comes later.
     SnapshotRequested { upto: u64 },
-    /// The log is being purged up to `upto` (inclusive).
-    Purging { upto: u64 },
+    /// The log is being purged up to `upto` (inclusive); when
+    /// `snapshot_requested`, that is what the last snapshot covers, and a
+    /// new one was asked for so that a later call purges the rest.
+    Purging { upto: u64, snapshot_requested: bool },
+}
+
+impl Retention {
+    /// Whether a Raft snapshot was asked for, so that a later call can
+    /// purge (more).
+    pub fn snapshot_requested(&self) -> bool {
+        match self {
+            Retention::Within => false,
+            Retention::SnapshotRequested { .. } => true,
+            Retention::Purging {
+                snapshot_requested, ..
+            } => *snapshot_requested,
+        }
+    }
 }
 
 /// A member's log and snapshot, for status and tests.
@@ -1230,7 +1246,8 @@ impl ProtectionGroup {
         // and meanwhile purge what the last one covers, so a log written
         // faster than it is checked does not wait a round for it.
         let snapshot = m.snapshot.as_ref().map_or(0, |l| l.index);
-        if snapshot < target {
+        let snapshot_requested = snapshot < target;
+        if snapshot_requested {
             self.raft
                 .trigger()
                 .snapshot()
@@ -1253,7 +1270,10 @@ impl ProtectionGroup {
             .purge_log(target)
             .await
             .map_err(|e| self.raft_err(e))?;
-        Ok(Retention::Purging { upto: target })
+        Ok(Retention::Purging {
+            upto: target,
+            snapshot_requested,
+        })
     }
 
     /// How far this member's log goes (for a forced failover's choice of

@@ -21,6 +21,7 @@ use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
 use lifeboat_store::db::{Cf, Db, Durability};
@@ -171,6 +172,47 @@ pub struct WalSyncer {
     tx: mpsc::Sender<SyncRequest>,
     thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
     files: Arc<LogFiles>,
+    appends: Arc<AppendMeter>,
+}
+
+/// Counts the bytes appended to a node's logs, and wakes a waiter each time
+/// another `every` of them have been appended. The node's log retention
+/// check runs on this as well as on its timer, so that a fast writer does
+/// not take a log far past its limit between two timed checks.
+#[derive(Debug, Default)]
+pub struct AppendMeter {
+    bytes: AtomicU64,
+    /// 0: never wake.
+    every: AtomicU64,
+    crossed: tokio::sync::Notify,
+}
+
+impl AppendMeter {
+    fn add(&self, bytes: u64) {
+        let every = self.every.load(Ordering::Relaxed);
+        let before = self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        if every > 0 && before / every != before.wrapping_add(bytes) / every {
+            self.crossed.notify_one();
+        }
+    }
+
+    /// Wake [`AppendMeter::crossed`] once per `every` bytes appended (0:
+    /// never).
+    pub fn wake_every(&self, every: u64) {
+        self.every.store(every, Ordering::Relaxed);
+    }
+
+    /// Bytes appended since the node started.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Returns once another `every` bytes have been appended. A crossing
+    /// while nobody waited is kept for the next call (one, however many
+    /// crossings).
+    pub async fn crossed(&self) {
+        self.crossed.notified().await
+    }
 }
 
 enum SyncRequest {
@@ -230,12 +272,18 @@ impl WalSyncer {
             tx,
             thread: Arc::new(Mutex::new(Some(thread))),
             files,
+            appends: Arc::default(),
         }
     }
 
     /// The segment files of this node's logs.
     pub fn files(&self) -> &Arc<LogFiles> {
         &self.files
+    }
+
+    /// The bytes appended to this node's logs.
+    pub fn appends(&self) -> &Arc<AppendMeter> {
+        &self.appends
     }
 
     fn submit(&self, cb: IOFlushed<TypeConfig>, files: Option<Arc<PgFiles>>) -> io::Result<()> {
@@ -825,6 +873,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // when that one is purged (or the log is empty) no retained entry
         // precedes this batch, so positions may start again from 0.
         let mut position: Option<u64> = None;
+        let mut bytes = 0u64;
         for entry in entries {
             let index = entry.log_id.index;
             let pos = match position {
@@ -838,6 +887,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let (value, len, in_file) = stored_value(&entry, pos, Some(&files))?;
             wrote_files |= in_file;
             position = Some(pos + len);
+            bytes += len;
             let stamp = match &entry.payload {
                 openraft::EntryPayload::Normal(cmd) => cmd.0.stamp_ms,
                 _ => 0,
@@ -858,6 +908,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Readable on return (openraft reads what it appended); durable when
         // the syncer's next fsync completes the callback.
         self.db.write(b, Durability::Buffered).map_err(io_other)?;
+        self.syncer.appends.add(bytes);
         {
             let mut cache = self.recent();
             for (entry, len) in recent {

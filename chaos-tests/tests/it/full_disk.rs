@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use lifeboat_chaos_tests::harness::{TestNode, http_get};
 use lifeboat_chaos_tests::nbd_client::{NbdClient, NbdErrno};
 
 use crate::{block_content, must_node_with_volume};
@@ -159,6 +160,9 @@ async fn enospc_at_the_reserve_then_recovery() {
     let status = node.cli(&["status"]);
     assert!(!String::from_utf8_lossy(&status.stdout).contains("WRITES REFUSED"));
     assert!(pooled.exists(), "status deletes nothing");
+    // The operator sees the pooled bytes, in status and in the metrics.
+    assert_eq!(pool_bytes_in_status(&node), POOLED_BYTES as u64);
+    assert_eq!(pool_bytes_in_metrics(&node), POOLED_BYTES as u64);
     let client = NbdClient::connect(node.nbd, "t/v").await.unwrap();
     let next = *acked.last().unwrap() + 1;
     client
@@ -168,6 +172,27 @@ async fn enospc_at_the_reserve_then_recovery() {
         .expect("a write that fits once the pooled segment is deleted");
     acked.push(next);
     assert!(!pooled.exists(), "the pooled segment was deleted");
+    assert_eq!(pool_bytes_in_status(&node), 0);
+    assert_eq!(pool_bytes_in_metrics(&node), 0);
     must_read_back(&client, &acked, "after the pool was given back").await;
     assert!(node.stop().unwrap());
+}
+
+/// `log_segment_pool_bytes` of `lifeboat status --output json`.
+fn pool_bytes_in_status(node: &TestNode) -> u64 {
+    let status: serde_json::Value =
+        serde_json::from_str(&node.must_cli(&["status", "--output", "json"])).unwrap();
+    status["log_segment_pool_bytes"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no log_segment_pool_bytes in {status}"))
+}
+
+/// `lifeboat_log_segment_pool_bytes` of the node's `/metrics`.
+fn pool_bytes_in_metrics(node: &TestNode) -> u64 {
+    let (_, text) = http_get(node.http, "/metrics").unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("lifeboat_log_segment_pool_bytes "))
+        .unwrap_or_else(|| panic!("no lifeboat_log_segment_pool_bytes in\n{text}"))
+        .parse()
+        .unwrap()
 }

@@ -10,6 +10,7 @@ mod credentials;
 mod gc;
 mod history;
 mod integrity;
+mod log;
 mod membership;
 mod pgs;
 mod quota;
