@@ -45,6 +45,7 @@ impl NbdErrno {
     pub const EIO: NbdErrno = NbdErrno(5);
     pub const EINVAL: NbdErrno = NbdErrno(22);
     pub const ENOSPC: NbdErrno = NbdErrno(28);
+    pub const ESHUTDOWN: NbdErrno = NbdErrno(108);
 }
 
 impl std::fmt::Display for NbdErrno {

@@ -713,13 +713,26 @@ impl ProtectionGroup {
             Ok(c) => c,
             Err(s) => return Ok(Forwarded::Retry(s.message().to_owned())),
         };
-        match client.propose(Request::new(req)).await {
+        // Bounded: a link that black-holes new connections would hold a
+        // TLS handshake, and this write, forever. Past the deadline the
+        // outcome is unknown (the leader may have applied the command), so
+        // the caller gets "no leader" rather than a second proposal.
+        let call = client.propose(Request::new(req));
+        match self.peers.within(&node.raft_addr, LEADER_WAIT, call).await {
             Ok(reply) => {
                 let reply = reply.into_inner();
                 let outcome = crate::wire::decode_json(&reply.outcome_json)
                     .map_err(|e| self.raft_err(format!("malformed forwarded outcome: {e}")))?;
                 Ok(Forwarded::Done((LogIndex(reply.index), outcome)))
             }
+            Err(s) if s.code() == Code::DeadlineExceeded => Err(Error::NoLeader {
+                pg: self.pg.0,
+                waited_ms: LEADER_WAIT.as_millis() as u64,
+                last: format!(
+                    "forwarded to {node}: {}; the command may or may not have been applied",
+                    s.message()
+                ),
+            }),
             Err(s) if retryable(&s) => Ok(Forwarded::Retry(format!("{node}: {}", s.message()))),
             Err(s) => Err(self.raft_err(format!("forwarded to {node}: {}", s.message()))),
         }
@@ -883,7 +896,10 @@ impl ProtectionGroup {
             let why = match self.read_index_local().await {
                 Ok(index) => return Ok(index),
                 Err(Error::NotLeader { .. }) => match self.leader_elsewhere() {
-                    Some((leader, node)) => match self.forward_read_index(leader, &node).await? {
+                    Some((leader, node)) => match self
+                        .forward_read_index(leader, &node, retry.deadline)
+                        .await?
+                    {
                         Forwarded::Done(index) => {
                             self.wait_applied(index, retry.deadline).await?;
                             return Ok(index);
@@ -903,10 +919,13 @@ impl ProtectionGroup {
         }
     }
 
+    /// Asks the leader's node for a read index, waiting no later than
+    /// `deadline` (a black-holed link would otherwise hold the read).
     async fn forward_read_index(
         &self,
         leader: u64,
         node: &MemberNode,
+        deadline: Instant,
     ) -> Result<Forwarded<LogIndex>> {
         let req = pb::ReadIndexRequest {
             route: Some(self.route.to(MemberId(leader))),
@@ -915,7 +934,11 @@ impl ProtectionGroup {
             Ok(c) => c,
             Err(s) => return Ok(Forwarded::Retry(s.message().to_owned())),
         };
-        match client.read_index(Request::new(req)).await {
+        let wait = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        let call = client.read_index(Request::new(req));
+        match self.peers.within(&node.raft_addr, wait, call).await {
             Ok(reply) => Ok(Forwarded::Done(LogIndex(reply.into_inner().index))),
             Err(s) if retryable(&s) => Ok(Forwarded::Retry(format!("{node}: {}", s.message()))),
             Err(s) => Err(self.raft_err(format!("read index from {node}: {}", s.message()))),

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use lifeboat_chaos_tests::harness::http_get;
 use lifeboat_chaos_tests::ledger::Ledger;
-use lifeboat_chaos_tests::nbd_client::NbdClient;
+use lifeboat_chaos_tests::nbd_client::{NbdClient, NbdErrno};
 
 use crate::cluster::{
     BLOCKS, Cluster, check_against_ledger, connect_when_served, ledgered_write, matched_index_of,
@@ -89,6 +89,31 @@ async fn dr_partition_under_load_with_local_ack_then_catch_up() {
         "stale reads do not wait for the leader ({:?})",
         started.elapsed()
     );
+    // A write there is forwarded to the leader, and a linearizable read
+    // asks it for a read index, over a link that now accepts connections
+    // and never answers: both fail once the leader wait (15 s) is over,
+    // rather than hang for as long as the cut lasts, with ESHUTDOWN, the
+    // answer for a group whose leader cannot be reached (a client
+    // reconnects).
+    drop(linearizable);
+    let dr_client = NbdClient::connect(c.nodes[dr].nbd, "t/v").await.unwrap();
+    let started = Instant::now();
+    let (write, read) = tokio::join!(
+        tokio::time::timeout(
+            Duration::from_secs(45),
+            dr_client.write(0, &[0x5a; 4096], true)
+        ),
+        tokio::time::timeout(Duration::from_secs(45), dr_client.read(0, 4096)),
+    );
+    let write = write.expect("a write on the cut-off DR node ends");
+    assert_eq!(write.unwrap(), Err(NbdErrno::ESHUTDOWN));
+    let read = read.expect("a linearizable read on the cut-off DR node ends");
+    assert_eq!(read.unwrap().map(|_| ()), Err(NbdErrno::ESHUTDOWN));
+    eprintln!(
+        "forwarded write and read on the cut-off DR node failed after {:?}",
+        started.elapsed()
+    );
+    drop(dr_client);
     let (code, metrics) = http_get(c.nodes[leader].http, "/metrics").unwrap();
     assert_eq!(code, 200);
     let series = format!("pg=\"{}\",node=\"4\"", during["id"]);
