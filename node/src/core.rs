@@ -259,6 +259,12 @@ const RECONCILE_INTERVAL: Duration = Duration::from_millis(300);
 /// How soon the log retention check runs again while a purge waits for
 /// the Raft snapshot it asked for (a flush: well under a second).
 const RETENTION_RECHECK: Duration = Duration::from_millis(500);
+
+/// The least time between two retention checks that appends woke: with a
+/// small `log_retain_bytes` and a fast writer they would otherwise run
+/// back to back.
+const RETENTION_WAKE_GAP: Duration = Duration::from_millis(100);
+
 /// Membership steps one reconcile pass may take in one PG (add learners,
 /// change voters, transfer leadership, remove members).
 const MEMBERSHIP_STEPS_PER_PASS: usize = 4;
@@ -652,8 +658,9 @@ impl NodeCore {
     /// `raft.log_check_interval_ms`, and also each time this node's logs
     /// have grown by a quarter of the limit, so that a fast writer takes a
     /// log little past it (on the timer alone, a 5 s check under 250 MB/s
-    /// of writes let a 1 GiB log reach 2.2 GiB). While a purge waits for a
-    /// Raft snapshot, checks again within [`RETENTION_RECHECK`].
+    /// of writes let a 1 GiB log reach 2.2 GiB), but not more often than
+    /// every [`RETENTION_WAKE_GAP`]. While a purge waits for a Raft
+    /// snapshot, checks again within [`RETENTION_RECHECK`].
     fn start_log_retention(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let interval = Duration::from_millis(self.config.raft.log_check_interval_ms);
         let appends = self.syncer.appends().clone();
@@ -662,7 +669,10 @@ impl NodeCore {
             interval,
             move || {
                 let appends = appends.clone();
-                async move { appends.crossed().await }
+                async move {
+                    tokio::time::sleep(RETENTION_WAKE_GAP).await;
+                    appends.crossed().await
+                }
             },
             move |core| async move {
                 if core.enforce_log_retention().await {
