@@ -2125,7 +2125,10 @@ impl NodeCore {
                 .ok_or(NodeError::NotInitialized)?,
             cert_pem,
             catalog_member,
-            catalog_generation: 0,
+            // After a rebuild (`--catalog-lost`) the catalog is at a later
+            // generation: a member started at 0 would be refused by every
+            // other, and as a voter would cost the catalog its quorum.
+            catalog_generation: self.catalog_group()?.generation().0,
         })
     }
 

@@ -141,7 +141,7 @@ impl Cluster {
     }
 
     /// Starts a new node that is in no cluster yet.
-    fn start_new_node(&self, node_id: u64, site: &str) -> TestNode {
+    pub(crate) fn start_new_node(&self, node_id: u64, site: &str) -> TestNode {
         let node_dir = self.dir.path().join(format!("new{node_id}"));
         let mut n = TestNode::member(
             &node_dir,

@@ -746,6 +746,27 @@ async fn losing_the_catalog_with_the_primary_rebuilds_it_at_dr() {
         (Some(1), Some("dr")),
         "{show}"
     );
+    // A new node joins the rebuilt cluster: its catalog member starts at
+    // the catalog's generation (1), so it receives the catalog and serves
+    // the cluster's commands.
+    let mut new = c.start_new_node(7, "dr");
+    c.nodes[3].must_cli(&["node", "add", &new.endpoint(), "--site", "dr"]);
+    let joined = Instant::now();
+    loop {
+        let out = new.cli(&["volume", "list", "--output", "json"]);
+        if out.status.success() && String::from_utf8_lossy(&out.stdout).contains("t/after") {
+            break;
+        }
+        assert!(
+            joined.elapsed() < Duration::from_secs(30),
+            "the new node never served the rebuilt catalog: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            new.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    c.nodes[4].must_cli(&["volume", "create", "t/after-join", "--size", "1MiB"]);
+    assert!(new.stop().unwrap(), "the new node exits cleanly");
     let events = c.nodes[3].must_cli(&["events", "--output", "json"]);
     for kind in [
         "catalog_rebuild_started",
