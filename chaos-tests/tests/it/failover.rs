@@ -1301,7 +1301,13 @@ async fn failback_moves_what_changed_and_leaves_both_sites_identical() {
         );
         assert!(received <= 3 * changed, "{prepared}");
         assert!(held >= BASE_BYTES as u64, "{prepared}");
-        assert!(received < held, "{prepared}");
+        // Not a full copy: most of the node's segments were kept. (Its
+        // bytes received may pass its bytes held: a node that resyncs
+        // late receives every version DR wrote meanwhile. One did, at
+        // 101% of held with 41 of 523 segments replaced.)
+        let replaced = resync["replaced"].as_u64().unwrap();
+        let segments = resync["segments"].as_u64().unwrap();
+        assert!(replaced * 2 < segments, "{prepared}");
     }
 
     // The catalog keeps each node's resync for `pg show`.
